@@ -1,0 +1,181 @@
+//! The gRPC service `entitysync.v1.EntitySync`: `Notify` from backends, and their `Resolve` streams.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::{
+    bus::{Bus, BusError},
+    key::ChangeKey,
+    metrics::Metrics,
+    proto::v1::{
+        NodeMessage, NotifyRequest, NotifyResponse, Registered, ResolverMessage, node_message,
+        entity_sync_server::EntitySync, resolver_message,
+    },
+    resolver::{RegisterError, Resolved, ResolverPool},
+};
+
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+/// The service implementation; one per node.
+pub struct EntitySyncService {
+    pub bus: Bus,
+    pub pool: ResolverPool,
+    pub metrics: Arc<Metrics>,
+    pub node_id: Arc<str>,
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+    pub max_notify_keys: usize,
+    pub register_timeout: Duration,
+}
+
+impl From<BusError> for Status {
+    fn from(err: BusError) -> Self {
+        Status::unavailable(format!("the bus did not store the keys: {err}"))
+    }
+}
+
+impl From<RegisterError> for Status {
+    fn from(err: RegisterError) -> Self {
+        match err {
+            RegisterError::Invalid(m) => Status::invalid_argument(m),
+            RegisterError::Conflict(m) => Status::failed_precondition(m),
+            RegisterError::Closed => Status::unavailable("the node is shutting down"),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl EntitySync for EntitySyncService {
+    async fn notify(&self, request: Request<NotifyRequest>) -> Result<Response<NotifyResponse>, Status> {
+        let request = request.into_inner();
+        if request.keys.is_empty() {
+            return Err(Status::invalid_argument("keys must not be empty"));
+        }
+        if request.keys.len() > self.max_notify_keys {
+            return Err(Status::invalid_argument(format!(
+                "{} keys in one call; the limit is {}",
+                request.keys.len(),
+                self.max_notify_keys
+            )));
+        }
+        if request.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+            )));
+        }
+        let keys = request
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                ChangeKey::new(&k.entity, &k.id)
+                    .map_err(|err| Status::invalid_argument(format!("keys[{i}]: {err}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let count = keys.len() as u64;
+        let receipt = self.bus.publish(keys, &request.idempotency_key).await?;
+        if receipt.duplicate {
+            Metrics::inc(&self.metrics.notify_duplicates_total);
+        } else {
+            self.metrics
+                .notify_keys_total
+                .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(Response::new(NotifyResponse {
+            accepted: receipt.sequences.len() as u32,
+            sequences: receipt.sequences,
+            duplicate: receipt.duplicate,
+        }))
+    }
+
+    type ResolveStream = ReceiverStream<Result<NodeMessage, Status>>;
+
+    async fn resolve(
+        &self,
+        request: Request<Streaming<ResolverMessage>>,
+    ) -> Result<Response<Self::ResolveStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(self.register_timeout, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no Register within {:?} of opening the stream",
+                    self.register_timeout
+                ))
+            })??;
+        let register = match first.and_then(|m| m.kind) {
+            Some(resolver_message::Kind::Register(register)) => register,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message on a Resolve stream must be Register",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "stream ended (or sent an empty message) before Register",
+                ));
+            }
+        };
+        let id = self.pool.allocate_id();
+        let (tx, rx) = mpsc::channel(self.pool.channel_capacity(&register));
+        // Registered goes first, before the pool can send any request.
+        tx.try_send(Ok(NodeMessage {
+            kind: Some(node_message::Kind::Registered(Registered {
+                node_id: self.node_id.to_string(),
+                resolver_id: id.to_string(),
+            })),
+        }))
+        .expect("a fresh channel has room");
+        self.pool.register(id, &register, tx.clone())?;
+        let entities: Vec<&str> = register.entities.iter().map(|e| e.entity.as_str()).collect();
+        let span = tracing::info_span!("resolver", resolver.id = id, resolver.name = %register.name);
+        span.in_scope(|| {
+            tracing::info!(?peer, ?entities, pass_through = register.pass_through, "resolver registered");
+        });
+        let pool = self.pool.clone();
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(
+            async move {
+                let ended = loop {
+                    let message = tokio::select! {
+                        _ = cancel.cancelled() => break "node shutting down",
+                        message = inbound.message() => message,
+                    };
+                    match message {
+                        Ok(Some(ResolverMessage { kind: Some(resolver_message::Kind::Response(response)) })) => {
+                            let results: HashMap<String, Resolved> = response
+                                .results
+                                .into_iter()
+                                .map(|r| (r.id.clone(), Resolved::from_result(r)))
+                                .collect();
+                            pool.complete(id, response.request_id, results);
+                        }
+                        Ok(Some(ResolverMessage { kind: Some(resolver_message::Kind::Register(_)) })) => {
+                            let _ = tx
+                                .send(Err(Status::invalid_argument("Register may be sent only once per stream")))
+                                .await;
+                            break "protocol error: second Register";
+                        }
+                        Ok(Some(ResolverMessage { kind: None })) => {}
+                        Ok(None) => break "backend closed the stream",
+                        Err(status) => {
+                            tracing::debug!(%status, "resolver stream error");
+                            break "stream error";
+                        }
+                    }
+                };
+                pool.deregister(id);
+                tracing::info!(reason = ended, "resolver stream ended");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

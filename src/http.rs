@@ -1,0 +1,101 @@
+//! The HTTP side of the websocket port: the websocket upgrade, `/healthz`, `/readyz` and `/metrics`.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use axum::{
+    Router,
+    extract::{ConnectInfo, State, WebSocketUpgrade},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tracing::Instrument;
+
+use crate::{bus::Bus, metrics::Stats, resolver::ResolverPool, session};
+
+/// Read and write buffer of each websocket, in bytes. Small on purpose:
+/// frames are small, and idle connections should cost little memory.
+pub const WS_BUFFER_BYTES: usize = 4096;
+/// Hard cap on one client frame, as a multiple of `max_message_bytes`; above
+/// it the connection is closed with 1009 instead of getting an error frame.
+pub const HARD_CAP_FACTOR: usize = 16;
+
+/// State of the HTTP router.
+#[derive(Clone)]
+pub struct HttpState {
+    pub session: Arc<session::SessionContext>,
+    pub bus: Bus,
+    pub pool: ResolverPool,
+    pub ready: Arc<AtomicBool>,
+    pub next_conn: Arc<AtomicU64>,
+    pub tracker: tokio_util::task::TaskTracker,
+}
+
+impl HttpState {
+    pub fn stats(&self) -> Stats {
+        let registry = &self.session.registry;
+        Stats {
+            connections: registry.connections(),
+            subscriptions: registry.subscriptions(),
+            keys: registry.key_count(),
+            resolvers: self.pool.resolver_count(),
+        }
+    }
+}
+
+pub fn router(ws_path: &str, state: HttpState) -> Router {
+    Router::new()
+        .route(ws_path, get(upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(state): State<HttpState>,
+) -> Response {
+    if !state.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let ctx = state.session.clone();
+    let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
+    let hard_cap = ctx.max_message_bytes.saturating_mul(HARD_CAP_FACTOR);
+    let tracker = state.tracker.clone();
+    ws.read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(WS_BUFFER_BYTES)
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!("conn", conn.id = id, peer = %peer);
+            tracker.track_future(session::serve(socket, ctx, id, peer).instrument(span))
+        })
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let body = state
+        .session
+        .metrics
+        .render(state.stats(), state.bus.head_now());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}

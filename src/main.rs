@@ -1,0 +1,147 @@
+//! The `entity-sync` binary: parses config, sets up logging, binds the ports and runs a node.
+//! `entity-sync notify entity/id…` calls `Notify` on a running node.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use entity_sync::{
+    config::Config,
+    node::{self, Listeners},
+    proto::v1::{EntityKey, NotifyRequest, entity_sync_client::EntitySyncClient},
+};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "entity-sync", version, about = "Keeps browsers in sync with server-side entities.")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+
+    /// Log format.
+    #[arg(long, env = "ENTITY_SYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tell a running node that keys changed (calls gRPC Notify).
+    Notify {
+        /// gRPC address of the node.
+        #[arg(long, env = "ENTITY_SYNC_SERVER", default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// Optional idempotency key: a retry with the same key is applied once.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        /// Keys as entity/id, e.g. items/100.
+        #[arg(required = true, value_parser = parse_key)]
+        keys: Vec<EntityKey>,
+    },
+}
+
+fn parse_key(s: &str) -> Result<EntityKey, String> {
+    let (entity, id) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected entity/id, e.g. items/100"))?;
+    Ok(EntityKey {
+        entity: entity.to_string(),
+        id: id.to_string(),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Some(Command::Notify {
+                server,
+                idempotency_key,
+                keys,
+            }) => notify(server, idempotency_key, keys).await,
+            None => serve(cli.config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let ws = TcpListener::bind(config.ws_addr)
+        .await
+        .with_context(|| format!("cannot listen on --ws-addr {}", config.ws_addr))?;
+    let grpc = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on --grpc-addr {}", config.grpc_addr))?;
+    node::run(Listeners { ws, grpc }, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+async fn notify(server: String, idempotency_key: String, keys: Vec<EntityKey>) -> anyhow::Result<()> {
+    let mut client = EntitySyncClient::connect(server.clone())
+        .await
+        .with_context(|| format!("cannot connect to {server}"))?;
+    let response = client
+        .notify(NotifyRequest {
+            keys: keys.clone(),
+            idempotency_key,
+        })
+        .await
+        .map_err(|status| anyhow::anyhow!("Notify failed: {}: {}", status.code(), status.message()))?
+        .into_inner();
+    for (key, seq) in keys.iter().zip(&response.sequences) {
+        println!("{}/{} sequence {seq}{}", key.entity, key.id, if response.duplicate { " (duplicate)" } else { "" });
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! Per-connection outbound queue: at most the latest push per key, bounded in bytes.
+//!
+//! Producers (the dispatcher, subscribe completions, the session itself) put
+//! frames in; the connection's session drains everything queued in one go and
+//! writes it with a single flush. A newer push for a key replaces the queued
+//! one in place, so a slow reader never sees intermediate states pile up; a
+//! reader so slow that the queue still passes its byte bound is closed.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::Notify;
+
+use crate::{
+    key::ChangeKey,
+    protocol::{Payload, PushFrame},
+};
+
+/// Why a queue stopped accepting frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client did not read fast enough: the queue passed its byte bound.
+    Overflow,
+    /// The node is shutting down.
+    Shutdown,
+}
+
+/// Result of queueing a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// Appended to the queue.
+    Appended,
+    /// Replaced a queued push of the same key.
+    Replaced,
+    /// A newer push of the key is already queued; nothing changed.
+    Stale,
+    /// The queue passed its bound and is now closed.
+    Overflow,
+    /// The queue was already closed.
+    Closed,
+}
+
+struct Entry {
+    key: Option<ChangeKey>,
+    version: u64,
+    payload: Payload,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Entry>,
+    /// Absolute position of `queue[0]`.
+    head: u64,
+    /// Key -> absolute position of its queued push.
+    latest: HashMap<ChangeKey, u64>,
+    bytes: usize,
+    closed: Option<CloseReason>,
+}
+
+/// The outbound queue of one connection.
+///
+/// A std `Mutex`: every critical section is a few pointer moves, never
+/// crosses an `.await`, and is contended only by the dispatcher and the
+/// connection's own session.
+pub struct Outbox {
+    state: Mutex<State>,
+    wake: Notify,
+    /// Signalled once when the queue closes, so a session blocked writing to
+    /// a slow socket learns it at once.
+    closing: Notify,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            closing: Notify::new(),
+            max_bytes,
+        }
+    }
+
+    /// Queues a push for `key`, replacing a queued older push of that key.
+    pub fn push(&self, key: &ChangeKey, frame: &PushFrame) -> Queued {
+        let mut state = self.state.lock().unwrap();
+        if state.closed.is_some() {
+            return Queued::Closed;
+        }
+        let new_len = frame.payload.len();
+        if let Some(&pos) = state.latest.get(key) {
+            let head = state.head;
+            let entry = &mut state.queue[(pos - head) as usize];
+            if entry.version > frame.version {
+                return Queued::Stale;
+            }
+            let old_len = entry.payload.len();
+            entry.payload = frame.payload.clone();
+            entry.version = frame.version;
+            state.bytes = state.bytes - old_len + new_len;
+            return self.check_bound(state, Queued::Replaced);
+        }
+        let pos = state.head + state.queue.len() as u64;
+        state.queue.push_back(Entry {
+            key: Some(key.clone()),
+            version: frame.version,
+            payload: frame.payload.clone(),
+        });
+        state.latest.insert(key.clone(), pos);
+        state.bytes += new_len;
+        let result = self.check_bound(state, Queued::Appended);
+        self.wake.notify_one();
+        result
+    }
+
+    /// Queues a control frame (`subscribed`, `error`, …) in order. When it
+    /// concerns a key, later pushes of that key queue behind it instead of
+    /// replacing an earlier one.
+    pub fn control(&self, key: Option<&ChangeKey>, frame: Utf8Bytes) -> Queued {
+        let mut state = self.state.lock().unwrap();
+        if state.closed.is_some() {
+            return Queued::Closed;
+        }
+        if let Some(key) = key {
+            state.latest.remove(key);
+        }
+        state.bytes += frame.len();
+        state.queue.push_back(Entry {
+            key: None,
+            version: 0,
+            payload: Payload::One(frame),
+        });
+        let result = self.check_bound(state, Queued::Appended);
+        self.wake.notify_one();
+        result
+    }
+
+    /// Drops a queued push of `key` (after an unsubscribe).
+    pub fn forget(&self, key: &ChangeKey) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(pos) = state.latest.remove(key) {
+            let head = state.head;
+            let entry = &mut state.queue[(pos - head) as usize];
+            let len = entry.payload.len();
+            entry.payload = Payload::Many(Vec::new().into());
+            entry.key = None;
+            state.bytes -= len;
+        }
+    }
+
+    /// Closes the queue: frames still queued are dropped, the session is woken.
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.state.lock().unwrap();
+        if state.closed.is_none() {
+            *state = State {
+                closed: Some(reason),
+                ..State::default()
+            };
+        }
+        drop(state);
+        self.wake.notify_one();
+        self.closing.notify_one();
+    }
+
+    fn check_bound(&self, mut state: std::sync::MutexGuard<'_, State>, ok: Queued) -> Queued {
+        if state.bytes <= self.max_bytes {
+            return ok;
+        }
+        // Free the memory now; the session sends the close frame.
+        *state = State {
+            closed: Some(CloseReason::Overflow),
+            ..State::default()
+        };
+        drop(state);
+        self.wake.notify_one();
+        self.closing.notify_one();
+        Queued::Overflow
+    }
+
+    /// Moves every queued frame into `out` (in order). Returns the close
+    /// reason once the queue is closed.
+    pub fn drain(&self, out: &mut Vec<Utf8Bytes>) -> Option<CloseReason> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(reason) = state.closed {
+            return Some(reason);
+        }
+        let queued = state.queue.len() as u64;
+        state.head += queued;
+        state.latest.clear();
+        state.bytes = 0;
+        let mut queue = std::mem::take(&mut state.queue);
+        drop(state);
+        for entry in queue.drain(..) {
+            match entry.payload {
+                Payload::One(frame) => out.push(frame),
+                Payload::Many(frames) => out.extend(frames.iter().cloned()),
+            }
+        }
+        None
+    }
+
+    /// Waits until something was queued or the queue closed since the last drain.
+    pub async fn ready(&self) {
+        self.wake.notified().await
+    }
+
+    /// Waits until the queue is closed (overflow or shutdown).
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            if let Some(reason) = self.state.lock().unwrap().closed {
+                return reason;
+            }
+            self.closing.notified().await;
+        }
+    }
+
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().unwrap().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn key(id: &str) -> ChangeKey {
+        ChangeKey::new("items", id).unwrap()
+    }
+
+    fn push(id: &str, version: u64) -> PushFrame {
+        PushFrame::build(&key(id), version, &[Bytes::from_static(b"{\"v\":1}")], false)
+    }
+
+    fn drained(outbox: &Outbox) -> Vec<String> {
+        let mut out = Vec::new();
+        assert_eq!(outbox.drain(&mut out), None);
+        out.iter().map(|f| f.as_str().to_string()).collect()
+    }
+
+    #[test]
+    fn keeps_only_the_latest_push_per_key_in_place() {
+        let outbox = Outbox::new(1 << 20);
+        assert_eq!(outbox.push(&key("1"), &push("1", 1)), Queued::Appended);
+        assert_eq!(outbox.push(&key("2"), &push("2", 2)), Queued::Appended);
+        assert_eq!(outbox.push(&key("1"), &push("1", 3)), Queued::Replaced);
+        assert_eq!(outbox.push(&key("1"), &push("1", 2)), Queued::Stale);
+        let frames = drained(&outbox);
+        assert_eq!(frames.len(), 2);
+        assert!(frames[0].contains("\"id\":\"1\",\"version\":3"));
+        assert!(frames[1].contains("\"id\":\"2\",\"version\":2"));
+        assert_eq!(outbox.queued_bytes(), 0);
+        assert!(drained(&outbox).is_empty());
+    }
+
+    #[test]
+    fn control_frames_keep_order_and_fence_replacement() {
+        let outbox = Outbox::new(1 << 20);
+        outbox.push(&key("1"), &push("1", 1));
+        outbox.control(Some(&key("1")), Utf8Bytes::from_static("ack"));
+        assert_eq!(outbox.push(&key("1"), &push("1", 2)), Queued::Appended);
+        let frames = drained(&outbox);
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[1], "ack");
+        assert!(frames[2].contains("\"version\":2"));
+    }
+
+    #[test]
+    fn forget_drops_a_queued_push() {
+        let outbox = Outbox::new(1 << 20);
+        outbox.push(&key("1"), &push("1", 1));
+        outbox.push(&key("2"), &push("2", 1));
+        outbox.forget(&key("1"));
+        let frames = drained(&outbox);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].contains("\"id\":\"2\""));
+    }
+
+    #[test]
+    fn overflow_closes_and_frees() {
+        let frame = push("1", 1);
+        let outbox = Outbox::new(frame.payload.len() * 2);
+        assert_eq!(outbox.push(&key("1"), &frame), Queued::Appended);
+        assert_eq!(outbox.push(&key("2"), &push("2", 1)), Queued::Appended);
+        assert_eq!(outbox.push(&key("3"), &push("3", 1)), Queued::Overflow);
+        assert_eq!(outbox.queued_bytes(), 0);
+        assert_eq!(outbox.push(&key("4"), &push("4", 1)), Queued::Closed);
+        let mut out = Vec::new();
+        assert_eq!(outbox.drain(&mut out), Some(CloseReason::Overflow));
+    }
+
+    #[test]
+    fn replacing_does_not_grow_the_queue() {
+        let frame = push("1", 1);
+        let outbox = Outbox::new(frame.payload.len() * 2);
+        for v in 1..1000 {
+            assert_ne!(outbox.push(&key("1"), &push("1", v)), Queued::Overflow);
+        }
+        assert_eq!(drained(&outbox).len(), 1);
+    }
+}

@@ -1,0 +1,440 @@
+//! The websocket protocol: decoding client messages and encoding the JSON frames the node sends.
+//!
+//! Inbound messages are the original entity-sync ones, unchanged. Outbound
+//! frames are JSON envelopes (`subscribed`, `unsubscribed`, `push`, `error`);
+//! a push frame is built once per resolve result and shared by every
+//! subscriber it goes to.
+
+use std::{fmt, sync::Arc};
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::key::{ChangeKey, KeyError, validate_part};
+
+/// A decoded client message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Subscribe(ChangeKey),
+    Unsubscribe(ChangeKey),
+    Secret(String),
+    /// A JSON object without `action`: forwarded verbatim to pass-through resolvers.
+    PassThrough,
+}
+
+/// Stable error codes carried by `error` frames. Clients may match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    InvalidJson,
+    UnknownAction,
+    InvalidBody,
+    MessageTooLarge,
+    BinaryUnsupported,
+    TooManySubscriptions,
+    NotSubscribed,
+    Forbidden,
+    NotFound,
+    NoResolver,
+    ResolverError,
+    ResolverTimeout,
+    NoPassThrough,
+    Overloaded,
+}
+
+impl ErrorCode {
+    /// Every code, for metrics and docs.
+    pub const ALL: [ErrorCode; 14] = [
+        Self::InvalidJson,
+        Self::UnknownAction,
+        Self::InvalidBody,
+        Self::MessageTooLarge,
+        Self::BinaryUnsupported,
+        Self::TooManySubscriptions,
+        Self::NotSubscribed,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::NoResolver,
+        Self::ResolverError,
+        Self::ResolverTimeout,
+        Self::NoPassThrough,
+        Self::Overloaded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::UnknownAction => "unknown_action",
+            Self::InvalidBody => "invalid_body",
+            Self::MessageTooLarge => "message_too_large",
+            Self::BinaryUnsupported => "binary_unsupported",
+            Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::NotSubscribed => "not_subscribed",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::NoResolver => "no_resolver",
+            Self::ResolverError => "resolver_error",
+            Self::ResolverTimeout => "resolver_timeout",
+            Self::NoPassThrough => "no_pass_through",
+            Self::Overloaded => "overloaded",
+        }
+    }
+
+    /// Index into [`ErrorCode::ALL`], used by per-code counters.
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused client message: a code and a message safe to show the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+fn invalid_body(message: impl Into<String>) -> ProtocolError {
+    ProtocolError::new(ErrorCode::InvalidBody, message)
+}
+
+/// Decodes one text frame.
+pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|err| ProtocolError::new(ErrorCode::InvalidJson, format!("not JSON: {err}")))?;
+    let Value::Object(mut object) = value else {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidJson,
+            "expected a JSON object",
+        ));
+    };
+    let action = match object.get("action") {
+        None => return Ok(ClientMessage::PassThrough),
+        Some(Value::String(action)) => action.as_str(),
+        Some(_) => {
+            return Err(ProtocolError::new(
+                ErrorCode::UnknownAction,
+                "action must be a string",
+            ));
+        }
+    };
+    match action {
+        "subscribe" => decode_key(object.get("body")).map(ClientMessage::Subscribe),
+        "unsubscribe" => decode_key(object.get("body")).map(ClientMessage::Unsubscribe),
+        "secret" => match object.remove("body") {
+            Some(Value::String(secret)) => Ok(ClientMessage::Secret(secret)),
+            _ => Err(invalid_body("secret body must be a string")),
+        },
+        other => Err(ProtocolError::new(
+            ErrorCode::UnknownAction,
+            format!(
+                "unknown action {:?}; expected subscribe, unsubscribe or secret",
+                truncate(other, 64)
+            ),
+        )),
+    }
+}
+
+fn decode_key(body: Option<&Value>) -> Result<ChangeKey, ProtocolError> {
+    let Some(Value::Object(body)) = body else {
+        return Err(invalid_body(
+            "body must be an object with entity and id, e.g. {\"entity\":\"items\",\"id\":\"100\"}",
+        ));
+    };
+    let entity = match body.get("entity") {
+        Some(Value::String(entity)) => entity.as_str(),
+        _ => return Err(invalid_body("body.entity must be a string")),
+    };
+    let id_number;
+    let id = match body.get("id") {
+        Some(Value::String(id)) => id.as_str(),
+        // The original protocol's clients sometimes send numeric ids.
+        Some(Value::Number(n)) => {
+            id_number = n.to_string();
+            id_number.as_str()
+        }
+        _ => return Err(invalid_body("body.id must be a string or a number")),
+    };
+    let to_body_error = |err: KeyError| invalid_body(format!("body.{err}"));
+    validate_part("entity", entity).map_err(to_body_error)?;
+    validate_part("id", id).map_err(to_body_error)?;
+    Ok(ChangeKey::new(entity, id).expect("validated above"))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// What a push carries on the wire: one envelope, or (compatibility mode)
+/// one bare frame per row.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    One(Utf8Bytes),
+    Many(Arc<[Utf8Bytes]>),
+}
+
+impl Payload {
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::One(frame) => frame.len(),
+            Payload::Many(frames) => frames.iter().map(|f| f.len()).sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A push for one key, built once and cloned (reference-counted) into every
+/// subscriber's outbound queue.
+#[derive(Clone, Debug)]
+pub struct PushFrame {
+    pub version: u64,
+    pub payload: Payload,
+}
+
+impl PushFrame {
+    /// Builds the push for `key`. `rows` must each be valid JSON (see
+    /// [`validate_row`]); they are copied into the frame verbatim, never
+    /// parsed again.
+    pub fn build(key: &ChangeKey, version: u64, rows: &[Bytes], bare_rows: bool) -> Self {
+        let payload = if bare_rows {
+            let frames: Vec<Utf8Bytes> = rows.iter().map(|row| row_frame(row)).collect();
+            Payload::Many(frames.into())
+        } else {
+            let rows_len: usize = rows.iter().map(|r| r.len() + 1).sum();
+            let mut out = Vec::with_capacity(64 + key.entity.len() + key.id.len() + rows_len);
+            out.extend_from_slice(b"{\"action\":\"push\",\"body\":{\"entity\":");
+            write_json_string(&mut out, &key.entity);
+            out.extend_from_slice(b",\"id\":");
+            write_json_string(&mut out, &key.id);
+            out.extend_from_slice(b",\"version\":");
+            out.extend_from_slice(version.to_string().as_bytes());
+            out.extend_from_slice(b",\"rows\":[");
+            for (i, row) in rows.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(row);
+            }
+            out.extend_from_slice(b"]}}");
+            Payload::One(utf8(out))
+        };
+        Self { version, payload }
+    }
+}
+
+fn row_frame(row: &Bytes) -> Utf8Bytes {
+    Utf8Bytes::try_from(row.clone()).unwrap_or_else(|_| Utf8Bytes::from_static("null"))
+}
+
+fn utf8(bytes: Vec<u8>) -> Utf8Bytes {
+    // Every part written is UTF-8 (JSON-escaped strings, digits, validated rows).
+    Utf8Bytes::from(String::from_utf8(bytes).expect("frame is built from UTF-8 parts"))
+}
+
+/// Checks that a resolver row is one JSON value in UTF-8. Rows are validated
+/// once, when they arrive, so a broken backend can't send clients broken JSON.
+pub fn validate_row(row: &[u8]) -> Result<(), String> {
+    if std::str::from_utf8(row).is_err() {
+        return Err("row is not UTF-8".into());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(row)
+        .map(|_| ())
+        .map_err(|err| format!("row is not a JSON value: {err}"))
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+}
+
+fn key_envelope(action: &str, key: &ChangeKey) -> Utf8Bytes {
+    let mut out = Vec::with_capacity(48 + key.entity.len() + key.id.len());
+    out.extend_from_slice(b"{\"action\":\"");
+    out.extend_from_slice(action.as_bytes());
+    out.extend_from_slice(b"\",\"body\":{\"entity\":");
+    write_json_string(&mut out, &key.entity);
+    out.extend_from_slice(b",\"id\":");
+    write_json_string(&mut out, &key.id);
+    out.extend_from_slice(b"}}");
+    utf8(out)
+}
+
+/// `{"action":"subscribed","body":{"entity":…,"id":…}}`
+pub fn subscribed_frame(key: &ChangeKey) -> Utf8Bytes {
+    key_envelope("subscribed", key)
+}
+
+/// `{"action":"unsubscribed","body":{"entity":…,"id":…}}`
+pub fn unsubscribed_frame(key: &ChangeKey) -> Utf8Bytes {
+    key_envelope("unsubscribed", key)
+}
+
+/// `{"action":"error","body":{"code":…,"message":…[,"entity":…,"id":…]}}`
+pub fn error_frame(code: ErrorCode, message: &str, key: Option<&ChangeKey>) -> Utf8Bytes {
+    let mut out = Vec::with_capacity(64 + message.len());
+    out.extend_from_slice(b"{\"action\":\"error\",\"body\":{\"code\":\"");
+    out.extend_from_slice(code.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"message\":");
+    write_json_string(&mut out, message);
+    if let Some(key) = key {
+        out.extend_from_slice(b",\"entity\":");
+        write_json_string(&mut out, &key.entity);
+        out.extend_from_slice(b",\"id\":");
+        write_json_string(&mut out, &key.id);
+    }
+    out.extend_from_slice(b"}}");
+    utf8(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(entity: &str, id: &str) -> ChangeKey {
+        ChangeKey::new(entity, id).unwrap()
+    }
+
+    fn code(text: &str) -> ErrorCode {
+        decode(text).unwrap_err().code
+    }
+
+    #[test]
+    fn decodes_original_messages() {
+        assert_eq!(
+            decode(r#"{"action":"subscribe","body":{"entity":"items","id":"100"}}"#),
+            Ok(ClientMessage::Subscribe(key("items", "100")))
+        );
+        assert_eq!(
+            decode(r#"{"action":"unsubscribe","body":{"entity":"items","id":"100"}}"#),
+            Ok(ClientMessage::Unsubscribe(key("items", "100")))
+        );
+        assert_eq!(
+            decode(r#"{"action":"secret","body":"my-super-secret-secret-123"}"#),
+            Ok(ClientMessage::Secret("my-super-secret-secret-123".into()))
+        );
+        assert_eq!(
+            decode(r#"{"type":"chat","text":"hi"}"#),
+            Ok(ClientMessage::PassThrough)
+        );
+    }
+
+    #[test]
+    fn numeric_ids_become_strings() {
+        assert_eq!(
+            decode(r#"{"action":"subscribe","body":{"entity":"items","id":100}}"#),
+            Ok(ClientMessage::Subscribe(key("items", "100")))
+        );
+    }
+
+    #[test]
+    fn bad_input_has_stable_codes() {
+        assert_eq!(code("not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code("\"subscribe\""), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"action":"jump","body":{}}"#), ErrorCode::UnknownAction);
+        assert_eq!(code(r#"{"action":7}"#), ErrorCode::UnknownAction);
+        assert_eq!(code(r#"{"action":"subscribe"}"#), ErrorCode::InvalidBody);
+        assert_eq!(
+            code(r#"{"action":"subscribe","body":"items/1"}"#),
+            ErrorCode::InvalidBody
+        );
+        assert_eq!(
+            code(r#"{"action":"subscribe","body":{"entity":"items"}}"#),
+            ErrorCode::InvalidBody
+        );
+        assert_eq!(
+            code(r#"{"action":"subscribe","body":{"entity":"","id":"1"}}"#),
+            ErrorCode::InvalidBody
+        );
+        assert_eq!(
+            code(r#"{"action":"subscribe","body":{"entity":"a.b","id":"1"}}"#),
+            ErrorCode::InvalidBody
+        );
+        assert_eq!(
+            code(r#"{"action":"subscribe","body":{"entity":"items","id":true}}"#),
+            ErrorCode::InvalidBody
+        );
+        assert_eq!(code(r#"{"action":"secret","body":42}"#), ErrorCode::InvalidBody);
+    }
+
+    #[test]
+    fn push_frame_keeps_rows_verbatim_and_in_order() {
+        let rows = [
+            Bytes::from_static(br#"{"id":100,"name":"milk"}"#),
+            Bytes::from_static(br#"{"id":7,"kind":"ref"}"#),
+        ];
+        let frame = PushFrame::build(&key("items", "100"), 42, &rows, false);
+        let Payload::One(text) = &frame.payload else {
+            panic!("envelope expected")
+        };
+        assert_eq!(
+            text.as_str(),
+            r#"{"action":"push","body":{"entity":"items","id":"100","version":42,"rows":[{"id":100,"name":"milk"},{"id":7,"kind":"ref"}]}}"#
+        );
+        let parsed: Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(parsed["body"]["rows"][1]["kind"], "ref");
+    }
+
+    #[test]
+    fn bare_rows_are_one_frame_each() {
+        let rows = [Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"[2]")];
+        let frame = PushFrame::build(&key("items", "1"), 1, &rows, true);
+        let Payload::Many(frames) = &frame.payload else {
+            panic!("bare frames expected")
+        };
+        let texts: Vec<&str> = frames.iter().map(|f| f.as_str()).collect();
+        assert_eq!(texts, vec!["{\"a\":1}", "[2]"]);
+        assert_eq!(frame.payload.len(), 10);
+    }
+
+    #[test]
+    fn envelopes_escape_strings() {
+        let k = key("items", "x\"y");
+        assert_eq!(
+            subscribed_frame(&k).as_str(),
+            r#"{"action":"subscribed","body":{"entity":"items","id":"x\"y"}}"#
+        );
+        assert_eq!(
+            error_frame(ErrorCode::Forbidden, "no \"access\"", Some(&k)).as_str(),
+            r#"{"action":"error","body":{"code":"forbidden","message":"no \"access\"","entity":"items","id":"x\"y"}}"#
+        );
+        assert_eq!(
+            error_frame(ErrorCode::InvalidJson, "bad", None).as_str(),
+            r#"{"action":"error","body":{"code":"invalid_json","message":"bad"}}"#
+        );
+    }
+
+    #[test]
+    fn rows_are_validated() {
+        assert!(validate_row(br#"{"a":1}"#).is_ok());
+        assert!(validate_row(b"42").is_ok());
+        assert!(validate_row(b"{\"a\":").is_err());
+        assert!(validate_row(b"").is_err());
+        assert!(validate_row(b"\xff").is_err());
+        assert!(validate_row(b"1 2").is_err());
+    }
+}

@@ -1,0 +1,464 @@
+//! The subscription registry: which connections hold which keys, sharded so no global lock sits on the hot path.
+//!
+//! Each key lives in one of [`SHARDS`] shards chosen by its hash; a shard is a
+//! std `Mutex<HashMap>` held only for in-memory work (never across `.await`).
+//! Fan-out queues a shared frame into each subscriber's [`Outbox`] while the
+//! shard is locked: that is a few pointer moves per subscriber, and it keeps
+//! "who is subscribed" and "who got the frame" consistent.
+
+use std::{
+    collections::{HashMap, HashSet, hash_map::Entry},
+    hash::{BuildHasher, RandomState},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+};
+
+use axum::extract::ws::Utf8Bytes;
+
+use crate::{
+    key::ChangeKey,
+    outbox::{Outbox, Queued},
+    protocol::PushFrame,
+};
+
+/// Number of registry shards (a power of two).
+pub const SHARDS: usize = 64;
+
+/// Identifies a websocket connection within a node.
+pub type ConnId = u64;
+
+/// What the registry knows of one websocket connection.
+pub struct Connection {
+    pub id: ConnId,
+    pub outbox: Outbox,
+    /// Current secret (`secret` message). A std `Mutex` around an `Arc` so a
+    /// reader clones the pointer and releases at once.
+    secret: Mutex<Arc<str>>,
+    /// Keys this connection holds (pending or active). Locked after a shard
+    /// lock when a revocation removes a key; never the other way round.
+    keys: Mutex<HashSet<ChangeKey>>,
+}
+
+impl Connection {
+    pub fn new(id: ConnId, outbox_max_bytes: usize) -> Self {
+        Self {
+            id,
+            outbox: Outbox::new(outbox_max_bytes),
+            secret: Mutex::new(Arc::from("")),
+            keys: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn secret(&self) -> Arc<str> {
+        self.secret.lock().unwrap().clone()
+    }
+
+    pub fn set_secret(&self, secret: &str) {
+        *self.secret.lock().unwrap() = Arc::from(secret);
+    }
+
+    pub fn holds(&self, key: &ChangeKey) -> bool {
+        self.keys.lock().unwrap().contains(key)
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.lock().unwrap().len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Snapshot resolve under way; `missed` records a change seen meanwhile.
+    Pending { missed: bool },
+    Active,
+}
+
+struct Subscriber {
+    conn: Arc<Connection>,
+    state: State,
+    /// Highest version queued to this subscriber; older pushes are skipped.
+    delivered: u64,
+}
+
+type Shard = HashMap<ChangeKey, HashMap<ConnId, Subscriber>>;
+
+/// Outcome of fanning a push out to a key's subscribers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FanOut {
+    pub delivered: usize,
+    pub stale: usize,
+    pub overflowed: usize,
+}
+
+/// Outcome of [`Registry::activate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Active now; `missed` says a change arrived during the snapshot resolve.
+    Active { missed: bool },
+    /// The subscription went away meanwhile (unsubscribe or disconnect).
+    Gone,
+}
+
+/// Which subscribers of a key a change resolve result is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Audience<'a> {
+    /// Every active subscriber (SHARED fetch mode).
+    All,
+    /// Active subscribers whose connection's secret is this one (PER_SUBSCRIBER).
+    Secret(&'a str),
+}
+
+/// The subscription registry: a cheap-clone handle.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    connections: AtomicUsize,
+    subscriptions: AtomicUsize,
+    keys: AtomicUsize,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                hasher: RandomState::new(),
+                connections: AtomicUsize::new(0),
+                subscriptions: AtomicUsize::new(0),
+                keys: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    fn shard(&self, key: &ChangeKey) -> &Mutex<Shard> {
+        let hash = self.inner.hasher.hash_one(key) as usize;
+        &self.inner.shards[hash & (SHARDS - 1)]
+    }
+
+    pub fn connection_opened(&self) {
+        self.inner.connections.fetch_add(1, Relaxed);
+    }
+
+    /// Removes every subscription of `conn` and counts it closed.
+    pub fn connection_closed(&self, conn: &Connection) {
+        let keys = std::mem::take(&mut *conn.keys.lock().unwrap());
+        for key in keys {
+            self.remove_entry(&key, conn.id);
+        }
+        self.inner.connections.fetch_sub(1, Relaxed);
+    }
+
+    /// Adds `(key, conn)` as pending, or leaves an existing subscription as it
+    /// is (a duplicate subscribe refreshes the snapshot, it doesn't interrupt
+    /// pushes). Returns false, adding nothing, when `conn` already holds
+    /// `limit` other keys.
+    pub fn add_pending(&self, key: &ChangeKey, conn: &Arc<Connection>, limit: usize) -> bool {
+        {
+            let mut keys = conn.keys.lock().unwrap();
+            if !keys.contains(key) {
+                if keys.len() >= limit {
+                    return false;
+                }
+                keys.insert(key.clone());
+            }
+        }
+        let mut shard = self.shard(key).lock().unwrap();
+        let subscribers = match shard.entry(key.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                self.inner.keys.fetch_add(1, Relaxed);
+                e.insert(HashMap::new())
+            }
+        };
+        if let Entry::Vacant(e) = subscribers.entry(conn.id) {
+            e.insert(Subscriber {
+                conn: conn.clone(),
+                state: State::Pending { missed: false },
+                delivered: 0,
+            });
+            self.inner.subscriptions.fetch_add(1, Relaxed);
+        }
+        true
+    }
+
+    /// Makes a pending subscription active after its snapshot resolved:
+    /// queues `subscribed` (if given) and the snapshot push, in that order.
+    pub fn activate(
+        &self,
+        key: &ChangeKey,
+        conn: ConnId,
+        subscribed: Option<Utf8Bytes>,
+        snapshot: &PushFrame,
+    ) -> Activation {
+        let mut shard = self.shard(key).lock().unwrap();
+        let Some(sub) = shard.get_mut(key).and_then(|subs| subs.get_mut(&conn)) else {
+            return Activation::Gone;
+        };
+        let missed = matches!(sub.state, State::Pending { missed: true });
+        sub.state = State::Active;
+        if let Some(frame) = subscribed {
+            sub.conn.outbox.control(Some(key), frame);
+        }
+        if snapshot.version >= sub.delivered {
+            sub.delivered = snapshot.version;
+            sub.conn.outbox.push(key, snapshot);
+        }
+        Activation::Active { missed }
+    }
+
+    /// Removes `(key, conn)`. Returns whether it existed.
+    pub fn remove(&self, key: &ChangeKey, conn: &Connection) -> bool {
+        conn.keys.lock().unwrap().remove(key);
+        self.remove_entry(key, conn.id)
+    }
+
+    fn remove_entry(&self, key: &ChangeKey, conn: ConnId) -> bool {
+        let mut shard = self.shard(key).lock().unwrap();
+        let Some(subs) = shard.get_mut(key) else {
+            return false;
+        };
+        let removed = subs.remove(&conn).is_some();
+        if removed {
+            self.inner.subscriptions.fetch_sub(1, Relaxed);
+        }
+        if subs.is_empty() {
+            shard.remove(key);
+            self.inner.keys.fetch_sub(1, Relaxed);
+        }
+        removed
+    }
+
+    /// Records a change of `key`: pending subscribers are marked as having
+    /// missed it. Returns whether the key has active subscribers to resolve for.
+    pub fn note_change(&self, key: &ChangeKey) -> bool {
+        let mut shard = self.shard(key).lock().unwrap();
+        let Some(subs) = shard.get_mut(key) else {
+            return false;
+        };
+        let mut active = false;
+        for sub in subs.values_mut() {
+            match &mut sub.state {
+                State::Pending { missed } => *missed = true,
+                State::Active => active = true,
+            }
+        }
+        active
+    }
+
+    /// Whether `key` has any active subscriber.
+    pub fn has_active(&self, key: &ChangeKey) -> bool {
+        let shard = self.shard(key).lock().unwrap();
+        shard
+            .get(key)
+            .is_some_and(|subs| subs.values().any(|s| s.state == State::Active))
+    }
+
+    /// Distinct secrets among the active subscribers of `key`.
+    pub fn active_secrets(&self, key: &ChangeKey) -> Vec<Arc<str>> {
+        let shard = self.shard(key).lock().unwrap();
+        let mut secrets: Vec<Arc<str>> = Vec::new();
+        if let Some(subs) = shard.get(key) {
+            for sub in subs.values().filter(|s| s.state == State::Active) {
+                let secret = sub.conn.secret();
+                if !secrets.contains(&secret) {
+                    secrets.push(secret);
+                }
+            }
+        }
+        secrets
+    }
+
+    /// Queues `frame` to the active subscribers of `key` in `audience`,
+    /// skipping those that already hold a newer version.
+    pub fn fan_out(&self, key: &ChangeKey, frame: &PushFrame, audience: Audience<'_>) -> FanOut {
+        let mut result = FanOut::default();
+        let mut shard = self.shard(key).lock().unwrap();
+        let Some(subs) = shard.get_mut(key) else {
+            return result;
+        };
+        for sub in subs.values_mut() {
+            if sub.state != State::Active || !audience.includes(&sub.conn) {
+                continue;
+            }
+            if frame.version < sub.delivered {
+                result.stale += 1;
+                continue;
+            }
+            sub.delivered = frame.version;
+            match sub.conn.outbox.push(key, frame) {
+                Queued::Appended | Queued::Replaced => result.delivered += 1,
+                Queued::Stale => result.stale += 1,
+                Queued::Overflow => result.overflowed += 1,
+                Queued::Closed => {}
+            }
+        }
+        result
+    }
+
+    /// Ends the active subscriptions of `key` in `audience` (revocation):
+    /// each gets `error` queued and loses the key. Returns how many.
+    pub fn revoke(&self, key: &ChangeKey, audience: Audience<'_>, error: &Utf8Bytes) -> usize {
+        let mut shard = self.shard(key).lock().unwrap();
+        let Some(subs) = shard.get_mut(key) else {
+            return 0;
+        };
+        let before = subs.len();
+        subs.retain(|_, sub| {
+            if sub.state != State::Active || !audience.includes(&sub.conn) {
+                return true;
+            }
+            sub.conn.outbox.forget(key);
+            sub.conn.outbox.control(Some(key), error.clone());
+            // Lock order: shard, then the connection's key set.
+            sub.conn.keys.lock().unwrap().remove(key);
+            false
+        });
+        let revoked = before - subs.len();
+        self.inner.subscriptions.fetch_sub(revoked, Relaxed);
+        if subs.is_empty() {
+            shard.remove(key);
+            self.inner.keys.fetch_sub(1, Relaxed);
+        }
+        revoked
+    }
+
+    /// Every key with at least one subscriber (for resyncs).
+    pub fn keys(&self) -> Vec<ChangeKey> {
+        let mut keys = Vec::new();
+        for shard in self.inner.shards.iter() {
+            keys.extend(shard.lock().unwrap().keys().cloned());
+        }
+        keys
+    }
+
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(Relaxed)
+    }
+
+    pub fn subscriptions(&self) -> usize {
+        self.inner.subscriptions.load(Relaxed)
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.inner.keys.load(Relaxed)
+    }
+}
+
+impl Audience<'_> {
+    fn includes(&self, conn: &Connection) -> bool {
+        match self {
+            Audience::All => true,
+            Audience::Secret(secret) => *conn.secret() == **secret,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn key(id: &str) -> ChangeKey {
+        ChangeKey::new("items", id).unwrap()
+    }
+
+    fn conn(id: ConnId) -> Arc<Connection> {
+        Arc::new(Connection::new(id, 1 << 20))
+    }
+
+    fn frame(id: &str, version: u64) -> PushFrame {
+        PushFrame::build(&key(id), version, &[Bytes::from_static(b"1")], false)
+    }
+
+    fn drain(conn: &Connection) -> Vec<String> {
+        let mut out = Vec::new();
+        conn.outbox.drain(&mut out);
+        out.iter().map(|f| f.as_str().to_string()).collect()
+    }
+
+    #[test]
+    fn pending_subscribers_get_no_pushes_but_note_missed_changes() {
+        let registry = Registry::new();
+        let a = conn(1);
+        assert!(registry.add_pending(&key("1"), &a, 10));
+        assert!(!registry.note_change(&key("1")), "no active subscriber yet");
+        let fan = registry.fan_out(&key("1"), &frame("1", 5), Audience::All);
+        assert_eq!(fan.delivered, 0);
+        let act = registry.activate(&key("1"), 1, Some(Utf8Bytes::from_static("ack")), &frame("1", 4));
+        assert_eq!(act, Activation::Active { missed: true });
+        assert!(registry.note_change(&key("1")));
+        let frames = drain(&a);
+        assert_eq!(frames[0], "ack");
+        assert!(frames[1].contains("\"version\":4"));
+    }
+
+    #[test]
+    fn fan_out_skips_older_versions() {
+        let registry = Registry::new();
+        let a = conn(1);
+        registry.add_pending(&key("1"), &a, 10);
+        registry.activate(&key("1"), 1, None, &frame("1", 10));
+        drain(&a);
+        let fan = registry.fan_out(&key("1"), &frame("1", 9), Audience::All);
+        assert_eq!(fan, FanOut { delivered: 0, stale: 1, overflowed: 0 });
+        let fan = registry.fan_out(&key("1"), &frame("1", 11), Audience::All);
+        assert_eq!(fan.delivered, 1);
+    }
+
+    #[test]
+    fn audiences_select_by_secret() {
+        let registry = Registry::new();
+        let (a, b) = (conn(1), conn(2));
+        a.set_secret("s1");
+        b.set_secret("s2");
+        for c in [&a, &b] {
+            registry.add_pending(&key("1"), c, 10);
+            registry.activate(&key("1"), c.id, None, &frame("1", 1));
+        }
+        let mut secrets = registry.active_secrets(&key("1"));
+        secrets.sort();
+        assert_eq!(secrets, vec![Arc::from("s1"), Arc::from("s2")]);
+        let fan = registry.fan_out(&key("1"), &frame("1", 2), Audience::Secret("s2"));
+        assert_eq!(fan.delivered, 1);
+        let revoked = registry.revoke(&key("1"), Audience::Secret("s1"), &Utf8Bytes::from_static("err"));
+        assert_eq!(revoked, 1);
+        assert!(!a.holds(&key("1")));
+        assert!(b.holds(&key("1")));
+        assert_eq!(registry.subscriptions(), 1);
+    }
+
+    #[test]
+    fn limits_and_counts_return_to_zero() {
+        let registry = Registry::new();
+        let a = conn(1);
+        registry.connection_opened();
+        assert!(registry.add_pending(&key("1"), &a, 2));
+        assert!(registry.add_pending(&key("2"), &a, 2));
+        assert!(registry.add_pending(&key("1"), &a, 2), "held keys don't count twice");
+        assert!(!registry.add_pending(&key("3"), &a, 2));
+        let b = conn(2);
+        registry.add_pending(&key("1"), &b, 2);
+        assert_eq!((registry.subscriptions(), registry.key_count()), (3, 2));
+        assert!(registry.remove(&key("1"), &b));
+        assert!(!registry.remove(&key("1"), &b));
+        registry.connection_closed(&a);
+        assert_eq!(
+            (registry.connections(), registry.subscriptions(), registry.key_count()),
+            (0, 0, 0)
+        );
+        assert!(registry.keys().is_empty());
+    }
+}

@@ -1,0 +1,259 @@
+//! One websocket connection: reads client messages, writes queued frames, keeps the connection alive.
+//!
+//! A single task per connection selects over the socket, the connection's
+//! [`Outbox`](crate::outbox::Outbox), the snapshot resolves it started, the
+//! ping timer and the node's shutdown. Every frame queued since the last
+//! write goes out in one batch with one flush.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, stream::FuturesUnordered};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    dispatcher::Dispatcher,
+    metrics::Metrics,
+    outbox::CloseReason,
+    protocol::{self, ClientMessage, ErrorCode, ProtocolError, error_frame, unsubscribed_frame},
+    registry::{ConnId, Connection, Registry},
+    resolver::ResolverPool,
+};
+
+/// Close code sent on node shutdown ("going away": reconnect elsewhere).
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for a client too slow to keep its outbound queue under the bound.
+pub const CLOSE_SLOW_CLIENT: u16 = 1008;
+/// Close code for a frame above the hard size cap.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code when the peer stayed silent past the idle timeout.
+pub const CLOSE_IDLE: u16 = 1000;
+/// How long the node waits to get its close frame out.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings and handles every session needs.
+pub struct SessionContext {
+    pub registry: Registry,
+    pub dispatcher: Dispatcher,
+    pub pool: ResolverPool,
+    pub metrics: Arc<Metrics>,
+    pub cancel: CancellationToken,
+    pub node_id: Arc<str>,
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    pub outbound_max_bytes: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub bare_rows: bool,
+}
+
+/// Serves one upgraded websocket until either side ends it.
+pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer: SocketAddr) {
+    let conn = Arc::new(Connection::new(id, ctx.outbound_max_bytes));
+    ctx.registry.connection_opened();
+    Metrics::inc(&ctx.metrics.connections_total);
+    tracing::debug!(%peer, "connection opened");
+
+    let mut subscribes = FuturesUnordered::new();
+    let mut frames: Vec<Utf8Bytes> = Vec::new();
+    let start = Instant::now() + ctx.ping_interval;
+    let mut ping = tokio::time::interval_at(start, ctx.ping_interval);
+    let mut last_seen = Instant::now();
+
+    let close: Option<(u16, &'static str)> = loop {
+        tokio::select! {
+            biased;
+            _ = ctx.cancel.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            _ = conn.outbox.ready() => {
+                match conn.outbox.drain(&mut frames) {
+                    Some(CloseReason::Overflow) => break Some(slow_client(&ctx, &conn)),
+                    Some(CloseReason::Shutdown) => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                    None => {}
+                }
+                // A slow reader can block the write; the outbox closing (it
+                // kept filling meanwhile) interrupts it.
+                tokio::select! {
+                    written = write_batch(&mut ws, &mut frames) => {
+                        if written.is_err() {
+                            break None;
+                        }
+                    }
+                    reason = conn.outbox.closed() => match reason {
+                        CloseReason::Overflow => break Some(slow_client(&ctx, &conn)),
+                        CloseReason::Shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                    },
+                    _ = ctx.cancel.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                }
+            }
+            Some(()) = subscribes.next(), if !subscribes.is_empty() => {}
+            message = ws.next() => {
+                last_seen = Instant::now();
+                match message {
+                    None => break None,
+                    Some(Err(err)) => {
+                        let too_big = matches!(
+                            err.into_inner().downcast::<tungstenite::Error>().map(|e| *e),
+                            Ok(tungstenite::Error::Capacity(_))
+                        );
+                        if too_big {
+                            break Some((CLOSE_TOO_BIG, "message too big"));
+                        }
+                        break None;
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        if let Some(subscribe) = on_text(&ctx, &conn, text) {
+                            subscribes.push(subscribe);
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => reject(
+                        &ctx,
+                        &conn,
+                        ProtocolError::new(
+                            ErrorCode::BinaryUnsupported,
+                            "binary frames are not supported; send JSON text frames",
+                        ),
+                    ),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the close reply; get it out.
+                        let _ = timeout(CLOSE_WRITE_TIMEOUT, ws.flush()).await;
+                        break None;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() >= ctx.idle_timeout {
+                    break Some((CLOSE_IDLE, "idle timeout"));
+                }
+                if ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break None;
+                }
+            }
+        }
+    };
+
+    if let Some((code, reason)) = close {
+        tracing::debug!(code, reason, "closing connection");
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        let _ = timeout(CLOSE_WRITE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
+    }
+    drop(subscribes);
+    ctx.registry.connection_closed(&conn);
+    tracing::debug!("connection closed");
+}
+
+fn slow_client(ctx: &SessionContext, conn: &Connection) -> (u16, &'static str) {
+    Metrics::inc(&ctx.metrics.slow_client_closes_total);
+    tracing::info!(conn.id = conn.id, bound = ctx.outbound_max_bytes, "closing slow client: outbound queue over its bound");
+    (CLOSE_SLOW_CLIENT, "outbound queue full: client too slow")
+}
+
+async fn write_batch(ws: &mut WebSocket, frames: &mut Vec<Utf8Bytes>) -> Result<(), axum::Error> {
+    for frame in frames.drain(..) {
+        ws.feed(Message::Text(frame)).await?;
+    }
+    ws.flush().await
+}
+
+fn reject(ctx: &SessionContext, conn: &Connection, err: ProtocolError) {
+    ctx.metrics.client_error(err.code);
+    conn.outbox.control(None, error_frame(err.code, &err.message, None));
+}
+
+/// Handles one text frame; returns the snapshot resolve to drive, if any.
+fn on_text(
+    ctx: &Arc<SessionContext>,
+    conn: &Arc<Connection>,
+    text: Utf8Bytes,
+) -> Option<impl Future<Output = ()> + use<>> {
+    if text.len() > ctx.max_message_bytes {
+        reject(
+            ctx,
+            conn,
+            ProtocolError::new(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "message is {} bytes; the limit is {}",
+                    text.len(),
+                    ctx.max_message_bytes
+                ),
+            ),
+        );
+        return None;
+    }
+    let message = match protocol::decode(&text) {
+        Ok(message) => message,
+        Err(err) => {
+            reject(ctx, conn, err);
+            return None;
+        }
+    };
+    match message {
+        ClientMessage::Subscribe(key) => {
+            if !ctx.registry.add_pending(&key, conn, ctx.max_subscriptions) {
+                ctx.metrics.client_error(ErrorCode::TooManySubscriptions);
+                let message = format!(
+                    "this connection already holds {} subscriptions, the limit",
+                    ctx.max_subscriptions
+                );
+                conn.outbox.control(
+                    Some(&key),
+                    error_frame(ErrorCode::TooManySubscriptions, &message, Some(&key)),
+                );
+                return None;
+            }
+            let dispatcher = ctx.dispatcher.clone();
+            let conn = conn.clone();
+            Some(async move { dispatcher.subscribe(conn, key).await })
+        }
+        ClientMessage::Unsubscribe(key) => {
+            if ctx.registry.remove(&key, conn) {
+                conn.outbox.forget(&key);
+                if !ctx.bare_rows {
+                    conn.outbox.control(Some(&key), unsubscribed_frame(&key));
+                }
+            } else {
+                ctx.metrics.client_error(ErrorCode::NotSubscribed);
+                conn.outbox.control(
+                    Some(&key),
+                    error_frame(
+                        ErrorCode::NotSubscribed,
+                        "this connection is not subscribed to that key",
+                        Some(&key),
+                    ),
+                );
+            }
+            None
+        }
+        ClientMessage::Secret(secret) => {
+            conn.set_secret(&secret);
+            None
+        }
+        ClientMessage::PassThrough => {
+            let connection_id = format!("{}-{}", ctx.node_id, conn.id);
+            let sent = ctx
+                .pool
+                .pass_through(&connection_id, &conn.secret(), Bytes::from(text));
+            if sent == 0 {
+                let err = if ctx.pool.has_pass_through() {
+                    ProtocolError::new(
+                        ErrorCode::Overloaded,
+                        "pass-through resolvers are not keeping up; message dropped",
+                    )
+                } else {
+                    ProtocolError::new(
+                        ErrorCode::NoPassThrough,
+                        "no backend accepts messages without an action",
+                    )
+                };
+                reject(ctx, conn, err);
+            }
+            None
+        }
+    }
+}
