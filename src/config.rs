@@ -29,6 +29,43 @@ pub struct Config {
     #[arg(long, env = "ENTITY_SYNC_NATS_PREFIX", default_value = "es")]
     pub nats_prefix: String,
 
+    /// Replicas of the JetStream stream when the node creates it.
+    #[arg(long, env = "ENTITY_SYNC_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+
+    /// How long the stream keeps change keys when the node creates it. A node
+    /// away for longer than this resyncs (re-resolves every subscribed key).
+    #[arg(long, env = "ENTITY_SYNC_NATS_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    pub nats_max_age: Duration,
+
+    /// Bytes the stream may hold when the node creates it (-1: no limit).
+    #[arg(long, env = "ENTITY_SYNC_NATS_MAX_BYTES", default_value_t = 1 << 30, allow_negative_numbers = true)]
+    pub nats_max_bytes: i64,
+
+    /// NATS credentials file (JWT + nkey seed).
+    #[arg(long, env = "ENTITY_SYNC_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+
+    /// NATS auth token.
+    #[arg(long, env = "ENTITY_SYNC_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+
+    /// CA certificate (PEM) to verify the NATS server with.
+    #[arg(long, env = "ENTITY_SYNC_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) for NATS mutual TLS (with --nats-tls-key).
+    #[arg(long, env = "ENTITY_SYNC_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+
+    /// Client key (PEM) for NATS mutual TLS.
+    #[arg(long, env = "ENTITY_SYNC_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+
+    /// Refuse a NATS connection without TLS.
+    #[arg(long, env = "ENTITY_SYNC_NATS_REQUIRE_TLS", default_value_t = false)]
+    pub nats_require_tls: bool,
+
     /// This node's id in logs and `Registered` messages (random when empty).
     #[arg(long, env = "ENTITY_SYNC_NODE_ID", default_value = "")]
     pub node_id: String,
@@ -87,7 +124,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        use clap::{FromArgMatches, Command};
+        use clap::{Command, FromArgMatches};
         // Parse an empty command line so the defaults live in one place (the
         // attributes above). Environment variables are deliberately ignored here.
         let cmd = Config::augment_args(Command::new("entity-sync").no_binary_name(true));
@@ -124,10 +161,15 @@ impl Config {
             return Err("--max-subscriptions must be at least 1".into());
         }
         if self.ping_interval.is_zero() || self.idle_timeout < self.ping_interval {
-            return Err("--idle-timeout must be at least --ping-interval, which must be > 0".into());
+            return Err(
+                "--idle-timeout must be at least --ping-interval, which must be > 0".into(),
+            );
         }
         if self.resolve_timeout.is_zero() {
             return Err("--resolve-timeout must be > 0".into());
+        }
+        if !(1..=5).contains(&self.nats_replicas) {
+            return Err("--nats-replicas must be 1 to 5".into());
         }
         if self.nats_prefix.is_empty()
             || !self

@@ -22,7 +22,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    bus::{Bus, ChangeEvent},
+    bus::{Bus, BusEvent},
     key::ChangeKey,
     metrics::Metrics,
     proto::v1::{FetchMode, Reason},
@@ -94,21 +94,41 @@ impl Dispatcher {
     }
 
     /// Consumes the bus until it ends or the node shuts down.
-    pub async fn run(self, mut events: mpsc::Receiver<Vec<ChangeEvent>>) {
+    pub async fn run(self, mut events: mpsc::Receiver<BusEvent>) {
         loop {
-            let batch = tokio::select! {
+            let event = tokio::select! {
                 _ = self.inner.cancel.cancelled() => return,
-                batch = events.recv() => batch,
+                event = events.recv() => event,
             };
-            let Some(batch) = batch else { return };
-            self.inner
-                .metrics
-                .changes_consumed_total
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            for event in batch {
-                self.inner.applied.fetch_max(event.seq, Ordering::AcqRel);
-                self.schedule(event.key, event.seq);
+            match event {
+                None => return,
+                Some(BusEvent::Changes(batch)) => {
+                    self.inner
+                        .metrics
+                        .changes_consumed_total
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    for change in batch {
+                        self.inner.applied.fetch_max(change.seq, Ordering::AcqRel);
+                        self.schedule(change.key, change.seq);
+                    }
+                }
+                Some(BusEvent::Resync { seq }) => self.resync(seq),
             }
+        }
+    }
+
+    /// Re-resolves every subscribed key: changes were lost on the bus, so
+    /// any key may be stale.
+    pub fn resync(&self, seq: u64) {
+        self.inner.applied.fetch_max(seq, Ordering::AcqRel);
+        let keys = self.inner.registry.keys();
+        tracing::info!(
+            keys = keys.len(),
+            seq,
+            "resync: re-resolving every subscribed key"
+        );
+        for key in keys {
+            self.schedule(key, seq);
         }
     }
 
@@ -208,12 +228,11 @@ impl Dispatcher {
             }
             _ => {
                 let secrets = self.inner.registry.active_secrets(key);
-                let results = join_all(
-                    secrets
-                        .iter()
-                        .map(|secret| self.inner.pool.resolve(key, secret.clone(), Reason::Change)),
-                )
-                .await;
+                let results =
+                    join_all(secrets.iter().map(|secret| {
+                        self.inner.pool.resolve(key, secret.clone(), Reason::Change)
+                    }))
+                    .await;
                 let mut attempt = Attempt::Done;
                 for (secret, result) in secrets.iter().zip(results) {
                     if self.apply(key, seq, result, Audience::Secret(secret)) == Attempt::Retry {
@@ -225,18 +244,32 @@ impl Dispatcher {
         }
     }
 
-    fn apply(&self, key: &ChangeKey, seq: u64, result: Resolved, audience: Audience<'_>) -> Attempt {
+    fn apply(
+        &self,
+        key: &ChangeKey,
+        seq: u64,
+        result: Resolved,
+        audience: Audience<'_>,
+    ) -> Attempt {
         let metrics = &self.inner.metrics;
         match result {
             Resolved::Rows { rows, version } => {
                 let version = if version != 0 { version } else { seq };
-                self.fan_out(key, &PushFrame::build(key, version, &rows, self.inner.bare_rows), audience);
+                self.fan_out(
+                    key,
+                    &PushFrame::build(key, version, &rows, self.inner.bare_rows),
+                    audience,
+                );
                 Attempt::Done
             }
             // The row is gone: subscribers learn it from an empty push and
             // stay subscribed in case it comes back.
             Resolved::NotFound(_) => {
-                self.fan_out(key, &PushFrame::build(key, seq, &[], self.inner.bare_rows), audience);
+                self.fan_out(
+                    key,
+                    &PushFrame::build(key, seq, &[], self.inner.bare_rows),
+                    audience,
+                );
                 Attempt::Done
             }
             Resolved::Forbidden(message) => {
@@ -270,9 +303,10 @@ impl Dispatcher {
         metrics
             .pushes_total
             .fetch_add(fan.delivered as u64, Ordering::Relaxed);
-        metrics
-            .push_bytes_total
-            .fetch_add((fan.delivered * frame.payload.len()) as u64, Ordering::Relaxed);
+        metrics.push_bytes_total.fetch_add(
+            (fan.delivered * frame.payload.len()) as u64,
+            Ordering::Relaxed,
+        );
         metrics
             .pushes_skipped_stale_total
             .fetch_add(fan.stale as u64, Ordering::Relaxed);
@@ -286,13 +320,7 @@ impl Dispatcher {
     /// frame). Dropping the future (the connection closed) is fine.
     pub async fn subscribe(&self, conn: Arc<Connection>, key: ChangeKey) {
         // Read before resolving: the snapshot reflects every change up to it.
-        let base = self
-            .inner
-            .bus
-            .head()
-            .await
-            .unwrap_or(0)
-            .max(self.applied());
+        let base = self.inner.bus.head().max(self.applied());
         let result = self
             .inner
             .pool
@@ -322,7 +350,10 @@ impl Dispatcher {
                 ErrorCode::NoResolver,
                 format!("no resolver serves entity {:?}", &*key.entity),
             ),
-            Resolved::Closed => (ErrorCode::NoResolver, "the node is shutting down".to_string()),
+            Resolved::Closed => (
+                ErrorCode::NoResolver,
+                "the node is shutting down".to_string(),
+            ),
         };
         self.inner.registry.remove(&key, &conn);
         conn.outbox

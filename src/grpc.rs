@@ -13,8 +13,8 @@ use crate::{
     key::ChangeKey,
     metrics::Metrics,
     proto::v1::{
-        NodeMessage, NotifyRequest, NotifyResponse, Registered, ResolverMessage, node_message,
-        entity_sync_server::EntitySync, resolver_message,
+        NodeMessage, NotifyRequest, NotifyResponse, Registered, ResolverMessage,
+        entity_sync_server::EntitySync, node_message, resolver_message,
     },
     resolver::{RegisterError, Resolved, ResolverPool},
 };
@@ -52,7 +52,10 @@ impl From<RegisterError> for Status {
 
 #[tonic::async_trait]
 impl EntitySync for EntitySyncService {
-    async fn notify(&self, request: Request<NotifyRequest>) -> Result<Response<NotifyResponse>, Status> {
+    async fn notify(
+        &self,
+        request: Request<NotifyRequest>,
+    ) -> Result<Response<NotifyResponse>, Status> {
         let request = request.into_inner();
         if request.keys.is_empty() {
             return Err(Status::invalid_argument("keys must not be empty"));
@@ -134,10 +137,20 @@ impl EntitySync for EntitySyncService {
         }))
         .expect("a fresh channel has room");
         self.pool.register(id, &register, tx.clone())?;
-        let entities: Vec<&str> = register.entities.iter().map(|e| e.entity.as_str()).collect();
-        let span = tracing::info_span!("resolver", resolver.id = id, resolver.name = %register.name);
+        let entities: Vec<&str> = register
+            .entities
+            .iter()
+            .map(|e| e.entity.as_str())
+            .collect();
+        let span =
+            tracing::info_span!("resolver", resolver.id = id, resolver.name = %register.name);
         span.in_scope(|| {
-            tracing::info!(?peer, ?entities, pass_through = register.pass_through, "resolver registered");
+            tracing::info!(
+                ?peer,
+                ?entities,
+                pass_through = register.pass_through,
+                "resolver registered"
+            );
         });
         let pool = self.pool.clone();
         let cancel = self.cancel.clone();
@@ -149,7 +162,9 @@ impl EntitySync for EntitySyncService {
                         message = inbound.message() => message,
                     };
                     match message {
-                        Ok(Some(ResolverMessage { kind: Some(resolver_message::Kind::Response(response)) })) => {
+                        Ok(Some(ResolverMessage {
+                            kind: Some(resolver_message::Kind::Response(response)),
+                        })) => {
                             let results: HashMap<String, Resolved> = response
                                 .results
                                 .into_iter()
@@ -157,9 +172,13 @@ impl EntitySync for EntitySyncService {
                                 .collect();
                             pool.complete(id, response.request_id, results);
                         }
-                        Ok(Some(ResolverMessage { kind: Some(resolver_message::Kind::Register(_)) })) => {
+                        Ok(Some(ResolverMessage {
+                            kind: Some(resolver_message::Kind::Register(_)),
+                        })) => {
                             let _ = tx
-                                .send(Err(Status::invalid_argument("Register may be sent only once per stream")))
+                                .send(Err(Status::invalid_argument(
+                                    "Register may be sent only once per stream",
+                                )))
                                 .await;
                             break "protocol error: second Register";
                         }

@@ -81,10 +81,12 @@ async fn upgrade(
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
+    if !state.ready.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if !state.bus.is_connected() {
+        (StatusCode::SERVICE_UNAVAILABLE, "bus disconnected\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
     }
 }
 
@@ -92,10 +94,6 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     let body = state
         .session
         .metrics
-        .render(state.stats(), state.bus.head_now());
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+        .render(state.stats(), state.bus.head());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

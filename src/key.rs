@@ -89,7 +89,10 @@ mod tests {
         assert_eq!(ChangeKey::new("a.b", "1"), Err(KeyError::BadChar("entity")));
         assert_eq!(ChangeKey::new("items", "1 2"), Err(KeyError::BadChar("id")));
         assert_eq!(ChangeKey::new("items", ">"), Err(KeyError::BadChar("id")));
-        assert_eq!(ChangeKey::new("items", "\u{7}"), Err(KeyError::BadChar("id")));
+        assert_eq!(
+            ChangeKey::new("items", "\u{7}"),
+            Err(KeyError::BadChar("id"))
+        );
         let long = "x".repeat(MAX_KEY_PART_BYTES + 1);
         assert_eq!(ChangeKey::new(&long, "1"), Err(KeyError::TooLong("entity")));
     }

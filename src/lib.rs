@@ -13,7 +13,8 @@
 //! - [`session`]: one websocket connection's task (read, write batches, ping).
 //! - [`outbox`]: a connection's outbound queue: latest push per key, bounded bytes.
 //! - [`registry`]: sharded map of key → subscribed connections.
-//! - [`bus`]: carries change keys from `Notify` to dispatchers (in-process bus).
+//! - [`bus`]: carries change keys from `Notify` to dispatchers (in-process or NATS JetStream).
+//! - [`cluster`]: resolves on another node's resolvers over NATS request-reply.
 //! - [`dispatcher`]: consumes the bus, coalesces per key, resolves, fans out.
 //! - [`resolver`]: the pool of backend `Resolve` streams: batching, in-flight caps, retries.
 //! - [`grpc`]: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`).
@@ -23,6 +24,7 @@
 //! - [`proto`]: code generated from `proto/entitysync/v1/entitysync.proto`.
 
 pub mod bus;
+pub mod cluster;
 pub mod config;
 pub mod dispatcher;
 pub mod grpc;

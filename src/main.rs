@@ -14,7 +14,11 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "entity-sync", version, about = "Keeps browsers in sync with server-side entities.")]
+#[command(
+    name = "entity-sync",
+    version,
+    about = "Keeps browsers in sync with server-side entities."
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(flatten)]
@@ -39,7 +43,11 @@ enum Command {
     /// Tell a running node that keys changed (calls gRPC Notify).
     Notify {
         /// gRPC address of the node.
-        #[arg(long, env = "ENTITY_SYNC_SERVER", default_value = "http://127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "ENTITY_SYNC_SERVER",
+            default_value = "http://127.0.0.1:50051"
+        )]
         server: String,
         /// Optional idempotency key: a retry with the same key is applied once.
         #[arg(long, default_value = "")]
@@ -128,7 +136,11 @@ async fn shutdown_signal() {
     }
 }
 
-async fn notify(server: String, idempotency_key: String, keys: Vec<EntityKey>) -> anyhow::Result<()> {
+async fn notify(
+    server: String,
+    idempotency_key: String,
+    keys: Vec<EntityKey>,
+) -> anyhow::Result<()> {
     let mut client = EntitySyncClient::connect(server.clone())
         .await
         .with_context(|| format!("cannot connect to {server}"))?;
@@ -138,10 +150,21 @@ async fn notify(server: String, idempotency_key: String, keys: Vec<EntityKey>) -
             idempotency_key,
         })
         .await
-        .map_err(|status| anyhow::anyhow!("Notify failed: {}: {}", status.code(), status.message()))?
+        .map_err(|status| {
+            anyhow::anyhow!("Notify failed: {}: {}", status.code(), status.message())
+        })?
         .into_inner();
     for (key, seq) in keys.iter().zip(&response.sequences) {
-        println!("{}/{} sequence {seq}{}", key.entity, key.id, if response.duplicate { " (duplicate)" } else { "" });
+        println!(
+            "{}/{} sequence {seq}{}",
+            key.entity,
+            key.id,
+            if response.duplicate {
+                " (duplicate)"
+            } else {
+                ""
+            }
+        );
     }
     Ok(())
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub resolve_timeouts_total: AtomicU64,
     pub resolve_retries_total: AtomicU64,
     pub revocations_total: AtomicU64,
+    pub resyncs_total: AtomicU64,
+    pub cluster_resolves_total: AtomicU64,
     pub pass_through_total: AtomicU64,
     pub client_errors: [AtomicU64; ErrorCode::ALL.len()],
 }
@@ -84,21 +86,87 @@ impl Metrics {
             "Latest bus sequence seen by this node.",
             bus_head,
         );
-        let counters: [(&str, &str, &AtomicU64); 14] = [
-            ("entity_sync_connections_total", "Websocket connections accepted.", &self.connections_total),
-            ("entity_sync_pushes_total", "Push frames queued to clients.", &self.pushes_total),
-            ("entity_sync_push_bytes_total", "Bytes of push frames queued to clients.", &self.push_bytes_total),
-            ("entity_sync_pushes_skipped_stale_total", "Pushes not sent because the subscriber already held a newer version.", &self.pushes_skipped_stale_total),
-            ("entity_sync_slow_client_closes_total", "Connections closed because their outbound queue overflowed.", &self.slow_client_closes_total),
-            ("entity_sync_notify_keys_total", "Keys accepted by Notify.", &self.notify_keys_total),
-            ("entity_sync_notify_duplicates_total", "Notify calls answered from the idempotency window.", &self.notify_duplicates_total),
-            ("entity_sync_changes_consumed_total", "Change keys consumed from the bus.", &self.changes_consumed_total),
-            ("entity_sync_resolve_requests_subscribe_total", "Resolve requests sent for subscribes.", &self.resolve_requests_subscribe_total),
-            ("entity_sync_resolve_requests_change_total", "Resolve requests sent for changes.", &self.resolve_requests_change_total),
-            ("entity_sync_resolve_timeouts_total", "Resolve requests that passed their deadline.", &self.resolve_timeouts_total),
-            ("entity_sync_resolve_retries_total", "Change resolves retried after a failure.", &self.resolve_retries_total),
-            ("entity_sync_revocations_total", "Subscriptions ended by a FORBIDDEN change resolve.", &self.revocations_total),
-            ("entity_sync_pass_through_total", "Pass-through messages forwarded to resolvers.", &self.pass_through_total),
+        let counters = [
+            (
+                "entity_sync_connections_total",
+                "Websocket connections accepted.",
+                &self.connections_total,
+            ),
+            (
+                "entity_sync_pushes_total",
+                "Push frames queued to clients.",
+                &self.pushes_total,
+            ),
+            (
+                "entity_sync_push_bytes_total",
+                "Bytes of push frames queued to clients.",
+                &self.push_bytes_total,
+            ),
+            (
+                "entity_sync_pushes_skipped_stale_total",
+                "Pushes not sent because the subscriber already held a newer version.",
+                &self.pushes_skipped_stale_total,
+            ),
+            (
+                "entity_sync_slow_client_closes_total",
+                "Connections closed because their outbound queue overflowed.",
+                &self.slow_client_closes_total,
+            ),
+            (
+                "entity_sync_notify_keys_total",
+                "Keys accepted by Notify.",
+                &self.notify_keys_total,
+            ),
+            (
+                "entity_sync_notify_duplicates_total",
+                "Notify calls answered from the idempotency window.",
+                &self.notify_duplicates_total,
+            ),
+            (
+                "entity_sync_changes_consumed_total",
+                "Change keys consumed from the bus.",
+                &self.changes_consumed_total,
+            ),
+            (
+                "entity_sync_resolve_requests_subscribe_total",
+                "Resolve requests sent for subscribes.",
+                &self.resolve_requests_subscribe_total,
+            ),
+            (
+                "entity_sync_resolve_requests_change_total",
+                "Resolve requests sent for changes.",
+                &self.resolve_requests_change_total,
+            ),
+            (
+                "entity_sync_resolve_timeouts_total",
+                "Resolve requests that passed their deadline.",
+                &self.resolve_timeouts_total,
+            ),
+            (
+                "entity_sync_resolve_retries_total",
+                "Change resolves retried after a failure.",
+                &self.resolve_retries_total,
+            ),
+            (
+                "entity_sync_revocations_total",
+                "Subscriptions ended by a FORBIDDEN change resolve.",
+                &self.revocations_total,
+            ),
+            (
+                "entity_sync_resyncs_total",
+                "Times changes were lost to stream retention and every subscribed key was re-resolved.",
+                &self.resyncs_total,
+            ),
+            (
+                "entity_sync_cluster_resolves_total",
+                "Resolves sent to another node over NATS (no local resolver).",
+                &self.cluster_resolves_total,
+            ),
+            (
+                "entity_sync_pass_through_total",
+                "Pass-through messages forwarded to resolvers.",
+                &self.pass_through_total,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(
@@ -107,6 +175,13 @@ impl Metrics {
                 value.load(Relaxed)
             );
         }
+        let name = "entity_sync_resolve_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Resolve requests sent to resolvers, by reason.\n# TYPE {name} counter\n{name}{{reason=\"subscribe\"}} {}\n{name}{{reason=\"change\"}} {}",
+            self.resolve_requests_subscribe_total.load(Relaxed),
+            self.resolve_requests_change_total.load(Relaxed)
+        );
         let name = "entity_sync_client_errors_total";
         let _ = writeln!(
             out,

@@ -14,7 +14,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bus::{Bus, MemoryBus},
+    bus::{Bus, BusError, JetStreamBus, JetStreamConfig, MemoryBus},
+    cluster::{self, ClusterLink},
     config::Config,
     dispatcher::Dispatcher,
     grpc::EntitySyncService,
@@ -27,8 +28,7 @@ use crate::{
 };
 
 /// Encoded descriptors of `proto/`, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    tonic::include_file_descriptor_set!("entitysync_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("entitysync_descriptor");
 
 /// The two listeners a node serves on (bind them to port 0 in tests).
 pub struct Listeners {
@@ -45,6 +45,8 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    Bus(#[from] BusError),
 }
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
@@ -61,11 +63,6 @@ impl Node {
     /// Starts serving on `listeners` and returns once both ports accept.
     pub async fn start(listeners: Listeners, config: Config) -> Result<Node, NodeError> {
         config.validate().map_err(NodeError::Config)?;
-        if config.nats_url.is_some() {
-            return Err(NodeError::Config(
-                "--nats-url: the NATS JetStream bus is not available in this build; unset it to use the in-process bus".into(),
-            ));
-        }
         let ws_addr = listeners.ws.local_addr()?;
         let grpc_addr = listeners.grpc.local_addr()?;
         let node_id: Arc<str> = if config.node_id.is_empty() {
@@ -77,8 +74,34 @@ impl Node {
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
         let registry = Registry::new();
-        let (memory, events) = MemoryBus::new();
-        let bus = Bus::Memory(memory);
+        let (bus, events, link) = match &config.nats_url {
+            None => {
+                let (memory, events) = MemoryBus::new();
+                (Bus::InProcess(memory), events, None)
+            }
+            Some(urls) => {
+                let js_config = JetStreamConfig {
+                    urls: urls.clone(),
+                    prefix: config.nats_prefix.clone(),
+                    replicas: config.nats_replicas,
+                    max_age: config.nats_max_age,
+                    max_bytes: config.nats_max_bytes,
+                    credentials_file: config.nats_creds.clone(),
+                    token: config.nats_token.clone(),
+                    tls_ca: config.nats_tls_ca.clone(),
+                    tls_cert: config.nats_tls_cert.clone(),
+                    tls_key: config.nats_tls_key.clone(),
+                    require_tls: config.nats_require_tls,
+                    node_id: node_id.to_string(),
+                    connect_timeout: std::time::Duration::from_secs(5),
+                };
+                let (js, events, client) =
+                    JetStreamBus::connect(&js_config, metrics.clone(), cancel.clone(), &tracker)
+                        .await?;
+                let link = ClusterLink::new(client, &config.nats_prefix, config.resolve_timeout);
+                (Bus::JetStream(js), events, Some(link))
+            }
+        };
         let pool = ResolverPool::new(
             PoolConfig {
                 batch_size: config.resolve_batch_size,
@@ -86,7 +109,17 @@ impl Node {
                 default_max_in_flight: config.default_max_in_flight,
             },
             metrics.clone(),
+            link.clone(),
         );
+        if let Some(link) = link {
+            tracker.spawn(cluster::serve(
+                link,
+                pool.clone(),
+                pool.watch_entities(),
+                cancel.clone(),
+                tracker.clone(),
+            ));
+        }
         let dispatcher = Dispatcher::new(
             registry.clone(),
             pool.clone(),
@@ -177,7 +210,7 @@ impl Node {
                 .await;
         });
 
-        tracing::info!(node.id = %node_id, %ws_addr, ws_path = %config.ws_path, %grpc_addr, bus = "in-process", "node started");
+        tracing::info!(node.id = %node_id, %ws_addr, ws_path = %config.ws_path, %grpc_addr, bus = bus.kind(), "node started");
         Ok(Node {
             ws_addr,
             grpc_addr,

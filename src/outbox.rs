@@ -233,7 +233,12 @@ mod tests {
     }
 
     fn push(id: &str, version: u64) -> PushFrame {
-        PushFrame::build(&key(id), version, &[Bytes::from_static(b"{\"v\":1}")], false)
+        PushFrame::build(
+            &key(id),
+            version,
+            &[Bytes::from_static(b"{\"v\":1}")],
+            false,
+        )
     }
 
     fn drained(outbox: &Outbox) -> Vec<String> {

@@ -222,7 +222,7 @@ impl PushFrame {
     /// parsed again.
     pub fn build(key: &ChangeKey, version: u64, rows: &[Bytes], bare_rows: bool) -> Self {
         let payload = if bare_rows {
-            let frames: Vec<Utf8Bytes> = rows.iter().map(|row| row_frame(row)).collect();
+            let frames: Vec<Utf8Bytes> = rows.iter().map(row_frame).collect();
             Payload::Many(frames.into())
         } else {
             let rows_len: usize = rows.iter().map(|r| r.len() + 1).sum();
@@ -355,7 +355,10 @@ mod tests {
         assert_eq!(code("not json"), ErrorCode::InvalidJson);
         assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
         assert_eq!(code("\"subscribe\""), ErrorCode::InvalidJson);
-        assert_eq!(code(r#"{"action":"jump","body":{}}"#), ErrorCode::UnknownAction);
+        assert_eq!(
+            code(r#"{"action":"jump","body":{}}"#),
+            ErrorCode::UnknownAction
+        );
         assert_eq!(code(r#"{"action":7}"#), ErrorCode::UnknownAction);
         assert_eq!(code(r#"{"action":"subscribe"}"#), ErrorCode::InvalidBody);
         assert_eq!(
@@ -378,7 +381,10 @@ mod tests {
             code(r#"{"action":"subscribe","body":{"entity":"items","id":true}}"#),
             ErrorCode::InvalidBody
         );
-        assert_eq!(code(r#"{"action":"secret","body":42}"#), ErrorCode::InvalidBody);
+        assert_eq!(
+            code(r#"{"action":"secret","body":42}"#),
+            ErrorCode::InvalidBody
+        );
     }
 
     #[test]

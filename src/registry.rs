@@ -71,7 +71,9 @@ impl Connection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Snapshot resolve under way; `missed` records a change seen meanwhile.
-    Pending { missed: bool },
+    Pending {
+        missed: bool,
+    },
     Active,
 }
 
@@ -397,7 +399,12 @@ mod tests {
         assert!(!registry.note_change(&key("1")), "no active subscriber yet");
         let fan = registry.fan_out(&key("1"), &frame("1", 5), Audience::All);
         assert_eq!(fan.delivered, 0);
-        let act = registry.activate(&key("1"), 1, Some(Utf8Bytes::from_static("ack")), &frame("1", 4));
+        let act = registry.activate(
+            &key("1"),
+            1,
+            Some(Utf8Bytes::from_static("ack")),
+            &frame("1", 4),
+        );
         assert_eq!(act, Activation::Active { missed: true });
         assert!(registry.note_change(&key("1")));
         let frames = drain(&a);
@@ -413,7 +420,14 @@ mod tests {
         registry.activate(&key("1"), 1, None, &frame("1", 10));
         drain(&a);
         let fan = registry.fan_out(&key("1"), &frame("1", 9), Audience::All);
-        assert_eq!(fan, FanOut { delivered: 0, stale: 1, overflowed: 0 });
+        assert_eq!(
+            fan,
+            FanOut {
+                delivered: 0,
+                stale: 1,
+                overflowed: 0
+            }
+        );
         let fan = registry.fan_out(&key("1"), &frame("1", 11), Audience::All);
         assert_eq!(fan.delivered, 1);
     }
@@ -433,7 +447,11 @@ mod tests {
         assert_eq!(secrets, vec![Arc::from("s1"), Arc::from("s2")]);
         let fan = registry.fan_out(&key("1"), &frame("1", 2), Audience::Secret("s2"));
         assert_eq!(fan.delivered, 1);
-        let revoked = registry.revoke(&key("1"), Audience::Secret("s1"), &Utf8Bytes::from_static("err"));
+        let revoked = registry.revoke(
+            &key("1"),
+            Audience::Secret("s1"),
+            &Utf8Bytes::from_static("err"),
+        );
         assert_eq!(revoked, 1);
         assert!(!a.holds(&key("1")));
         assert!(b.holds(&key("1")));
@@ -447,7 +465,10 @@ mod tests {
         registry.connection_opened();
         assert!(registry.add_pending(&key("1"), &a, 2));
         assert!(registry.add_pending(&key("2"), &a, 2));
-        assert!(registry.add_pending(&key("1"), &a, 2), "held keys don't count twice");
+        assert!(
+            registry.add_pending(&key("1"), &a, 2),
+            "held keys don't count twice"
+        );
         assert!(!registry.add_pending(&key("3"), &a, 2));
         let b = conn(2);
         registry.add_pending(&key("1"), &b, 2);
@@ -456,7 +477,11 @@ mod tests {
         assert!(!registry.remove(&key("1"), &b));
         registry.connection_closed(&a);
         assert_eq!(
-            (registry.connections(), registry.subscriptions(), registry.key_count()),
+            (
+                registry.connections(),
+                registry.subscriptions(),
+                registry.key_count()
+            ),
             (0, 0, 0)
         );
         assert!(registry.keys().is_empty());

@@ -17,11 +17,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::{
+    cluster::ClusterLink,
     key::{ChangeKey, validate_part},
     metrics::Metrics,
     proto::v1::{
@@ -47,7 +48,10 @@ pub const MAX_ATTEMPTS: u32 = 3;
 /// Outcome of resolving one key for one secret.
 #[derive(Debug, Clone)]
 pub enum Resolved {
-    Rows { rows: Vec<Bytes>, version: u64 },
+    Rows {
+        rows: Vec<Bytes>,
+        version: u64,
+    },
     NotFound(String),
     Forbidden(String),
     /// The resolver answered ERROR, or its answer was malformed.
@@ -160,10 +164,16 @@ struct Inner {
     metrics: Arc<Metrics>,
     next_request: AtomicU64,
     next_resolver: AtomicU64,
+    /// Resolvers on other nodes (cluster bus only).
+    remote: Option<ClusterLink>,
+    /// Fetch modes of entities served only on other nodes, as they reported them.
+    remote_modes: Mutex<HashMap<Arc<str>, FetchMode>>,
+    /// Entities with a local resolver, for the cluster-resolve server.
+    entities: watch::Sender<Vec<(Arc<str>, FetchMode)>>,
 }
 
 impl ResolverPool {
-    pub fn new(config: PoolConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: PoolConfig, metrics: Arc<Metrics>, remote: Option<ClusterLink>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
@@ -171,8 +181,32 @@ impl ResolverPool {
                 metrics,
                 next_request: AtomicU64::new(1),
                 next_resolver: AtomicU64::new(1),
+                remote,
+                remote_modes: Mutex::new(HashMap::new()),
+                entities: watch::Sender::new(Vec::new()),
             }),
         }
+    }
+
+    /// Follows the set of entities served by local resolvers.
+    pub fn watch_entities(&self) -> watch::Receiver<Vec<(Arc<str>, FetchMode)>> {
+        self.inner.entities.subscribe()
+    }
+
+    fn publish_entities(&self, state: &State) {
+        let mut entities: Vec<(Arc<str>, FetchMode)> = state
+            .entities
+            .iter()
+            .map(|(e, q)| (e.clone(), q.mode))
+            .collect();
+        entities.sort();
+        self.inner.entities.send_if_modified(|current| {
+            let changed = *current != entities;
+            if changed {
+                *current = entities;
+            }
+            changed
+        });
     }
 
     /// A fresh resolver id (sent in `Registered` before the stream is registered).
@@ -274,6 +308,7 @@ impl ResolverPool {
         for (entity, _) in &wanted {
             self.dispatch(&mut state, entity);
         }
+        self.publish_entities(&state);
         Ok(())
     }
 
@@ -317,16 +352,68 @@ impl ResolverPool {
                 self.dispatch(&mut state, entity);
             }
         }
+        self.publish_entities(&state);
     }
 
-    /// The fetch mode of `entity`, if some resolver serves it.
-    pub fn fetch_mode(&self, entity: &str) -> Option<FetchMode> {
+    /// The fetch mode of `entity` on a local resolver.
+    pub fn local_fetch_mode(&self, entity: &str) -> Option<FetchMode> {
         let state = self.inner.state.lock().unwrap();
         state.entities.get(entity).map(|q| q.mode)
     }
 
-    /// Resolves `key` for `secret`. Waits for the answer (or its failure).
+    /// The fetch mode of `entity`: a local resolver's, else what another node
+    /// reported, else (in a cluster) PER_SUBSCRIBER, the mode that never
+    /// shares rows between secrets. `None`: nobody can resolve it.
+    pub fn fetch_mode(&self, entity: &str) -> Option<FetchMode> {
+        if let Some(mode) = self.local_fetch_mode(entity) {
+            return Some(mode);
+        }
+        self.inner.remote.as_ref()?;
+        let remote = self.inner.remote_modes.lock().unwrap();
+        Some(
+            remote
+                .get(entity)
+                .copied()
+                .unwrap_or(FetchMode::PerSubscriber),
+        )
+    }
+
+    /// Resolves `key` for `secret` on a local resolver or, when none serves
+    /// the entity, on another node. Waits for the answer (or its failure).
     pub async fn resolve(&self, key: &ChangeKey, secret: Arc<str>, reason: Reason) -> Resolved {
+        let local = self.resolve_local(key, secret.clone(), reason).await;
+        let (Resolved::NoResolver, Some(remote)) = (&local, &self.inner.remote) else {
+            return local;
+        };
+        let counter = match reason {
+            Reason::Subscribe => &self.inner.metrics.resolve_requests_subscribe_total,
+            _ => &self.inner.metrics.resolve_requests_change_total,
+        };
+        Metrics::inc(counter);
+        Metrics::inc(&self.inner.metrics.cluster_resolves_total);
+        let (outcome, mode) = remote.resolve(key, &secret, reason).await;
+        if let Some(mode) = mode {
+            let mode = if mode == FetchMode::Unspecified {
+                FetchMode::PerSubscriber
+            } else {
+                mode
+            };
+            self.inner
+                .remote_modes
+                .lock()
+                .unwrap()
+                .insert(key.entity.clone(), mode);
+        }
+        outcome
+    }
+
+    /// Resolves `key` on a local resolver only.
+    pub async fn resolve_local(
+        &self,
+        key: &ChangeKey,
+        secret: Arc<str>,
+        reason: Reason,
+    ) -> Resolved {
         let (reply, answer) = oneshot::channel();
         {
             let mut state = self.inner.state.lock().unwrap();
@@ -451,11 +538,19 @@ impl ResolverPool {
     pub fn complete(&self, from: ResolverId, request_id: u64, results: HashMap<String, Resolved>) {
         let mut state = self.inner.state.lock().unwrap();
         let Some(flight) = state.in_flight.remove(&request_id) else {
-            tracing::debug!(resolver.id = from, request_id, "answer to an unknown or expired request");
+            tracing::debug!(
+                resolver.id = from,
+                request_id,
+                "answer to an unknown or expired request"
+            );
             return;
         };
         if flight.resolver != from {
-            tracing::warn!(resolver.id = from, request_id, "answer to a request of another stream, ignored");
+            tracing::warn!(
+                resolver.id = from,
+                request_id,
+                "answer to a request of another stream, ignored"
+            );
             state.in_flight.insert(request_id, flight);
             return;
         }
@@ -582,6 +677,7 @@ impl ResolverPool {
         let mut state = self.inner.state.lock().unwrap();
         state.closed = true;
         state.resolvers.clear();
+        self.inner.entities.send_replace(Vec::new());
         for (_, queue) in state.entities.drain() {
             for job in queue.queue {
                 let _ = job.reply.send(Resolved::Closed);
@@ -608,10 +704,15 @@ mod tests {
                 default_max_in_flight: 1,
             },
             Arc::new(Metrics::default()),
+            None,
         )
     }
 
-    fn register(pool: &ResolverPool, name: &str, mode: FetchMode) -> (ResolverId, mpsc::Receiver<StreamItem>) {
+    fn register(
+        pool: &ResolverPool,
+        name: &str,
+        mode: FetchMode,
+    ) -> (ResolverId, mpsc::Receiver<StreamItem>) {
         let reg = Register {
             name: name.into(),
             entities: vec![EntityRegistration {
@@ -636,7 +737,10 @@ mod tests {
 
     fn ok(rows: &[&'static str]) -> Resolved {
         Resolved::Rows {
-            rows: rows.iter().map(|r| Bytes::from_static(r.as_bytes())).collect(),
+            rows: rows
+                .iter()
+                .map(|r| Bytes::from_static(r.as_bytes()))
+                .collect(),
             version: 0,
         }
     }
@@ -657,15 +761,30 @@ mod tests {
             }));
             tokio::task::yield_now().await;
         }
-        while pool.inner.state.lock().unwrap().entities["items"].queue.len() < 3 {
+        while pool.inner.state.lock().unwrap().entities["items"]
+            .queue
+            .len()
+            < 3
+        {
             tokio::task::yield_now().await;
         }
         let first = request(&mut rx);
         assert_eq!(first.ids, vec!["1"]);
-        assert!(rx.try_recv().is_err(), "max_in_flight 1 holds the rest back");
-        pool.complete(rid, first.request_id, HashMap::from([("1".to_string(), ok(&["1"]))]));
+        assert!(
+            rx.try_recv().is_err(),
+            "max_in_flight 1 holds the rest back"
+        );
+        pool.complete(
+            rid,
+            first.request_id,
+            HashMap::from([("1".to_string(), ok(&["1"]))]),
+        );
         let second = request(&mut rx);
-        assert_eq!(second.ids, vec!["2", "3"], "queued jobs share one request, ids once");
+        assert_eq!(
+            second.ids,
+            vec!["2", "3"],
+            "queued jobs share one request, ids once"
+        );
         pool.complete(
             rid,
             second.request_id,
@@ -683,7 +802,9 @@ mod tests {
         let (b, mut rx_b) = register(&pool, "svc", FetchMode::Shared);
         let task = {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.resolve(&key("1"), Arc::from(""), Reason::Change).await })
+            tokio::spawn(
+                async move { pool.resolve(&key("1"), Arc::from(""), Reason::Change).await },
+            )
         };
         let (dead, mut rx_other, other) = loop {
             tokio::task::yield_now().await;
@@ -696,7 +817,11 @@ mod tests {
         };
         pool.deregister(dead);
         let retried = request(&mut rx_other);
-        pool.complete(other, retried.request_id, HashMap::from([("1".to_string(), ok(&["{}"]))]));
+        pool.complete(
+            other,
+            retried.request_id,
+            HashMap::from([("1".to_string(), ok(&["{}"]))]),
+        );
         assert!(matches!(task.await.unwrap(), Resolved::Rows { .. }));
     }
 
@@ -704,17 +829,28 @@ mod tests {
     async fn missing_results_and_unknown_entities() {
         let pool = pool(10);
         assert!(matches!(
-            pool.resolve(&ChangeKey::new("nope", "1").unwrap(), Arc::from(""), Reason::Subscribe).await,
+            pool.resolve(
+                &ChangeKey::new("nope", "1").unwrap(),
+                Arc::from(""),
+                Reason::Subscribe
+            )
+            .await,
             Resolved::NoResolver
         ));
         let (rid, mut rx) = register(&pool, "svc", FetchMode::Shared);
         let task = {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.resolve(&key("1"), Arc::from("s"), Reason::Subscribe).await })
+            tokio::spawn(async move {
+                pool.resolve(&key("1"), Arc::from("s"), Reason::Subscribe)
+                    .await
+            })
         };
         let req = loop {
             tokio::task::yield_now().await;
-            if let Ok(Ok(NodeMessage { kind: Some(node_message::Kind::Request(r)) })) = rx.try_recv() {
+            if let Ok(Ok(NodeMessage {
+                kind: Some(node_message::Kind::Request(r)),
+            })) = rx.try_recv()
+            {
                 break r;
             }
         };
@@ -738,7 +874,10 @@ mod tests {
             max_in_flight: 0,
         };
         let (tx, _rx) = mpsc::channel(1);
-        assert!(matches!(pool.register(9, &reg, tx), Err(RegisterError::Conflict(_))));
+        assert!(matches!(
+            pool.register(9, &reg, tx),
+            Err(RegisterError::Conflict(_))
+        ));
     }
 
     #[test]

@@ -149,7 +149,11 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
 
 fn slow_client(ctx: &SessionContext, conn: &Connection) -> (u16, &'static str) {
     Metrics::inc(&ctx.metrics.slow_client_closes_total);
-    tracing::info!(conn.id = conn.id, bound = ctx.outbound_max_bytes, "closing slow client: outbound queue over its bound");
+    tracing::info!(
+        conn.id = conn.id,
+        bound = ctx.outbound_max_bytes,
+        "closing slow client: outbound queue over its bound"
+    );
     (CLOSE_SLOW_CLIENT, "outbound queue full: client too slow")
 }
 
@@ -162,7 +166,8 @@ async fn write_batch(ws: &mut WebSocket, frames: &mut Vec<Utf8Bytes>) -> Result<
 
 fn reject(ctx: &SessionContext, conn: &Connection, err: ProtocolError) {
     ctx.metrics.client_error(err.code);
-    conn.outbox.control(None, error_frame(err.code, &err.message, None));
+    conn.outbox
+        .control(None, error_frame(err.code, &err.message, None));
 }
 
 /// Handles one text frame; returns the snapshot resolve to drive, if any.

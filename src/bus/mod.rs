@@ -1,0 +1,121 @@
+//! The bus that carries change keys from `Notify` to every node's dispatcher.
+//!
+//! [`Bus`] is the seam between the gRPC front and the dispatcher: `publish`
+//! answers once the bus has stored the keys, and the dispatcher consumes
+//! [`BusEvent`]s from the receiver the bus hands out when it starts. The
+//! in-process bus serves a single node; the JetStream bus a cluster. Both
+//! number changes with comparable sequences and honour idempotency keys.
+
+pub mod jetstream;
+pub mod memory;
+
+use std::sync::atomic::Ordering;
+
+use crate::key::ChangeKey;
+
+pub use jetstream::{JetStreamBus, JetStreamConfig};
+pub use memory::MemoryBus;
+
+/// Batches buffered between the bus and the dispatcher; producers wait when full.
+pub const EVENT_BUFFER: usize = 1024;
+
+/// One change key with the bus sequence it was stored under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub key: ChangeKey,
+    pub seq: u64,
+}
+
+/// What the dispatcher consumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusEvent {
+    /// Changes, in sequence order.
+    Changes(Vec<ChangeEvent>),
+    /// Changes were lost (they left the stream's retention while this node
+    /// was away): every subscribed key must be resolved again. `seq` is the
+    /// first sequence still available.
+    Resync { seq: u64 },
+}
+
+/// What `publish` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// Sequence of each key, in request order.
+    pub sequences: Vec<u64>,
+    /// The idempotency key was seen within the window: nothing was applied.
+    pub duplicate: bool,
+}
+
+/// Bus failures. `Notify` maps them to `UNAVAILABLE`.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("the bus is shut down")]
+    Closed,
+    #[error("NATS did not acknowledge the publish: {0}")]
+    Unavailable(String),
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error(
+        "nats-server {version} is too old: entity-sync needs 2.10 or newer (older servers silently ignore consumer and stream options it relies on)"
+    )]
+    ServerTooOld { version: String },
+    #[error("JetStream stream {stream}: {reason}")]
+    Stream { stream: String, reason: String },
+}
+
+/// The bus of a node.
+#[derive(Clone)]
+pub enum Bus {
+    /// In-process bus: one node, nothing to install.
+    InProcess(MemoryBus),
+    /// NATS JetStream: a cluster of nodes.
+    JetStream(JetStreamBus),
+}
+
+impl Bus {
+    /// Stores `keys` on the bus; returns once every key is stored.
+    pub async fn publish(
+        &self,
+        keys: Vec<ChangeKey>,
+        idempotency_key: &str,
+    ) -> Result<Receipt, BusError> {
+        match self {
+            Bus::InProcess(bus) => bus.publish(keys, idempotency_key).await,
+            Bus::JetStream(bus) => bus.publish(keys, idempotency_key).await,
+        }
+    }
+
+    /// A sequence every change up to which is already stored. A snapshot
+    /// resolved after reading it reflects all those changes, so it serves as
+    /// the snapshot's version.
+    pub fn head(&self) -> u64 {
+        match self {
+            Bus::InProcess(bus) => bus.head.load(Ordering::Acquire),
+            Bus::JetStream(bus) => bus.head(),
+        }
+    }
+
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Bus::InProcess(_) => "in-process",
+            Bus::JetStream(_) => "jetstream",
+        }
+    }
+
+    /// Whether the bus can take publishes now (for `/readyz`).
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Bus::InProcess(_) => true,
+            Bus::JetStream(bus) => bus.is_connected(),
+        }
+    }
+
+    /// Stops accepting publishes.
+    pub async fn close(&self) {
+        match self {
+            Bus::InProcess(bus) => bus.close().await,
+            Bus::JetStream(bus) => bus.close().await,
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Cluster resolve: a node with no local resolver for an entity asks a node that has one, over NATS request-reply.
+//!
+//! Nodes with local resolvers of entity `E` answer on `{prefix}.resolve.E` in
+//! the queue group `{prefix}-resolvers` (one of them answers each request).
+//! Requests are protobuf `ResolveRequest`s, replies `ClusterResolveReply`s,
+//! so a backend connected to any one node serves clients on every node.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_nats::{Client, RequestErrorKind};
+use bytes::Bytes;
+use futures_util::{StreamExt, future::join_all};
+use prost::Message;
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    key::ChangeKey,
+    proto::v1::{ClusterResolveReply, FetchMode, KeyResult, Reason, ResolveRequest, Status},
+    resolver::{MAX_ATTEMPTS, Resolved, ResolverPool},
+};
+
+/// The requesting side: how this node reaches resolvers on other nodes.
+#[derive(Clone)]
+pub struct ClusterLink {
+    client: Client,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl ClusterLink {
+    pub fn new(client: Client, prefix: &str, timeout: Duration) -> Self {
+        Self {
+            client,
+            prefix: prefix.to_string(),
+            timeout,
+        }
+    }
+
+    fn subject(&self, entity: &str) -> String {
+        format!("{}.resolve.{entity}", self.prefix)
+    }
+
+    /// Resolves `key` on another node. Also returns the entity's fetch mode
+    /// as the answering node knows it.
+    pub async fn resolve(
+        &self,
+        key: &ChangeKey,
+        secret: &str,
+        reason: Reason,
+    ) -> (Resolved, Option<FetchMode>) {
+        let payload: Bytes = ResolveRequest {
+            request_id: 0,
+            entity: key.entity.to_string(),
+            ids: vec![key.id.to_string()],
+            secret: secret.to_string(),
+            reason: reason as i32,
+        }
+        .encode_to_vec()
+        .into();
+        let subject = self.subject(&key.entity);
+        for attempt in 1..=MAX_ATTEMPTS {
+            let answer = tokio::time::timeout(
+                self.timeout,
+                self.client.request(subject.clone(), payload.clone()),
+            )
+            .await;
+            let message = match answer {
+                Ok(Ok(message)) => message,
+                Ok(Err(err)) if err.kind() == RequestErrorKind::NoResponders => {
+                    return (Resolved::NoResolver, None);
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(%err, attempt, key = %key, "cluster resolve failed");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!(attempt, key = %key, "cluster resolve timed out");
+                    continue;
+                }
+            };
+            let reply = match ClusterResolveReply::decode(message.payload) {
+                Ok(reply) => reply,
+                Err(err) => return (Resolved::Error(format!("bad cluster reply: {err}")), None),
+            };
+            let mode = FetchMode::try_from(reply.fetch_mode).ok();
+            let result = reply
+                .results
+                .into_iter()
+                .find(|r| *r.id == *key.id)
+                .map(Resolved::from_result)
+                .unwrap_or_else(|| {
+                    Resolved::Error("cluster reply has no result for the id".into())
+                });
+            return (result, mode);
+        }
+        (Resolved::Timeout, None)
+    }
+}
+
+/// The answering side: serves `{prefix}.resolve.{entity}` for every entity
+/// with a local resolver, following the pool's set of entities.
+pub async fn serve(
+    link: ClusterLink,
+    pool: ResolverPool,
+    mut entities: watch::Receiver<Vec<(Arc<str>, FetchMode)>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut serving: HashMap<Arc<str>, CancellationToken> = HashMap::new();
+    loop {
+        let current = entities.borrow_and_update().clone();
+        serving.retain(|entity, token| {
+            let keep = current.iter().any(|(e, _)| e == entity);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        for (entity, _) in current {
+            if serving.contains_key(&entity) {
+                continue;
+            }
+            let token = cancel.child_token();
+            serving.insert(entity.clone(), token.clone());
+            let span = tracing::info_span!("cluster_resolve", entity = %entity);
+            tracker.spawn(
+                serve_entity(link.clone(), pool.clone(), entity, token, tracker.clone())
+                    .instrument(span),
+            );
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = entities.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn serve_entity(
+    link: ClusterLink,
+    pool: ResolverPool,
+    entity: Arc<str>,
+    token: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let subject = link.subject(&entity);
+    let group = format!("{}-resolvers", link.prefix);
+    let mut subscriber = match link.client.queue_subscribe(subject.clone(), group).await {
+        Ok(subscriber) => subscriber,
+        Err(err) => {
+            tracing::error!(%err, subject, "cannot serve cluster resolves");
+            return;
+        }
+    };
+    tracing::debug!(subject, "serving cluster resolves");
+    loop {
+        let message = tokio::select! {
+            _ = token.cancelled() => break,
+            message = subscriber.next() => message,
+        };
+        let Some(message) = message else { break };
+        let Some(reply) = message.reply.clone() else {
+            continue;
+        };
+        let (pool, client) = (pool.clone(), link.client.clone());
+        tracker.spawn(
+            async move {
+                let Ok(request) = ResolveRequest::decode(message.payload) else {
+                    tracing::warn!("undecodable cluster resolve request");
+                    return;
+                };
+                if let Some(answer) = answer(&pool, request).await {
+                    let _ = client.publish(reply, answer.encode_to_vec().into()).await;
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    let _ = subscriber.unsubscribe().await;
+}
+
+/// Resolves a cluster request on local resolvers. `None` when this node no
+/// longer serves the entity: the requester then retries, reaching another node.
+async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterResolveReply> {
+    let mode = pool.local_fetch_mode(&request.entity)?;
+    let reason = Reason::try_from(request.reason).unwrap_or(Reason::Change);
+    let secret: Arc<str> = Arc::from(request.secret.as_str());
+    let keys: Vec<ChangeKey> = request
+        .ids
+        .iter()
+        .filter_map(|id| ChangeKey::new(&request.entity, id).ok())
+        .collect();
+    let outcomes = join_all(
+        keys.iter()
+            .map(|key| pool.resolve_local(key, secret.clone(), reason)),
+    )
+    .await;
+    if outcomes
+        .iter()
+        .any(|o| matches!(o, Resolved::NoResolver | Resolved::Closed))
+    {
+        return None;
+    }
+    let results = keys
+        .iter()
+        .zip(outcomes)
+        .map(|(key, outcome)| to_key_result(&key.id, outcome))
+        .collect();
+    Some(ClusterResolveReply {
+        fetch_mode: mode as i32,
+        results,
+    })
+}
+
+fn to_key_result(id: &str, outcome: Resolved) -> KeyResult {
+    let (status, rows, version, message) = match outcome {
+        Resolved::Rows { rows, version } => (Status::Ok, rows, version, String::new()),
+        Resolved::NotFound(m) => (Status::NotFound, Vec::new(), 0, m),
+        Resolved::Forbidden(m) => (Status::Forbidden, Vec::new(), 0, m),
+        Resolved::Error(m) => (Status::Error, Vec::new(), 0, m),
+        Resolved::Timeout => (Status::Error, Vec::new(), 0, "resolver timed out".into()),
+        Resolved::NoResolver | Resolved::Closed => {
+            (Status::Error, Vec::new(), 0, "no resolver".into())
+        }
+    };
+    KeyResult {
+        id: id.to_string(),
+        status: status as i32,
+        rows,
+        version,
+        message,
+    }
+}
