@@ -42,6 +42,8 @@ pub type StreamItem = Result<NodeMessage, Status>;
 pub const PASS_THROUGH_HEADROOM: usize = 256;
 /// Upper bound on a resolver's `max_in_flight`.
 pub const MAX_IN_FLIGHT_CAP: u32 = 4096;
+/// Queued jobs examined for companions when building one request.
+pub const BATCH_SCAN_LIMIT: usize = 1024;
 /// Attempts of one job (deadline passes) before it fails with `Timeout`.
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -472,8 +474,12 @@ impl ResolverPool {
             let (secret, reason) = (first.secret.clone(), first.reason);
             let mut ids: Vec<String> = vec![first.id.to_string()];
             let mut jobs = vec![first];
+            // Look for companions among the next jobs only, so a long queue of
+            // distinct secrets costs O(queue) per request, not O(queue²).
             let mut i = 0;
-            while i < queue.queue.len() && ids.len() < batch_size {
+            let mut scanned = 0;
+            while i < queue.queue.len() && ids.len() < batch_size && scanned < BATCH_SCAN_LIMIT {
+                scanned += 1;
                 let job = &queue.queue[i];
                 if job.reason != reason || job.secret != secret {
                     i += 1;
@@ -518,12 +524,19 @@ impl ResolverPool {
                         },
                     );
                 }
-                Err(err) => {
-                    // Closed: the stream is ending and will deregister. Full
-                    // can't happen (capacity covers max_in_flight), but if it
-                    // did, this resolver counts as busy. Either way the jobs
-                    // go back and this resolver gets no more of them now.
-                    tracing::debug!(resolver.id = resolver_id, %err, "resolver channel refused a request");
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Can't happen while pass-through leaves room for
+                    // max_in_flight requests; if it does, wait for the next
+                    // completion or job to try again.
+                    tracing::warn!(resolver.id = resolver_id, "resolver channel full; requests wait");
+                    for job in jobs.into_iter().rev() {
+                        queue.queue.push_front(job);
+                    }
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // The stream is ending and will deregister (moving its
+                    // in-flight requests); meanwhile it gets no more requests.
                     slot.in_flight = slot.max_in_flight;
                     for job in jobs.into_iter().rev() {
                         queue.queue.push_front(job);

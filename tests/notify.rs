@@ -1,0 +1,262 @@
+//! Notify: versions, validation, idempotency; health and HTTP endpoints.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    ResolverData, ResolverOptions, TestNode, TestResolver, notify, notify_one, try_notify,
+};
+use entity_sync::proto::v1::FetchMode;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+async fn setup() -> (TestNode, TestResolver, ResolverData) {
+    let node = TestNode::start(|c| c.max_notify_keys = 3).await;
+    let data = ResolverData::new();
+    let resolver = TestResolver::connect(
+        node.grpc(),
+        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
+        &data,
+    )
+    .await;
+    for id in ["1", "2"] {
+        data.set_rows("items", id, &[&format!(r#"{{"id":"{id}"}}"#)]);
+    }
+    (node, resolver, data)
+}
+
+#[tokio::test]
+async fn push_versions_are_the_notify_sequences() {
+    let (node, _resolver, _data) = setup().await;
+    let mut client = node.client().await;
+    let (v0, _) = client.subscribe("items", "1").await;
+
+    // A change to another key moves the bus head; a new snapshot reflects it.
+    let s1 = notify_one(node.grpc(), "unrelated", "x").await;
+    assert!(s1 > v0, "sequence {s1} after snapshot version {v0}");
+    let (snapshot, _) = client.subscribe("items", "2").await;
+    assert_eq!(snapshot, s1, "snapshot version is the bus head");
+    client.silent().await;
+
+    let s2 = notify_one(node.grpc(), "items", "1").await;
+    assert!(s2 > s1);
+    assert_eq!(client.expect_push("items", "1").await.0, s2);
+
+    let both = notify(node.grpc(), &[("items", "2"), ("items", "1")]).await;
+    assert_eq!(both.accepted, 2);
+    assert_eq!(both.sequences.len(), 2);
+    let (s3, s4) = (both.sequences[0], both.sequences[1]);
+    assert!(s2 < s3 && s3 < s4, "sequences increase: {s2} {s3} {s4}");
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let frame = client.recv_json().await;
+        let id = frame["body"]["id"].as_str().expect("id").to_owned();
+        let (version, _) = common::parse_push(&frame, "items", &id);
+        got.push((id, version));
+    }
+    got.sort();
+    assert_eq!(got, vec![("1".to_owned(), s4), ("2".to_owned(), s3)]);
+    client.silent().await;
+}
+
+#[tokio::test]
+async fn invalid_notifies_are_invalid_argument_and_apply_nothing() {
+    let (node, resolver, _data) = setup().await;
+    let mut client = node.client().await;
+    client.subscribe("items", "1").await;
+
+    let long = "x".repeat(129);
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![],
+        vec![("", "1")],
+        vec![("items", "")],
+        vec![("it.ems", "1")],
+        vec![("items", "1*")],
+        vec![("items", ">")],
+        vec![("items", "a b")],
+        vec![("items", "a\nb")],
+        vec![(long.as_str(), "1")],
+        vec![("items", long.as_str())],
+        // A valid key next to an invalid one: the whole call is refused.
+        vec![("items", "1"), ("items", "bad.id")],
+        // More than max_notify_keys (3).
+        vec![
+            ("items", "1"),
+            ("items", "2"),
+            ("items", "3"),
+            ("items", "4"),
+        ],
+    ];
+    for keys in &cases {
+        let status = try_notify(node.grpc(), keys, "")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("notify {keys:?} must fail"));
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{keys:?}: {status:?}"
+        );
+    }
+    client.silent().await;
+    assert_eq!(resolver.change_count("items", "1"), 0);
+
+    // Exactly max_notify_keys is fine.
+    let ok = notify(
+        node.grpc(),
+        &[("items", "1"), ("items", "2"), ("items", "3")],
+    )
+    .await;
+    assert_eq!(ok.accepted, 3);
+    assert_eq!(client.expect_push("items", "1").await.0, ok.sequences[0]);
+}
+
+#[tokio::test]
+async fn duplicate_idempotency_key_is_acknowledged_but_not_applied() {
+    let (node, resolver, _data) = setup().await;
+    let mut client = node.client().await;
+    client.subscribe("items", "1").await;
+
+    let keys = [("items", "1"), ("items", "2")];
+    let first = try_notify(node.grpc(), &keys, "order-42")
+        .await
+        .expect("notify");
+    assert!(!first.duplicate);
+    assert_eq!(first.accepted, 2);
+    assert_eq!(client.expect_push("items", "1").await.0, first.sequences[0]);
+
+    let again = try_notify(node.grpc(), &keys, "order-42")
+        .await
+        .expect("notify");
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!(again.sequences, first.sequences);
+    client.silent().await;
+    assert_eq!(resolver.change_count("items", "1"), 1);
+
+    let other = try_notify(node.grpc(), &keys, "order-43")
+        .await
+        .expect("notify");
+    assert!(!other.duplicate);
+    assert!(other.sequences[0] > first.sequences[1]);
+    assert_eq!(client.expect_push("items", "1").await.0, other.sequences[0]);
+    assert_eq!(resolver.change_count("items", "1"), 2);
+}
+
+#[tokio::test]
+async fn notify_without_subscribers_is_accepted_and_resolves_nothing() {
+    let (node, resolver, _data) = setup().await;
+    let mut watcher = node.client().await;
+    watcher.subscribe("items", "2").await;
+    let response = notify(
+        node.grpc(),
+        &[("items", "1"), ("nobody", "here"), ("items", "2")],
+    )
+    .await;
+    assert_eq!(response.accepted, 3);
+    assert!(response.sequences[0] < response.sequences[1]);
+    assert!(response.sequences[1] < response.sequences[2]);
+    // The watcher's push shows the node consumed all three keys.
+    watcher
+        .push_at_least("items", "2", response.sequences[2])
+        .await;
+    assert_eq!(resolver.change_count("items", "1"), 0);
+
+    // A later subscriber gets a snapshot at the bus head.
+    let mut client = node.client().await;
+    let (version, rows) = client.subscribe("items", "1").await;
+    assert_eq!(version, response.sequences[2]);
+    assert_eq!(rows, vec![json!({"id": "1"})]);
+    client.silent().await;
+    assert_eq!(resolver.change_count("items", "1"), 0);
+}
+
+#[tokio::test]
+async fn grpc_health_is_serving() {
+    let node = TestNode::start_default().await;
+    let channel = tonic::transport::Endpoint::from_shared(node.grpc().to_owned())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    for service in ["", "entitysync.v1.EntitySync"] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("health check {service:?}: {s:?}"))
+            .into_inner();
+        assert_eq!(
+            response.status,
+            ServingStatus::Serving as i32,
+            "service {service:?}"
+        );
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns (status code, body).
+async fn http_get(node: &TestNode, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(node.ws_addr())
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .expect("http response timed out")
+        .expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad http response: {text}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text.
+fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+#[tokio::test]
+async fn http_health_ready_and_metrics() {
+    let (node, _resolver, _data) = setup().await;
+    let mut client = node.client().await;
+    client.subscribe("items", "1").await;
+
+    let (status, body) = http_get(&node, "/healthz").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("ok"), "{body}");
+    assert_eq!(http_get(&node, "/readyz").await.0, 200);
+    let (status, metrics) = http_get(&node, "/metrics").await;
+    assert_eq!(status, 200);
+    for (name, expected) in [
+        ("entity_sync_connections", 1.0),
+        ("entity_sync_subscriptions", 1.0),
+        ("entity_sync_resolvers", 1.0),
+    ] {
+        assert_eq!(
+            metric_value(&metrics, name),
+            Some(expected),
+            "{name} in:\n{metrics}"
+        );
+    }
+    for name in [
+        "entity_sync_pushes_total",
+        "entity_sync_resolve_requests_total",
+        "entity_sync_notify_keys_total",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
+    }
+}

@@ -1,0 +1,36 @@
+//! Graceful shutdown: websockets closed with 1001 ("going away"), resolver
+//! streams ended, listeners closed.
+
+mod common;
+
+use common::{ResolverData, ResolverOptions, TestNode, TestResolver, wait_until};
+use entity_sync::proto::v1::FetchMode;
+
+#[tokio::test]
+async fn shutdown_closes_websockets_with_1001_and_ends_resolver_streams() {
+    let mut node = TestNode::start_default().await;
+    let data = ResolverData::new();
+    let resolver = TestResolver::connect(
+        node.grpc(),
+        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
+        &data,
+    )
+    .await;
+    data.set_rows("items", "1", &[r#"{"v":1}"#]);
+    let mut subscribed = node.client().await;
+    subscribed.subscribe("items", "1").await;
+    let mut idle = node.client().await;
+    let ws_addr = node.ws_addr();
+
+    node.shutdown().await;
+
+    assert_eq!(subscribed.recv_close().await, 1001);
+    assert_eq!(idle.recv_close().await, 1001);
+    wait_until("resolver stream ended", || resolver.ended().is_some()).await;
+
+    // The listeners are gone: no new websocket connections.
+    assert!(
+        tokio::net::TcpStream::connect(ws_addr).await.is_err(),
+        "websocket listener still accepts after shutdown"
+    );
+}
