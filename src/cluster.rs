@@ -21,6 +21,9 @@ use crate::{
     resolver::{MAX_ATTEMPTS, Resolved, ResolverPool},
 };
 
+/// Pause before asking again when no node answered (first retry; grows linearly).
+const NO_RESPONDERS_RETRY: Duration = Duration::from_millis(50);
+
 /// The requesting side: how this node reaches resolvers on other nodes.
 #[derive(Clone)]
 pub struct ClusterLink {
@@ -60,6 +63,7 @@ impl ClusterLink {
         .encode_to_vec()
         .into();
         let subject = self.subject(&key.entity);
+        let mut no_responders = 0;
         for attempt in 1..=MAX_ATTEMPTS {
             let answer = tokio::time::timeout(
                 self.timeout,
@@ -69,7 +73,13 @@ impl ClusterLink {
             let message = match answer {
                 Ok(Ok(message)) => message,
                 Ok(Err(err)) if err.kind() == RequestErrorKind::NoResponders => {
-                    return (Resolved::NoResolver, None);
+                    // Nobody serves the entity, or a node that just got its
+                    // resolver is still subscribing: look again shortly.
+                    no_responders += 1;
+                    if attempt < MAX_ATTEMPTS {
+                        tokio::time::sleep(NO_RESPONDERS_RETRY * attempt).await;
+                    }
+                    continue;
                 }
                 Ok(Err(err)) => {
                     tracing::debug!(%err, attempt, key = %key, "cluster resolve failed");
@@ -95,7 +105,11 @@ impl ClusterLink {
                 });
             return (result, mode);
         }
-        (Resolved::Timeout, None)
+        if no_responders == MAX_ATTEMPTS {
+            (Resolved::NoResolver, None)
+        } else {
+            (Resolved::Timeout, None)
+        }
     }
 }
 

@@ -19,9 +19,13 @@ use tracing::Instrument;
 
 use crate::{bus::Bus, metrics::Stats, resolver::ResolverPool, session};
 
-/// Read and write buffer of each websocket, in bytes. Small on purpose:
-/// frames are small, and idle connections should cost little memory.
-pub const WS_BUFFER_BYTES: usize = 4096;
+/// Read buffer of each websocket, in bytes. tungstenite allocates it up front
+/// and zero-fills it on every read, so it is small on purpose: client messages
+/// are small, and idle connections should cost little memory. Larger messages
+/// still arrive (the buffer grows for them).
+pub const WS_READ_BUFFER_BYTES: usize = 512;
+/// Bytes of queued frames after which a write goes out before the batch ends.
+pub const WS_WRITE_BUFFER_BYTES: usize = 4096;
 /// Hard cap on one client frame, as a multiple of `max_message_bytes`; above
 /// it the connection is closed with 1009 instead of getting an error frame.
 pub const HARD_CAP_FACTOR: usize = 16;
@@ -70,8 +74,8 @@ async fn upgrade(
     let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let hard_cap = ctx.max_message_bytes.saturating_mul(HARD_CAP_FACTOR);
     let tracker = state.tracker.clone();
-    ws.read_buffer_size(WS_BUFFER_BYTES)
-        .write_buffer_size(WS_BUFFER_BYTES)
+    ws.read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| {

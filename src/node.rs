@@ -9,9 +9,10 @@ use std::{
     },
 };
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::server::TcpIncoming;
 
 use crate::{
     bus::{Bus, BusError, JetStreamBus, JetStreamConfig, MemoryBus},
@@ -132,6 +133,19 @@ impl Node {
         tracker.spawn(dispatcher.clone().run(events));
         tracker.spawn(pool.clone().run_deadlines(cancel.clone()));
 
+        let (ping_tx, ping) = tokio::sync::watch::channel(());
+        let ping_cancel = cancel.clone();
+        let ping_interval = config.ping_interval;
+        tracker.spawn(async move {
+            let mut interval = tokio::time::interval(ping_interval);
+            interval.tick().await;
+            loop {
+                tokio::select! {
+                    _ = ping_cancel.cancelled() => return,
+                    _ = interval.tick() => ping_tx.send_replace(()),
+                }
+            }
+        });
         let session = Arc::new(SessionContext {
             registry,
             dispatcher,
@@ -142,7 +156,7 @@ impl Node {
             max_message_bytes: config.max_message_bytes,
             max_subscriptions: config.max_subscriptions,
             outbound_max_bytes: config.outbound_max_bytes,
-            ping_interval: config.ping_interval,
+            ping,
             idle_timeout: config.idle_timeout,
             bare_rows: config.compat_bare_rows,
         });
@@ -159,8 +173,14 @@ impl Node {
         let app = http::router(&config.ws_path, state.clone())
             .into_make_service_with_connect_info::<SocketAddr>();
         let http_cancel = cancel.clone();
+        // Pushes are small and latency matters: no Nagle delay on either port.
+        let ws_listener = listeners.ws.tap_io(|stream| {
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(%err, "cannot set TCP_NODELAY");
+            }
+        });
         tracker.spawn(async move {
-            let served = axum::serve(listeners.ws, app)
+            let served = axum::serve(ws_listener, app)
                 .with_graceful_shutdown(http_cancel.cancelled_owned())
                 .await;
             if let Err(err) = served {
@@ -189,7 +209,7 @@ impl Node {
             register_timeout: config.register_timeout,
         };
         let grpc_cancel = cancel.clone();
-        let incoming = TcpListenerStream::new(listeners.grpc);
+        let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         tracker.spawn(async move {
             let served = tonic::transport::Server::builder()
                 .add_service(health_service)

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use axum::extract::ws::Utf8Bytes;
@@ -43,21 +43,70 @@ pub enum Queued {
     Closed,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A push; with `key: None` it was forgotten (unsubscribe) and is skipped.
+    Push,
+    /// A control frame; its key (if any) fences earlier pushes of that key
+    /// from being replaced by later ones.
+    Control,
+}
+
 struct Entry {
     key: Option<ChangeKey>,
+    kind: Kind,
     version: u64,
     payload: Payload,
 }
+
+/// Queues longer than this get a key index; shorter ones are scanned, which
+/// is faster for the usual handful of entries and costs no memory when idle.
+const INDEX_AT: usize = 32;
 
 #[derive(Default)]
 struct State {
     queue: VecDeque<Entry>,
     /// Absolute position of `queue[0]`.
     head: u64,
-    /// Key -> absolute position of its queued push.
-    latest: HashMap<ChangeKey, u64>,
+    /// Key -> absolute position of its replaceable push, for long queues only.
+    index: Option<HashMap<ChangeKey, u64>>,
     bytes: usize,
     closed: Option<CloseReason>,
+}
+
+fn same_key(a: &ChangeKey, b: &ChangeKey) -> bool {
+    (Arc::ptr_eq(&a.entity, &b.entity) && Arc::ptr_eq(&a.id, &b.id)) || a == b
+}
+
+impl State {
+    /// Position in `queue` of the queued push of `key` that a newer push may
+    /// replace, if any.
+    fn replaceable(&self, key: &ChangeKey) -> Option<usize> {
+        if let Some(index) = &self.index {
+            return index.get(key).map(|pos| (pos - self.head) as usize);
+        }
+        for (i, entry) in self.queue.iter().enumerate().rev() {
+            if let Some(k) = &entry.key
+                && same_key(k, key)
+            {
+                return (entry.kind == Kind::Push).then_some(i);
+            }
+        }
+        None
+    }
+
+    fn build_index(&mut self) {
+        let mut index = HashMap::with_capacity(self.queue.len());
+        for (i, entry) in self.queue.iter().enumerate() {
+            if let Some(key) = &entry.key {
+                match entry.kind {
+                    Kind::Push => index.insert(key.clone(), self.head + i as u64),
+                    Kind::Control => index.remove(key),
+                };
+            }
+        }
+        self.index = Some(index);
+    }
 }
 
 /// The outbound queue of one connection.
@@ -91,9 +140,8 @@ impl Outbox {
             return Queued::Closed;
         }
         let new_len = frame.payload.len();
-        if let Some(&pos) = state.latest.get(key) {
-            let head = state.head;
-            let entry = &mut state.queue[(pos - head) as usize];
+        if let Some(i) = state.replaceable(key) {
+            let entry = &mut state.queue[i];
             if entry.version > frame.version {
                 return Queued::Stale;
             }
@@ -106,10 +154,15 @@ impl Outbox {
         let pos = state.head + state.queue.len() as u64;
         state.queue.push_back(Entry {
             key: Some(key.clone()),
+            kind: Kind::Push,
             version: frame.version,
             payload: frame.payload.clone(),
         });
-        state.latest.insert(key.clone(), pos);
+        if let Some(index) = &mut state.index {
+            index.insert(key.clone(), pos);
+        } else if state.queue.len() > INDEX_AT {
+            state.build_index();
+        }
         state.bytes += new_len;
         let result = self.check_bound(state, Queued::Appended);
         self.wake.notify_one();
@@ -124,12 +177,13 @@ impl Outbox {
         if state.closed.is_some() {
             return Queued::Closed;
         }
-        if let Some(key) = key {
-            state.latest.remove(key);
+        if let (Some(key), Some(index)) = (key, &mut state.index) {
+            index.remove(key);
         }
         state.bytes += frame.len();
         state.queue.push_back(Entry {
-            key: None,
+            key: key.cloned(),
+            kind: Kind::Control,
             version: 0,
             payload: Payload::One(frame),
         });
@@ -141,13 +195,15 @@ impl Outbox {
     /// Drops a queued push of `key` (after an unsubscribe).
     pub fn forget(&self, key: &ChangeKey) {
         let mut state = self.state.lock().unwrap();
-        if let Some(pos) = state.latest.remove(key) {
-            let head = state.head;
-            let entry = &mut state.queue[(pos - head) as usize];
+        if let Some(i) = state.replaceable(key) {
+            let entry = &mut state.queue[i];
             let len = entry.payload.len();
-            entry.payload = Payload::Many(Vec::new().into());
+            entry.payload = Payload::Many(Arc::from([]));
             entry.key = None;
             state.bytes -= len;
+            if let Some(index) = &mut state.index {
+                index.remove(key);
+            }
         }
     }
 
@@ -189,11 +245,12 @@ impl Outbox {
         }
         let queued = state.queue.len() as u64;
         state.head += queued;
-        state.latest.clear();
+        state.index = None;
         state.bytes = 0;
-        let mut queue = std::mem::take(&mut state.queue);
+        // Taken, not cleared: an idle connection keeps no queue memory.
+        let queue = std::mem::take(&mut state.queue);
         drop(state);
-        for entry in queue.drain(..) {
+        for entry in queue {
             match entry.payload {
                 Payload::One(frame) => out.push(frame),
                 Payload::Many(frames) => out.extend(frames.iter().cloned()),
@@ -296,6 +353,27 @@ mod tests {
         assert_eq!(outbox.push(&key("4"), &push("4", 1)), Queued::Closed);
         let mut out = Vec::new();
         assert_eq!(outbox.drain(&mut out), Some(CloseReason::Overflow));
+    }
+
+    #[test]
+    fn long_queues_use_an_index_with_the_same_rules() {
+        let outbox = Outbox::new(1 << 20);
+        for i in 0..100 {
+            let id = i.to_string();
+            assert_eq!(outbox.push(&key(&id), &push(&id, 1)), Queued::Appended);
+        }
+        assert_eq!(outbox.push(&key("7"), &push("7", 2)), Queued::Replaced);
+        assert_eq!(outbox.push(&key("7"), &push("7", 1)), Queued::Stale);
+        outbox.control(Some(&key("8")), Utf8Bytes::from_static("ack"));
+        assert_eq!(outbox.push(&key("8"), &push("8", 2)), Queued::Appended);
+        outbox.forget(&key("9"));
+        let frames = drained(&outbox);
+        assert_eq!(frames.len(), 100 - 1 + 2);
+        assert!(frames[7].contains("\"id\":\"7\",\"version\":2"));
+        assert!(frames[8].contains("\"id\":\"8\",\"version\":1"));
+        assert!(frames[9].contains("\"id\":\"10\""), "9 was forgotten");
+        assert_eq!(frames[99], "ack");
+        assert!(frames[100].contains("\"id\":\"8\",\"version\":2"));
     }
 
     #[test]

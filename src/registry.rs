@@ -7,7 +7,7 @@
 //! "who is subscribed" and "who got the frame" consistent.
 
 use std::{
-    collections::{HashMap, HashSet, hash_map::Entry},
+    collections::{HashMap, hash_map::Entry},
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex,
@@ -37,8 +37,9 @@ pub struct Connection {
     /// reader clones the pointer and releases at once.
     secret: Mutex<Arc<str>>,
     /// Keys this connection holds (pending or active). Locked after a shard
-    /// lock when a revocation removes a key; never the other way round.
-    keys: Mutex<HashSet<ChangeKey>>,
+    /// lock when a revocation removes a key; never the other way round. A
+    /// `Vec`: a handful of keys is the norm, and it costs 32 bytes a key.
+    keys: Mutex<Vec<ChangeKey>>,
 }
 
 impl Connection {
@@ -47,7 +48,7 @@ impl Connection {
             id,
             outbox: Outbox::new(outbox_max_bytes),
             secret: Mutex::new(Arc::from("")),
-            keys: Mutex::new(HashSet::new()),
+            keys: Mutex::new(Vec::new()),
         }
     }
 
@@ -174,7 +175,7 @@ impl Registry {
                 if keys.len() >= limit {
                     return false;
                 }
-                keys.insert(key.clone());
+                keys.push(key.clone());
             }
         }
         let mut shard = self.shard(key).lock().unwrap();
@@ -223,7 +224,7 @@ impl Registry {
 
     /// Removes `(key, conn)`. Returns whether it existed.
     pub fn remove(&self, key: &ChangeKey, conn: &Connection) -> bool {
-        conn.keys.lock().unwrap().remove(key);
+        conn.keys.lock().unwrap().retain(|k| k != key);
         self.remove_entry(key, conn.id)
     }
 
@@ -325,7 +326,7 @@ impl Registry {
             sub.conn.outbox.forget(key);
             sub.conn.outbox.control(Some(key), error.clone());
             // Lock order: shard, then the connection's key set.
-            sub.conn.keys.lock().unwrap().remove(key);
+            sub.conn.keys.lock().unwrap().retain(|k| k != key);
             false
         });
         let revoked = before - subs.len();

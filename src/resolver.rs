@@ -393,7 +393,9 @@ impl ResolverPool {
         };
         Metrics::inc(counter);
         Metrics::inc(&self.inner.metrics.cluster_resolves_total);
-        let (outcome, mode) = remote.resolve(key, &secret, reason).await;
+        // Boxed: the request-reply future is large, and every resolve future
+        // (one per pending subscribe) would otherwise carry its size.
+        let (outcome, mode) = Box::pin(remote.resolve(key, &secret, reason)).await;
         if let Some(mode) = mode {
             let mode = if mode == FetchMode::Unspecified {
                 FetchMode::PerSubscriber
@@ -528,7 +530,10 @@ impl ResolverPool {
                     // Can't happen while pass-through leaves room for
                     // max_in_flight requests; if it does, wait for the next
                     // completion or job to try again.
-                    tracing::warn!(resolver.id = resolver_id, "resolver channel full; requests wait");
+                    tracing::warn!(
+                        resolver.id = resolver_id,
+                        "resolver channel full; requests wait"
+                    );
                     for job in jobs.into_iter().rev() {
                         queue.queue.push_front(job);
                     }

@@ -10,7 +10,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, stream::FuturesUnordered};
-use tokio::time::{Instant, timeout};
+use tokio::{
+    sync::watch,
+    time::{Instant, timeout},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -44,7 +47,8 @@ pub struct SessionContext {
     pub max_message_bytes: usize,
     pub max_subscriptions: usize,
     pub outbound_max_bytes: usize,
-    pub ping_interval: Duration,
+    /// Ticks every ping interval (one node-wide timer instead of one per connection).
+    pub ping: watch::Receiver<()>,
     pub idle_timeout: Duration,
     pub bare_rows: bool,
 }
@@ -56,10 +60,12 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
     Metrics::inc(&ctx.metrics.connections_total);
     tracing::debug!(%peer, "connection opened");
 
-    let mut subscribes = FuturesUnordered::new();
+    // Snapshot resolves under way; created on the first subscribe and dropped
+    // when empty, so an idle connection holds none.
+    let mut subscribes: Option<FuturesUnordered<_>> = None;
     let mut frames: Vec<Utf8Bytes> = Vec::new();
-    let start = Instant::now() + ctx.ping_interval;
-    let mut ping = tokio::time::interval_at(start, ctx.ping_interval);
+    let mut ping = ctx.ping.clone();
+    ping.mark_unchanged();
     let mut last_seen = Instant::now();
 
     let close: Option<(u16, &'static str)> = loop {
@@ -87,7 +93,13 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
                     _ = ctx.cancel.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
                 }
             }
-            Some(()) = subscribes.next(), if !subscribes.is_empty() => {}
+            Some(()) = async { subscribes.as_mut().expect("checked").next().await },
+                if subscribes.as_ref().is_some_and(|s| !s.is_empty()) =>
+            {
+                if subscribes.as_ref().is_some_and(|s| s.is_empty()) {
+                    subscribes = None;
+                }
+            }
             message = ws.next() => {
                 last_seen = Instant::now();
                 match message {
@@ -104,7 +116,7 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
                     }
                     Some(Ok(Message::Text(text))) => {
                         if let Some(subscribe) = on_text(&ctx, &conn, text) {
-                            subscribes.push(subscribe);
+                            subscribes.get_or_insert_with(FuturesUnordered::new).push(subscribe);
                         }
                     }
                     Some(Ok(Message::Binary(_))) => reject(
@@ -123,7 +135,7 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
                     }
                 }
             }
-            _ = ping.tick() => {
+            Ok(()) = ping.changed() => {
                 if last_seen.elapsed() >= ctx.idle_timeout {
                     break Some((CLOSE_IDLE, "idle timeout"));
                 }

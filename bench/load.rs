@@ -1,0 +1,700 @@
+//! The bench's real clients: a gRPC resolver serving each key's latest version, a gRPC
+//! notifier, and websocket subscribers that count pushes, latency and convergence.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use entity_sync::proto::v1::{
+    EntityKey, EntityRegistration, FetchMode, KeyResult, NotifyRequest, Reason, Register,
+    ResolveResponse, ResolverMessage, Status as KeyStatus, entity_sync_client::EntitySyncClient,
+    node_message, resolver_message,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    net::TcpSocket,
+    sync::{Notify, Semaphore, mpsc},
+    task::{JoinHandle, JoinSet},
+    time::{Instant, sleep_until, timeout},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_tungstenite::{
+    client_async_with_config,
+    tungstenite::{Message, protocol::WebSocketConfig},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::stats::scan_push;
+
+/// The entity every bench key belongs to; ids are `0..keys` in decimal.
+pub const ENTITY: &str = "bench";
+/// Approximate size of one resolved row, in bytes.
+const ROW_BYTES: usize = 200;
+/// Most resolve requests the node may keep outstanding on the bench resolver.
+const MAX_IN_FLIGHT: u32 = 64;
+/// Most paced notify calls in flight before the scheduler waits for one.
+const PACED_IN_FLIGHT: usize = 512;
+
+/// State shared by the notifier, the resolver and every client.
+pub struct Shared {
+    base: std::time::Instant,
+    /// Latest version of each key: bumped by the notifier before `Notify`,
+    /// read by the resolver, so a resolve after a notify sees at least its version.
+    versions: Vec<AtomicU64>,
+    /// Final version of each key: how many updates the run sends to it.
+    finals: Vec<u64>,
+    /// `sent_ns[offsets[key] + v - 1]`: when the notify of `(key, v)` was sent.
+    offsets: Vec<usize>,
+    sent_ns: Vec<AtomicU64>,
+    pad: String,
+    pub record_latency: bool,
+    /// Clients subscribed and ready / given up.
+    pub ready: AtomicUsize,
+    pub failed: AtomicUsize,
+    pub first_error: Mutex<Option<String>>,
+    /// (client, key) pairs not yet at the key's final version.
+    pending: AtomicUsize,
+    pub converged: Notify,
+    converged_ns: AtomicU64,
+    pub resolver_subscribe_requests: AtomicU64,
+    pub resolver_change_requests: AtomicU64,
+    pub resolver_change_ids: AtomicU64,
+}
+
+impl Shared {
+    /// `updates` is the sequence of keys the run will notify, known in advance
+    /// so every key's final version (and the latency table) is too.
+    pub fn new(keys: usize, updates: &[u32], record_latency: bool) -> Shared {
+        let mut finals = vec![0u64; keys];
+        for &k in updates {
+            finals[k as usize] += 1;
+        }
+        let mut offsets = Vec::with_capacity(keys + 1);
+        let mut total = 0usize;
+        for &f in &finals {
+            offsets.push(total);
+            total += f as usize;
+        }
+        offsets.push(total);
+        let id_len = keys.saturating_sub(1).to_string().len();
+        let v_len = updates.len().to_string().len();
+        let skeleton = r#"{"id":"","v":,"pad":""}"#.len() + id_len + v_len;
+        Shared {
+            base: std::time::Instant::now(),
+            versions: (0..keys).map(|_| AtomicU64::new(0)).collect(),
+            finals,
+            offsets,
+            sent_ns: (0..total).map(|_| AtomicU64::new(0)).collect(),
+            pad: "x".repeat(ROW_BYTES.saturating_sub(skeleton)),
+            record_latency,
+            ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            first_error: Mutex::new(None),
+            pending: AtomicUsize::new(0),
+            converged: Notify::new(),
+            converged_ns: AtomicU64::new(0),
+            resolver_subscribe_requests: AtomicU64::new(0),
+            resolver_change_requests: AtomicU64::new(0),
+            resolver_change_ids: AtomicU64::new(0),
+        }
+    }
+
+    /// Nanoseconds since the run's origin.
+    pub fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.load(Acquire)
+    }
+
+    /// When the last pending (client, key) pair reached its final version.
+    pub fn converged_ns(&self) -> Option<u64> {
+        Some(self.converged_ns.load(Acquire)).filter(|&ns| ns > 0)
+    }
+
+    /// How many updates the run sends to `key`.
+    pub fn final_of(&self, key: usize) -> u64 {
+        self.finals.get(key).copied().unwrap_or(0)
+    }
+
+    fn sent_slot(&self, key: u32, v: u64) -> Option<&AtomicU64> {
+        let key = key as usize;
+        if v == 0 || v > *self.finals.get(key)? {
+            return None;
+        }
+        self.sent_ns.get(self.offsets[key] + v as usize - 1)
+    }
+
+    fn note_error(&self, err: String) {
+        let mut first = self.first_error.lock().expect("lock");
+        first.get_or_insert(err);
+    }
+
+    /// One row of `key` at its current version (~200 bytes of JSON).
+    fn row(&self, id: &str) -> Option<Bytes> {
+        let key: usize = id.parse().ok()?;
+        let v = self.versions.get(key)?.load(Acquire);
+        Some(Bytes::from(format!(
+            r#"{{"id":"{id}","v":{v},"pad":"{}"}}"#,
+            self.pad
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Resolver
+// ---------------------------------------------------------------------------
+
+/// Opens a `Resolve` stream, registers entity `bench` and serves every request
+/// with the key's latest version until `cancel` or the stream ends. Returns
+/// once the node answered `Registered`.
+pub async fn start_resolver(
+    channel: Channel,
+    shared: Arc<Shared>,
+    fetch_mode: FetchMode,
+    cancel: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let (tx, rx) = mpsc::channel::<ResolverMessage>(1024);
+    tx.send(ResolverMessage {
+        kind: Some(resolver_message::Kind::Register(Register {
+            name: "entity-sync-bench".into(),
+            entities: vec![EntityRegistration {
+                entity: ENTITY.into(),
+                fetch_mode: fetch_mode as i32,
+            }],
+            pass_through: false,
+            max_in_flight: MAX_IN_FLIGHT,
+        })),
+    })
+    .await?;
+    let mut client = crate::procs::grpc_client(channel);
+    let mut inbound = client
+        .resolve(ReceiverStream::new(rx))
+        .await
+        .context("opening the Resolve stream")?
+        .into_inner();
+    match inbound.message().await? {
+        Some(msg) if matches!(msg.kind, Some(node_message::Kind::Registered(_))) => {}
+        other => bail!("expected Registered, got {other:?}"),
+    }
+    Ok(tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                _ = cancel.cancelled() => return,
+                msg = inbound.message() => msg,
+            };
+            let Ok(Some(msg)) = msg else { return };
+            let Some(node_message::Kind::Request(req)) = msg.kind else {
+                continue;
+            };
+            if req.reason == Reason::Change as i32 {
+                shared.resolver_change_requests.fetch_add(1, Relaxed);
+                shared
+                    .resolver_change_ids
+                    .fetch_add(req.ids.len() as u64, Relaxed);
+            } else {
+                shared.resolver_subscribe_requests.fetch_add(1, Relaxed);
+            }
+            let results = req
+                .ids
+                .into_iter()
+                .map(|id| match shared.row(&id) {
+                    Some(row) => KeyResult {
+                        id,
+                        status: KeyStatus::Ok as i32,
+                        rows: vec![row],
+                        version: 0,
+                        message: String::new(),
+                    },
+                    None => KeyResult {
+                        id,
+                        status: KeyStatus::NotFound as i32,
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            let response = ResolverMessage {
+                kind: Some(resolver_message::Kind::Response(ResolveResponse {
+                    request_id: req.request_id,
+                    results,
+                })),
+            };
+            if tx.send(response).await.is_err() {
+                return;
+            }
+        }
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// Notifier
+// ---------------------------------------------------------------------------
+
+/// What sending the updates did.
+#[derive(Debug, Default)]
+pub struct DriveOutcome {
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub sent: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+fn key_of(id: u32) -> EntityKey {
+    EntityKey {
+        entity: ENTITY.into(),
+        id: id.to_string(),
+    }
+}
+
+async fn notify_one(
+    client: &mut EntitySyncClient<Channel>,
+    keys: Vec<EntityKey>,
+) -> Result<(), String> {
+    client
+        .notify(NotifyRequest {
+            keys,
+            idempotency_key: String::new(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("Notify: {}: {}", s.code(), s.message()))
+}
+
+/// Notifies every key of `seq` in order: at max rate with `concurrency`
+/// callers sending `batch` keys per call, or paced at `rate` updates/s on an absolute schedule (a late
+/// scheduler catches up; calls overlap, up to [`PACED_IN_FLIGHT`]). Each key's
+/// version is bumped (and its send time recorded) just before its call.
+pub async fn drive_updates(
+    shared: Arc<Shared>,
+    clients: Vec<EntitySyncClient<Channel>>,
+    seq: Arc<Vec<u32>>,
+    rate: Option<f64>,
+    concurrency: usize,
+    batch: usize,
+    deadline: Instant,
+) -> DriveOutcome {
+    let first_ns = shared.now_ns();
+    let errors = Arc::new(ErrorTally::default());
+    let mut calls: JoinSet<()> = JoinSet::new();
+    match rate {
+        None => {
+            let cursor = Arc::new(AtomicUsize::new(0));
+            for w in 0..concurrency.max(1) {
+                let mut client = clients[w % clients.len()].clone();
+                let (shared, seq, cursor, errors) =
+                    (shared.clone(), seq.clone(), cursor.clone(), errors.clone());
+                calls.spawn(async move {
+                    loop {
+                        let i = cursor.fetch_add(batch, Relaxed);
+                        if i >= seq.len() || Instant::now() >= deadline {
+                            return;
+                        }
+                        let keys = &seq[i..(i + batch).min(seq.len())];
+                        let now = shared.now_ns();
+                        for &key in keys {
+                            let v = shared.versions[key as usize].fetch_add(1, AcqRel) + 1;
+                            if let Some(slot) = shared.sent_slot(key, v) {
+                                slot.store(now, Release);
+                            }
+                        }
+                        let request = keys.iter().map(|&k| key_of(k)).collect();
+                        errors.record(notify_one(&mut client, request).await);
+                    }
+                });
+            }
+        }
+        Some(rate) => {
+            let t0 = Instant::now();
+            for (i, &key) in seq.iter().enumerate() {
+                let at = t0 + Duration::from_secs_f64(i as f64 / rate);
+                if at >= deadline {
+                    break;
+                }
+                sleep_until(at).await;
+                // The scheduler is the only writer of versions in a paced
+                // run: record the send time first, then publish the version,
+                // so a resolve that sees `v` always finds its send time.
+                let v = shared.versions[key as usize].load(Acquire) + 1;
+                if let Some(slot) = shared.sent_slot(key, v) {
+                    slot.store(shared.now_ns(), Release);
+                }
+                shared.versions[key as usize].store(v, Release);
+                let mut client = clients[i % clients.len()].clone();
+                let errors = errors.clone();
+                calls.spawn(async move {
+                    errors.record(notify_one(&mut client, vec![key_of(key)]).await);
+                });
+                while calls.len() >= PACED_IN_FLIGHT {
+                    calls.join_next().await;
+                }
+                while calls.try_join_next().is_some() {}
+            }
+        }
+    }
+    while calls.join_next().await.is_some() {}
+    DriveOutcome {
+        first_ns,
+        last_ns: shared.now_ns(),
+        // Every update bumps one version once, whether or not its call succeeded.
+        sent: shared.versions.iter().map(|v| v.load(Acquire)).sum(),
+        errors: errors.count.load(Acquire),
+        first_error: errors.first.lock().expect("lock").clone(),
+    }
+}
+
+/// Failed calls: how many, and the first one's message.
+#[derive(Default)]
+struct ErrorTally {
+    count: AtomicU64,
+    first: Mutex<Option<String>>,
+}
+
+impl ErrorTally {
+    fn record(&self, result: Result<(), String>) {
+        if let Err(err) = result {
+            self.count.fetch_add(1, AcqRel);
+            self.first.lock().expect("lock").get_or_insert(err);
+        }
+    }
+}
+
+/// Result of one Notify throughput measurement.
+#[derive(Debug, Default)]
+pub struct NotifyOutcome {
+    pub calls: u64,
+    pub keys: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed: Duration,
+    pub call_latencies_us: Vec<u64>,
+}
+
+/// `calls` Notify calls of `batch` random keys each (ids `0..keys`), by
+/// `concurrency` callers, stopping early at `deadline`.
+pub async fn notify_throughput(
+    clients: &[EntitySyncClient<Channel>],
+    keys: u32,
+    batch: usize,
+    concurrency: usize,
+    calls: u64,
+    seed: u64,
+    deadline: Instant,
+) -> NotifyOutcome {
+    let cursor = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = JoinSet::new();
+    for w in 0..concurrency.max(1) {
+        let mut client = clients[w % clients.len()].clone();
+        let cursor = cursor.clone();
+        let mut rng = crate::stats::XorShift64::new(seed ^ (w as u64 + 1).wrapping_mul(0x9E37));
+        workers.spawn(async move {
+            let mut out = NotifyOutcome::default();
+            while cursor.fetch_add(1, Relaxed) < calls && Instant::now() < deadline {
+                let request: Vec<EntityKey> = (0..batch)
+                    .map(|_| key_of(rng.below(u64::from(keys)) as u32))
+                    .collect();
+                let t = Instant::now();
+                match notify_one(&mut client, request).await {
+                    Ok(()) => {
+                        out.calls += 1;
+                        out.keys += batch as u64;
+                        out.call_latencies_us.push(t.elapsed().as_micros() as u64);
+                    }
+                    Err(err) => {
+                        out.errors += 1;
+                        out.first_error.get_or_insert(err);
+                    }
+                }
+            }
+            out
+        });
+    }
+    let mut total = NotifyOutcome::default();
+    while let Some(Ok(out)) = workers.join_next().await {
+        total.calls += out.calls;
+        total.keys += out.keys;
+        total.errors += out.errors;
+        if total.first_error.is_none() {
+            total.first_error = out.first_error;
+        }
+        total.call_latencies_us.extend(out.call_latencies_us);
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+// ---------------------------------------------------------------------------
+// Websocket clients
+// ---------------------------------------------------------------------------
+
+/// One websocket client of the run.
+pub struct ClientSpec {
+    pub node_addr: SocketAddr,
+    pub url: Arc<str>,
+    /// Source address: spreading clients over 127.0.0.1..N gives each
+    /// address its own ephemeral port range.
+    pub src: Ipv4Addr,
+    pub keys: Vec<u32>,
+    pub secret: Option<String>,
+    /// Small buffers for the idle scenario, where only the node's memory matters.
+    pub idle: bool,
+}
+
+/// What a client saw.
+#[derive(Debug, Default)]
+pub struct ClientOutcome {
+    pub subscribed: bool,
+    /// Push frames received after its subscriptions were set up.
+    pub deliveries: u64,
+    pub last_delivery_ns: u64,
+    pub latencies_us: Vec<u64>,
+    /// Whether every key reached its final version.
+    pub reached_all: bool,
+    /// How the connection ended before it was told to stop, if it did.
+    pub error: Option<String>,
+}
+
+/// Connects, subscribes to every key (waiting for `subscribed` and the
+/// snapshot of each), then counts pushes until `cancel`. The setup holds a
+/// `setup` permit and gives up after `setup_timeout`; with `stop` set, a
+/// client that has not started connecting gives up at once (idle ramp).
+pub async fn run_client(
+    spec: ClientSpec,
+    shared: Arc<Shared>,
+    setup: Arc<Semaphore>,
+    stop: Arc<AtomicBool>,
+    setup_timeout: Duration,
+    cancel: CancellationToken,
+) -> ClientOutcome {
+    let mut outcome = ClientOutcome::default();
+    let ws = {
+        let Ok(_permit) = setup.acquire().await else {
+            return outcome;
+        };
+        if stop.load(Acquire) {
+            shared.failed.fetch_add(1, AcqRel);
+            return outcome;
+        }
+        match timeout(setup_timeout, connect_and_subscribe(&spec)).await {
+            Ok(Ok(ws)) => ws,
+            failed => {
+                let err = match failed {
+                    Ok(Err(err)) => format!("{err:#}"),
+                    _ => format!("setup took longer than {setup_timeout:?}"),
+                };
+                stop.store(true, Release);
+                shared.note_error(err);
+                shared.failed.fetch_add(1, AcqRel);
+                return outcome;
+            }
+        }
+    };
+    outcome.subscribed = true;
+    let targets: Vec<u64> = spec
+        .keys
+        .iter()
+        .map(|&k| shared.finals[k as usize])
+        .collect();
+    let mut last_v = vec![0u64; spec.keys.len()];
+    let mut reached: Vec<bool> = targets.iter().map(|&t| t == 0).collect();
+    let unreached = reached.iter().filter(|r| !**r).count();
+    // Count this client's pairs in before saying it is ready: the run starts
+    // notifying only once every client is ready, so the total is complete.
+    shared.pending.fetch_add(unreached, AcqRel);
+    shared.ready.fetch_add(1, AcqRel);
+
+    let mut stream = ws;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            msg = stream.next() => msg,
+        };
+        let text = match msg {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => {
+                outcome.error = Some(format!("closed by the node: {frame:?}"));
+                break;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(err)) => {
+                outcome.error = Some(format!("websocket: {err}"));
+                break;
+            }
+            None => {
+                outcome.error = Some("connection ended".into());
+                break;
+            }
+        };
+        let Some(push) = scan_push(text.as_str()) else {
+            continue;
+        };
+        let now = shared.now_ns();
+        outcome.deliveries += 1;
+        outcome.last_delivery_ns = now;
+        let (Some(v), Ok(key)) = (push.v, push.id.parse::<u32>()) else {
+            continue;
+        };
+        let Some(slot) = spec.keys.iter().position(|&k| k == key) else {
+            continue;
+        };
+        if v <= last_v[slot] {
+            continue;
+        }
+        last_v[slot] = v;
+        if shared.record_latency
+            && let Some(sent) = shared.sent_slot(key, v)
+        {
+            let sent = sent.load(Acquire);
+            if sent > 0 && now > sent {
+                outcome.latencies_us.push((now - sent) / 1000);
+            }
+        }
+        if !reached[slot] && v >= targets[slot] {
+            reached[slot] = true;
+            if shared.pending.fetch_sub(1, AcqRel) == 1 {
+                shared.converged_ns.store(now, Release);
+                shared.converged.notify_one();
+            }
+        }
+    }
+    outcome.reached_all = reached.iter().all(|&r| r);
+    outcome
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Subscribes a throwaway client to key 0 until it succeeds or `deadline`
+/// passes: on a node with no local resolver this proves a remote one is
+/// reachable over NATS (the serving node subscribes to the cluster-resolve
+/// subject only after it answered `Registered`). Returns the attempts made.
+pub async fn probe_subscribe(
+    node_addr: SocketAddr,
+    url: Arc<str>,
+    deadline: Instant,
+) -> anyhow::Result<u32> {
+    let spec = ClientSpec {
+        node_addr,
+        url,
+        src: Ipv4Addr::LOCALHOST,
+        keys: vec![0],
+        secret: None,
+        idle: true,
+    };
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let err = match timeout(SETUP_PROBE, connect_and_subscribe(&spec)).await {
+            Ok(Ok(mut ws)) => {
+                let _ = ws.close(None).await;
+                return Ok(attempts);
+            }
+            Ok(Err(err)) => err,
+            Err(_) => anyhow!("subscribe probe timed out"),
+        };
+        if Instant::now() >= deadline {
+            return Err(err.context(format!(
+                "subscribe probe of {node_addr} ({attempts} attempts)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One attempt of [`probe_subscribe`].
+const SETUP_PROBE: Duration = Duration::from_secs(5);
+
+async fn connect_and_subscribe(spec: &ClientSpec) -> anyhow::Result<Ws> {
+    let socket = TcpSocket::new_v4()?;
+    socket
+        .bind(SocketAddr::from((spec.src, 0)))
+        .with_context(|| format!("binding source address {}", spec.src))?;
+    let stream = socket
+        .connect(spec.node_addr)
+        .await
+        .with_context(|| format!("connecting to {}", spec.node_addr))?;
+    stream.set_nodelay(true)?;
+    // tungstenite zero-fills its read buffer up to this size before every
+    // read: a large one costs the generator a memset per frame (seen in perf).
+    let buffer = if spec.idle { 1024 } else { 4096 };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(buffer)
+        .write_buffer_size(0);
+    let (mut ws, _) = client_async_with_config(&*spec.url, stream, Some(config))
+        .await
+        .context("websocket handshake")?;
+    if let Some(secret) = &spec.secret {
+        ws.feed(Message::text(format!(
+            r#"{{"action":"secret","body":"{secret}"}}"#
+        )))
+        .await?;
+    }
+    for key in &spec.keys {
+        ws.feed(Message::text(format!(
+            r#"{{"action":"subscribe","body":{{"entity":"{ENTITY}","id":"{key}"}}}}"#
+        )))
+        .await?;
+    }
+    ws.flush().await?;
+    let (mut acks, mut snapshots) = (0, 0);
+    while acks < spec.keys.len() || snapshots < spec.keys.len() {
+        let text = match ws.next().await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => bail!("closed while subscribing: {frame:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(err)) => return Err(anyhow!(err).context("while subscribing")),
+            None => bail!("connection ended while subscribing"),
+        };
+        let text = text.as_str();
+        if text.starts_with(r#"{"action":"subscribed""#) {
+            acks += 1;
+        } else if text.starts_with(r#"{"action":"push""#) {
+            snapshots += 1;
+        } else {
+            bail!("unexpected frame while subscribing: {text}");
+        }
+    }
+    Ok(ws)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_about_200_bytes_and_carry_the_version() {
+        let shared = Shared::new(1000, &[17; 300], false);
+        shared.versions[17].store(123, Release);
+        let row = shared.row("17").expect("row");
+        let text = std::str::from_utf8(&row).expect("utf8");
+        assert!(
+            text.starts_with(r#"{"id":"17","v":123,"pad":"xx"#),
+            "{text}"
+        );
+        assert!((190..=210).contains(&row.len()), "{}", row.len());
+        let value: serde_json::Value = serde_json::from_slice(&row).expect("valid JSON");
+        assert_eq!(value["v"], 123);
+        assert!(shared.row("1000").is_none() && shared.row("x").is_none());
+    }
+
+    #[test]
+    fn send_times_are_indexed_per_key_and_version() {
+        let shared = Shared::new(3, &[0, 2, 2], false);
+        assert!(shared.sent_slot(0, 0).is_none());
+        assert!(shared.sent_slot(0, 1).is_some());
+        assert!(shared.sent_slot(0, 2).is_none());
+        assert!(shared.sent_slot(1, 1).is_none());
+        shared.sent_slot(2, 2).expect("slot").store(5, Release);
+        assert_eq!(shared.sent_ns[2].load(Acquire), 5);
+    }
+}

@@ -1,0 +1,1064 @@
+//! `entity-sync-bench`: starts real nodes (and a nats-server for the cluster scenario) as child
+//! processes on loopback, drives them with real gRPC and websocket clients, and prints one JSON
+//! line per measurement plus a readable table.
+//!
+//! ```text
+//! cargo build --release --bin entity-sync --bin entity-sync-bench
+//! target/release/entity-sync-bench fanout                 # 1,000 clients on one key, 200 updates, max rate
+//! target/release/entity-sync-bench fanout --rate 500      # paced: 500 updates/s = 500k deliveries/s
+//! target/release/entity-sync-bench manykeys [--rate N]    # 2,000 clients x 5 of 1,000 keys, 5,000 updates
+//! target/release/entity-sync-bench idle --conns 10000,50000,100000
+//! target/release/entity-sync-bench notify
+//! target/release/entity-sync-bench cluster                # fanout over 2 nodes on NATS JetStream
+//! target/release/entity-sync-bench fanout --smoke         # seconds; exit code 1 if any client lost
+//! ```
+//!
+//! # Layout
+//! - `main.rs`: command line, the scenarios, the reports.
+//! - `procs.rs`: child processes (node, nats-server), readiness, `/metrics`, `/proc` CPU and RSS, RLIMIT_NOFILE.
+//! - `load.rs`: the resolver, the notifier and the websocket clients.
+//! - `stats.rs`: the seeded PRNG, the push-frame scanner, percentiles.
+//!
+//! Every run is bounded: a global `--timeout` caps each wait (a convergence
+//! wait that ends at the deadline reports the clients still behind as `lost`),
+//! and a watchdog thread exits the process shortly after it in any case.
+//! The exit code is 1 when a run lost clients or failed.
+
+mod load;
+mod procs;
+mod stats;
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use entity_sync::proto::v1::FetchMode;
+use serde::Serialize;
+use tokio::{
+    sync::Semaphore,
+    task::JoinSet,
+    time::{Instant, timeout_at},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::{
+    load::{ClientOutcome, ClientSpec, Shared},
+    procs::{NatsProcess, NodeProcess, cpu_seconds, cpu_split, grpc_client, rss_kb},
+    stats::{Percentiles, XorShift64, percentiles},
+};
+
+const RESOLVES_CHANGE: &str = "entity_sync_resolve_requests_total{reason=\"change\"}";
+/// Clients per source address: well inside the 28k ephemeral ports of each.
+const CLIENTS_PER_SOURCE: usize = 20_000;
+/// How long one client may take to connect and subscribe.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "entity-sync-bench",
+    about = "Benchmarks entity-sync nodes over real sockets on loopback."
+)]
+struct Cli {
+    /// What to measure (default with --smoke: fanout).
+    #[arg(value_enum)]
+    scenario: Option<Scenario>,
+
+    /// A tiny run (seconds) for CI: e.g. 20 clients x 20 updates; exit code 1 if lost > 0.
+    #[arg(long)]
+    smoke: bool,
+
+    /// Websocket clients (fanout 1,000; manykeys 2,000; cluster 1,000).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Distinct keys (fanout and cluster 1; manykeys and notify 1,000; idle 1,000).
+    #[arg(long)]
+    keys: Option<u32>,
+    /// Keys each client subscribes to (manykeys 5, else 1).
+    #[arg(long)]
+    keys_per_client: Option<usize>,
+    /// Updates (notifies) sent (fanout and cluster 200; manykeys 5,000).
+    #[arg(long)]
+    updates: Option<usize>,
+    /// Pace updates at this many per second (default: max rate). Latency is reported for paced runs.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Fetch mode the resolver registers.
+    #[arg(long, value_enum, default_value_t = FetchModeArg::Shared)]
+    fetch_mode: FetchModeArg,
+    /// Distinct client secrets with --fetch-mode per-subscriber (default: one per client).
+    #[arg(long)]
+    secrets: Option<usize>,
+    /// Concurrent Notify callers at max rate (fewer callers measure the notifier, not the node).
+    #[arg(long, default_value_t = 16)]
+    notify_concurrency: usize,
+    /// Keys per Notify call at max rate (paced runs send one key per call).
+    #[arg(long, default_value_t = 1)]
+    notify_batch: usize,
+
+    /// idle: connection counts to reach, cumulatively.
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000")]
+    conns: Vec<usize>,
+
+    /// notify: concurrent callers of single-key calls, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// notify: single-key calls per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    calls: u64,
+    /// notify: batch sizes, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    batch: Vec<usize>,
+    /// notify: concurrent callers of batch calls.
+    #[arg(long, default_value_t = 4)]
+    batch_concurrency: usize,
+    /// notify: keys sent per batch measurement.
+    #[arg(long, default_value_t = 200_000)]
+    batch_keys: u64,
+
+    /// Nodes to run (cluster 2, else 1). More than one needs NATS.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Run the node(s) on a spawned nats-server (implied by cluster).
+    #[arg(long)]
+    nats: bool,
+    /// Start nats-server with `sync_interval: always` (fsync every write).
+    #[arg(long)]
+    nats_sync_always: bool,
+
+    /// Source addresses 127.0.0.1..N for the websocket clients (default: one per 20,000 clients).
+    #[arg(long)]
+    src_addrs: Option<u8>,
+    /// Clients connecting and subscribing at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Bound of every wait of the run (e.g. 60s, 3m).
+    #[arg(long, default_value = "60s", value_parser = entity_sync::config::parse_duration)]
+    timeout: Duration,
+    /// Generator runtime worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// The node binary (default: `entity-sync` next to this executable).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// A flag passed to every node, e.g. --node-arg=--resolve-batch-size=128 (repeatable).
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    node_args: Vec<String>,
+    /// RUST_LOG of the nodes.
+    #[arg(long, default_value = "warn")]
+    node_log: String,
+    /// Keep the nodes' logs (in a temp dir) even after a clean run.
+    #[arg(long)]
+    keep_logs: bool,
+    /// Seed of the key choices.
+    #[arg(long, default_value_t = 0x5EED)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Fanout,
+    Manykeys,
+    Idle,
+    Notify,
+    Cluster,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FetchModeArg {
+    Shared,
+    PerSubscriber,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(scenario) = cli.scenario.or(cli.smoke.then_some(Scenario::Fanout)) else {
+        eprintln!(
+            "error: name a scenario (fanout, manykeys, idle, notify, cluster) or pass --smoke"
+        );
+        return ExitCode::from(2);
+    };
+    // Before any child exists, so the nodes inherit it.
+    let nofile = procs::raise_nofile();
+    // The last line of defence of "stops by itself": children die with us (PDEATHSIG).
+    let hard_stop = cli.timeout + Duration::from_secs(30);
+    std::thread::spawn(move || {
+        std::thread::sleep(hard_stop);
+        eprintln!("error: watchdog: the run passed --timeout by 30 s; exiting");
+        std::process::exit(3);
+    });
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = cli.threads {
+        builder.worker_threads(threads.max(1));
+    }
+    let runtime = match builder.build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // block_on runs on the main thread: children are spawned from it (see ChildGuard::spawn).
+    let result = runtime.block_on(run(cli, scenario, nofile));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the scenario; `Ok(false)` when it completed but lost clients or had errors.
+async fn run(cli: Cli, scenario: Scenario, nofile: u64) -> anyhow::Result<bool> {
+    let log_dir = std::env::temp_dir().join(format!(
+        "entity-sync-bench-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&log_dir)?;
+    let deadline = Instant::now() + cli.timeout;
+    let result = match scenario {
+        Scenario::Fanout | Scenario::Manykeys | Scenario::Cluster => {
+            push_scenario(&cli, scenario, nofile, &log_dir, deadline).await
+        }
+        Scenario::Idle => idle_scenario(&cli, nofile, &log_dir, deadline).await,
+        Scenario::Notify => notify_scenario(&cli, &log_dir, deadline).await,
+    };
+    // Children are gone by now (their guards dropped inside the scenario).
+    if matches!(result, Ok(true)) && !cli.keep_logs {
+        let _ = std::fs::remove_dir_all(&log_dir);
+    } else {
+        eprintln!("node logs kept in {}", log_dir.display());
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------
+// Environment: nats-server and nodes
+// ---------------------------------------------------------------------------
+
+/// The processes of a run. Fields drop in order: nodes before their nats-server.
+struct Env {
+    nodes: Vec<NodeProcess>,
+    channels: Vec<Channel>,
+    _nats: Option<NatsProcess>,
+}
+
+impl Env {
+    async fn start(
+        cli: &Cli,
+        nodes: usize,
+        nats: bool,
+        log_dir: &Path,
+        deadline: Instant,
+    ) -> anyhow::Result<Env> {
+        let bin = match &cli.node_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("executable has no directory")?
+                .join("entity-sync"),
+        };
+        if !bin.exists() {
+            bail!(
+                "node binary {} not found: build it (cargo build --release --bin entity-sync) or pass --node-bin",
+                bin.display()
+            );
+        }
+        if nodes > 1 && !nats {
+            bail!("{nodes} nodes need a bus: pass --nats");
+        }
+        let mut nats_process = if nats {
+            let mut process = NatsProcess::spawn(log_dir, cli.nats_sync_always)?;
+            process.wait_ready(deadline).await?;
+            Some(process)
+        } else {
+            None
+        };
+        let mut started = Vec::with_capacity(nodes);
+        let mut channels = Vec::with_capacity(nodes);
+        // One at a time: the first creates the JetStream stream.
+        for i in 1..=nodes {
+            let url = nats_process.as_ref().map(|n| n.url.clone());
+            let mut node = NodeProcess::spawn(
+                i,
+                &bin,
+                &cli.node_args,
+                url.as_deref(),
+                log_dir,
+                &cli.node_log,
+            )?;
+            channels.push(node.wait_ready(deadline).await?);
+            started.push(node);
+        }
+        if let Some(n) = nats_process.as_mut() {
+            n.guard.check_alive()?;
+        }
+        Ok(Env {
+            nodes: started,
+            channels,
+            _nats: nats_process,
+        })
+    }
+
+    fn cpu(&self) -> Vec<f64> {
+        self.nodes
+            .iter()
+            .map(|n| cpu_seconds(Some(n.pid())))
+            .collect()
+    }
+
+    fn cpu_sys(&self) -> Vec<f64> {
+        self.nodes
+            .iter()
+            .map(|n| cpu_split(Some(n.pid())).1)
+            .collect()
+    }
+
+    fn rss(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| rss_kb(n.pid())).collect()
+    }
+
+    async fn metric(&self, name: &str) -> anyhow::Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            out.push(node.metric(name).await?);
+        }
+        Ok(out)
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.nodes
+            .iter_mut()
+            .try_for_each(|n| n.guard.check_alive())
+    }
+}
+
+/// Source address of client `i` among `n` (127.0.0.1..=127.0.0.n).
+fn source_addr(i: usize, n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 1 + (i % n.max(1) as usize) as u8)
+}
+
+fn source_count(cli: &Cli, clients: usize) -> u8 {
+    cli.src_addrs
+        .unwrap_or_else(|| clients.div_ceil(CLIENTS_PER_SOURCE).clamp(1, 250) as u8)
+}
+
+/// Waits until `want` clients are ready or failed, the deadline passes, or a node dies.
+async fn wait_clients(
+    env: &mut Env,
+    shared: &Shared,
+    want: usize,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    loop {
+        let done = shared.ready.load(Ordering::Acquire) + shared.failed.load(Ordering::Acquire);
+        if done >= want || Instant::now() >= deadline {
+            return Ok(());
+        }
+        env.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn sub(after: &[f64], before: &[f64]) -> f64 {
+    after.iter().zip(before).map(|(a, b)| a - b).sum()
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+// ---------------------------------------------------------------------------
+// fanout, manykeys, cluster
+// ---------------------------------------------------------------------------
+
+/// One push run: what the issue asks each run to report.
+#[derive(Serialize)]
+struct PushReport {
+    scenario: &'static str,
+    mode: &'static str,
+    fetch_mode: &'static str,
+    nodes: usize,
+    bus: &'static str,
+    clients: usize,
+    keys: u32,
+    keys_per_client: usize,
+    updates: u64,
+    rate: Option<f64>,
+    deliveries: u64,
+    /// Deliveries if no change was coalesced: sum over clients and keys of the key's updates.
+    deliveries_without_coalescing: u64,
+    deliveries_per_s: f64,
+    /// First notify → every client holds the final version of each of its keys.
+    convergence_ms: Option<f64>,
+    /// Time to send every notify.
+    notify_ms: f64,
+    latency_us: Option<Percentiles>,
+    /// Change resolves, from the nodes' /metrics (sum over nodes).
+    resolves: u64,
+    resolves_per_change: f64,
+    resolves_by_node: Vec<u64>,
+    /// Change resolve requests and ids the bench resolver itself answered. In a
+    /// cluster the node holding the resolver also counts, in its /metrics, the
+    /// requests it forwards for the other nodes, so `resolves` counts those twice.
+    resolver_change_requests: u64,
+    resolver_change_ids: u64,
+    /// resolver_change_requests per update: the backend's view (expect 1 per node per change).
+    backend_resolves_per_change: f64,
+    node_cpu_s: f64,
+    /// The system (kernel) part of node_cpu_s: mostly socket writes.
+    node_cpu_sys_s: f64,
+    generator_cpu_s: f64,
+    generator_cpu_sys_s: f64,
+    node_rss_kb: u64,
+    lost: usize,
+    failed_setup: usize,
+    client_errors: usize,
+    notify_errors: u64,
+    first_error: Option<String>,
+    nofile_limit: u64,
+}
+
+async fn push_scenario(
+    cli: &Cli,
+    scenario: Scenario,
+    nofile: u64,
+    log_dir: &Path,
+    deadline: Instant,
+) -> anyhow::Result<bool> {
+    let (name, def_clients, def_keys, def_kpc, def_updates) = match (scenario, cli.smoke) {
+        (Scenario::Manykeys, false) => ("manykeys", 2_000, 1_000, 5, 5_000),
+        (Scenario::Manykeys, true) => ("manykeys", 20, 50, 5, 100),
+        (Scenario::Cluster, false) => ("cluster", 1_000, 1, 1, 200),
+        (Scenario::Cluster, true) => ("cluster", 20, 1, 1, 20),
+        (_, false) => ("fanout", 1_000, 1, 1, 200),
+        (_, true) => ("fanout", 20, 1, 1, 20),
+    };
+    let clients = cli.clients.unwrap_or(def_clients);
+    let keys = cli.keys.unwrap_or(def_keys).max(1);
+    let kpc = cli
+        .keys_per_client
+        .unwrap_or(def_kpc)
+        .clamp(1, keys as usize);
+    let updates = cli.updates.unwrap_or(def_updates);
+    let cluster = scenario == Scenario::Cluster;
+    let nodes = cli.nodes.unwrap_or(if cluster { 2 } else { 1 }).max(1);
+    let nats = cli.nats || cluster || nodes > 1;
+
+    let mut env = Env::start(cli, nodes, nats, log_dir, deadline).await?;
+
+    // The plan: every client's keys and the update sequence, from one seed.
+    let mut rng = XorShift64::new(cli.seed);
+    let client_keys: Vec<Vec<u32>> = (0..clients)
+        .map(|_| rng.distinct(kpc, u64::from(keys)))
+        .collect();
+    let seq: Vec<u32> = (0..updates)
+        .map(|_| rng.below(u64::from(keys)) as u32)
+        .collect();
+    let shared = Arc::new(Shared::new(keys as usize, &seq, cli.rate.is_some()));
+    let cancel = CancellationToken::new();
+    let fetch_mode = match cli.fetch_mode {
+        FetchModeArg::Shared => FetchMode::Shared,
+        FetchModeArg::PerSubscriber => FetchMode::PerSubscriber,
+    };
+    let resolver = load::start_resolver(
+        env.channels[0].clone(),
+        shared.clone(),
+        fetch_mode,
+        cancel.clone(),
+    )
+    .await?;
+
+    for node in &env.nodes[1..] {
+        let attempts = load::probe_subscribe(node.ws, Arc::from(&*node.ws_url), deadline).await?;
+        if attempts > 1 {
+            eprintln!(
+                "{name}: a subscribe on {} succeeded after {attempts} attempts (no_resolver before)",
+                node.ws
+            );
+        }
+    }
+
+    // Clients, spread over the nodes and over source addresses.
+    let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sources = source_count(cli, clients);
+    let urls: Vec<Arc<str>> = env.nodes.iter().map(|n| Arc::from(&*n.ws_url)).collect();
+    let mut tasks: JoinSet<ClientOutcome> = JoinSet::new();
+    let setup_started = Instant::now();
+    for (i, keys_of_client) in client_keys.iter().enumerate() {
+        let node = i % env.nodes.len();
+        let secret = (fetch_mode == FetchMode::PerSubscriber)
+            .then(|| format!("s{}", i % cli.secrets.unwrap_or(clients).max(1)));
+        let spec = ClientSpec {
+            node_addr: env.nodes[node].ws,
+            url: urls[node].clone(),
+            src: source_addr(i, sources),
+            keys: keys_of_client.clone(),
+            secret,
+            idle: false,
+        };
+        tasks.spawn(load::run_client(
+            spec,
+            shared.clone(),
+            setup.clone(),
+            stop.clone(),
+            SETUP_TIMEOUT,
+            cancel.clone(),
+        ));
+    }
+    wait_clients(&mut env, &shared, clients, deadline).await?;
+    let setup_s = setup_started.elapsed().as_secs_f64();
+    let failed_setup = clients - shared.ready.load(Ordering::Acquire);
+    eprintln!(
+        "{name}: {} of {clients} clients subscribed in {setup_s:.2} s; sending {updates} updates",
+        clients - failed_setup
+    );
+
+    let resolves_before = env.metric(RESOLVES_CHANGE).await?;
+    let node_cpu_before = env.cpu();
+    let node_sys_before = env.cpu_sys();
+    let gen_before = cpu_split(None);
+
+    // Notifies go to the last node (node 2 in the cluster: the resolver is on node 1).
+    let notify_channel = env.channels[env.nodes.len() - 1].clone();
+    let notifiers: Vec<_> = (0..cli.notify_concurrency.max(1))
+        .map(|_| grpc_client(notify_channel.clone()))
+        .collect();
+    let drive = load::drive_updates(
+        shared.clone(),
+        notifiers,
+        Arc::new(seq),
+        cli.rate,
+        cli.notify_concurrency,
+        cli.notify_batch.max(1),
+        deadline,
+    )
+    .await;
+    if shared.pending() > 0 {
+        let _ = timeout_at(deadline, shared.converged.notified()).await;
+    }
+
+    let node_cpu = sub(&env.cpu(), &node_cpu_before);
+    let node_sys = sub(&env.cpu_sys(), &node_sys_before);
+    let gen_after = cpu_split(None);
+    let gen_cpu = gen_after.0 + gen_after.1 - gen_before.0 - gen_before.1;
+    let gen_sys = gen_after.1 - gen_before.1;
+    let rss: u64 = env.rss().iter().sum();
+    let resolves_after = env.metric(RESOLVES_CHANGE).await?;
+    cancel.cancel();
+    let mut outcomes = Vec::with_capacity(clients);
+    while let Some(done) = tasks.join_next().await {
+        outcomes.push(done?);
+    }
+    let _ = resolver.await;
+    env.check_alive()?;
+
+    let resolves_by_node: Vec<u64> = resolves_after
+        .iter()
+        .zip(&resolves_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let resolves: u64 = resolves_by_node.iter().sum();
+    let deliveries: u64 = outcomes.iter().map(|o| o.deliveries).sum();
+    let last_delivery = outcomes
+        .iter()
+        .map(|o| o.last_delivery_ns)
+        .max()
+        .unwrap_or(0);
+    let span_s = last_delivery.saturating_sub(drive.first_ns) as f64 / 1e9;
+    let mut latencies: Vec<u64> = outcomes
+        .iter_mut()
+        .flat_map(|o| std::mem::take(&mut o.latencies_us))
+        .collect();
+    let lost = outcomes
+        .iter()
+        .filter(|o| !o.subscribed || !o.reached_all)
+        .count();
+    let client_errors = outcomes.iter().filter(|o| o.error.is_some()).count();
+    let first_error = drive
+        .first_error
+        .clone()
+        .or_else(|| shared.first_error.lock().expect("lock").clone())
+        .or_else(|| outcomes.iter().find_map(|o| o.error.clone()));
+    let deliveries_without_coalescing: u64 = client_keys
+        .iter()
+        .flatten()
+        .map(|&k| shared.final_of(k as usize))
+        .sum();
+
+    let report = PushReport {
+        scenario: name,
+        mode: if cli.rate.is_some() { "paced" } else { "max" },
+        fetch_mode: match fetch_mode {
+            FetchMode::PerSubscriber => "per-subscriber",
+            _ => "shared",
+        },
+        nodes: env.nodes.len(),
+        bus: if nats { "jetstream" } else { "in-process" },
+        clients,
+        keys,
+        keys_per_client: kpc,
+        updates: drive.sent,
+        rate: cli.rate,
+        deliveries,
+        deliveries_without_coalescing,
+        deliveries_per_s: if span_s > 0.0 {
+            (deliveries as f64 / span_s).round()
+        } else {
+            0.0
+        },
+        convergence_ms: shared
+            .converged_ns()
+            .map(|ns| round(ns.saturating_sub(drive.first_ns) as f64 / 1e6, 2)),
+        notify_ms: round(drive.last_ns.saturating_sub(drive.first_ns) as f64 / 1e6, 2),
+        latency_us: if cli.rate.is_some() {
+            percentiles(&mut latencies)
+        } else {
+            None
+        },
+        resolves,
+        resolves_per_change: if drive.sent > 0 {
+            round(resolves as f64 / drive.sent as f64, 4)
+        } else {
+            0.0
+        },
+        resolves_by_node,
+        resolver_change_requests: shared.resolver_change_requests.load(Ordering::Relaxed),
+        resolver_change_ids: shared.resolver_change_ids.load(Ordering::Relaxed),
+        backend_resolves_per_change: if drive.sent > 0 {
+            round(
+                shared.resolver_change_requests.load(Ordering::Relaxed) as f64 / drive.sent as f64,
+                4,
+            )
+        } else {
+            0.0
+        },
+        node_cpu_s: round(node_cpu, 2),
+        node_cpu_sys_s: round(node_sys, 2),
+        generator_cpu_s: round(gen_cpu, 2),
+        generator_cpu_sys_s: round(gen_sys, 2),
+        node_rss_kb: rss,
+        lost,
+        failed_setup,
+        client_errors,
+        notify_errors: drive.errors,
+        first_error,
+        nofile_limit: nofile,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    print_push_table(&report);
+    drop(env);
+    Ok(report.lost == 0 && report.notify_errors == 0 && report.failed_setup == 0)
+}
+
+fn print_push_table(r: &PushReport) {
+    let rows: Vec<(&str, String)> = vec![
+        (
+            "scenario",
+            format!(
+                "{} ({}, {} fetch, {} node(s), {} bus)",
+                r.scenario, r.mode, r.fetch_mode, r.nodes, r.bus
+            ),
+        ),
+        (
+            "clients x keys/client",
+            format!("{} x {} (of {} keys)", r.clients, r.keys_per_client, r.keys),
+        ),
+        (
+            "updates",
+            match r.rate {
+                Some(rate) => format!("{} at {rate}/s", r.updates),
+                None => format!("{} at max rate", r.updates),
+            },
+        ),
+        (
+            "deliveries",
+            format!(
+                "{} (max without coalescing {})",
+                r.deliveries, r.deliveries_without_coalescing
+            ),
+        ),
+        ("deliveries/s", format!("{:.0}", r.deliveries_per_s)),
+        (
+            "convergence",
+            r.convergence_ms
+                .map_or("not reached".into(), |ms| format!("{ms} ms")),
+        ),
+        ("notifies sent in", format!("{} ms", r.notify_ms)),
+        (
+            "latency p50/p99/p999/max",
+            r.latency_us.map_or("- (max-rate run)".into(), |p| {
+                format!(
+                    "{} / {} / {} / {} us ({} samples)",
+                    p.p50, p.p99, p.p999, p.max, p.samples
+                )
+            }),
+        ),
+        (
+            "change resolves",
+            format!(
+                "{} ({} per change; by node {:?}); resolver saw {} requests ({} per change), {} ids",
+                r.resolves,
+                r.resolves_per_change,
+                r.resolves_by_node,
+                r.resolver_change_requests,
+                r.backend_resolves_per_change,
+                r.resolver_change_ids
+            ),
+        ),
+        (
+            "cpu node / generator",
+            format!(
+                "{} s ({} sys) / {} s ({} sys)",
+                r.node_cpu_s, r.node_cpu_sys_s, r.generator_cpu_s, r.generator_cpu_sys_s
+            ),
+        ),
+        ("node rss", format!("{} kB", r.node_rss_kb)),
+        (
+            "lost",
+            format!(
+                "{} (setup failed {}, client errors {}, notify errors {})",
+                r.lost, r.failed_setup, r.client_errors, r.notify_errors
+            ),
+        ),
+    ];
+    print_kv(&rows);
+    if let Some(err) = &r.first_error {
+        println!("  first error: {err}");
+    }
+}
+
+fn print_kv(rows: &[(&str, String)]) {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        println!("  {k:<width$}  {v}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// idle
+// ---------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct IdleReport {
+    scenario: &'static str,
+    conns: usize,
+    /// Connections subscribed and open when measured.
+    held: usize,
+    /// The node's own gauge `entity_sync_connections` (null if /metrics did not answer,
+    /// e.g. when the node or the bench is out of file descriptors).
+    node_connections: Option<u64>,
+    node_rss_kb: u64,
+    node_rss_base_kb: u64,
+    /// (RSS now − RSS with 0 connections) / held, in kB.
+    rss_per_conn_kb: f64,
+    connect_s: f64,
+    node_cpu_s: f64,
+    generator_cpu_s: f64,
+    failed: usize,
+    first_error: Option<String>,
+    nofile_limit: u64,
+}
+
+async fn idle_scenario(
+    cli: &Cli,
+    nofile: u64,
+    log_dir: &Path,
+    deadline: Instant,
+) -> anyhow::Result<bool> {
+    let mut targets = if cli.smoke {
+        vec![100, 200]
+    } else {
+        cli.conns.clone()
+    };
+    targets.sort_unstable();
+    targets.dedup();
+    let max = targets.last().copied().unwrap_or(0);
+    let keys = cli.keys.unwrap_or(1_000).max(1);
+    let mut env = Env::start(cli, 1, cli.nats, log_dir, deadline).await?;
+    let shared = Arc::new(Shared::new(keys as usize, &[], false));
+    let cancel = CancellationToken::new();
+    let resolver = load::start_resolver(
+        env.channels[0].clone(),
+        shared.clone(),
+        FetchMode::Shared,
+        cancel.clone(),
+    )
+    .await?;
+    let base = rss_kb(env.nodes[0].pid());
+    let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sources = source_count(cli, max);
+    let url: Arc<str> = Arc::from(&*env.nodes[0].ws_url);
+    let mut tasks: JoinSet<ClientOutcome> = JoinSet::new();
+    let mut reports = Vec::new();
+    let mut spawned = 0;
+    for &target in &targets {
+        let started = Instant::now();
+        let node_cpu_before = env.cpu();
+        let gen_cpu_before = cpu_seconds(None);
+        while spawned < target {
+            let spec = ClientSpec {
+                node_addr: env.nodes[0].ws,
+                url: url.clone(),
+                src: source_addr(spawned, sources),
+                keys: vec![(spawned % keys as usize) as u32],
+                secret: None,
+                idle: true,
+            };
+            tasks.spawn(load::run_client(
+                spec,
+                shared.clone(),
+                setup.clone(),
+                stop.clone(),
+                SETUP_TIMEOUT,
+                cancel.clone(),
+            ));
+            spawned += 1;
+        }
+        wait_clients(&mut env, &shared, spawned, deadline).await?;
+        let connect_s = started.elapsed().as_secs_f64();
+        let held = shared.ready.load(Ordering::Acquire);
+        let failed = shared.failed.load(Ordering::Acquire);
+        let rss = rss_kb(env.nodes[0].pid());
+        let report = IdleReport {
+            scenario: "idle",
+            conns: target,
+            held,
+            node_connections: env.nodes[0].metric("entity_sync_connections").await.ok(),
+            node_rss_kb: rss,
+            node_rss_base_kb: base,
+            rss_per_conn_kb: if held > 0 {
+                round(rss.saturating_sub(base) as f64 / held as f64, 2)
+            } else {
+                0.0
+            },
+            connect_s: round(connect_s, 2),
+            node_cpu_s: round(sub(&env.cpu(), &node_cpu_before), 2),
+            generator_cpu_s: round(cpu_seconds(None) - gen_cpu_before, 2),
+            failed,
+            first_error: shared.first_error.lock().expect("lock").clone(),
+            nofile_limit: nofile,
+        };
+        println!("{}", serde_json::to_string(&report)?);
+        let stop_here = held < target;
+        reports.push(report);
+        if stop_here {
+            eprintln!("idle: holding {held} of {target}: stopping the ramp");
+            break;
+        }
+    }
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    let _ = resolver.await;
+    env.check_alive()?;
+    println!(
+        "  {:>8} {:>8} {:>10} {:>12} {:>11} {:>10} {:>9} {:>8}",
+        "conns", "held", "rss kB", "kB per conn", "connect s", "node cpu", "gen cpu", "failed"
+    );
+    for r in &reports {
+        println!(
+            "  {:>8} {:>8} {:>10} {:>12} {:>11} {:>10} {:>9} {:>8}",
+            r.conns,
+            r.held,
+            r.node_rss_kb,
+            r.rss_per_conn_kb,
+            r.connect_s,
+            r.node_cpu_s,
+            r.generator_cpu_s,
+            r.failed
+        );
+    }
+    let largest = reports.iter().map(|r| r.held).max().unwrap_or(0);
+    println!(
+        "  largest count held: {largest} (node RSS with 0 connections: {base} kB; open-file limit {nofile})"
+    );
+    if let Some(err) = reports.iter().find_map(|r| r.first_error.as_ref()) {
+        println!("  first error: {err}");
+    }
+    // Holding fewer than asked is a finding, not a failure of the tool.
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------
+// notify
+// ---------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct NotifyReport {
+    scenario: &'static str,
+    bus: &'static str,
+    batch: usize,
+    concurrency: usize,
+    calls: u64,
+    keys: u64,
+    keys_per_s: f64,
+    calls_per_s: f64,
+    call_latency_us: Option<Percentiles>,
+    errors: u64,
+    first_error: Option<String>,
+    node_cpu_s: f64,
+    generator_cpu_s: f64,
+    node_rss_kb: u64,
+}
+
+async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow::Result<bool> {
+    let nats = cli.nats;
+    let env = Env::start(cli, 1, nats, log_dir, deadline).await?;
+    let keys = cli.keys.unwrap_or(1_000).max(1);
+    let (calls, batch_keys) = if cli.smoke {
+        (200, 2_000)
+    } else {
+        (cli.calls, cli.batch_keys)
+    };
+    // A few HTTP/2 connections, so many callers are not all behind one.
+    let mut clients = vec![grpc_client(env.channels[0].clone())];
+    for _ in 1..4 {
+        let channel = Channel::from_shared(env.nodes[0].grpc_url.clone())?
+            .connect()
+            .await?;
+        clients.push(grpc_client(channel));
+    }
+    let mut plan: Vec<(usize, usize, u64)> =
+        cli.concurrency.iter().map(|&c| (1, c, calls)).collect();
+    plan.extend(cli.batch.iter().map(|&b| {
+        (
+            b,
+            cli.batch_concurrency,
+            (batch_keys / b.max(1) as u64).max(10),
+        )
+    }));
+    let mut reports = Vec::new();
+    for (i, (batch, concurrency, calls)) in plan.into_iter().enumerate() {
+        let node_cpu_before = env.cpu();
+        let gen_cpu_before = cpu_seconds(None);
+        let phase_deadline = deadline.min(Instant::now() + Duration::from_secs(20));
+        let mut out = load::notify_throughput(
+            &clients,
+            keys,
+            batch,
+            concurrency,
+            calls,
+            cli.seed.wrapping_add(i as u64),
+            phase_deadline,
+        )
+        .await;
+        let secs = out.elapsed.as_secs_f64().max(1e-9);
+        let report = NotifyReport {
+            scenario: "notify",
+            bus: if nats { "jetstream" } else { "in-process" },
+            batch,
+            concurrency,
+            calls: out.calls,
+            keys: out.keys,
+            keys_per_s: (out.keys as f64 / secs).round(),
+            calls_per_s: (out.calls as f64 / secs).round(),
+            call_latency_us: percentiles(&mut out.call_latencies_us),
+            errors: out.errors,
+            first_error: out.first_error,
+            node_cpu_s: round(sub(&env.cpu(), &node_cpu_before), 2),
+            generator_cpu_s: round(cpu_seconds(None) - gen_cpu_before, 2),
+            node_rss_kb: env.rss().iter().sum(),
+        };
+        println!("{}", serde_json::to_string(&report)?);
+        reports.push(report);
+    }
+    println!(
+        "  {:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>7}",
+        "batch",
+        "conc",
+        "calls",
+        "keys/s",
+        "calls/s",
+        "p50 us",
+        "p99 us",
+        "node cpu",
+        "gen cpu",
+        "errors"
+    );
+    for r in &reports {
+        let (p50, p99) = r.call_latency_us.map_or((0, 0), |p| (p.p50, p.p99));
+        println!(
+            "  {:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>7}",
+            r.batch,
+            r.concurrency,
+            r.calls,
+            r.keys_per_s,
+            r.calls_per_s,
+            p50,
+            p99,
+            r.node_cpu_s,
+            r.generator_cpu_s,
+            r.errors
+        );
+    }
+    if let Some(err) = reports.iter().find_map(|r| r.first_error.as_ref()) {
+        println!("  first error: {err}");
+    }
+    Ok(reports.iter().all(|r| r.errors == 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "entity-sync-bench",
+            "idle",
+            "--conns",
+            "10,20",
+            "--node-arg=--resolve-batch-size=128",
+            "--node-arg",
+            "--max-subscriptions=8",
+            "--timeout",
+            "3m",
+        ])
+        .expect("parses");
+        assert_eq!(cli.scenario, Some(Scenario::Idle));
+        assert_eq!(cli.conns, [10, 20]);
+        assert_eq!(
+            cli.node_args,
+            ["--resolve-batch-size=128", "--max-subscriptions=8"]
+        );
+        assert_eq!(cli.timeout, Duration::from_secs(180));
+        let smoke = Cli::try_parse_from(["entity-sync-bench", "--smoke"]).expect("parses");
+        assert!(smoke.smoke && smoke.scenario.is_none());
+    }
+
+    #[test]
+    fn sources_spread_over_loopback() {
+        assert_eq!(source_addr(0, 3), Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(source_addr(4, 3), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(source_addr(5, 1), Ipv4Addr::new(127, 0, 0, 1));
+    }
+
+    #[test]
+    fn plan_finals_and_rows() {
+        let shared = Shared::new(3, &[0, 2, 2, 2], false);
+        assert_eq!(
+            (0..3).map(|k| shared.final_of(k)).collect::<Vec<_>>(),
+            [1, 0, 3]
+        );
+    }
+}
