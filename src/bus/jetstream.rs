@@ -37,6 +37,13 @@ use crate::{key::ChangeKey, metrics::Metrics};
 pub const ACK_WINDOW: usize = 1000;
 /// Most change events handed to the dispatcher in one batch.
 const CONSUME_BATCH: usize = 512;
+/// How often the consumer compares its position with the stream's.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Deadline of that comparison's stream-info request.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Checks in a row without progress, while the stream is ahead, before the
+/// consumer is recreated.
+const STALL_CHECKS: u32 = 5;
 /// Oldest nats-server accepted (major, minor).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
 
@@ -77,7 +84,8 @@ impl JetStreamConfig {
             num_replicas: self.replicas,
             max_age: self.max_age,
             max_bytes: self.max_bytes,
-            duplicate_window: super::memory::DEDUP_WINDOW,
+            // JetStream refuses a duplicate window longer than max_age.
+            duplicate_window: super::memory::DEDUP_WINDOW.min(self.max_age),
             ..Default::default()
         }
     }
@@ -359,7 +367,7 @@ impl Consumer {
     /// Consumes until shutdown (Ok) or a failure that needs a new consumer (Err).
     async fn consume(&mut self) -> Result<(), String> {
         let info = self.stream.get_info().await.map_err(|e| e.to_string())?;
-        if info.state.first_sequence > self.last + 1 && info.state.messages > 0 && self.last > 0 {
+        if info.state.first_sequence > self.last + 1 {
             self.resync(info.state.first_sequence).await?;
         }
         let client = self.bus.inner.client.clone();
@@ -378,10 +386,17 @@ impl Consumer {
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
         let prefix_len = self.filter.len() - 1; // "{prefix}.changes."
         let mut batch: Vec<ChangeEvent> = Vec::new();
+        let mut check = tokio::time::interval(CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut progress = (self.last, 0u32);
         loop {
             let next = tokio::select! {
                 _ = self.cancel.cancelled() => return Ok(()),
                 next = messages.next() => next,
+                _ = check.tick() => {
+                    self.check_stream(&mut progress).await?;
+                    continue;
+                }
             };
             let mut next = Some(next);
             // Take what is already there without waiting, up to a batch.
@@ -403,7 +418,7 @@ impl Consumer {
                         if seq <= self.last {
                             continue;
                         }
-                        if seq > self.last + 1 && self.last > 0 {
+                        if seq > self.last + 1 {
                             self.flush(&mut batch).await?;
                             self.resync(seq).await?;
                         }
@@ -425,6 +440,33 @@ impl Consumer {
             }
             self.flush(&mut batch).await?;
         }
+    }
+
+    /// Compares this node's position with the stream's. After a reconnect the
+    /// ordered consumer recreates itself and resumes, but it can't tell that
+    /// changes expired meanwhile if nothing newer arrives, and a consumer
+    /// create lost with a cluster member can leave it waiting forever. So:
+    /// changes gone from the stream → resync now; the stream ahead of this
+    /// node with no progress for a while → a new consumer (Err).
+    async fn check_stream(&mut self, progress: &mut (u64, u32)) -> Result<(), String> {
+        let Ok(Ok(info)) = tokio::time::timeout(CHECK_TIMEOUT, self.stream.get_info()).await else {
+            return Ok(()); // NATS unreachable: nothing to compare now.
+        };
+        if info.state.first_sequence > self.last + 1 {
+            self.resync(info.state.first_sequence).await?;
+        }
+        if info.state.last_sequence > self.last && progress.0 == self.last {
+            progress.1 += 1;
+            if progress.1 >= STALL_CHECKS {
+                return Err(format!(
+                    "consumer stalled: the stream is at {}, this node at {}",
+                    info.state.last_sequence, self.last
+                ));
+            }
+        } else {
+            *progress = (self.last, 0);
+        }
+        Ok(())
     }
 
     async fn flush(&mut self, batch: &mut Vec<ChangeEvent>) -> Result<(), String> {

@@ -1,0 +1,607 @@
+//! Real `nats-server` processes for the multi-node tests: one server or a
+//! three-server JetStream cluster on loopback, each on dynamic ports with its
+//! own store directory, killed (and the directory removed) on `Drop`; plus a
+//! TCP proxy that cuts one node's NATS connection while the others keep theirs.
+//!
+//! The binary is `$NATS_SERVER_BIN`, else `nats-server` on the PATH when it
+//! is 2.10 or newer (scripts/test.sh installs one when it is not).
+//!
+//! Every server runs with `jetstream { sync_interval: always }`, as DESIGN.md
+//! (Buses) requires of the multi-node tests: an acknowledged notify must
+//! survive a server killed with SIGKILL.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener as StdTcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::AbortHandle,
+    time::Instant,
+};
+
+/// How long a server (or a cluster's JetStream) may take to become ready.
+pub const START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The nats-server binary to run: `$NATS_SERVER_BIN`, else `nats-server` on
+/// the PATH if it is 2.10 or newer. Panics with a hint otherwise.
+pub fn nats_server_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("NATS_SERVER_BIN").filter(|b| !b.is_empty()) {
+            return PathBuf::from(bin);
+        }
+        match server_version(Path::new("nats-server")) {
+            Some(version) if version >= (2, 10) => PathBuf::from("nats-server"),
+            found => panic!(
+                "the multi-node tests need nats-server 2.10 or newer (found: {}); \
+                 run scripts/test.sh, which installs one, or set NATS_SERVER_BIN",
+                match found {
+                    Some((major, minor)) => format!("{major}.{minor} on the PATH"),
+                    None => "none on the PATH".to_owned(),
+                }
+            ),
+        }
+    })
+    .clone()
+}
+
+/// `(major, minor)` of `bin --version` ("nats-server: v2.15.1"), if it runs.
+pub fn server_version(bin: &Path) -> Option<(u64, u64)> {
+    let output = Command::new(bin).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version = text.trim().rsplit(' ').next()?.trim_start_matches('v');
+    let mut parts = version.split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// `n` distinct free loopback ports. All are bound at once (so they differ)
+/// and released together; the servers then bind them. A restarted server
+/// binds the same port again.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<StdTcpListener> = (0..n)
+        .map(|_| StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// A fresh directory under the system temp dir (tempfile is not a dependency).
+fn unique_dir(tag: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "entity-sync-{tag}-{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// How a server start failed.
+enum StartError {
+    /// The process exited (e.g. one of its ports was taken between
+    /// [`free_ports`] releasing it and the server binding it): worth a retry
+    /// on fresh ports.
+    Exited(String),
+}
+
+/// Polls until `addr` accepts TCP connections. Panics after `deadline`;
+/// returns an error if the process exited first.
+async fn wait_accepting(
+    addr: SocketAddr,
+    child: &mut Child,
+    dir: &Path,
+    deadline: Duration,
+) -> Result<(), StartError> {
+    let end = Instant::now() + deadline;
+    loop {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(StartError::Exited(format!(
+                "nats-server for {addr} exited with {status} before accepting:\n{}\n{}",
+                tail(&dir.join("nats.log"), 20),
+                tail(&dir.join("stderr.log"), 20)
+            )));
+        }
+        if Instant::now() >= end {
+            panic!(
+                "nats-server did not accept on {addr} within {deadline:?}:\n{}",
+                tail(&dir.join("nats.log"), 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Attempts at starting a server (or cluster) on fresh ports.
+const START_ATTEMPTS: usize = 3;
+
+/// stderr of a server, kept in its directory (startup errors land there).
+fn stderr_file(dir: &Path) -> Stdio {
+    fs::File::create(dir.join("stderr.log"))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+/// The last `lines` lines of a log file (for failure messages).
+/// Route reconnect attempts to a killed member are left out: they would fill it.
+fn tail(log: &Path, lines: usize) -> String {
+    let Ok(file) = fs::File::open(log) else {
+        return format!("(no log at {})", log.display());
+    };
+    let all: Vec<String> = BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|line| !line.contains("Error trying to connect to route"))
+        .collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        // SIGKILL: nothing is flushed on the way out, which is the point of
+        // `sync_interval: always`.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One server
+// ---------------------------------------------------------------------------
+
+/// One real nats-server with JetStream, on a dynamic loopback port.
+pub struct NatsServer {
+    bin: PathBuf,
+    port: u16,
+    dir: PathBuf,
+    /// Whether the server gets the config file with `sync_interval: always`
+    /// (not given to a 2.9 server started only to be refused).
+    with_config: bool,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a current nats-server (see [`nats_server_bin`]) and waits until
+    /// it accepts connections.
+    pub async fn start() -> NatsServer {
+        NatsServer::start_binary(&nats_server_bin(), true).await
+    }
+
+    /// Starts `bin` with `-js`; `with_config` adds the JetStream config file
+    /// (`sync_interval: always`).
+    pub async fn start_binary(bin: &Path, with_config: bool) -> NatsServer {
+        let dir = unique_dir("nats");
+        if with_config {
+            fs::write(
+                dir.join("nats.conf"),
+                "# Written by tests/common/nats.rs.\n\
+                 jetstream {\n  sync_interval: always\n}\n",
+            )
+            .expect("write nats.conf");
+        }
+        let mut server = NatsServer {
+            bin: bin.to_owned(),
+            port: 0,
+            dir,
+            with_config,
+            child: None,
+        };
+        for attempt in 1..=START_ATTEMPTS {
+            server.port = free_ports(1)[0];
+            match server.spawn().await {
+                Ok(()) => return server,
+                Err(StartError::Exited(why)) if attempt < START_ATTEMPTS => {
+                    eprintln!("retrying on another port: {why}");
+                    server.child = None;
+                }
+                Err(StartError::Exited(why)) => panic!("{why}"),
+            }
+        }
+        unreachable!("the last attempt panics")
+    }
+
+    async fn spawn(&mut self) -> Result<(), StartError> {
+        assert!(self.child.is_none(), "nats-server already running");
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("-a")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-js")
+            .arg("-sd")
+            .arg(self.dir.join("store"))
+            .arg("-l")
+            .arg(self.dir.join("nats.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr_file(&self.dir));
+        if self.with_config {
+            command.arg("-c").arg(self.dir.join("nats.conf"));
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+        let addr = self.addr();
+        let child = self.child.insert(child);
+        wait_accepting(addr, child, &self.dir, START_DEADLINE).await
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL); the store directory is kept.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub async fn restart(&mut self) {
+        self.stop();
+        if let Err(StartError::Exited(why)) = self.spawn().await {
+            panic!("restart on the same port failed: {why}");
+        }
+    }
+
+    /// The server's log so far (last `lines` lines).
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.dir.join("nats.log"), lines)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- nats-server :{} log (last lines) ---\n{}",
+                self.port,
+                self.log_tail(30)
+            );
+        }
+        kill(&mut self.child);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Three-server cluster
+// ---------------------------------------------------------------------------
+
+struct Member {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// A JetStream cluster of real nats-servers routed on loopback.
+pub struct NatsCluster {
+    bin: PathBuf,
+    members: Vec<Member>,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers (client, route and monitoring ports dynamic, one
+    /// store dir each), routes them to each other, and waits until JetStream
+    /// can place a stream with `n` replicas.
+    pub async fn start(n: usize) -> NatsCluster {
+        let bin = nats_server_bin();
+        let members = (0..n)
+            .map(|i| Member {
+                name: format!("n{i}"),
+                port: 0,
+                dir: unique_dir(&format!("nats-cluster-{i}")),
+                child: None,
+            })
+            .collect();
+        let mut cluster = NatsCluster { bin, members };
+        for attempt in 1..=START_ATTEMPTS {
+            cluster.configure();
+            for i in 0..n {
+                cluster.spawn_member(i);
+            }
+            let mut failed = None;
+            for i in 0..n {
+                if let Err(StartError::Exited(why)) = cluster.wait_member(i).await {
+                    failed = Some(why);
+                    break;
+                }
+            }
+            match failed {
+                None => {
+                    cluster.wait_jetstream(n).await;
+                    return cluster;
+                }
+                Some(why) if attempt < START_ATTEMPTS => {
+                    eprintln!("retrying the cluster on other ports: {why}");
+                    for i in 0..n {
+                        cluster.kill(i);
+                        let _ = fs::remove_dir_all(cluster.members[i].dir.join("store"));
+                    }
+                }
+                Some(why) => panic!("{why}"),
+            }
+        }
+        unreachable!("the last attempt panics")
+    }
+
+    /// Picks fresh ports and writes every member's config file.
+    fn configure(&mut self) {
+        let n = self.members.len();
+        let ports = free_ports(3 * n);
+        let (client_ports, rest) = ports.split_at(n);
+        let (route_ports, monitor_ports) = rest.split_at(n);
+        for (i, member) in self.members.iter_mut().enumerate() {
+            let routes: Vec<String> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| format!("    nats-route://127.0.0.1:{}", route_ports[j]))
+                .collect();
+            let config = format!(
+                "# Written by tests/common/nats.rs.\n\
+                 server_name: {name}\n\
+                 listen: 127.0.0.1:{client}\n\
+                 http: 127.0.0.1:{monitor}\n\
+                 jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n\
+                 cluster {{\n  name: es-test\n  listen: 127.0.0.1:{route}\n  routes: [\n{routes}\n  ]\n}}\n",
+                name = member.name,
+                client = client_ports[i],
+                monitor = monitor_ports[i],
+                store = member.dir.join("store").display().to_string(),
+                route = route_ports[i],
+                routes = routes.join("\n"),
+            );
+            fs::write(member.dir.join("nats.conf"), config).expect("write nats.conf");
+            member.port = client_ports[i];
+        }
+    }
+
+    fn spawn_member(&mut self, i: usize) {
+        let member = &mut self.members[i];
+        assert!(member.child.is_none(), "member {i} already running");
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(member.dir.join("nats.conf"))
+            .arg("-l")
+            .arg(member.dir.join("nats.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr_file(&member.dir))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+        member.child = Some(child);
+    }
+
+    async fn wait_member(&mut self, i: usize) -> Result<(), StartError> {
+        let member = &mut self.members[i];
+        let addr = SocketAddr::from(([127, 0, 0, 1], member.port));
+        let child = member.child.as_mut().expect("member running");
+        wait_accepting(addr, child, &member.dir, START_DEADLINE).await
+    }
+
+    /// Polls until a stream with `replicas` replicas can be created (the
+    /// meta group has a leader and enough peers), then deletes it.
+    async fn wait_jetstream(&self, replicas: usize) {
+        let client = async_nats::connect(self.url(0))
+            .await
+            .expect("connect to the cluster");
+        let js = async_nats::jetstream::new(client);
+        let name = format!("probe_{}", std::process::id());
+        let end = Instant::now() + START_DEADLINE;
+        loop {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(3),
+                js.create_stream(async_nats::jetstream::stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("{name}.>")],
+                    num_replicas: replicas,
+                    ..Default::default()
+                }),
+            )
+            .await;
+            let last_error = match attempt {
+                Ok(Ok(_)) => break,
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => "create_stream timed out".to_owned(),
+            };
+            if Instant::now() >= end {
+                panic!(
+                    "JetStream cluster not ready within {START_DEADLINE:?}: {last_error}\n{}",
+                    self.log_tail(0, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        js.delete_stream(&name).await.expect("delete probe stream");
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// `nats://127.0.0.1:PORT` of member `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.members[i].port)
+    }
+
+    /// Every member's URL, comma-separated, starting with member `first`
+    /// (nodes keep the order, so this picks the server a node connects to).
+    pub fn urls_from(&self, first: usize) -> String {
+        let n = self.members.len();
+        (0..n)
+            .map(|k| self.url((first + k) % n))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every member's URL, comma-separated.
+    pub fn urls(&self) -> String {
+        self.urls_from(0)
+    }
+
+    /// The `server_name` of member `i` (`n{i}`), as stream info reports leaders.
+    pub fn name(&self, i: usize) -> &str {
+        &self.members[i].name
+    }
+
+    /// The member whose `server_name` is `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.members.iter().position(|m| m.name == name)
+    }
+
+    /// Kills member `i` (SIGKILL); its store is kept.
+    pub fn kill(&mut self, i: usize) {
+        kill(&mut self.members[i].child);
+    }
+
+    /// Starts member `i` again with the same ports and store.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn_member(i);
+        if let Err(StartError::Exited(why)) = self.wait_member(i).await {
+            panic!("restart of member {i} on the same ports failed: {why}");
+        }
+    }
+
+    /// Member `i`'s log (last `lines` lines).
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        tail(&self.members[i].dir.join("nats.log"), lines)
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        for member in &mut self.members {
+            if panicking {
+                eprintln!(
+                    "--- nats-server {} (:{}) log (last lines) ---\n{}",
+                    member.name,
+                    member.port,
+                    tail(&member.dir.join("nats.log"), 30)
+                );
+            }
+            kill(&mut member.child);
+            let _ = fs::remove_dir_all(&member.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A cuttable TCP proxy
+// ---------------------------------------------------------------------------
+
+/// A loopback TCP proxy in front of a NATS server. A node connected through
+/// it loses NATS on [`cut`](TcpProxy::cut) (live connections dropped, new
+/// ones refused) while nodes connected directly keep theirs.
+pub struct TcpProxy {
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+    accept: AbortHandle,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: AtomicBool,
+    // std Mutex: only pushed to / drained, never held across `.await`.
+    connections: Mutex<Vec<AbortHandle>>,
+}
+
+impl ProxyState {
+    fn drop_connections(&self) {
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+impl TcpProxy {
+    /// Listens on a dynamic loopback port and forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let state = Arc::new(ProxyState::default());
+        let accept = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    // Checked and registered under the lock, so a concurrent
+                    // `cut` either refuses this connection or drops it.
+                    let mut connections = state.connections.lock().unwrap();
+                    if state.cut.load(Ordering::Acquire) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    });
+                    connections.retain(|c| !c.is_finished());
+                    connections.push(task.abort_handle());
+                }
+            })
+            .abort_handle()
+        };
+        TcpProxy {
+            addr,
+            state,
+            accept,
+        }
+    }
+
+    /// `nats://127.0.0.1:PROXYPORT`.
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    /// Drops every proxied connection and refuses new ones until [`restore`](TcpProxy::restore).
+    pub fn cut(&self) {
+        self.state.cut.store(true, Ordering::Release);
+        self.state.drop_connections();
+    }
+
+    /// Accepts and forwards connections again.
+    pub fn restore(&self) {
+        self.state.cut.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.state.drop_connections();
+    }
+}
