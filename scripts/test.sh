@@ -49,6 +49,15 @@ echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 
 cargo test --all-targets --locked
 
+# The benchmark tool against the real node, tiny and bounded (seconds): a
+# correctness check (exit 1 if any client missed its final version), not a
+# measurement.
+cargo build --bins --locked
+for scenario in fanout manykeys idle notify cluster; do
+  echo "bench smoke: $scenario"
+  target/debug/entity-sync-bench "$scenario" --smoke --node-bin target/debug/entity-sync | grep '^{'
+done
+
 if command -v node >/dev/null; then
   node --test client/test/
 else

@@ -95,9 +95,10 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
-    let body = state
-        .session
-        .metrics
-        .render(state.stats(), state.bus.head());
+    let body =
+        state
+            .session
+            .metrics
+            .render(state.stats(), state.bus.head(), state.bus.is_connected());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

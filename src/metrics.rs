@@ -53,7 +53,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format.
-    pub fn render(&self, stats: Stats, bus_head: u64) -> String {
+    pub fn render(&self, stats: Stats, bus_head: u64, bus_connected: bool) -> String {
         let mut out = String::with_capacity(4096);
         let mut gauge = |name: &str, help: &str, value: u64| {
             let _ = writeln!(
@@ -80,6 +80,11 @@ impl Metrics {
             "entity_sync_resolvers",
             "Registered resolver streams.",
             stats.resolvers as u64,
+        );
+        gauge(
+            "entity_sync_bus_connected",
+            "1 while the bus can take and deliver changes (always 1 in-process).",
+            u64::from(bus_connected),
         );
         gauge(
             "entity_sync_bus_head_sequence",
