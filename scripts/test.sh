@@ -51,8 +51,7 @@ cargo test --all-targets --locked
 
 # The benchmark tool against the real node, tiny and bounded (seconds): a
 # correctness check (exit 1 if any client missed its final version), not a
-# measurement.
-cargo build --bins --locked
+# measurement. (cargo test built both binaries for the integration tests.)
 for scenario in fanout manykeys idle notify cluster; do
   echo "bench smoke: $scenario"
   target/debug/entity-sync-bench "$scenario" --smoke --node-bin target/debug/entity-sync | grep '^{'
