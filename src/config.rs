@@ -80,6 +80,11 @@ pub struct Config {
     #[arg(long, env = "ENTITY_SYNC_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Most websocket connections this node holds at once (0: no limit but the
+    /// OS's). Upgrades beyond it are refused with HTTP 503.
+    #[arg(long, env = "ENTITY_SYNC_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
     /// Most subscriptions one connection may hold.
     #[arg(long, env = "ENTITY_SYNC_MAX_SUBSCRIPTIONS", default_value_t = 1024)]
     pub max_subscriptions: usize,

@@ -38,6 +38,8 @@ pub struct HttpState {
     pub pool: ResolverPool,
     pub ready: Arc<AtomicBool>,
     pub next_conn: Arc<AtomicU64>,
+    /// 0: unlimited.
+    pub max_connections: usize,
     pub tracker: tokio_util::task::TaskTracker,
 }
 
@@ -71,6 +73,14 @@ async fn upgrade(
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     let ctx = state.session.clone();
+    if state.max_connections > 0 && ctx.registry.connections() >= state.max_connections {
+        tracing::warn!(%peer, limit = state.max_connections, "connection refused: at --max-connections");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node holds its maximum number of connections; try another\n",
+        )
+            .into_response();
+    }
     let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let hard_cap = ctx.max_message_bytes.saturating_mul(HARD_CAP_FACTOR);
     let tracker = state.tracker.clone();

@@ -166,6 +166,7 @@ impl Node {
             pool: pool.clone(),
             ready: Arc::new(AtomicBool::new(true)),
             next_conn: Arc::new(AtomicU64::new(1)),
+            max_connections: config.max_connections,
             tracker: tracker.clone(),
         };
 

@@ -227,10 +227,8 @@ impl PushFrame {
         } else {
             let rows_len: usize = rows.iter().map(|r| r.len() + 1).sum();
             let mut out = Vec::with_capacity(64 + key.entity.len() + key.id.len() + rows_len);
-            out.extend_from_slice(b"{\"action\":\"push\",\"body\":{\"entity\":");
-            write_json_string(&mut out, &key.entity);
-            out.extend_from_slice(b",\"id\":");
-            write_json_string(&mut out, &key.id);
+            out.extend_from_slice(b"{\"action\":\"push\",\"body\":{");
+            write_key_fields(&mut out, key);
             out.extend_from_slice(b",\"version\":");
             out.extend_from_slice(version.to_string().as_bytes());
             out.extend_from_slice(b",\"rows\":[");
@@ -271,14 +269,20 @@ fn write_json_string(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
+/// Writes `"entity":…,"id":…` (JSON-escaped).
+fn write_key_fields(out: &mut Vec<u8>, key: &ChangeKey) {
+    out.extend_from_slice(b"\"entity\":");
+    write_json_string(out, &key.entity);
+    out.extend_from_slice(b",\"id\":");
+    write_json_string(out, &key.id);
+}
+
 fn key_envelope(action: &str, key: &ChangeKey) -> Utf8Bytes {
     let mut out = Vec::with_capacity(48 + key.entity.len() + key.id.len());
     out.extend_from_slice(b"{\"action\":\"");
     out.extend_from_slice(action.as_bytes());
-    out.extend_from_slice(b"\",\"body\":{\"entity\":");
-    write_json_string(&mut out, &key.entity);
-    out.extend_from_slice(b",\"id\":");
-    write_json_string(&mut out, &key.id);
+    out.extend_from_slice(b"\",\"body\":{");
+    write_key_fields(&mut out, key);
     out.extend_from_slice(b"}}");
     utf8(out)
 }
@@ -301,10 +305,8 @@ pub fn error_frame(code: ErrorCode, message: &str, key: Option<&ChangeKey>) -> U
     out.extend_from_slice(b"\",\"message\":");
     write_json_string(&mut out, message);
     if let Some(key) = key {
-        out.extend_from_slice(b",\"entity\":");
-        write_json_string(&mut out, &key.entity);
-        out.extend_from_slice(b",\"id\":");
-        write_json_string(&mut out, &key.id);
+        out.push(b',');
+        write_key_fields(&mut out, key);
     }
     out.extend_from_slice(b"}}");
     utf8(out)

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use common::{ResolverData, ResolverOptions, TestNode, TestResolver, WsClient};
+use common::{ResolverOptions, TestNode, WsClient};
 use entity_sync::proto::v1::FetchMode;
 use serde_json::Value;
 
@@ -56,15 +56,12 @@ fn environment_variables_configure_like_flags() {
 
 #[tokio::test]
 async fn notify_subcommand_pushes_to_subscribers() {
-    let mut node = TestNode::start(|_| {}).await;
-    let data = ResolverData::new();
-    data.set_rows("items", "7", &[r#"{"id":7}"#]);
-    let _resolver = TestResolver::connect(
-        node.grpc(),
+    let (mut node, _resolver, data) = TestNode::start_with_resolver(
+        |_| {},
         ResolverOptions::new("svc").entity("items", FetchMode::Shared),
-        &data,
     )
     .await;
+    data.set_rows("items", "7", &[r#"{"id":7}"#]);
     let mut client = node.client().await;
     client.subscribe("items", "7").await;
 

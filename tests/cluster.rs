@@ -14,24 +14,18 @@ use std::{
 };
 
 use common::{
-    ResolverData, ResolverOptions, TestNode, TestResolver, WsClient,
+    ResolverData, ResolverOptions, TestNode, TestResolver, WsClient, http_get, metric_value,
     nats::{NatsCluster, NatsServer, TcpProxy},
-    notify, notify_one, parse_push,
+    notify, notify_one, notify_request, parse_push,
 };
 use entity_sync::{
     bus::BusError,
     config::Config,
     node::{Listeners, Node, NodeError},
-    proto::v1::{
-        EntityKey, FetchMode, NotifyRequest, NotifyResponse, Reason,
-        entity_sync_client::EntitySyncClient,
-    },
+    proto::v1::{FetchMode, NotifyResponse, Reason, entity_sync_client::EntitySyncClient},
 };
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    time::{Instant, timeout},
-};
+use tokio::time::{Instant, timeout};
 
 /// Waits that span a NATS reconnect or a JetStream leader election.
 const RECONNECT_DEADLINE: Duration = Duration::from_secs(20);
@@ -86,17 +80,10 @@ async fn notify_within(
         let mut client = EntitySyncClient::connect(grpc.to_owned())
             .await
             .map_err(|e| tonic::Status::unavailable(format!("grpc connect: {e}")))?;
-        let request = NotifyRequest {
-            keys: keys
-                .iter()
-                .map(|(entity, id)| EntityKey {
-                    entity: entity.to_string(),
-                    id: id.to_string(),
-                })
-                .collect(),
-            idempotency_key: idempotency_key.to_owned(),
-        };
-        client.notify(request).await.map(|r| r.into_inner())
+        client
+            .notify(notify_request(keys, idempotency_key))
+            .await
+            .map(|r| r.into_inner())
     };
     match timeout(wait, attempt).await {
         Ok(result) => result,
@@ -106,41 +93,11 @@ async fn notify_within(
     }
 }
 
-/// A minimal HTTP/1.1 GET on the node's websocket port; (status, body).
-async fn http_get(node: &TestNode, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(node.ws_addr())
-            .await
-            .expect("connect");
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.expect("read");
-        response
-    };
-    let response = timeout(Duration::from_secs(5), exchange)
-        .await
-        .expect("http response timed out");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad http response: {text}"));
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
-}
-
 /// The value of the unlabelled sample `name` on the node's `/metrics`.
 async fn metric(node: &TestNode, name: &str) -> u64 {
     let (status, body) = http_get(node, "/metrics").await;
     assert_eq!(status, 200, "/metrics answered {status}");
-    body.lines()
-        .find_map(|line| {
-            let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
-            rest.split_whitespace().next()?.parse::<f64>().ok()
-        })
+    metric_value(&body, name)
         .map(|v| v as u64)
         .unwrap_or_else(|| panic!("metric {name} missing from:\n{body}"))
 }

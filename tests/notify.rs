@@ -2,25 +2,20 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{
-    ResolverData, ResolverOptions, TestNode, TestResolver, notify, notify_one, try_notify,
+    ResolverData, ResolverOptions, TestNode, TestResolver, http_get, metric_value, notify,
+    notify_one, try_notify,
 };
 use entity_sync::proto::v1::FetchMode;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
 async fn setup() -> (TestNode, TestResolver, ResolverData) {
-    let node = TestNode::start(|c| c.max_notify_keys = 3).await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, resolver, data) = TestNode::start_with_resolver(
+        |c| c.max_notify_keys = 3,
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
     )
     .await;
     for id in ["1", "2"] {
@@ -197,36 +192,6 @@ async fn grpc_health_is_serving() {
             "service {service:?}"
         );
     }
-}
-
-/// A minimal HTTP/1.1 GET; returns (status code, body).
-async fn http_get(node: &TestNode, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(node.ws_addr())
-        .await
-        .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
-        .await
-        .expect("http response timed out")
-        .expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad http response: {text}"));
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
-}
-
-/// The value of an unlabelled sample `name` in Prometheus text.
-fn metric_value(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
 }
 
 #[tokio::test]

@@ -17,14 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 #[tokio::test]
 async fn per_subscriber_resolves_once_per_distinct_secret() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("docs", FetchMode::PerSubscriber),
-        &data,
-    )
-    .await;
+    let (node, resolver, data) = TestNode::with_resolver("docs", FetchMode::PerSubscriber).await;
     data.set_rows("docs", "7", &[r#"{"for":"$SECRET","v":1}"#]);
 
     let mut clients = Vec::new();
@@ -68,14 +61,7 @@ async fn per_subscriber_resolves_once_per_distinct_secret() {
 
 #[tokio::test]
 async fn unspecified_fetch_mode_is_per_subscriber() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("docs", FetchMode::Unspecified),
-        &data,
-    )
-    .await;
+    let (node, resolver, data) = TestNode::with_resolver("docs", FetchMode::Unspecified).await;
     data.set_rows("docs", "1", &[r#"{"for":"$SECRET"}"#]);
     let mut a = node.client().await;
     a.send_secret("a").await;
@@ -99,14 +85,7 @@ async fn unspecified_fetch_mode_is_per_subscriber() {
 
 #[tokio::test]
 async fn shared_resolves_once_per_change_with_empty_secret() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
-    )
-    .await;
+    let (node, resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
     data.set_rows("items", "1", &[r#"{"v":1}"#]);
 
     let mut clients = Vec::new();
@@ -147,14 +126,7 @@ async fn shared_resolves_once_per_change_with_empty_secret() {
 
 #[tokio::test]
 async fn forbidden_on_subscribe_creates_no_subscription() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("docs", FetchMode::PerSubscriber),
-        &data,
-    )
-    .await;
+    let (node, resolver, data) = TestNode::with_resolver("docs", FetchMode::PerSubscriber).await;
     let mut entry = Entry::ok(&[r#"{"secret":"stuff"}"#]);
     entry.forbidden_secrets.insert("intruder".to_owned());
     data.set("docs", "1", entry);
@@ -183,14 +155,7 @@ async fn forbidden_on_subscribe_creates_no_subscription() {
 
 #[tokio::test]
 async fn forbidden_on_change_revokes_the_subscription() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("docs", FetchMode::PerSubscriber),
-        &data,
-    )
-    .await;
+    let (node, resolver, data) = TestNode::with_resolver("docs", FetchMode::PerSubscriber).await;
     data.set_rows("docs", "1", &[r#"{"v":1}"#]);
     let mut client = node.client().await;
     client.send_secret("s").await;
@@ -216,14 +181,7 @@ async fn forbidden_on_change_revokes_the_subscription() {
 
 #[tokio::test]
 async fn not_found_on_subscribe_creates_no_subscription() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let _resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
-    )
-    .await;
+    let (node, _resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
     let mut client = node.client().await;
     client.send_subscribe("items", "missing").await;
     client
@@ -240,14 +198,7 @@ async fn not_found_on_subscribe_creates_no_subscription() {
 
 #[tokio::test]
 async fn not_found_on_change_pushes_empty_rows_and_keeps_subscription() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let _resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
-    )
-    .await;
+    let (node, _resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
     data.set_rows("items", "1", &[r#"{"v":1}"#]);
     let mut client = node.client().await;
     client.subscribe("items", "1").await;
@@ -267,14 +218,7 @@ async fn not_found_on_change_pushes_empty_rows_and_keeps_subscription() {
 
 #[tokio::test]
 async fn subscribe_without_resolver_is_no_resolver() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let _resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
-    )
-    .await;
+    let (node, _resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
     data.set_rows("items", "1", &[r#"{}"#]);
     let mut client = node.client().await;
     client.send_subscribe("ghosts", "1").await;
@@ -288,14 +232,7 @@ async fn subscribe_without_resolver_is_no_resolver() {
 
 #[tokio::test]
 async fn resolver_error_on_subscribe_carries_the_resolver_message() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let _resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
-    )
-    .await;
+    let (node, _resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
     data.set(
         "items",
         "1",
@@ -321,12 +258,9 @@ async fn resolver_error_on_subscribe_carries_the_resolver_message() {
 
 #[tokio::test]
 async fn unanswered_subscribe_is_resolver_timeout() {
-    let node = TestNode::start(|c| c.resolve_timeout = Duration::from_millis(300)).await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, resolver, data) = TestNode::start_with_resolver(
+        |c| c.resolve_timeout = Duration::from_millis(300),
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
     )
     .await;
     data.set_rows("items", "1", &[r#"{}"#]);
@@ -342,14 +276,7 @@ async fn unanswered_subscribe_is_resolver_timeout() {
 
 #[tokio::test]
 async fn resolver_version_is_used_when_given() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
-    )
-    .await;
+    let (node, resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
     let mut entry = Entry::ok(&[r#"{"v":1}"#]);
     entry.version = 1_000;
     data.set("items", "1", entry.clone());
@@ -376,14 +303,7 @@ async fn resolver_version_is_used_when_given() {
 
 #[tokio::test]
 async fn a_new_secret_applies_to_later_resolves() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("docs", FetchMode::PerSubscriber),
-        &data,
-    )
-    .await;
+    let (node, resolver, data) = TestNode::with_resolver("docs", FetchMode::PerSubscriber).await;
     data.set_rows("docs", "1", &[r#"{"for":"$SECRET"}"#]);
     let mut client = node.client().await;
     client.send_secret("old").await;
@@ -410,14 +330,11 @@ async fn a_new_secret_applies_to_later_resolves() {
 /// causes exactly one more resolve, and the client ends on the latest state.
 #[tokio::test]
 async fn burst_during_inflight_resolve_coalesces_into_one_more_resolve() {
-    let node = TestNode::start(|c| c.resolve_timeout = Duration::from_secs(20)).await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, resolver, data) = TestNode::start_with_resolver(
+        |c| c.resolve_timeout = Duration::from_secs(20),
         ResolverOptions::new("backend")
             .entity("items", FetchMode::Shared)
             .entity("beacon", FetchMode::Shared),
-        &data,
     )
     .await;
     data.set_rows("items", "1", &[r#"{"v":0}"#]);
@@ -462,14 +379,11 @@ async fn burst_during_inflight_resolve_coalesces_into_one_more_resolve() {
 /// allowed, the keys changed meanwhile come in one batched request.
 #[tokio::test]
 async fn pending_change_resolves_are_batched() {
-    let node = TestNode::start(|c| c.resolve_timeout = Duration::from_secs(20)).await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, resolver, data) = TestNode::start_with_resolver(
+        |c| c.resolve_timeout = Duration::from_secs(20),
         ResolverOptions::new("backend")
             .entity("items", FetchMode::Shared)
             .max_in_flight(1),
-        &data,
     )
     .await;
     // On its own stream, so the held request does not take its capacity.
@@ -633,12 +547,9 @@ async fn change_during_resolver_outage_is_delivered_when_a_resolver_returns() {
 
 #[tokio::test]
 async fn registration_is_acknowledged_with_the_node_id() {
-    let node = TestNode::start(|c| c.node_id = "node-under-test".to_owned()).await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, resolver, data) = TestNode::start_with_resolver(
+        |c| c.node_id = "node-under-test".to_owned(),
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
     )
     .await;
     assert_eq!(resolver.node_id, "node-under-test");
@@ -689,14 +600,7 @@ async fn first_message_other_than_register_is_invalid_argument() {
 
 #[tokio::test]
 async fn invalid_registrations_are_refused() {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let _ok = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
-    )
-    .await;
+    let (node, _ok, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
 
     let conflict = TestResolver::try_connect(
         node.grpc(),

@@ -3,19 +3,12 @@
 
 mod common;
 
-use common::{ResolverData, ResolverOptions, TestNode, TestResolver, wait_until};
+use common::{TestNode, wait_until};
 use entity_sync::proto::v1::FetchMode;
 
 #[tokio::test]
 async fn shutdown_closes_websockets_with_1001_and_ends_resolver_streams() {
-    let mut node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
-        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
-    )
-    .await;
+    let (mut node, resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
     data.set_rows("items", "1", &[r#"{"v":1}"#]);
     let mut subscribed = node.client().await;
     subscribed.subscribe("items", "1").await;

@@ -15,14 +15,11 @@ use serde_json::{Value, json};
 /// A node with one resolver serving `items` (SHARED) and `docs`
 /// (PER_SUBSCRIBER).
 async fn setup() -> (TestNode, TestResolver, ResolverData) {
-    let node = TestNode::start_default().await;
-    let data = ResolverData::new();
-    let resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, resolver, data) = TestNode::start_with_resolver(
+        |_| {},
         ResolverOptions::new("backend")
             .entity("items", FetchMode::Shared)
             .entity("docs", FetchMode::PerSubscriber),
-        &data,
     )
     .await;
     (node, resolver, data)
@@ -213,12 +210,9 @@ async fn unsubscribe_stops_pushes_and_unknown_key_is_not_subscribed() {
 /// fine afterwards.
 #[tokio::test]
 async fn bad_input_gets_stable_error_codes_and_connection_carries_on() {
-    let node = TestNode::start(|c| c.max_message_bytes = 1024).await;
-    let data = ResolverData::new();
-    let _resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, _resolver, data) = TestNode::start_with_resolver(
+        |c| c.max_message_bytes = 1024,
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
     )
     .await;
     data.set_rows("items", "ok", &[r#"{"fine":true}"#]);
@@ -311,12 +305,9 @@ async fn frame_above_hard_cap_is_closed_with_1009() {
 
 #[tokio::test]
 async fn too_many_subscriptions_then_room_after_unsubscribe() {
-    let node = TestNode::start(|c| c.max_subscriptions = 2).await;
-    let data = ResolverData::new();
-    let _resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, _resolver, data) = TestNode::start_with_resolver(
+        |c| c.max_subscriptions = 2,
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
     )
     .await;
     for id in ["1", "2", "3"] {
@@ -345,12 +336,9 @@ async fn too_many_subscriptions_then_room_after_unsubscribe() {
 
 #[tokio::test]
 async fn compat_mode_sends_each_row_as_a_bare_frame() {
-    let node = TestNode::start(|c| c.compat_bare_rows = true).await;
-    let data = ResolverData::new();
-    let _resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, _resolver, data) = TestNode::start_with_resolver(
+        |c| c.compat_bare_rows = true,
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
-        &data,
     )
     .await;
     data.set_rows("items", "1", &[r#"{"z":1,"a":2}"#, r#"{"ref":"x"}"#]);
@@ -504,16 +492,12 @@ async fn disconnecting_clients_leave_the_registry_empty() {
 /// outbound_max_bytes; another client keeps getting its pushes meanwhile.
 #[tokio::test]
 async fn slow_client_is_closed_with_1008_and_others_keep_their_pushes() {
-    let node = TestNode::start(|c| {
-        c.outbound_max_bytes = 64 * 1024;
-        c.resolve_timeout = Duration::from_secs(10);
-    })
-    .await;
-    let data = ResolverData::new();
-    let _resolver = TestResolver::connect(
-        node.grpc(),
+    let (node, _resolver, data) = TestNode::start_with_resolver(
+        |c| {
+            c.outbound_max_bytes = 64 * 1024;
+            c.resolve_timeout = Duration::from_secs(10);
+        },
         ResolverOptions::new("backend").entity("blob", FetchMode::Shared),
-        &data,
     )
     .await;
     let big_row = json!({"blob": "b".repeat(32 * 1024)}).to_string();

@@ -27,6 +27,7 @@ use entity_sync::{
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::mpsc,
     task::JoinHandle,
@@ -81,6 +82,28 @@ impl TestNode {
     /// Starts a node with the test defaults only.
     pub async fn start_default() -> TestNode {
         TestNode::start(|_| {}).await
+    }
+
+    /// Starts a node with the test defaults and one resolver, "backend",
+    /// serving `entity` in `mode` from the returned (empty) data.
+    pub async fn with_resolver(
+        entity: &str,
+        mode: FetchMode,
+    ) -> (TestNode, TestResolver, ResolverData) {
+        TestNode::start_with_resolver(|_| {}, ResolverOptions::new("backend").entity(entity, mode))
+            .await
+    }
+
+    /// Starts a node (test defaults, then `modify`) and connects one resolver
+    /// with `options`, serving from the returned (empty) data.
+    pub async fn start_with_resolver(
+        modify: impl FnOnce(&mut Config),
+        options: ResolverOptions,
+    ) -> (TestNode, TestResolver, ResolverData) {
+        let node = TestNode::start(modify).await;
+        let data = ResolverData::new();
+        let resolver = TestResolver::connect(node.grpc(), options, &data).await;
+        (node, resolver, data)
     }
 
     pub fn ws_url(&self) -> &str {
@@ -168,6 +191,42 @@ pub async fn assert_stays(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(cond(), "condition no longer holds: {what}");
+}
+
+// ---------------------------------------------------------------------------
+// HTTP endpoints
+// ---------------------------------------------------------------------------
+
+/// A minimal HTTP/1.1 GET on the node's websocket port; (status, body).
+pub async fn http_get(node: &TestNode, path: &str) -> (u16, String) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(node.ws_addr()).await.expect("connect");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read");
+        response
+    };
+    let response = timeout(DEADLINE, exchange)
+        .await
+        .expect("http response timed out");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad http response: {text}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -862,6 +921,21 @@ fn response_for(data: &ResolverData, seen: &SeenRequest) -> ResolverMessage {
 // Notify
 // ---------------------------------------------------------------------------
 
+/// A `NotifyRequest` for `keys` (entity, id) with an idempotency key ("" for
+/// none).
+pub fn notify_request(keys: &[(&str, &str)], idempotency_key: &str) -> NotifyRequest {
+    NotifyRequest {
+        keys: keys
+            .iter()
+            .map(|(entity, id)| EntityKey {
+                entity: entity.to_string(),
+                id: id.to_string(),
+            })
+            .collect(),
+        idempotency_key: idempotency_key.to_owned(),
+    }
+}
+
 /// Calls `Notify` with `keys`; panics unless OK.
 pub async fn notify(grpc: &str, keys: &[(&str, &str)]) -> NotifyResponse {
     try_notify(grpc, keys, "")
@@ -878,20 +952,13 @@ pub async fn try_notify(
     let mut client = EntitySyncClient::connect(grpc.to_owned())
         .await
         .expect("grpc connect");
-    let request = NotifyRequest {
-        keys: keys
-            .iter()
-            .map(|(entity, id)| EntityKey {
-                entity: entity.to_string(),
-                id: id.to_string(),
-            })
-            .collect(),
-        idempotency_key: idempotency_key.to_owned(),
-    };
-    timeout(DEADLINE, client.notify(request))
-        .await
-        .expect("notify timed out")
-        .map(|r| r.into_inner())
+    timeout(
+        DEADLINE,
+        client.notify(notify_request(keys, idempotency_key)),
+    )
+    .await
+    .expect("notify timed out")
+    .map(|r| r.into_inner())
 }
 
 /// The single sequence of a one-key notify.
