@@ -320,7 +320,7 @@ impl Dispatcher {
     /// frame). Dropping the future (the connection closed) is fine.
     pub async fn subscribe(&self, conn: Arc<Connection>, key: ChangeKey) {
         // Read before resolving: the snapshot reflects every change up to it.
-        let base = self.inner.bus.head().max(self.applied());
+        let base = self.inner.bus.snapshot_version().await.max(self.applied());
         let result = self
             .inner
             .pool

@@ -83,14 +83,20 @@ async fn upgrade(
     }
     let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let hard_cap = ctx.max_message_bytes.saturating_mul(HARD_CAP_FACTOR);
-    let tracker = state.tracker.clone();
+    // Tracked from the moment the upgrade is answered (not when the session
+    // starts), so a shutdown right after it still waits for the 1001 close.
+    let token = state.tracker.token();
     ws.read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(WS_WRITE_BUFFER_BYTES)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("conn", conn.id = id, peer = %peer);
-            tracker.track_future(session::serve(socket, ctx, id, peer).instrument(span))
+            async move {
+                let _token = token;
+                session::serve(socket, ctx, id, peer).await;
+            }
+            .instrument(span)
         })
 }
 

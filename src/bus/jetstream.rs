@@ -37,6 +37,8 @@ use crate::{key::ChangeKey, metrics::Metrics};
 pub const ACK_WINDOW: usize = 1000;
 /// Most change events handed to the dispatcher in one batch.
 const CONSUME_BATCH: usize = 512;
+/// Deadline of the stream-head query made for each snapshot.
+const HEAD_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often the consumer compares its position with the stream's.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Deadline of that comparison's stream-info request.
@@ -100,6 +102,7 @@ pub struct JetStreamBus {
 struct Inner {
     client: Client,
     js: jetstream::Context,
+    stream: jetstream::stream::Stream,
     prefix: String,
     /// Highest sequence acknowledged to this node's publishes or consumed.
     head: AtomicU64,
@@ -215,6 +218,7 @@ impl JetStreamBus {
             inner: Arc::new(Inner {
                 client: client.clone(),
                 js: js.clone(),
+                stream: stream.clone(),
                 prefix: config.prefix.clone(),
                 head: AtomicU64::new(start),
                 closed: AtomicBool::new(false),
@@ -236,6 +240,21 @@ impl JetStreamBus {
 
     pub(super) fn head(&self) -> u64 {
         self.inner.head.load(Ordering::Acquire)
+    }
+
+    /// The stream's last sequence, asked of NATS: every change acknowledged
+    /// by any node before this call is at or below it, so a snapshot taken
+    /// after it never carries a lower version than a push a client got from
+    /// another node. Falls back to this node's own head when NATS doesn't
+    /// answer in time.
+    pub(super) async fn stream_head(&self) -> u64 {
+        if let Ok(Ok(info)) = tokio::time::timeout(HEAD_TIMEOUT, self.inner.stream.get_info()).await
+        {
+            self.inner
+                .head
+                .fetch_max(info.state.last_sequence, Ordering::AcqRel);
+        }
+        self.head()
     }
 
     pub(super) fn is_connected(&self) -> bool {

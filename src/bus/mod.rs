@@ -95,6 +95,16 @@ impl Bus {
         }
     }
 
+    /// The version of a snapshot about to be resolved: a sequence at or above
+    /// every change stored before this call, on any node (so it compares with
+    /// pushes from other nodes).
+    pub async fn snapshot_version(&self) -> u64 {
+        match self {
+            Bus::InProcess(bus) => bus.head.load(Ordering::Acquire),
+            Bus::JetStream(bus) => bus.stream_head().await,
+        }
+    }
+
     /// Short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
