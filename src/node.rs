@@ -64,6 +64,12 @@ impl Node {
     /// Starts serving on `listeners` and returns once both ports accept.
     pub async fn start(listeners: Listeners, config: Config) -> Result<Node, NodeError> {
         config.validate().map_err(NodeError::Config)?;
+        // Everything that can fail comes before the first task is spawned.
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|err| NodeError::Reflection(err.to_string()))?;
         let ws_addr = listeners.ws.local_addr()?;
         let grpc_addr = listeners.grpc.local_addr()?;
         let node_id: Arc<str> = if config.node_id.is_empty() {
@@ -194,11 +200,6 @@ impl Node {
         health
             .set_serving::<EntitySyncServer<EntitySyncService>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|err| NodeError::Reflection(err.to_string()))?;
         let service = EntitySyncService {
             bus: bus.clone(),
             pool: pool.clone(),
