@@ -442,8 +442,8 @@ export class EntitySyncClient {
     if (snapshot) {
       // The snapshot answering a subscribe was resolved after that subscribe,
       // so it is current by construction and always applied. Its version can
-      // be lower than the one held only when the version source restarted
-      // (a node on the embedded bus counts from zero again after a restart);
+      // be lower than the one held only when the version source went back
+      // (a recreated JetStream stream, a resolver whose versions were reset);
       // comparing would then drop every push from now on.
       sub.awaitingSnapshot = false;
     } else if (sub.version !== null && version < sub.version) {

@@ -41,17 +41,29 @@ struct Publisher {
 
 impl MemoryBus {
     /// Creates the bus and the receiver the dispatcher consumes.
+    /// Creates the bus and the receiver the dispatcher consumes. Sequences
+    /// start at the current Unix time in microseconds, so versions keep
+    /// growing across node restarts (unless a node sustained more than a
+    /// million changes a second) and stay below 2^53, exact in JavaScript.
     pub fn new() -> (Self, mpsc::Receiver<BusEvent>) {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Self::starting_at(micros.max(1))
+    }
+
+    /// Creates the bus with `first` as the first sequence it assigns.
+    pub fn starting_at(first: u64) -> (Self, mpsc::Receiver<BusEvent>) {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let bus = Self {
             inner: Arc::new(MemoryInner {
                 publisher: tokio::sync::Mutex::new(Publisher {
-                    next_seq: 1,
+                    next_seq: first,
                     tx: Some(tx),
                     dedup: DedupWindow::default(),
                 }),
             }),
-            head: Arc::new(AtomicU64::new(0)),
+            head: Arc::new(AtomicU64::new(first - 1)),
         };
         (bus, rx)
     }
@@ -150,7 +162,7 @@ mod tests {
 
     #[tokio::test]
     async fn sequences_are_assigned_in_order_and_delivered() {
-        let (bus, mut rx) = MemoryBus::new();
+        let (bus, mut rx) = MemoryBus::starting_at(1);
         let bus = Bus::InProcess(bus);
         let r = bus.publish(vec![key("1"), key("2")], "").await.unwrap();
         assert_eq!(r.sequences, vec![1, 2]);
@@ -178,6 +190,19 @@ mod tests {
                 seq: 3
             }])
         );
+    }
+
+    #[test]
+    fn sequences_start_from_the_clock_so_they_grow_across_restarts() {
+        let (first, _rx) = MemoryBus::new();
+        let (second, _rx2) = MemoryBus::new();
+        let first = Bus::InProcess(first).head();
+        assert!(
+            first > 1_700_000_000_000_000,
+            "microseconds since 1970: {first}"
+        );
+        assert!(first < 1 << 53, "exact as a JavaScript number");
+        assert!(Bus::InProcess(second).head() >= first);
     }
 
     #[tokio::test]
