@@ -80,10 +80,26 @@ pub struct Config {
     #[arg(long, env = "ENTITY_SYNC_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Origins allowed to open websockets, comma-separated (e.g.
+    /// `https://app.example.com`). Empty: any. Requests without an `Origin`
+    /// header (non-browser clients) are always allowed.
+    #[arg(long, env = "ENTITY_SYNC_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// Most websocket connections this node holds at once (0: no limit but the
     /// OS's). Upgrades beyond it are refused with HTTP 503.
     #[arg(long, env = "ENTITY_SYNC_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
+
+    /// Messages per second one connection may send, on average (0: no limit).
+    /// Messages over it are dropped with a `rate_limited` error frame.
+    #[arg(long, env = "ENTITY_SYNC_MAX_MESSAGE_RATE", default_value_t = 200)]
+    pub max_message_rate: u32,
+
+    /// Messages a connection may send at once above that rate (e.g. a page
+    /// subscribing to all its keys when it loads).
+    #[arg(long, env = "ENTITY_SYNC_MAX_MESSAGE_BURST", default_value_t = 2048)]
+    pub max_message_burst: u32,
 
     /// Most subscriptions one connection may hold.
     #[arg(long, env = "ENTITY_SYNC_MAX_SUBSCRIPTIONS", default_value_t = 1024)]

@@ -11,7 +11,7 @@ use std::{
 use axum::{
     Router,
     extract::{ConnectInfo, State, WebSocketUpgrade},
-    http::{StatusCode, header},
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -40,6 +40,8 @@ pub struct HttpState {
     pub next_conn: Arc<AtomicU64>,
     /// 0: unlimited.
     pub max_connections: usize,
+    /// Empty: any origin.
+    pub allowed_origins: Arc<[String]>,
     pub tracker: tokio_util::task::TaskTracker,
 }
 
@@ -68,9 +70,20 @@ async fn upgrade(
     ws: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(state): State<HttpState>,
+    headers: HeaderMap,
 ) -> Response {
     if !state.ready.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !state.allowed_origins.is_empty()
+        && !state
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed.as_bytes() == origin.as_bytes())
+    {
+        tracing::info!(%peer, origin = ?origin, "websocket refused: origin not allowed");
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
     let ctx = state.session.clone();
     if state.max_connections > 0 && ctx.registry.connections() >= state.max_connections {

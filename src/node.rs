@@ -160,6 +160,8 @@ impl Node {
             cancel: cancel.clone(),
             node_id: node_id.clone(),
             max_message_bytes: config.max_message_bytes,
+            max_message_rate: config.max_message_rate,
+            max_message_burst: config.max_message_burst,
             max_subscriptions: config.max_subscriptions,
             outbound_max_bytes: config.outbound_max_bytes,
             ping,
@@ -173,6 +175,12 @@ impl Node {
             ready: Arc::new(AtomicBool::new(true)),
             next_conn: Arc::new(AtomicU64::new(1)),
             max_connections: config.max_connections,
+            allowed_origins: config
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
             tracker: tracker.clone(),
         };
 

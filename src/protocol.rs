@@ -40,11 +40,12 @@ pub enum ErrorCode {
     ResolverTimeout,
     NoPassThrough,
     Overloaded,
+    RateLimited,
 }
 
 impl ErrorCode {
     /// Every code, for metrics and docs.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         Self::InvalidJson,
         Self::UnknownAction,
         Self::InvalidBody,
@@ -59,6 +60,7 @@ impl ErrorCode {
         Self::ResolverTimeout,
         Self::NoPassThrough,
         Self::Overloaded,
+        Self::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +79,7 @@ impl ErrorCode {
             Self::ResolverTimeout => "resolver_timeout",
             Self::NoPassThrough => "no_pass_through",
             Self::Overloaded => "overloaded",
+            Self::RateLimited => "rate_limited",
         }
     }
 

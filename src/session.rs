@@ -45,6 +45,9 @@ pub struct SessionContext {
     pub cancel: CancellationToken,
     pub node_id: Arc<str>,
     pub max_message_bytes: usize,
+    /// Messages per second per connection (0: unlimited) and the burst above it.
+    pub max_message_rate: u32,
+    pub max_message_burst: u32,
     pub max_subscriptions: usize,
     pub outbound_max_bytes: usize,
     /// Ticks every ping interval (one node-wide timer instead of one per connection).
@@ -67,6 +70,7 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
     let mut ping = ctx.ping.clone();
     ping.mark_unchanged();
     let mut last_seen = Instant::now();
+    let mut limiter = RateLimit::new(ctx.max_message_rate, ctx.max_message_burst, last_seen);
 
     let close: Option<(u16, &'static str)> = loop {
         tokio::select! {
@@ -114,6 +118,13 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
                         }
                         break None;
                     }
+                    Some(Ok(Message::Text(_) | Message::Binary(_))) if !limiter.allow(last_seen) => {
+                        let message = format!(
+                            "message dropped: over {} messages per second",
+                            ctx.max_message_rate
+                        );
+                        reject(&ctx, &conn, ProtocolError::new(ErrorCode::RateLimited, message));
+                    }
                     Some(Ok(Message::Text(text))) => {
                         if let Some(subscribe) = on_text(&ctx, &conn, text) {
                             subscribes.get_or_insert_with(FuturesUnordered::new).push(subscribe);
@@ -157,6 +168,43 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
     drop(subscribes);
     ctx.registry.connection_closed(&conn);
     tracing::debug!("connection closed");
+}
+
+/// Token bucket for a connection's inbound messages: `rate` per second on
+/// average, up to `burst` at once. `rate == 0` allows everything.
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate: f64::from(rate),
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 fn slow_client(ctx: &SessionContext, conn: &Connection) -> (u16, &'static str) {
@@ -272,5 +320,34 @@ fn on_text(
             }
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_the_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut limit = RateLimit::new(10, 3, start);
+        assert!((0..3).all(|_| limit.allow(start)), "the burst passes");
+        assert!(!limit.allow(start), "then nothing until tokens refill");
+        assert!(
+            limit.allow(start + Duration::from_millis(100)),
+            "one per 100 ms"
+        );
+        assert!(!limit.allow(start + Duration::from_millis(150)));
+        // Idle time refills up to the burst, not beyond.
+        let later = start + Duration::from_secs(60);
+        assert!((0..3).all(|_| limit.allow(later)));
+        assert!(!limit.allow(later));
+    }
+
+    #[test]
+    fn zero_rate_means_no_limit() {
+        let start = Instant::now();
+        let mut limit = RateLimit::new(0, 1, start);
+        assert!((0..10_000).all(|_| limit.allow(start)));
     }
 }

@@ -11,9 +11,19 @@ use tokio::{
 
 /// Sends a websocket upgrade request by hand; returns the HTTP status.
 async fn upgrade_status(node: &TestNode) -> u16 {
+    upgrade_status_from(node, None).await
+}
+
+/// The same, with an `Origin` header when given.
+async fn upgrade_status_from(node: &TestNode, origin: Option<&str>) -> u16 {
     let mut stream = TcpStream::connect(node.ws_addr()).await.unwrap();
-    let request = "GET /ws/entity-sync/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let origin = origin
+        .map(|o| format!("Origin: {o}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET /ws/entity-sync/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{origin}\r\n"
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 512];
     let n = stream.read(&mut buf).await.unwrap();
@@ -35,5 +45,61 @@ async fn upgrades_beyond_max_connections_get_503() {
     node.wait_stats("no connection", |s| s.connections == 0)
         .await;
     assert_eq!(upgrade_status(&node).await, 101);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn messages_over_the_rate_get_rate_limited_and_the_connection_carries_on() {
+    let mut node = TestNode::start(|config| {
+        config.max_message_rate = 2;
+        config.max_message_burst = 3;
+    })
+    .await;
+    let mut client = node.client().await;
+    for _ in 0..5 {
+        client.send_text("not json").await;
+    }
+    for expected in [
+        "invalid_json",
+        "invalid_json",
+        "invalid_json",
+        "rate_limited",
+        "rate_limited",
+    ] {
+        let frame = client.recv_json().await;
+        assert_eq!(frame["action"], "error");
+        assert_eq!(frame["body"]["code"], expected, "{frame}");
+    }
+    // Half a second refills one token (2 per second): the connection carries on.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    client.send_text("still not json").await;
+    assert_eq!(client.recv_json().await["body"]["code"], "invalid_json");
+    client.silent().await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn only_allowed_origins_may_open_websockets() {
+    let mut node = TestNode::start(|config| {
+        config.allowed_origins = vec![
+            "https://app.example".into(),
+            "http://localhost:3000/".into(),
+        ];
+    })
+    .await;
+    assert_eq!(
+        upgrade_status_from(&node, Some("https://evil.example")).await,
+        403
+    );
+    assert_eq!(
+        upgrade_status_from(&node, Some("https://app.example")).await,
+        101
+    );
+    assert_eq!(
+        upgrade_status_from(&node, Some("http://localhost:3000")).await,
+        101
+    );
+    // Non-browser clients send no Origin; the check protects browsers.
+    assert_eq!(upgrade_status_from(&node, None).await, 101);
     node.shutdown().await;
 }
