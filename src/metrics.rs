@@ -5,7 +5,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
-use crate::protocol::ErrorCode;
+use crate::{proto::v1::Reason, protocol::ErrorCode};
 
 /// Counters shared by every part of a node. Plain atomics: cheap on the hot
 /// path, and a scrape reads a consistent-enough snapshot.
@@ -46,6 +46,15 @@ pub struct Stats {
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
+    }
+
+    /// Counts one resolve request sent for `reason`.
+    pub fn resolve_request(&self, reason: Reason) {
+        let counter = match reason {
+            Reason::Subscribe => &self.resolve_requests_subscribe_total,
+            _ => &self.resolve_requests_change_total,
+        };
+        Self::inc(counter);
     }
 
     pub fn client_error(&self, code: ErrorCode) {
@@ -131,16 +140,6 @@ impl Metrics {
                 "entity_sync_changes_consumed_total",
                 "Change keys consumed from the bus.",
                 &self.changes_consumed_total,
-            ),
-            (
-                "entity_sync_resolve_requests_subscribe_total",
-                "Resolve requests sent for subscribes.",
-                &self.resolve_requests_subscribe_total,
-            ),
-            (
-                "entity_sync_resolve_requests_change_total",
-                "Resolve requests sent for changes.",
-                &self.resolve_requests_change_total,
             ),
             (
                 "entity_sync_resolve_timeouts_total",

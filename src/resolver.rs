@@ -387,11 +387,7 @@ impl ResolverPool {
         let (Resolved::NoResolver, Some(remote)) = (&local, &self.inner.remote) else {
             return local;
         };
-        let counter = match reason {
-            Reason::Subscribe => &self.inner.metrics.resolve_requests_subscribe_total,
-            _ => &self.inner.metrics.resolve_requests_change_total,
-        };
-        Metrics::inc(counter);
+        self.inner.metrics.resolve_request(reason);
         Metrics::inc(&self.inner.metrics.cluster_resolves_total);
         // Boxed: the request-reply future is large, and every resolve future
         // (one per pending subscribe) would otherwise carry its size.
@@ -511,11 +507,7 @@ impl ResolverPool {
             match slot.tx.try_send(Ok(message)) {
                 Ok(()) => {
                     slot.in_flight += 1;
-                    let counter = match reason {
-                        Reason::Subscribe => &self.inner.metrics.resolve_requests_subscribe_total,
-                        _ => &self.inner.metrics.resolve_requests_change_total,
-                    };
-                    Metrics::inc(counter);
+                    self.inner.metrics.resolve_request(reason);
                     in_flight.insert(
                         request_id,
                         InFlight {
