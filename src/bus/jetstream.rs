@@ -75,11 +75,16 @@ impl JetStreamConfig {
         format!("{}_changes", self.prefix)
     }
 
+    /// The stream's subjects, which the consumer also filters on.
+    fn changes_subjects(&self) -> String {
+        format!("{}.changes.>", self.prefix)
+    }
+
     fn stream_config(&self) -> stream::Config {
         stream::Config {
             name: self.stream_name(),
             description: Some("entity-sync change keys".into()),
-            subjects: vec![format!("{}.changes.>", self.prefix)],
+            subjects: vec![self.changes_subjects()],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             discard: stream::DiscardPolicy::Old,
@@ -228,7 +233,7 @@ impl JetStreamBus {
         let consumer = Consumer {
             bus: bus.clone(),
             stream,
-            filter: format!("{}.changes.>", config.prefix),
+            filter: config.changes_subjects(),
             tx,
             last: start,
             metrics,
@@ -386,9 +391,7 @@ impl Consumer {
     /// Consumes until shutdown (Ok) or a failure that needs a new consumer (Err).
     async fn consume(&mut self) -> Result<(), String> {
         let info = self.stream.get_info().await.map_err(|e| e.to_string())?;
-        if info.state.first_sequence > self.last + 1 {
-            self.resync(info.state.first_sequence).await?;
-        }
+        self.resync_if_expired(&info).await?;
         let client = self.bus.inner.client.clone();
         let consumer = self
             .stream
@@ -471,9 +474,7 @@ impl Consumer {
         let Ok(Ok(info)) = tokio::time::timeout(CHECK_TIMEOUT, self.stream.get_info()).await else {
             return Ok(()); // NATS unreachable: nothing to compare now.
         };
-        if info.state.first_sequence > self.last + 1 {
-            self.resync(info.state.first_sequence).await?;
-        }
+        self.resync_if_expired(&info).await?;
         if info.state.last_sequence > self.last && progress.0 == self.last {
             progress.1 += 1;
             if progress.1 >= STALL_CHECKS {
@@ -484,6 +485,15 @@ impl Consumer {
             }
         } else {
             *progress = (self.last, 0);
+        }
+        Ok(())
+    }
+
+    /// Resyncs when the stream no longer holds the change after the last
+    /// one processed (it expired while this node was away).
+    async fn resync_if_expired(&mut self, info: &stream::Info) -> Result<(), String> {
+        if info.state.first_sequence > self.last + 1 {
+            self.resync(info.state.first_sequence).await?;
         }
         Ok(())
     }

@@ -23,7 +23,6 @@ pub const DEDUP_MAX_ENTRIES: usize = 100_000;
 #[derive(Clone)]
 pub struct MemoryBus {
     inner: Arc<MemoryInner>,
-    pub(super) head: Arc<AtomicU64>,
 }
 
 struct MemoryInner {
@@ -31,6 +30,8 @@ struct MemoryInner {
     /// are assigned and delivered in one order, and a full channel makes
     /// `Notify` callers wait (backpressure) instead of queueing without bound.
     publisher: tokio::sync::Mutex<Publisher>,
+    /// Last sequence assigned.
+    head: AtomicU64,
 }
 
 struct Publisher {
@@ -40,7 +41,6 @@ struct Publisher {
 }
 
 impl MemoryBus {
-    /// Creates the bus and the receiver the dispatcher consumes.
     /// Creates the bus and the receiver the dispatcher consumes. Sequences
     /// start at the current Unix time in microseconds, so versions keep
     /// growing across node restarts (unless a node sustained more than a
@@ -62,10 +62,14 @@ impl MemoryBus {
                     tx: Some(tx),
                     dedup: DedupWindow::default(),
                 }),
+                head: AtomicU64::new(first - 1),
             }),
-            head: Arc::new(AtomicU64::new(first - 1)),
         };
         (bus, rx)
+    }
+
+    pub(super) fn head(&self) -> u64 {
+        self.inner.head.load(Ordering::Acquire)
     }
 
     pub(super) async fn close(&self) {
@@ -105,7 +109,7 @@ impl MemoryBus {
             .await
             .map_err(|_| BusError::Closed)?;
         publisher.next_seq = last + 1;
-        self.head.store(last, Ordering::Release);
+        self.inner.head.store(last, Ordering::Release);
         if !idempotency_key.is_empty() {
             publisher
                 .dedup

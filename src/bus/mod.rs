@@ -9,8 +9,6 @@
 pub mod jetstream;
 pub mod memory;
 
-use std::sync::atomic::Ordering;
-
 use crate::key::ChangeKey;
 
 pub use jetstream::{JetStreamBus, JetStreamConfig};
@@ -33,7 +31,7 @@ pub enum BusEvent {
     Changes(Vec<ChangeEvent>),
     /// Changes were lost (they left the stream's retention while this node
     /// was away): every subscribed key must be resolved again. `seq` is the
-    /// first sequence still available.
+    /// sequence just before the first one still available.
     Resync { seq: u64 },
 }
 
@@ -90,7 +88,7 @@ impl Bus {
     /// the snapshot's version.
     pub fn head(&self) -> u64 {
         match self {
-            Bus::InProcess(bus) => bus.head.load(Ordering::Acquire),
+            Bus::InProcess(bus) => bus.head(),
             Bus::JetStream(bus) => bus.head(),
         }
     }
@@ -100,7 +98,7 @@ impl Bus {
     /// pushes from other nodes).
     pub async fn snapshot_version(&self) -> u64 {
         match self {
-            Bus::InProcess(bus) => bus.head.load(Ordering::Acquire),
+            Bus::InProcess(bus) => bus.head(),
             Bus::JetStream(bus) => bus.stream_head().await,
         }
     }
