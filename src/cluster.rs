@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::{
     key::ChangeKey,
-    proto::v1::{ClusterResolveReply, FetchMode, KeyResult, Reason, ResolveRequest, Status},
+    proto::v1::{ClusterResolveReply, FetchMode, Reason, ResolveRequest},
     resolver::{MAX_ATTEMPTS, Resolved, ResolverPool},
 };
 
@@ -219,30 +219,10 @@ async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterR
     let results = keys
         .iter()
         .zip(outcomes)
-        .map(|(key, outcome)| to_key_result(&key.id, outcome))
+        .map(|(key, outcome)| outcome.into_key_result(&key.id))
         .collect();
     Some(ClusterResolveReply {
         fetch_mode: mode as i32,
         results,
     })
-}
-
-fn to_key_result(id: &str, outcome: Resolved) -> KeyResult {
-    let (status, rows, version, message) = match outcome {
-        Resolved::Rows { rows, version } => (Status::Ok, rows, version, String::new()),
-        Resolved::NotFound(m) => (Status::NotFound, Vec::new(), 0, m),
-        Resolved::Forbidden(m) => (Status::Forbidden, Vec::new(), 0, m),
-        Resolved::Error(m) => (Status::Error, Vec::new(), 0, m),
-        Resolved::Timeout => (Status::Error, Vec::new(), 0, "resolver timed out".into()),
-        Resolved::NoResolver | Resolved::Closed => {
-            (Status::Error, Vec::new(), 0, "no resolver".into())
-        }
-    };
-    KeyResult {
-        id: id.to_string(),
-        status: status as i32,
-        rows,
-        version,
-        message,
-    }
 }

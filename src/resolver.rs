@@ -90,6 +90,30 @@ impl Resolved {
             }
         }
     }
+
+    /// The `KeyResult` for `id` that [`Resolved::from_result`] reads back
+    /// (node-to-node answers in a cluster). Failures without a status of
+    /// their own become ERROR with a message.
+    pub fn into_key_result(self, id: &str) -> KeyResult {
+        use crate::proto::v1::Status as S;
+        let (status, rows, version, message) = match self {
+            Resolved::Rows { rows, version } => (S::Ok, rows, version, String::new()),
+            Resolved::NotFound(m) => (S::NotFound, Vec::new(), 0, m),
+            Resolved::Forbidden(m) => (S::Forbidden, Vec::new(), 0, m),
+            Resolved::Error(m) => (S::Error, Vec::new(), 0, m),
+            Resolved::Timeout => (S::Error, Vec::new(), 0, "resolver timed out".into()),
+            Resolved::NoResolver | Resolved::Closed => {
+                (S::Error, Vec::new(), 0, "no resolver".into())
+            }
+        };
+        KeyResult {
+            id: id.to_string(),
+            status: status as i32,
+            rows,
+            version,
+            message,
+        }
+    }
 }
 
 /// Why a `Register` was refused.
