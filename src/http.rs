@@ -15,6 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use futures_util::FutureExt;
 use tracing::Instrument;
 
 use crate::{bus::Bus, metrics::Stats, resolver::ResolverPool, session};
@@ -105,11 +106,12 @@ async fn upgrade(
         .max_frame_size(hard_cap)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("conn", conn.id = id, peer = %peer);
-            async move {
-                let _token = token;
-                session::serve(socket, ctx, id, peer).await;
-            }
-            .instrument(span)
+            // `map` holds the token beside the session future; an async
+            // block would store the session's arguments and its future both,
+            // ~0.5 kB more per connection.
+            session::serve(socket, ctx, id, peer)
+                .map(move |()| drop(token))
+                .instrument(span)
         })
 }
 
