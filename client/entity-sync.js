@@ -31,6 +31,30 @@
 const OPEN = 1;
 
 /**
+ * Every `code` an error frame of the node may carry (the node's stable error
+ * codes; a test of the node checks this list against its own). Client-side
+ * problems use codes starting with `client_`.
+ * @type {readonly string[]}
+ */
+export const ERROR_CODES = Object.freeze([
+  'invalid_json',
+  'unknown_action',
+  'invalid_body',
+  'message_too_large',
+  'binary_unsupported',
+  'too_many_subscriptions',
+  'not_subscribed',
+  'forbidden',
+  'not_found',
+  'no_resolver',
+  'resolver_error',
+  'resolver_timeout',
+  'no_pass_through',
+  'overloaded',
+  'rate_limited',
+]);
+
+/**
  * Error codes after which the node holds no subscription for the key (see the
  * node's error codes). The client keeps the key, so a reconnect or a new
  * secret tries again.

@@ -47,11 +47,14 @@ fi
 export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 
-cargo test --all-targets --locked
+# Every member: the node, the backend SDK, the bench, the demo, the testkit.
+cargo test --workspace --all-targets --locked
+# The SDK's documentation examples compile (its doc tests).
+cargo test --locked -p entity-sync-backend --doc
 
 # The benchmark tool against the real node, tiny and bounded (seconds): a
 # correctness check (exit 1 if any client missed its final version), not a
-# measurement. (cargo test built both binaries for the integration tests.)
+# measurement. (cargo test built both binaries above.)
 for scenario in fanout manykeys idle notify cluster; do
   echo "bench smoke: $scenario"
   target/debug/entity-sync-bench "$scenario" --smoke --node-bin target/debug/entity-sync | grep '^{'

@@ -17,7 +17,10 @@ use tracing::Instrument;
 
 use crate::{
     key::ChangeKey,
-    proto::v1::{ClusterResolveReply, FetchMode, Reason, ResolveRequest},
+    proto::{
+        internal::v1::ClusterResolveReply,
+        v1::{FetchMode, Reason, ResolveRequest},
+    },
     resolver::{MAX_ATTEMPTS, Resolved, ResolverPool},
 };
 

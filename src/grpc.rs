@@ -182,6 +182,12 @@ impl EntitySync for EntitySyncService {
                                 .await;
                             break "protocol error: second Register";
                         }
+                        Ok(Some(ResolverMessage {
+                            kind: Some(resolver_message::Kind::Drain(_)),
+                        })) => {
+                            tracing::info!("resolver draining: no more requests on this stream");
+                            pool.drain(id);
+                        }
                         Ok(Some(ResolverMessage { kind: None })) => {}
                         Ok(None) => break "backend closed the stream",
                         Err(status) => {

@@ -157,6 +157,8 @@ struct Slot {
     max_in_flight: u32,
     pass_through: bool,
     entities: Vec<Arc<str>>,
+    /// The backend sent `Drain`: it answers what it holds, gets nothing new.
+    draining: bool,
 }
 
 struct EntityQueue {
@@ -328,6 +330,7 @@ impl ResolverPool {
                 max_in_flight: self.max_in_flight(register),
                 pass_through: register.pass_through,
                 entities: wanted.iter().map(|(e, _)| e.clone()).collect(),
+                draining: false,
             },
         );
         // Jobs may be queued for these entities (a resolver came back).
@@ -379,6 +382,18 @@ impl ResolverPool {
             }
         }
         self.publish_entities(&state);
+    }
+
+    /// Stops sending requests to resolver `id` (it sent `Drain`): queued
+    /// jobs wait for the entity's other resolvers; what it holds in flight
+    /// is answered by it, or moved on when its stream ends.
+    pub fn drain(&self, id: ResolverId) {
+        let mut state = self.inner.state.lock().unwrap();
+        let Some(slot) = state.resolvers.get_mut(&id) else {
+            return;
+        };
+        slot.draining = true;
+        slot.pass_through = false;
     }
 
     /// The fetch mode of `entity` on a local resolver.
@@ -484,7 +499,7 @@ impl ResolverPool {
                 let id = queue.resolvers[(queue.next + i) % count];
                 resolvers
                     .get(&id)
-                    .is_some_and(|s| s.in_flight < s.max_in_flight)
+                    .is_some_and(|s| !s.draining && s.in_flight < s.max_in_flight)
             }) else {
                 // Every resolver is at capacity: the jobs wait here and batch up.
                 return;

@@ -2,17 +2,16 @@
 //! clear message, `notify` calls Notify, SIGTERM closes websockets with 1001
 //! and exits 0.
 
-mod common;
+use entity_sync_testkit as common;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    time::Duration,
+use std::{path::Path, process::Command, time::Duration};
+
+use common::{
+    DEADLINE, NodeProcess, ResolverData, ResolverOptions, TestNode, TestResolver, WsClient,
+    notify_one,
 };
-
-use common::{ResolverOptions, TestNode, WsClient};
-use entity_sync::proto::v1::FetchMode;
-use serde_json::Value;
+use entity_sync_backend::FetchMode;
+use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_entity-sync");
 
@@ -91,55 +90,52 @@ async fn notify_subcommand_pushes_to_subscribers() {
     node.shutdown().await;
 }
 
-struct Running(Child);
+#[tokio::test]
+async fn sigterm_closes_websockets_with_1001_and_exits_0() {
+    let mut node = NodeProcess::spawn(Path::new(BIN), &[], None, "info").unwrap();
+    node.wait_ready(DEADLINE).await.unwrap();
+    let mut client = WsClient::connect(&node.ws_url()).await;
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    node.guard().signal(libc::SIGTERM);
+    assert_eq!(client.recv_close().await, 1001);
+    let status =
+        tokio::task::spawn_blocking(move || node.guard().wait_exit(Duration::from_secs(15)))
+            .await
+            .unwrap()
+            .expect("the node exits within its shutdown grace");
+    assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test]
-async fn sigterm_closes_websockets_with_1001_and_exits_0() {
-    let child = Command::new(BIN)
-        .args(["--ws-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-        .args(["--log-format", "json"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut running = Running(child);
-    let stderr = running.0.stderr.take().unwrap();
-    // The first log line names the bound addresses.
-    let (ws_addr, lines) = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stderr).lines();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            let event: Value = serde_json::from_str(&line).unwrap();
-            if event["fields"]["message"] == "node started" {
-                let addr = event["fields"]["ws_addr"].as_str().unwrap().to_string();
-                return (addr, lines);
-            }
-        }
-        panic!("the node exited before logging that it started");
-    })
-    .await
-    .unwrap();
-    let mut client = WsClient::connect(&format!("ws://{ws_addr}/ws/entity-sync/")).await;
+async fn a_killed_node_restarted_on_its_ports_is_served_again_by_the_same_backend() {
+    let mut node = NodeProcess::spawn(Path::new(BIN), &[], None, "info").unwrap();
+    node.wait_ready(DEADLINE).await.unwrap();
+    let data = ResolverData::new();
+    data.set_rows("items", "1", &[r#"{"id":1,"v":1}"#]);
+    let mut resolver = TestResolver::connect(
+        &node.grpc_url(),
+        ResolverOptions::new("svc").entity("items", FetchMode::Shared),
+        &data,
+    )
+    .await;
+    let first = resolver.node_id.clone();
+    let mut client = WsClient::connect(&node.ws_url()).await;
+    client.subscribe("items", "1").await;
 
-    // SAFETY: plain kill(2) on our own child's pid.
-    let rc = unsafe { libc::kill(running.0.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    assert_eq!(client.recv_close().await, 1001);
-    let status = tokio::task::spawn_blocking(move || {
-        let status = running.0.wait().unwrap();
-        drop(lines);
-        status
-    });
-    let status = tokio::time::timeout(Duration::from_secs(15), status)
-        .await
-        .expect("the node exits within its shutdown grace")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    // SIGKILL: no close frames, no stream ends; the backend only sees its
+    // connection break.
+    node.kill();
+    node.restart().unwrap();
+    node.wait_ready(DEADLINE).await.unwrap();
+    let second = resolver.wait_registered(&first, DEADLINE * 2).await;
+    assert_ne!(first, second, "a new node process");
+
+    data.set_rows("items", "1", &[r#"{"id":1,"v":2}"#]);
+    let mut client = WsClient::connect(&node.ws_url()).await;
+    let (_, rows) = client.subscribe("items", "1").await;
+    assert_eq!(rows, vec![json!({"id": 1, "v": 2})]);
+    data.set_rows("items", "1", &[r#"{"id":1,"v":3}"#]);
+    let seq = notify_one(&node.grpc_url(), "items", "1").await;
+    let (_, rows) = client.push_at_least("items", "1", seq).await;
+    assert_eq!(rows, vec![json!({"id": 1, "v": 3})]);
 }

@@ -2,7 +2,8 @@
 //! real websocket clients and gRPC resolvers. Each test starts its own NATS
 //! on dynamic ports; every wait has a deadline.
 
-mod common;
+use common::http::metric_value;
+use entity_sync_testkit as common;
 
 use std::{
     collections::HashMap,
@@ -14,16 +15,16 @@ use std::{
 };
 
 use common::{
-    ResolverData, ResolverOptions, TestNode, TestResolver, WsClient, http_get, metric_value,
+    ResolverData, ResolverOptions, TestNode, TestResolver, WsClient,
     nats::{NatsCluster, NatsServer, TcpProxy},
-    notify, notify_one, notify_request, parse_push,
+    notify, notify_one, parse_push,
 };
 use entity_sync::{
     bus::BusError,
     config::Config,
     node::{Listeners, Node, NodeError},
-    proto::v1::{FetchMode, NotifyResponse, Reason, entity_sync_client::EntitySyncClient},
 };
+use entity_sync_backend::{FetchMode, Key, Notifier, Reason, Receipt};
 use serde_json::{Value, json};
 use tokio::time::{Instant, timeout};
 
@@ -68,34 +69,26 @@ async fn items_resolver(node: &TestNode, name: &str, data: &ResolverData) -> Tes
     .await
 }
 
-/// `Notify(keys)` with `idempotency_key`; a call not answered within `wait`
-/// is reported as DEADLINE_EXCEEDED instead of panicking, so callers can retry.
+/// `Notify(keys)` once with `idempotency_key`; a call not answered within
+/// `wait` fails (DEADLINE_EXCEEDED), so callers can retry.
 async fn notify_within(
     grpc: &str,
     keys: &[(&str, &str)],
     idempotency_key: &str,
     wait: Duration,
-) -> Result<NotifyResponse, tonic::Status> {
-    let attempt = async {
-        let mut client = EntitySyncClient::connect(grpc.to_owned())
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("grpc connect: {e}")))?;
-        client
-            .notify(notify_request(keys, idempotency_key))
-            .await
-            .map(|r| r.into_inner())
-    };
-    match timeout(wait, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-            "notify not answered within {wait:?}"
-        ))),
-    }
+) -> Result<Receipt, entity_sync_backend::Error> {
+    let notifier = Notifier::builder(grpc)
+        .retry_for(Duration::ZERO)
+        .call_timeout(wait)
+        .connect_lazy()
+        .expect("notifier");
+    let keys: Vec<Key> = keys.iter().map(|&k| Key::from(k)).collect();
+    notifier.notify_with_key(keys, idempotency_key).await
 }
 
 /// The value of the unlabelled sample `name` on the node's `/metrics`.
 async fn metric(node: &TestNode, name: &str) -> u64 {
-    let (status, body) = http_get(node, "/metrics").await;
+    let (status, body) = node.http_get("/metrics").await;
     assert_eq!(status, 200, "/metrics answered {status}");
     metric_value(&body, name)
         .map(|v| v as u64)
@@ -106,7 +99,7 @@ async fn metric(node: &TestNode, name: &str) -> u64 {
 async fn wait_readyz(node: &TestNode, status: u16, wait: Duration) {
     let end = Instant::now() + wait;
     loop {
-        let (got, body) = http_get(node, "/readyz").await;
+        let (got, body) = node.http_get("/readyz").await;
         if got == status {
             return;
         }
@@ -123,7 +116,7 @@ async fn wait_notify_unavailable(grpc: &str, keys: &[(&str, &str)]) {
     let end = Instant::now() + RECONNECT_DEADLINE;
     loop {
         match notify_within(grpc, keys, "", Duration::from_secs(6)).await {
-            Err(status) if status.code() == tonic::Code::Unavailable => return,
+            Err(err) if err.code() == Some(tonic::Code::Unavailable) => return,
             Ok(response) => panic!("notify accepted while NATS is down: {response:?}"),
             Err(status) if Instant::now() >= end => {
                 panic!("notify never failed with UNAVAILABLE; last: {status:?}")
@@ -135,22 +128,19 @@ async fn wait_notify_unavailable(grpc: &str, keys: &[(&str, &str)]) {
     }
 }
 
-/// Retries `Notify(keys)` with one idempotency key until it is accepted.
-async fn notify_retrying(
-    grpc: &str,
-    keys: &[(&str, &str)],
-    idempotency_key: &str,
-) -> NotifyResponse {
-    let end = Instant::now() + RECONNECT_DEADLINE;
-    loop {
-        match notify_within(grpc, keys, idempotency_key, Duration::from_secs(6)).await {
-            Ok(response) => return response,
-            Err(status) if Instant::now() >= end => {
-                panic!("notify {keys:?} never accepted; last: {status:?}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+/// `Notify(keys)` through the SDK's notifier, which retries an unavailable
+/// node or bus under one idempotency key until it is accepted.
+async fn notify_retrying(grpc: &str, keys: &[(&str, &str)], idempotency_key: &str) -> Receipt {
+    let notifier = Notifier::builder(grpc)
+        .retry_for(RECONNECT_DEADLINE)
+        .call_timeout(Duration::from_secs(6))
+        .connect_lazy()
+        .expect("notifier");
+    let keys: Vec<Key> = keys.iter().map(|&k| Key::from(k)).collect();
+    notifier
+        .notify_with_key(keys.clone(), idempotency_key)
+        .await
+        .unwrap_or_else(|err| panic!("notify {keys:?} never accepted: {err}"))
 }
 
 /// Subscribes on a node that reaches the entity's resolver over NATS. The
@@ -852,7 +842,7 @@ async fn nats_server_older_than_2_10_is_refused() {
             return;
         }
     }
-    let nats = NatsServer::start_binary(old, false).await;
+    let nats = NatsServer::start_binary(old, None).await;
     let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = Config {

@@ -1,7 +1,7 @@
 //! gRPC health and server reflection: what grpcurl and load balancers use,
 //! exercised with real tonic clients against a real node.
 
-mod common;
+use entity_sync_testkit as common;
 
 use common::TestNode;
 use futures_util::StreamExt;

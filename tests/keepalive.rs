@@ -1,7 +1,7 @@
 //! Websocket keep-alive: the node pings on its interval, a client that
 //! answers stays, a client that stays silent past the idle timeout is closed.
 
-mod common;
+use entity_sync_testkit as common;
 
 use std::time::Duration;
 

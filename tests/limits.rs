@@ -1,7 +1,7 @@
 //! Node-wide limits: a node at `max_connections` refuses further websocket
 //! upgrades with HTTP 503 and takes new ones once a connection closes.
 
-mod common;
+use entity_sync_testkit as common;
 
 use common::{TestNode, WsClient};
 use tokio::{

@@ -1,12 +1,12 @@
 //! Notify: versions, validation, idempotency; health and HTTP endpoints.
 
-mod common;
+use common::http::metric_value;
+use entity_sync_testkit as common;
 
 use common::{
-    ResolverData, ResolverOptions, TestNode, TestResolver, http_get, metric_value, notify,
-    notify_one, try_notify,
+    ResolverData, ResolverOptions, TestNode, TestResolver, notify, notify_one, try_notify,
 };
-use entity_sync::proto::v1::FetchMode;
+use entity_sync_backend::FetchMode;
 use serde_json::json;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -93,7 +93,7 @@ async fn invalid_notifies_are_invalid_argument_and_apply_nothing() {
             .unwrap_or_else(|| panic!("notify {keys:?} must fail"));
         assert_eq!(
             status.code(),
-            tonic::Code::InvalidArgument,
+            Some(tonic::Code::InvalidArgument),
             "{keys:?}: {status:?}"
         );
     }
@@ -200,11 +200,11 @@ async fn http_health_ready_and_metrics() {
     let mut client = node.client().await;
     client.subscribe("items", "1").await;
 
-    let (status, body) = http_get(&node, "/healthz").await;
+    let (status, body) = node.http_get("/healthz").await;
     assert_eq!(status, 200);
     assert!(body.contains("ok"), "{body}");
-    assert_eq!(http_get(&node, "/readyz").await.0, 200);
-    let (status, metrics) = http_get(&node, "/metrics").await;
+    assert_eq!(node.http_get("/readyz").await.0, 200);
+    let (status, metrics) = node.http_get("/metrics").await;
     assert_eq!(status, 200);
     for (name, expected) in [
         ("entity_sync_connections", 1.0),

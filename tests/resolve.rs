@@ -1,19 +1,19 @@
 //! Resolvers: fetch modes, statuses, coalescing, batching, failover and the
 //! registration handshake.
 
-mod common;
+use entity_sync_testkit as common;
 
 use std::{collections::BTreeSet, time::Duration};
 
+use common::resolver::{open_raw_stream, register_message};
 use common::{
     Entry, ResolverData, ResolverOptions, TestNode, TestResolver, notify, notify_one, wait_until,
 };
-use entity_sync::proto::v1::{
-    FetchMode, Reason, ResolveResponse, ResolverMessage, Status as KeyStatus,
-    entity_sync_client::EntitySyncClient, resolver_message,
+use entity_sync_backend::{
+    FetchMode, Reason,
+    proto::v1::{ResolveResponse, ResolverMessage, Status as KeyStatus, resolver_message},
 };
 use serde_json::json;
-use tokio_stream::wrappers::ReceiverStream;
 
 #[tokio::test]
 async fn per_subscriber_resolves_once_per_distinct_secret() {
@@ -568,33 +568,16 @@ async fn registration_is_acknowledged_with_the_node_id() {
 #[tokio::test]
 async fn first_message_other_than_register_is_invalid_argument() {
     let node = TestNode::start_default().await;
-    let mut client = EntitySyncClient::connect(node.grpc().to_owned())
-        .await
-        .expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(ResolverMessage {
+    let response = ResolverMessage {
         kind: Some(resolver_message::Kind::Response(ResolveResponse {
             request_id: 1,
             results: vec![],
         })),
-    })
-    .await
-    .unwrap();
-    let status = match client.resolve(ReceiverStream::new(rx)).await {
-        Err(status) => status,
-        Ok(response) => {
-            let mut inbound = response.into_inner();
-            match tokio::time::timeout(common::DEADLINE, inbound.message())
-                .await
-                .expect("stream not ended in time")
-            {
-                Err(status) => status,
-                Ok(message) => panic!("expected INVALID_ARGUMENT, got {message:?}"),
-            }
-        }
     };
+    let status = open_raw_stream(node.grpc(), response)
+        .await
+        .expect_err("a stream must start with Register");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    drop(tx);
     assert_eq!(node.stats().resolvers, 0);
 }
 
@@ -612,25 +595,35 @@ async fn invalid_registrations_are_refused() {
     .expect("conflicting fetch mode must be refused");
     assert_eq!(
         conflict.code(),
-        tonic::Code::FailedPrecondition,
+        Some(tonic::Code::FailedPrecondition),
         "{conflict:?}"
     );
 
-    let no_name = TestResolver::try_connect(
+    // What the SDK refuses before sending, the node refuses too.
+    let no_name = open_raw_stream(
         node.grpc(),
-        ResolverOptions::new("").entity("docs", FetchMode::Shared),
-        &data,
+        register_message("", &[("docs", FetchMode::Shared)], false),
     )
     .await
-    .err()
-    .expect("a register without a name must be refused");
+    .expect_err("a register without a name must be refused");
     assert_eq!(no_name.code(), tonic::Code::InvalidArgument, "{no_name:?}");
 
-    let nothing = TestResolver::try_connect(node.grpc(), ResolverOptions::new("idle"), &data)
+    let nothing = open_raw_stream(node.grpc(), register_message("idle", &[], false))
         .await
-        .err()
-        .expect("no entities and no pass-through must be refused");
+        .expect_err("no entities and no pass-through must be refused");
     assert_eq!(nothing.code(), tonic::Code::InvalidArgument, "{nothing:?}");
+
+    let twice = open_raw_stream(
+        node.grpc(),
+        register_message(
+            "dup",
+            &[("docs", FetchMode::Shared), ("docs", FetchMode::Shared)],
+            false,
+        ),
+    )
+    .await
+    .expect_err("an entity named twice must be refused");
+    assert_eq!(twice.code(), tonic::Code::InvalidArgument, "{twice:?}");
 
     // Same mode as the live registration is fine.
     let _same = TestResolver::connect(

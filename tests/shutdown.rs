@@ -1,10 +1,10 @@
 //! Graceful shutdown: websockets closed with 1001 ("going away"), resolver
 //! streams ended, listeners closed.
 
-mod common;
+use entity_sync_testkit as common;
 
 use common::{TestNode, wait_until};
-use entity_sync::proto::v1::FetchMode;
+use entity_sync_backend::FetchMode;
 
 #[tokio::test]
 async fn shutdown_closes_websockets_with_1001_and_ends_resolver_streams() {

@@ -1,7 +1,7 @@
 //! Websocket protocol: subscribe, push, unsubscribe, bad input, compat mode,
 //! pass-through, disconnect cleanup and slow clients.
 
-mod common;
+use entity_sync_testkit as common;
 
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use common::{
     DEADLINE, ResolverData, ResolverOptions, TestNode, TestResolver, WsClient, notify_one,
     parse_push, wait_until,
 };
-use entity_sync::proto::v1::{FetchMode, Reason};
+use entity_sync_backend::{FetchMode, Reason};
 use serde_json::{Value, json};
 
 /// A node with one resolver serving `items` (SHARED) and `docs`

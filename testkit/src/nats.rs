@@ -1,26 +1,27 @@
-//! Real `nats-server` processes for the multi-node tests: one server or a
+//! Real `nats-server` processes for the multi-node tests and the bench: one server or a
 //! three-server JetStream cluster on loopback, each on dynamic ports with its
 //! own store directory, killed (and the directory removed) on `Drop`; plus a
 //! TCP proxy that cuts one node's NATS connection while the others keep theirs.
 //!
 //! The binary is `$NATS_SERVER_BIN`, else `nats-server` on the PATH when it
 //! is 2.10 or newer (scripts/test.sh installs one when it is not).
+//! [`nats_server_bin`] checks the version once and says how to get one.
 //!
-//! Every server runs with `jetstream { sync_interval: always }`, as DESIGN.md
+//! Servers run with `jetstream { sync_interval: always }`, as DESIGN.md
 //! (Buses) requires of the multi-node tests: an acknowledged notify must
-//! survive a server killed with SIGKILL.
+//! survive a server killed with SIGKILL. (The bench may ask for JetStream's
+//! default instead, to measure what that costs.)
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
-    net::{SocketAddr, TcpListener as StdTcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use tokio::{
@@ -28,6 +29,11 @@ use tokio::{
     task::AbortHandle,
     time::Instant,
 };
+
+use crate::process::{TempDir, free_ports, log_tail};
+
+/// JetStream acknowledges only what it has written to disk (DESIGN.md, Buses).
+const SYNC_ALWAYS: &str = "jetstream {\n  sync_interval: always\n}\n";
 
 /// How long a server (or a cluster's JetStream) may take to become ready.
 pub const START_DEADLINE: Duration = Duration::from_secs(20);
@@ -62,35 +68,6 @@ pub fn server_version(bin: &Path) -> Option<(u64, u64)> {
     let version = text.trim().rsplit(' ').next()?.trim_start_matches('v');
     let mut parts = version.split(['.', '-']);
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
-/// `n` distinct free loopback ports. All are bound at once (so they differ)
-/// and released together; the servers then bind them. A restarted server
-/// binds the same port again.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<StdTcpListener> = (0..n)
-        .map(|_| StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
-}
-
-/// A fresh directory under the system temp dir (tempfile is not a dependency).
-fn unique_dir(tag: &str) -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!(
-        "entity-sync-{tag}-{}-{}-{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    fs::create_dir_all(&dir).expect("create temp dir");
-    dir
 }
 
 /// How a server start failed.
@@ -141,18 +118,10 @@ fn stderr_file(dir: &Path) -> Stdio {
         .unwrap_or_else(|_| Stdio::null())
 }
 
-/// The last `lines` lines of a log file (for failure messages).
-/// Route reconnect attempts to a killed member are left out: they would fill it.
+/// The last `lines` lines of a server log. Route reconnect attempts to a
+/// killed member are left out: they would fill it.
 fn tail(log: &Path, lines: usize) -> String {
-    let Ok(file) = fs::File::open(log) else {
-        return format!("(no log at {})", log.display());
-    };
-    let all: Vec<String> = BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .filter(|line| !line.contains("Error trying to connect to route"))
-        .collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    log_tail(log, lines, &["Error trying to connect to route"])
 }
 
 fn kill(child: &mut Option<Child>) {
@@ -172,7 +141,7 @@ fn kill(child: &mut Option<Child>) {
 pub struct NatsServer {
     bin: PathBuf,
     port: u16,
-    dir: PathBuf,
+    dir: TempDir,
     /// Whether the server gets the config file with `sync_interval: always`
     /// (not given to a 2.9 server started only to be refused).
     with_config: bool,
@@ -180,21 +149,26 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts a current nats-server (see [`nats_server_bin`]) and waits until
-    /// it accepts connections.
+    /// Starts a current nats-server (see [`nats_server_bin`]) with
+    /// `sync_interval: always`, and waits until it accepts connections.
     pub async fn start() -> NatsServer {
-        NatsServer::start_binary(&nats_server_bin(), true).await
+        NatsServer::start_binary(&nats_server_bin(), Some(SYNC_ALWAYS)).await
     }
 
-    /// Starts `bin` with `-js`; `with_config` adds the JetStream config file
-    /// (`sync_interval: always`).
-    pub async fn start_binary(bin: &Path, with_config: bool) -> NatsServer {
-        let dir = unique_dir("nats");
-        if with_config {
+    /// Like [`start`](Self::start) with JetStream's default sync (every two
+    /// minutes): faster, and what the bench compares against.
+    pub async fn start_default_sync() -> NatsServer {
+        NatsServer::start_binary(&nats_server_bin(), Some("jetstream {}\n")).await
+    }
+
+    /// Starts `bin` with `-js`, and `config` (a nats.conf text) if given: an
+    /// old server started only to be refused gets none.
+    pub async fn start_binary(bin: &Path, config: Option<&str>) -> NatsServer {
+        let dir = TempDir::new("nats");
+        if let Some(config) = config {
             fs::write(
-                dir.join("nats.conf"),
-                "# Written by tests/common/nats.rs.\n\
-                 jetstream {\n  sync_interval: always\n}\n",
+                dir.path().join("nats.conf"),
+                format!("# Written by entity-sync-testkit.\n{config}"),
             )
             .expect("write nats.conf");
         }
@@ -202,7 +176,7 @@ impl NatsServer {
             bin: bin.to_owned(),
             port: 0,
             dir,
-            with_config,
+            with_config: config.is_some(),
             child: None,
         };
         for attempt in 1..=START_ATTEMPTS {
@@ -229,21 +203,21 @@ impl NatsServer {
             .arg(self.port.to_string())
             .arg("-js")
             .arg("-sd")
-            .arg(self.dir.join("store"))
+            .arg(self.dir.path().join("store"))
             .arg("-l")
-            .arg(self.dir.join("nats.log"))
+            .arg(self.dir.path().join("nats.log"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr_file(&self.dir));
+            .stderr(stderr_file(self.dir.path()));
         if self.with_config {
-            command.arg("-c").arg(self.dir.join("nats.conf"));
+            command.arg("-c").arg(self.dir.path().join("nats.conf"));
         }
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
         let addr = self.addr();
         let child = self.child.insert(child);
-        wait_accepting(addr, child, &self.dir, START_DEADLINE).await
+        wait_accepting(addr, child, self.dir.path(), START_DEADLINE).await
     }
 
     pub fn port(&self) -> u16 {
@@ -274,7 +248,7 @@ impl NatsServer {
 
     /// The server's log so far (last `lines` lines).
     pub fn log_tail(&self, lines: usize) -> String {
-        tail(&self.dir.join("nats.log"), lines)
+        tail(&self.dir.path().join("nats.log"), lines)
     }
 }
 
@@ -288,7 +262,6 @@ impl Drop for NatsServer {
             );
         }
         kill(&mut self.child);
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -299,7 +272,7 @@ impl Drop for NatsServer {
 struct Member {
     name: String,
     port: u16,
-    dir: PathBuf,
+    dir: TempDir,
     child: Option<Child>,
 }
 
@@ -319,7 +292,7 @@ impl NatsCluster {
             .map(|i| Member {
                 name: format!("n{i}"),
                 port: 0,
-                dir: unique_dir(&format!("nats-cluster-{i}")),
+                dir: TempDir::new(&format!("nats-cluster-{i}")),
                 child: None,
             })
             .collect();
@@ -345,7 +318,7 @@ impl NatsCluster {
                     eprintln!("retrying the cluster on other ports: {why}");
                     for i in 0..n {
                         cluster.kill(i);
-                        let _ = fs::remove_dir_all(cluster.members[i].dir.join("store"));
+                        let _ = fs::remove_dir_all(cluster.members[i].dir.path().join("store"));
                     }
                 }
                 Some(why) => panic!("{why}"),
@@ -366,7 +339,7 @@ impl NatsCluster {
                 .map(|j| format!("    nats-route://127.0.0.1:{}", route_ports[j]))
                 .collect();
             let config = format!(
-                "# Written by tests/common/nats.rs.\n\
+                "# Written by entity-sync-testkit.\n\
                  server_name: {name}\n\
                  listen: 127.0.0.1:{client}\n\
                  http: 127.0.0.1:{monitor}\n\
@@ -375,11 +348,11 @@ impl NatsCluster {
                 name = member.name,
                 client = client_ports[i],
                 monitor = monitor_ports[i],
-                store = member.dir.join("store").display().to_string(),
+                store = member.dir.path().join("store").display().to_string(),
                 route = route_ports[i],
                 routes = routes.join("\n"),
             );
-            fs::write(member.dir.join("nats.conf"), config).expect("write nats.conf");
+            fs::write(member.dir.path().join("nats.conf"), config).expect("write nats.conf");
             member.port = client_ports[i];
         }
     }
@@ -389,12 +362,12 @@ impl NatsCluster {
         assert!(member.child.is_none(), "member {i} already running");
         let child = Command::new(&self.bin)
             .arg("-c")
-            .arg(member.dir.join("nats.conf"))
+            .arg(member.dir.path().join("nats.conf"))
             .arg("-l")
-            .arg(member.dir.join("nats.log"))
+            .arg(member.dir.path().join("nats.log"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr_file(&member.dir))
+            .stderr(stderr_file(member.dir.path()))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
         member.child = Some(child);
@@ -404,7 +377,7 @@ impl NatsCluster {
         let member = &mut self.members[i];
         let addr = SocketAddr::from(([127, 0, 0, 1], member.port));
         let child = member.child.as_mut().expect("member running");
-        wait_accepting(addr, child, &member.dir, START_DEADLINE).await
+        wait_accepting(addr, child, member.dir.path(), START_DEADLINE).await
     }
 
     /// Polls until a stream with `replicas` replicas can be created (the
@@ -441,10 +414,6 @@ impl NatsCluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         js.delete_stream(&name).await.expect("delete probe stream");
-    }
-
-    pub fn len(&self) -> usize {
-        self.members.len()
     }
 
     /// `nats://127.0.0.1:PORT` of member `i`.
@@ -493,7 +462,7 @@ impl NatsCluster {
 
     /// Member `i`'s log (last `lines` lines).
     pub fn log_tail(&self, i: usize, lines: usize) -> String {
-        tail(&self.members[i].dir.join("nats.log"), lines)
+        tail(&self.members[i].dir.path().join("nats.log"), lines)
     }
 }
 
@@ -506,11 +475,10 @@ impl Drop for NatsCluster {
                     "--- nats-server {} (:{}) log (last lines) ---\n{}",
                     member.name,
                     member.port,
-                    tail(&member.dir.join("nats.log"), 30)
+                    tail(&member.dir.path().join("nats.log"), 30)
                 );
             }
             kill(&mut member.child);
-            let _ = fs::remove_dir_all(&member.dir);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! notifier, and websocket subscribers that count pushes, latency and convergence.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*},
@@ -10,27 +10,19 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, anyhow, bail};
-use bytes::Bytes;
-use entity_sync::proto::v1::{
-    EntityKey, EntityRegistration, FetchMode, KeyResult, NotifyRequest, Reason, Register,
-    ResolveResponse, ResolverMessage, Status as KeyStatus, entity_sync_client::EntitySyncClient,
-    node_message, resolver_message,
+use anyhow::{anyhow, bail};
+use entity_sync_backend::{
+    Answer, Answers, Backend, BackendState, Error, FetchMode, Key, Notifier, Reason, ResolveRequest,
 };
+use entity_sync_testkit::ws::{ConnectOptions, Ws, connect};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
-    net::TcpSocket,
-    sync::{Notify, Semaphore, mpsc},
+    sync::{Notify, Semaphore},
     task::{JoinHandle, JoinSet},
     time::{Instant, sleep_until, timeout},
 };
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_tungstenite::{
-    client_async_with_config,
-    tungstenite::{Message, protocol::WebSocketConfig},
-};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::stats::scan_push;
 
@@ -140,13 +132,10 @@ impl Shared {
     }
 
     /// One row of `key` at its current version (~200 bytes of JSON).
-    fn row(&self, id: &str) -> Option<Bytes> {
+    fn row(&self, id: &str) -> Option<String> {
         let key: usize = id.parse().ok()?;
         let v = self.versions.get(key)?.load(Acquire);
-        Some(Bytes::from(format!(
-            r#"{{"id":"{id}","v":{v},"pad":"{}"}}"#,
-            self.pad
-        )))
+        Some(format!(r#"{{"id":"{id}","v":{v},"pad":"{}"}}"#, self.pad))
     }
 }
 
@@ -154,85 +143,61 @@ impl Shared {
 // Resolver
 // ---------------------------------------------------------------------------
 
-/// Opens a `Resolve` stream, registers entity `bench` and serves every request
-/// with the key's latest version until `cancel` or the stream ends. Returns
-/// once the node answered `Registered`.
+/// Serves entity `bench` through `entity-sync-backend`, answering every
+/// request with each key's latest version, until `cancel`. Returns once the
+/// node answered `Registered`.
 pub async fn start_resolver(
-    channel: Channel,
+    grpc_url: &str,
     shared: Arc<Shared>,
     fetch_mode: FetchMode,
     cancel: CancellationToken,
-) -> anyhow::Result<JoinHandle<()>> {
-    let (tx, rx) = mpsc::channel::<ResolverMessage>(1024);
-    tx.send(ResolverMessage {
-        kind: Some(resolver_message::Kind::Register(Register {
-            name: "entity-sync-bench".into(),
-            entities: vec![EntityRegistration {
-                entity: ENTITY.into(),
-                fetch_mode: fetch_mode as i32,
-            }],
-            pass_through: false,
-            max_in_flight: MAX_IN_FLIGHT,
-        })),
-    })
-    .await?;
-    let mut client = crate::procs::grpc_client(channel);
-    let mut inbound = client
-        .resolve(ReceiverStream::new(rx))
-        .await
-        .context("opening the Resolve stream")?
-        .into_inner();
-    match inbound.message().await? {
-        Some(msg) if matches!(msg.kind, Some(node_message::Kind::Registered(_))) => {}
-        other => bail!("expected Registered, got {other:?}"),
-    }
-    Ok(tokio::spawn(async move {
-        loop {
-            let msg = tokio::select! {
-                _ = cancel.cancelled() => return,
-                msg = inbound.message() => msg,
-            };
-            let Ok(Some(msg)) = msg else { return };
-            let Some(node_message::Kind::Request(req)) = msg.kind else {
-                continue;
-            };
-            if req.reason == Reason::Change as i32 {
+) -> anyhow::Result<JoinHandle<Result<(), Error>>> {
+    let handler = move |request: ResolveRequest| {
+        let shared = shared.clone();
+        async move {
+            if request.reason() == Reason::Change {
                 shared.resolver_change_requests.fetch_add(1, Relaxed);
                 shared
                     .resolver_change_ids
-                    .fetch_add(req.ids.len() as u64, Relaxed);
+                    .fetch_add(request.ids().len() as u64, Relaxed);
             } else {
                 shared.resolver_subscribe_requests.fetch_add(1, Relaxed);
             }
-            let results = req
-                .ids
-                .into_iter()
-                .map(|id| match shared.row(&id) {
-                    Some(row) => KeyResult {
-                        id,
-                        status: KeyStatus::Ok as i32,
-                        rows: vec![row],
-                        version: 0,
-                        message: String::new(),
-                    },
-                    None => KeyResult {
-                        id,
-                        status: KeyStatus::NotFound as i32,
-                        ..Default::default()
-                    },
+            request
+                .ids()
+                .iter()
+                .map(|id| {
+                    let answer = match shared.row(id) {
+                        Some(row) => Answer::json_rows([row]),
+                        None => Answer::not_found(),
+                    };
+                    (id.clone(), answer)
                 })
-                .collect();
-            let response = ResolverMessage {
-                kind: Some(resolver_message::Kind::Response(ResolveResponse {
-                    request_id: req.request_id,
-                    results,
-                })),
-            };
-            if tx.send(response).await.is_err() {
-                return;
+                .collect::<Answers>()
+        }
+    };
+    let backend = Backend::builder(grpc_url)
+        .name("entity-sync-bench")
+        .entity(ENTITY, fetch_mode, handler)
+        .max_in_flight(MAX_IN_FLIGHT)
+        .build()?;
+    let mut state = backend.state();
+    let serve = tokio::spawn(backend.serve(cancel.cancelled_owned()));
+    timeout(Duration::from_secs(10), async {
+        loop {
+            match &*state.borrow_and_update() {
+                BackendState::Registered { .. } => return Ok(()),
+                BackendState::Disconnected { error } => bail!("the bench resolver: {error}"),
+                _ => {}
+            }
+            if state.changed().await.is_err() {
+                bail!("the bench resolver stopped before registering");
             }
         }
-    }))
+    })
+    .await
+    .map_err(|_| anyhow!("the bench resolver did not register within 10 s"))??;
+    Ok(serve)
 }
 
 // ---------------------------------------------------------------------------
@@ -249,25 +214,26 @@ pub struct DriveOutcome {
     pub first_error: Option<String>,
 }
 
-fn key_of(id: u32) -> EntityKey {
-    EntityKey {
-        entity: ENTITY.into(),
-        id: id.to_string(),
-    }
+fn key_of(id: u32) -> Key {
+    Key::from((ENTITY, id))
 }
 
-async fn notify_one(
-    client: &mut EntitySyncClient<Channel>,
-    keys: Vec<EntityKey>,
-) -> Result<(), String> {
-    client
-        .notify(NotifyRequest {
-            keys,
-            idempotency_key: String::new(),
-        })
+/// A notifier of `grpc_url` as the bench uses it: one attempt per call and
+/// no idempotency key, so the node's notify path is what is measured.
+pub async fn notifier(grpc_url: &str) -> anyhow::Result<Notifier> {
+    Ok(Notifier::builder(grpc_url)
+        .retry_for(Duration::ZERO)
+        .idempotency_keys(false)
+        .connect()
+        .await?)
+}
+
+async fn notify_one(notifier: &Notifier, keys: Vec<Key>) -> Result<(), String> {
+    notifier
+        .notify(keys)
         .await
         .map(|_| ())
-        .map_err(|s| format!("Notify: {}: {}", s.code(), s.message()))
+        .map_err(|err| format!("Notify: {err}"))
 }
 
 /// Notifies every key of `seq` in order: at max rate with `concurrency`
@@ -276,7 +242,7 @@ async fn notify_one(
 /// version is bumped (and its send time recorded) just before its call.
 pub async fn drive_updates(
     shared: Arc<Shared>,
-    clients: Vec<EntitySyncClient<Channel>>,
+    clients: Vec<Notifier>,
     seq: Arc<Vec<u32>>,
     rate: Option<f64>,
     concurrency: usize,
@@ -290,7 +256,7 @@ pub async fn drive_updates(
         None => {
             let cursor = Arc::new(AtomicUsize::new(0));
             for w in 0..concurrency.max(1) {
-                let mut client = clients[w % clients.len()].clone();
+                let client = clients[w % clients.len()].clone();
                 let (shared, seq, cursor, errors) =
                     (shared.clone(), seq.clone(), cursor.clone(), errors.clone());
                 calls.spawn(async move {
@@ -308,7 +274,7 @@ pub async fn drive_updates(
                             }
                         }
                         let request = keys.iter().map(|&k| key_of(k)).collect();
-                        errors.record(notify_one(&mut client, request).await);
+                        errors.record(notify_one(&client, request).await);
                     }
                 });
             }
@@ -329,10 +295,10 @@ pub async fn drive_updates(
                     slot.store(shared.now_ns(), Release);
                 }
                 shared.versions[key as usize].store(v, Release);
-                let mut client = clients[i % clients.len()].clone();
+                let client = clients[i % clients.len()].clone();
                 let errors = errors.clone();
                 calls.spawn(async move {
-                    errors.record(notify_one(&mut client, vec![key_of(key)]).await);
+                    errors.record(notify_one(&client, vec![key_of(key)]).await);
                 });
                 while calls.len() >= PACED_IN_FLIGHT {
                     calls.join_next().await;
@@ -382,7 +348,7 @@ pub struct NotifyOutcome {
 /// `calls` Notify calls of `batch` random keys each (ids `0..keys`), by
 /// `concurrency` callers, stopping early at `deadline`.
 pub async fn notify_throughput(
-    clients: &[EntitySyncClient<Channel>],
+    clients: &[Notifier],
     keys: u32,
     batch: usize,
     concurrency: usize,
@@ -394,17 +360,17 @@ pub async fn notify_throughput(
     let started = Instant::now();
     let mut workers = JoinSet::new();
     for w in 0..concurrency.max(1) {
-        let mut client = clients[w % clients.len()].clone();
+        let client = clients[w % clients.len()].clone();
         let cursor = cursor.clone();
         let mut rng = crate::stats::XorShift64::new(seed ^ (w as u64 + 1).wrapping_mul(0x9E37));
         workers.spawn(async move {
             let mut out = NotifyOutcome::default();
             while cursor.fetch_add(1, Relaxed) < calls && Instant::now() < deadline {
-                let request: Vec<EntityKey> = (0..batch)
+                let request: Vec<Key> = (0..batch)
                     .map(|_| key_of(rng.below(u64::from(keys)) as u32))
                     .collect();
                 let t = Instant::now();
-                match notify_one(&mut client, request).await {
+                match notify_one(&client, request).await {
                     Ok(()) => {
                         out.calls += 1;
                         out.keys += batch as u64;
@@ -439,7 +405,6 @@ pub async fn notify_throughput(
 
 /// One websocket client of the run.
 pub struct ClientSpec {
-    pub node_addr: SocketAddr,
     pub url: Arc<str>,
     /// Source address: spreading clients over 127.0.0.1..N gives each
     /// address its own ephemeral port range.
@@ -572,20 +537,13 @@ pub async fn run_client(
     outcome
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
 /// Subscribes a throwaway client to key 0 until it succeeds or `deadline`
 /// passes: on a node with no local resolver this proves a remote one is
 /// reachable over NATS (the serving node subscribes to the cluster-resolve
 /// subject only after it answered `Registered`). Returns the attempts made.
-pub async fn probe_subscribe(
-    node_addr: SocketAddr,
-    url: Arc<str>,
-    deadline: Instant,
-) -> anyhow::Result<u32> {
+pub async fn probe_subscribe(url: Arc<str>, deadline: Instant) -> anyhow::Result<u32> {
     let spec = ClientSpec {
-        node_addr,
-        url,
+        url: url.clone(),
         src: Ipv4Addr::LOCALHOST,
         keys: vec![0],
         secret: None,
@@ -603,9 +561,7 @@ pub async fn probe_subscribe(
             Err(_) => anyhow!("subscribe probe timed out"),
         };
         if Instant::now() >= deadline {
-            return Err(err.context(format!(
-                "subscribe probe of {node_addr} ({attempts} attempts)"
-            )));
+            return Err(err.context(format!("subscribe probe of {url} ({attempts} attempts)")));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -615,24 +571,16 @@ pub async fn probe_subscribe(
 const SETUP_PROBE: Duration = Duration::from_secs(5);
 
 async fn connect_and_subscribe(spec: &ClientSpec) -> anyhow::Result<Ws> {
-    let socket = TcpSocket::new_v4()?;
-    socket
-        .bind(SocketAddr::from((spec.src, 0)))
-        .with_context(|| format!("binding source address {}", spec.src))?;
-    let stream = socket
-        .connect(spec.node_addr)
-        .await
-        .with_context(|| format!("connecting to {}", spec.node_addr))?;
-    stream.set_nodelay(true)?;
     // tungstenite zero-fills its read buffer up to this size before every
     // read: a large one costs the generator a memset per frame (seen in perf).
-    let buffer = if spec.idle { 1024 } else { 4096 };
-    let config = WebSocketConfig::default()
-        .read_buffer_size(buffer)
-        .write_buffer_size(0);
-    let (mut ws, _) = client_async_with_config(&*spec.url, stream, Some(config))
+    let options = ConnectOptions {
+        source: Some(spec.src),
+        recv_buffer: None,
+        read_buffer: Some(if spec.idle { 1024 } else { 4096 }),
+    };
+    let mut ws = connect(&spec.url, &options)
         .await
-        .context("websocket handshake")?;
+        .map_err(|err| anyhow!(err))?;
     if let Some(secret) = &spec.secret {
         ws.feed(Message::text(format!(
             r#"{{"action":"secret","body":"{secret}"}}"#
@@ -676,13 +624,13 @@ mod tests {
         let shared = Shared::new(1000, &[17; 300], false);
         shared.versions[17].store(123, Release);
         let row = shared.row("17").expect("row");
-        let text = std::str::from_utf8(&row).expect("utf8");
+        let text = row.as_str();
         assert!(
             text.starts_with(r#"{"id":"17","v":123,"pad":"xx"#),
             "{text}"
         );
         assert!((190..=210).contains(&row.len()), "{}", row.len());
-        let value: serde_json::Value = serde_json::from_slice(&row).expect("valid JSON");
+        let value: serde_json::Value = serde_json::from_str(&row).expect("valid JSON");
         assert_eq!(value["v"], 123);
         assert!(shared.row("1000").is_none() && shared.row("x").is_none());
     }

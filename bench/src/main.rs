@@ -3,7 +3,7 @@
 //! line per measurement plus a readable table.
 //!
 //! ```text
-//! cargo build --release --bin entity-sync --bin entity-sync-bench
+//! cargo build --release -p entity-sync -p entity-sync-bench
 //! target/release/entity-sync-bench fanout                 # 1,000 clients on one key, 200 updates, max rate
 //! target/release/entity-sync-bench fanout --rate 500      # paced: 500 updates/s = 500k deliveries/s
 //! target/release/entity-sync-bench manykeys [--rate N]    # 2,000 clients x 5 of 1,000 keys, 5,000 updates
@@ -15,8 +15,9 @@
 //!
 //! # Layout
 //! - `main.rs`: command line, the scenarios, the reports.
-//! - `procs.rs`: child processes (node, nats-server), readiness, `/metrics`, `/proc` CPU and RSS, RLIMIT_NOFILE.
-//! - `load.rs`: the resolver, the notifier and the websocket clients.
+//! - `procs.rs`: `/proc` CPU and RSS, RLIMIT_NOFILE. (Node and nats-server
+//!   processes, readiness and `/metrics` come from `entity-sync-testkit`.)
+//! - `load.rs`: the resolver (on `entity-sync-backend`), the notifier and the websocket clients.
 //! - `stats.rs`: the seeded PRNG, the push-frame scanner, percentiles.
 //!
 //! Every run is bounded: a global `--timeout` caps each wait (a convergence
@@ -41,7 +42,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use entity_sync::proto::v1::FetchMode;
+use entity_sync_backend::{FetchMode, Notifier};
+use entity_sync_testkit::{NodeProcess, nats::NatsServer};
 use serde::Serialize;
 use tokio::{
     sync::Semaphore,
@@ -49,11 +51,10 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::{
     load::{ClientOutcome, ClientSpec, Shared},
-    procs::{NatsProcess, NodeProcess, cpu_seconds, cpu_split, grpc_client, rss_kb},
+    procs::{cpu_seconds, cpu_split, rss_kb},
     stats::{Percentiles, XorShift64, percentiles},
 };
 
@@ -142,7 +143,7 @@ struct Cli {
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
     /// Bound of every wait of the run (e.g. 60s, 3m).
-    #[arg(long, default_value = "60s", value_parser = entity_sync::config::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// Generator runtime worker threads (default: one per core).
     #[arg(long)]
@@ -256,8 +257,7 @@ async fn run(cli: Cli, scenario: Scenario, nofile: u64) -> anyhow::Result<bool> 
 /// The processes of a run. Fields drop in order: nodes before their nats-server.
 struct Env {
     nodes: Vec<NodeProcess>,
-    channels: Vec<Channel>,
-    _nats: Option<NatsProcess>,
+    _nats: Option<NatsServer>,
 }
 
 impl Env {
@@ -277,44 +277,43 @@ impl Env {
         };
         if !bin.exists() {
             bail!(
-                "node binary {} not found: build it (cargo build --release --bin entity-sync) or pass --node-bin",
+                "node binary {} not found: build it (cargo build --release -p entity-sync) or pass --node-bin",
                 bin.display()
             );
         }
         if nodes > 1 && !nats {
             bail!("{nodes} nodes need a bus: pass --nats");
         }
-        let mut nats_process = if nats {
-            let mut process = NatsProcess::spawn(log_dir, cli.nats_sync_always)?;
-            process.wait_ready(deadline).await?;
-            Some(process)
-        } else {
+        let nats_server = if !nats {
             None
+        } else if cli.nats_sync_always {
+            Some(NatsServer::start().await)
+        } else {
+            Some(NatsServer::start_default_sync().await)
         };
         let mut started = Vec::with_capacity(nodes);
-        let mut channels = Vec::with_capacity(nodes);
         // One at a time: the first creates the JetStream stream.
         for i in 1..=nodes {
-            let url = nats_process.as_ref().map(|n| n.url.clone());
-            let mut node = NodeProcess::spawn(
-                i,
-                &bin,
-                &cli.node_args,
-                url.as_deref(),
-                log_dir,
-                &cli.node_log,
-            )?;
-            channels.push(node.wait_ready(deadline).await?);
+            let mut args = vec![format!("--node-id=bench-{i}")];
+            if let Some(nats) = &nats_server {
+                args.push(format!("--nats-url={}", nats.url()));
+            }
+            args.extend(cli.node_args.iter().cloned());
+            let log = log_dir.join(format!("node-{i}.log"));
+            let mut node = NodeProcess::spawn(&bin, &args, Some(&log), &cli.node_log)?;
+            let wait = deadline.saturating_duration_since(Instant::now());
+            node.wait_ready(wait).await.map_err(anyhow::Error::msg)?;
             started.push(node);
-        }
-        if let Some(n) = nats_process.as_mut() {
-            n.guard.check_alive()?;
         }
         Ok(Env {
             nodes: started,
-            channels,
-            _nats: nats_process,
+            _nats: nats_server,
         })
+    }
+
+    /// A notifier of node `i`, on a connection of its own.
+    async fn notifier(&self, i: usize) -> anyhow::Result<Notifier> {
+        load::notifier(&self.nodes[i].grpc_url()).await
     }
 
     fn cpu(&self) -> Vec<f64> {
@@ -338,7 +337,7 @@ impl Env {
     async fn metric(&self, name: &str) -> anyhow::Result<Vec<u64>> {
         let mut out = Vec::with_capacity(self.nodes.len());
         for node in &self.nodes {
-            out.push(node.metric(name).await?);
+            out.push(node.metric(name).await.map_err(anyhow::Error::msg)? as u64);
         }
         Ok(out)
     }
@@ -346,7 +345,8 @@ impl Env {
     fn check_alive(&mut self) -> anyhow::Result<()> {
         self.nodes
             .iter_mut()
-            .try_for_each(|n| n.guard.check_alive())
+            .try_for_each(|n| n.guard().check_alive())
+            .map_err(anyhow::Error::msg)
     }
 }
 
@@ -480,7 +480,7 @@ async fn push_scenario(
         FetchModeArg::PerSubscriber => FetchMode::PerSubscriber,
     };
     let resolver = load::start_resolver(
-        env.channels[0].clone(),
+        &env.nodes[0].grpc_url(),
         shared.clone(),
         fetch_mode,
         cancel.clone(),
@@ -488,7 +488,7 @@ async fn push_scenario(
     .await?;
 
     for node in &env.nodes[1..] {
-        let attempts = load::probe_subscribe(node.ws, Arc::from(&*node.ws_url), deadline).await?;
+        let attempts = load::probe_subscribe(Arc::from(node.ws_url()), deadline).await?;
         if attempts > 1 {
             eprintln!(
                 "{name}: a subscribe on {} succeeded after {attempts} attempts (no_resolver before)",
@@ -501,7 +501,7 @@ async fn push_scenario(
     let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
     let stop = Arc::new(AtomicBool::new(false));
     let sources = source_count(cli, clients);
-    let urls: Vec<Arc<str>> = env.nodes.iter().map(|n| Arc::from(&*n.ws_url)).collect();
+    let urls: Vec<Arc<str>> = env.nodes.iter().map(|n| Arc::from(n.ws_url())).collect();
     let mut tasks: JoinSet<ClientOutcome> = JoinSet::new();
     let setup_started = Instant::now();
     for (i, keys_of_client) in client_keys.iter().enumerate() {
@@ -509,7 +509,6 @@ async fn push_scenario(
         let secret = (fetch_mode == FetchMode::PerSubscriber)
             .then(|| format!("s{}", i % cli.secrets.unwrap_or(clients).max(1)));
         let spec = ClientSpec {
-            node_addr: env.nodes[node].ws,
             url: urls[node].clone(),
             src: source_addr(i, sources),
             keys: keys_of_client.clone(),
@@ -539,9 +538,9 @@ async fn push_scenario(
     let gen_before = cpu_split(None);
 
     // Notifies go to the last node (node 2 in the cluster: the resolver is on node 1).
-    let notify_channel = env.channels[env.nodes.len() - 1].clone();
+    let notifier = env.notifier(env.nodes.len() - 1).await?;
     let notifiers: Vec<_> = (0..cli.notify_concurrency.max(1))
-        .map(|_| grpc_client(notify_channel.clone()))
+        .map(|_| notifier.clone())
         .collect();
     let drive = load::drive_updates(
         shared.clone(),
@@ -798,7 +797,7 @@ async fn idle_scenario(
     let shared = Arc::new(Shared::new(keys as usize, &[], false));
     let cancel = CancellationToken::new();
     let resolver = load::start_resolver(
-        env.channels[0].clone(),
+        &env.nodes[0].grpc_url(),
         shared.clone(),
         FetchMode::Shared,
         cancel.clone(),
@@ -808,7 +807,7 @@ async fn idle_scenario(
     let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
     let stop = Arc::new(AtomicBool::new(false));
     let sources = source_count(cli, max);
-    let url: Arc<str> = Arc::from(&*env.nodes[0].ws_url);
+    let url: Arc<str> = Arc::from(env.nodes[0].ws_url());
     let mut tasks: JoinSet<ClientOutcome> = JoinSet::new();
     let mut reports = Vec::new();
     let mut spawned = 0;
@@ -818,7 +817,6 @@ async fn idle_scenario(
         let gen_cpu_before = cpu_seconds(None);
         while spawned < target {
             let spec = ClientSpec {
-                node_addr: env.nodes[0].ws,
                 url: url.clone(),
                 src: source_addr(spawned, sources),
                 keys: vec![(spawned % keys as usize) as u32],
@@ -844,7 +842,11 @@ async fn idle_scenario(
             scenario: "idle",
             conns: target,
             held,
-            node_connections: env.nodes[0].metric("entity_sync_connections").await.ok(),
+            node_connections: env.nodes[0]
+                .metric("entity_sync_connections")
+                .await
+                .ok()
+                .map(|v| v as u64),
             node_rss_kb: rss,
             node_rss_base_kb: base,
             rss_per_conn_kb: if held > 0 {
@@ -931,12 +933,9 @@ async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow
         (cli.calls, cli.batch_keys)
     };
     // A few HTTP/2 connections, so many callers are not all behind one.
-    let mut clients = vec![grpc_client(env.channels[0].clone())];
-    for _ in 1..4 {
-        let channel = Channel::from_shared(env.nodes[0].grpc_url.clone())?
-            .connect()
-            .await?;
-        clients.push(grpc_client(channel));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(env.notifier(0).await?);
     }
     let mut plan: Vec<(usize, usize, u64)> =
         cli.concurrency.iter().map(|&c| (1, c, calls)).collect();

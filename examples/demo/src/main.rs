@@ -29,8 +29,8 @@
 //! - `main`: flags, tracing, starts the node (unless `--node`), the backend's
 //!   tasks and the page server; one cancellation token stops them all.
 //! - `db`: the grocery database and the queries that read and change it.
-//! - `backend`: the resolver (the `Resolve` stream, reconnected with backoff),
-//!   item edits (SQLite update, then `Notify`) and the periodic random edit.
+//! - `backend`: the resolver on `entity-sync-backend` (one handler per
+//!   entity), item edits (SQLite update, then `Notify`) and the periodic random edit.
 //! - `web`: the demo page, the JS client and the REST API the page edits through.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -40,11 +40,10 @@ use clap::Parser;
 use entity_sync::{
     config::Config,
     node::{Listeners, Node},
-    proto::v1::entity_sync_client::EntitySyncClient,
 };
+use entity_sync_backend::Notifier;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::Endpoint;
 use tracing::{Instrument as _, info, info_span, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -136,31 +135,33 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    // One lazy channel serves the resolver stream and the notifies: it connects
-    // on first use and reconnects by itself after the node comes back.
-    let channel = Endpoint::from_shared(grpc_url.clone())
-        .with_context(|| format!("invalid gRPC URL {grpc_url:?}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect_lazy();
-    let client = EntitySyncClient::new(channel);
+    // The notifier connects on first use and again after the node comes back.
+    let notifier = Notifier::builder(grpc_url.clone())
+        .connect_lazy()
+        .with_context(|| format!("invalid gRPC URL {grpc_url:?}"))?;
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    tasks.spawn(
-        backend::run_resolver(client.clone(), db.clone(), shutdown.clone()).instrument(info_span!(
-            "resolver",
-            resolver.name = backend::RESOLVER_NAME
-        )),
-    );
+    let resolver = backend::resolver(&grpc_url, db.clone())?;
+    let resolver_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(err) = resolver
+            .serve(resolver_shutdown.clone().cancelled_owned())
+            .await
+        {
+            tracing::error!(%err, "the node refused the demo backend");
+            resolver_shutdown.cancel();
+        }
+    });
     if !auto_edit.is_zero() {
         tasks.spawn(
-            backend::run_auto_edit(client.clone(), db.clone(), auto_edit, shutdown.clone())
+            backend::run_auto_edit(notifier.clone(), db.clone(), auto_edit, shutdown.clone())
                 .instrument(info_span!("auto_edit")),
         );
     }
     let router = web::router(web::AppState {
         db: db.clone(),
-        client,
+        notifier,
         ws_addr,
         ws_path: args.ws_path.clone(),
     });
@@ -535,19 +536,13 @@ mod db {
 mod backend {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-    use bytes::Bytes;
-    use entity_sync::proto::v1::{
-        EntityKey, EntityRegistration, FetchMode, KeyResult, NodeMessage, NotifyRequest, Reason,
-        Register, ResolveRequest, ResolveResponse, ResolverMessage, Status as KeyStatus,
-        entity_sync_client::EntitySyncClient, node_message, resolver_message,
+    use entity_sync_backend::{
+        Answer, Answers, Backend, FetchMode, Notifier, Reason, ResolveRequest,
     };
     use rusqlite::Connection;
     use serde::Serialize;
-    use tokio::sync::mpsc;
-    use tokio_stream::wrappers::ReceiverStream;
     use tokio_util::sync::CancellationToken;
-    use tonic::transport::Channel;
-    use tracing::{Instrument as _, debug, field, info, info_span, warn};
+    use tracing::{info, warn};
 
     use super::{DEMO_SECRET, db};
 
@@ -558,12 +553,10 @@ mod backend {
     /// One list with its items: PER_SUBSCRIBER, see [`resolve_list`].
     pub const LISTS: &str = "lists";
 
-    /// Requests the node may keep outstanding on our stream. They are answered
-    /// one at a time (the single SQLite connection would serialise them
-    /// anyway); the node batches several ids into one request under load.
+    /// Requests the node may keep outstanding on our stream. The SDK answers
+    /// them concurrently; the single SQLite connection serialises the
+    /// queries, and the node batches several ids into one request under load.
     const MAX_IN_FLIGHT: u32 = 16;
-    const RECONNECT_MIN: Duration = Duration::from_millis(200);
-    const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
     pub fn now_millis() -> i64 {
         SystemTime::now()
@@ -577,174 +570,46 @@ mod backend {
         list_public || secret == DEMO_SECRET
     }
 
-    /// Keeps a `Resolve` stream to the node open until `shutdown`, opening a new
-    /// one with jittered exponential backoff whenever it drops (node restart,
-    /// network trouble). The node re-sends requests of a dropped stream to
-    /// another resolver, or to this one once it is back.
-    pub async fn run_resolver(
-        client: EntitySyncClient<Channel>,
-        db: db::Db,
-        shutdown: CancellationToken,
-    ) {
-        let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
-        loop {
-            let span = info_span!("resolve_stream", resolver.id = field::Empty);
-            let served = tokio::select! {
-                () = shutdown.cancelled() => return,
-                served = serve_stream(client.clone(), &db, &mut backoff).instrument(span) => served,
-            };
-            match served {
-                Ok(()) => info!("node ended the resolve stream"),
-                Err(err) => warn!(%err, "resolve stream failed"),
-            }
-            let delay = backoff.next_delay();
-            info!(?delay, "reconnecting the resolver");
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
-            }
-        }
+    /// The resolver: both entities, one handler each. `serve` keeps the
+    /// stream open, registering again after the node restarts.
+    pub fn resolver(grpc_url: &str, db: db::Db) -> Result<Backend, entity_sync_backend::Error> {
+        let items = {
+            let db = db.clone();
+            move |request: ResolveRequest| answer(db.clone(), request, resolve_item)
+        };
+        let lists = move |request: ResolveRequest| answer(db.clone(), request, resolve_list);
+        Backend::builder(grpc_url)
+            .name(RESOLVER_NAME)
+            .entity(ITEMS, FetchMode::Shared, items)
+            .entity(LISTS, FetchMode::PerSubscriber, lists)
+            .max_in_flight(MAX_IN_FLIGHT)
+            .build()
     }
 
-    /// One stream's life: register, then answer requests until it ends.
-    async fn serve_stream(
-        mut client: EntitySyncClient<Channel>,
-        db: &db::Db,
-        backoff: &mut Backoff,
-    ) -> Result<(), tonic::Status> {
-        // Outbound messages go through a channel that becomes the request
-        // stream; a failed send means the node hung up.
-        let (tx, rx) = mpsc::channel::<ResolverMessage>(MAX_IN_FLIGHT as usize);
-        let register = Register {
-            name: RESOLVER_NAME.to_owned(),
-            entities: vec![
-                EntityRegistration {
-                    entity: ITEMS.to_owned(),
-                    fetch_mode: FetchMode::Shared as i32,
-                },
-                EntityRegistration {
-                    entity: LISTS.to_owned(),
-                    fetch_mode: FetchMode::PerSubscriber as i32,
-                },
-            ],
-            pass_through: false,
-            max_in_flight: MAX_IN_FLIGHT,
-        };
-        // Queued before the call: the node reads `Register` first.
-        tx.send(ResolverMessage {
-            kind: Some(resolver_message::Kind::Register(register)),
+    /// Answers every id of `request` with `resolve` on the database.
+    async fn answer(
+        db: db::Db,
+        request: ResolveRequest,
+        resolve: fn(&Connection, i64, &ResolveRequest) -> rusqlite::Result<Answer>,
+    ) -> Result<Answers, db::DbError> {
+        db.call(move |conn| {
+            request
+                .ids()
+                .iter()
+                .map(|id| {
+                    // Ids are strings on the wire; ours are integers, so
+                    // anything else names nothing.
+                    let answer = match id.parse::<i64>() {
+                        Ok(number) => resolve(conn, number, &request)?,
+                        Err(_) => Answer::not_found(),
+                    };
+                    Ok((id.clone(), answer))
+                })
+                .collect()
         })
         .await
-        .map_err(|_| tonic::Status::internal("request stream closed before registering"))?;
-        let mut inbound = client.resolve(ReceiverStream::new(rx)).await?.into_inner();
-
-        while let Some(message) = inbound.message().await? {
-            match message {
-                NodeMessage {
-                    kind: Some(node_message::Kind::Registered(registered)),
-                } => {
-                    tracing::Span::current().record("resolver.id", registered.resolver_id.as_str());
-                    info!(node.id = %registered.node_id, "resolver registered: serving items and lists");
-                    backoff.reset();
-                }
-                NodeMessage {
-                    kind: Some(node_message::Kind::Request(request)),
-                } => {
-                    let response = answer(db, request).await;
-                    let message = ResolverMessage {
-                        kind: Some(resolver_message::Kind::Response(response)),
-                    };
-                    if tx.send(message).await.is_err() {
-                        return Ok(()); // the node hung up
-                    }
-                }
-                // Not registered for pass-through; ignore what a newer node may add.
-                NodeMessage { .. } => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// One `KeyResult` per requested id, in order.
-    async fn answer(db: &db::Db, request: ResolveRequest) -> ResolveResponse {
-        let request_id = request.request_id;
-        let ids = request.ids.clone();
-        debug!(
-            request.id = request_id,
-            entity = %request.entity,
-            ids = ?request.ids,
-            reason = ?request.reason(),
-            "resolving"
-        );
-        let results = db
-            .call(move |conn| {
-                Ok(request
-                    .ids
-                    .iter()
-                    .map(|id| resolve_key(conn, &request, id))
-                    .collect())
-            })
-            .await
-            .unwrap_or_else(|err| {
-                warn!(%err, request.id = request_id, "resolve failed");
-                ids.into_iter()
-                    .map(|id| failed(id, "database unavailable"))
-                    .collect()
-            });
-        ResolveResponse {
-            request_id,
-            results,
-        }
-    }
-
-    /// What a key resolved to.
-    enum Resolved {
-        Rows(Vec<Bytes>),
-        NotFound,
-        Forbidden(&'static str),
-    }
-
-    fn resolve_key(conn: &Connection, request: &ResolveRequest, id: &str) -> KeyResult {
-        // Ids are strings on the wire; ours are integers, so anything else
-        // names nothing.
-        let outcome = match id.parse::<i64>() {
-            Err(_) => Ok(Resolved::NotFound),
-            Ok(number) => match request.entity.as_str() {
-                ITEMS => resolve_item(conn, number, request),
-                LISTS => resolve_list(conn, number, &request.secret),
-                // The node only asks for the entities registered above.
-                _ => Ok(Resolved::NotFound),
-            },
-        };
-        let (status, rows, message) = match outcome {
-            Ok(Resolved::Rows(rows)) => (KeyStatus::Ok, rows, String::new()),
-            Ok(Resolved::NotFound) => (KeyStatus::NotFound, Vec::new(), "no such key".to_owned()),
-            Ok(Resolved::Forbidden(why)) => (KeyStatus::Forbidden, Vec::new(), why.to_owned()),
-            Err(err) => {
-                // The detail stays in our logs; the browser gets a plain message.
-                warn!(%err, entity = %request.entity, key.id = id, "database error");
-                return failed(id.to_owned(), "database error");
-            }
-        };
-        KeyResult {
-            id: id.to_owned(),
-            status: status as i32,
-            rows,
-            // 0: let the node version pushes by its bus sequence, which orders
-            // changes across nodes without any clock of ours.
-            version: 0,
-            message,
-        }
-    }
-
-    fn failed(id: String, message: &str) -> KeyResult {
-        KeyResult {
-            id,
-            status: KeyStatus::Error as i32,
-            rows: Vec::new(),
-            version: 0,
-            message: message.to_owned(),
-        }
+        // An `Err` answers every id with an error; the SDK logs the detail
+        // and the browser gets a plain message.
     }
 
     /// `items/{id}`, FETCH_MODE_SHARED. The node asks once per change, with no
@@ -756,40 +621,47 @@ mod backend {
         conn: &Connection,
         id: i64,
         request: &ResolveRequest,
-    ) -> rusqlite::Result<Resolved> {
+    ) -> rusqlite::Result<Answer> {
         let Some(found) = db::item_with_access(conn, id)? else {
-            return Ok(Resolved::NotFound);
+            return Ok(Answer::not_found());
         };
         let checked_at_subscribe = request.reason() != Reason::Subscribe;
-        if !checked_at_subscribe && !may_read(found.list_public, &request.secret) {
-            return Ok(Resolved::Forbidden("this item is on a private list"));
+        if !checked_at_subscribe && !may_read(found.list_public, request.secret()) {
+            return Ok(Answer::forbidden("this item is on a private list"));
         }
-        Ok(Resolved::Rows(vec![row(&found.item)]))
+        // Version 0: let the node version pushes by its bus sequence, which
+        // orders changes across nodes without any clock of ours.
+        Ok(Answer::row(&found.item))
     }
 
     /// `lists/{id}`, FETCH_MODE_PER_SUBSCRIBER: the node asks once per distinct
     /// secret among the subscribers, on subscribe and on every change, so a
     /// FORBIDDEN on a change ends that subscriber's subscription (revocation).
     /// The rows are the list, then each of its items: several rows per key.
-    fn resolve_list(conn: &Connection, id: i64, secret: &str) -> rusqlite::Result<Resolved> {
+    fn resolve_list(
+        conn: &Connection,
+        id: i64,
+        request: &ResolveRequest,
+    ) -> rusqlite::Result<Answer> {
         let Some(found) = db::list_with_items(conn, id)? else {
-            return Ok(Resolved::NotFound);
+            return Ok(Answer::not_found());
         };
-        if !may_read(found.list.public, secret) {
-            return Ok(Resolved::Forbidden(
+        if !may_read(found.list.public, request.secret()) {
+            return Ok(Answer::forbidden(
                 "this list is private: send the secret \"demo-secret\"",
             ));
         }
-        let rows = std::iter::once(row(&found.list))
-            .chain(found.items.iter().map(row))
-            .collect();
-        Ok(Resolved::Rows(rows))
+        let rows = std::iter::once(Row::List(&found.list)).chain(found.items.iter().map(Row::Item));
+        Ok(Answer::rows(rows))
     }
 
-    /// One row as the node wants it: a JSON value as bytes.
-    fn row(value: &impl Serialize) -> Bytes {
-        // Plain structs of strings and numbers: serialising cannot fail.
-        Bytes::from(serde_json::to_vec(value).expect("row serialises to JSON"))
+    /// A row of `lists/{id}`: the list, then its items (each serialises
+    /// with its own `type` tag).
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Row<'a> {
+        List(&'a db::List),
+        Item(&'a db::Item),
     }
 
     /// Why an edit did not go through.
@@ -801,8 +673,8 @@ mod backend {
         Database(#[source] db::DbError),
         /// The item was saved but the node did not take the notify, so no
         /// browser hears of it until the next change of that key.
-        #[error("saved, but the node did not accept the change notification ({:?})", .0.code())]
-        Notify(#[source] tonic::Status),
+        #[error("saved, but the node did not accept the change notification ({})", .0.message())]
+        Notify(#[source] entity_sync_backend::Error),
     }
 
     /// A saved edit and the bus sequences of its change keys.
@@ -814,7 +686,7 @@ mod backend {
 
     /// Saves the change in SQLite, then tells the node which keys changed.
     pub async fn edit_item(
-        client: &EntitySyncClient<Channel>,
+        notifier: &Notifier,
         db: &db::Db,
         id: i64,
         change: db::ItemChange,
@@ -827,26 +699,11 @@ mod backend {
             .ok_or(EditError::NotFound)?;
         // The backend knows which keys a row feeds: the item itself, and the
         // list whose rows include it.
-        let keys = vec![
-            EntityKey {
-                entity: ITEMS.to_owned(),
-                id: id.to_string(),
-            },
-            EntityKey {
-                entity: LISTS.to_owned(),
-                id: item.list_id.to_string(),
-            },
-        ];
+        let keys = [(ITEMS, id), (LISTS, item.list_id)];
         // OK means the bus stored the keys: every subscriber will be pushed.
-        let notified = client
-            .clone()
-            .notify(NotifyRequest {
-                keys,
-                idempotency_key: String::new(),
-            })
-            .await
-            .map_err(EditError::Notify)?
-            .into_inner();
+        // While the node is away the notifier retries (for 30 s) under one
+        // idempotency key.
+        let notified = notifier.notify(keys).await.map_err(EditError::Notify)?;
         info!(item.id = id, list.id = item.list_id, sequences = ?notified.sequences, "item edited, change notified");
         Ok(Edited {
             item,
@@ -857,7 +714,7 @@ mod backend {
     /// Every `period`, sets a random item's quantity or price, through the same
     /// path as an edit from the page.
     pub async fn run_auto_edit(
-        client: EntitySyncClient<Channel>,
+        notifier: Notifier,
         db: db::Db,
         period: Duration,
         shutdown: CancellationToken,
@@ -891,37 +748,9 @@ mod backend {
                     ..Default::default()
                 }
             };
-            if let Err(err) = edit_item(&client, &db, id, change).await {
+            if let Err(err) = edit_item(&notifier, &db, id, change).await {
                 warn!(%err, item.id = id, "auto-edit failed");
             }
-        }
-    }
-
-    /// Reconnect delays: doubling from `min` to `max`, each drawn from the
-    /// upper half of its range so restarting backends do not stampede.
-    struct Backoff {
-        min: Duration,
-        max: Duration,
-        ceiling: Duration,
-    }
-
-    impl Backoff {
-        fn new(min: Duration, max: Duration) -> Self {
-            Self {
-                min,
-                max,
-                ceiling: min,
-            }
-        }
-
-        fn next_delay(&mut self) -> Duration {
-            let ceiling = self.ceiling;
-            self.ceiling = (ceiling * 2).min(self.max);
-            ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
-        }
-
-        fn reset(&mut self) {
-            self.ceiling = self.min;
         }
     }
 }
@@ -938,21 +767,20 @@ mod web {
         response::{Html, IntoResponse, Response},
         routing::{get, post},
     };
-    use entity_sync::proto::v1::entity_sync_client::EntitySyncClient;
+    use entity_sync_backend::Notifier;
     use serde::{Deserialize, Serialize};
     use serde_json::json;
-    use tonic::transport::Channel;
 
     use super::{DEMO_SECRET, backend, db};
 
-    const INDEX_HTML: &str = include_str!("demo/index.html");
-    const CLIENT_JS: &str = include_str!("../client/entity-sync.js");
+    const INDEX_HTML: &str = include_str!("../index.html");
+    const CLIENT_JS: &str = include_str!("../../../client/entity-sync.js");
 
     /// What the handlers share; cheap to clone.
     #[derive(Clone)]
     pub struct AppState {
         pub db: db::Db,
-        pub client: EntitySyncClient<Channel>,
+        pub notifier: Notifier,
         /// The node's websocket listener, as the page should reach it.
         pub ws_addr: SocketAddr,
         pub ws_path: String,
@@ -1089,7 +917,7 @@ mod web {
                 return json_response(StatusCode::BAD_REQUEST, &json!({"error": message}));
             }
         };
-        match backend::edit_item(&state.client, &state.db, id, change).await {
+        match backend::edit_item(&state.notifier, &state.db, id, change).await {
             Ok(edited) => json_response(StatusCode::OK, &edited),
             Err(err) => {
                 let status = match &err {

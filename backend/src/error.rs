@@ -1,0 +1,120 @@
+//! Errors of the backend clients: a kind to match on, the gRPC code when the node sent one.
+
+use std::fmt;
+
+/// What went wrong, broadly; match on this rather than on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The builder was given something unusable (no name, a bad URL, ...).
+    Config,
+    /// The node could not be reached.
+    Connect,
+    /// The node refused the call for good: invalid, unauthenticated, not
+    /// permitted. Retrying the same call will not help.
+    Rejected,
+    /// The node (or its bus) could not take the call now, and retries ran out.
+    Unavailable,
+    /// A `Resolve` stream broke, or the node broke the protocol.
+    Stream,
+}
+
+/// A failure of [`Backend`](crate::Backend) or [`Notifier`](crate::Notifier).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    kind: ErrorKind,
+    code: Option<tonic::Code>,
+    message: String,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// Classifies a status the node (or the transport) answered with.
+    pub(crate) fn from_status(status: &tonic::Status) -> Self {
+        use tonic::Code::*;
+        let kind = match status.code() {
+            InvalidArgument | FailedPrecondition | Unauthenticated | PermissionDenied
+            | Unimplemented | OutOfRange | AlreadyExists | NotFound => ErrorKind::Rejected,
+            Unavailable | DeadlineExceeded | ResourceExhausted | Aborted => ErrorKind::Unavailable,
+            _ => ErrorKind::Stream,
+        };
+        Self {
+            kind,
+            code: Some(status.code()),
+            message: status.message().to_owned(),
+        }
+    }
+
+    /// The broad kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The gRPC code the node answered with, if the failure came from it.
+    pub fn code(&self) -> Option<tonic::Code> {
+        self.code
+    }
+
+    /// The node's message, or ours.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether trying the same thing again later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self.kind {
+            ErrorKind::Connect | ErrorKind::Unavailable | ErrorKind::Stream => true,
+            // A fetch-mode conflict clears once the other registration leaves
+            // (a rolling deploy that changes an entity's mode).
+            ErrorKind::Rejected => self.code == Some(tonic::Code::FailedPrecondition),
+            ErrorKind::Config => false,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            ErrorKind::Config => "invalid configuration",
+            ErrorKind::Connect => "cannot connect to the node",
+            ErrorKind::Rejected => "rejected by the node",
+            ErrorKind::Unavailable => "the node is unavailable",
+            ErrorKind::Stream => "resolve stream failed",
+        };
+        match self.code {
+            Some(code) => write!(f, "{kind} ({code:?}): {}", self.message),
+            None => write!(f, "{kind}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        let refused = Error::from_status(&tonic::Status::permission_denied("no"));
+        assert_eq!(refused.kind(), ErrorKind::Rejected);
+        assert!(!refused.is_retryable());
+        let conflict = Error::from_status(&tonic::Status::failed_precondition("mode"));
+        assert_eq!(conflict.kind(), ErrorKind::Rejected);
+        assert!(conflict.is_retryable());
+        let down = Error::from_status(&tonic::Status::unavailable("bus"));
+        assert_eq!(down.kind(), ErrorKind::Unavailable);
+        assert!(down.is_retryable());
+        assert_eq!(
+            down.to_string(),
+            "the node is unavailable (Unavailable): bus"
+        );
+    }
+}

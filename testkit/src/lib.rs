@@ -1,0 +1,94 @@
+//! What entity-sync's tests and its bench share, each written once: a node
+//! in-process on port 0 or the real binary as a child process, real
+//! `nats-server`s on dynamic ports with their own store dirs, websocket
+//! clients that assert exact frames, a resolver built on
+//! `entity-sync-backend`, notifies, and HTTP/metrics reads.
+//!
+//! Nothing here sleeps for readiness: a node is ready once `Node::start`
+//! returned (its listeners were bound before), a process once its port
+//! answers; every "wait" is a receive with a deadline or a condition polled
+//! until a deadline.
+//!
+//! # Layout
+//!
+//! - [`node`]: [`TestNode`] (in-process) and [`NodeProcess`] (the binary).
+//! - [`nats`]: one nats-server or a JetStream cluster, and a TCP proxy that cuts links.
+//! - [`ws`]: [`connect`](ws::connect) with socket options, and [`WsClient`].
+//! - [`resolver`]: [`TestResolver`] and the data it serves.
+//! - [`notify`]: `Notify` through the SDK's notifier, without retries.
+//! - [`http`]: a plain GET and Prometheus text reading.
+//! - [`process`]: child processes killed on drop, temp dirs, free ports.
+
+pub mod http;
+pub mod nats;
+pub mod node;
+pub mod notify;
+pub mod process;
+pub mod resolver;
+pub mod ws;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+pub use node::{NodeProcess, StatsView, TestNode};
+pub use notify::{notify, notify_one, try_notify};
+pub use resolver::{
+    Entry, ResolverData, ResolverOptions, SeenPassThrough, SeenRequest, TestResolver,
+};
+pub use ws::{WsClient, connect};
+
+/// How long a receive or a polled condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+/// The window in which "nothing more must happen" is checked.
+pub const SILENCE: Duration = Duration::from_millis(300);
+
+/// Polls `cond` until it holds; panics after [`DEADLINE`] with `what`.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Checks that `cond` stays true for the whole [`SILENCE`] window (used to
+/// prove that nothing *more* happens, like [`WsClient::expect_silence`]).
+pub async fn assert_stays(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + SILENCE;
+    while Instant::now() < end {
+        assert!(cond(), "condition no longer holds: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cond(), "condition no longer holds: {what}");
+}
+
+/// Checks that `frame` is a push envelope for `entity/id` with exactly the
+/// keys entity, id, version, rows; returns (version, rows).
+pub fn parse_push(frame: &Value, entity: &str, id: &str) -> (u64, Vec<Value>) {
+    assert_eq!(
+        frame["action"], "push",
+        "expected a push for {entity}/{id}, got {frame}"
+    );
+    let body = frame["body"]
+        .as_object()
+        .unwrap_or_else(|| panic!("push body not an object: {frame}"));
+    assert_eq!(
+        body.len(),
+        4,
+        "push body must have entity, id, version, rows: {frame}"
+    );
+    assert_eq!(body["entity"], entity, "push for the wrong key: {frame}");
+    assert_eq!(body["id"], id, "push for the wrong key: {frame}");
+    let version = body["version"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("push version not u64: {frame}"));
+    let rows = body["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("push rows not an array: {frame}"))
+        .clone();
+    (version, rows)
+}

@@ -1,0 +1,202 @@
+//! Child processes killed on drop, temp dirs, free ports, log tails.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+/// `n` distinct free loopback ports. All are bound at once (so they differ)
+/// and released together; the caller's servers then bind them. A restarted
+/// server binds the same port again.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// A fresh directory under the system temp dir, removed by [`TempDir`]'s drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "entity-sync-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The last `lines` lines of a log file (for failure messages). Lines
+/// containing any of `skip` are left out (noise like route reconnects).
+pub fn log_tail(log: &Path, lines: usize, skip: &[&str]) -> String {
+    let Ok(file) = fs::File::open(log) else {
+        return format!("(no log at {})", log.display());
+    };
+    let all: Vec<String> = BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|line| !skip.iter().any(|s| line.contains(s)))
+        .collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A child process with its output in a log file, stopped when dropped (also
+/// on panic): SIGTERM, then SIGKILL after a grace of two seconds.
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, cmd: Command, log: &Path) -> std::io::Result<ChildGuard> {
+        Self::spawn_inner(name, cmd, log, false)
+    }
+
+    /// Like [`spawn`](Self::spawn), and the kernel kills the child with
+    /// SIGKILL if the *thread* that spawned it exits first, so even a parent
+    /// killed without unwinding leaves nothing behind. Call it from a thread
+    /// that lives as long as the child should (the main thread).
+    pub fn spawn_tied(name: &str, cmd: Command, log: &Path) -> std::io::Result<ChildGuard> {
+        Self::spawn_inner(name, cmd, log, true)
+    }
+
+    fn spawn_inner(
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+        tied: bool,
+    ) -> std::io::Result<ChildGuard> {
+        let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        if tied {
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().map_err(|err| {
+            std::io::Error::new(
+                err.kind(),
+                format!("spawning {name} ({:?}): {err}", cmd.get_program()),
+            )
+        })?;
+        Ok(ChildGuard {
+            name: name.to_owned(),
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// `Err` with the log's tail if the process has exited.
+    pub fn check_alive(&mut self) -> Result<(), String> {
+        let Some(child) = self.child.as_mut() else {
+            return Err(format!("{} was stopped", self.name));
+        };
+        match child.try_wait() {
+            Ok(Some(status)) => Err(format!(
+                "{} exited ({status}); last log lines:\n{}",
+                self.name,
+                log_tail(&self.log, 20, &[])
+            )),
+            Ok(None) => Ok(()),
+            Err(err) => Err(format!("{}: {err}", self.name)),
+        }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, signal);
+            }
+        }
+    }
+
+    /// SIGKILL, and reap it: nothing is flushed on the way out.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself, at most `wait`; its exit code.
+    pub fn wait_exit(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let end = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < end {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(None) = child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let end = std::time::Instant::now() + Duration::from_secs(2);
+            while std::time::Instant::now() < end {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+}
