@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     // Clients are the backend SDK's (`entity-sync-backend`); the node only serves.
     tonic_prost_build::configure()
+        .build_client(false)
         .bytes(".entitysync.v1.KeyResult.rows")
         .bytes(".entitysync.v1.PassThrough.payload")
         .compile_fds(fds)?;

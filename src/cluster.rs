@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::{StreamExt, future::join_all};
 use prost::Message;
 use tokio::sync::watch;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
@@ -21,7 +21,11 @@ use crate::{
         internal::v1::ClusterResolveReply,
         v1::{FetchMode, Reason, ResolveRequest},
     },
-    resolver::{MAX_ATTEMPTS, Resolved, ResolverPool},
+    resolver::{
+        MAX_ATTEMPTS, ResolveError, ResolveErrorKind, Resolved, ResolverPool, key_result,
+        read_key_result,
+    },
+    tasks::Tasks,
 };
 
 /// Pause before asking again when no node answered (first retry; grows linearly).
@@ -29,19 +33,35 @@ const NO_RESPONDERS_RETRY: Duration = Duration::from_millis(50);
 
 /// The requesting side: how this node reaches resolvers on other nodes.
 #[derive(Clone)]
-pub struct ClusterLink {
+pub(crate) struct ClusterLink {
     client: Client,
     prefix: String,
     timeout: Duration,
 }
 
 impl ClusterLink {
-    pub fn new(client: Client, prefix: &str, timeout: Duration) -> Self {
-        Self {
+    /// Starts answering other nodes' resolves for the entities the local
+    /// `pool` serves (until the node shuts down), and returns the link to
+    /// theirs. `timeout` bounds each request to another node.
+    pub(crate) fn start(
+        client: Client,
+        prefix: &str,
+        timeout: Duration,
+        pool: &ResolverPool,
+        tasks: &Tasks,
+    ) -> Self {
+        let link = Self {
             client,
             prefix: prefix.to_string(),
             timeout,
-        }
+        };
+        tasks.spawn(serve(
+            link.clone(),
+            pool.clone(),
+            pool.watch_entities(),
+            tasks.clone(),
+        ));
+        link
     }
 
     fn subject(&self, entity: &str) -> String {
@@ -50,7 +70,7 @@ impl ClusterLink {
 
     /// Resolves `key` on another node. Also returns the entity's fetch mode
     /// as the answering node knows it.
-    pub async fn resolve(
+    pub(crate) async fn resolve(
         &self,
         key: &ChangeKey,
         secret: &str,
@@ -95,35 +115,32 @@ impl ClusterLink {
             };
             let reply = match ClusterResolveReply::decode(message.payload) {
                 Ok(reply) => reply,
-                Err(err) => return (Resolved::Error(format!("bad cluster reply: {err}")), None),
+                Err(err) => return (Err(ResolveError::BadClusterReply(err)), None),
             };
             let mode = FetchMode::try_from(reply.fetch_mode).ok();
             let result = reply
                 .results
                 .into_iter()
                 .find(|r| *r.id == *key.id)
-                .map(Resolved::from_result)
-                .unwrap_or_else(|| {
-                    Resolved::Error("cluster reply has no result for the id".into())
-                });
+                .map(read_key_result)
+                .unwrap_or_else(|| Err(ResolveError::MissingResult(key.id.clone())));
             return (result, mode);
         }
         if no_responders == MAX_ATTEMPTS {
-            (Resolved::NoResolver, None)
+            (Err(ResolveError::NoResolver), None)
         } else {
-            (Resolved::Timeout, None)
+            (Err(ResolveError::Timeout), None)
         }
     }
 }
 
 /// The answering side: serves `{prefix}.resolve.{entity}` for every entity
 /// with a local resolver, following the pool's set of entities.
-pub async fn serve(
+async fn serve(
     link: ClusterLink,
     pool: ResolverPool,
     mut entities: watch::Receiver<Vec<(Arc<str>, FetchMode)>>,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
+    tasks: Tasks,
 ) {
     let mut serving: HashMap<Arc<str>, CancellationToken> = HashMap::new();
     loop {
@@ -139,16 +156,16 @@ pub async fn serve(
             if serving.contains_key(&entity) {
                 continue;
             }
-            let token = cancel.child_token();
+            let token = tasks.token().child_token();
             serving.insert(entity.clone(), token.clone());
             let span = tracing::info_span!("cluster_resolve", entity = %entity);
-            tracker.spawn(
-                serve_entity(link.clone(), pool.clone(), entity, token, tracker.clone())
+            tasks.spawn(
+                serve_entity(link.clone(), pool.clone(), entity, token, tasks.clone())
                     .instrument(span),
             );
         }
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = tasks.cancelled() => return,
             changed = entities.changed() => if changed.is_err() { return },
         }
     }
@@ -159,7 +176,7 @@ async fn serve_entity(
     pool: ResolverPool,
     entity: Arc<str>,
     token: CancellationToken,
-    tracker: TaskTracker,
+    tasks: Tasks,
 ) {
     let subject = link.subject(&entity);
     let group = format!("{}-resolvers", link.prefix);
@@ -181,7 +198,7 @@ async fn serve_entity(
             continue;
         };
         let (pool, client) = (pool.clone(), link.client.clone());
-        tracker.spawn(
+        tasks.spawn(
             async move {
                 let Ok(request) = ResolveRequest::decode(message.payload) else {
                     tracing::warn!("undecodable cluster resolve request");
@@ -200,7 +217,7 @@ async fn serve_entity(
 /// Resolves a cluster request on local resolvers. `None` when this node no
 /// longer serves the entity: the requester then retries, reaching another node.
 async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterResolveReply> {
-    let mode = pool.local_fetch_mode(&request.entity)?;
+    let mode = pool.fetch_mode(&request.entity)?;
     let reason = Reason::try_from(request.reason).unwrap_or(Reason::Change);
     let secret: Arc<str> = Arc::from(request.secret.as_str());
     let keys: Vec<ChangeKey> = request
@@ -210,19 +227,30 @@ async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterR
         .collect();
     let outcomes = join_all(
         keys.iter()
-            .map(|key| pool.resolve_local(key, secret.clone(), reason)),
+            .map(|key| pool.resolve(key, secret.clone(), reason)),
     )
     .await;
     if outcomes
         .iter()
-        .any(|o| matches!(o, Resolved::NoResolver | Resolved::Closed))
+        .any(|o| matches!(o, Err(ResolveError::NoResolver | ResolveError::Closed)))
     {
         return None;
     }
     let results = keys
         .iter()
         .zip(outcomes)
-        .map(|(key, outcome)| outcome.into_key_result(&key.id))
+        .map(|(key, outcome)| {
+            // The requester only hears a fixed message for these: the detail stays here.
+            if let Err(err) = &outcome
+                && matches!(
+                    err.kind(),
+                    ResolveErrorKind::InvalidAnswer | ResolveErrorKind::Timeout
+                )
+            {
+                tracing::warn!(key = %key, %err, "cluster resolve answered with a failure");
+            }
+            key_result(outcome, &key.id)
+        })
         .collect();
     Some(ClusterResolveReply {
         fetch_mode: mode as i32,

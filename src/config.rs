@@ -1,6 +1,10 @@
 //! Node configuration: command-line flags, each with an `ENTITY_SYNC_*` environment variable.
+//!
+//! [`Config`] is made of one section per component ([`WsConfig`],
+//! [`GrpcConfig`], [`NatsConfig`], [`ResolveConfig`]), each flattened into
+//! the one command line, so a component is built from its own section.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 
@@ -9,66 +13,47 @@ use clap::Args;
 /// [`Config::default`] gives the documented defaults.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Websocket + HTTP listen address.
-    #[arg(long, env = "ENTITY_SYNC_WS_ADDR", default_value = "0.0.0.0:8080")]
-    pub ws_addr: SocketAddr,
+    #[command(flatten)]
+    pub ws: WsConfig,
 
-    /// Websocket path.
-    #[arg(long, env = "ENTITY_SYNC_WS_PATH", default_value = "/ws/entity-sync/", value_parser = parse_ws_path)]
-    pub ws_path: String,
+    #[command(flatten)]
+    pub grpc: GrpcConfig,
 
-    /// gRPC listen address.
-    #[arg(long, env = "ENTITY_SYNC_GRPC_ADDR", default_value = "0.0.0.0:50051")]
-    pub grpc_addr: SocketAddr,
+    #[command(flatten)]
+    pub nats: NatsConfig,
 
-    /// NATS server URL(s), comma-separated. Unset: the in-process bus (single node).
-    #[arg(long, env = "ENTITY_SYNC_NATS_URL")]
-    pub nats_url: Option<String>,
-
-    /// Prefix of NATS subjects and of the stream name.
-    #[arg(long, env = "ENTITY_SYNC_NATS_PREFIX", default_value = "es")]
-    pub nats_prefix: String,
-
-    /// Replicas of the JetStream stream when the node creates it.
-    #[arg(long, env = "ENTITY_SYNC_NATS_REPLICAS", default_value_t = 1)]
-    pub nats_replicas: usize,
-
-    /// How long the stream keeps change keys when the node creates it. A node
-    /// away for longer than this resyncs (re-resolves every subscribed key).
-    #[arg(long, env = "ENTITY_SYNC_NATS_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
-    pub nats_max_age: Duration,
-
-    /// Bytes the stream may hold when the node creates it (-1: no limit).
-    #[arg(long, env = "ENTITY_SYNC_NATS_MAX_BYTES", default_value_t = 1 << 30, allow_negative_numbers = true)]
-    pub nats_max_bytes: i64,
-
-    /// NATS credentials file (JWT + nkey seed).
-    #[arg(long, env = "ENTITY_SYNC_NATS_CREDS")]
-    pub nats_creds: Option<std::path::PathBuf>,
-
-    /// NATS auth token.
-    #[arg(long, env = "ENTITY_SYNC_NATS_TOKEN", hide_env_values = true)]
-    pub nats_token: Option<String>,
-
-    /// CA certificate (PEM) to verify the NATS server with.
-    #[arg(long, env = "ENTITY_SYNC_NATS_TLS_CA")]
-    pub nats_tls_ca: Option<std::path::PathBuf>,
-
-    /// Client certificate (PEM) for NATS mutual TLS (with --nats-tls-key).
-    #[arg(long, env = "ENTITY_SYNC_NATS_TLS_CERT")]
-    pub nats_tls_cert: Option<std::path::PathBuf>,
-
-    /// Client key (PEM) for NATS mutual TLS.
-    #[arg(long, env = "ENTITY_SYNC_NATS_TLS_KEY")]
-    pub nats_tls_key: Option<std::path::PathBuf>,
-
-    /// Refuse a NATS connection without TLS.
-    #[arg(long, env = "ENTITY_SYNC_NATS_REQUIRE_TLS", default_value_t = false)]
-    pub nats_require_tls: bool,
+    #[command(flatten)]
+    pub resolve: ResolveConfig,
 
     /// This node's id in logs and `Registered` messages (random when empty).
     #[arg(long, env = "ENTITY_SYNC_NODE_ID", default_value = "")]
     pub node_id: String,
+
+    /// Upper bound of the drain on shutdown.
+    #[arg(long, env = "ENTITY_SYNC_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// The websocket + HTTP port, the frames sent, and the limits of each
+/// websocket connection.
+// Explicit `id`s and value names: field names are short inside a section,
+// while argument ids must be unique across sections and the flags keep
+// their public names.
+#[derive(Debug, Clone, Args)]
+pub struct WsConfig {
+    /// Websocket + HTTP listen address.
+    #[arg(
+        id = "ws_addr",
+        value_name = "WS_ADDR",
+        long = "ws-addr",
+        env = "ENTITY_SYNC_WS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub addr: SocketAddr,
+
+    /// Websocket path.
+    #[arg(id = "ws_path", value_name = "WS_PATH", long = "ws-path", env = "ENTITY_SYNC_WS_PATH", default_value = "/ws/entity-sync/", value_parser = parse_ws_path)]
+    pub path: String,
 
     /// Compatibility with the original protocol: each row of a push is sent
     /// as its own bare frame, and no `subscribed`/`unsubscribed` frames are sent.
@@ -117,84 +102,226 @@ pub struct Config {
     /// A connection silent for this long (no frame, no pong) is closed.
     #[arg(long, env = "ENTITY_SYNC_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+}
 
-    /// Deadline of one resolve request; then it is retried on another resolver.
-    #[arg(long, env = "ENTITY_SYNC_RESOLVE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    pub resolve_timeout: Duration,
-
-    /// Most ids batched into one resolve request.
-    #[arg(long, env = "ENTITY_SYNC_RESOLVE_BATCH_SIZE", default_value_t = 64)]
-    pub resolve_batch_size: usize,
-
-    /// Requests in flight per resolver stream when its `Register` says 0.
-    #[arg(long, env = "ENTITY_SYNC_DEFAULT_MAX_IN_FLIGHT", default_value_t = 32)]
-    pub default_max_in_flight: u32,
+/// The gRPC port: `Notify` and the backends' `Resolve` streams.
+#[derive(Debug, Clone, Args)]
+pub struct GrpcConfig {
+    /// gRPC listen address.
+    #[arg(
+        id = "grpc_addr",
+        value_name = "GRPC_ADDR",
+        long = "grpc-addr",
+        env = "ENTITY_SYNC_GRPC_ADDR",
+        default_value = "0.0.0.0:50051"
+    )]
+    pub addr: SocketAddr,
 
     /// How long a new `Resolve` stream has to send its `Register`.
     #[arg(long, env = "ENTITY_SYNC_REGISTER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub register_timeout: Duration,
-
-    /// Upper bound of the drain on shutdown.
-    #[arg(long, env = "ENTITY_SYNC_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
 
     /// Most keys in one `Notify` call.
     #[arg(long, env = "ENTITY_SYNC_MAX_NOTIFY_KEYS", default_value_t = 10_000)]
     pub max_notify_keys: usize,
 }
 
+/// The NATS JetStream bus (and the cluster resolves over the same connection).
+#[derive(Debug, Clone, Args)]
+pub struct NatsConfig {
+    /// NATS server URL(s), comma-separated. Unset: the in-process bus (single node).
+    #[arg(
+        id = "nats_url",
+        value_name = "NATS_URL",
+        long = "nats-url",
+        env = "ENTITY_SYNC_NATS_URL"
+    )]
+    pub url: Option<String>,
+
+    /// Prefix of NATS subjects and of the stream name.
+    #[arg(
+        id = "nats_prefix",
+        value_name = "NATS_PREFIX",
+        long = "nats-prefix",
+        env = "ENTITY_SYNC_NATS_PREFIX",
+        default_value = "es"
+    )]
+    pub prefix: String,
+
+    /// Replicas of the JetStream stream when the node creates it.
+    #[arg(
+        id = "nats_replicas",
+        value_name = "NATS_REPLICAS",
+        long = "nats-replicas",
+        env = "ENTITY_SYNC_NATS_REPLICAS",
+        default_value_t = 1
+    )]
+    pub replicas: usize,
+
+    /// How long the stream keeps change keys when the node creates it. A node
+    /// away for longer than this resyncs (re-resolves every subscribed key).
+    #[arg(id = "nats_max_age", value_name = "NATS_MAX_AGE", long = "nats-max-age", env = "ENTITY_SYNC_NATS_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    pub max_age: Duration,
+
+    /// Bytes the stream may hold when the node creates it (-1: no limit).
+    #[arg(id = "nats_max_bytes", value_name = "NATS_MAX_BYTES", long = "nats-max-bytes", env = "ENTITY_SYNC_NATS_MAX_BYTES", default_value_t = 1 << 30, allow_negative_numbers = true)]
+    pub max_bytes: i64,
+
+    /// NATS credentials file (JWT + nkey seed).
+    #[arg(
+        id = "nats_creds",
+        value_name = "NATS_CREDS",
+        long = "nats-creds",
+        env = "ENTITY_SYNC_NATS_CREDS"
+    )]
+    pub creds: Option<PathBuf>,
+
+    /// NATS auth token.
+    #[arg(
+        id = "nats_token",
+        value_name = "NATS_TOKEN",
+        long = "nats-token",
+        env = "ENTITY_SYNC_NATS_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+
+    /// CA certificate (PEM) to verify the NATS server with.
+    #[arg(
+        id = "nats_tls_ca",
+        value_name = "NATS_TLS_CA",
+        long = "nats-tls-ca",
+        env = "ENTITY_SYNC_NATS_TLS_CA"
+    )]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for NATS mutual TLS (with --nats-tls-key).
+    #[arg(
+        id = "nats_tls_cert",
+        value_name = "NATS_TLS_CERT",
+        long = "nats-tls-cert",
+        env = "ENTITY_SYNC_NATS_TLS_CERT"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for NATS mutual TLS.
+    #[arg(
+        id = "nats_tls_key",
+        value_name = "NATS_TLS_KEY",
+        long = "nats-tls-key",
+        env = "ENTITY_SYNC_NATS_TLS_KEY"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Refuse a NATS connection without TLS.
+    #[arg(
+        id = "nats_require_tls",
+        long = "nats-require-tls",
+        env = "ENTITY_SYNC_NATS_REQUIRE_TLS",
+        default_value_t = false
+    )]
+    pub require_tls: bool,
+}
+
+/// Resolve requests to backend resolvers: deadlines, batching, in-flight caps.
+#[derive(Debug, Clone, Args)]
+pub struct ResolveConfig {
+    /// Deadline of one resolve request; then it is retried on another resolver.
+    #[arg(id = "resolve_timeout", value_name = "RESOLVE_TIMEOUT", long = "resolve-timeout", env = "ENTITY_SYNC_RESOLVE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Most ids batched into one resolve request.
+    #[arg(
+        id = "resolve_batch_size",
+        value_name = "RESOLVE_BATCH_SIZE",
+        long = "resolve-batch-size",
+        env = "ENTITY_SYNC_RESOLVE_BATCH_SIZE",
+        default_value_t = 64
+    )]
+    pub batch_size: usize,
+
+    /// Requests in flight per resolver stream when its `Register` says 0.
+    #[arg(long, env = "ENTITY_SYNC_DEFAULT_MAX_IN_FLIGHT", default_value_t = 32)]
+    pub default_max_in_flight: u32,
+}
+
+/// Parses an empty command line for `T`, ignoring the environment, so the
+/// defaults live in one place (the attributes above).
+fn defaults<T: Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("entity-sync").no_binary_name(true));
+    let ids: Vec<_> = cmd.get_arguments().map(|a| a.get_id().clone()).collect();
+    let cmd = ids
+        .into_iter()
+        .fold(cmd, |cmd, id| cmd.mut_arg(id, |arg| arg.env(None::<&str>)));
+    let matches = cmd
+        .try_get_matches_from(Vec::<String>::new())
+        .expect("defaults parse");
+    T::from_arg_matches(&matches).expect("defaults are valid")
+}
+
 impl Default for Config {
     fn default() -> Self {
-        use clap::{Command, FromArgMatches};
-        // Parse an empty command line so the defaults live in one place (the
-        // attributes above). Environment variables are deliberately ignored here.
-        let cmd = Config::augment_args(Command::new("entity-sync").no_binary_name(true));
-        let cmd = strip_env(cmd);
-        let matches = cmd
-            .try_get_matches_from(Vec::<String>::new())
-            .expect("defaults parse");
-        Config::from_arg_matches(&matches).expect("defaults are valid")
+        defaults()
     }
 }
 
-fn strip_env(cmd: clap::Command) -> clap::Command {
-    let ids: Vec<_> = cmd.get_arguments().map(|a| a.get_id().clone()).collect();
-    ids.into_iter()
-        .fold(cmd, |cmd, id| cmd.mut_arg(id, |arg| arg.env(None::<&str>)))
+impl Default for WsConfig {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+impl Default for ResolveConfig {
+    fn default() -> Self {
+        defaults()
+    }
 }
 
 impl Config {
     /// Cross-field checks clap can't express. Returns a message for the user.
     pub fn validate(&self) -> Result<(), String> {
-        if self.max_message_bytes < 256 {
+        let (ws, nats, resolve) = (&self.ws, &self.nats, &self.resolve);
+        if ws.max_message_bytes < 256 {
             return Err("--max-message-bytes must be at least 256".into());
         }
-        if self.outbound_max_bytes < 1024 {
+        if ws.outbound_max_bytes < 1024 {
             return Err("--outbound-max-bytes must be at least 1024".into());
         }
-        if self.resolve_batch_size == 0 {
+        if resolve.batch_size == 0 {
             return Err("--resolve-batch-size must be at least 1".into());
         }
-        if self.default_max_in_flight == 0 {
+        if resolve.default_max_in_flight == 0 {
             return Err("--default-max-in-flight must be at least 1".into());
         }
-        if self.max_subscriptions == 0 {
+        if ws.max_subscriptions == 0 {
             return Err("--max-subscriptions must be at least 1".into());
         }
-        if self.ping_interval.is_zero() || self.idle_timeout < self.ping_interval {
+        if ws.ping_interval.is_zero() || ws.idle_timeout < ws.ping_interval {
             return Err(
                 "--idle-timeout must be at least --ping-interval, which must be > 0".into(),
             );
         }
-        if self.resolve_timeout.is_zero() {
+        if resolve.timeout.is_zero() {
             return Err("--resolve-timeout must be > 0".into());
         }
-        if !(1..=5).contains(&self.nats_replicas) {
+        if !(1..=5).contains(&nats.replicas) {
             return Err("--nats-replicas must be 1 to 5".into());
         }
-        if self.nats_prefix.is_empty()
-            || !self
-                .nats_prefix
+        if nats.prefix.is_empty()
+            || !nats
+                .prefix
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
@@ -234,17 +361,52 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, Parser};
 
     #[test]
     fn defaults_match_the_contract() {
         let c = Config::default();
-        assert_eq!(c.ws_addr.to_string(), "0.0.0.0:8080");
-        assert_eq!(c.ws_path, "/ws/entity-sync/");
-        assert_eq!(c.grpc_addr.to_string(), "0.0.0.0:50051");
-        assert_eq!(c.nats_url, None);
-        assert_eq!(c.nats_prefix, "es");
-        assert_eq!(c.resolve_timeout, Duration::from_secs(5));
+        assert_eq!(c.ws.addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.ws.path, "/ws/entity-sync/");
+        assert_eq!(c.grpc.addr.to_string(), "0.0.0.0:50051");
+        assert_eq!(c.nats.url, None);
+        assert_eq!(c.nats.prefix, "es");
+        assert_eq!(c.resolve.timeout, Duration::from_secs(5));
         assert!(c.validate().is_ok());
+        assert_eq!(WsConfig::default().addr, c.ws.addr);
+        assert_eq!(NatsConfig::default().prefix, c.nats.prefix);
+    }
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn flags_keep_their_public_names() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "entity-sync",
+            "--ws-addr=127.0.0.1:1",
+            "--grpc-addr=127.0.0.1:2",
+            "--nats-url=nats://a:4222",
+            "--nats-prefix=p",
+            "--resolve-timeout=2s",
+            "--resolve-batch-size=3",
+            "--default-max-in-flight=4",
+            "--max-subscriptions=5",
+        ])
+        .unwrap();
+        let c = cli.config;
+        assert_eq!(c.ws.addr.port(), 1);
+        assert_eq!(c.grpc.addr.port(), 2);
+        assert_eq!(c.nats.url.as_deref(), Some("nats://a:4222"));
+        assert_eq!(c.nats.prefix, "p");
+        assert_eq!(c.resolve.timeout, Duration::from_secs(2));
+        assert_eq!(c.resolve.batch_size, 3);
+        assert_eq!(c.resolve.default_max_in_flight, 4);
+        assert_eq!(c.ws.max_subscriptions, 5);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! must agree with the change flow on versions and missed changes.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, hash_map::Entry},
     sync::{
         Arc, Mutex,
@@ -18,22 +19,23 @@ use std::{
 
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
     bus::{Bus, BusEvent},
+    config::WsConfig,
     key::ChangeKey,
     metrics::Metrics,
     proto::v1::{FetchMode, Reason},
     protocol::{ErrorCode, PushFrame, error_frame, subscribed_frame},
     registry::{Activation, Audience, Connection, Registry},
-    resolver::{Resolved, ResolverPool},
+    resolve::{ResolveError, ResolveErrorKind, Resolved, Resolvers, Rows},
+    tasks::Tasks,
 };
 
 /// First retry delay of a failed change resolve; doubles up to [`RETRY_MAX`].
-pub const RETRY_BASE: Duration = Duration::from_millis(100);
-pub const RETRY_MAX: Duration = Duration::from_secs(5);
+const RETRY_BASE: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 struct Flight {
     /// Highest sequence of a change that arrived while the resolve ran.
@@ -42,20 +44,20 @@ struct Flight {
 
 /// The dispatcher: a cheap-clone handle.
 #[derive(Clone)]
-pub struct Dispatcher {
+pub(crate) struct Dispatcher {
     inner: Arc<Inner>,
 }
 
 struct Inner {
     registry: Registry,
-    pool: ResolverPool,
+    resolvers: Resolvers,
     bus: Bus,
     metrics: Arc<Metrics>,
     /// Keys with a change resolve running. A std `Mutex`: touched once per
     /// consumed change and once per finished resolve, never across `.await`.
     flights: Mutex<HashMap<ChangeKey, Flight>>,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
+    tasks: Tasks,
+    /// `--compat-bare-rows`: the shape of push frames.
     bare_rows: bool,
     /// Highest bus sequence consumed.
     applied: AtomicU64,
@@ -69,35 +71,49 @@ enum Attempt {
 }
 
 impl Dispatcher {
-    pub fn new(
+    /// Creates the dispatcher and starts consuming `events`, the bus's
+    /// change keys, until the bus ends or the node shuts down.
+    pub(crate) fn start(
+        config: &WsConfig,
         registry: Registry,
-        pool: ResolverPool,
+        resolvers: Resolvers,
+        bus: Bus,
+        events: mpsc::Receiver<BusEvent>,
+        metrics: Arc<Metrics>,
+        tasks: &Tasks,
+    ) -> Self {
+        let dispatcher = Self::new(config, registry, resolvers, bus, metrics, tasks);
+        tasks.spawn(dispatcher.clone().run(events));
+        dispatcher
+    }
+
+    fn new(
+        config: &WsConfig,
+        registry: Registry,
+        resolvers: Resolvers,
         bus: Bus,
         metrics: Arc<Metrics>,
-        tracker: TaskTracker,
-        cancel: CancellationToken,
-        bare_rows: bool,
+        tasks: &Tasks,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 registry,
-                pool,
+                resolvers,
                 bus,
                 metrics,
                 flights: Mutex::new(HashMap::new()),
-                tracker,
-                cancel,
-                bare_rows,
+                tasks: tasks.clone(),
+                bare_rows: config.compat_bare_rows,
                 applied: AtomicU64::new(0),
             }),
         }
     }
 
     /// Consumes the bus until it ends or the node shuts down.
-    pub async fn run(self, mut events: mpsc::Receiver<BusEvent>) {
+    async fn run(self, mut events: mpsc::Receiver<BusEvent>) {
         loop {
             let event = tokio::select! {
-                _ = self.inner.cancel.cancelled() => return,
+                _ = self.inner.tasks.cancelled() => return,
                 event = events.recv() => event,
             };
             match event {
@@ -119,7 +135,7 @@ impl Dispatcher {
 
     /// Re-resolves every subscribed key: changes were lost on the bus, so
     /// any key may be stale.
-    pub fn resync(&self, seq: u64) {
+    fn resync(&self, seq: u64) {
         self.inner.applied.fetch_max(seq, Ordering::AcqRel);
         let keys = self.inner.registry.keys();
         tracing::info!(
@@ -133,12 +149,12 @@ impl Dispatcher {
     }
 
     /// Highest bus sequence consumed by this node.
-    pub fn applied(&self) -> u64 {
+    fn applied(&self) -> u64 {
         self.inner.applied.load(Ordering::Acquire)
     }
 
     /// Starts a change resolve of `key`, or folds `seq` into the running one.
-    pub fn schedule(&self, key: ChangeKey, seq: u64) {
+    fn schedule(&self, key: ChangeKey, seq: u64) {
         if !self.inner.registry.note_change(&key) {
             return;
         }
@@ -155,7 +171,7 @@ impl Dispatcher {
                 let span = tracing::debug_span!("change", key = %key);
                 let this = self.clone();
                 self.inner
-                    .tracker
+                    .tasks
                     .spawn(async move { this.resolve_loop(key, seq).await }.instrument(span));
             }
         }
@@ -164,7 +180,7 @@ impl Dispatcher {
     async fn resolve_loop(&self, key: ChangeKey, mut seq: u64) {
         let mut failures: u32 = 0;
         loop {
-            if self.inner.cancel.is_cancelled() {
+            if self.inner.tasks.is_cancelled() {
                 self.land(&key);
                 return;
             }
@@ -180,7 +196,7 @@ impl Dispatcher {
                     .min(RETRY_MAX);
                 tracing::debug!(failures, ?delay, "change resolve failed, retrying");
                 tokio::select! {
-                    _ = self.inner.cancel.cancelled() => {
+                    _ = self.inner.tasks.cancelled() => {
                         self.land(&key);
                         return;
                     }
@@ -214,25 +230,26 @@ impl Dispatcher {
     }
 
     async fn resolve_change(&self, key: &ChangeKey, seq: u64) -> Attempt {
-        let Some(mode) = self.inner.pool.fetch_mode(&key.entity) else {
+        let Some(mode) = self.inner.resolvers.fetch_mode(&key.entity) else {
             return Attempt::Retry;
         };
         match mode {
             FetchMode::Shared => {
                 let result = self
                     .inner
-                    .pool
+                    .resolvers
                     .resolve(key, Arc::from(""), Reason::Change)
                     .await;
                 self.apply(key, seq, result, Audience::All)
             }
             _ => {
                 let secrets = self.inner.registry.active_secrets(key);
-                let results =
-                    join_all(secrets.iter().map(|secret| {
-                        self.inner.pool.resolve(key, secret.clone(), Reason::Change)
-                    }))
-                    .await;
+                let results = join_all(secrets.iter().map(|secret| {
+                    self.inner
+                        .resolvers
+                        .resolve(key, secret.clone(), Reason::Change)
+                }))
+                .await;
                 let mut attempt = Attempt::Done;
                 for (secret, result) in secrets.iter().zip(results) {
                     if self.apply(key, seq, result, Audience::Secret(secret)) == Attempt::Retry {
@@ -251,20 +268,22 @@ impl Dispatcher {
         result: Resolved,
         audience: Audience<'_>,
     ) -> Attempt {
-        let metrics = &self.inner.metrics;
-        match result {
-            Resolved::Rows { rows, version } => {
+        let err = match result {
+            Ok(Rows { rows, version }) => {
                 let version = if version != 0 { version } else { seq };
                 self.fan_out(
                     key,
                     &PushFrame::build(key, version, &rows, self.inner.bare_rows),
                     audience,
                 );
-                Attempt::Done
+                return Attempt::Done;
             }
+            Err(err) => err,
+        };
+        match err.kind() {
             // The row is gone: subscribers learn it from an empty push and
             // stay subscribed in case it comes back.
-            Resolved::NotFound(_) => {
+            ResolveErrorKind::NotFound => {
                 self.fan_out(
                     key,
                     &PushFrame::build(key, seq, &[], self.inner.bare_rows),
@@ -272,14 +291,13 @@ impl Dispatcher {
                 );
                 Attempt::Done
             }
-            Resolved::Forbidden(message) => {
-                let message = if message.is_empty() {
-                    "access to this key was revoked".to_string()
-                } else {
-                    message
-                };
-                let error = error_frame(ErrorCode::Forbidden, &message, Some(key));
+            ResolveErrorKind::Forbidden => {
+                let message = err
+                    .resolver_message()
+                    .unwrap_or("access to this key was revoked");
+                let error = error_frame(ErrorCode::Forbidden, message, Some(key));
                 let revoked = self.inner.registry.revoke(key, audience, &error);
+                let metrics = &self.inner.metrics;
                 metrics
                     .revocations_total
                     .fetch_add(revoked as u64, Ordering::Relaxed);
@@ -288,12 +306,12 @@ impl Dispatcher {
                 tracing::info!(key = %key, revoked, "subscriptions revoked by resolver");
                 Attempt::Done
             }
-            Resolved::Error(message) => {
-                tracing::warn!(key = %key, error = %message, "change resolve failed");
+            ResolveErrorKind::Failed | ResolveErrorKind::InvalidAnswer => {
+                tracing::warn!(key = %key, %err, "change resolve failed");
                 Attempt::Retry
             }
-            Resolved::Timeout | Resolved::NoResolver => Attempt::Retry,
-            Resolved::Closed => Attempt::Done,
+            ResolveErrorKind::Timeout | ResolveErrorKind::NoResolver => Attempt::Retry,
+            ResolveErrorKind::Closed => Attempt::Done,
         }
     }
 
@@ -310,24 +328,23 @@ impl Dispatcher {
         metrics
             .pushes_skipped_stale_total
             .fetch_add(fan.stale as u64, Ordering::Relaxed);
-        metrics
-            .slow_client_closes_total
-            .fetch_add(fan.overflowed as u64, Ordering::Relaxed);
+        // A connection this closed as too slow is counted by its session,
+        // which sees every such close, whatever frame overflowed the queue.
     }
 
     /// Resolves the snapshot of a subscription that the session has added to
     /// the registry as pending, then activates it (or ends it with an error
     /// frame). Dropping the future (the connection closed) is fine.
-    pub async fn subscribe(&self, conn: Arc<Connection>, key: ChangeKey) {
+    pub(crate) async fn subscribe(&self, conn: Arc<Connection>, key: ChangeKey) {
         // Read before resolving: the snapshot reflects every change up to it.
         let base = self.inner.bus.snapshot_version().await.max(self.applied());
         let result = self
             .inner
-            .pool
+            .resolvers
             .resolve(&key, conn.secret(), Reason::Subscribe)
             .await;
-        let (code, message) = match result {
-            Resolved::Rows { rows, version } => {
+        let err = match result {
+            Ok(Rows { rows, version }) => {
                 let version = if version != 0 { version } else { base };
                 let frame = PushFrame::build(&key, version, &rows, self.inner.bare_rows);
                 let ack = (!self.inner.bare_rows).then(|| subscribed_frame(&key));
@@ -339,22 +356,9 @@ impl Dispatcher {
                 }
                 return;
             }
-            Resolved::NotFound(m) => (ErrorCode::NotFound, or(m, "no such key")),
-            Resolved::Forbidden(m) => (ErrorCode::Forbidden, or(m, "access denied")),
-            Resolved::Error(m) => (ErrorCode::ResolverError, or(m, "the resolver failed")),
-            Resolved::Timeout => (
-                ErrorCode::ResolverTimeout,
-                "no resolver answered in time".to_string(),
-            ),
-            Resolved::NoResolver => (
-                ErrorCode::NoResolver,
-                format!("no resolver serves entity {:?}", &*key.entity),
-            ),
-            Resolved::Closed => (
-                ErrorCode::NoResolver,
-                "the node is shutting down".to_string(),
-            ),
+            Err(err) => err,
         };
+        let (code, message) = subscribe_error(&key, &err);
         self.inner.registry.remove(&key, &conn);
         conn.outbox
             .control(Some(&key), error_frame(code, &message, Some(&key)));
@@ -362,10 +366,185 @@ impl Dispatcher {
     }
 }
 
-fn or(message: String, default: &str) -> String {
-    if message.is_empty() {
-        default.to_string()
-    } else {
-        message
+/// The code and message of the error frame for a subscribe whose snapshot
+/// resolve failed. Only a resolver's own message reaches the client; every
+/// other failure gets a fixed message here, and its detail goes to the log.
+fn subscribe_error<'a>(key: &ChangeKey, err: &'a ResolveError) -> (ErrorCode, Cow<'a, str>) {
+    let own = |default: &'static str| Cow::Borrowed(err.resolver_message().unwrap_or(default));
+    match err.kind() {
+        ResolveErrorKind::NotFound => (ErrorCode::NotFound, own("no such key")),
+        ResolveErrorKind::Forbidden => (ErrorCode::Forbidden, own("access denied")),
+        ResolveErrorKind::Failed => (ErrorCode::ResolverError, own("the resolver failed")),
+        ResolveErrorKind::InvalidAnswer => {
+            tracing::warn!(key = %key, %err, "snapshot resolve failed");
+            (
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer".into(),
+            )
+        }
+        ResolveErrorKind::Timeout => {
+            tracing::info!(key = %key, %err, "snapshot resolve failed");
+            (
+                ErrorCode::ResolverTimeout,
+                "no resolver answered in time".into(),
+            )
+        }
+        ResolveErrorKind::NoResolver => {
+            tracing::debug!(key = %key, %err, "snapshot resolve failed");
+            (
+                ErrorCode::NoResolver,
+                format!("no resolver serves entity {:?}", &*key.entity).into(),
+            )
+        }
+        ResolveErrorKind::Closed => (ErrorCode::NoResolver, "the node is shutting down".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use bytes::Bytes;
+    use prost::Message;
+
+    use super::*;
+    use crate::{
+        config::{NatsConfig, ResolveConfig},
+        outbox::CloseReason,
+        proto::internal::v1::ClusterResolveReply,
+        protocol::RowError,
+        resolver::ResolverPool,
+    };
+
+    fn key() -> ChangeKey {
+        ChangeKey::new("items", "1").unwrap()
+    }
+
+    #[test]
+    fn internal_failures_get_a_fixed_client_message() {
+        let not_json = serde_json::from_slice::<serde_json::Value>(b"{oops").unwrap_err();
+        let internal = [
+            (
+                ResolveError::InvalidRow(RowError::NotJson(Arc::new(not_json))),
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer",
+            ),
+            (
+                ResolveError::UnknownStatus(42),
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer",
+            ),
+            (
+                ResolveError::MissingResult(Arc::from("1")),
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer",
+            ),
+            (
+                ResolveError::BadClusterReply(
+                    ClusterResolveReply::decode(&b"\xff\xff"[..]).unwrap_err(),
+                ),
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer",
+            ),
+            (
+                ResolveError::Timeout,
+                ErrorCode::ResolverTimeout,
+                "no resolver answered in time",
+            ),
+            (
+                ResolveError::NoResolver,
+                ErrorCode::NoResolver,
+                "no resolver serves entity \"items\"",
+            ),
+            (
+                ResolveError::Closed,
+                ErrorCode::NoResolver,
+                "the node is shutting down",
+            ),
+        ];
+        for (err, code, message) in internal {
+            let (got_code, got_message) = subscribe_error(&key(), &err);
+            assert_eq!((got_code, &*got_message), (code, message), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn a_resolvers_own_message_reaches_the_client() {
+        let cases = [
+            (
+                ResolveError::NotFound("gone".into()),
+                ErrorCode::NotFound,
+                "gone",
+            ),
+            (
+                ResolveError::NotFound(String::new()),
+                ErrorCode::NotFound,
+                "no such key",
+            ),
+            (
+                ResolveError::Forbidden("not yours".into()),
+                ErrorCode::Forbidden,
+                "not yours",
+            ),
+            (
+                ResolveError::Forbidden(String::new()),
+                ErrorCode::Forbidden,
+                "access denied",
+            ),
+            (
+                ResolveError::Failed("db down".into()),
+                ErrorCode::ResolverError,
+                "db down",
+            ),
+            (
+                ResolveError::Failed(String::new()),
+                ErrorCode::ResolverError,
+                "the resolver failed",
+            ),
+        ];
+        for (err, code, message) in cases {
+            let (got_code, got_message) = subscribe_error(&key(), &err);
+            assert_eq!((got_code, &*got_message), (code, message), "{err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_overflow_is_left_to_the_session_to_count() {
+        let metrics = Arc::new(Metrics::default());
+        let tasks = Tasks::default();
+        let (bus, _events, _) = Bus::start(&NatsConfig::default(), "n", metrics.clone(), &tasks)
+            .await
+            .unwrap();
+        let pool = ResolverPool::new(&ResolveConfig::default(), metrics.clone());
+        let registry = Registry::new();
+        let dispatcher = Dispatcher::new(
+            &WsConfig::default(),
+            registry.clone(),
+            Resolvers::new(pool, None, metrics.clone()),
+            bus,
+            metrics.clone(),
+            &tasks,
+        );
+        let conn = Arc::new(Connection::new(1, 1024));
+        registry.add_pending(&key(), &conn, 10);
+        registry.activate(
+            &key(),
+            conn.id,
+            None,
+            &PushFrame::build(&key(), 1, &[], false),
+        );
+        let big = Bytes::from(format!("\"{}\"", "x".repeat(2048)));
+        dispatcher.fan_out(
+            &key(),
+            &PushFrame::build(&key(), 2, &[big], false),
+            Audience::All,
+        );
+        assert_eq!(
+            conn.outbox.drain(&mut Vec::new()),
+            Some(CloseReason::Overflow)
+        );
+        assert_eq!(metrics.slow_client_closes_total.load(Relaxed), 0);
+        assert_eq!(metrics.pushes_total.load(Relaxed), 0);
+        tasks.token().cancel();
     }
 }

@@ -1,37 +1,95 @@
 //! The gRPC service `entitysync.v1.EntitySync`: `Notify` from backends, and their `Resolve` streams.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
-use tokio::sync::mpsc;
+use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming, transport::server::TcpIncoming};
+use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 use tracing::Instrument;
 
 use crate::{
     bus::{Bus, BusError},
+    config::GrpcConfig,
     key::ChangeKey,
     metrics::Metrics,
     proto::v1::{
         NodeMessage, NotifyRequest, NotifyResponse, Registered, ResolverMessage,
-        entity_sync_server::EntitySync, node_message, resolver_message,
+        entity_sync_server::{EntitySync, EntitySyncServer},
+        node_message, resolver_message,
     },
-    resolver::{RegisterError, Resolved, ResolverPool},
+    resolver::{RegisterError, Resolved, ResolverPool, read_key_result},
+    tasks::Tasks,
 };
 
 /// Longest idempotency key accepted, in bytes.
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
-/// The service implementation; one per node.
-pub struct EntitySyncService {
-    pub bus: Bus,
-    pub pool: ResolverPool,
-    pub metrics: Arc<Metrics>,
-    pub node_id: Arc<str>,
-    pub cancel: CancellationToken,
-    pub tracker: TaskTracker,
-    pub max_notify_keys: usize,
-    pub register_timeout: Duration,
+/// The service implementation; one per node. Backends' `Resolve` streams
+/// register in the local resolver pool.
+pub(crate) struct EntitySyncService {
+    config: GrpcConfig,
+    bus: Bus,
+    pool: ResolverPool,
+    metrics: Arc<Metrics>,
+    node_id: Arc<str>,
+    tasks: Tasks,
+}
+
+impl EntitySyncService {
+    pub(crate) fn new(
+        config: &GrpcConfig,
+        bus: Bus,
+        pool: ResolverPool,
+        metrics: Arc<Metrics>,
+        node_id: Arc<str>,
+        tasks: &Tasks,
+    ) -> Self {
+        Self {
+            config: config.clone(),
+            bus,
+            pool,
+            metrics,
+            node_id,
+            tasks: tasks.clone(),
+        }
+    }
+}
+
+/// Serves the gRPC port on `listener` until the node shuts down: `service`,
+/// standard health (NOT_SERVING as soon as shutdown starts, so load
+/// balancers move on) and `reflection`.
+pub(crate) async fn serve<R: ServerReflection>(
+    listener: TcpListener,
+    service: EntitySyncService,
+    reflection: ServerReflectionServer<R>,
+) {
+    let tasks = service.tasks.clone();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<EntitySyncServer<EntitySyncService>>()
+        .await;
+    // Small messages, latency matters: no Nagle delay.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let shutdown = tasks.token().clone().cancelled_owned();
+    tasks.spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(EntitySyncServer::new(service))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "gRPC server failed");
+        }
+    });
+    let watch = tasks.clone();
+    tasks.spawn(async move {
+        watch.cancelled().await;
+        health
+            .set_not_serving::<EntitySyncServer<EntitySyncService>>()
+            .await;
+    });
 }
 
 impl From<BusError> for Status {
@@ -60,11 +118,11 @@ impl EntitySync for EntitySyncService {
         if request.keys.is_empty() {
             return Err(Status::invalid_argument("keys must not be empty"));
         }
-        if request.keys.len() > self.max_notify_keys {
+        if request.keys.len() > self.config.max_notify_keys {
             return Err(Status::invalid_argument(format!(
                 "{} keys in one call; the limit is {}",
                 request.keys.len(),
-                self.max_notify_keys
+                self.config.max_notify_keys
             )));
         }
         if request.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
@@ -105,12 +163,12 @@ impl EntitySync for EntitySyncService {
     ) -> Result<Response<Self::ResolveStream>, Status> {
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(self.register_timeout, inbound.message())
+        let first = tokio::time::timeout(self.config.register_timeout, inbound.message())
             .await
             .map_err(|_| {
                 Status::deadline_exceeded(format!(
                     "no Register within {:?} of opening the stream",
-                    self.register_timeout
+                    self.config.register_timeout
                 ))
             })??;
         let register = match first.and_then(|m| m.kind) {
@@ -153,12 +211,12 @@ impl EntitySync for EntitySyncService {
             );
         });
         let pool = self.pool.clone();
-        let cancel = self.cancel.clone();
-        self.tracker.spawn(
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(
             async move {
                 let ended = loop {
                     let message = tokio::select! {
-                        _ = cancel.cancelled() => break "node shutting down",
+                        _ = tasks.cancelled() => break "node shutting down",
                         message = inbound.message() => message,
                     };
                     match message {
@@ -168,7 +226,7 @@ impl EntitySync for EntitySyncService {
                             let results: HashMap<String, Resolved> = response
                                 .results
                                 .into_iter()
-                                .map(|r| (r.id.clone(), Resolved::from_result(r)))
+                                .map(|r| (r.id.clone(), read_key_result(r)))
                                 .collect();
                             pool.complete(id, response.request_id, results);
                         }

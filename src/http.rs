@@ -4,7 +4,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
@@ -14,57 +14,96 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
+    serve::ListenerExt,
 };
 use futures_util::FutureExt;
+use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::{bus::Bus, metrics::Stats, resolver::ResolverPool, session};
+use crate::{bus::Bus, metrics::Stats, session};
 
 /// Read buffer of each websocket, in bytes. tungstenite allocates it up front
 /// and zero-fills it on every read, so it is small on purpose: client messages
 /// are small, and idle connections should cost little memory. Larger messages
 /// still arrive (the buffer grows for them).
-pub const WS_READ_BUFFER_BYTES: usize = 512;
+const WS_READ_BUFFER_BYTES: usize = 512;
 /// Bytes of queued frames after which a write goes out before the batch ends.
-pub const WS_WRITE_BUFFER_BYTES: usize = 4096;
+const WS_WRITE_BUFFER_BYTES: usize = 4096;
 /// Hard cap on one client frame, as a multiple of `max_message_bytes`; above
 /// it the connection is closed with 1009 instead of getting an error frame.
-pub const HARD_CAP_FACTOR: usize = 16;
+const HARD_CAP_FACTOR: usize = 16;
 
-/// State of the HTTP router.
+/// State of the HTTP router: a cheap-clone handle.
 #[derive(Clone)]
-pub struct HttpState {
-    pub session: Arc<session::SessionContext>,
-    pub bus: Bus,
-    pub pool: ResolverPool,
-    pub ready: Arc<AtomicBool>,
-    pub next_conn: Arc<AtomicU64>,
-    /// 0: unlimited.
-    pub max_connections: usize,
-    /// Empty: any origin.
-    pub allowed_origins: Arc<[String]>,
-    pub tracker: tokio_util::task::TaskTracker,
+pub(crate) struct HttpState {
+    sessions: Arc<session::SessionContext>,
+    bus: Bus,
+    next_conn: Arc<AtomicU64>,
+    /// `--allowed-origins`, normalized. Empty: any origin.
+    allowed_origins: Arc<[String]>,
 }
 
 impl HttpState {
-    pub fn stats(&self) -> Stats {
-        let registry = &self.session.registry;
+    /// Live registry and pool counts.
+    pub(crate) fn stats(&self) -> Stats {
+        let registry = &self.sessions.registry;
         Stats {
             connections: registry.connections(),
             subscriptions: registry.subscriptions(),
             keys: registry.key_count(),
-            resolvers: self.pool.resolver_count(),
+            resolvers: self.sessions.resolvers.local_count(),
         }
+    }
+
+    /// Ready while the node is not shutting down.
+    fn ready(&self) -> bool {
+        !self.sessions.tasks.is_cancelled()
     }
 }
 
-pub fn router(ws_path: &str, state: HttpState) -> Router {
-    Router::new()
-        .route(ws_path, get(upgrade))
+/// Serves the websocket port on `listener` (path, origins and limits from
+/// the sessions' `WsConfig`) until the node shuts down.
+pub(crate) fn serve(
+    listener: TcpListener,
+    sessions: Arc<session::SessionContext>,
+    bus: Bus,
+) -> HttpState {
+    let config = &sessions.config;
+    let tasks = sessions.tasks.clone();
+    let state = HttpState {
+        allowed_origins: config
+            .allowed_origins
+            .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_string())
+            .filter(|o| !o.is_empty())
+            .collect(),
+        next_conn: Arc::new(AtomicU64::new(1)),
+        bus,
+        sessions: sessions.clone(),
+    };
+    let app = Router::new()
+        .route(&config.path, get(upgrade))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state.clone())
+        .into_make_service_with_connect_info::<SocketAddr>();
+    // Pushes are small and latency matters: no Nagle delay.
+    let listener = listener.tap_io(|stream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(%err, "cannot set TCP_NODELAY");
+        }
+    });
+    let shutdown = tasks.token().clone().cancelled_owned();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "websocket listener failed");
+        }
+    });
+    state
 }
 
 async fn upgrade(
@@ -73,7 +112,7 @@ async fn upgrade(
     State(state): State<HttpState>,
     headers: HeaderMap,
 ) -> Response {
-    if !state.ready.load(Ordering::Acquire) {
+    if !state.ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     if let Some(origin) = headers.get(header::ORIGIN)
@@ -86,9 +125,10 @@ async fn upgrade(
         tracing::info!(%peer, origin = ?origin, "websocket refused: origin not allowed");
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
-    let ctx = state.session.clone();
-    if state.max_connections > 0 && ctx.registry.connections() >= state.max_connections {
-        tracing::warn!(%peer, limit = state.max_connections, "connection refused: at --max-connections");
+    let ctx = state.sessions.clone();
+    let max_connections = ctx.config.max_connections;
+    if max_connections > 0 && ctx.registry.connections() >= max_connections {
+        tracing::warn!(%peer, limit = max_connections, "connection refused: at --max-connections");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "this node holds its maximum number of connections; try another\n",
@@ -96,10 +136,10 @@ async fn upgrade(
             .into_response();
     }
     let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let hard_cap = ctx.max_message_bytes.saturating_mul(HARD_CAP_FACTOR);
+    let hard_cap = ctx.config.max_message_bytes.saturating_mul(HARD_CAP_FACTOR);
     // Tracked from the moment the upgrade is answered (not when the session
     // starts), so a shutdown right after it still waits for the 1001 close.
-    let token = state.tracker.token();
+    let token = ctx.tasks.tracker().token();
     ws.read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(WS_WRITE_BUFFER_BYTES)
         .max_message_size(hard_cap)
@@ -116,7 +156,7 @@ async fn upgrade(
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
-    if !state.ready.load(Ordering::Acquire) {
+    if !state.ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else if !state.bus.is_connected() {
         (StatusCode::SERVICE_UNAVAILABLE, "bus disconnected\n").into_response()
@@ -128,7 +168,7 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 async fn metrics(State(state): State<HttpState>) -> Response {
     let body =
         state
-            .session
+            .sessions
             .metrics
             .render(state.stats(), state.bus.head(), state.bus.is_connected());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

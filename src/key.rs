@@ -3,21 +3,21 @@
 use std::{fmt, sync::Arc};
 
 /// Longest entity name or id accepted, in bytes.
-pub const MAX_KEY_PART_BYTES: usize = 128;
+const MAX_KEY_PART_BYTES: usize = 128;
 
 /// One subscribable key, e.g. entity `items`, id `100`.
 ///
 /// Both parts are `Arc<str>` so that the registry, the outbound queues and the
 /// dispatcher can hold the same key without copying the strings.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChangeKey {
-    pub entity: Arc<str>,
-    pub id: Arc<str>,
+pub(crate) struct ChangeKey {
+    pub(crate) entity: Arc<str>,
+    pub(crate) id: Arc<str>,
 }
 
 /// Why a key part was refused; the message is safe to show to clients.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     #[error("{0} must not be empty")]
     Empty(&'static str),
     #[error("{0} is longer than {MAX_KEY_PART_BYTES} bytes")]
@@ -32,7 +32,7 @@ impl ChangeKey {
     /// The character rules keep every key usable as NATS subject tokens
     /// (`{prefix}.changes.{entity}.{id}`), so a key accepted on one bus is
     /// accepted on every bus.
-    pub fn new(entity: &str, id: &str) -> Result<Self, KeyError> {
+    pub(crate) fn new(entity: &str, id: &str) -> Result<Self, KeyError> {
         validate_part("entity", entity)?;
         validate_part("id", id)?;
         Ok(Self {
@@ -43,7 +43,7 @@ impl ChangeKey {
 }
 
 /// Checks one key part (`what` names it in the error).
-pub fn validate_part(what: &'static str, value: &str) -> Result<(), KeyError> {
+pub(crate) fn validate_part(what: &'static str, value: &str) -> Result<(), KeyError> {
     if value.is_empty() {
         return Err(KeyError::Empty(what));
     }

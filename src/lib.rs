@@ -7,36 +7,49 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: flags and `ENTITY_SYNC_*` environment variables.
-//! - [`key`]: `ChangeKey`, the `(entity, id)` pair, and its validation rules.
-//! - [`protocol`]: websocket JSON messages in, frames out (built once, shared).
-//! - [`session`]: one websocket connection's task (read, write batches, ping).
-//! - [`outbox`]: a connection's outbound queue: latest push per key, bounded bytes.
-//! - [`registry`]: sharded map of key → subscribed connections.
-//! - [`bus`]: carries change keys from `Notify` to dispatchers (in-process or NATS JetStream).
-//! - [`cluster`]: resolves on another node's resolvers over NATS request-reply.
-//! - [`dispatcher`]: consumes the bus, coalesces per key, resolves, fans out.
-//! - [`resolver`]: the pool of backend `Resolve` streams: batching, in-flight caps, retries.
-//! - [`grpc`]: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`).
-//! - [`http`]: the websocket upgrade, `/healthz`, `/readyz`, `/metrics`.
-//! - [`metrics`]: Prometheus counters and gauges.
-//! - [`node`]: wires it all together; `Node::start` / `node::run`, graceful shutdown.
-//! - [`proto`]: code generated from `proto/entitysync/v1/entitysync.proto`.
+//! Public, for the binary and for tests that run nodes:
+//!
+//! - [`config`]: flags and `ENTITY_SYNC_*` environment variables, one section per component.
+//! - [`node`]: starts each component from its section; `Node::start` / `node::run`, graceful shutdown.
+//! - [`metrics`]: Prometheus counters and gauges (`Stats`, the live counts, is public).
+//! - [`protocol`]: websocket JSON messages in, frames out, built once and shared (`ErrorCode` is public).
+//! - [`session`]: one websocket connection's task: read, write batches, ping (close codes are public).
+//! - [`bus`]: carries change keys from `Notify` to dispatchers, in-process or NATS JetStream (`BusError` is public).
+//! - [`proto`]: code generated from `proto/`.
+//!
+//! Internal:
+//!
+//! - `tasks`: the node's task tracker and cancellation token, one shutdown path.
+//! - `key`: `ChangeKey`, the `(entity, id)` pair, and its validation rules.
+//! - `outbox`: a connection's outbound queue: latest push per key, bounded bytes.
+//! - `registry`: sharded map of key → subscribed connections.
+//! - `dispatcher`: consumes the bus, coalesces per key, resolves, fans out.
+//! - `resolve`: where a key is resolved: the local pool, or another node over NATS.
+//! - `resolver`: the local pool of backend `Resolve` streams: batching, in-flight caps, retries.
+//! - `cluster`: the NATS request-reply link to other nodes' resolvers, both sides.
+//! - `grpc`: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`), health, reflection.
+//! - `http`: the websocket upgrade, `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Dependencies go one way: `session`/`dispatcher` → `resolve` →
+//! {`resolver`, `cluster`}, and `cluster` → `resolver` (it answers other
+//! nodes from the local pool); `grpc` feeds backends' streams into `resolver`.
 
 pub mod bus;
-pub mod cluster;
+pub(crate) mod cluster;
 pub mod config;
-pub mod dispatcher;
-pub mod grpc;
-pub mod http;
-pub mod key;
+pub(crate) mod dispatcher;
+pub(crate) mod grpc;
+pub(crate) mod http;
+pub(crate) mod key;
 pub mod metrics;
 pub mod node;
-pub mod outbox;
+pub(crate) mod outbox;
 pub mod protocol;
-pub mod registry;
-pub mod resolver;
+pub(crate) mod registry;
+pub(crate) mod resolve;
+pub(crate) mod resolver;
 pub mod session;
+pub(crate) mod tasks;
 
 /// Generated gRPC code.
 pub mod proto {

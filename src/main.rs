@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use entity_sync::{
     config::Config,
     node::{self, Listeners},
-    proto::v1::{EntityKey, NotifyRequest, entity_sync_client::EntitySyncClient},
 };
+use entity_sync_backend::{Key, Notifier};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -54,18 +54,15 @@ enum Command {
         idempotency_key: String,
         /// Keys as entity/id, e.g. items/100.
         #[arg(required = true, value_parser = parse_key)]
-        keys: Vec<EntityKey>,
+        keys: Vec<Key>,
     },
 }
 
-fn parse_key(s: &str) -> Result<EntityKey, String> {
+fn parse_key(s: &str) -> Result<Key, String> {
     let (entity, id) = s
         .split_once('/')
         .ok_or_else(|| format!("{s:?}: expected entity/id, e.g. items/100"))?;
-    Ok(EntityKey {
-        entity: entity.to_string(),
-        id: id.to_string(),
-    })
+    Ok(Key::from((entity, id)))
 }
 
 fn main() -> ExitCode {
@@ -115,12 +112,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Handlers first: a signal that arrives while the node starts must still
     // take the graceful path, not the default (immediate exit).
     let shutdown = shutdown_signal().context("installing signal handlers")?;
-    let ws = TcpListener::bind(config.ws_addr)
+    let ws = TcpListener::bind(config.ws.addr)
         .await
-        .with_context(|| format!("cannot listen on --ws-addr {}", config.ws_addr))?;
-    let grpc = TcpListener::bind(config.grpc_addr)
+        .with_context(|| format!("cannot listen on --ws-addr {}", config.ws.addr))?;
+    let grpc = TcpListener::bind(config.grpc.addr)
         .await
-        .with_context(|| format!("cannot listen on --grpc-addr {}", config.grpc_addr))?;
+        .with_context(|| format!("cannot listen on --grpc-addr {}", config.grpc.addr))?;
     node::run(Listeners { ws, grpc }, config, shutdown).await?;
     Ok(())
 }
@@ -146,30 +143,28 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-async fn notify(
-    server: String,
-    idempotency_key: String,
-    keys: Vec<EntityKey>,
-) -> anyhow::Result<()> {
-    let mut client = EntitySyncClient::connect(server.clone())
+/// Calls `Notify` through the backend SDK, which retries while the node is
+/// unavailable; without `--idempotency-key` it sends a fresh one, so a retry
+/// is applied once.
+async fn notify(server: String, idempotency_key: String, keys: Vec<Key>) -> anyhow::Result<()> {
+    let notifier = Notifier::builder(server.clone())
+        .connect()
         .await
         .with_context(|| format!("cannot connect to {server}"))?;
-    let response = client
-        .notify(NotifyRequest {
-            keys: keys.clone(),
-            idempotency_key,
-        })
-        .await
-        .map_err(|status| {
-            anyhow::anyhow!("Notify failed: {}: {}", status.code(), status.message())
-        })?
-        .into_inner();
-    for (key, seq) in keys.iter().zip(&response.sequences) {
+    let receipt = if idempotency_key.is_empty() {
+        notifier.notify(keys.clone()).await
+    } else {
+        notifier
+            .notify_with_key(keys.clone(), &idempotency_key)
+            .await
+    }
+    .context("Notify failed")?;
+    for (key, seq) in keys.iter().zip(&receipt.sequences) {
         println!(
             "{}/{} sequence {seq}{}",
             key.entity,
             key.id,
-            if response.duplicate {
+            if receipt.duplicate {
                 " (duplicate)"
             } else {
                 ""

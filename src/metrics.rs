@@ -10,24 +10,24 @@ use crate::{proto::v1::Reason, protocol::ErrorCode};
 /// Counters shared by every part of a node. Plain atomics: cheap on the hot
 /// path, and a scrape reads a consistent-enough snapshot.
 #[derive(Default)]
-pub struct Metrics {
-    pub connections_total: AtomicU64,
-    pub pushes_total: AtomicU64,
-    pub push_bytes_total: AtomicU64,
-    pub pushes_skipped_stale_total: AtomicU64,
-    pub slow_client_closes_total: AtomicU64,
-    pub notify_keys_total: AtomicU64,
-    pub notify_duplicates_total: AtomicU64,
-    pub changes_consumed_total: AtomicU64,
-    pub resolve_requests_subscribe_total: AtomicU64,
-    pub resolve_requests_change_total: AtomicU64,
-    pub resolve_timeouts_total: AtomicU64,
-    pub resolve_retries_total: AtomicU64,
-    pub revocations_total: AtomicU64,
-    pub resyncs_total: AtomicU64,
-    pub cluster_resolves_total: AtomicU64,
-    pub pass_through_total: AtomicU64,
-    pub client_errors: [AtomicU64; ErrorCode::ALL.len()],
+pub(crate) struct Metrics {
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) pushes_total: AtomicU64,
+    pub(crate) push_bytes_total: AtomicU64,
+    pub(crate) pushes_skipped_stale_total: AtomicU64,
+    pub(crate) slow_client_closes_total: AtomicU64,
+    pub(crate) notify_keys_total: AtomicU64,
+    pub(crate) notify_duplicates_total: AtomicU64,
+    pub(crate) changes_consumed_total: AtomicU64,
+    pub(crate) resolve_requests_subscribe_total: AtomicU64,
+    pub(crate) resolve_requests_change_total: AtomicU64,
+    pub(crate) resolve_timeouts_total: AtomicU64,
+    pub(crate) resolve_retries_total: AtomicU64,
+    pub(crate) revocations_total: AtomicU64,
+    pub(crate) resyncs_total: AtomicU64,
+    pub(crate) cluster_resolves_total: AtomicU64,
+    pub(crate) pass_through_total: AtomicU64,
+    pub(crate) client_errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
 /// Live gauges read from the registry and the resolver pool at scrape time.
@@ -44,12 +44,12 @@ pub struct Stats {
 }
 
 impl Metrics {
-    pub fn inc(counter: &AtomicU64) {
+    pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
     }
 
     /// Counts one resolve request sent for `reason`.
-    pub fn resolve_request(&self, reason: Reason) {
+    pub(crate) fn resolve_request(&self, reason: Reason) {
         let counter = match reason {
             Reason::Subscribe => &self.resolve_requests_subscribe_total,
             _ => &self.resolve_requests_change_total,
@@ -57,12 +57,12 @@ impl Metrics {
         Self::inc(counter);
     }
 
-    pub fn client_error(&self, code: ErrorCode) {
+    pub(crate) fn client_error(&self, code: ErrorCode) {
         self.client_errors[code.index()].fetch_add(1, Relaxed);
     }
 
     /// Prometheus text exposition format.
-    pub fn render(&self, stats: Stats, bus_head: u64, bus_connected: bool) -> String {
+    pub(crate) fn render(&self, stats: Stats, bus_head: u64, bus_connected: bool) -> String {
         let mut out = String::with_capacity(4096);
         let mut gauge = |name: &str, help: &str, value: u64| {
             let _ = writeln!(

@@ -1,31 +1,22 @@
-//! Wiring of a node: builds the bus, registry, resolver pool and dispatcher, serves both ports, shuts down in order.
+//! Wiring of a node: starts each component from its config section, serves both ports, shuts down in order.
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::server::TcpIncoming;
 
 use crate::{
-    bus::{Bus, BusError, JetStreamBus, JetStreamConfig, MemoryBus},
-    cluster::{self, ClusterLink},
+    bus::{Bus, BusError},
+    cluster::ClusterLink,
     config::Config,
     dispatcher::Dispatcher,
-    grpc::EntitySyncService,
+    grpc::{self, EntitySyncService},
     http::{self, HttpState},
     metrics::{Metrics, Stats},
-    proto::v1::entity_sync_server::EntitySyncServer,
     registry::Registry,
-    resolver::{PoolConfig, ResolverPool},
+    resolve::Resolvers,
+    resolver::ResolverPool,
     session::SessionContext,
+    tasks::Tasks,
 };
 
 /// Encoded descriptors of `proto/`, for server reflection.
@@ -50,14 +41,33 @@ pub enum NodeError {
     Bus(#[from] BusError),
 }
 
-/// A running node. Dropping it does not stop it; call [`Node::shutdown`].
+/// A running node. [`Node::shutdown`] stops it gracefully; dropping it
+/// stops it too, without waiting for the drain.
 pub struct Node {
     ws_addr: SocketAddr,
     grpc_addr: SocketAddr,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-    state: HttpState,
-    config: Config,
+    tasks: Tasks,
+    bus: Bus,
+    http: HttpState,
+    shutdown_grace: Duration,
+    /// Stops the node if it is dropped without a shutdown.
+    guard: NodeDropGuard,
+}
+
+/// Stops a node's tasks when the [`Node`] goes away, the way mini-redis's
+/// `DbDropGuard` stops its purge task: cancels the token every loop selects
+/// on, and fails what waits for a resolver. Both are synchronous, so it
+/// needs no runtime.
+struct NodeDropGuard {
+    tasks: Tasks,
+    pool: ResolverPool,
+}
+
+impl Drop for NodeDropGuard {
+    fn drop(&mut self) {
+        self.tasks.token().cancel();
+        self.pool.close();
+    }
 }
 
 impl Node {
@@ -77,177 +87,66 @@ impl Node {
         } else {
             Arc::from(config.node_id.as_str())
         };
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let tasks = Tasks::default();
         let metrics = Arc::new(Metrics::default());
-        let registry = Registry::new();
-        let (bus, events, link) = match &config.nats_url {
-            None => {
-                let (memory, events) = MemoryBus::new();
-                (Bus::InProcess(memory), events, None)
-            }
-            Some(urls) => {
-                let js_config = JetStreamConfig {
-                    urls: urls.clone(),
-                    prefix: config.nats_prefix.clone(),
-                    replicas: config.nats_replicas,
-                    max_age: config.nats_max_age,
-                    max_bytes: config.nats_max_bytes,
-                    credentials_file: config.nats_creds.clone(),
-                    token: config.nats_token.clone(),
-                    tls_ca: config.nats_tls_ca.clone(),
-                    tls_cert: config.nats_tls_cert.clone(),
-                    tls_key: config.nats_tls_key.clone(),
-                    require_tls: config.nats_require_tls,
-                    node_id: node_id.to_string(),
-                    connect_timeout: std::time::Duration::from_secs(5),
-                };
-                let (js, events, client) =
-                    JetStreamBus::connect(&js_config, metrics.clone(), cancel.clone(), &tracker)
-                        .await?;
-                let link = ClusterLink::new(client, &config.nats_prefix, config.resolve_timeout);
-                (Bus::JetStream(js), events, Some(link))
-            }
-        };
-        let pool = ResolverPool::new(
-            PoolConfig {
-                batch_size: config.resolve_batch_size,
-                timeout: config.resolve_timeout,
-                default_max_in_flight: config.default_max_in_flight,
-            },
-            metrics.clone(),
-            link.clone(),
-        );
-        if let Some(link) = link {
-            tracker.spawn(cluster::serve(
-                link,
-                pool.clone(),
-                pool.watch_entities(),
-                cancel.clone(),
-                tracker.clone(),
-            ));
-        }
-        let dispatcher = Dispatcher::new(
-            registry.clone(),
-            pool.clone(),
-            bus.clone(),
-            metrics.clone(),
-            tracker.clone(),
-            cancel.clone(),
-            config.compat_bare_rows,
-        );
-        tracker.spawn(dispatcher.clone().run(events));
-        tracker.spawn(pool.clone().run_deadlines(cancel.clone()));
+        // The bus spawns its consumer only once it is connected: the last fallible step.
+        let (bus, events, nats) =
+            Bus::start(&config.nats, &node_id, metrics.clone(), &tasks).await?;
 
-        let (ping_tx, ping) = tokio::sync::watch::channel(());
-        let ping_cancel = cancel.clone();
-        let ping_interval = config.ping_interval;
-        tracker.spawn(async move {
-            let mut interval = tokio::time::interval(ping_interval);
-            interval.tick().await;
-            loop {
-                tokio::select! {
-                    _ = ping_cancel.cancelled() => return,
-                    _ = interval.tick() => ping_tx.send_replace(()),
-                }
-            }
+        let pool = ResolverPool::start(&config.resolve, metrics.clone(), &tasks);
+        let guard = NodeDropGuard {
+            tasks: tasks.clone(),
+            pool: pool.clone(),
+        };
+        let link = nats.map(|client| {
+            ClusterLink::start(
+                client,
+                &config.nats.prefix,
+                config.resolve.timeout,
+                &pool,
+                &tasks,
+            )
         });
-        let session = Arc::new(SessionContext {
+        let resolvers = Resolvers::new(pool.clone(), link, metrics.clone());
+        let registry = Registry::new();
+        let dispatcher = Dispatcher::start(
+            &config.ws,
+            registry.clone(),
+            resolvers.clone(),
+            bus.clone(),
+            events,
+            metrics.clone(),
+            &tasks,
+        );
+        let sessions = SessionContext::start(
+            &config.ws,
             registry,
             dispatcher,
-            pool: pool.clone(),
-            metrics: metrics.clone(),
-            cancel: cancel.clone(),
-            node_id: node_id.clone(),
-            max_message_bytes: config.max_message_bytes,
-            max_message_rate: config.max_message_rate,
-            max_message_burst: config.max_message_burst,
-            max_subscriptions: config.max_subscriptions,
-            outbound_max_bytes: config.outbound_max_bytes,
-            ping,
-            idle_timeout: config.idle_timeout,
-            bare_rows: config.compat_bare_rows,
-        });
-        let state = HttpState {
-            session,
-            bus: bus.clone(),
-            pool: pool.clone(),
-            ready: Arc::new(AtomicBool::new(true)),
-            next_conn: Arc::new(AtomicU64::new(1)),
-            max_connections: config.max_connections,
-            allowed_origins: config
-                .allowed_origins
-                .iter()
-                .map(|o| o.trim().trim_end_matches('/').to_string())
-                .filter(|o| !o.is_empty())
-                .collect(),
-            tracker: tracker.clone(),
-        };
+            resolvers,
+            metrics.clone(),
+            node_id.clone(),
+            &tasks,
+        );
+        let http = http::serve(listeners.ws, sessions, bus.clone());
+        let service = EntitySyncService::new(
+            &config.grpc,
+            bus.clone(),
+            pool,
+            metrics,
+            node_id.clone(),
+            &tasks,
+        );
+        grpc::serve(listeners.grpc, service, reflection).await;
 
-        // HTTP + websocket.
-        let app = http::router(&config.ws_path, state.clone())
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let http_cancel = cancel.clone();
-        // Pushes are small and latency matters: no Nagle delay on either port.
-        let ws_listener = listeners.ws.tap_io(|stream| {
-            if let Err(err) = stream.set_nodelay(true) {
-                tracing::debug!(%err, "cannot set TCP_NODELAY");
-            }
-        });
-        tracker.spawn(async move {
-            let served = axum::serve(ws_listener, app)
-                .with_graceful_shutdown(http_cancel.cancelled_owned())
-                .await;
-            if let Err(err) = served {
-                tracing::error!(%err, "websocket listener failed");
-            }
-        });
-
-        // gRPC: the service, health and reflection.
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<EntitySyncServer<EntitySyncService>>()
-            .await;
-        let service = EntitySyncService {
-            bus: bus.clone(),
-            pool: pool.clone(),
-            metrics: metrics.clone(),
-            node_id: node_id.clone(),
-            cancel: cancel.clone(),
-            tracker: tracker.clone(),
-            max_notify_keys: config.max_notify_keys,
-            register_timeout: config.register_timeout,
-        };
-        let grpc_cancel = cancel.clone();
-        let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-        tracker.spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(EntitySyncServer::new(service))
-                .serve_with_incoming_shutdown(incoming, grpc_cancel.cancelled_owned())
-                .await;
-            if let Err(err) = served {
-                tracing::error!(%err, "gRPC server failed");
-            }
-        });
-        // Mark NOT_SERVING as soon as shutdown starts, so load balancers move on.
-        let health_cancel = cancel.clone();
-        tracker.spawn(async move {
-            health_cancel.cancelled().await;
-            health
-                .set_not_serving::<EntitySyncServer<EntitySyncService>>()
-                .await;
-        });
-
-        tracing::info!(node.id = %node_id, %ws_addr, ws_path = %config.ws_path, %grpc_addr, bus = bus.kind(), "node started");
+        tracing::info!(node.id = %node_id, %ws_addr, ws_path = %config.ws.path, %grpc_addr, bus = bus.kind(), "node started");
         Ok(Node {
             ws_addr,
             grpc_addr,
-            cancel,
-            tracker,
-            state,
-            config,
+            tasks,
+            bus,
+            http,
+            shutdown_grace: config.shutdown_grace,
+            guard,
         })
     }
 
@@ -261,25 +160,26 @@ impl Node {
 
     /// Live registry and pool counts.
     pub fn stats(&self) -> Stats {
-        self.state.stats()
+        self.http.stats()
     }
 
     /// Graceful shutdown: stop accepting, close websockets with 1001, end
     /// resolver streams, wait for every task, at most `shutdown_grace`.
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
-        self.state.ready.store(false, Ordering::Release);
-        self.cancel.cancel();
-        self.state.pool.close();
-        self.state.bus.close().await;
-        self.tracker.close();
-        if tokio::time::timeout(self.config.shutdown_grace, self.tracker.wait())
+        // Readiness, the listeners and every loop follow the token.
+        self.tasks.token().cancel();
+        self.guard.pool.close();
+        self.bus.close().await;
+        let tracker = self.tasks.tracker();
+        tracker.close();
+        if tokio::time::timeout(self.shutdown_grace, tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                grace = ?self.config.shutdown_grace,
-                remaining = self.tracker.len(),
+                grace = ?self.shutdown_grace,
+                remaining = tracker.len(),
                 "shutdown grace period passed; abandoning remaining tasks"
             );
         } else {
@@ -304,4 +204,49 @@ fn random_node_id() -> String {
     use std::hash::{BuildHasher, RandomState};
     let n = RandomState::new().hash_one(std::time::SystemTime::now());
     format!("node-{:08x}", n as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
+
+    use super::*;
+
+    async fn listeners() -> Listeners {
+        Listeners {
+            ws: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_a_node_stops_it() {
+        let node = Node::start(listeners().await, Config::default())
+            .await
+            .unwrap();
+        let url = format!("ws://{}/ws/entity-sync/", node.ws_addr());
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        drop(node);
+        let closed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .expect("the session ends without a shutdown call");
+        match closed {
+            Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+            other => panic!("expected a 1001 close, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_invalid_config_is_refused_before_anything_starts() {
+        let mut config = Config::default();
+        config.resolve.batch_size = 0;
+        let err = Node::start(listeners().await, config).await.err().unwrap();
+        assert!(
+            matches!(&err, NodeError::Config(m) if m == "--resolve-batch-size must be at least 1"),
+            "{err}"
+        );
+    }
 }

@@ -11,26 +11,24 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
 
 use crate::{
     key::ChangeKey,
-    protocol::{Payload, PushFrame},
+    protocol::{FrameText, Payload, PushFrame},
 };
 
-/// Why a queue stopped accepting frames.
+/// Why a queue stopped accepting frames. (Shutdown needs no reason here:
+/// sessions follow the node's cancellation token.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// The client did not read fast enough: the queue passed its byte bound.
     Overflow,
-    /// The node is shutting down.
-    Shutdown,
 }
 
 /// Result of queueing a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Queued {
+pub(crate) enum Queued {
     /// Appended to the queue.
     Appended,
     /// Replaced a queued push of the same key.
@@ -114,7 +112,7 @@ impl State {
 /// A std `Mutex`: every critical section is a few pointer moves, never
 /// crosses an `.await`, and is contended only by the dispatcher and the
 /// connection's own session.
-pub struct Outbox {
+pub(crate) struct Outbox {
     state: Mutex<State>,
     wake: Notify,
     /// Signalled once when the queue closes, so a session blocked writing to
@@ -124,7 +122,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(max_bytes: usize) -> Self {
+    pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
@@ -134,7 +132,7 @@ impl Outbox {
     }
 
     /// Queues a push for `key`, replacing a queued older push of that key.
-    pub fn push(&self, key: &ChangeKey, frame: &PushFrame) -> Queued {
+    pub(crate) fn push(&self, key: &ChangeKey, frame: &PushFrame) -> Queued {
         let mut state = self.state.lock().unwrap();
         if state.closed.is_some() {
             return Queued::Closed;
@@ -172,7 +170,7 @@ impl Outbox {
     /// Queues a control frame (`subscribed`, `error`, …) in order. When it
     /// concerns a key, later pushes of that key queue behind it instead of
     /// replacing an earlier one.
-    pub fn control(&self, key: Option<&ChangeKey>, frame: Utf8Bytes) -> Queued {
+    pub(crate) fn control(&self, key: Option<&ChangeKey>, frame: FrameText) -> Queued {
         let mut state = self.state.lock().unwrap();
         if state.closed.is_some() {
             return Queued::Closed;
@@ -193,7 +191,7 @@ impl Outbox {
     }
 
     /// Drops a queued push of `key` (after an unsubscribe).
-    pub fn forget(&self, key: &ChangeKey) {
+    pub(crate) fn forget(&self, key: &ChangeKey) {
         let mut state = self.state.lock().unwrap();
         if let Some(i) = state.replaceable(key) {
             let entry = &mut state.queue[i];
@@ -205,20 +203,6 @@ impl Outbox {
                 index.remove(key);
             }
         }
-    }
-
-    /// Closes the queue: frames still queued are dropped, the session is woken.
-    pub fn close(&self, reason: CloseReason) {
-        let mut state = self.state.lock().unwrap();
-        if state.closed.is_none() {
-            *state = State {
-                closed: Some(reason),
-                ..State::default()
-            };
-        }
-        drop(state);
-        self.wake.notify_one();
-        self.closing.notify_one();
     }
 
     fn check_bound(&self, mut state: std::sync::MutexGuard<'_, State>, ok: Queued) -> Queued {
@@ -238,7 +222,7 @@ impl Outbox {
 
     /// Moves every queued frame into `out` (in order). Returns the close
     /// reason once the queue is closed.
-    pub fn drain(&self, out: &mut Vec<Utf8Bytes>) -> Option<CloseReason> {
+    pub(crate) fn drain(&self, out: &mut Vec<FrameText>) -> Option<CloseReason> {
         let mut state = self.state.lock().unwrap();
         if let Some(reason) = state.closed {
             return Some(reason);
@@ -260,12 +244,12 @@ impl Outbox {
     }
 
     /// Waits until something was queued or the queue closed since the last drain.
-    pub async fn ready(&self) {
+    pub(crate) async fn ready(&self) {
         self.wake.notified().await
     }
 
-    /// Waits until the queue is closed (overflow or shutdown).
-    pub async fn closed(&self) -> CloseReason {
+    /// Waits until the queue is closed.
+    pub(crate) async fn closed(&self) -> CloseReason {
         loop {
             if let Some(reason) = self.state.lock().unwrap().closed {
                 return reason;
@@ -274,8 +258,14 @@ impl Outbox {
         }
     }
 
+    /// The byte bound past which the queue closes.
+    pub(crate) fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// Bytes queued now.
-    pub fn queued_bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn queued_bytes(&self) -> usize {
         self.state.lock().unwrap().bytes
     }
 }
@@ -323,7 +313,7 @@ mod tests {
     fn control_frames_keep_order_and_fence_replacement() {
         let outbox = Outbox::new(1 << 20);
         outbox.push(&key("1"), &push("1", 1));
-        outbox.control(Some(&key("1")), Utf8Bytes::from_static("ack"));
+        outbox.control(Some(&key("1")), FrameText::from_static("ack"));
         assert_eq!(outbox.push(&key("1"), &push("1", 2)), Queued::Appended);
         let frames = drained(&outbox);
         assert_eq!(frames.len(), 3);
@@ -364,7 +354,7 @@ mod tests {
         }
         assert_eq!(outbox.push(&key("7"), &push("7", 2)), Queued::Replaced);
         assert_eq!(outbox.push(&key("7"), &push("7", 1)), Queued::Stale);
-        outbox.control(Some(&key("8")), Utf8Bytes::from_static("ack"));
+        outbox.control(Some(&key("8")), FrameText::from_static("ack"));
         assert_eq!(outbox.push(&key("8"), &push("8", 2)), Queued::Appended);
         outbox.forget(&key("9"));
         let frames = drained(&outbox);

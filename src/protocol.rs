@@ -7,15 +7,63 @@
 
 use std::{fmt, sync::Arc};
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use serde_json::Value;
 
 use crate::key::{ChangeKey, KeyError, validate_part};
 
+/// The text of one outbound frame: UTF-8 (JSON) over [`Bytes`], so a clone
+/// is a reference count, and a frame built once is shared by every
+/// subscriber it goes to. Every constructor guarantees UTF-8; the websocket
+/// edge turns it into a text message.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct FrameText(Bytes);
+
+impl FrameText {
+    pub(crate) const fn from_static(text: &'static str) -> Self {
+        Self(Bytes::from_static(text.as_bytes()))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The UTF-8 bytes, without a copy.
+    pub(crate) fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    #[cfg(test)]
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("a FrameText is UTF-8")
+    }
+}
+
+impl From<String> for FrameText {
+    /// Takes the string's buffer over; no copy, no check.
+    fn from(text: String) -> Self {
+        Self(Bytes::from(text))
+    }
+}
+
+impl TryFrom<Bytes> for FrameText {
+    type Error = std::str::Utf8Error;
+
+    fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
+        std::str::from_utf8(&bytes)?;
+        Ok(Self(bytes))
+    }
+}
+
+impl fmt::Debug for FrameText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&String::from_utf8_lossy(&self.0), f)
+    }
+}
+
 /// A decoded client message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientMessage {
+pub(crate) enum ClientMessage {
     Subscribe(ChangeKey),
     Unsubscribe(ChangeKey),
     Secret(String),
@@ -63,6 +111,7 @@ impl ErrorCode {
         Self::RateLimited,
     ];
 
+    /// The code as it appears in `error` frames, e.g. `not_found`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InvalidJson => "invalid_json",
@@ -84,7 +133,7 @@ impl ErrorCode {
     }
 
     /// Index into [`ErrorCode::ALL`], used by per-code counters.
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         Self::ALL.iter().position(|c| *c == self).unwrap_or(0)
     }
 }
@@ -98,13 +147,13 @@ impl fmt::Display for ErrorCode {
 /// A refused client message: a code and a message safe to show the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
-pub struct ProtocolError {
-    pub code: ErrorCode,
-    pub message: String,
+pub(crate) struct ProtocolError {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
 }
 
 impl ProtocolError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -117,7 +166,7 @@ fn invalid_body(message: impl Into<String>) -> ProtocolError {
 }
 
 /// Decodes one text frame.
-pub fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
+pub(crate) fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|err| ProtocolError::new(ErrorCode::InvalidJson, format!("not JSON: {err}")))?;
     let Value::Object(mut object) = value else {
@@ -193,39 +242,35 @@ fn truncate(s: &str, max: usize) -> &str {
 /// What a push carries on the wire: one envelope, or (compatibility mode)
 /// one bare frame per row.
 #[derive(Clone, Debug)]
-pub enum Payload {
-    One(Utf8Bytes),
-    Many(Arc<[Utf8Bytes]>),
+pub(crate) enum Payload {
+    One(FrameText),
+    Many(Arc<[FrameText]>),
 }
 
 impl Payload {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Payload::One(frame) => frame.len(),
             Payload::Many(frames) => frames.iter().map(|f| f.len()).sum(),
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
 /// A push for one key, built once and cloned (reference-counted) into every
 /// subscriber's outbound queue.
 #[derive(Clone, Debug)]
-pub struct PushFrame {
-    pub version: u64,
-    pub payload: Payload,
+pub(crate) struct PushFrame {
+    pub(crate) version: u64,
+    pub(crate) payload: Payload,
 }
 
 impl PushFrame {
     /// Builds the push for `key`. `rows` must each be valid JSON (see
     /// [`validate_row`]); they are copied into the frame verbatim, never
     /// parsed again.
-    pub fn build(key: &ChangeKey, version: u64, rows: &[Bytes], bare_rows: bool) -> Self {
+    pub(crate) fn build(key: &ChangeKey, version: u64, rows: &[Bytes], bare_rows: bool) -> Self {
         let payload = if bare_rows {
-            let frames: Vec<Utf8Bytes> = rows.iter().map(row_frame).collect();
+            let frames: Vec<FrameText> = rows.iter().map(row_frame).collect();
             Payload::Many(frames.into())
         } else {
             let rows_len: usize = rows.iter().map(|r| r.len() + 1).sum();
@@ -248,24 +293,32 @@ impl PushFrame {
     }
 }
 
-fn row_frame(row: &Bytes) -> Utf8Bytes {
-    Utf8Bytes::try_from(row.clone()).unwrap_or_else(|_| Utf8Bytes::from_static("null"))
+fn row_frame(row: &Bytes) -> FrameText {
+    FrameText::try_from(row.clone()).unwrap_or_else(|_| FrameText::from_static("null"))
 }
 
-fn utf8(bytes: Vec<u8>) -> Utf8Bytes {
+fn utf8(bytes: Vec<u8>) -> FrameText {
     // Every part written is UTF-8 (JSON-escaped strings, digits, validated rows).
-    Utf8Bytes::from(String::from_utf8(bytes).expect("frame is built from UTF-8 parts"))
+    FrameText::from(String::from_utf8(bytes).expect("frame is built from UTF-8 parts"))
 }
 
 /// Checks that a resolver row is one JSON value in UTF-8. Rows are validated
 /// once, when they arrive, so a broken backend can't send clients broken JSON.
-pub fn validate_row(row: &[u8]) -> Result<(), String> {
-    if std::str::from_utf8(row).is_err() {
-        return Err("row is not UTF-8".into());
-    }
+pub(crate) fn validate_row(row: &[u8]) -> Result<(), RowError> {
+    std::str::from_utf8(row).map_err(RowError::NotUtf8)?;
     serde_json::from_slice::<serde::de::IgnoredAny>(row)
         .map(|_| ())
-        .map_err(|err| format!("row is not a JSON value: {err}"))
+        .map_err(|err| RowError::NotJson(Arc::new(err)))
+}
+
+/// Why a resolver row was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum RowError {
+    #[error("row is not UTF-8")]
+    NotUtf8(#[source] std::str::Utf8Error),
+    /// In an `Arc`: the outcome holding it is cloned to every caller of a batch.
+    #[error("row is not a JSON value")]
+    NotJson(#[source] Arc<serde_json::Error>),
 }
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
@@ -280,7 +333,7 @@ fn write_key_fields(out: &mut Vec<u8>, key: &ChangeKey) {
     write_json_string(out, &key.id);
 }
 
-fn key_envelope(action: &str, key: &ChangeKey) -> Utf8Bytes {
+fn key_envelope(action: &str, key: &ChangeKey) -> FrameText {
     let mut out = Vec::with_capacity(48 + key.entity.len() + key.id.len());
     out.extend_from_slice(b"{\"action\":\"");
     out.extend_from_slice(action.as_bytes());
@@ -291,17 +344,17 @@ fn key_envelope(action: &str, key: &ChangeKey) -> Utf8Bytes {
 }
 
 /// `{"action":"subscribed","body":{"entity":…,"id":…}}`
-pub fn subscribed_frame(key: &ChangeKey) -> Utf8Bytes {
+pub(crate) fn subscribed_frame(key: &ChangeKey) -> FrameText {
     key_envelope("subscribed", key)
 }
 
 /// `{"action":"unsubscribed","body":{"entity":…,"id":…}}`
-pub fn unsubscribed_frame(key: &ChangeKey) -> Utf8Bytes {
+pub(crate) fn unsubscribed_frame(key: &ChangeKey) -> FrameText {
     key_envelope("unsubscribed", key)
 }
 
 /// `{"action":"error","body":{"code":…,"message":…[,"entity":…,"id":…]}}`
-pub fn error_frame(code: ErrorCode, message: &str, key: Option<&ChangeKey>) -> Utf8Bytes {
+pub(crate) fn error_frame(code: ErrorCode, message: &str, key: Option<&ChangeKey>) -> FrameText {
     let mut out = Vec::with_capacity(64 + message.len());
     out.extend_from_slice(b"{\"action\":\"error\",\"body\":{\"code\":\"");
     out.extend_from_slice(code.as_str().as_bytes());

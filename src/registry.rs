@@ -15,24 +15,22 @@ use std::{
     },
 };
 
-use axum::extract::ws::Utf8Bytes;
-
 use crate::{
     key::ChangeKey,
     outbox::{Outbox, Queued},
-    protocol::PushFrame,
+    protocol::{FrameText, PushFrame},
 };
 
 /// Number of registry shards (a power of two).
-pub const SHARDS: usize = 64;
+const SHARDS: usize = 64;
 
 /// Identifies a websocket connection within a node.
-pub type ConnId = u64;
+pub(crate) type ConnId = u64;
 
 /// What the registry knows of one websocket connection.
-pub struct Connection {
-    pub id: ConnId,
-    pub outbox: Outbox,
+pub(crate) struct Connection {
+    pub(crate) id: ConnId,
+    pub(crate) outbox: Outbox,
     /// Current secret (`secret` message). A std `Mutex` around an `Arc` so a
     /// reader clones the pointer and releases at once.
     secret: Mutex<Arc<str>>,
@@ -43,7 +41,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(id: ConnId, outbox_max_bytes: usize) -> Self {
+    pub(crate) fn new(id: ConnId, outbox_max_bytes: usize) -> Self {
         Self {
             id,
             outbox: Outbox::new(outbox_max_bytes),
@@ -52,20 +50,17 @@ impl Connection {
         }
     }
 
-    pub fn secret(&self) -> Arc<str> {
+    pub(crate) fn secret(&self) -> Arc<str> {
         self.secret.lock().unwrap().clone()
     }
 
-    pub fn set_secret(&self, secret: &str) {
+    pub(crate) fn set_secret(&self, secret: &str) {
         *self.secret.lock().unwrap() = Arc::from(secret);
     }
 
-    pub fn holds(&self, key: &ChangeKey) -> bool {
+    #[cfg(test)]
+    pub(crate) fn holds(&self, key: &ChangeKey) -> bool {
         self.keys.lock().unwrap().contains(key)
-    }
-
-    pub fn key_count(&self) -> usize {
-        self.keys.lock().unwrap().len()
     }
 }
 
@@ -89,15 +84,15 @@ type Shard = HashMap<ChangeKey, HashMap<ConnId, Subscriber>>;
 
 /// Outcome of fanning a push out to a key's subscribers.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct FanOut {
-    pub delivered: usize,
-    pub stale: usize,
-    pub overflowed: usize,
+pub(crate) struct FanOut {
+    pub(crate) delivered: usize,
+    pub(crate) stale: usize,
+    pub(crate) overflowed: usize,
 }
 
 /// Outcome of [`Registry::activate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
+pub(crate) enum Activation {
     /// Active now; `missed` says a change arrived during the snapshot resolve.
     Active { missed: bool },
     /// The subscription went away meanwhile (unsubscribe or disconnect).
@@ -106,7 +101,7 @@ pub enum Activation {
 
 /// Which subscribers of a key a change resolve result is for.
 #[derive(Debug, Clone, Copy)]
-pub enum Audience<'a> {
+pub(crate) enum Audience<'a> {
     /// Every active subscriber (SHARED fetch mode).
     All,
     /// Active subscribers whose connection's secret is this one (PER_SUBSCRIBER).
@@ -115,7 +110,7 @@ pub enum Audience<'a> {
 
 /// The subscription registry: a cheap-clone handle.
 #[derive(Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     inner: Arc<Inner>,
 }
 
@@ -134,7 +129,7 @@ impl Default for Registry {
 }
 
 impl Registry {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -151,12 +146,12 @@ impl Registry {
         &self.inner.shards[hash & (SHARDS - 1)]
     }
 
-    pub fn connection_opened(&self) {
+    pub(crate) fn connection_opened(&self) {
         self.inner.connections.fetch_add(1, Relaxed);
     }
 
     /// Removes every subscription of `conn` and counts it closed.
-    pub fn connection_closed(&self, conn: &Connection) {
+    pub(crate) fn connection_closed(&self, conn: &Connection) {
         let keys = std::mem::take(&mut *conn.keys.lock().unwrap());
         for key in keys {
             self.remove_entry(&key, conn.id);
@@ -168,7 +163,12 @@ impl Registry {
     /// is (a duplicate subscribe refreshes the snapshot, it doesn't interrupt
     /// pushes). Returns false, adding nothing, when `conn` already holds
     /// `limit` other keys.
-    pub fn add_pending(&self, key: &ChangeKey, conn: &Arc<Connection>, limit: usize) -> bool {
+    pub(crate) fn add_pending(
+        &self,
+        key: &ChangeKey,
+        conn: &Arc<Connection>,
+        limit: usize,
+    ) -> bool {
         {
             let mut keys = conn.keys.lock().unwrap();
             if !keys.contains(key) {
@@ -199,11 +199,11 @@ impl Registry {
 
     /// Makes a pending subscription active after its snapshot resolved:
     /// queues `subscribed` (if given) and the snapshot push, in that order.
-    pub fn activate(
+    pub(crate) fn activate(
         &self,
         key: &ChangeKey,
         conn: ConnId,
-        subscribed: Option<Utf8Bytes>,
+        subscribed: Option<FrameText>,
         snapshot: &PushFrame,
     ) -> Activation {
         let mut shard = self.shard(key).lock().unwrap();
@@ -223,7 +223,7 @@ impl Registry {
     }
 
     /// Removes `(key, conn)`. Returns whether it existed.
-    pub fn remove(&self, key: &ChangeKey, conn: &Connection) -> bool {
+    pub(crate) fn remove(&self, key: &ChangeKey, conn: &Connection) -> bool {
         conn.keys.lock().unwrap().retain(|k| k != key);
         self.remove_entry(key, conn.id)
     }
@@ -246,7 +246,7 @@ impl Registry {
 
     /// Records a change of `key`: pending subscribers are marked as having
     /// missed it. Returns whether the key has active subscribers to resolve for.
-    pub fn note_change(&self, key: &ChangeKey) -> bool {
+    pub(crate) fn note_change(&self, key: &ChangeKey) -> bool {
         let mut shard = self.shard(key).lock().unwrap();
         let Some(subs) = shard.get_mut(key) else {
             return false;
@@ -262,7 +262,7 @@ impl Registry {
     }
 
     /// Whether `key` has any active subscriber.
-    pub fn has_active(&self, key: &ChangeKey) -> bool {
+    pub(crate) fn has_active(&self, key: &ChangeKey) -> bool {
         let shard = self.shard(key).lock().unwrap();
         shard
             .get(key)
@@ -270,7 +270,7 @@ impl Registry {
     }
 
     /// Distinct secrets among the active subscribers of `key`.
-    pub fn active_secrets(&self, key: &ChangeKey) -> Vec<Arc<str>> {
+    pub(crate) fn active_secrets(&self, key: &ChangeKey) -> Vec<Arc<str>> {
         let shard = self.shard(key).lock().unwrap();
         let mut secrets: Vec<Arc<str>> = Vec::new();
         if let Some(subs) = shard.get(key) {
@@ -286,7 +286,12 @@ impl Registry {
 
     /// Queues `frame` to the active subscribers of `key` in `audience`,
     /// skipping those that already hold a newer version.
-    pub fn fan_out(&self, key: &ChangeKey, frame: &PushFrame, audience: Audience<'_>) -> FanOut {
+    pub(crate) fn fan_out(
+        &self,
+        key: &ChangeKey,
+        frame: &PushFrame,
+        audience: Audience<'_>,
+    ) -> FanOut {
         let mut result = FanOut::default();
         let mut shard = self.shard(key).lock().unwrap();
         let Some(subs) = shard.get_mut(key) else {
@@ -313,7 +318,12 @@ impl Registry {
 
     /// Ends the active subscriptions of `key` in `audience` (revocation):
     /// each gets `error` queued and loses the key. Returns how many.
-    pub fn revoke(&self, key: &ChangeKey, audience: Audience<'_>, error: &Utf8Bytes) -> usize {
+    pub(crate) fn revoke(
+        &self,
+        key: &ChangeKey,
+        audience: Audience<'_>,
+        error: &FrameText,
+    ) -> usize {
         let mut shard = self.shard(key).lock().unwrap();
         let Some(subs) = shard.get_mut(key) else {
             return 0;
@@ -339,7 +349,7 @@ impl Registry {
     }
 
     /// Every key with at least one subscriber (for resyncs).
-    pub fn keys(&self) -> Vec<ChangeKey> {
+    pub(crate) fn keys(&self) -> Vec<ChangeKey> {
         let mut keys = Vec::new();
         for shard in self.inner.shards.iter() {
             keys.extend(shard.lock().unwrap().keys().cloned());
@@ -347,15 +357,15 @@ impl Registry {
         keys
     }
 
-    pub fn connections(&self) -> usize {
+    pub(crate) fn connections(&self) -> usize {
         self.inner.connections.load(Relaxed)
     }
 
-    pub fn subscriptions(&self) -> usize {
+    pub(crate) fn subscriptions(&self) -> usize {
         self.inner.subscriptions.load(Relaxed)
     }
 
-    pub fn key_count(&self) -> usize {
+    pub(crate) fn key_count(&self) -> usize {
         self.inner.keys.load(Relaxed)
     }
 }
@@ -403,7 +413,7 @@ mod tests {
         let act = registry.activate(
             &key("1"),
             1,
-            Some(Utf8Bytes::from_static("ack")),
+            Some(FrameText::from_static("ack")),
             &frame("1", 4),
         );
         assert_eq!(act, Activation::Active { missed: true });
@@ -451,7 +461,7 @@ mod tests {
         let revoked = registry.revoke(
             &key("1"),
             Audience::Secret("s1"),
-            &Utf8Bytes::from_static("err"),
+            &FrameText::from_static("err"),
         );
         assert_eq!(revoked, 1);
         assert!(!a.holds(&key("1")));

@@ -1,4 +1,4 @@
-//! The resolver pool: backend `Resolve` streams, and the requests the node sends them.
+//! The local resolver pool: this node's backend `Resolve` streams, and the requests the node sends them.
 //!
 //! Jobs (resolve one key for one secret) queue per entity. A queue is drained
 //! into requests while some resolver of the entity has room under its
@@ -6,6 +6,9 @@
 //! to the batch size), so under load the backend sees O(distinct keys)
 //! requests. Requests of a stream that dies, or that pass their deadline, go
 //! back to the front of the queue and on to another resolver.
+//!
+//! The pool knows nothing of other nodes: reaching their resolvers is
+//! `resolve`'s choice, and `cluster` answers them from this pool.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -18,121 +21,182 @@ use std::{
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::{
-    cluster::ClusterLink,
+    config::ResolveConfig,
     key::{ChangeKey, validate_part},
     metrics::Metrics,
     proto::v1::{
         FetchMode, KeyResult, NodeMessage, PassThrough, Reason, Register, ResolveRequest,
         node_message,
     },
-    protocol::validate_row,
+    protocol::{RowError, validate_row},
+    tasks::Tasks,
 };
 
 /// Identifies one `Resolve` stream within a node.
-pub type ResolverId = u64;
+pub(crate) type ResolverId = u64;
 
 /// What a stream's outbound channel carries.
-pub type StreamItem = Result<NodeMessage, Status>;
+pub(crate) type StreamItem = Result<NodeMessage, Status>;
 
 /// Messages beyond `max_in_flight` a stream's channel can hold (pass-through).
-pub const PASS_THROUGH_HEADROOM: usize = 256;
+const PASS_THROUGH_HEADROOM: usize = 256;
 /// Upper bound on a resolver's `max_in_flight`.
-pub const MAX_IN_FLIGHT_CAP: u32 = 4096;
+const MAX_IN_FLIGHT_CAP: u32 = 4096;
 /// Queued jobs examined for companions when building one request.
-pub const BATCH_SCAN_LIMIT: usize = 1024;
+const BATCH_SCAN_LIMIT: usize = 1024;
 /// Attempts of one job (deadline passes) before it fails with `Timeout`.
-pub const MAX_ATTEMPTS: u32 = 3;
+pub(crate) const MAX_ATTEMPTS: u32 = 3;
 
 /// Outcome of resolving one key for one secret.
+pub(crate) type Resolved = Result<Rows, ResolveError>;
+
+/// A key's rows, as a resolver returned them.
 #[derive(Debug, Clone)]
-pub enum Resolved {
-    Rows {
-        rows: Vec<Bytes>,
-        version: u64,
-    },
+pub(crate) struct Rows {
+    /// Each one JSON value (validated on arrival), in the resolver's order.
+    pub(crate) rows: Vec<Bytes>,
+    /// The resolver's own version of the rows; 0 when it gave none.
+    pub(crate) version: u64,
+}
+
+/// Why resolving a key failed.
+///
+/// Only [`ResolveError::resolver_message`], a resolver's own words, may be
+/// shown to a websocket client; whoever builds the client's error frame
+/// picks a fixed message for every other case and logs the error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum ResolveError {
+    /// The resolver answered NOT_FOUND, with this message.
+    #[error("the resolver answered NOT_FOUND")]
     NotFound(String),
+    /// The resolver answered FORBIDDEN, with this message.
+    #[error("the resolver answered FORBIDDEN")]
     Forbidden(String),
-    /// The resolver answered ERROR, or its answer was malformed.
-    Error(String),
+    /// The resolver answered ERROR, with this message.
+    #[error("the resolver answered ERROR: {0}")]
+    Failed(String),
+    #[error("the resolver sent an invalid row")]
+    InvalidRow(#[source] RowError),
+    #[error("the resolver sent unknown status {0}")]
+    UnknownStatus(i32),
+    #[error("the resolver's answer has no result for id {0:?}")]
+    MissingResult(Arc<str>),
+    #[error("undecodable cluster resolve reply")]
+    BadClusterReply(#[source] prost::DecodeError),
     /// No resolver answered within the deadline, after retries.
+    #[error("no resolver answered in time")]
     Timeout,
     /// No resolver serves the entity.
+    #[error("no resolver serves the entity")]
     NoResolver,
     /// The node is shutting down.
+    #[error("the node is shutting down")]
     Closed,
 }
 
-impl Resolved {
-    /// Interprets one `KeyResult`, validating its rows.
-    pub fn from_result(result: KeyResult) -> Self {
-        use crate::proto::v1::Status as S;
-        match S::try_from(result.status) {
-            Ok(S::Ok) => {
-                for row in &result.rows {
-                    if let Err(err) = validate_row(row) {
-                        return Resolved::Error(format!("resolver sent an invalid row: {err}"));
-                    }
-                }
-                Resolved::Rows {
-                    rows: result.rows,
-                    version: result.version,
-                }
-            }
-            Ok(S::NotFound) => Resolved::NotFound(result.message),
-            Ok(S::Forbidden) => Resolved::Forbidden(result.message),
-            Ok(S::Error) => Resolved::Error(result.message),
-            Ok(S::Unspecified) | Err(_) => {
-                Resolved::Error(format!("resolver sent status {}", result.status))
-            }
+/// What kind of failure a [`ResolveError`] is, for callers to decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResolveErrorKind {
+    /// NOT_FOUND from the resolver.
+    NotFound,
+    /// FORBIDDEN from the resolver.
+    Forbidden,
+    /// ERROR from the resolver.
+    Failed,
+    /// The answer was malformed (a row, a status, a missing result, a reply).
+    InvalidAnswer,
+    Timeout,
+    NoResolver,
+    Closed,
+}
+
+impl ResolveError {
+    pub(crate) fn kind(&self) -> ResolveErrorKind {
+        match self {
+            Self::NotFound(_) => ResolveErrorKind::NotFound,
+            Self::Forbidden(_) => ResolveErrorKind::Forbidden,
+            Self::Failed(_) => ResolveErrorKind::Failed,
+            Self::InvalidRow(_)
+            | Self::UnknownStatus(_)
+            | Self::MissingResult(_)
+            | Self::BadClusterReply(_) => ResolveErrorKind::InvalidAnswer,
+            Self::Timeout => ResolveErrorKind::Timeout,
+            Self::NoResolver => ResolveErrorKind::NoResolver,
+            Self::Closed => ResolveErrorKind::Closed,
         }
     }
 
-    /// The `KeyResult` for `id` that [`Resolved::from_result`] reads back
-    /// (node-to-node answers in a cluster). Failures without a status of
-    /// their own become ERROR with a message.
-    pub fn into_key_result(self, id: &str) -> KeyResult {
-        use crate::proto::v1::Status as S;
-        let (status, rows, version, message) = match self {
-            Resolved::Rows { rows, version } => (S::Ok, rows, version, String::new()),
-            Resolved::NotFound(m) => (S::NotFound, Vec::new(), 0, m),
-            Resolved::Forbidden(m) => (S::Forbidden, Vec::new(), 0, m),
-            Resolved::Error(m) => (S::Error, Vec::new(), 0, m),
-            Resolved::Timeout => (S::Error, Vec::new(), 0, "resolver timed out".into()),
-            Resolved::NoResolver | Resolved::Closed => {
-                (S::Error, Vec::new(), 0, "no resolver".into())
-            }
-        };
-        KeyResult {
-            id: id.to_string(),
-            status: status as i32,
-            rows,
-            version,
-            message,
+    /// The message the resolver itself sent with NOT_FOUND, FORBIDDEN or
+    /// ERROR, if not empty: the only text of a failure a client may see.
+    pub(crate) fn resolver_message(&self) -> Option<&str> {
+        match self {
+            Self::NotFound(m) | Self::Forbidden(m) | Self::Failed(m) if !m.is_empty() => Some(m),
+            _ => None,
         }
+    }
+}
+
+/// Interprets one `KeyResult` from a resolver (or another node), validating its rows.
+pub(crate) fn read_key_result(result: KeyResult) -> Resolved {
+    use crate::proto::v1::Status as S;
+    match S::try_from(result.status) {
+        Ok(S::Ok) => {
+            for row in &result.rows {
+                validate_row(row).map_err(ResolveError::InvalidRow)?;
+            }
+            Ok(Rows {
+                rows: result.rows,
+                version: result.version,
+            })
+        }
+        Ok(S::NotFound) => Err(ResolveError::NotFound(result.message)),
+        Ok(S::Forbidden) => Err(ResolveError::Forbidden(result.message)),
+        Ok(S::Error) => Err(ResolveError::Failed(result.message)),
+        Ok(S::Unspecified) | Err(_) => Err(ResolveError::UnknownStatus(result.status)),
+    }
+}
+
+/// The `KeyResult` for `id` that [`read_key_result`] reads back (a node's
+/// answer to another node). Failures without a status of their own become
+/// ERROR with a fixed message, never the inner error's text: the other node
+/// may show the message to its clients.
+pub(crate) fn key_result(outcome: Resolved, id: &str) -> KeyResult {
+    use crate::proto::v1::Status as S;
+    let (status, rows, version, message) = match outcome {
+        Ok(Rows { rows, version }) => (S::Ok, rows, version, String::new()),
+        Err(ResolveError::NotFound(m)) => (S::NotFound, Vec::new(), 0, m),
+        Err(ResolveError::Forbidden(m)) => (S::Forbidden, Vec::new(), 0, m),
+        Err(ResolveError::Failed(m)) => (S::Error, Vec::new(), 0, m),
+        Err(err) => {
+            let message = match err.kind() {
+                ResolveErrorKind::Timeout => "resolver timed out",
+                ResolveErrorKind::NoResolver | ResolveErrorKind::Closed => "no resolver",
+                _ => "the resolver sent an invalid answer",
+            };
+            (S::Error, Vec::new(), 0, message.to_string())
+        }
+    };
+    KeyResult {
+        id: id.to_string(),
+        status: status as i32,
+        rows,
+        version,
+        message,
     }
 }
 
 /// Why a `Register` was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum RegisterError {
+pub(crate) enum RegisterError {
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
     #[error("node is shutting down")]
     Closed,
-}
-
-/// Pool settings (from [`crate::config::Config`]).
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    pub batch_size: usize,
-    pub timeout: Duration,
-    pub default_max_in_flight: u32,
 }
 
 struct Job {
@@ -179,7 +243,7 @@ struct State {
 
 /// The resolver pool: a cheap-clone handle.
 #[derive(Clone)]
-pub struct ResolverPool {
+pub(crate) struct ResolverPool {
     inner: Arc<Inner>,
 }
 
@@ -188,36 +252,38 @@ struct Inner {
     /// map updates and channel `try_send`s, never an `.await`, and the rate
     /// is per request (batched), not per delivery.
     state: Mutex<State>,
-    config: PoolConfig,
+    config: ResolveConfig,
     metrics: Arc<Metrics>,
     next_request: AtomicU64,
     next_resolver: AtomicU64,
-    /// Resolvers on other nodes (cluster bus only).
-    remote: Option<ClusterLink>,
-    /// Fetch modes of entities served only on other nodes, as they reported them.
-    remote_modes: Mutex<HashMap<Arc<str>, FetchMode>>,
     /// Entities with a local resolver, for the cluster-resolve server.
     entities: watch::Sender<Vec<(Arc<str>, FetchMode)>>,
 }
 
 impl ResolverPool {
-    pub fn new(config: PoolConfig, metrics: Arc<Metrics>, remote: Option<ClusterLink>) -> Self {
+    pub(crate) fn new(config: &ResolveConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
-                config,
+                config: config.clone(),
                 metrics,
                 next_request: AtomicU64::new(1),
                 next_resolver: AtomicU64::new(1),
-                remote,
-                remote_modes: Mutex::new(HashMap::new()),
                 entities: watch::Sender::new(Vec::new()),
             }),
         }
     }
 
+    /// Creates the pool and starts its deadline timer, which runs until the
+    /// node shuts down.
+    pub(crate) fn start(config: &ResolveConfig, metrics: Arc<Metrics>, tasks: &Tasks) -> Self {
+        let pool = Self::new(config, metrics);
+        tasks.spawn(pool.clone().run_deadlines(tasks.clone()));
+        pool
+    }
+
     /// Follows the set of entities served by local resolvers.
-    pub fn watch_entities(&self) -> watch::Receiver<Vec<(Arc<str>, FetchMode)>> {
+    pub(crate) fn watch_entities(&self) -> watch::Receiver<Vec<(Arc<str>, FetchMode)>> {
         self.inner.entities.subscribe()
     }
 
@@ -238,12 +304,12 @@ impl ResolverPool {
     }
 
     /// A fresh resolver id (sent in `Registered` before the stream is registered).
-    pub fn allocate_id(&self) -> ResolverId {
+    pub(crate) fn allocate_id(&self) -> ResolverId {
         self.inner.next_resolver.fetch_add(1, Relaxed)
     }
 
     /// Channel capacity for a stream with this `max_in_flight`.
-    pub fn channel_capacity(&self, register: &Register) -> usize {
+    pub(crate) fn channel_capacity(&self, register: &Register) -> usize {
         self.max_in_flight(register) as usize + PASS_THROUGH_HEADROOM
     }
 
@@ -255,7 +321,7 @@ impl ResolverPool {
     }
 
     /// Adds a resolver stream. `tx` is the stream's outbound channel.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         id: ResolverId,
         register: &Register,
@@ -342,7 +408,7 @@ impl ResolverPool {
     }
 
     /// Removes a resolver stream; its in-flight requests go to other resolvers.
-    pub fn deregister(&self, id: ResolverId) {
+    pub(crate) fn deregister(&self, id: ResolverId) {
         let mut state = self.inner.state.lock().unwrap();
         let Some(slot) = state.resolvers.remove(&id) else {
             return;
@@ -375,7 +441,7 @@ impl ResolverPool {
             if orphan {
                 let queue = state.entities.remove(entity).expect("checked above");
                 for job in queue.queue {
-                    let _ = job.reply.send(Resolved::NoResolver);
+                    let _ = job.reply.send(Err(ResolveError::NoResolver));
                 }
             } else {
                 self.dispatch(&mut state, entity);
@@ -387,7 +453,7 @@ impl ResolverPool {
     /// Stops sending requests to resolver `id` (it sent `Drain`): queued
     /// jobs wait for the entity's other resolvers; what it holds in flight
     /// is answered by it, or moved on when its stream ends.
-    pub fn drain(&self, id: ResolverId) {
+    pub(crate) fn drain(&self, id: ResolverId) {
         let mut state = self.inner.state.lock().unwrap();
         let Some(slot) = state.resolvers.get_mut(&id) else {
             return;
@@ -397,57 +463,14 @@ impl ResolverPool {
     }
 
     /// The fetch mode of `entity` on a local resolver.
-    pub fn local_fetch_mode(&self, entity: &str) -> Option<FetchMode> {
+    pub(crate) fn fetch_mode(&self, entity: &str) -> Option<FetchMode> {
         let state = self.inner.state.lock().unwrap();
         state.entities.get(entity).map(|q| q.mode)
     }
 
-    /// The fetch mode of `entity`: a local resolver's, else what another node
-    /// reported, else (in a cluster) PER_SUBSCRIBER, the mode that never
-    /// shares rows between secrets. `None`: nobody can resolve it.
-    pub fn fetch_mode(&self, entity: &str) -> Option<FetchMode> {
-        if let Some(mode) = self.local_fetch_mode(entity) {
-            return Some(mode);
-        }
-        self.inner.remote.as_ref()?;
-        let remote = self.inner.remote_modes.lock().unwrap();
-        Some(
-            remote
-                .get(entity)
-                .copied()
-                .unwrap_or(FetchMode::PerSubscriber),
-        )
-    }
-
-    /// Resolves `key` for `secret` on a local resolver or, when none serves
-    /// the entity, on another node. Waits for the answer (or its failure).
-    pub async fn resolve(&self, key: &ChangeKey, secret: Arc<str>, reason: Reason) -> Resolved {
-        let local = self.resolve_local(key, secret.clone(), reason).await;
-        let (Resolved::NoResolver, Some(remote)) = (&local, &self.inner.remote) else {
-            return local;
-        };
-        self.inner.metrics.resolve_request(reason);
-        Metrics::inc(&self.inner.metrics.cluster_resolves_total);
-        // Boxed: the request-reply future is large, and every resolve future
-        // (one per pending subscribe) would otherwise carry its size.
-        let (outcome, mode) = Box::pin(remote.resolve(key, &secret, reason)).await;
-        if let Some(mode) = mode {
-            let mode = if mode == FetchMode::Unspecified {
-                FetchMode::PerSubscriber
-            } else {
-                mode
-            };
-            self.inner
-                .remote_modes
-                .lock()
-                .unwrap()
-                .insert(key.entity.clone(), mode);
-        }
-        outcome
-    }
-
-    /// Resolves `key` on a local resolver only.
-    pub async fn resolve_local(
+    /// Resolves `key` for `secret` on a local resolver; waits for the
+    /// answer (or its failure).
+    pub(crate) async fn resolve(
         &self,
         key: &ChangeKey,
         secret: Arc<str>,
@@ -457,10 +480,10 @@ impl ResolverPool {
         {
             let mut state = self.inner.state.lock().unwrap();
             if state.closed {
-                return Resolved::Closed;
+                return Err(ResolveError::Closed);
             }
             let Some(queue) = state.entities.get_mut(&*key.entity) else {
-                return Resolved::NoResolver;
+                return Err(ResolveError::NoResolver);
             };
             queue.queue.push_back(Job {
                 id: key.id.clone(),
@@ -471,7 +494,7 @@ impl ResolverPool {
             });
             self.dispatch(&mut state, &key.entity);
         }
-        answer.await.unwrap_or(Resolved::Closed)
+        answer.await.unwrap_or(Err(ResolveError::Closed))
     }
 
     /// Sends queued jobs of `entity` while some resolver has room.
@@ -584,7 +607,12 @@ impl ResolverPool {
 
     /// Hands the answer of `request_id` (from resolver `from`) to its jobs.
     /// `results` are the response's key results, already interpreted.
-    pub fn complete(&self, from: ResolverId, request_id: u64, results: HashMap<String, Resolved>) {
+    pub(crate) fn complete(
+        &self,
+        from: ResolverId,
+        request_id: u64,
+        results: HashMap<String, Resolved>,
+    ) {
         let mut state = self.inner.state.lock().unwrap();
         let Some(flight) = state.in_flight.remove(&request_id) else {
             tracing::debug!(
@@ -609,16 +637,17 @@ impl ResolverPool {
         for job in flight.jobs {
             // A batch may hold several jobs of one id (different callers):
             // each gets the same (cheaply cloned) outcome.
-            let outcome = results.get(&*job.id).cloned().unwrap_or_else(|| {
-                Resolved::Error(format!("resolver returned no result for id {:?}", job.id))
-            });
+            let outcome = results
+                .get(&*job.id)
+                .cloned()
+                .unwrap_or_else(|| Err(ResolveError::MissingResult(job.id.clone())));
             let _ = job.reply.send(outcome);
         }
         self.dispatch(&mut state, &flight.entity);
     }
 
     /// Re-queues (or fails, after [`MAX_ATTEMPTS`]) requests past their deadline.
-    pub fn expire(&self, now: Instant) {
+    pub(crate) fn expire(&self, now: Instant) {
         let mut state = self.inner.state.lock().unwrap();
         let expired: Vec<u64> = state
             .in_flight
@@ -636,14 +665,14 @@ impl ResolverPool {
             }
             let Some(queue) = state.entities.get_mut(&flight.entity) else {
                 for job in flight.jobs {
-                    let _ = job.reply.send(Resolved::NoResolver);
+                    let _ = job.reply.send(Err(ResolveError::NoResolver));
                 }
                 continue;
             };
             for mut job in flight.jobs.into_iter().rev() {
                 job.attempts += 1;
                 if job.attempts >= MAX_ATTEMPTS {
-                    let _ = job.reply.send(Resolved::Timeout);
+                    let _ = job.reply.send(Err(ResolveError::Timeout));
                 } else {
                     queue.queue.push_front(job);
                 }
@@ -657,15 +686,15 @@ impl ResolverPool {
         }
     }
 
-    /// Runs [`Self::expire`] periodically until `cancel`.
-    pub async fn run_deadlines(self, cancel: CancellationToken) {
+    /// Runs [`Self::expire`] periodically until the node shuts down.
+    async fn run_deadlines(self, tasks: Tasks) {
         let tick = (self.inner.config.timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = tasks.cancelled() => return,
                 _ = interval.tick() => self.expire(Instant::now()),
             }
         }
@@ -673,7 +702,7 @@ impl ResolverPool {
 
     /// Forwards a client's pass-through message to one resolver per distinct
     /// name among those that asked for them. Returns how many got it.
-    pub fn pass_through(&self, connection_id: &str, secret: &str, payload: Bytes) -> usize {
+    pub(crate) fn pass_through(&self, connection_id: &str, secret: &str, payload: Bytes) -> usize {
         let mut state = self.inner.state.lock().unwrap();
         state.pass_through_turn = state.pass_through_turn.wrapping_add(1);
         let turn = state.pass_through_turn;
@@ -710,31 +739,31 @@ impl ResolverPool {
     }
 
     /// Whether any resolver wants pass-through messages.
-    pub fn has_pass_through(&self) -> bool {
+    pub(crate) fn has_pass_through(&self) -> bool {
         let state = self.inner.state.lock().unwrap();
         state.resolvers.values().any(|s| s.pass_through)
     }
 
     /// Registered streams.
-    pub fn resolver_count(&self) -> usize {
+    pub(crate) fn resolver_count(&self) -> usize {
         self.inner.state.lock().unwrap().resolvers.len()
     }
 
     /// Shutdown: fails every job and drops every stream's channel, which ends
     /// the response streams.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let mut state = self.inner.state.lock().unwrap();
         state.closed = true;
         state.resolvers.clear();
         self.inner.entities.send_replace(Vec::new());
         for (_, queue) in state.entities.drain() {
             for job in queue.queue {
-                let _ = job.reply.send(Resolved::Closed);
+                let _ = job.reply.send(Err(ResolveError::Closed));
             }
         }
         for (_, flight) in state.in_flight.drain() {
             for job in flight.jobs {
-                let _ = job.reply.send(Resolved::Closed);
+                let _ = job.reply.send(Err(ResolveError::Closed));
             }
         }
     }
@@ -747,13 +776,12 @@ mod tests {
 
     fn pool(batch_size: usize) -> ResolverPool {
         ResolverPool::new(
-            PoolConfig {
+            &ResolveConfig {
                 batch_size,
                 timeout: Duration::from_secs(5),
                 default_max_in_flight: 1,
             },
             Arc::new(Metrics::default()),
-            None,
         )
     }
 
@@ -785,13 +813,13 @@ mod tests {
     }
 
     fn ok(rows: &[&'static str]) -> Resolved {
-        Resolved::Rows {
+        Ok(Rows {
             rows: rows
                 .iter()
                 .map(|r| Bytes::from_static(r.as_bytes()))
                 .collect(),
             version: 0,
-        }
+        })
     }
 
     fn key(id: &str) -> ChangeKey {
@@ -840,7 +868,7 @@ mod tests {
             HashMap::from([("2".to_string(), ok(&["2"])), ("3".to_string(), ok(&["3"]))]),
         );
         for task in tasks {
-            assert!(matches!(task.await.unwrap(), Resolved::Rows { .. }));
+            assert!(task.await.unwrap().is_ok());
         }
     }
 
@@ -871,7 +899,7 @@ mod tests {
             retried.request_id,
             HashMap::from([("1".to_string(), ok(&["{}"]))]),
         );
-        assert!(matches!(task.await.unwrap(), Resolved::Rows { .. }));
+        assert!(task.await.unwrap().is_ok());
     }
 
     #[tokio::test]
@@ -884,7 +912,7 @@ mod tests {
                 Reason::Subscribe
             )
             .await,
-            Resolved::NoResolver
+            Err(ResolveError::NoResolver)
         ));
         let (rid, mut rx) = register(&pool, "svc", FetchMode::Shared);
         let task = {
@@ -906,7 +934,10 @@ mod tests {
         assert_eq!(req.secret, "s");
         assert_eq!(req.reason, Reason::Subscribe as i32);
         pool.complete(rid, req.request_id, HashMap::new());
-        assert!(matches!(task.await.unwrap(), Resolved::Error(_)));
+        let err = task.await.unwrap().unwrap_err();
+        assert!(matches!(&err, ResolveError::MissingResult(id) if &**id == "1"));
+        assert_eq!(err.kind(), ResolveErrorKind::InvalidAnswer);
+        assert_eq!(err.resolver_message(), None, "nothing of it is for clients");
     }
 
     #[test]
@@ -938,6 +969,54 @@ mod tests {
             version: 0,
             message: String::new(),
         };
-        assert!(matches!(Resolved::from_result(result), Resolved::Error(_)));
+        let err = read_key_result(result).unwrap_err();
+        assert!(matches!(
+            err,
+            ResolveError::InvalidRow(RowError::NotJson(_))
+        ));
+        assert_eq!(err.kind(), ResolveErrorKind::InvalidAnswer);
+        assert_eq!(err.resolver_message(), None);
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the row error is kept"
+        );
+    }
+
+    #[test]
+    fn statuses_are_read_with_the_resolvers_own_message() {
+        use crate::proto::v1::Status as S;
+        let result = |status: i32, message: &str| KeyResult {
+            id: "1".into(),
+            status,
+            rows: Vec::new(),
+            version: 0,
+            message: message.into(),
+        };
+        let err = read_key_result(result(S::Forbidden as i32, "not yours")).unwrap_err();
+        assert_eq!(err.kind(), ResolveErrorKind::Forbidden);
+        assert_eq!(err.resolver_message(), Some("not yours"));
+        let err = read_key_result(result(S::Error as i32, "")).unwrap_err();
+        assert_eq!(err.kind(), ResolveErrorKind::Failed);
+        assert_eq!(err.resolver_message(), None, "empty: the edge picks one");
+        let err = read_key_result(result(99, "")).unwrap_err();
+        assert!(matches!(err, ResolveError::UnknownStatus(99)));
+    }
+
+    #[test]
+    fn node_to_node_results_carry_no_internal_text() {
+        let invalid = read_key_result(KeyResult {
+            id: "1".into(),
+            status: crate::proto::v1::Status::Ok as i32,
+            rows: vec![Bytes::from_static(b"{oops")],
+            version: 0,
+            message: String::new(),
+        });
+        let sent = key_result(invalid, "1");
+        assert_eq!(sent.status, crate::proto::v1::Status::Error as i32);
+        assert_eq!(sent.message, "the resolver sent an invalid answer");
+        let sent = key_result(Err(ResolveError::Failed("db down".into())), "1");
+        assert_eq!(sent.message, "db down", "the resolver's own message passes");
+        let back = read_key_result(key_result(ok(&["{}", "[1]"]), "1")).unwrap();
+        assert_eq!(back.rows.len(), 2);
     }
 }

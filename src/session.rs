@@ -1,9 +1,9 @@
 //! One websocket connection: reads client messages, writes queued frames, keeps the connection alive.
 //!
 //! A single task per connection selects over the socket, the connection's
-//! [`Outbox`](crate::outbox::Outbox), the snapshot resolves it started, the
-//! ping timer and the node's shutdown. Every frame queued since the last
-//! write goes out in one batch with one flush.
+//! `Outbox`, the snapshot resolves it started, the ping timer and the node's
+//! shutdown. Every frame queued since the last write goes out in one batch
+//! with one flush.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -14,15 +14,18 @@ use tokio::{
     sync::watch,
     time::{Instant, timeout},
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::{
+    config::WsConfig,
     dispatcher::Dispatcher,
     metrics::Metrics,
     outbox::CloseReason,
-    protocol::{self, ClientMessage, ErrorCode, ProtocolError, error_frame, unsubscribed_frame},
+    protocol::{
+        self, ClientMessage, ErrorCode, FrameText, ProtocolError, error_frame, unsubscribed_frame,
+    },
     registry::{ConnId, Connection, Registry},
-    resolver::ResolverPool,
+    resolve::Resolvers,
+    tasks::Tasks,
 };
 
 /// Close code sent on node shutdown ("going away": reconnect elsewhere).
@@ -37,28 +40,64 @@ pub const CLOSE_IDLE: u16 = 1000;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Settings and handles every session needs.
-pub struct SessionContext {
-    pub registry: Registry,
-    pub dispatcher: Dispatcher,
-    pub pool: ResolverPool,
-    pub metrics: Arc<Metrics>,
-    pub cancel: CancellationToken,
-    pub node_id: Arc<str>,
-    pub max_message_bytes: usize,
-    /// Messages per second per connection (0: unlimited) and the burst above it.
-    pub max_message_rate: u32,
-    pub max_message_burst: u32,
-    pub max_subscriptions: usize,
-    pub outbound_max_bytes: usize,
+pub(crate) struct SessionContext {
+    pub(crate) config: WsConfig,
+    pub(crate) registry: Registry,
+    pub(crate) dispatcher: Dispatcher,
+    pub(crate) resolvers: Resolvers,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) tasks: Tasks,
+    pub(crate) node_id: Arc<str>,
     /// Ticks every ping interval (one node-wide timer instead of one per connection).
-    pub ping: watch::Receiver<()>,
-    pub idle_timeout: Duration,
-    pub bare_rows: bool,
+    ping: watch::Receiver<()>,
+}
+
+impl SessionContext {
+    /// Builds what sessions share from `config`, and starts the node-wide
+    /// ping timer (until the node shuts down).
+    pub(crate) fn start(
+        config: &WsConfig,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        resolvers: Resolvers,
+        metrics: Arc<Metrics>,
+        node_id: Arc<str>,
+        tasks: &Tasks,
+    ) -> Arc<Self> {
+        let (ping_tx, ping) = watch::channel(());
+        let period = config.ping_interval;
+        let ticker = tasks.clone();
+        tasks.spawn(async move {
+            let mut interval = tokio::time::interval(period);
+            interval.tick().await;
+            loop {
+                tokio::select! {
+                    _ = ticker.cancelled() => return,
+                    _ = interval.tick() => ping_tx.send_replace(()),
+                }
+            }
+        });
+        Arc::new(Self {
+            config: config.clone(),
+            registry,
+            dispatcher,
+            resolvers,
+            metrics,
+            tasks: tasks.clone(),
+            node_id,
+            ping,
+        })
+    }
 }
 
 /// Serves one upgraded websocket until either side ends it.
-pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer: SocketAddr) {
-    let conn = Arc::new(Connection::new(id, ctx.outbound_max_bytes));
+pub(crate) async fn serve(
+    mut ws: WebSocket,
+    ctx: Arc<SessionContext>,
+    id: ConnId,
+    peer: SocketAddr,
+) {
+    let conn = Arc::new(Connection::new(id, ctx.config.outbound_max_bytes));
     ctx.registry.connection_opened();
     Metrics::inc(&ctx.metrics.connections_total);
     tracing::debug!(%peer, "connection opened");
@@ -66,21 +105,23 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
     // Snapshot resolves under way; created on the first subscribe and dropped
     // when empty, so an idle connection holds none.
     let mut subscribes: Option<FuturesUnordered<_>> = None;
-    let mut frames: Vec<Utf8Bytes> = Vec::new();
+    let mut frames: Vec<FrameText> = Vec::new();
     let mut ping = ctx.ping.clone();
     ping.mark_unchanged();
     let mut last_seen = Instant::now();
-    let mut limiter = RateLimit::new(ctx.max_message_rate, ctx.max_message_burst, last_seen);
+    let mut limiter = RateLimit::new(
+        ctx.config.max_message_rate,
+        ctx.config.max_message_burst,
+        last_seen,
+    );
 
     let close: Option<(u16, &'static str)> = loop {
         tokio::select! {
             biased;
-            _ = ctx.cancel.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            _ = ctx.tasks.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
             _ = conn.outbox.ready() => {
-                match conn.outbox.drain(&mut frames) {
-                    Some(CloseReason::Overflow) => break Some(slow_client(&ctx, &conn)),
-                    Some(CloseReason::Shutdown) => break Some((CLOSE_GOING_AWAY, "server shutting down")),
-                    None => {}
+                if let Some(CloseReason::Overflow) = conn.outbox.drain(&mut frames) {
+                    break Some(slow_client(&ctx.metrics, &conn));
                 }
                 // A slow reader can block the write; the outbox closing (it
                 // kept filling meanwhile) interrupts it.
@@ -90,11 +131,8 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
                             break None;
                         }
                     }
-                    reason = conn.outbox.closed() => match reason {
-                        CloseReason::Overflow => break Some(slow_client(&ctx, &conn)),
-                        CloseReason::Shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
-                    },
-                    _ = ctx.cancel.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                    CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
+                    _ = ctx.tasks.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
                 }
             }
             Some(()) = async { subscribes.as_mut().expect("checked").next().await },
@@ -121,7 +159,7 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
                     Some(Ok(Message::Text(_) | Message::Binary(_))) if !limiter.allow(last_seen) => {
                         let message = format!(
                             "message dropped: over {} messages per second",
-                            ctx.max_message_rate
+                            ctx.config.max_message_rate
                         );
                         reject(&ctx, &conn, ProtocolError::new(ErrorCode::RateLimited, message));
                     }
@@ -147,7 +185,7 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
                 }
             }
             Ok(()) = ping.changed() => {
-                if last_seen.elapsed() >= ctx.idle_timeout {
+                if last_seen.elapsed() >= ctx.config.idle_timeout {
                     break Some((CLOSE_IDLE, "idle timeout"));
                 }
                 if ws.send(Message::Ping(Bytes::new())).await.is_err() {
@@ -172,7 +210,7 @@ pub async fn serve(mut ws: WebSocket, ctx: Arc<SessionContext>, id: ConnId, peer
 
 /// Token bucket for a connection's inbound messages: `rate` per second on
 /// average, up to `burst` at once. `rate == 0` allows everything.
-pub struct RateLimit {
+struct RateLimit {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -180,7 +218,7 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+    fn new(rate: u32, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
             rate: f64::from(rate),
@@ -191,7 +229,7 @@ impl RateLimit {
     }
 
     /// Takes a token if there is one.
-    pub fn allow(&mut self, now: Instant) -> bool {
+    fn allow(&mut self, now: Instant) -> bool {
         if self.rate == 0.0 {
             return true;
         }
@@ -207,21 +245,32 @@ impl RateLimit {
     }
 }
 
-fn slow_client(ctx: &SessionContext, conn: &Connection) -> (u16, &'static str) {
-    Metrics::inc(&ctx.metrics.slow_client_closes_total);
+/// The close code and reason for a connection whose outbound queue
+/// overflowed. The one place a slow client's close is counted: whatever
+/// overflowed the queue (a fan-out, a snapshot, an error frame), its
+/// session ends here, once.
+fn slow_client(metrics: &Metrics, conn: &Connection) -> (u16, &'static str) {
+    Metrics::inc(&metrics.slow_client_closes_total);
     tracing::info!(
         conn.id = conn.id,
-        bound = ctx.outbound_max_bytes,
+        bound = conn.outbox.max_bytes(),
         "closing slow client: outbound queue over its bound"
     );
     (CLOSE_SLOW_CLIENT, "outbound queue full: client too slow")
 }
 
-async fn write_batch(ws: &mut WebSocket, frames: &mut Vec<Utf8Bytes>) -> Result<(), axum::Error> {
+async fn write_batch(ws: &mut WebSocket, frames: &mut Vec<FrameText>) -> Result<(), axum::Error> {
     for frame in frames.drain(..) {
-        ws.feed(Message::Text(frame)).await?;
+        ws.feed(text_message(frame)).await?;
     }
     ws.flush().await
+}
+
+/// The websocket message of a frame. axum 0.8 offers no unchecked way from
+/// `Bytes` to its `Utf8Bytes`, so this checks the UTF-8 again (no copy): a
+/// linear scan per frame written, small next to the write itself.
+fn text_message(frame: FrameText) -> Message {
+    Message::Text(Utf8Bytes::try_from(frame.into_bytes()).expect("a FrameText is UTF-8"))
 }
 
 fn reject(ctx: &SessionContext, conn: &Connection, err: ProtocolError) {
@@ -236,7 +285,7 @@ fn on_text(
     conn: &Arc<Connection>,
     text: Utf8Bytes,
 ) -> Option<impl Future<Output = ()> + use<>> {
-    if text.len() > ctx.max_message_bytes {
+    if text.len() > ctx.config.max_message_bytes {
         reject(
             ctx,
             conn,
@@ -245,7 +294,7 @@ fn on_text(
                 format!(
                     "message is {} bytes; the limit is {}",
                     text.len(),
-                    ctx.max_message_bytes
+                    ctx.config.max_message_bytes
                 ),
             ),
         );
@@ -260,11 +309,14 @@ fn on_text(
     };
     match message {
         ClientMessage::Subscribe(key) => {
-            if !ctx.registry.add_pending(&key, conn, ctx.max_subscriptions) {
+            if !ctx
+                .registry
+                .add_pending(&key, conn, ctx.config.max_subscriptions)
+            {
                 ctx.metrics.client_error(ErrorCode::TooManySubscriptions);
                 let message = format!(
                     "this connection already holds {} subscriptions, the limit",
-                    ctx.max_subscriptions
+                    ctx.config.max_subscriptions
                 );
                 conn.outbox.control(
                     Some(&key),
@@ -279,7 +331,7 @@ fn on_text(
         ClientMessage::Unsubscribe(key) => {
             if ctx.registry.remove(&key, conn) {
                 conn.outbox.forget(&key);
-                if !ctx.bare_rows {
+                if !ctx.config.compat_bare_rows {
                     conn.outbox.control(Some(&key), unsubscribed_frame(&key));
                 }
             } else {
@@ -301,11 +353,11 @@ fn on_text(
         }
         ClientMessage::PassThrough => {
             let connection_id = format!("{}-{}", ctx.node_id, conn.id);
-            let sent = ctx
-                .pool
-                .pass_through(&connection_id, &conn.secret(), Bytes::from(text));
+            let sent =
+                ctx.resolvers
+                    .pass_through(&connection_id, &conn.secret(), Bytes::from(text));
             if sent == 0 {
-                let err = if ctx.pool.has_pass_through() {
+                let err = if ctx.resolvers.has_pass_through() {
                     ProtocolError::new(
                         ErrorCode::Overloaded,
                         "pass-through resolvers are not keeping up; message dropped",
@@ -325,7 +377,46 @@ fn on_text(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
     use super::*;
+    use crate::{
+        key::ChangeKey,
+        protocol::PushFrame,
+        registry::{Audience, Connection},
+    };
+
+    #[test]
+    fn a_slow_client_is_counted_when_its_session_closes_it() {
+        let metrics = Metrics::default();
+        let registry = Registry::new();
+        let conn = Arc::new(Connection::new(1, 1024));
+        let key = ChangeKey::new("items", "1").unwrap();
+        registry.add_pending(&key, &conn, 10);
+        registry.activate(&key, 1, None, &PushFrame::build(&key, 1, &[], false));
+        let big = Bytes::from(format!("\"{}\"", "x".repeat(2048)));
+        let fan = registry.fan_out(
+            &key,
+            &PushFrame::build(&key, 2, &[big], false),
+            Audience::All,
+        );
+        assert_eq!(fan.delivered, 0, "the queue overflowed");
+        assert_eq!(metrics.slow_client_closes_total.load(Relaxed), 0);
+        // What the session's loop does when it finds the queue closed.
+        let reason = conn.outbox.drain(&mut Vec::new());
+        assert_eq!(reason, Some(CloseReason::Overflow));
+        assert_eq!(slow_client(&metrics, &conn).0, CLOSE_SLOW_CLIENT);
+        assert_eq!(metrics.slow_client_closes_total.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn frames_become_text_messages_unchanged() {
+        let frame = FrameText::from(String::from(r#"{"action":"push"}"#));
+        let Message::Text(text) = text_message(frame) else {
+            panic!("a text message expected")
+        };
+        assert_eq!(text.as_str(), r#"{"action":"push"}"#);
+    }
 
     #[test]
     fn rate_limit_allows_the_burst_then_the_rate() {

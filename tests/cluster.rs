@@ -52,8 +52,8 @@ async fn nats_node(nats_url: &str, prefix: &str, modify: impl FnOnce(&mut Config
     let nats_url = nats_url.to_owned();
     let prefix = prefix.to_owned();
     TestNode::start(move |config| {
-        config.nats_url = Some(nats_url);
-        config.nats_prefix = prefix;
+        config.nats.url = Some(nats_url);
+        config.nats.prefix = prefix;
         modify(config);
     })
     .await
@@ -466,7 +466,7 @@ async fn expect_resync(setup: &mut RetentionSetup, lost: u64) {
 /// A stream of at most 2 KiB (a few dozen change keys): retention by bytes
 /// evicts exactly when the test publishes, so no clock is involved.
 fn small_stream(config: &mut Config) {
-    config.nats_max_bytes = 2048;
+    config.nats.max_bytes = 2048;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,7 +513,7 @@ async fn node_resyncs_when_every_missed_change_expired() {
     .await
     .expect("create stream");
     let proxy = TcpProxy::start(nats.addr()).await;
-    let short = |config: &mut Config| config.nats_max_age = Duration::from_secs(1);
+    let short = |config: &mut Config| config.nats.max_age = Duration::from_secs(1);
     let mut a = nats_node(&proxy.url(), "ex", short).await;
     let mut b = nats_node(&nats.url(), "ex", short).await;
     let data = ResolverData::new();
@@ -559,11 +559,9 @@ async fn stream_with_short_max_age_is_created() {
     let nats = NatsServer::start().await;
     let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let config = Config {
-        nats_url: Some(nats.url()),
-        nats_max_age: Duration::from_secs(30),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.nats.url = Some(nats.url());
+    config.nats.max_age = Duration::from_secs(30);
     let node = Node::start(Listeners { ws, grpc }, config)
         .await
         .expect("node starts with a 30 s stream max age");
@@ -577,7 +575,7 @@ async fn acknowledged_notifies_survive_a_killed_cluster_member() {
     const KILL_AFTER: usize = 60;
 
     let mut cluster = NatsCluster::start(3).await;
-    let replicas = |config: &mut Config| config.nats_replicas = 3;
+    let replicas = |config: &mut Config| config.nats.replicas = 3;
     let mut a = nats_node(&cluster.urls_from(0), "kc", replicas).await;
     let mut b = nats_node(&cluster.urls_from(1), "kc", replicas).await;
     let data = ResolverData::new();
@@ -845,10 +843,8 @@ async fn nats_server_older_than_2_10_is_refused() {
     let nats = NatsServer::start_binary(old, None).await;
     let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let config = Config {
-        nats_url: Some(nats.url()),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.nats.url = Some(nats.url());
     let started = timeout(
         Duration::from_secs(10),
         Node::start(Listeners { ws, grpc }, config),

@@ -15,8 +15,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 async fn node() -> TestNode {
     TestNode::start(|config| {
-        config.ping_interval = Duration::from_millis(100);
-        config.idle_timeout = Duration::from_millis(300);
+        config.ws.ping_interval = Duration::from_millis(100);
+        config.ws.idle_timeout = Duration::from_millis(300);
     })
     .await
 }

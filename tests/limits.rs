@@ -36,7 +36,7 @@ async fn upgrade_status_from(node: &TestNode, origin: Option<&str>) -> u16 {
 
 #[tokio::test]
 async fn upgrades_beyond_max_connections_get_503() {
-    let mut node = TestNode::start(|config| config.max_connections = 1).await;
+    let mut node = TestNode::start(|config| config.ws.max_connections = 1).await;
     let first = WsClient::connect(node.ws_url()).await;
     node.wait_stats("one connection", |s| s.connections == 1)
         .await;
@@ -51,8 +51,8 @@ async fn upgrades_beyond_max_connections_get_503() {
 #[tokio::test]
 async fn messages_over_the_rate_get_rate_limited_and_the_connection_carries_on() {
     let mut node = TestNode::start(|config| {
-        config.max_message_rate = 2;
-        config.max_message_burst = 3;
+        config.ws.max_message_rate = 2;
+        config.ws.max_message_burst = 3;
     })
     .await;
     let mut client = node.client().await;
@@ -81,7 +81,7 @@ async fn messages_over_the_rate_get_rate_limited_and_the_connection_carries_on()
 #[tokio::test]
 async fn only_allowed_origins_may_open_websockets() {
     let mut node = TestNode::start(|config| {
-        config.allowed_origins = vec![
+        config.ws.allowed_origins = vec![
             "https://app.example".into(),
             "http://localhost:3000/".into(),
         ];

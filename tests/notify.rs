@@ -14,7 +14,7 @@ use tonic_health::pb::{
 
 async fn setup() -> (TestNode, TestResolver, ResolverData) {
     let (node, resolver, data) = TestNode::start_with_resolver(
-        |c| c.max_notify_keys = 3,
+        |c| c.grpc.max_notify_keys = 3,
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
     )
     .await;

@@ -259,7 +259,7 @@ async fn resolver_error_on_subscribe_carries_the_resolver_message() {
 #[tokio::test]
 async fn unanswered_subscribe_is_resolver_timeout() {
     let (node, resolver, data) = TestNode::start_with_resolver(
-        |c| c.resolve_timeout = Duration::from_millis(300),
+        |c| c.resolve.timeout = Duration::from_millis(300),
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
     )
     .await;
@@ -331,7 +331,7 @@ async fn a_new_secret_applies_to_later_resolves() {
 #[tokio::test]
 async fn burst_during_inflight_resolve_coalesces_into_one_more_resolve() {
     let (node, resolver, data) = TestNode::start_with_resolver(
-        |c| c.resolve_timeout = Duration::from_secs(20),
+        |c| c.resolve.timeout = Duration::from_secs(20),
         ResolverOptions::new("backend")
             .entity("items", FetchMode::Shared)
             .entity("beacon", FetchMode::Shared),
@@ -380,7 +380,7 @@ async fn burst_during_inflight_resolve_coalesces_into_one_more_resolve() {
 #[tokio::test]
 async fn pending_change_resolves_are_batched() {
     let (node, resolver, data) = TestNode::start_with_resolver(
-        |c| c.resolve_timeout = Duration::from_secs(20),
+        |c| c.resolve.timeout = Duration::from_secs(20),
         ResolverOptions::new("backend")
             .entity("items", FetchMode::Shared)
             .max_in_flight(1),
@@ -457,7 +457,7 @@ async fn pending_change_resolves_are_batched() {
 /// subscriber still gets its push.
 #[tokio::test]
 async fn killed_resolver_in_flight_requests_move_to_the_other() {
-    let node = TestNode::start(|c| c.resolve_timeout = Duration::from_secs(20)).await;
+    let node = TestNode::start(|c| c.resolve.timeout = Duration::from_secs(20)).await;
     let data = ResolverData::new();
     let options = ResolverOptions::new("backend")
         .entity("items", FetchMode::Shared)

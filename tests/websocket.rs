@@ -211,7 +211,7 @@ async fn unsubscribe_stops_pushes_and_unknown_key_is_not_subscribed() {
 #[tokio::test]
 async fn bad_input_gets_stable_error_codes_and_connection_carries_on() {
     let (node, _resolver, data) = TestNode::start_with_resolver(
-        |c| c.max_message_bytes = 1024,
+        |c| c.ws.max_message_bytes = 1024,
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
     )
     .await;
@@ -290,7 +290,7 @@ async fn bad_input_gets_stable_error_codes_and_connection_carries_on() {
 
 #[tokio::test]
 async fn frame_above_hard_cap_is_closed_with_1009() {
-    let node = TestNode::start(|c| c.max_message_bytes = 1024).await;
+    let node = TestNode::start(|c| c.ws.max_message_bytes = 1024).await;
     let mut client = node.client().await;
     let mut other = node.client().await;
     let huge = json!({"pad": "p".repeat(1024 * 16 + 100)}).to_string();
@@ -306,7 +306,7 @@ async fn frame_above_hard_cap_is_closed_with_1009() {
 #[tokio::test]
 async fn too_many_subscriptions_then_room_after_unsubscribe() {
     let (node, _resolver, data) = TestNode::start_with_resolver(
-        |c| c.max_subscriptions = 2,
+        |c| c.ws.max_subscriptions = 2,
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
     )
     .await;
@@ -337,7 +337,7 @@ async fn too_many_subscriptions_then_room_after_unsubscribe() {
 #[tokio::test]
 async fn compat_mode_sends_each_row_as_a_bare_frame() {
     let (node, _resolver, data) = TestNode::start_with_resolver(
-        |c| c.compat_bare_rows = true,
+        |c| c.ws.compat_bare_rows = true,
         ResolverOptions::new("backend").entity("items", FetchMode::Shared),
     )
     .await;
@@ -494,8 +494,8 @@ async fn disconnecting_clients_leave_the_registry_empty() {
 async fn slow_client_is_closed_with_1008_and_others_keep_their_pushes() {
     let (node, _resolver, data) = TestNode::start_with_resolver(
         |c| {
-            c.outbound_max_bytes = 64 * 1024;
-            c.resolve_timeout = Duration::from_secs(10);
+            c.ws.outbound_max_bytes = 64 * 1024;
+            c.resolve.timeout = Duration::from_secs(10);
         },
         ResolverOptions::new("backend").entity("blob", FetchMode::Shared),
     )

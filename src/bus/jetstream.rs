@@ -8,7 +8,6 @@
 //! away, and the node re-resolves every subscribed key (resync).
 
 use std::{
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -31,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
-use crate::{key::ChangeKey, metrics::Metrics};
+use crate::{config::NatsConfig, key::ChangeKey, metrics::Metrics, tasks::Tasks};
 
 /// PubAck futures awaited together; well under async-nats's in-flight limit.
 pub const ACK_WINDOW: usize = 1000;
@@ -49,52 +48,33 @@ const STALL_CHECKS: u32 = 5;
 /// Oldest nats-server accepted (major, minor).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
 
-/// Settings of the JetStream bus (from [`crate::config::Config`]).
-#[derive(Debug, Clone)]
-pub struct JetStreamConfig {
-    /// Comma-separated NATS URLs.
-    pub urls: String,
-    pub prefix: String,
-    pub replicas: usize,
-    pub max_age: Duration,
-    /// Bytes the stream may hold (-1: no limit).
-    pub max_bytes: i64,
-    pub credentials_file: Option<PathBuf>,
-    pub token: Option<String>,
-    pub tls_ca: Option<PathBuf>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub require_tls: bool,
-    pub node_id: String,
-    pub connect_timeout: Duration,
+/// How long connecting to NATS may take before the node gives up starting.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Name of the stream (`{prefix}_changes`).
+fn stream_name(prefix: &str) -> String {
+    format!("{prefix}_changes")
 }
 
-impl JetStreamConfig {
-    /// Name of the stream (`{prefix}_changes`).
-    pub fn stream_name(&self) -> String {
-        format!("{}_changes", self.prefix)
-    }
+/// The stream's subjects, which the consumer also filters on.
+fn changes_subjects(prefix: &str) -> String {
+    format!("{prefix}.changes.>")
+}
 
-    /// The stream's subjects, which the consumer also filters on.
-    fn changes_subjects(&self) -> String {
-        format!("{}.changes.>", self.prefix)
-    }
-
-    fn stream_config(&self) -> stream::Config {
-        stream::Config {
-            name: self.stream_name(),
-            description: Some("entity-sync change keys".into()),
-            subjects: vec![self.changes_subjects()],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            discard: stream::DiscardPolicy::Old,
-            num_replicas: self.replicas,
-            max_age: self.max_age,
-            max_bytes: self.max_bytes,
-            // JetStream refuses a duplicate window longer than max_age.
-            duplicate_window: super::memory::DEDUP_WINDOW.min(self.max_age),
-            ..Default::default()
-        }
+fn stream_config(config: &NatsConfig) -> stream::Config {
+    stream::Config {
+        name: stream_name(&config.prefix),
+        description: Some("entity-sync change keys".into()),
+        subjects: vec![changes_subjects(&config.prefix)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        num_replicas: config.replicas,
+        max_age: config.max_age,
+        max_bytes: config.max_bytes,
+        // JetStream refuses a duplicate window longer than max_age.
+        duplicate_window: super::memory::DEDUP_WINDOW.min(config.max_age),
+        ..Default::default()
     }
 }
 
@@ -123,28 +103,30 @@ pub fn parse_version(version: &str) -> Option<(u64, u64)> {
 }
 
 impl JetStreamBus {
-    /// Connects, checks the server version, makes sure the stream exists with
-    /// compatible settings, and starts consuming. Returns the bus and the
-    /// receiver the dispatcher consumes.
-    pub async fn connect(
-        config: &JetStreamConfig,
+    /// Connects to `urls` (comma-separated), checks the server version,
+    /// makes sure the stream exists with compatible settings, and starts
+    /// consuming. Returns the bus, the receiver the dispatcher consumes, and
+    /// the NATS client (for cluster resolves).
+    pub(super) async fn connect(
+        config: &NatsConfig,
+        urls: &str,
+        node_id: &str,
         metrics: Arc<Metrics>,
-        cancel: CancellationToken,
-        tracker: &tokio_util::task::TaskTracker,
+        tasks: &Tasks,
     ) -> Result<(Self, mpsc::Receiver<BusEvent>, Client), BusError> {
         let connect_error = |reason: String| BusError::Connect {
-            url: config.urls.clone(),
+            url: urls.to_string(),
             reason,
         };
         let mut options = ConnectOptions::new()
-            .name(format!("entity-sync {}", config.node_id))
-            .connection_timeout(config.connect_timeout)
+            .name(format!("entity-sync {node_id}"))
+            .connection_timeout(CONNECT_TIMEOUT)
             .max_reconnects(None)
             .retain_servers_order()
             .event_callback(|event| async move {
                 tracing::info!(%event, "NATS connection event");
             });
-        if let Some(path) = &config.credentials_file {
+        if let Some(path) = &config.creds {
             options = options.credentials_file(path).await.map_err(|err| {
                 connect_error(format!("credentials file {}: {err}", path.display()))
             })?;
@@ -169,8 +151,7 @@ impl JetStreamBus {
         if config.require_tls {
             options = options.require_tls(true);
         }
-        let urls: Vec<async_nats::ServerAddr> = config
-            .urls
+        let addrs: Vec<async_nats::ServerAddr> = urls
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
@@ -179,11 +160,11 @@ impl JetStreamBus {
                     .map_err(|err| connect_error(format!("bad URL {u:?}: {err}")))
             })
             .collect::<Result<_, _>>()?;
-        if urls.is_empty() {
+        if addrs.is_empty() {
             return Err(connect_error("no URL given".into()));
         }
         let client = options
-            .connect(urls)
+            .connect(addrs)
             .await
             .map_err(|err| connect_error(err.to_string()))?;
 
@@ -194,7 +175,7 @@ impl JetStreamBus {
         }
 
         let js = jetstream::new(client.clone());
-        let wanted = config.stream_config();
+        let wanted = stream_config(config);
         let stream_error = |reason: String| BusError::Stream {
             stream: wanted.name.clone(),
             reason,
@@ -233,13 +214,13 @@ impl JetStreamBus {
         let consumer = Consumer {
             bus: bus.clone(),
             stream,
-            filter: config.changes_subjects(),
+            filter: changes_subjects(&config.prefix),
             tx,
             last: start,
             metrics,
-            cancel,
+            cancel: tasks.token().clone(),
         };
-        tracker.spawn(consumer.run());
+        tasks.spawn(consumer.run());
         Ok((bus, rx, client))
     }
 
@@ -540,22 +521,13 @@ mod tests {
 
     #[test]
     fn incompatible_streams_are_refused() {
-        let config = JetStreamConfig {
-            urls: "nats://127.0.0.1:4222".into(),
+        let config = NatsConfig {
             prefix: "es".into(),
-            replicas: 1,
             max_age: Duration::from_secs(3600),
             max_bytes: -1,
-            credentials_file: None,
-            token: None,
-            tls_ca: None,
-            tls_cert: None,
-            tls_key: None,
-            require_tls: false,
-            node_id: "n".into(),
-            connect_timeout: Duration::from_secs(1),
+            ..NatsConfig::default()
         };
-        let wanted = config.stream_config();
+        let wanted = stream_config(&config);
         assert_eq!(wanted.name, "es_changes");
         assert!(check_stream(&wanted, &wanted).is_ok());
         let mut other = wanted.clone();

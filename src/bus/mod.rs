@@ -1,32 +1,36 @@
 //! The bus that carries change keys from `Notify` to every node's dispatcher.
 //!
-//! [`Bus`] is the seam between the gRPC front and the dispatcher: `publish`
+//! `Bus` is the seam between the gRPC front and the dispatcher: `publish`
 //! answers once the bus has stored the keys, and the dispatcher consumes
-//! [`BusEvent`]s from the receiver the bus hands out when it starts. The
+//! `BusEvent`s from the receiver the bus hands out when it starts. The
 //! in-process bus serves a single node; the JetStream bus a cluster. Both
 //! number changes with comparable sequences and honour idempotency keys.
 
-pub mod jetstream;
-pub mod memory;
+mod jetstream;
+mod memory;
 
-use crate::key::ChangeKey;
+use std::sync::Arc;
 
-pub use jetstream::{JetStreamBus, JetStreamConfig};
-pub use memory::MemoryBus;
+use tokio::sync::mpsc;
+
+use crate::{config::NatsConfig, key::ChangeKey, metrics::Metrics, tasks::Tasks};
+
+use jetstream::JetStreamBus;
+use memory::MemoryBus;
 
 /// Batches buffered between the bus and the dispatcher; producers wait when full.
-pub const EVENT_BUFFER: usize = 1024;
+const EVENT_BUFFER: usize = 1024;
 
 /// One change key with the bus sequence it was stored under.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangeEvent {
-    pub key: ChangeKey,
-    pub seq: u64,
+pub(crate) struct ChangeEvent {
+    pub(crate) key: ChangeKey,
+    pub(crate) seq: u64,
 }
 
 /// What the dispatcher consumes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BusEvent {
+pub(crate) enum BusEvent {
     /// Changes, in sequence order.
     Changes(Vec<ChangeEvent>),
     /// Changes were lost (they left the stream's retention while this node
@@ -37,11 +41,11 @@ pub enum BusEvent {
 
 /// What `publish` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Receipt {
+pub(crate) struct Receipt {
     /// Sequence of each key, in request order.
-    pub sequences: Vec<u64>,
+    pub(crate) sequences: Vec<u64>,
     /// The idempotency key was seen within the window: nothing was applied.
-    pub duplicate: bool,
+    pub(crate) duplicate: bool,
 }
 
 /// Bus failures. `Notify` maps them to `UNAVAILABLE`.
@@ -63,16 +67,41 @@ pub enum BusError {
 
 /// The bus of a node.
 #[derive(Clone)]
-pub enum Bus {
+pub(crate) enum Bus {
     /// In-process bus: one node, nothing to install.
     InProcess(MemoryBus),
     /// NATS JetStream: a cluster of nodes.
     JetStream(JetStreamBus),
 }
 
+/// What [`Bus::start`] hands out: the bus, the receiver of its change keys
+/// (for the dispatcher), and on NATS the client (for cluster resolves).
+pub(crate) type Started = (Bus, mpsc::Receiver<BusEvent>, Option<async_nats::Client>);
+
 impl Bus {
+    /// Starts the bus `config` asks for: JetStream when it names a NATS URL,
+    /// else the in-process bus.
+    pub(crate) async fn start(
+        config: &NatsConfig,
+        node_id: &str,
+        metrics: Arc<Metrics>,
+        tasks: &Tasks,
+    ) -> Result<Started, BusError> {
+        match &config.url {
+            None => {
+                let (memory, events) = MemoryBus::new();
+                Ok((Bus::InProcess(memory), events, None))
+            }
+            Some(urls) => {
+                let (js, events, client) =
+                    JetStreamBus::connect(config, urls, node_id, metrics, tasks).await?;
+                Ok((Bus::JetStream(js), events, Some(client)))
+            }
+        }
+    }
+
     /// Stores `keys` on the bus; returns once every key is stored.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         keys: Vec<ChangeKey>,
         idempotency_key: &str,
@@ -86,7 +115,7 @@ impl Bus {
     /// A sequence every change up to which is already stored. A snapshot
     /// resolved after reading it reflects all those changes, so it serves as
     /// the snapshot's version.
-    pub fn head(&self) -> u64 {
+    pub(crate) fn head(&self) -> u64 {
         match self {
             Bus::InProcess(bus) => bus.head(),
             Bus::JetStream(bus) => bus.head(),
@@ -96,7 +125,7 @@ impl Bus {
     /// The version of a snapshot about to be resolved: a sequence at or above
     /// every change stored before this call, on any node (so it compares with
     /// pushes from other nodes).
-    pub async fn snapshot_version(&self) -> u64 {
+    pub(crate) async fn snapshot_version(&self) -> u64 {
         match self {
             Bus::InProcess(bus) => bus.head(),
             Bus::JetStream(bus) => bus.stream_head().await,
@@ -104,7 +133,7 @@ impl Bus {
     }
 
     /// Short name for logs and metrics.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Bus::InProcess(_) => "in-process",
             Bus::JetStream(_) => "jetstream",
@@ -112,7 +141,7 @@ impl Bus {
     }
 
     /// Whether the bus can take publishes now (for `/readyz`).
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         match self {
             Bus::InProcess(_) => true,
             Bus::JetStream(bus) => bus.is_connected(),
@@ -120,7 +149,7 @@ impl Bus {
     }
 
     /// Stops accepting publishes.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         match self {
             Bus::InProcess(bus) => bus.close().await,
             Bus::JetStream(bus) => bus.close().await,

@@ -29,7 +29,6 @@ pub mod ws;
 
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::time::Instant;
 
 pub use node::{NodeProcess, StatsView, TestNode};
@@ -37,7 +36,7 @@ pub use notify::{notify, notify_one, try_notify};
 pub use resolver::{
     Entry, ResolverData, ResolverOptions, SeenPassThrough, SeenRequest, TestResolver,
 };
-pub use ws::{WsClient, connect};
+pub use ws::{WsClient, connect, parse_push};
 
 /// How long a receive or a polled condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(5);
@@ -64,31 +63,4 @@ pub async fn assert_stays(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(cond(), "condition no longer holds: {what}");
-}
-
-/// Checks that `frame` is a push envelope for `entity/id` with exactly the
-/// keys entity, id, version, rows; returns (version, rows).
-pub fn parse_push(frame: &Value, entity: &str, id: &str) -> (u64, Vec<Value>) {
-    assert_eq!(
-        frame["action"], "push",
-        "expected a push for {entity}/{id}, got {frame}"
-    );
-    let body = frame["body"]
-        .as_object()
-        .unwrap_or_else(|| panic!("push body not an object: {frame}"));
-    assert_eq!(
-        body.len(),
-        4,
-        "push body must have entity, id, version, rows: {frame}"
-    );
-    assert_eq!(body["entity"], entity, "push for the wrong key: {frame}");
-    assert_eq!(body["id"], id, "push for the wrong key: {frame}");
-    let version = body["version"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("push version not u64: {frame}"));
-    let rows = body["rows"]
-        .as_array()
-        .unwrap_or_else(|| panic!("push rows not an array: {frame}"))
-        .clone();
-    (version, rows)
 }

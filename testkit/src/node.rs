@@ -31,11 +31,10 @@ pub struct TestNode {
 impl TestNode {
     /// The configuration tests start from: the defaults, with short deadlines.
     pub fn test_config() -> Config {
-        Config {
-            resolve_timeout: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(3),
-            ..Config::default()
-        }
+        let mut config = Config::default();
+        config.resolve.timeout = Duration::from_secs(2);
+        config.shutdown_grace = Duration::from_secs(3);
+        config
     }
 
     /// Starts a node with [`test_config`](Self::test_config), then `modify` applied on top.
@@ -58,7 +57,7 @@ impl TestNode {
         listeners: Listeners,
         config: Config,
     ) -> Result<TestNode, entity_sync::node::NodeError> {
-        let ws_path = config.ws_path.clone();
+        let ws_path = config.ws.path.clone();
         let node = Node::start(listeners, config).await?;
         let ws_url = format!("ws://{}{}", node.ws_addr(), ws_path);
         let grpc = format!("http://{}", node.grpc_addr());

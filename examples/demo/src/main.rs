@@ -120,12 +120,10 @@ async fn main() -> anyhow::Result<()> {
         None => {
             let ws = bind(args.ws_addr, "--ws-addr").await?;
             let grpc = bind(args.grpc_addr, "--grpc-addr").await?;
-            let config = Config {
-                ws_addr: ws.local_addr()?,
-                grpc_addr: grpc.local_addr()?,
-                ws_path: args.ws_path.clone(),
-                ..Config::default()
-            };
+            let mut config = Config::default();
+            config.ws.addr = ws.local_addr()?;
+            config.ws.path = args.ws_path.clone();
+            config.grpc.addr = grpc.local_addr()?;
             let node = Node::start(Listeners { ws, grpc }, config)
                 .await
                 .context("starting the entity-sync node")?;
