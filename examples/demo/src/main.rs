@@ -1,4 +1,4 @@
-//! A runnable tour of entity-sync: `cargo run --release --example demo`, then open
+//! A runnable tour of entity-sync: `cargo run --release -p entity-sync-demo`, then open
 //! <http://127.0.0.1:8090/>.
 //!
 //! One process plays every role of a real deployment, talking over real sockets:
