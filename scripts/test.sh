@@ -47,14 +47,15 @@ fi
 export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 
-# Every member: the node, the backend SDK, the bench, the demo, the testkit.
-cargo test --workspace --all-targets --locked
-# The SDK's documentation examples compile (its doc tests).
-cargo test --locked -p entity-sync-backend --doc
+# Every member (the node, the backend SDK, the bench, the demo, the testkit):
+# every target built once (binaries included: the bench smoke runs below use
+# them), then unit, integration and documentation tests.
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked
 
 # The benchmark tool against the real node, tiny and bounded (seconds): a
 # correctness check (exit 1 if any client missed its final version), not a
-# measurement. (cargo test built both binaries above.)
+# measurement.
 for scenario in fanout manykeys idle notify cluster; do
   echo "bench smoke: $scenario"
   target/debug/entity-sync-bench "$scenario" --smoke --node-bin target/debug/entity-sync | grep '^{'
