@@ -34,6 +34,32 @@ pub struct Config {
     pub shutdown_grace: Duration,
 }
 
+/// A credential given on the command line: its `Debug` output is redacted,
+/// so a logged or printed configuration never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, to hand to the client that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
 /// The websocket + HTTP port, the frames sent, and the limits of each
 /// websocket connection.
 // Explicit `id`s and value names: field names are short inside a section,
@@ -124,6 +150,50 @@ pub struct GrpcConfig {
     /// Most keys in one `Notify` call.
     #[arg(long, env = "ENTITY_SYNC_MAX_NOTIFY_KEYS", default_value_t = 10_000)]
     pub max_notify_keys: usize,
+
+    /// Credentials of backends, one per line: `ROLE TOKEN [ENTITIES]` (ROLE
+    /// `notifier` or `resolver`; ENTITIES, on resolver lines, comma-separated
+    /// or `*` for all; `#` starts a comment). Calls then need `authorization:
+    /// Bearer TOKEN`. Re-read on SIGHUP.
+    #[arg(
+        id = "grpc_tokens_file",
+        value_name = "PATH",
+        long = "grpc-tokens-file",
+        env = "ENTITY_SYNC_GRPC_TOKENS_FILE"
+    )]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Serve gRPC without credentials on a non-loopback address (anyone who
+    /// reaches the port can then register as a resolver and call Notify).
+    #[arg(
+        id = "grpc_insecure",
+        long = "grpc-insecure",
+        env = "ENTITY_SYNC_GRPC_INSECURE",
+        default_value_t = false
+    )]
+    pub insecure: bool,
+}
+
+impl GrpcConfig {
+    /// Whether callers must prove who they are (a tokens file; client
+    /// certificates count too).
+    pub fn authenticates_callers(&self) -> bool {
+        self.tokens_file.is_some()
+    }
+
+    /// The safe default: a gRPC port reachable from the network (`bound`,
+    /// the address actually listened on) must not let anyone register as a
+    /// resolver (receiving every subscriber's secret) or call Notify.
+    pub fn check_exposure(&self, bound: SocketAddr) -> Result<(), String> {
+        if bound.ip().is_loopback() || self.authenticates_callers() || self.insecure {
+            return Ok(());
+        }
+        Err(format!(
+            "--grpc-addr {bound} is reachable from the network but no backend credentials are set: \
+             give --grpc-tokens-file (bearer tokens) or --grpc-tls-client-ca (client \
+             certificates), or --grpc-insecure to serve without them"
+        ))
+    }
 }
 
 /// The NATS JetStream bus (and the cluster resolves over the same connection).
@@ -184,7 +254,7 @@ pub struct NatsConfig {
         env = "ENTITY_SYNC_NATS_TOKEN",
         hide_env_values = true
     )]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 
     /// CA certificate (PEM) to verify the NATS server with.
     #[arg(
@@ -361,6 +431,39 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let mut config = Config::default();
+        config.nats.token = Some("nats-token-value".parse().unwrap());
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("nats-token-value"), "{printed}");
+        assert!(printed.contains("Secret(redacted)"));
+    }
+
+    #[test]
+    fn an_exposed_grpc_port_needs_credentials_or_insecure() {
+        let mut grpc = Config::default().grpc;
+        let exposed: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let message = grpc.check_exposure(exposed).unwrap_err();
+        for flag in [
+            "--grpc-tokens-file",
+            "--grpc-tls-client-ca",
+            "--grpc-insecure",
+        ] {
+            assert!(message.contains(flag), "{message}");
+        }
+        assert!(
+            grpc.check_exposure("127.0.0.1:50051".parse().unwrap())
+                .is_ok()
+        );
+        assert!(grpc.check_exposure("[::1]:50051".parse().unwrap()).is_ok());
+        grpc.insecure = true;
+        assert!(grpc.check_exposure(exposed).is_ok());
+        grpc.insecure = false;
+        grpc.tokens_file = Some("tokens".into());
+        assert!(grpc.check_exposure(exposed).is_ok());
+    }
     use clap::{CommandFactory, Parser};
 
     #[test]

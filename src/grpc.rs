@@ -9,6 +9,7 @@ use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 use tracing::Instrument;
 
 use crate::{
+    auth::{Auth, Entities, Role, scoped_idempotency_key},
     bus::{Bus, BusError},
     config::GrpcConfig,
     key::ChangeKey,
@@ -29,6 +30,7 @@ const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 /// register in the local resolver pool.
 pub(crate) struct EntitySyncService {
     config: GrpcConfig,
+    auth: Auth,
     bus: Bus,
     pool: ResolverPool,
     metrics: Arc<Metrics>,
@@ -39,6 +41,7 @@ pub(crate) struct EntitySyncService {
 impl EntitySyncService {
     pub(crate) fn new(
         config: &GrpcConfig,
+        auth: Auth,
         bus: Bus,
         pool: ResolverPool,
         metrics: Arc<Metrics>,
@@ -47,6 +50,7 @@ impl EntitySyncService {
     ) -> Self {
         Self {
             config: config.clone(),
+            auth,
             bus,
             pool,
             metrics,
@@ -114,6 +118,7 @@ impl EntitySync for EntitySyncService {
         &self,
         request: Request<NotifyRequest>,
     ) -> Result<Response<NotifyResponse>, Status> {
+        let granted = self.auth.check(request.metadata(), Role::Notifier)?;
         let request = request.into_inner();
         if request.keys.is_empty() {
             return Err(Status::invalid_argument("keys must not be empty"));
@@ -140,7 +145,8 @@ impl EntitySync for EntitySyncService {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let count = keys.len() as u64;
-        let receipt = self.bus.publish(keys, &request.idempotency_key).await?;
+        let idempotency_key = scoped_idempotency_key(&granted, &request.idempotency_key);
+        let receipt = self.bus.publish(keys, &idempotency_key).await?;
         if receipt.duplicate {
             Metrics::inc(&self.metrics.notify_duplicates_total);
         } else {
@@ -161,6 +167,7 @@ impl EntitySync for EntitySyncService {
         &self,
         request: Request<Streaming<ResolverMessage>>,
     ) -> Result<Response<Self::ResolveStream>, Status> {
+        let granted = self.auth.check(request.metadata(), Role::Resolver)?;
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.config.register_timeout, inbound.message())
@@ -184,6 +191,27 @@ impl EntitySync for EntitySyncService {
                 ));
             }
         };
+        if let Some(credential) = &granted {
+            if let Some(entity) = register
+                .entities
+                .iter()
+                .find(|e| !credential.entities.allows(&e.entity))
+            {
+                tracing::info!(token.id = %credential.id, entity = %entity.entity, "Register refused: entity not allowed for the token");
+                return Err(Status::permission_denied(format!(
+                    "this token may not register entity {:?}",
+                    entity.entity
+                )));
+            }
+            // A pass-through backend receives every client's messages and
+            // secrets: only a credential trusted with every entity may.
+            if register.pass_through && credential.entities != Entities::All {
+                return Err(Status::permission_denied(
+                    "pass-through needs a resolver token for every entity (`*`)",
+                ));
+            }
+        }
+        let mut revocations = self.auth.watch();
         let id = self.pool.allocate_id();
         let (tx, rx) = mpsc::channel(self.pool.channel_capacity(&register));
         // Registered goes first, before the pool can send any request.
@@ -200,8 +228,13 @@ impl EntitySync for EntitySyncService {
             .iter()
             .map(|e| e.entity.as_str())
             .collect();
-        let span =
-            tracing::info_span!("resolver", resolver.id = id, resolver.name = %register.name);
+        let token_id = granted.as_ref().map(|c| c.id.clone());
+        let span = tracing::info_span!(
+            "resolver",
+            resolver.id = id,
+            resolver.name = %register.name,
+            token.id = token_id.as_deref().unwrap_or("-"),
+        );
         span.in_scope(|| {
             tracing::info!(
                 ?peer,
@@ -217,6 +250,25 @@ impl EntitySync for EntitySyncService {
                 let ended = loop {
                     let message = tokio::select! {
                         _ = tasks.cancelled() => break "node shutting down",
+                        // The tokens file was reloaded: a removed or narrowed
+                        // credential loses its stream.
+                        changed = async { revocations.as_mut().expect("guarded").changed().await },
+                            if revocations.is_some() =>
+                        {
+                            let still = changed.is_ok()
+                                && granted.as_ref().is_none_or(|c| {
+                                    c.still_in(&revocations.as_mut().expect("guarded").borrow_and_update())
+                                });
+                            if still {
+                                continue;
+                            }
+                            let _ = tx
+                                .send(Err(Status::permission_denied(
+                                    "the credential of this stream was revoked",
+                                )))
+                                .await;
+                            break "credential revoked";
+                        }
                         message = inbound.message() => message,
                     };
                     match message {

@@ -20,6 +20,7 @@
 //! Internal:
 //!
 //! - `tasks`: the node's task tracker and cancellation token, one shutdown path.
+//! - `auth`: backend credentials: the tokens file, roles, entity lists, the check on each call.
 //! - `key`: `ChangeKey`, the `(entity, id)` pair, and its validation rules.
 //! - `outbox`: a connection's outbound queue: latest push per key, bounded bytes.
 //! - `registry`: sharded map of key → subscribed connections.
@@ -34,6 +35,7 @@
 //! {`resolver`, `cluster`}, and `cluster` → `resolver` (it answers other
 //! nodes from the local pool); `grpc` feeds backends' streams into `resolver`.
 
+pub(crate) mod auth;
 pub mod bus;
 pub(crate) mod cluster;
 pub mod config;

@@ -52,6 +52,9 @@ enum Command {
         /// Optional idempotency key: a retry with the same key is applied once.
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// A notifier token of the node's --grpc-tokens-file.
+        #[arg(long, env = "ENTITY_SYNC_NOTIFY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// Keys as entity/id, e.g. items/100.
         #[arg(required = true, value_parser = parse_key)]
         keys: Vec<Key>,
@@ -80,8 +83,9 @@ fn main() -> ExitCode {
             Some(Command::Notify {
                 server,
                 idempotency_key,
+                token,
                 keys,
-            }) => notify(server, idempotency_key, keys).await,
+            }) => notify(server, idempotency_key, token, keys).await,
             None => serve(cli.config).await,
         }
     });
@@ -95,20 +99,40 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::{
+        Layer,
+        filter::{FilterExt, filter_fn},
+        layer::SubscriberExt,
+        util::SubscriberInitExt,
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter.and(filter_fn(no_dependency_trace))))
+        .init();
+}
+
+/// Trace output is ours only, whatever `RUST_LOG` says: at trace level the
+/// websocket library logs every received message (a client's `secret`
+/// included) and the HTTP/2 stack every header (bearer tokens included).
+fn no_dependency_trace(event: &tracing::Metadata<'_>) -> bool {
+    *event.level() != tracing::Level::TRACE || event.target().starts_with("entity_sync")
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    // Before binding: a port that would be refused is never opened.
+    config
+        .grpc
+        .check_exposure(config.grpc.addr)
+        .map_err(anyhow::Error::msg)?;
     // Handlers first: a signal that arrives while the node starts must still
     // take the graceful path, not the default (immediate exit).
     let shutdown = shutdown_signal().context("installing signal handlers")?;
@@ -146,8 +170,17 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 /// Calls `Notify` through the backend SDK, which retries while the node is
 /// unavailable; without `--idempotency-key` it sends a fresh one, so a retry
 /// is applied once.
-async fn notify(server: String, idempotency_key: String, keys: Vec<Key>) -> anyhow::Result<()> {
-    let notifier = Notifier::builder(server.clone())
+async fn notify(
+    server: String,
+    idempotency_key: String,
+    token: Option<String>,
+    keys: Vec<Key>,
+) -> anyhow::Result<()> {
+    let mut builder = Notifier::builder(server.clone());
+    if let Some(token) = token {
+        builder = builder.bearer_token(token);
+    }
+    let notifier = builder
         .connect()
         .await
         .with_context(|| format!("cannot connect to {server}"))?;

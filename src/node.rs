@@ -5,6 +5,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 
 use crate::{
+    auth::Auth,
     bus::{Bus, BusError},
     cluster::ClusterLink,
     config::Config,
@@ -18,6 +19,8 @@ use crate::{
     session::SessionContext,
     tasks::Tasks,
 };
+
+pub use crate::auth::TokensFileError;
 
 /// Encoded descriptors of `proto/`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("entitysync_descriptor");
@@ -39,6 +42,8 @@ pub enum NodeError {
     Reflection(String),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Credentials(#[from] TokensFileError),
 }
 
 /// A running node. [`Node::shutdown`] stops it gracefully; dropping it
@@ -50,6 +55,7 @@ pub struct Node {
     bus: Bus,
     http: HttpState,
     shutdown_grace: Duration,
+    auth: Auth,
     /// Stops the node if it is dropped without a shutdown.
     guard: NodeDropGuard,
 }
@@ -82,6 +88,15 @@ impl Node {
             .map_err(|err| NodeError::Reflection(err.to_string()))?;
         let ws_addr = listeners.ws.local_addr()?;
         let grpc_addr = listeners.grpc.local_addr()?;
+        config
+            .grpc
+            .check_exposure(grpc_addr)
+            .map_err(NodeError::Config)?;
+        let auth = match &config.grpc.tokens_file {
+            Some(path) => Auth::from_file(path)?,
+            None => Auth::open(),
+        };
+        let hangups = auth.enabled().then(hangup_signal).transpose()?;
         let node_id: Arc<str> = if config.node_id.is_empty() {
             Arc::from(random_node_id())
         } else {
@@ -128,8 +143,12 @@ impl Node {
             &tasks,
         );
         let http = http::serve(listeners.ws, sessions, bus.clone());
+        if let Some(hangups) = hangups {
+            reload_on_sighup(auth.clone(), hangups, &tasks);
+        }
         let service = EntitySyncService::new(
             &config.grpc,
+            auth.clone(),
             bus.clone(),
             pool,
             metrics,
@@ -146,8 +165,17 @@ impl Node {
             bus,
             http,
             shutdown_grace: config.shutdown_grace,
+            auth,
             guard,
         })
+    }
+
+    /// Reads `--grpc-tokens-file` again, as SIGHUP does: new tokens work at
+    /// once, and the `Resolve` streams of removed (or narrowed) credentials
+    /// end. A file that does not parse leaves the current credentials in
+    /// force. Returns how many credentials are in force.
+    pub fn reload_credentials(&self) -> Result<usize, TokensFileError> {
+        self.auth.reload()
     }
 
     pub fn ws_addr(&self) -> SocketAddr {
@@ -186,6 +214,42 @@ impl Node {
             tracing::info!("shutdown complete");
         }
     }
+}
+
+#[cfg(unix)]
+type Hangups = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangups = ();
+
+/// SIGHUP, installed before the node serves: once it is, a SIGHUP never
+/// takes its default action (terminating the process).
+fn hangup_signal() -> std::io::Result<Hangups> {
+    #[cfg(unix)]
+    return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    #[cfg(not(unix))]
+    Ok(())
+}
+
+/// Re-reads the tokens file on every SIGHUP until the node stops.
+fn reload_on_sighup(auth: Auth, hangups: Hangups, tasks: &Tasks) {
+    #[cfg(unix)]
+    {
+        let mut hangups = hangups;
+        let stop = tasks.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    received = hangups.recv() => if received.is_none() { return },
+                }
+                if let Err(err) = auth.reload() {
+                    tracing::error!(%err, "SIGHUP: the tokens file was not reloaded; the previous credentials stay in force");
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (auth, hangups, tasks);
 }
 
 /// Runs a node until `shutdown` completes, then shuts it down gracefully.

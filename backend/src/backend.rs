@@ -27,8 +27,8 @@ use crate::{
     backoff::Backoff,
     connect::NodeEndpoint,
     proto::v1::{
-        self as pb, EntityRegistration, NodeMessage, Register, ResolverMessage,
-        entity_sync_client::EntitySyncClient, node_message, resolver_message,
+        self as pb, EntityRegistration, NodeMessage, Register, ResolverMessage, node_message,
+        resolver_message,
     },
     request::Answer,
 };
@@ -213,7 +213,7 @@ impl Backend {
         Error,
     > {
         let channel = self.endpoint.connect().await?;
-        let mut client = EntitySyncClient::new(channel);
+        let mut client = self.endpoint.client(channel)?;
         // Answers and pass-through acks share the channel; a full channel
         // makes handlers wait, which the node's in-flight cap bounds anyway.
         let (tx, rx) = mpsc::channel(self.max_in_flight as usize + 16);
@@ -462,6 +462,13 @@ impl BackendBuilder {
         self
     }
 
+    /// A resolver token of the node's `--grpc-tokens-file`, sent as
+    /// `authorization: Bearer TOKEN` (never logged).
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.endpoint.token = Some(crate::Secret::new(token.into()));
+        self
+    }
+
     /// How long shutdown waits for handlers still running (default 10 s).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
@@ -485,6 +492,7 @@ impl BackendBuilder {
             return Err(config("max_in_flight must be at least 1".into()));
         }
         self.endpoint.endpoint()?;
+        self.endpoint.credentials()?;
         let mut handlers = HashMap::new();
         let mut entities = Vec::new();
         for (entity, mode, handler) in self.entities {

@@ -2,9 +2,18 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Request, Status,
+    metadata::{AsciiMetadataValue, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
 
-use crate::{Error, ErrorKind};
+use crate::{Error, ErrorKind, Secret, proto::v1::entity_sync_client::EntitySyncClient};
+
+/// The gRPC client both the backend and the notifier use: every call
+/// carries the endpoint's credentials.
+pub(crate) type NodeClient = EntitySyncClient<InterceptedService<Channel, Credentials>>;
 
 /// Default time a TCP + HTTP/2 connection to the node may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -15,6 +24,8 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct NodeEndpoint {
     pub(crate) url: String,
     pub(crate) connect_timeout: Duration,
+    /// Sent as `authorization: Bearer TOKEN` (redacted in `Debug`).
+    pub(crate) token: Option<Secret>,
 }
 
 impl NodeEndpoint {
@@ -22,7 +33,40 @@ impl NodeEndpoint {
         Self {
             url: url.into(),
             connect_timeout: CONNECT_TIMEOUT,
+            token: None,
         }
+    }
+
+    /// The interceptor that adds the credentials to every call; fails on a
+    /// token that cannot be a header value.
+    pub(crate) fn credentials(&self) -> Result<Credentials, Error> {
+        let authorization = match &self.token {
+            None => None,
+            Some(token) => {
+                let mut value: AsciiMetadataValue =
+                    MetadataValue::try_from(format!("Bearer {}", token.expose())).map_err(
+                        |_| {
+                            Error::new(
+                                ErrorKind::Config,
+                                "the bearer token must be printable ASCII without spaces",
+                            )
+                        },
+                    )?;
+                // Never indexed by HPACK, and printed as "Sensitive" by the
+                // HTTP stack's debug output.
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(Credentials { authorization })
+    }
+
+    /// A client of `channel` carrying these credentials.
+    pub(crate) fn client(&self, channel: Channel) -> Result<NodeClient, Error> {
+        Ok(EntitySyncClient::with_interceptor(
+            channel,
+            self.credentials()?,
+        ))
     }
 
     /// The tonic endpoint; fails on a URL that is not `http(s)://host:port`.
@@ -67,4 +111,45 @@ fn source_chain(err: &dyn std::error::Error) -> String {
         source = err.source();
     }
     text
+}
+
+/// Adds `authorization` to every call.
+#[derive(Clone)]
+pub(crate) struct Credentials {
+    authorization: Option<AsciiMetadataValue>,
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_sent_as_a_sensitive_bearer_header_and_never_printed() {
+        let mut endpoint = NodeEndpoint::new("http://127.0.0.1:1");
+        endpoint.token = Some(Secret::new("tok-0123456789abcdef".into()));
+        assert!(!format!("{endpoint:?}").contains("tok-0123"));
+        let mut credentials = endpoint.credentials().unwrap();
+        let request = credentials.call(Request::new(())).unwrap();
+        let value = request.metadata().get("authorization").unwrap();
+        assert_eq!(value.to_str().unwrap(), "Bearer tok-0123456789abcdef");
+        assert!(value.is_sensitive());
+        assert!(!format!("{value:?}").contains("tok-0123"));
+
+        endpoint.token = Some(Secret::new("bad token\n".into()));
+        assert_eq!(
+            endpoint.credentials().err().unwrap().kind(),
+            ErrorKind::Config
+        );
+    }
 }

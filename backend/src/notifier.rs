@@ -8,8 +8,8 @@ use tonic::transport::Channel;
 use crate::{
     Error, ErrorKind,
     backoff::Backoff,
-    connect::NodeEndpoint,
-    proto::v1::{EntityKey, NotifyRequest, entity_sync_client::EntitySyncClient},
+    connect::{NodeClient, NodeEndpoint},
+    proto::v1::{EntityKey, NotifyRequest},
 };
 
 /// How long one `notify` keeps retrying, unless set.
@@ -53,7 +53,7 @@ pub struct Receipt {
 /// Calls `Notify` on a node. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct Notifier {
-    client: EntitySyncClient<Channel>,
+    client: NodeClient,
     retry_for: Duration,
     call_timeout: Duration,
     idempotency_keys: bool,
@@ -173,6 +173,13 @@ impl NotifierBuilder {
         self
     }
 
+    /// A notifier token of the node's `--grpc-tokens-file`, sent as
+    /// `authorization: Bearer TOKEN` (never logged).
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.endpoint.token = Some(crate::Secret::new(token.into()));
+        self
+    }
+
     /// Whether `notify` sends a fresh idempotency key with each call
     /// (default on). Off, a retried call may be applied twice, which costs
     /// one more resolve and nothing else.
@@ -183,24 +190,25 @@ impl NotifierBuilder {
 
     /// Connects now; fails if the node cannot be reached.
     pub async fn connect(self) -> Result<Notifier, Error> {
+        self.endpoint.credentials()?;
         let channel = self.endpoint.connect().await?;
-        Ok(self.with_channel(channel))
+        self.with_channel(channel)
     }
 
     /// Connects on first use (and again after the node comes back); fails
     /// only on a bad URL.
     pub fn connect_lazy(self) -> Result<Notifier, Error> {
         let channel = self.endpoint.connect_lazy()?;
-        Ok(self.with_channel(channel))
+        self.with_channel(channel)
     }
 
-    fn with_channel(self, channel: Channel) -> Notifier {
-        Notifier {
-            client: EntitySyncClient::new(channel),
+    fn with_channel(self, channel: Channel) -> Result<Notifier, Error> {
+        Ok(Notifier {
+            client: self.endpoint.client(channel)?,
             retry_for: self.retry_for,
             call_timeout: self.call_timeout,
             idempotency_keys: self.idempotency_keys,
-        }
+        })
     }
 }
 

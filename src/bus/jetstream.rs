@@ -94,6 +94,32 @@ struct Inner {
     closed: AtomicBool,
 }
 
+/// `urls` (comma-separated) with any `user:password@` or `token@` removed.
+pub(crate) fn scrub_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+            let rest = match rest.find(['/', '?']) {
+                Some(end) => rest[..end]
+                    .rsplit_once('@')
+                    .map_or(rest.to_owned(), |(_, host)| {
+                        format!("***@{host}{}", &rest[end..])
+                    }),
+                None => rest
+                    .rsplit_once('@')
+                    .map_or(rest.to_owned(), |(_, host)| format!("***@{host}")),
+            };
+            if scheme.is_empty() {
+                rest
+            } else {
+                format!("{scheme}://{rest}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Parses "2.10.3", "v2.11.0-RC.1" into (major, minor).
 pub fn parse_version(version: &str) -> Option<(u64, u64)> {
     let mut parts = version.trim().trim_start_matches('v').split(['.', '-']);
@@ -114,8 +140,10 @@ impl JetStreamBus {
         metrics: Arc<Metrics>,
         tasks: &Tasks,
     ) -> Result<(Self, mpsc::Receiver<BusEvent>, Client), BusError> {
+        // URLs may carry credentials (`nats://user:password@host`): errors
+        // and logs name them without.
         let connect_error = |reason: String| BusError::Connect {
-            url: urls.to_string(),
+            url: scrub_urls(urls),
             reason,
         };
         let mut options = ConnectOptions::new()
@@ -132,7 +160,7 @@ impl JetStreamBus {
             })?;
         }
         if let Some(token) = &config.token {
-            options = options.token(token.clone());
+            options = options.token(token.expose().to_owned());
         }
         if let Some(ca) = &config.tls_ca {
             options = options.add_root_certificates(ca.clone());
@@ -157,7 +185,7 @@ impl JetStreamBus {
             .filter(|u| !u.is_empty())
             .map(|u| {
                 u.parse()
-                    .map_err(|err| connect_error(format!("bad URL {u:?}: {err}")))
+                    .map_err(|err| connect_error(format!("bad URL {:?}: {err}", scrub_urls(u))))
             })
             .collect::<Result<_, _>>()?;
         if addrs.is_empty() {
@@ -508,6 +536,16 @@ impl Consumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_scrubbed_from_urls() {
+        assert_eq!(
+            scrub_urls("nats://alice:s3cret@n1:4222, tls://tok3n@n2:4222/x,n3:4222"),
+            "nats://***@n1:4222,tls://***@n2:4222/x,n3:4222"
+        );
+        assert_eq!(scrub_urls("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(scrub_urls("user:pw@host:4222"), "***@host:4222");
+    }
 
     #[test]
     fn versions_parse() {

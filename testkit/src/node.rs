@@ -162,6 +162,11 @@ impl TestNode {
         metric_value(&body, name).unwrap_or_else(|| panic!("no sample {name} in /metrics:\n{body}"))
     }
 
+    /// Re-reads the node's tokens file (what SIGHUP does).
+    pub fn reload_credentials(&self) -> Result<usize, entity_sync::node::NodeError> {
+        Ok(self.node().reload_credentials()?)
+    }
+
     /// Graceful shutdown of the node.
     pub async fn shutdown(&mut self) {
         let node = self.node.take().expect("node already shut down");

@@ -9,9 +9,18 @@ use crate::DEADLINE;
 
 /// A notifier of `grpc` that does not retry.
 pub async fn notifier(grpc: &str) -> Notifier {
-    Notifier::builder(grpc)
+    notifier_with(grpc, None).await
+}
+
+/// A notifier of `grpc` that does not retry, sending `token` if given.
+pub async fn notifier_with(grpc: &str, token: Option<&str>) -> Notifier {
+    let mut builder = Notifier::builder(grpc)
         .retry_for(Duration::ZERO)
-        .call_timeout(DEADLINE)
+        .call_timeout(DEADLINE);
+    if let Some(token) = token {
+        builder = builder.bearer_token(token);
+    }
+    builder
         .connect()
         .await
         .unwrap_or_else(|err| panic!("notifier of {grpc}: {err}"))

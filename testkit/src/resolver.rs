@@ -147,6 +147,8 @@ pub struct ResolverOptions {
     pub max_in_flight: u32,
     /// Artificial delay before each response.
     pub delay: Duration,
+    /// Bearer token (a resolver line of the node's tokens file).
+    pub token: Option<String>,
 }
 
 impl ResolverOptions {
@@ -157,7 +159,13 @@ impl ResolverOptions {
             pass_through: false,
             max_in_flight: 0,
             delay: Duration::ZERO,
+            token: None,
         }
+    }
+
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
     }
 
     pub fn entity(mut self, entity: &str, mode: FetchMode) -> Self {
@@ -268,6 +276,9 @@ impl TestResolver {
             .drain_timeout(DEADLINE);
         for (entity, mode) in &options.entities {
             builder = builder.entity(entity.clone(), *mode, handler.clone());
+        }
+        if let Some(token) = &options.token {
+            builder = builder.bearer_token(token.clone());
         }
         if options.pass_through {
             let state = state.clone();

@@ -55,7 +55,7 @@ const DEMO_SECRET: &str = "demo-secret";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// entity-sync demo: a node, an example SQLite backend and a live web page, in one process.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(version)]
 struct Args {
     /// Websocket address of the node: where the in-process node listens, or
@@ -84,6 +84,14 @@ struct Args {
     /// of starting one in-process. Give its websocket address with `--ws-addr`.
     #[arg(long, value_name = "URL")]
     node: Option<String>,
+
+    /// Resolver token of the node's --grpc-tokens-file (for `--node` with credentials).
+    #[arg(long, env = "DEMO_RESOLVER_TOKEN", hide_env_values = true)]
+    resolver_token: Option<String>,
+
+    /// Notifier token of the node's --grpc-tokens-file.
+    #[arg(long, env = "DEMO_NOTIFIER_TOKEN", hide_env_values = true)]
+    notifier_token: Option<String>,
 
     /// Edit a random item every SECONDS so the page visibly changes; 0 turns it off.
     #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = parse_seconds)]
@@ -134,13 +142,17 @@ async fn main() -> anyhow::Result<()> {
     };
 
     // The notifier connects on first use and again after the node comes back.
-    let notifier = Notifier::builder(grpc_url.clone())
+    let mut notifier = Notifier::builder(grpc_url.clone());
+    if let Some(token) = &args.notifier_token {
+        notifier = notifier.bearer_token(token.clone());
+    }
+    let notifier = notifier
         .connect_lazy()
         .with_context(|| format!("invalid gRPC URL {grpc_url:?}"))?;
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let resolver = backend::resolver(&grpc_url, db.clone())?;
+    let resolver = backend::resolver(&grpc_url, args.resolver_token.clone(), db.clone())?;
     let resolver_shutdown = shutdown.clone();
     tasks.spawn(async move {
         if let Err(err) = resolver
@@ -570,18 +582,25 @@ mod backend {
 
     /// The resolver: both entities, one handler each. `serve` keeps the
     /// stream open, registering again after the node restarts.
-    pub fn resolver(grpc_url: &str, db: db::Db) -> Result<Backend, entity_sync_backend::Error> {
+    pub fn resolver(
+        grpc_url: &str,
+        token: Option<String>,
+        db: db::Db,
+    ) -> Result<Backend, entity_sync_backend::Error> {
         let items = {
             let db = db.clone();
             move |request: ResolveRequest| answer(db.clone(), request, resolve_item)
         };
         let lists = move |request: ResolveRequest| answer(db.clone(), request, resolve_list);
-        Backend::builder(grpc_url)
+        let mut builder = Backend::builder(grpc_url)
             .name(RESOLVER_NAME)
             .entity(ITEMS, FetchMode::Shared, items)
             .entity(LISTS, FetchMode::PerSubscriber, lists)
-            .max_in_flight(MAX_IN_FLIGHT)
-            .build()
+            .max_in_flight(MAX_IN_FLIGHT);
+        if let Some(token) = token {
+            builder = builder.bearer_token(token);
+        }
+        builder.build()
     }
 
     /// Answers every id of `request` with `resolve` on the database.
