@@ -94,6 +94,27 @@ struct Inner {
     closed: AtomicBool,
 }
 
+/// `%XX` escapes of a URL's user or password decoded (invalid ones kept).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap() * 16 + hex(l).unwrap()) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// `urls` (comma-separated) with any `user:password@` or `token@` removed.
 pub(crate) fn scrub_urls(urls: &str) -> String {
     urls.split(',')
@@ -190,6 +211,13 @@ impl JetStreamBus {
             .collect::<Result<_, _>>()?;
         if addrs.is_empty() {
             return Err(connect_error("no URL given".into()));
+        }
+        // `nats://user:password@host`: async-nats does not send URL
+        // credentials by itself.
+        if let Some(addr) = addrs.iter().find(|a| a.has_user_pass()) {
+            let user = percent_decode(addr.username().unwrap_or_default());
+            let password = percent_decode(addr.password().unwrap_or_default());
+            options = options.user_and_password(user, password);
         }
         let client = options
             .connect(addrs)
@@ -545,6 +573,7 @@ mod tests {
         );
         assert_eq!(scrub_urls("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(scrub_urls("user:pw@host:4222"), "***@host:4222");
+        assert_eq!(percent_decode("p%40ss%3Aw%2"), "p@ss:w%2");
     }
 
     #[test]

@@ -1,0 +1,120 @@
+//! The NATS permissions of `deploy/nats/nats.conf` are enough for a cluster:
+//! a real nats-server runs with that file's `authorization` block, and two
+//! nodes authenticated as its `entity-sync` user notify, consume and resolve
+//! across each other. A wrong password is refused without the password in
+//! the error.
+
+use std::time::Duration;
+
+use entity_sync::node::NodeError;
+use entity_sync_backend::FetchMode;
+use entity_sync_testkit::{
+    ResolverData, ResolverOptions, TestNode, TestResolver,
+    nats::{NatsServer, nats_server_bin},
+    notify_one,
+};
+use serde_json::json;
+use tokio::time::Instant;
+
+const PASSWORD: &str = "nats-password-for-this-test-7f3a";
+
+/// The `authorization { ... }` block of the deploy config, with the
+/// password the compose file takes from the environment.
+fn authorization_block() -> String {
+    let conf = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/nats/nats.conf"
+    ))
+    .unwrap();
+    let start = conf
+        .find("authorization {")
+        .expect("deploy/nats/nats.conf has an authorization block");
+    let mut depth = 0;
+    let mut end = start;
+    for (i, c) in conf[start..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    end = start + i + 1;
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(end > start, "unbalanced authorization block");
+    conf[start..end].replace("$ENTITY_SYNC_NATS_PASSWORD", &format!("\"{PASSWORD}\""))
+}
+
+async fn authorized_nats() -> NatsServer {
+    let config = format!(
+        "jetstream {{\n  sync_interval: always\n}}\n{}\n",
+        authorization_block()
+    );
+    NatsServer::start_binary(&nats_server_bin(), Some(&config)).await
+}
+
+fn url(nats: &NatsServer, password: &str) -> String {
+    format!("nats://entity-sync:{password}@127.0.0.1:{}", nats.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_work_through_the_deploy_permissions() {
+    let nats = authorized_nats().await;
+    let start = |name: &'static str| {
+        let url = url(&nats, PASSWORD);
+        TestNode::start(move |c| {
+            c.nats.url = Some(url);
+            c.node_id = name.to_owned();
+        })
+    };
+    let a = start("node-a").await;
+    let b = start("node-b").await;
+    let data = ResolverData::new();
+    data.set_rows("items", "1", &[r#"{"id":1,"v":1}"#]);
+    let _resolver = TestResolver::connect(
+        a.grpc(),
+        ResolverOptions::new("svc").entity("items", FetchMode::Shared),
+        &data,
+    )
+    .await;
+
+    // B has no resolver: its snapshot comes from A over NATS request-reply.
+    let mut client = b.client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        client.send_subscribe("items", "1").await;
+        let frame = client.recv_json().await;
+        if frame["action"] == "subscribed" {
+            break;
+        }
+        assert_eq!(frame["body"]["code"], "no_resolver", "{frame}");
+        assert!(Instant::now() < deadline, "B never reached A's resolver");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, rows) = client.expect_push("items", "1").await;
+    assert_eq!(rows, vec![json!({"id": 1, "v": 1})]);
+
+    // A change notified on A reaches B's client through the stream.
+    data.set_rows("items", "1", &[r#"{"id":1,"v":2}"#]);
+    let seq = notify_one(a.grpc(), "items", "1").await;
+    let (version, rows) = client.push_at_least("items", "1", seq).await;
+    assert_eq!(version, seq);
+    assert_eq!(rows, vec![json!({"id": 1, "v": 2})]);
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_refused_without_the_password_in_the_error() {
+    let nats = authorized_nats().await;
+    let mut config = TestNode::test_config();
+    config.nats.url = Some(url(&nats, "wrong-password-1234"));
+    let err = match TestNode::try_start(config).await {
+        Err(err @ NodeError::Bus(_)) => err.to_string(),
+        Err(other) => panic!("expected a bus error, got {other}"),
+        Ok(_) => panic!("the node connected with a wrong password"),
+    };
+    assert!(!err.contains("wrong-password-1234"), "{err}");
+    assert!(err.contains("***@127.0.0.1"), "{err}");
+}
