@@ -348,11 +348,15 @@ impl Dispatcher {
     ) {
         // Read before resolving: the snapshot reflects every change up to it.
         let base = self.inner.bus.snapshot_version().await.max(self.applied());
-        let result = self
+        let resolve = self
             .inner
             .resolvers
-            .resolve(&key, secret, Reason::Subscribe, false)
-            .await;
+            .resolve(&key, secret, Reason::Subscribe, false);
+        let result = tokio::select! {
+            result = resolve => result,
+            // A newer secret came: its re-check answers for this key.
+            () = conn.superseded(epoch) => return,
+        };
         let err = match result {
             Ok(Rows { rows, version }) => {
                 let version = if version != 0 { version } else { base };

@@ -15,6 +15,8 @@ use std::{
     },
 };
 
+use tokio::sync::Notify;
+
 use crate::{
     key::ChangeKey,
     outbox::{Outbox, Queued},
@@ -40,6 +42,9 @@ pub(crate) struct Connection {
     /// lock when a revocation removes a key; never the other way round. A
     /// `Vec`: a handful of keys is the norm, and it costs 32 bytes a key.
     keys: Mutex<Vec<ChangeKey>>,
+    /// Woken when the secret changes, so snapshot resolves for an older
+    /// secret stop waiting (see [`Connection::superseded`]).
+    secret_changed: Notify,
 }
 
 /// A connection's secret and the epoch it belongs to.
@@ -58,6 +63,7 @@ impl Connection {
                 epoch: 0,
             }),
             keys: Mutex::new(Vec::new()),
+            secret_changed: Notify::new(),
         }
     }
 
@@ -86,7 +92,27 @@ impl Connection {
         }
         state.secret = Arc::from(secret);
         state.epoch += 1;
+        drop(state);
+        self.secret_changed.notify_waiters();
         true
+    }
+
+    /// Completes once the connection's secret is no longer the one of
+    /// `epoch`. A snapshot resolve races it and gives up when it wins: the
+    /// answer would be dropped anyway, and dropping the resolve withdraws a
+    /// request still queued in the pool, so a client that keeps changing its
+    /// secret costs the backend one round of re-checks, not one per change.
+    pub(crate) async fn superseded(&self, epoch: u64) {
+        loop {
+            let changed = self.secret_changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            // Registered before the check, so a change in between is not missed.
+            changed.as_mut().enable();
+            if self.epoch() != epoch {
+                return;
+            }
+            changed.await;
+        }
     }
 
     #[cfg(test)]

@@ -371,3 +371,44 @@ async fn shared_marks_exactly_the_shared_change_resolves() {
         ]
     );
 }
+
+/// A client that keeps changing its secret: a re-check still queued (the
+/// resolver is at its `max_in_flight`) is withdrawn when a newer secret
+/// comes, so the backend is asked for the last secret only.
+#[tokio::test]
+async fn superseded_rechecks_still_queued_are_never_sent() {
+    let (node, resolver, data) = TestNode::start_with_resolver(
+        |c| c.resolve.timeout = Duration::from_secs(20),
+        ResolverOptions::new("backend")
+            .entity("docs", FetchMode::PerSubscriber)
+            .max_in_flight(1),
+    )
+    .await;
+    rows_for_secret(&data, "docs", "1", "");
+    let mut client = node.client().await;
+    client.send_secret("s0").await;
+    resolver.hold("docs");
+    client.send_subscribe("docs", "1").await;
+    wait_until("subscribe in flight", || resolver.held_count() == 1).await;
+    for secret in ["s1", "s2", "s3"] {
+        client.send_secret(secret).await;
+    }
+    // The node took the last secret once the beacon's error came back.
+    client.send_unsubscribe("docs", "nothing").await;
+    client
+        .expect_error("not_subscribed", Some(("docs", "nothing")))
+        .await;
+    assert_eq!(node.metric("entity_sync_secret_rechecks_total").await, 3.0);
+
+    resolver.release().await;
+    client.expect_subscribed("docs", "1").await;
+    let (_, rows) = client.expect_push("docs", "1").await;
+    assert_eq!(rows, vec![json!({"for": "s3"})]);
+    client.silent().await;
+    let seen = subscribes(&resolver, "docs", "1");
+    assert_eq!(
+        seen.iter().map(|r| r.secret.as_str()).collect::<Vec<_>>(),
+        ["s0", "s3"],
+        "{seen:?}"
+    );
+}
