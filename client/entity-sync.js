@@ -293,14 +293,19 @@ export class EntitySyncClient {
   }
 
   /**
-   * Changes the secret and resubscribes every key with it: what the client may
-   * see can change either way, and each key gets a fresh snapshot.
+   * Changes the secret: what the client may see can change either way. The
+   * node re-checks every key it holds with the new secret by itself
+   * (`subscribed` and a fresh snapshot, or an error that ends the key); the
+   * keys it refused before are subscribed again here.
    * @param {string} secret
    */
   setSecret(secret) {
     this.#secret = secret;
     if (this.#send(encodeSecret(secret))) {
-      for (const sub of this.#subs.values()) this.#sendSubscribe(sub);
+      for (const sub of this.#subs.values()) {
+        if (sub.state === 'failed') this.#sendSubscribe(sub);
+        else sub.state = 'pending';
+      }
     }
   }
 

@@ -69,12 +69,14 @@ impl ClusterLink {
     }
 
     /// Resolves `key` on another node. Also returns the entity's fetch mode
-    /// as the answering node knows it.
+    /// as the answering node knows it. `shared` travels in the request, and
+    /// the answering node hands it on to its backend.
     pub(crate) async fn resolve(
         &self,
         key: &ChangeKey,
         secret: &str,
         reason: Reason,
+        shared: bool,
     ) -> (Resolved, Option<FetchMode>) {
         let payload: Bytes = ResolveRequest {
             request_id: 0,
@@ -82,6 +84,7 @@ impl ClusterLink {
             ids: vec![key.id.to_string()],
             secret: secret.to_string(),
             reason: reason as i32,
+            shared,
         }
         .encode_to_vec()
         .into();
@@ -227,7 +230,7 @@ async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterR
         .collect();
     let outcomes = join_all(
         keys.iter()
-            .map(|key| pool.resolve(key, secret.clone(), reason)),
+            .map(|key| pool.resolve(key, secret.clone(), reason, request.shared)),
     )
     .await;
     if outcomes

@@ -238,7 +238,7 @@ impl Dispatcher {
                 let result = self
                     .inner
                     .resolvers
-                    .resolve(key, Arc::from(""), Reason::Change)
+                    .resolve(key, Arc::from(""), Reason::Change, true)
                     .await;
                 self.apply(key, seq, result, Audience::All)
             }
@@ -247,7 +247,7 @@ impl Dispatcher {
                 let results = join_all(secrets.iter().map(|secret| {
                     self.inner
                         .resolvers
-                        .resolve(key, secret.clone(), Reason::Change)
+                        .resolve(key, secret.clone(), Reason::Change, false)
                 }))
                 .await;
                 let mut attempt = Attempt::Done;
@@ -333,22 +333,39 @@ impl Dispatcher {
     }
 
     /// Resolves the snapshot of a subscription that the session has added to
-    /// the registry as pending, then activates it (or ends it with an error
-    /// frame). Dropping the future (the connection closed) is fine.
-    pub(crate) async fn subscribe(&self, conn: Arc<Connection>, key: ChangeKey) {
+    /// the registry as pending (a subscribe, or the re-check of a held key
+    /// after a new secret), with the connection's `secret` of `epoch` as it
+    /// was when the session took the message. Then activates it, or ends it
+    /// with an error frame; either only while `epoch` is still the
+    /// connection's (else a newer re-check decides). Dropping the future
+    /// (the connection closed) is fine.
+    pub(crate) async fn subscribe(
+        &self,
+        conn: Arc<Connection>,
+        key: ChangeKey,
+        secret: Arc<str>,
+        epoch: u64,
+    ) {
         // Read before resolving: the snapshot reflects every change up to it.
         let base = self.inner.bus.snapshot_version().await.max(self.applied());
-        let result = self
+        let resolve = self
             .inner
             .resolvers
-            .resolve(&key, conn.secret(), Reason::Subscribe)
-            .await;
+            .resolve(&key, secret, Reason::Subscribe, false);
+        let result = tokio::select! {
+            result = resolve => result,
+            // A newer secret came: its re-check answers for this key.
+            () = conn.superseded(epoch) => return,
+        };
         let err = match result {
             Ok(Rows { rows, version }) => {
                 let version = if version != 0 { version } else { base };
                 let frame = PushFrame::build(&key, version, &rows, self.inner.bare_rows);
                 let ack = (!self.inner.bare_rows).then(|| subscribed_frame(&key));
-                let activation = self.inner.registry.activate(&key, conn.id, ack, &frame);
+                let activation = self
+                    .inner
+                    .registry
+                    .activate(&key, conn.id, epoch, ack, &frame);
                 if activation == (Activation::Active { missed: true }) {
                     // A change came in while the snapshot was being resolved;
                     // the snapshot may predate it.
@@ -359,10 +376,10 @@ impl Dispatcher {
             Err(err) => err,
         };
         let (code, message) = subscribe_error(&key, &err);
-        self.inner.registry.remove(&key, &conn);
-        conn.outbox
-            .control(Some(&key), error_frame(code, &message, Some(&key)));
-        self.inner.metrics.client_error(code);
+        let error = error_frame(code, &message, Some(&key));
+        if self.inner.registry.reject(&key, &conn, epoch, error) {
+            self.inner.metrics.client_error(code);
+        }
     }
 }
 
@@ -530,6 +547,7 @@ mod tests {
         registry.activate(
             &key(),
             conn.id,
+            0,
             None,
             &PushFrame::build(&key(), 1, &[], false),
         );

@@ -24,6 +24,7 @@ pub(crate) struct Metrics {
     pub(crate) resolve_timeouts_total: AtomicU64,
     pub(crate) resolve_retries_total: AtomicU64,
     pub(crate) revocations_total: AtomicU64,
+    pub(crate) secret_rechecks_total: AtomicU64,
     pub(crate) resyncs_total: AtomicU64,
     pub(crate) cluster_resolves_total: AtomicU64,
     pub(crate) pass_through_total: AtomicU64,
@@ -155,6 +156,11 @@ impl Metrics {
                 "entity_sync_revocations_total",
                 "Subscriptions ended by a FORBIDDEN change resolve.",
                 &self.revocations_total,
+            ),
+            (
+                "entity_sync_secret_rechecks_total",
+                "Held keys re-resolved because their connection sent a new secret.",
+                &self.secret_rechecks_total,
             ),
             (
                 "entity_sync_resyncs_total",

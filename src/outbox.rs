@@ -205,6 +205,25 @@ impl Outbox {
         }
     }
 
+    /// Drops every queued push of `key`, also those fenced by a control
+    /// frame (after a new secret: none of them may reach the client).
+    /// Control frames stay. O(queue), once per held key and new secret.
+    pub(crate) fn forget_all(&self, key: &ChangeKey) {
+        let mut state = self.state.lock().unwrap();
+        let mut freed = 0;
+        for entry in state.queue.iter_mut() {
+            if entry.kind == Kind::Push && entry.key.as_ref().is_some_and(|k| same_key(k, key)) {
+                freed += entry.payload.len();
+                entry.payload = Payload::Many(Arc::from([]));
+                entry.key = None;
+            }
+        }
+        state.bytes -= freed;
+        if let Some(index) = &mut state.index {
+            index.remove(key);
+        }
+    }
+
     fn check_bound(&self, mut state: std::sync::MutexGuard<'_, State>, ok: Queued) -> Queued {
         if state.bytes <= self.max_bytes {
             return ok;
@@ -330,6 +349,33 @@ mod tests {
         let frames = drained(&outbox);
         assert_eq!(frames.len(), 1);
         assert!(frames[0].contains("\"id\":\"2\""));
+    }
+
+    #[test]
+    fn forget_all_drops_fenced_pushes_too_and_keeps_control_frames() {
+        for filler in [0, 100] {
+            let outbox = Outbox::new(1 << 20);
+            // `filler` other keys first: 100 makes the queue use its index.
+            for i in 0..filler {
+                let id = format!("f{i}");
+                outbox.push(&key(&id), &push(&id, 1));
+            }
+            outbox.push(&key("1"), &push("1", 1));
+            outbox.control(Some(&key("1")), FrameText::from_static("ack"));
+            outbox.push(&key("1"), &push("1", 2));
+            outbox.push(&key("2"), &push("2", 1));
+            let before = outbox.queued_bytes();
+            outbox.forget_all(&key("1"));
+            let one = push("1", 1).payload.len();
+            assert_eq!(outbox.queued_bytes(), before - 2 * one);
+            let frames = drained(&outbox);
+            assert_eq!(frames.len(), filler + 2, "{frames:?}");
+            assert_eq!(frames[filler], "ack");
+            assert!(frames[filler + 1].contains("\"id\":\"2\""));
+            // A push after it queues normally.
+            assert_eq!(outbox.push(&key("1"), &push("1", 3)), Queued::Appended);
+            assert_eq!(drained(&outbox).len(), 1);
+        }
     }
 
     #[test]

@@ -15,6 +15,8 @@ use std::{
     },
 };
 
+use tokio::sync::Notify;
+
 use crate::{
     key::ChangeKey,
     outbox::{Outbox, Queued},
@@ -31,13 +33,24 @@ pub(crate) type ConnId = u64;
 pub(crate) struct Connection {
     pub(crate) id: ConnId,
     pub(crate) outbox: Outbox,
-    /// Current secret (`secret` message). A std `Mutex` around an `Arc` so a
-    /// reader clones the pointer and releases at once.
-    secret: Mutex<Arc<str>>,
+    /// Current secret (`secret` message) and its epoch, which goes up with
+    /// every new secret. A std `Mutex` around an `Arc` so a reader clones the
+    /// pointer and releases at once. Locked after a shard lock (audiences,
+    /// activation), never the other way round.
+    secret: Mutex<SecretState>,
     /// Keys this connection holds (pending or active). Locked after a shard
     /// lock when a revocation removes a key; never the other way round. A
     /// `Vec`: a handful of keys is the norm, and it costs 32 bytes a key.
     keys: Mutex<Vec<ChangeKey>>,
+    /// Woken when the secret changes, so snapshot resolves for an older
+    /// secret stop waiting (see [`Connection::superseded`]).
+    secret_changed: Notify,
+}
+
+/// A connection's secret and the epoch it belongs to.
+struct SecretState {
+    secret: Arc<str>,
+    epoch: u64,
 }
 
 impl Connection {
@@ -45,17 +58,61 @@ impl Connection {
         Self {
             id,
             outbox: Outbox::new(outbox_max_bytes),
-            secret: Mutex::new(Arc::from("")),
+            secret: Mutex::new(SecretState {
+                secret: Arc::from(""),
+                epoch: 0,
+            }),
             keys: Mutex::new(Vec::new()),
+            secret_changed: Notify::new(),
         }
     }
 
     pub(crate) fn secret(&self) -> Arc<str> {
-        self.secret.lock().unwrap().clone()
+        self.secret.lock().unwrap().secret.clone()
     }
 
-    pub(crate) fn set_secret(&self, secret: &str) {
-        *self.secret.lock().unwrap() = Arc::from(secret);
+    /// The current secret and its epoch: a snapshot resolved with this
+    /// secret may only activate a subscription while the epoch is current.
+    pub(crate) fn secret_epoch(&self) -> (Arc<str>, u64) {
+        let state = self.secret.lock().unwrap();
+        (state.secret.clone(), state.epoch)
+    }
+
+    fn epoch(&self) -> u64 {
+        self.secret.lock().unwrap().epoch
+    }
+
+    /// Sets a new secret and starts a new epoch. Returns false, changing
+    /// nothing, when `secret` is the current one: the same secret again
+    /// authorizes exactly what it did, so it needs no re-check.
+    pub(crate) fn set_secret(&self, secret: &str) -> bool {
+        let mut state = self.secret.lock().unwrap();
+        if *state.secret == *secret {
+            return false;
+        }
+        state.secret = Arc::from(secret);
+        state.epoch += 1;
+        drop(state);
+        self.secret_changed.notify_waiters();
+        true
+    }
+
+    /// Completes once the connection's secret is no longer the one of
+    /// `epoch`. A snapshot resolve races it and gives up when it wins: the
+    /// answer would be dropped anyway, and dropping the resolve withdraws a
+    /// request still queued in the pool, so a client that keeps changing its
+    /// secret costs the backend one round of re-checks, not one per change.
+    pub(crate) async fn superseded(&self, epoch: u64) {
+        loop {
+            let changed = self.secret_changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            // Registered before the check, so a change in between is not missed.
+            changed.as_mut().enable();
+            if self.epoch() != epoch {
+                return;
+            }
+            changed.await;
+        }
     }
 
     #[cfg(test)]
@@ -97,6 +154,10 @@ pub(crate) enum Activation {
     Active { missed: bool },
     /// The subscription went away meanwhile (unsubscribe or disconnect).
     Gone,
+    /// The connection sent a new secret after this snapshot's resolve
+    /// started: the snapshot is for the old secret and is dropped; the
+    /// re-check with the new secret decides.
+    Superseded,
 }
 
 /// Which subscribers of a key a change resolve result is for.
@@ -197,12 +258,17 @@ impl Registry {
         true
     }
 
-    /// Makes a pending subscription active after its snapshot resolved:
-    /// queues `subscribed` (if given) and the snapshot push, in that order.
+    /// Makes a pending subscription active after its snapshot resolved with
+    /// the secret of `epoch`: queues `subscribed` (if given) and the snapshot
+    /// push, in that order. Nothing happens when the connection has moved
+    /// to a newer secret since (the epoch is read under the shard lock, the
+    /// lock [`Self::recheck`] marks keys under, so no old snapshot slips in
+    /// after a re-check started).
     pub(crate) fn activate(
         &self,
         key: &ChangeKey,
         conn: ConnId,
+        epoch: u64,
         subscribed: Option<FrameText>,
         snapshot: &PushFrame,
     ) -> Activation {
@@ -210,6 +276,9 @@ impl Registry {
         let Some(sub) = shard.get_mut(key).and_then(|subs| subs.get_mut(&conn)) else {
             return Activation::Gone;
         };
+        if sub.conn.epoch() != epoch {
+            return Activation::Superseded;
+        }
         let missed = matches!(sub.state, State::Pending { missed: true });
         sub.state = State::Active;
         if let Some(frame) = subscribed {
@@ -220,6 +289,77 @@ impl Registry {
             sub.conn.outbox.push(key, snapshot);
         }
         Activation::Active { missed }
+    }
+
+    /// Ends `(key, conn)` after its snapshot resolve with the secret of
+    /// `epoch` failed: queues `error` and removes the subscription. Nothing
+    /// happens when the connection has moved to a newer secret since (its
+    /// re-check decides) or the subscription is gone. Returns whether it
+    /// ended the subscription.
+    pub(crate) fn reject(
+        &self,
+        key: &ChangeKey,
+        conn: &Connection,
+        epoch: u64,
+        error: FrameText,
+    ) -> bool {
+        let mut shard = self.shard(key).lock().unwrap();
+        let Some(subs) = shard.get_mut(key) else {
+            return false;
+        };
+        if !subs.contains_key(&conn.id) || conn.epoch() != epoch {
+            return false;
+        }
+        subs.remove(&conn.id);
+        self.inner.subscriptions.fetch_sub(1, Relaxed);
+        if subs.is_empty() {
+            shard.remove(key);
+            self.inner.keys.fetch_sub(1, Relaxed);
+        }
+        conn.outbox.forget_all(key);
+        conn.outbox.control(Some(key), error);
+        // Lock order: shard, then the connection's key set.
+        conn.keys.lock().unwrap().retain(|k| k != key);
+        true
+    }
+
+    /// Puts every key `conn` holds back to pending after it sent a new
+    /// secret ([`Connection::set_secret`] first), and returns them: each must
+    /// be re-resolved with the new secret, like a subscribe, before it gets
+    /// a push again.
+    ///
+    /// Why nothing resolved for the old secret reaches the connection once
+    /// this returned:
+    /// - a push already queued for a key is dropped here, under the shard
+    ///   lock that fan-outs take, so it is either queued before (and dropped)
+    ///   or finds the key pending (and skipped): pending keys get no pushes;
+    /// - a change resolve for the old secret that finishes later is skipped
+    ///   while the key is pending, and after the re-check activated it, its
+    ///   audience `Secret(old)` no longer includes the connection (the
+    ///   secret is read under the shard lock); a SHARED one carries rows for
+    ///   every authorized subscriber, which the re-check just re-authorized,
+    ///   and versions keep it from going back past the re-check's snapshot;
+    /// - a snapshot resolved for the old secret (a subscribe or an earlier
+    ///   re-check still running) finds its epoch outdated in
+    ///   [`Self::activate`] / [`Self::reject`] and is dropped, whatever it
+    ///   answered.
+    ///
+    /// Only the re-check of the current epoch can make the key active again.
+    pub(crate) fn recheck(&self, conn: &Connection) -> Vec<ChangeKey> {
+        let keys = conn.keys.lock().unwrap().clone();
+        for key in &keys {
+            let mut shard = self.shard(key).lock().unwrap();
+            let Some(sub) = shard.get_mut(key).and_then(|subs| subs.get_mut(&conn.id)) else {
+                continue;
+            };
+            // A change seen during a subscribe still running stays noted;
+            // an active key's re-check snapshot is newer than any change
+            // consumed before it, so it starts with none missed.
+            let missed = matches!(sub.state, State::Pending { missed: true });
+            sub.state = State::Pending { missed };
+            conn.outbox.forget_all(key);
+        }
+        keys
     }
 
     /// Removes `(key, conn)`. Returns whether it existed.
@@ -413,6 +553,7 @@ mod tests {
         let act = registry.activate(
             &key("1"),
             1,
+            0,
             Some(FrameText::from_static("ack")),
             &frame("1", 4),
         );
@@ -428,7 +569,7 @@ mod tests {
         let registry = Registry::new();
         let a = conn(1);
         registry.add_pending(&key("1"), &a, 10);
-        registry.activate(&key("1"), 1, None, &frame("1", 10));
+        registry.activate(&key("1"), 1, 0, None, &frame("1", 10));
         drain(&a);
         let fan = registry.fan_out(&key("1"), &frame("1", 9), Audience::All);
         assert_eq!(
@@ -451,7 +592,7 @@ mod tests {
         b.set_secret("s2");
         for c in [&a, &b] {
             registry.add_pending(&key("1"), c, 10);
-            registry.activate(&key("1"), c.id, None, &frame("1", 1));
+            registry.activate(&key("1"), c.id, 1, None, &frame("1", 1));
         }
         let mut secrets = registry.active_secrets(&key("1"));
         secrets.sort();
@@ -467,6 +608,88 @@ mod tests {
         assert!(!a.holds(&key("1")));
         assert!(b.holds(&key("1")));
         assert_eq!(registry.subscriptions(), 1);
+    }
+
+    #[test]
+    fn a_recheck_drops_queued_pushes_and_holds_pushes_until_it_answers() {
+        let registry = Registry::new();
+        let a = conn(1);
+        a.set_secret("old");
+        let (_, old) = a.secret_epoch();
+        for id in ["1", "2"] {
+            registry.add_pending(&key(id), &a, 10);
+            registry.activate(&key(id), 1, old, None, &frame(id, 1));
+        }
+        drain(&a);
+        // Pushes resolved for the old secret, not yet written.
+        registry.fan_out(&key("1"), &frame("1", 2), Audience::Secret("old"));
+        registry.fan_out(&key("2"), &frame("2", 2), Audience::All);
+
+        assert!(a.set_secret("new"));
+        assert!(!a.set_secret("new"), "the same secret is no change");
+        let (_, new) = a.secret_epoch();
+        assert_ne!(old, new);
+        let mut keys = registry.recheck(&a);
+        keys.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(keys, vec![key("1"), key("2")]);
+        assert!(drain(&a).is_empty(), "queued pushes are dropped");
+
+        // Under re-check: no fan-out reaches the key, whatever the audience.
+        for audience in [
+            Audience::All,
+            Audience::Secret("new"),
+            Audience::Secret("old"),
+        ] {
+            assert_eq!(
+                registry
+                    .fan_out(&key("1"), &frame("1", 3), audience)
+                    .delivered,
+                0
+            );
+        }
+        assert!(registry.active_secrets(&key("1")).is_empty());
+        assert!(
+            !registry.note_change(&key("1")),
+            "the change is noted as missed"
+        );
+        // Answers resolved for the old secret change nothing.
+        let old_snapshot = registry.activate(&key("1"), 1, old, None, &frame("1", 4));
+        assert_eq!(old_snapshot, Activation::Superseded);
+        assert!(!registry.reject(&key("2"), &a, old, FrameText::from_static("err")));
+        assert!(drain(&a).is_empty());
+        assert_eq!(registry.subscriptions(), 2);
+
+        // The re-checks answer: key 1 is active again (it missed a change), key 2 forbidden.
+        let act = registry.activate(
+            &key("1"),
+            1,
+            new,
+            Some(FrameText::from_static("ack")),
+            &frame("1", 4),
+        );
+        assert_eq!(act, Activation::Active { missed: true });
+        assert!(registry.reject(&key("2"), &a, new, FrameText::from_static("err")));
+        let frames = drain(&a);
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        assert_eq!(frames[0], "ack");
+        assert!(frames[1].contains("\"version\":4"));
+        assert_eq!(frames[2], "err");
+        assert!(!a.holds(&key("2")));
+        assert_eq!(registry.subscriptions(), 1);
+
+        // A change resolved for the old secret, answering late, is for another audience.
+        assert_eq!(
+            registry
+                .fan_out(&key("1"), &frame("1", 5), Audience::Secret("old"))
+                .delivered,
+            0
+        );
+        assert_eq!(
+            registry
+                .fan_out(&key("1"), &frame("1", 5), Audience::Secret("new"))
+                .delivered,
+            1
+        );
     }
 
     #[test]

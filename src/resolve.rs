@@ -56,13 +56,21 @@ impl Resolvers {
 
     /// Resolves `key` for `secret` on a local resolver or, when none serves
     /// the entity, on another node. Waits for the answer (or its failure).
+    /// `shared`: a SHARED change resolve (empty secret, rows for every
+    /// subscriber), carried to the backend as `ResolveRequest.shared`, also
+    /// through another node.
     pub(crate) async fn resolve(
         &self,
         key: &ChangeKey,
         secret: Arc<str>,
         reason: Reason,
+        shared: bool,
     ) -> Resolved {
-        let local = self.inner.local.resolve(key, secret.clone(), reason).await;
+        let local = self
+            .inner
+            .local
+            .resolve(key, secret.clone(), reason, shared)
+            .await;
         let (Err(ResolveError::NoResolver), Some(remote)) = (&local, &self.inner.remote) else {
             return local;
         };
@@ -70,7 +78,7 @@ impl Resolvers {
         Metrics::inc(&self.inner.metrics.cluster_resolves_total);
         // Boxed: the request-reply future is large, and every resolve future
         // (one per pending subscribe) would otherwise carry its size.
-        let (outcome, mode) = Box::pin(remote.resolve(key, &secret, reason)).await;
+        let (outcome, mode) = Box::pin(remote.resolve(key, &secret, reason, shared)).await;
         if let Some(mode) = mode {
             let mode = if mode == FetchMode::Unspecified {
                 FetchMode::PerSubscriber
@@ -143,7 +151,7 @@ mod tests {
         assert_eq!(resolvers.fetch_mode("items"), None);
         let key = ChangeKey::new("items", "1").unwrap();
         let outcome = resolvers
-            .resolve(&key, Arc::from(""), Reason::Subscribe)
+            .resolve(&key, Arc::from(""), Reason::Subscribe, false)
             .await;
         assert!(matches!(outcome, Err(ResolveError::NoResolver)));
         assert_eq!(

@@ -203,6 +203,8 @@ struct Job {
     id: Arc<str>,
     secret: Arc<str>,
     reason: Reason,
+    /// A SHARED change resolve (`ResolveRequest.shared`).
+    shared: bool,
     reply: oneshot::Sender<Resolved>,
     attempts: u32,
 }
@@ -469,12 +471,14 @@ impl ResolverPool {
     }
 
     /// Resolves `key` for `secret` on a local resolver; waits for the
-    /// answer (or its failure).
+    /// answer (or its failure). `shared`: a SHARED change resolve, whose rows
+    /// go to every subscriber (sent as `ResolveRequest.shared`).
     pub(crate) async fn resolve(
         &self,
         key: &ChangeKey,
         secret: Arc<str>,
         reason: Reason,
+        shared: bool,
     ) -> Resolved {
         let (reply, answer) = oneshot::channel();
         {
@@ -489,6 +493,7 @@ impl ResolverPool {
                 id: key.id.clone(),
                 secret,
                 reason,
+                shared,
                 reply,
                 attempts: 0,
             });
@@ -531,7 +536,7 @@ impl ResolverPool {
             queue.next = (queue.next + turn + 1) % count;
 
             let first = queue.queue.pop_front().expect("not empty");
-            let (secret, reason) = (first.secret.clone(), first.reason);
+            let (secret, reason, shared) = (first.secret.clone(), first.reason, first.shared);
             let mut ids: Vec<String> = vec![first.id.to_string()];
             let mut jobs = vec![first];
             // Look for companions among the next jobs only, so a long queue of
@@ -541,7 +546,8 @@ impl ResolverPool {
             while i < queue.queue.len() && ids.len() < batch_size && scanned < BATCH_SCAN_LIMIT {
                 scanned += 1;
                 let job = &queue.queue[i];
-                if job.reason != reason || job.secret != secret {
+                // One request carries one secret, reason and `shared` flag.
+                if job.reason != reason || job.secret != secret || job.shared != shared {
                     i += 1;
                     continue;
                 }
@@ -563,6 +569,7 @@ impl ResolverPool {
                     ids,
                     secret: secret.to_string(),
                     reason: reason as i32,
+                    shared,
                 })),
             };
             let slot = resolvers.get_mut(&resolver_id).expect("found above");
@@ -834,7 +841,8 @@ mod tests {
         for id in ["1", "2", "3", "2"] {
             let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
-                pool.resolve(&key(id), Arc::from(""), Reason::Change).await
+                pool.resolve(&key(id), Arc::from(""), Reason::Change, true)
+                    .await
             }));
             tokio::task::yield_now().await;
         }
@@ -873,15 +881,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn shared_and_other_jobs_never_share_a_request() {
+        let pool = pool(10);
+        let (rid, mut rx) = register(&pool, "svc", FetchMode::Shared);
+        // Same entity, empty secret and reason for all: only `shared` differs.
+        let mut tasks = Vec::new();
+        for (id, shared) in [("1", true), ("2", true), ("3", false), ("4", true)] {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                pool.resolve(&key(id), Arc::from(""), Reason::Change, shared)
+                    .await
+            }));
+            tokio::task::yield_now().await;
+        }
+        while pool.inner.state.lock().unwrap().entities["items"]
+            .queue
+            .len()
+            < 3
+        {
+            tokio::task::yield_now().await;
+        }
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let req = request(&mut rx);
+            seen.push((req.ids.clone(), req.shared));
+            let results = req.ids.iter().map(|id| (id.clone(), ok(&["{}"]))).collect();
+            pool.complete(rid, req.request_id, results);
+        }
+        let ids = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            seen,
+            vec![
+                (ids(&["1"]), true),
+                (ids(&["2", "4"]), true),
+                (ids(&["3"]), false),
+            ]
+        );
+        for task in tasks {
+            assert!(task.await.unwrap().is_ok());
+        }
+    }
+
+    #[tokio::test]
     async fn a_dead_stream_hands_its_requests_to_another() {
         let pool = pool(10);
         let (a, mut rx_a) = register(&pool, "svc", FetchMode::Shared);
         let (b, mut rx_b) = register(&pool, "svc", FetchMode::Shared);
         let task = {
             let pool = pool.clone();
-            tokio::spawn(
-                async move { pool.resolve(&key("1"), Arc::from(""), Reason::Change).await },
-            )
+            tokio::spawn(async move {
+                pool.resolve(&key("1"), Arc::from(""), Reason::Change, true)
+                    .await
+            })
         };
         let (dead, mut rx_other, other) = loop {
             tokio::task::yield_now().await;
@@ -909,7 +960,8 @@ mod tests {
             pool.resolve(
                 &ChangeKey::new("nope", "1").unwrap(),
                 Arc::from(""),
-                Reason::Subscribe
+                Reason::Subscribe,
+                false
             )
             .await,
             Err(ResolveError::NoResolver)
@@ -918,7 +970,7 @@ mod tests {
         let task = {
             let pool = pool.clone();
             tokio::spawn(async move {
-                pool.resolve(&key("1"), Arc::from("s"), Reason::Subscribe)
+                pool.resolve(&key("1"), Arc::from("s"), Reason::Subscribe, false)
                     .await
             })
         };
@@ -933,6 +985,7 @@ mod tests {
         };
         assert_eq!(req.secret, "s");
         assert_eq!(req.reason, Reason::Subscribe as i32);
+        assert!(!req.shared);
         pool.complete(rid, req.request_id, HashMap::new());
         let err = task.await.unwrap().unwrap_err();
         assert!(matches!(&err, ResolveError::MissingResult(id) if &**id == "1"));

@@ -18,6 +18,7 @@ use tokio::{
 use crate::{
     config::WsConfig,
     dispatcher::Dispatcher,
+    key::ChangeKey,
     metrics::Metrics,
     outbox::CloseReason,
     protocol::{
@@ -164,8 +165,9 @@ pub(crate) async fn serve(
                         reject(&ctx, &conn, ProtocolError::new(ErrorCode::RateLimited, message));
                     }
                     Some(Ok(Message::Text(text))) => {
-                        if let Some(subscribe) = on_text(&ctx, &conn, text) {
-                            subscribes.get_or_insert_with(FuturesUnordered::new).push(subscribe);
+                        let started = on_text(&ctx, &conn, text);
+                        if !started.is_empty() {
+                            subscribes.get_or_insert_with(FuturesUnordered::new).extend(started);
                         }
                     }
                     Some(Ok(Message::Binary(_))) => reject(
@@ -279,12 +281,28 @@ fn reject(ctx: &SessionContext, conn: &Connection, err: ProtocolError) {
         .control(None, error_frame(err.code, &err.message, None));
 }
 
-/// Handles one text frame; returns the snapshot resolve to drive, if any.
+/// The snapshot resolve of `key` (pending in the registry) with the
+/// connection's secret as it is now: taken here, when the session handles the
+/// message, not when the future first runs, so a `secret` message handled
+/// after it makes it outdated (see `Registry::recheck`).
+fn snapshot(
+    ctx: &SessionContext,
+    conn: &Arc<Connection>,
+    key: ChangeKey,
+) -> impl Future<Output = ()> + use<> {
+    let (secret, epoch) = conn.secret_epoch();
+    let dispatcher = ctx.dispatcher.clone();
+    let conn = conn.clone();
+    async move { dispatcher.subscribe(conn, key, secret, epoch).await }
+}
+
+/// Handles one text frame; returns the snapshot resolves to drive (none, one
+/// for a subscribe, one per held key for a new secret).
 fn on_text(
     ctx: &Arc<SessionContext>,
     conn: &Arc<Connection>,
     text: Utf8Bytes,
-) -> Option<impl Future<Output = ()> + use<>> {
+) -> Vec<impl Future<Output = ()> + use<>> {
     if text.len() > ctx.config.max_message_bytes {
         reject(
             ctx,
@@ -298,13 +316,13 @@ fn on_text(
                 ),
             ),
         );
-        return None;
+        return Vec::new();
     }
     let message = match protocol::decode(&text) {
         Ok(message) => message,
         Err(err) => {
             reject(ctx, conn, err);
-            return None;
+            return Vec::new();
         }
     };
     match message {
@@ -322,11 +340,9 @@ fn on_text(
                     Some(&key),
                     error_frame(ErrorCode::TooManySubscriptions, &message, Some(&key)),
                 );
-                return None;
+                return Vec::new();
             }
-            let dispatcher = ctx.dispatcher.clone();
-            let conn = conn.clone();
-            Some(async move { dispatcher.subscribe(conn, key).await })
+            vec![snapshot(ctx, conn, key)]
         }
         ClientMessage::Unsubscribe(key) => {
             if ctx.registry.remove(&key, conn) {
@@ -345,11 +361,28 @@ fn on_text(
                     ),
                 );
             }
-            None
+            Vec::new()
         }
         ClientMessage::Secret(secret) => {
-            conn.set_secret(&secret);
-            None
+            // The same secret again changes nothing and re-checks nothing.
+            if !conn.set_secret(&secret) {
+                return Vec::new();
+            }
+            // Every held key (at most `max_subscriptions`) is pending again
+            // and re-resolved with the new secret, reason SUBSCRIBE, exactly
+            // like a subscribe: `subscribed` (not in compat mode) and a fresh
+            // snapshot, or an error frame that ends the subscription. The
+            // resolves batch in the pool (same secret and reason).
+            let keys = ctx.registry.recheck(conn);
+            if !keys.is_empty() {
+                ctx.metrics
+                    .secret_rechecks_total
+                    .fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(keys = keys.len(), "new secret: re-checking held keys");
+            }
+            keys.into_iter()
+                .map(|key| snapshot(ctx, conn, key))
+                .collect()
         }
         ClientMessage::PassThrough => {
             let connection_id = format!("{}-{}", ctx.node_id, conn.id);
@@ -370,7 +403,7 @@ fn on_text(
                 };
                 reject(ctx, conn, err);
             }
-            None
+            Vec::new()
         }
     }
 }
@@ -393,7 +426,7 @@ mod tests {
         let conn = Arc::new(Connection::new(1, 1024));
         let key = ChangeKey::new("items", "1").unwrap();
         registry.add_pending(&key, &conn, 10);
-        registry.activate(&key, 1, None, &PushFrame::build(&key, 1, &[], false));
+        registry.activate(&key, 1, 0, None, &PushFrame::build(&key, 1, &[], false));
         let big = Bytes::from(format!("\"{}\"", "x".repeat(2048)));
         let fan = registry.fan_out(
             &key,

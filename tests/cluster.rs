@@ -291,9 +291,28 @@ async fn resolver_on_one_node_serves_subscribers_on_the_others() {
     let changes = resolver.requests_for(Reason::Change, "items", "7");
     assert_eq!(changes.len(), 2, "CHANGE requests: {changes:?}");
     assert!(changes.iter().all(|r| r.secret.is_empty()), "{changes:?}");
+    // `shared` reaches the backend through the answering node: true on the
+    // SHARED change resolves only.
+    assert!(changes.iter().all(|r| r.shared), "{changes:?}");
+    assert!(!subscribes.iter().any(|r| r.shared), "{subscribes:?}");
     assert_eq!(metric(&a, "entity_sync_cluster_resolves_total").await, 2);
     assert_eq!(metric(&c, "entity_sync_cluster_resolves_total").await, 2);
     assert_eq!(metric(&b, "entity_sync_cluster_resolves_total").await, 0);
+
+    // A new secret on A re-checks its key through B's resolver.
+    data.set_rows("items", "7", &[r#"{"id":7,"secret":"$SECRET"}"#]);
+    client_a.send_secret("alice-2").await;
+    client_a.expect_subscribed("items", "7").await;
+    let (_, rows) = client_a.expect_push("items", "7").await;
+    assert_eq!(rows, vec![json!({"id": 7, "secret": "alice-2"})]);
+    client_a.silent().await;
+    client_c.silent().await;
+    let recheck = resolver.requests_for(Reason::Subscribe, "items", "7");
+    assert_eq!(recheck.len(), 3, "{recheck:?}");
+    assert!(
+        recheck.iter().any(|r| r.secret == "alice-2" && !r.shared),
+        "{recheck:?}"
+    );
 
     a.shutdown().await;
     b.shutdown().await;

@@ -301,6 +301,8 @@ async fn resolver_version_is_used_when_given() {
     assert_eq!(resolver.change_count("items", "1"), 2);
 }
 
+/// A new secret applies to later resolves; the keys already held are
+/// re-checked with it at once (more in `tests/secrets.rs`).
 #[tokio::test]
 async fn a_new_secret_applies_to_later_resolves() {
     let (node, resolver, data) = TestNode::with_resolver("docs", FetchMode::PerSubscriber).await;
@@ -311,7 +313,9 @@ async fn a_new_secret_applies_to_later_resolves() {
     assert_eq!(rows, vec![json!({"for": "old"})]);
 
     client.send_secret("new").await;
-    // The subscribe after the secret frame proves the node has applied it.
+    client.expect_subscribed("docs", "1").await;
+    let (_, rows) = client.expect_push("docs", "1").await;
+    assert_eq!(rows, vec![json!({"for": "new"})]);
     data.set_rows("docs", "2", &[r#"{"for":"$SECRET"}"#]);
     let (_, rows) = client.subscribe("docs", "2").await;
     assert_eq!(rows, vec![json!({"for": "new"})]);

@@ -45,6 +45,7 @@ pub struct ResolveRequest {
     ids: Vec<String>,
     secret: Secret,
     reason: Reason,
+    shared: bool,
 }
 
 impl ResolveRequest {
@@ -57,11 +58,13 @@ impl ResolveRequest {
                 ids: request.ids,
                 secret: Secret::new(request.secret),
                 reason,
+                shared: request.shared,
             },
         )
     }
 
-    /// A request built by hand, to unit-test a handler.
+    /// A request built by hand, to unit-test a handler (not shared; see
+    /// [`shared`](Self::shared)).
     pub fn new(
         entity: impl Into<String>,
         ids: impl IntoIterator<Item = impl Into<String>>,
@@ -73,7 +76,15 @@ impl ResolveRequest {
             ids: ids.into_iter().map(Into::into).collect(),
             secret: Secret::new(secret.into()),
             reason,
+            shared: false,
         }
+    }
+
+    /// The same request marked as a SHARED change resolve (or not), to
+    /// unit-test a handler.
+    pub fn shared(mut self, shared: bool) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// The entity, one the backend registered.
@@ -88,9 +99,24 @@ impl ResolveRequest {
 
     /// The subscriber's secret: empty for a client that sent none, and for a
     /// change resolve of a SHARED entity (whose subscribers were authorized
-    /// when they subscribed).
+    /// when they subscribed). [`is_shared`](Self::is_shared) tells the two
+    /// apart: never authorize an empty secret on a shared request as an
+    /// anonymous client, and never answer an anonymous client as if shared.
+    ///
+    /// A client that sends a new secret has every key it holds asked again
+    /// with it (reason SUBSCRIBE), so answering FORBIDDEN there ends that
+    /// client's subscription.
     pub fn secret(&self) -> &str {
         self.secret.expose()
+    }
+
+    /// Whether this is a SHARED change resolve: reason CHANGE of an entity
+    /// registered with `FETCH_MODE_SHARED`, whose secret is empty and whose
+    /// rows go to every subscriber of the key on the node, each authorized
+    /// when it subscribed (`ResolveRequest.shared`). Never true when a
+    /// client subscribes.
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// Why the node asks: a client subscribes, or the key changed.
@@ -316,6 +342,27 @@ mod tests {
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(debug.contains("Secret(redacted)"), "{debug}");
         assert_eq!(request.secret(), "hunter2");
+    }
+
+    #[test]
+    fn shared_comes_from_the_proto_field() {
+        let proto = |shared| pb::ResolveRequest {
+            request_id: 7,
+            entity: "items".into(),
+            ids: vec!["1".into()],
+            secret: String::new(),
+            reason: Reason::Change as i32,
+            shared,
+        };
+        let (id, shared) = ResolveRequest::from_proto(proto(true));
+        assert_eq!(id, 7);
+        assert!(shared.is_shared());
+        assert_eq!(shared.secret(), "");
+        let (_, anonymous) = ResolveRequest::from_proto(proto(false));
+        assert!(!anonymous.is_shared());
+        let by_hand = ResolveRequest::new("items", ["1"], "", Reason::Change);
+        assert!(!by_hand.is_shared());
+        assert!(by_hand.shared(true).is_shared());
     }
 
     #[test]

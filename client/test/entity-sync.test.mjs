@@ -269,10 +269,28 @@ test('error frames reach onError; a passing failure is retried, forbidden waits 
 
   client.setSecret('demo-secret');
   const frames = socket().frames();
-  assert.deepEqual(frames.slice(-3), [
+  // items/5's retried subscribe is held by the node, which re-checks it.
+  assert.deepEqual(frames.slice(-2), [
     { action: 'secret', body: 'demo-secret' },
     { action: 'subscribe', body: { entity: 'lists', id: '1' } },
-    { action: 'subscribe', body: { entity: 'items', id: '5' } },
+  ]);
+  client.close();
+});
+
+test('a new secret resubscribes only the keys the node does not hold', () => {
+  const { client, socket } = makeClient();
+  socket().accept();
+  client.subscribe('items', '1', () => {});
+  client.subscribe('lists', '1', () => {});
+  socket().push(subscribed('items', '1'));
+  socket().push(push('items', '1', 3, [{ id: 1 }]));
+  socket().push({ action: 'error', body: { code: 'forbidden', message: 'private list', entity: 'lists', id: '1' } });
+  const before = socket().frames().length;
+  client.setSecret('other');
+  // The node re-checks items/1 itself; lists/1 it refused, so it is asked again.
+  assert.deepEqual(socket().frames().slice(before), [
+    { action: 'secret', body: 'other' },
+    { action: 'subscribe', body: { entity: 'lists', id: '1' } },
   ]);
   client.close();
 });

@@ -128,6 +128,8 @@ pub struct SeenRequest {
     pub ids: Vec<String>,
     pub secret: String,
     pub reason: Reason,
+    /// `ResolveRequest.shared`: a SHARED change resolve.
+    pub shared: bool,
 }
 
 /// One `PassThrough` as the resolver saw it.
@@ -198,7 +200,7 @@ struct ResolverState {
     hold: HashSet<String>,
     /// Withheld requests: each waits for a sender it signals once it has
     /// read the data it answers with.
-    held: Vec<oneshot::Sender<oneshot::Sender<()>>>,
+    held: Vec<(SeenRequest, oneshot::Sender<oneshot::Sender<()>>)>,
     /// `Some(why)` once a registered stream ended.
     ended: Option<String>,
 }
@@ -246,7 +248,7 @@ impl TestResolver {
                         st.requests.push(seen.clone());
                         st.hold.contains(&seen.entity).then(|| {
                             let (wake, woken) = oneshot::channel();
-                            st.held.push(wake);
+                            st.held.push((seen.clone(), wake));
                             woken
                         })
                     };
@@ -395,8 +397,35 @@ impl TestResolver {
             st.hold.clear();
             std::mem::take(&mut st.held)
         };
+        Self::answer_held(held).await;
+    }
+
+    /// Answers the withheld requests that `which` selects (the others stay
+    /// withheld, and holding goes on): returns once each has read its data.
+    /// Returns how many were released.
+    pub async fn release_matching(&self, which: impl Fn(&SeenRequest) -> bool) -> usize {
+        let held: Vec<_> = {
+            let mut st = self.state.lock().unwrap();
+            let (chosen, kept) = std::mem::take(&mut st.held)
+                .into_iter()
+                .partition(|(seen, _)| which(seen));
+            st.held = kept;
+            chosen
+        };
+        let count = held.len();
+        Self::answer_held(held).await;
+        count
+    }
+
+    /// The requests withheld now, in arrival order.
+    pub fn held(&self) -> Vec<SeenRequest> {
+        let st = self.state.lock().unwrap();
+        st.held.iter().map(|(seen, _)| seen.clone()).collect()
+    }
+
+    async fn answer_held(held: Vec<(SeenRequest, oneshot::Sender<oneshot::Sender<()>>)>) {
         let mut reads = Vec::new();
-        for wake in held {
+        for (_, wake) in held {
             let (done, read) = oneshot::channel();
             if wake.send(done).is_ok() {
                 reads.push(read);
@@ -468,6 +497,7 @@ impl SeenRequest {
             ids: request.ids().to_vec(),
             secret: request.secret().to_owned(),
             reason: request.reason(),
+            shared: request.is_shared(),
         }
     }
 }
