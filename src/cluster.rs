@@ -30,6 +30,16 @@ use crate::{
 
 /// Pause before asking again when no node answered (first retry; grows linearly).
 const NO_RESPONDERS_RETRY: Duration = Duration::from_millis(50);
+/// Most ids one cluster request may carry (nodes send one; anything larger
+/// is not from a node and is ignored).
+pub(crate) const MAX_CLUSTER_REQUEST_IDS: usize = 64;
+/// Cluster requests this node answers at once; beyond it a request is left
+/// unanswered and its sender retries (reaching another node, or this one
+/// later). Bounds the tasks a flood of requests can start.
+pub(crate) const MAX_CLUSTER_ANSWERS_IN_FLIGHT: usize = 1024;
+/// Replies go only to inbox subjects (request-reply's reply subjects), so a
+/// request cannot make this node publish a resolver's rows anywhere else.
+const INBOX_PREFIX: &str = "_INBOX.";
 
 /// The requesting side: how this node reaches resolvers on other nodes.
 #[derive(Clone)]
@@ -191,6 +201,7 @@ async fn serve_entity(
         }
     };
     tracing::debug!(subject, "serving cluster resolves");
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_CLUSTER_ANSWERS_IN_FLIGHT));
     loop {
         let message = tokio::select! {
             _ = token.cancelled() => break,
@@ -200,12 +211,28 @@ async fn serve_entity(
         let Some(reply) = message.reply.clone() else {
             continue;
         };
-        let (pool, client) = (pool.clone(), link.client.clone());
+        if !reply.starts_with(INBOX_PREFIX) {
+            tracing::warn!(reply = %reply, "cluster resolve with a reply subject that is not an inbox, ignored");
+            continue;
+        }
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            tracing::debug!("cluster resolves at capacity; the sender retries");
+            continue;
+        };
+        let (pool, client, entity) = (pool.clone(), link.client.clone(), entity.clone());
         tasks.spawn(
             async move {
-                let Ok(request) = ResolveRequest::decode(message.payload) else {
-                    tracing::warn!("undecodable cluster resolve request");
-                    return;
+                let _permit = permit;
+                let request = match ResolveRequest::decode(message.payload) {
+                    Ok(request) if request.entity == *entity && request.ids.len() <= MAX_CLUSTER_REQUEST_IDS => request,
+                    Ok(request) => {
+                        tracing::warn!(entity = %request.entity, ids = request.ids.len(), "cluster resolve for another entity or with too many ids, ignored");
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "undecodable cluster resolve request");
+                        return;
+                    }
                 };
                 if let Some(answer) = answer(&pool, request).await {
                     let _ = client.publish(reply, answer.encode_to_vec().into()).await;

@@ -79,19 +79,35 @@ impl Resolvers {
         // Boxed: the request-reply future is large, and every resolve future
         // (one per pending subscribe) would otherwise carry its size.
         let (outcome, mode) = Box::pin(remote.resolve(key, &secret, reason, shared)).await;
-        if let Some(mode) = mode {
-            let mode = if mode == FetchMode::Unspecified {
-                FetchMode::PerSubscriber
-            } else {
-                mode
-            };
-            self.inner
-                .remote_modes
-                .lock()
-                .unwrap()
-                .insert(key.entity.clone(), mode);
+        if let Some(reported) = mode {
+            self.learn_remote_mode(&key.entity, reported);
         }
         outcome
+    }
+
+    /// Records the fetch mode another node reported for `entity`. A report
+    /// never contradicts what this node knows: once any node said
+    /// PER_SUBSCRIBER, a later SHARED is refused (a stale or hostile reply
+    /// must not make this node fan one secret's rows out to everyone).
+    fn learn_remote_mode(&self, entity: &Arc<str>, reported: FetchMode) {
+        let reported = match reported {
+            FetchMode::Unspecified => FetchMode::PerSubscriber,
+            mode => mode,
+        };
+        let mut modes = self.inner.remote_modes.lock().unwrap();
+        match modes.get(entity) {
+            None => {
+                modes.insert(entity.clone(), reported);
+            }
+            Some(known) if *known == reported => {}
+            Some(FetchMode::PerSubscriber) => {
+                tracing::warn!(entity = %entity, "another node reported SHARED for an entity known as PER_SUBSCRIBER; keeping PER_SUBSCRIBER");
+            }
+            Some(_) => {
+                tracing::warn!(entity = %entity, "another node reported PER_SUBSCRIBER for an entity known as SHARED; switching to PER_SUBSCRIBER");
+                modes.insert(entity.clone(), FetchMode::PerSubscriber);
+            }
+        }
     }
 
     /// The fetch mode of `entity`: a local resolver's, else what another node
@@ -160,5 +176,29 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             0
         );
+    }
+
+    #[test]
+    fn a_remote_report_never_turns_per_subscriber_into_shared() {
+        let metrics = Arc::new(Metrics::default());
+        let pool = ResolverPool::new(&ResolveConfig::default(), metrics.clone());
+        let resolvers = Resolvers::new(pool, None, metrics);
+        let items: Arc<str> = Arc::from("items");
+        resolvers.learn_remote_mode(&items, FetchMode::Unspecified);
+        resolvers.learn_remote_mode(&items, FetchMode::Shared);
+        let known = |r: &Resolvers| r.inner.remote_modes.lock().unwrap().get("items").copied();
+        assert_eq!(known(&resolvers), Some(FetchMode::PerSubscriber));
+        let docs: Arc<str> = Arc::from("docs");
+        resolvers.learn_remote_mode(&docs, FetchMode::Shared);
+        resolvers.learn_remote_mode(&docs, FetchMode::PerSubscriber);
+        resolvers.learn_remote_mode(&docs, FetchMode::Shared);
+        let docs_mode = resolvers
+            .inner
+            .remote_modes
+            .lock()
+            .unwrap()
+            .get("docs")
+            .copied();
+        assert_eq!(docs_mode, Some(FetchMode::PerSubscriber));
     }
 }
