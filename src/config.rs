@@ -313,6 +313,11 @@ pub struct ResolveConfig {
     /// Requests in flight per resolver stream when its `Register` says 0.
     #[arg(long, env = "ENTITY_SYNC_DEFAULT_MAX_IN_FLIGHT", default_value_t = 32)]
     pub default_max_in_flight: u32,
+
+    /// Most `Resolve` streams one node holds; a `Register` beyond it is
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ENTITY_SYNC_MAX_RESOLVER_STREAMS", default_value_t = 1024)]
+    pub max_resolver_streams: usize,
 }
 
 /// Parses an empty command line for `T`, ignoring the environment, so the

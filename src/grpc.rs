@@ -107,6 +107,7 @@ impl From<RegisterError> for Status {
         match err {
             RegisterError::Invalid(m) => Status::invalid_argument(m),
             RegisterError::Conflict(m) => Status::failed_precondition(m),
+            RegisterError::Full(m) => Status::resource_exhausted(m),
             RegisterError::Closed => Status::unavailable("the node is shutting down"),
         }
     }

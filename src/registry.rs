@@ -121,6 +121,17 @@ impl Connection {
     }
 }
 
+/// What [`Registry::add_pending`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AddPending {
+    /// The subscription waits for a snapshot resolve, to be started.
+    Started,
+    /// A snapshot resolve for it is already under way and will answer.
+    InFlight,
+    /// The connection holds its maximum of subscriptions.
+    Full,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Snapshot resolve under way; `missed` records a change seen meanwhile.
@@ -229,12 +240,12 @@ impl Registry {
         key: &ChangeKey,
         conn: &Arc<Connection>,
         limit: usize,
-    ) -> bool {
+    ) -> AddPending {
         {
             let mut keys = conn.keys.lock().unwrap();
             if !keys.contains(key) {
                 if keys.len() >= limit {
-                    return false;
+                    return AddPending::Full;
                 }
                 keys.push(key.clone());
             }
@@ -247,15 +258,29 @@ impl Registry {
                 e.insert(HashMap::new())
             }
         };
-        if let Entry::Vacant(e) = subscribers.entry(conn.id) {
-            e.insert(Subscriber {
-                conn: conn.clone(),
-                state: State::Pending { missed: false },
-                delivered: 0,
-            });
-            self.inner.subscriptions.fetch_add(1, Relaxed);
+        match subscribers.entry(conn.id) {
+            Entry::Vacant(e) => {
+                e.insert(Subscriber {
+                    conn: conn.clone(),
+                    state: State::Pending { missed: false },
+                    delivered: 0,
+                });
+                self.inner.subscriptions.fetch_add(1, Relaxed);
+                AddPending::Started
+            }
+            // A snapshot resolve is under way: it answers this subscribe too,
+            // so a client repeating a subscribe starts one resolve, not many.
+            Entry::Occupied(e) if matches!(e.get().state, State::Pending { .. }) => {
+                AddPending::InFlight
+            }
+            // A resubscribe of an active key: it waits for its snapshot like
+            // a new one (pushes queued before it are superseded by it).
+            Entry::Occupied(mut e) => {
+                e.get_mut().state = State::Pending { missed: false };
+                conn.outbox.forget_all(key);
+                AddPending::Started
+            }
         }
-        true
     }
 
     /// Makes a pending subscription active after its snapshot resolved with
@@ -284,10 +309,13 @@ impl Registry {
         if let Some(frame) = subscribed {
             sub.conn.outbox.control(Some(key), frame);
         }
-        if snapshot.version >= sub.delivered {
-            sub.delivered = snapshot.version;
-            sub.conn.outbox.push(key, snapshot);
-        }
+        // The snapshot answers the client's own subscribe: it is sent whatever
+        // its version, and becomes the version later pushes are compared
+        // with (a version source that went back, or a resolver's bogus
+        // version, is reset by resubscribing). Nothing newer can be queued:
+        // a pending key gets no pushes.
+        sub.delivered = snapshot.version;
+        sub.conn.outbox.push(key, snapshot);
         Activation::Active { missed }
     }
 
@@ -546,7 +574,7 @@ mod tests {
     fn pending_subscribers_get_no_pushes_but_note_missed_changes() {
         let registry = Registry::new();
         let a = conn(1);
-        assert!(registry.add_pending(&key("1"), &a, 10));
+        assert_eq!(registry.add_pending(&key("1"), &a, 10), AddPending::Started);
         assert!(!registry.note_change(&key("1")), "no active subscriber yet");
         let fan = registry.fan_out(&key("1"), &frame("1", 5), Audience::All);
         assert_eq!(fan.delivered, 0);
@@ -697,13 +725,14 @@ mod tests {
         let registry = Registry::new();
         let a = conn(1);
         registry.connection_opened();
-        assert!(registry.add_pending(&key("1"), &a, 2));
-        assert!(registry.add_pending(&key("2"), &a, 2));
-        assert!(
+        assert_eq!(registry.add_pending(&key("1"), &a, 2), AddPending::Started);
+        assert_eq!(registry.add_pending(&key("2"), &a, 2), AddPending::Started);
+        assert_eq!(
             registry.add_pending(&key("1"), &a, 2),
-            "held keys don't count twice"
+            AddPending::InFlight,
+            "held keys don't count twice, and one snapshot resolve answers both"
         );
-        assert!(!registry.add_pending(&key("3"), &a, 2));
+        assert_eq!(registry.add_pending(&key("3"), &a, 2), AddPending::Full);
         let b = conn(2);
         registry.add_pending(&key("1"), &b, 2);
         assert_eq!((registry.subscriptions(), registry.key_count()), (3, 2));

@@ -11,7 +11,7 @@
 //! `resolve`'s choice, and `cluster` answers them from this pool.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -49,6 +49,11 @@ const MAX_IN_FLIGHT_CAP: u32 = 4096;
 const BATCH_SCAN_LIMIT: usize = 1024;
 /// Attempts of one job (deadline passes) before it fails with `Timeout`.
 pub(crate) const MAX_ATTEMPTS: u32 = 3;
+/// Most entities one `Register` may name.
+pub(crate) const MAX_ENTITIES_PER_STREAM: usize = 1024;
+/// Largest version a resolver may give: 2^53, the last integer a browser's
+/// JavaScript number holds exactly (versions above it would compare wrong).
+pub(crate) const MAX_VERSION: u64 = 1 << 53;
 
 /// Outcome of resolving one key for one secret.
 pub(crate) type Resolved = Result<Rows, ResolveError>;
@@ -82,6 +87,9 @@ pub(crate) enum ResolveError {
     InvalidRow(#[source] RowError),
     #[error("the resolver sent unknown status {0}")]
     UnknownStatus(i32),
+    /// Browsers compare versions as JavaScript numbers, exact up to 2^53.
+    #[error("the resolver sent version {0}, above 2^53")]
+    VersionTooLarge(u64),
     #[error("the resolver's answer has no result for id {0:?}")]
     MissingResult(Arc<str>),
     #[error("undecodable cluster resolve reply")]
@@ -122,6 +130,7 @@ impl ResolveError {
             Self::InvalidRow(_)
             | Self::UnknownStatus(_)
             | Self::MissingResult(_)
+            | Self::VersionTooLarge(_)
             | Self::BadClusterReply(_) => ResolveErrorKind::InvalidAnswer,
             Self::Timeout => ResolveErrorKind::Timeout,
             Self::NoResolver => ResolveErrorKind::NoResolver,
@@ -146,6 +155,9 @@ pub(crate) fn read_key_result(result: KeyResult) -> Resolved {
         Ok(S::Ok) => {
             for row in &result.rows {
                 validate_row(row).map_err(ResolveError::InvalidRow)?;
+            }
+            if result.version > MAX_VERSION {
+                return Err(ResolveError::VersionTooLarge(result.version));
             }
             Ok(Rows {
                 rows: result.rows,
@@ -195,6 +207,8 @@ pub(crate) enum RegisterError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Full(String),
     #[error("node is shutting down")]
     Closed,
 }
@@ -207,6 +221,10 @@ struct Job {
     shared: bool,
     reply: oneshot::Sender<Resolved>,
     attempts: u32,
+    /// A job waiting this long (queued or in flight, over its attempts)
+    /// fails with `Timeout`: a queue whose resolvers never have room does
+    /// not hold callers forever.
+    give_up: Instant,
 }
 
 struct InFlight {
@@ -340,7 +358,15 @@ impl ResolverPool {
                 "Register must name at least one entity or set pass_through".into(),
             ));
         }
-        let mut wanted: Vec<(Arc<str>, FetchMode)> = Vec::new();
+        if register.entities.len() > MAX_ENTITIES_PER_STREAM {
+            return Err(RegisterError::Invalid(format!(
+                "Register names {} entities; at most {MAX_ENTITIES_PER_STREAM} per stream",
+                register.entities.len()
+            )));
+        }
+        let mut wanted: Vec<(Arc<str>, FetchMode)> = Vec::with_capacity(register.entities.len());
+        // Linear in the entities named, whatever their number.
+        let mut named: HashSet<&str> = HashSet::with_capacity(register.entities.len());
         for reg in &register.entities {
             validate_part("entity", &reg.entity)
                 .map_err(|err| RegisterError::Invalid(format!("Register.entities: {err}")))?;
@@ -354,7 +380,7 @@ impl ResolverPool {
                     )));
                 }
             };
-            if wanted.iter().any(|(e, _)| **e == *reg.entity) {
+            if !named.insert(reg.entity.as_str()) {
                 return Err(RegisterError::Invalid(format!(
                     "entity {:?} registered twice",
                     reg.entity
@@ -365,6 +391,12 @@ impl ResolverPool {
         let mut state = self.inner.state.lock().unwrap();
         if state.closed {
             return Err(RegisterError::Closed);
+        }
+        if state.resolvers.len() >= self.inner.config.max_resolver_streams {
+            return Err(RegisterError::Full(format!(
+                "this node holds its maximum of {} resolver streams (--max-resolver-streams)",
+                self.inner.config.max_resolver_streams
+            )));
         }
         for (entity, mode) in &wanted {
             if let Some(existing) = state.entities.get(entity)
@@ -496,6 +528,7 @@ impl ResolverPool {
                 shared,
                 reply,
                 attempts: 0,
+                give_up: Instant::now() + self.inner.config.timeout * MAX_ATTEMPTS,
             });
             self.dispatch(&mut state, &key.entity);
         }
@@ -656,6 +689,16 @@ impl ResolverPool {
     /// Re-queues (or fails, after [`MAX_ATTEMPTS`]) requests past their deadline.
     pub(crate) fn expire(&self, now: Instant) {
         let mut state = self.inner.state.lock().unwrap();
+        // Jobs that waited in a queue past their deadline. Queues are in
+        // arrival order (jobs put back in front are older still), so the
+        // expired ones are at the front.
+        for queue in state.entities.values_mut() {
+            while queue.queue.front().is_some_and(|job| job.give_up <= now) {
+                let job = queue.queue.pop_front().expect("checked");
+                Metrics::inc(&self.inner.metrics.resolve_timeouts_total);
+                let _ = job.reply.send(Err(ResolveError::Timeout));
+            }
+        }
         let expired: Vec<u64> = state
             .in_flight
             .iter()
@@ -787,6 +830,7 @@ mod tests {
                 batch_size,
                 timeout: Duration::from_secs(5),
                 default_max_in_flight: 1,
+                max_resolver_streams: 4,
             },
             Arc::new(Metrics::default()),
         )
@@ -1071,5 +1115,106 @@ mod tests {
         assert_eq!(sent.message, "db down", "the resolver's own message passes");
         let back = read_key_result(key_result(ok(&["{}", "[1]"]), "1")).unwrap();
         assert_eq!(back.rows.len(), 2);
+    }
+
+    fn register_message(entities: usize, duplicate: bool) -> Register {
+        let mut entities: Vec<EntityRegistration> = (0..entities)
+            .map(|i| EntityRegistration {
+                entity: format!("e{i}"),
+                fetch_mode: FetchMode::Shared as i32,
+            })
+            .collect();
+        if duplicate {
+            entities.push(entities[0].clone());
+        }
+        Register {
+            name: "svc".into(),
+            entities,
+            pass_through: false,
+            max_in_flight: 1,
+        }
+    }
+
+    #[test]
+    fn registers_are_bounded_and_checked_in_linear_time() {
+        let pool = pool(10);
+        let (tx, _rx) = mpsc::channel(1);
+        let too_many = register_message(MAX_ENTITIES_PER_STREAM + 1, false);
+        assert!(
+            matches!(pool.register(1, &too_many, tx.clone()), Err(RegisterError::Invalid(m)) if m.contains("at most"))
+        );
+        let twice = register_message(MAX_ENTITIES_PER_STREAM - 1, true);
+        assert!(
+            matches!(pool.register(2, &twice, tx.clone()), Err(RegisterError::Invalid(m)) if m.contains("twice"))
+        );
+        assert!(
+            pool.register(
+                3,
+                &register_message(MAX_ENTITIES_PER_STREAM, false),
+                tx.clone()
+            )
+            .is_ok()
+        );
+        // max_resolver_streams is 4 here.
+        for id in 4..7 {
+            pool.register(id, &register_message(1, false), tx.clone())
+                .unwrap();
+        }
+        assert!(matches!(
+            pool.register(7, &register_message(1, false), tx),
+            Err(RegisterError::Full(_))
+        ));
+    }
+
+    #[test]
+    fn versions_above_2_pow_53_are_invalid_answers() {
+        let result = |version| KeyResult {
+            id: "1".into(),
+            status: crate::proto::v1::Status::Ok as i32,
+            rows: vec![],
+            version,
+            message: String::new(),
+        };
+        assert!(read_key_result(result(MAX_VERSION)).is_ok());
+        let err = read_key_result(result(MAX_VERSION + 1)).unwrap_err();
+        assert_eq!(err.kind(), ResolveErrorKind::InvalidAnswer);
+    }
+
+    #[tokio::test]
+    async fn a_queued_job_fails_with_timeout_past_its_deadline() {
+        let pool = pool(10);
+        let (_rid, mut rx) = register(&pool, "svc", FetchMode::Shared);
+        // max_in_flight 1: the first job is sent, the second waits in the queue.
+        let (first, second) = {
+            let (a, b) = (pool.clone(), pool.clone());
+            (
+                tokio::spawn(async move {
+                    a.resolve(&key("1"), Arc::from(""), Reason::Change, true)
+                        .await
+                }),
+                tokio::spawn(async move {
+                    b.resolve(&key("2"), Arc::from(""), Reason::Change, true)
+                        .await
+                }),
+            )
+        };
+        while pool.inner.state.lock().unwrap().entities["items"]
+            .queue
+            .len()
+            < 1
+        {
+            tokio::task::yield_now().await;
+        }
+        let _sent = request(&mut rx);
+        let later =
+            Instant::now() + Duration::from_secs(5) * MAX_ATTEMPTS + Duration::from_millis(1);
+        pool.expire(later);
+        assert!(matches!(second.await.unwrap(), Err(ResolveError::Timeout)));
+        assert!(
+            pool.inner.state.lock().unwrap().entities["items"]
+                .queue
+                .is_empty()
+        );
+        first.abort();
     }
 }

@@ -24,7 +24,7 @@ use crate::{
     protocol::{
         self, ClientMessage, ErrorCode, FrameText, ProtocolError, error_frame, unsubscribed_frame,
     },
-    registry::{ConnId, Connection, Registry},
+    registry::{AddPending, ConnId, Connection, Registry},
     resolve::Resolvers,
     tasks::Tasks,
 };
@@ -327,10 +327,13 @@ fn on_text(
     };
     match message {
         ClientMessage::Subscribe(key) => {
-            if !ctx
+            let added = ctx
                 .registry
-                .add_pending(&key, conn, ctx.config.max_subscriptions)
-            {
+                .add_pending(&key, conn, ctx.config.max_subscriptions);
+            if added == AddPending::InFlight {
+                return Vec::new();
+            }
+            if added == AddPending::Full {
                 ctx.metrics.client_error(ErrorCode::TooManySubscriptions);
                 let message = format!(
                     "this connection already holds {} subscriptions, the limit",

@@ -1,5 +1,8 @@
 //! Node-wide limits: a node at `max_connections` refuses further websocket
-//! upgrades with HTTP 503 and takes new ones once a connection closes.
+//! upgrades with HTTP 503 and takes new ones once a connection closes; the
+//! resolve limits: one snapshot resolve per held key however often a client
+//! subscribes, version resets on resubscribe, versions above 2^53 refused,
+//! resolver streams per node capped.
 
 use entity_sync_testkit as common;
 
@@ -102,4 +105,112 @@ async fn only_allowed_origins_may_open_websockets() {
     // Non-browser clients send no Origin; the check protects browsers.
     assert_eq!(upgrade_status_from(&node, None).await, 101);
     node.shutdown().await;
+}
+
+mod resolve_limits {
+    use entity_sync_backend::{FetchMode, Reason};
+    use entity_sync_testkit::{
+        Entry, ResolverOptions, TestNode, TestResolver, notify_one, wait_until,
+    };
+    use serde_json::json;
+
+    fn items() -> ResolverOptions {
+        ResolverOptions::new("svc").entity("items", FetchMode::Shared)
+    }
+
+    #[tokio::test]
+    async fn a_repeated_subscribe_starts_one_resolve() {
+        let (node, resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
+        data.set_rows("items", "1", &[r#"{"id":1}"#]);
+        resolver.hold("items");
+        let mut client = node.client().await;
+        for _ in 0..50 {
+            client.send_subscribe("items", "1").await;
+        }
+        wait_until("the snapshot resolve reached the resolver", || {
+            resolver.held_count() == 1
+        })
+        .await;
+        // The session handles a connection's messages in order: once this
+        // answer arrives, all 50 subscribes were handled. One resolve.
+        client.send_unsubscribe("items", "2").await;
+        client
+            .expect_error("not_subscribed", Some(("items", "2")))
+            .await;
+        assert_eq!(
+            resolver.requests_for(Reason::Subscribe, "items", "1").len(),
+            1
+        );
+        resolver.release().await;
+        client.expect_subscribed("items", "1").await;
+        let (_, rows) = client.expect_push("items", "1").await;
+        assert_eq!(rows, vec![json!({"id": 1})]);
+        client.silent().await;
+        // Once answered, subscribing again re-resolves (a fresh snapshot).
+        let (_, rows) = client.subscribe("items", "1").await;
+        assert_eq!(rows, vec![json!({"id": 1})]);
+        assert_eq!(
+            resolver.requests_for(Reason::Subscribe, "items", "1").len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resubscribe_resets_the_version_held_for_the_key() {
+        let (node, _resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
+        let versioned = |v: u64| Entry {
+            version: v,
+            ..Entry::ok(&[r#"{"id":1}"#])
+        };
+        data.set("items", "1", versioned(1_000_000));
+        let mut client = node.client().await;
+        let (version, _) = client.subscribe("items", "1").await;
+        assert_eq!(version, 1_000_000);
+        // The backend's versions went back (a bug, a restore): pushes at
+        // lower versions are skipped...
+        data.set("items", "1", versioned(5));
+        notify_one(node.grpc(), "items", "1").await;
+        client.silent().await;
+        // ...until the client resubscribes: its snapshot resets the version.
+        let (version, _) = client.subscribe("items", "1").await;
+        assert_eq!(version, 5);
+        data.set("items", "1", versioned(6));
+        notify_one(node.grpc(), "items", "1").await;
+        let (version, _) = client.expect_push("items", "1").await;
+        assert_eq!(version, 6);
+    }
+
+    #[tokio::test]
+    async fn a_version_above_2_pow_53_is_a_resolver_error() {
+        let (node, _resolver, data) = TestNode::with_resolver("items", FetchMode::Shared).await;
+        data.set(
+            "items",
+            "1",
+            Entry {
+                version: (1 << 53) + 1,
+                ..Entry::ok(&[r#"{"id":1}"#])
+            },
+        );
+        let mut client = node.client().await;
+        client.send_subscribe("items", "1").await;
+        client
+            .expect_error("resolver_error", Some(("items", "1")))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn resolver_streams_per_node_are_capped() {
+        let (node, _first, data) =
+            TestNode::start_with_resolver(|c| c.resolve.max_resolver_streams = 1, items()).await;
+        let refused = TestResolver::try_connect(node.grpc(), items(), &data)
+            .await
+            .err()
+            .expect("a second stream is refused");
+        assert_eq!(
+            refused.code(),
+            Some(tonic::Code::ResourceExhausted),
+            "{refused}"
+        );
+        assert_eq!(node.stats().resolvers, 1);
+    }
 }
