@@ -92,7 +92,8 @@ pub struct BackendBuilder {
 }
 
 impl Backend {
-    /// A backend of the node at `endpoint` (`http://host:50051`).
+    /// A backend of the node at `endpoint` (`http://host:50051`, or
+    /// `https://host:50051` with [`tls`](BackendBuilder::tls)).
     pub fn builder(endpoint: impl Into<String>) -> BackendBuilder {
         BackendBuilder {
             endpoint: NodeEndpoint::new(endpoint),
@@ -459,6 +460,13 @@ impl BackendBuilder {
     /// How long a connection attempt may take (default 5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.endpoint.connect_timeout = timeout;
+        self
+    }
+
+    /// Connects over TLS (the node's URL must then be `https://`); see [`Tls`](crate::Tls).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::Tls) -> Self {
+        self.endpoint.tls = Some(tls);
         self
     }
 

@@ -147,6 +147,8 @@ pub struct ResolverOptions {
     pub max_in_flight: u32,
     /// Artificial delay before each response.
     pub delay: Duration,
+    /// TLS to the node (its URL is then `https://`).
+    pub tls: Option<entity_sync_backend::Tls>,
 }
 
 impl ResolverOptions {
@@ -157,7 +159,13 @@ impl ResolverOptions {
             pass_through: false,
             max_in_flight: 0,
             delay: Duration::ZERO,
+            tls: None,
         }
+    }
+
+    pub fn tls(mut self, tls: entity_sync_backend::Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn entity(mut self, entity: &str, mode: FetchMode) -> Self {
@@ -266,6 +274,9 @@ impl TestResolver {
             })
             .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
             .drain_timeout(DEADLINE);
+        if let Some(tls) = options.tls.clone() {
+            builder = builder.tls(tls);
+        }
         for (entity, mode) in &options.entities {
             builder = builder.entity(entity.clone(), *mode, handler.clone());
         }
