@@ -96,7 +96,7 @@ mod tests {
     use super::*;
 
     fn refused(endpoint: NodeEndpoint) -> String {
-        let err = endpoint.endpoint().err().expect("refused");
+        let err = endpoint.endpoint().expect_err("refused");
         assert_eq!(err.kind(), ErrorKind::Config);
         err.message().to_owned()
     }

@@ -152,7 +152,7 @@ mod tests {
     const NOT_PEM: &str = "hunter2 is not a certificate";
 
     fn message(tls: Tls) -> String {
-        let err = tls.client_config().err().expect("refused");
+        let err = tls.client_config().expect_err("refused");
         assert_eq!(err.kind(), ErrorKind::Config);
         err.message().to_owned()
     }
