@@ -475,7 +475,32 @@ async fn the_binary_serves_wss_and_mutual_tls_grpc() {
         "notify without a client certificate",
         "CertificateRequired",
     );
-    // `WsClient` (plain) on the TLS port is refused.
+    // The notify subcommand, with the client certificate.
+    let out = {
+        let (server, ca, cert, key) = (
+            format!("https://{}", node.grpc),
+            path(&files.ca_cert),
+            path(&files.client_cert),
+            path(&files.client_key),
+        );
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["notify", "--server", &server, "--tls-ca", &ca])
+                .args(["--tls-cert", &cert, "--tls-key", &key, "items/1"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (version, _) = client.push_at_least("items", "1", seq + 1).await;
+    assert_eq!(version, seq + 1);
+    // A plain websocket on the TLS port is refused.
     let plain = format!("ws://{}/ws/entity-sync/", node.ws);
     assert!(connect(&plain, &ConnectOptions::default()).await.is_err());
 }
