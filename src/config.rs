@@ -4,7 +4,11 @@
 //! [`GrpcConfig`], [`NatsConfig`], [`ResolveConfig`]), each flattened into
 //! the one command line, so a component is built from its own section.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::Args;
 
@@ -128,6 +132,32 @@ pub struct WsConfig {
     /// A connection silent for this long (no frame, no pong) is closed.
     #[arg(long, env = "ENTITY_SYNC_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+
+    /// Certificate chain (PEM) of the websocket/HTTP port, with
+    /// --ws-tls-key: the port then serves `wss://` and `https://` only.
+    #[arg(
+        id = "ws_tls_cert",
+        value_name = "PATH",
+        long = "ws-tls-cert",
+        env = "ENTITY_SYNC_WS_TLS_CERT"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --ws-tls-cert.
+    #[arg(
+        id = "ws_tls_key",
+        value_name = "PATH",
+        long = "ws-tls-key",
+        env = "ENTITY_SYNC_WS_TLS_KEY"
+    )]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl WsConfig {
+    /// `(cert, key)` when the port serves TLS (after [`Config::validate`]).
+    pub fn tls_identity(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
+    }
 }
 
 /// The gRPC port: `Notify` and the backends' `Resolve` streams.
@@ -172,13 +202,54 @@ pub struct GrpcConfig {
         default_value_t = false
     )]
     pub insecure: bool,
+
+    /// Certificate chain (PEM) of the gRPC port, with --grpc-tls-key: the
+    /// port then speaks TLS only.
+    #[arg(
+        id = "grpc_tls_cert",
+        value_name = "PATH",
+        long = "grpc-tls-cert",
+        env = "ENTITY_SYNC_GRPC_TLS_CERT"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --grpc-tls-cert.
+    #[arg(
+        id = "grpc_tls_key",
+        value_name = "PATH",
+        long = "grpc-tls-key",
+        env = "ENTITY_SYNC_GRPC_TLS_KEY"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM): gRPC clients must present a certificate one
+    /// of them signed (mutual TLS). Needs --grpc-tls-cert and --grpc-tls-key.
+    #[arg(
+        id = "grpc_tls_client_ca",
+        value_name = "PATH",
+        long = "grpc-tls-client-ca",
+        env = "ENTITY_SYNC_GRPC_TLS_CLIENT_CA"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl GrpcConfig {
+    /// `(cert, key)` when the port speaks TLS (after [`Config::validate`]).
+    pub fn tls_identity(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
+    }
+
+    /// Whether every gRPC client must present a certificate signed by
+    /// --grpc-tls-client-ca (mutual TLS). Valid once [`Config::validate`]
+    /// passed, which refuses a client CA without a server certificate.
+    pub fn verifies_client_certs(&self) -> bool {
+        self.tls_client_ca.is_some() && self.tls_identity().is_some()
+    }
+
     /// Whether callers must prove who they are (a tokens file; client
     /// certificates count too).
     pub fn authenticates_callers(&self) -> bool {
-        self.tokens_file.is_some()
+        self.tokens_file.is_some() || self.verifies_client_certs()
     }
 
     /// The safe default: a gRPC port reachable from the network (`bound`,
@@ -367,7 +438,22 @@ impl Default for ResolveConfig {
 impl Config {
     /// Cross-field checks clap can't express. Returns a message for the user.
     pub fn validate(&self) -> Result<(), String> {
-        let (ws, nats, resolve) = (&self.ws, &self.nats, &self.resolve);
+        let (ws, grpc, nats, resolve) = (&self.ws, &self.grpc, &self.nats, &self.resolve);
+        if grpc.tls_cert.is_some() != grpc.tls_key.is_some() {
+            return Err(
+                "--grpc-tls-cert and --grpc-tls-key go together: give both, or neither".into(),
+            );
+        }
+        if grpc.tls_client_ca.is_some() && grpc.tls_cert.is_none() {
+            return Err(
+                "--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key \
+                        (mutual TLS runs over the port's own TLS)"
+                    .into(),
+            );
+        }
+        if ws.tls_cert.is_some() != ws.tls_key.is_some() {
+            return Err("--ws-tls-cert and --ws-tls-key go together: give both, or neither".into());
+        }
         if ws.max_message_bytes < 256 {
             return Err("--max-message-bytes must be at least 256".into());
         }
@@ -515,6 +601,56 @@ mod tests {
         assert_eq!(c.resolve.batch_size, 3);
         assert_eq!(c.resolve.default_max_in_flight, 4);
         assert_eq!(c.ws.max_subscriptions, 5);
+    }
+
+    #[test]
+    fn tls_flags_and_their_combinations() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["entity-sync"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).unwrap().config
+        };
+        let c = parse(&[
+            "--grpc-tls-cert=/c.pem",
+            "--grpc-tls-key=/k.pem",
+            "--grpc-tls-client-ca=/ca.pem",
+            "--ws-tls-cert=/wc.pem",
+            "--ws-tls-key=/wk.pem",
+        ]);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            c.grpc.tls_identity(),
+            Some((Path::new("/c.pem"), Path::new("/k.pem")))
+        );
+        assert!(c.grpc.verifies_client_certs());
+        assert_eq!(
+            c.ws.tls_identity(),
+            Some((Path::new("/wc.pem"), Path::new("/wk.pem")))
+        );
+        let plain = Config::default();
+        assert!(!plain.grpc.verifies_client_certs());
+        assert_eq!(plain.grpc.tls_identity(), None);
+        assert_eq!(plain.ws.tls_identity(), None);
+        let tls_only = parse(&["--grpc-tls-cert=/c.pem", "--grpc-tls-key=/k.pem"]);
+        assert!(!tls_only.grpc.verifies_client_certs());
+
+        let refused = |args: &[&str]| parse(args).validate().unwrap_err();
+        assert_eq!(
+            refused(&["--grpc-tls-cert=/c.pem"]),
+            "--grpc-tls-cert and --grpc-tls-key go together: give both, or neither"
+        );
+        assert_eq!(
+            refused(&["--grpc-tls-key=/k.pem"]),
+            "--grpc-tls-cert and --grpc-tls-key go together: give both, or neither"
+        );
+        assert!(
+            refused(&["--grpc-tls-client-ca=/ca.pem"])
+                .starts_with("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
+        );
+        assert_eq!(
+            refused(&["--ws-tls-key=/k.pem"]),
+            "--ws-tls-cert and --ws-tls-key go together: give both, or neither"
+        );
     }
 
     #[test]

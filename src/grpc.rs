@@ -60,11 +60,13 @@ impl EntitySyncService {
     }
 }
 
-/// Serves the gRPC port on `listener` until the node shuts down: `service`,
+/// Serves the gRPC port on `listener` with `server` (plaintext or TLS, see
+/// `tls::grpc_server`) until the node shuts down: `service`,
 /// standard health (NOT_SERVING as soon as shutdown starts, so load
 /// balancers move on) and `reflection`.
 pub(crate) async fn serve<R: ServerReflection>(
     listener: TcpListener,
+    mut server: tonic::transport::Server,
     service: EntitySyncService,
     reflection: ServerReflectionServer<R>,
 ) {
@@ -77,7 +79,7 @@ pub(crate) async fn serve<R: ServerReflection>(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = tasks.token().clone().cancelled_owned();
     tasks.spawn(async move {
-        let served = tonic::transport::Server::builder()
+        let served = server
             .add_service(health_service)
             .add_service(reflection)
             .add_service(EntitySyncServer::new(service))

@@ -10,17 +10,18 @@ use std::{
 
 use axum::{
     Router,
-    extract::{ConnectInfo, State, WebSocketUpgrade},
+    extract::{ConnectInfo, State, WebSocketUpgrade, connect_info::Connected},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
-    serve::ListenerExt,
+    serve::{IncomingStream, Listener, ListenerExt},
 };
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::{bus::Bus, metrics::Stats, session};
+use crate::{bus::Bus, metrics::Stats, session, tasks::Tasks, tls::TlsListener};
 
 /// Read buffer of each websocket, in bytes. tungstenite allocates it up front
 /// and zero-fills it on every read, so it is small on purpose: client messages
@@ -62,9 +63,11 @@ impl HttpState {
 }
 
 /// Serves the websocket port on `listener` (path, origins and limits from
-/// the sessions' `WsConfig`) until the node shuts down.
+/// the sessions' `WsConfig`) until the node shuts down; over TLS only when
+/// `tls` is given.
 pub(crate) fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     sessions: Arc<session::SessionContext>,
     bus: Bus,
 ) -> HttpState {
@@ -86,14 +89,36 @@ pub(crate) fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state.clone())
-        .into_make_service_with_connect_info::<SocketAddr>();
+        .with_state(state.clone());
     // Pushes are small and latency matters: no Nagle delay.
     let listener = listener.tap_io(|stream| {
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
     });
+    // Two instantiations rather than one listener type for both, so that a
+    // plaintext connection stays exactly the TCP stream it was.
+    match tls {
+        None => spawn_server(listener, app, &tasks),
+        // A `tap_io` with nothing to do: axum gives `TapIo` listeners the
+        // `ConnectInfo<SocketAddr>` the upgrade reads, which a listener type
+        // of ours cannot otherwise have (the orphan rule).
+        Some(acceptor) => spawn_server(
+            TlsListener::new(listener, acceptor).tap_io(|_| {}),
+            app,
+            &tasks,
+        ),
+    }
+    state
+}
+
+/// Runs axum on `listener` as a node task, until the node shuts down.
+fn spawn_server<L>(listener: L, app: Router, tasks: &Tasks)
+where
+    L: Listener<Addr = SocketAddr>,
+    for<'a> SocketAddr: Connected<IncomingStream<'a, L>>,
+{
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let shutdown = tasks.token().clone().cancelled_owned();
     tasks.spawn(async move {
         let served = axum::serve(listener, app)
@@ -103,7 +128,6 @@ pub(crate) fn serve(
             tracing::error!(%err, "websocket listener failed");
         }
     });
-    state
 }
 
 async fn upgrade(

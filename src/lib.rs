@@ -30,6 +30,7 @@
 //! - `cluster`: the NATS request-reply link to other nodes' resolvers, both sides.
 //! - `grpc`: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`), health, reflection.
 //! - `http`: the websocket upgrade, `/healthz`, `/readyz`, `/metrics`.
+//! - `tls`: TLS of both ports: PEM files checked at start, the websocket port's TLS listener.
 //!
 //! Dependencies go one way: `session`/`dispatcher` → `resolve` →
 //! {`resolver`, `cluster`}, and `cluster` → `resolver` (it answers other
@@ -52,6 +53,7 @@ pub(crate) mod resolve;
 pub(crate) mod resolver;
 pub mod session;
 pub(crate) mod tasks;
+pub(crate) mod tls;
 
 /// Generated gRPC code.
 pub mod proto {

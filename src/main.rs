@@ -1,7 +1,7 @@
 //! The `entity-sync` binary: parses config, sets up logging, binds the ports and runs a node.
 //! `entity-sync notify entity/id…` calls `Notify` on a running node.
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -9,7 +9,7 @@ use entity_sync::{
     config::Config,
     node::{self, Listeners},
 };
-use entity_sync_backend::{Key, Notifier};
+use entity_sync_backend::{Key, Notifier, Tls};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -55,6 +55,15 @@ enum Command {
         /// A notifier token of the node's --grpc-tokens-file.
         #[arg(long, env = "ENTITY_SYNC_NOTIFY_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// CA certificate (PEM) to verify a TLS node with (`https://` server).
+        #[arg(long, value_name = "PATH")]
+        tls_ca: Option<PathBuf>,
+        /// Client certificate (PEM) for a node with mutual TLS (with --tls-key).
+        #[arg(long, value_name = "PATH", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Key (PEM) of --tls-cert.
+        #[arg(long, value_name = "PATH", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Keys as entity/id, e.g. items/100.
         #[arg(required = true, value_parser = parse_key)]
         keys: Vec<Key>,
@@ -84,8 +93,17 @@ fn main() -> ExitCode {
                 server,
                 idempotency_key,
                 token,
+                tls_ca,
+                tls_cert,
+                tls_key,
                 keys,
-            }) => notify(server, idempotency_key, token, keys).await,
+            }) => {
+                let tls = NotifyTls {
+                    ca: tls_ca,
+                    identity: tls_cert.zip(tls_key),
+                };
+                notify(server, idempotency_key, token, tls, keys).await
+            }
             None => serve(cli.config).await,
         }
     });
@@ -170,15 +188,42 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 /// Calls `Notify` through the backend SDK, which retries while the node is
 /// unavailable; without `--idempotency-key` it sends a fresh one, so a retry
 /// is applied once.
+/// The notify subcommand's TLS files.
+struct NotifyTls {
+    ca: Option<PathBuf>,
+    identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl NotifyTls {
+    fn load(&self) -> anyhow::Result<Option<Tls>> {
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+        };
+        let Some(ca) = &self.ca else {
+            anyhow::ensure!(self.identity.is_none(), "--tls-cert needs --tls-ca");
+            return Ok(None);
+        };
+        let mut tls = Tls::new().ca_certificate(read("--tls-ca", ca)?);
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(read("--tls-cert", cert)?, read("--tls-key", key)?);
+        }
+        Ok(Some(tls))
+    }
+}
+
 async fn notify(
     server: String,
     idempotency_key: String,
     token: Option<String>,
+    tls: NotifyTls,
     keys: Vec<Key>,
 ) -> anyhow::Result<()> {
     let mut builder = Notifier::builder(server.clone());
     if let Some(token) = token {
         builder = builder.bearer_token(token);
+    }
+    if let Some(tls) = tls.load()? {
+        builder = builder.tls(tls);
     }
     let notifier = builder
         .connect()

@@ -18,9 +18,11 @@ use crate::{
     resolver::ResolverPool,
     session::SessionContext,
     tasks::Tasks,
+    tls,
 };
 
 pub use crate::auth::TokensFileError;
+pub use crate::tls::TlsError;
 
 /// Encoded descriptors of `proto/`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("entitysync_descriptor");
@@ -44,6 +46,9 @@ pub enum NodeError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Credentials(#[from] TokensFileError),
+    /// A `--grpc-tls-*` or `--ws-tls-*` file is unreadable or unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A running node. [`Node::shutdown`] stops it gracefully; dropping it
@@ -51,6 +56,7 @@ pub enum NodeError {
 pub struct Node {
     ws_addr: SocketAddr,
     grpc_addr: SocketAddr,
+    grpc_client_auth: bool,
     tasks: Tasks,
     bus: Bus,
     http: HttpState,
@@ -86,6 +92,8 @@ impl Node {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|err| NodeError::Reflection(err.to_string()))?;
+        let grpc_server = tls::grpc_server(&config.grpc)?;
+        let ws_tls = tls::ws_acceptor(&config.ws)?;
         let ws_addr = listeners.ws.local_addr()?;
         let grpc_addr = listeners.grpc.local_addr()?;
         config
@@ -142,7 +150,7 @@ impl Node {
             node_id.clone(),
             &tasks,
         );
-        let http = http::serve(listeners.ws, sessions, bus.clone());
+        let http = http::serve(listeners.ws, ws_tls, sessions, bus.clone());
         if let Some(hangups) = hangups {
             reload_on_sighup(auth.clone(), hangups, &tasks);
         }
@@ -155,12 +163,24 @@ impl Node {
             node_id.clone(),
             &tasks,
         );
-        grpc::serve(listeners.grpc, service, reflection).await;
+        grpc::serve(listeners.grpc, grpc_server, service, reflection).await;
 
-        tracing::info!(node.id = %node_id, %ws_addr, ws_path = %config.ws.path, %grpc_addr, bus = bus.kind(), "node started");
+        let grpc_client_auth = config.grpc.verifies_client_certs();
+        tracing::info!(
+            node.id = %node_id,
+            %ws_addr,
+            ws_path = %config.ws.path,
+            ws_tls = config.ws.tls_identity().is_some(),
+            %grpc_addr,
+            grpc_tls = config.grpc.tls_identity().is_some(),
+            grpc_client_auth,
+            bus = bus.kind(),
+            "node started"
+        );
         Ok(Node {
             ws_addr,
             grpc_addr,
+            grpc_client_auth,
             tasks,
             bus,
             http,
@@ -184,6 +204,13 @@ impl Node {
 
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Whether the gRPC port verifies client certificates (mutual TLS,
+    /// `--grpc-tls-client-ca`): every call then comes from a client holding a
+    /// certificate the configured CA signed.
+    pub fn grpc_client_auth(&self) -> bool {
+        self.grpc_client_auth
     }
 
     /// Live registry and pool counts.

@@ -1200,8 +1200,7 @@ mod tests {
         };
         while pool.inner.state.lock().unwrap().entities["items"]
             .queue
-            .len()
-            < 1
+            .is_empty()
         {
             tokio::task::yield_now().await;
         }

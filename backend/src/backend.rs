@@ -92,7 +92,8 @@ pub struct BackendBuilder {
 }
 
 impl Backend {
-    /// A backend of the node at `endpoint` (`http://host:50051`).
+    /// A backend of the node at `endpoint` (`http://host:50051`, or
+    /// `https://host:50051` with [`tls`](BackendBuilder::tls)).
     pub fn builder(endpoint: impl Into<String>) -> BackendBuilder {
         BackendBuilder {
             endpoint: NodeEndpoint::new(endpoint),
@@ -466,6 +467,13 @@ impl BackendBuilder {
     /// `authorization: Bearer TOKEN` (never logged).
     pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
         self.endpoint.token = Some(crate::Secret::new(token.into()));
+        self
+    }
+
+    /// Connects over TLS (the node's URL must then be `https://`); see [`Tls`](crate::Tls).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::Tls) -> Self {
+        self.endpoint.tls = Some(tls);
         self
     }
 

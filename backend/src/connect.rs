@@ -26,6 +26,8 @@ pub(crate) struct NodeEndpoint {
     pub(crate) connect_timeout: Duration,
     /// Sent as `authorization: Bearer TOKEN` (redacted in `Debug`).
     pub(crate) token: Option<Secret>,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<crate::Tls>,
 }
 
 impl NodeEndpoint {
@@ -34,6 +36,8 @@ impl NodeEndpoint {
             url: url.into(),
             connect_timeout: CONNECT_TIMEOUT,
             token: None,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -69,14 +73,39 @@ impl NodeEndpoint {
         ))
     }
 
-    /// The tonic endpoint; fails on a URL that is not `http(s)://host:port`.
+    /// The tonic endpoint; fails on a URL that is not `http(s)://host:port`,
+    /// on `https://` without TLS settings (or the reverse), and on bad PEM.
     pub(crate) fn endpoint(&self) -> Result<Endpoint, Error> {
-        let endpoint = Endpoint::from_shared(self.url.clone()).map_err(|err| {
-            Error::new(
-                ErrorKind::Config,
-                format!("invalid node URL {:?}: {err}", self.url),
-            )
-        })?;
+        let config = |message: String| Error::new(ErrorKind::Config, message);
+        let endpoint = Endpoint::from_shared(self.url.clone())
+            .map_err(|err| config(format!("invalid node URL {:?}: {err}", self.url)))?;
+        let https = endpoint.uri().scheme_str() == Some("https");
+        #[cfg(feature = "tls")]
+        let endpoint = match (&self.tls, https) {
+            (Some(tls), true) => endpoint
+                .tls_config(tls.client_config()?)
+                .map_err(|err| config(format!("TLS settings: {}", source_chain(&err))))?,
+            (Some(_), false) => {
+                return Err(config(format!(
+                    "node URL {:?}: with TLS settings, use https://",
+                    self.url
+                )));
+            }
+            (None, true) => {
+                return Err(config(format!(
+                    "node URL {:?}: https:// needs TLS settings (.tls(Tls::new().ca_certificate(..)))",
+                    self.url
+                )));
+            }
+            (None, false) => endpoint,
+        };
+        #[cfg(not(feature = "tls"))]
+        if https {
+            return Err(config(format!(
+                "node URL {:?}: https:// needs the crate's `tls` feature",
+                self.url
+            )));
+        }
         Ok(endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
@@ -102,15 +131,8 @@ impl NodeEndpoint {
 }
 
 /// `err: its source: ...`: tonic's transport error says only "transport error".
-fn source_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
+fn source_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    crate::error::with_causes(err.to_string(), err.source())
 }
 
 /// Adds `authorization` to every call.
@@ -152,4 +174,35 @@ mod tests {
             ErrorKind::Config
         );
     }
+
+    fn refused(endpoint: NodeEndpoint) -> String {
+        let err = endpoint.endpoint().expect_err("refused");
+        assert_eq!(err.kind(), ErrorKind::Config);
+        err.message().to_owned()
+    }
+
+    #[test]
+    fn https_and_tls_settings_go_together() {
+        #[cfg(feature = "tls")]
+        {
+            assert_eq!(
+                refused(NodeEndpoint::new("https://127.0.0.1:1")),
+                "node URL \"https://127.0.0.1:1\": https:// needs TLS settings \
+                 (.tls(Tls::new().ca_certificate(..)))"
+            );
+            let mut endpoint = NodeEndpoint::new("http://127.0.0.1:1");
+            endpoint.tls = Some(crate::Tls::new().ca_certificate(CA));
+            assert_eq!(
+                refused(endpoint.clone()),
+                "node URL \"http://127.0.0.1:1\": with TLS settings, use https://"
+            );
+            endpoint.url = "https://127.0.0.1:1".into();
+            assert!(endpoint.endpoint().is_ok());
+        }
+        assert!(NodeEndpoint::new("http://127.0.0.1:1").endpoint().is_ok());
+    }
+
+    /// Any base64 parses as PEM; tonic only stores it until it connects.
+    #[cfg(feature = "tls")]
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
 }

@@ -45,10 +45,16 @@ impl Error {
             Unavailable | DeadlineExceeded | ResourceExhausted | Aborted => ErrorKind::Unavailable,
             _ => ErrorKind::Stream,
         };
+        // A failure of the transport (a TLS alert, a reset connection) says
+        // only "transport error": its causes say what happened.
+        let message = with_causes(
+            status.message().to_owned(),
+            std::error::Error::source(status),
+        );
         Self {
             kind,
             code: Some(status.code()),
-            message: status.message().to_owned(),
+            message,
         }
     }
 
@@ -96,6 +102,23 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// `text: cause: its cause: ...`, leaving out a cause that only repeats the
+/// text before it (tonic's and rustls's errors often do).
+pub(crate) fn with_causes(
+    mut text: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    while let Some(err) = source {
+        let cause = err.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = err.source();
+    }
+    text
+}
 
 #[cfg(test)]
 mod tests {

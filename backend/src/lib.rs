@@ -46,6 +46,8 @@
 //!   closures and `async fn`s implement.
 //! - [`Error`], [`ErrorKind`] (module `error`): failures, with a kind callers match on.
 //! - module `connect`: the node endpoint both clients are built from.
+//! - [`Tls`] (module `tls`, feature `tls`, on by default): the CA, client
+//!   certificate and name of a TLS connection to a node (`https://` URLs).
 //! - module `backoff`: jittered exponential delays between attempts.
 //! - [`proto`]: the generated `entitysync.v1` client and messages.
 
@@ -56,6 +58,8 @@ mod error;
 mod handler;
 mod notifier;
 mod request;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use backend::{Backend, BackendBuilder, BackendState};
 pub use error::{Error, ErrorKind};
@@ -63,6 +67,8 @@ pub use handler::{BoxError, Handler, IntoAnswers, PassThroughHandler, each_id};
 pub use notifier::{Key, Notifier, NotifierBuilder, Receipt};
 pub use proto::v1::{FetchMode, Reason};
 pub use request::{Answer, Answers, PassThrough, ResolveRequest, Secret};
+#[cfg(feature = "tls")]
+pub use tls::Tls;
 
 /// Generated gRPC code of the node's public API.
 pub mod proto {

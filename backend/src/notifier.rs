@@ -180,6 +180,13 @@ impl NotifierBuilder {
         self
     }
 
+    /// Connects over TLS (the node's URL must then be `https://`); see [`Tls`](crate::Tls).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::Tls) -> Self {
+        self.endpoint.tls = Some(tls);
+        self
+    }
+
     /// Whether `notify` sends a fresh idempotency key with each call
     /// (default on). Off, a retried call may be applied twice, which costs
     /// one more resolve and nothing else.

@@ -13,10 +13,11 @@
 //!
 //! - [`node`]: [`TestNode`] (in-process) and [`NodeProcess`] (the binary).
 //! - [`nats`]: one nats-server or a JetStream cluster, and a TCP proxy that cuts links.
-//! - [`ws`]: [`connect`](ws::connect) with socket options, and [`WsClient`].
+//! - [`ws`]: [`connect`](ws::connect) with socket options, and [`WsClient`] (over TLS: [`WssClient`]).
 //! - [`resolver`]: [`TestResolver`] and the data it serves.
 //! - [`notify`]: `Notify` through the SDK's notifier, without retries.
-//! - [`http`]: a plain GET and Prometheus text reading.
+//! - [`http`]: a plain or TLS GET and Prometheus text reading.
+//! - [`tls`]: a CA and certificates for tests ([`TlsFiles`]), and the TLS clients' config.
 //! - [`process`]: child processes killed on drop, temp dirs, free ports.
 
 pub mod http;
@@ -25,6 +26,7 @@ pub mod node;
 pub mod notify;
 pub mod process;
 pub mod resolver;
+pub mod tls;
 pub mod ws;
 
 use std::time::Duration;
@@ -36,7 +38,8 @@ pub use notify::{notify, notify_one, try_notify};
 pub use resolver::{
     Entry, ResolverData, ResolverOptions, SeenPassThrough, SeenRequest, TestResolver,
 };
-pub use ws::{WsClient, connect, parse_push};
+pub use tls::{CertKey, TestCa, TlsFiles};
+pub use ws::{WsClient, WssClient, connect, connect_wss, parse_push};
 
 /// How long a receive or a polled condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(5);

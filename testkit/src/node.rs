@@ -58,9 +58,17 @@ impl TestNode {
         config: Config,
     ) -> Result<TestNode, entity_sync::node::NodeError> {
         let ws_path = config.ws.path.clone();
+        let ws_scheme = match config.ws.tls_identity() {
+            Some(_) => "wss",
+            None => "ws",
+        };
+        let grpc_scheme = match config.grpc.tls_identity() {
+            Some(_) => "https",
+            None => "http",
+        };
         let node = Node::start(listeners, config).await?;
-        let ws_url = format!("ws://{}{}", node.ws_addr(), ws_path);
-        let grpc = format!("http://{}", node.grpc_addr());
+        let ws_url = format!("{ws_scheme}://{}{}", node.ws_addr(), ws_path);
+        let grpc = format!("{grpc_scheme}://{}", node.grpc_addr());
         Ok(TestNode {
             node: Some(node),
             ws_url,
@@ -95,11 +103,12 @@ impl TestNode {
         (node, resolver, data)
     }
 
+    /// The websocket URL, `ws://127.0.0.1:PORT/path` (`wss://` with `--ws-tls-cert`).
     pub fn ws_url(&self) -> &str {
         &self.ws_url
     }
 
-    /// The gRPC endpoint, `http://127.0.0.1:PORT`.
+    /// The gRPC endpoint, `http://127.0.0.1:PORT` (`https://` with `--grpc-tls-cert`).
     pub fn grpc(&self) -> &str {
         &self.grpc
     }
@@ -110,6 +119,11 @@ impl TestNode {
 
     pub fn grpc_addr(&self) -> SocketAddr {
         self.node().grpc_addr()
+    }
+
+    /// Whether the node verifies gRPC client certificates.
+    pub fn grpc_client_auth(&self) -> bool {
+        self.node().grpc_client_auth()
     }
 
     fn node(&self) -> &Node {

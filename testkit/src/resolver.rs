@@ -151,6 +151,8 @@ pub struct ResolverOptions {
     pub delay: Duration,
     /// Bearer token (a resolver line of the node's tokens file).
     pub token: Option<String>,
+    /// TLS to the node (its URL is then `https://`).
+    pub tls: Option<entity_sync_backend::Tls>,
 }
 
 impl ResolverOptions {
@@ -162,11 +164,17 @@ impl ResolverOptions {
             max_in_flight: 0,
             delay: Duration::ZERO,
             token: None,
+            tls: None,
         }
     }
 
     pub fn token(mut self, token: &str) -> Self {
         self.token = Some(token.to_owned());
+        self
+    }
+
+    pub fn tls(mut self, tls: entity_sync_backend::Tls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -276,6 +284,9 @@ impl TestResolver {
             })
             .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
             .drain_timeout(DEADLINE);
+        if let Some(tls) = options.tls.clone() {
+            builder = builder.tls(tls);
+        }
         for (entity, mode) in &options.entities {
             builder = builder.entity(entity.clone(), *mode, handler.clone());
         }

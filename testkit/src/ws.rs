@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpSocket, TcpStream},
     time::{Instant, timeout},
 };
@@ -23,6 +24,12 @@ use crate::{DEADLINE, SILENCE};
 
 /// A client websocket over TCP.
 pub type Ws = WebSocketStream<TcpStream>;
+
+/// A client websocket over TLS (`wss://`).
+pub type Wss = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A [`WsClient`] over TLS.
+pub type WssClient = WsClient<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// How [`connect`] sets up the socket.
 #[derive(Debug, Clone, Default)]
@@ -75,9 +82,42 @@ pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Ws, String> 
     Ok(ws)
 }
 
-/// A websocket client speaking the entity-sync JSON protocol.
-pub struct WsClient {
-    ws: Ws,
+/// Connects to `url` (`wss://host:port/path`, host an IP or `localhost`)
+/// trusting the CA certificates in `ca_pem` only; TCP_NODELAY on.
+pub async fn connect_wss(url: &str, ca_pem: &str) -> Result<Wss, String> {
+    let authority = url
+        .strip_prefix("wss://")
+        .and_then(|rest| rest.split('/').next())
+        .ok_or_else(|| format!("{url:?} is not wss://HOST:PORT/path"))?;
+    let (host, _port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{url:?} has no port"))?;
+    let tcp = TcpStream::connect(authority)
+        .await
+        .map_err(|e| format!("connecting to {authority}: {e}"))?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let tls = crate::tls::connect(tcp, host, ca_pem, b"http/1.1").await?;
+    let (ws, _response) = client_async_with_config(url, tls, None)
+        .await
+        .map_err(|e| format!("websocket handshake: {e}"))?;
+    Ok(ws)
+}
+
+/// A websocket client speaking the entity-sync JSON protocol, over TCP
+/// (`WsClient`, the default) or TLS ([`WssClient`]).
+pub struct WsClient<S = TcpStream> {
+    ws: WebSocketStream<S>,
+}
+
+impl WssClient {
+    /// Connects over `wss://`, trusting `ca_pem` only; panics on failure.
+    pub async fn connect_tls(url: &str, ca_pem: &str) -> WssClient {
+        let ws = timeout(DEADLINE, connect_wss(url, ca_pem))
+            .await
+            .expect("wss connect timed out")
+            .unwrap_or_else(|err| panic!("wss connect to {url}: {err}"));
+        WsClient { ws }
+    }
 }
 
 impl WsClient {
@@ -102,7 +142,9 @@ impl WsClient {
             .unwrap_or_else(|err| panic!("websocket connect to {url}: {err}"));
         WsClient { ws }
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
     pub async fn send_json(&mut self, value: Value) {
         self.send_text(&value.to_string()).await;
     }
@@ -303,7 +345,7 @@ impl WsClient {
     }
 
     /// Access to the raw stream, e.g. to drop the TCP connection abruptly.
-    pub fn into_inner(self) -> Ws {
+    pub fn into_inner(self) -> WebSocketStream<S> {
         self.ws
     }
 }
