@@ -133,6 +133,13 @@ pub struct WsConfig {
     #[arg(long, env = "ENTITY_SYNC_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// Time a new connection of the websocket port has to finish its TLS
+    /// handshake, and then to deliver its first complete request (the
+    /// upgrade); then it is closed. Until then it counts against
+    /// --max-connections.
+    #[arg(long, env = "ENTITY_SYNC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// Certificate chain (PEM) of the websocket/HTTP port, with
     /// --ws-tls-key: the port then serves `wss://` and `https://` only.
     #[arg(

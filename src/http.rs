@@ -10,8 +10,9 @@ use std::{
 
 use axum::{
     Router,
-    extract::{ConnectInfo, State, WebSocketUpgrade, connect_info::Connected},
+    extract::{ConnectInfo, Request, State, WebSocketUpgrade, connect_info::Connected},
     http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
     serve::{IncomingStream, Listener, ListenerExt},
@@ -21,7 +22,14 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::{bus::Bus, metrics::Stats, session, tasks::Tasks, tls::TlsListener};
+use crate::{
+    bus::Bus,
+    handshake::{ConnInfo, Handshaking, Pending},
+    metrics::Stats,
+    session,
+    tasks::Tasks,
+    tls::TlsListener,
+};
 
 /// Read buffer of each websocket, in bytes. tungstenite allocates it up front
 /// and zero-fills it on every read, so it is small on purpose: client messages
@@ -42,6 +50,8 @@ pub(crate) struct HttpState {
     next_conn: Arc<AtomicU64>,
     /// `--allowed-origins`, normalized. Empty: any origin.
     allowed_origins: Arc<[String]>,
+    /// Connections whose first request is not in yet.
+    pending: Pending,
 }
 
 impl HttpState {
@@ -83,12 +93,14 @@ pub(crate) fn serve(
         next_conn: Arc::new(AtomicU64::new(1)),
         bus,
         sessions: sessions.clone(),
+        pending: Pending::default(),
     };
     let app = Router::new()
         .route(&config.path, get(upgrade))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(middleware::from_fn(request_in))
         .with_state(state.clone());
     // Pushes are small and latency matters: no Nagle delay.
     let listener = listener.tap_io(|stream| {
@@ -96,15 +108,19 @@ pub(crate) fn serve(
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
     });
-    // Two instantiations rather than one listener type for both, so that a
-    // plaintext connection stays exactly the TCP stream it was.
+    // Every connection must deliver its first request in time, and counts
+    // against --max-connections until it does. Two instantiations rather
+    // than one listener type for both, so that a plaintext connection stays
+    // the TCP stream it was (with a deadline until its first request).
+    let (pending, timeout) = (state.pending.clone(), config.handshake_timeout);
     match tls {
-        None => spawn_server(listener, app, &tasks),
-        // A `tap_io` with nothing to do: axum gives `TapIo` listeners the
-        // `ConnectInfo<SocketAddr>` the upgrade reads, which a listener type
-        // of ours cannot otherwise have (the orphan rule).
+        None => spawn_server(Handshaking::new(listener, pending, timeout), app, &tasks),
         Some(acceptor) => spawn_server(
-            TlsListener::new(listener, acceptor).tap_io(|_| {}),
+            Handshaking::new(
+                TlsListener::new(listener, acceptor, timeout),
+                pending,
+                timeout,
+            ),
             app,
             &tasks,
         ),
@@ -112,13 +128,24 @@ pub(crate) fn serve(
     state
 }
 
+/// Every request that reaches the router was read whole: its connection
+/// leaves the header deadline and the pending count.
+async fn request_in(
+    ConnectInfo(info): ConnectInfo<ConnInfo>,
+    request: Request,
+    next: Next,
+) -> Response {
+    info.claim.claim();
+    next.run(request).await
+}
+
 /// Runs axum on `listener` as a node task, until the node shuts down.
 fn spawn_server<L>(listener: L, app: Router, tasks: &Tasks)
 where
     L: Listener<Addr = SocketAddr>,
-    for<'a> SocketAddr: Connected<IncomingStream<'a, L>>,
+    for<'a> ConnInfo: Connected<IncomingStream<'a, L>>,
 {
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    let app = app.into_make_service_with_connect_info::<ConnInfo>();
     let shutdown = tasks.token().clone().cancelled_owned();
     tasks.spawn(async move {
         let served = axum::serve(listener, app)
@@ -132,10 +159,11 @@ where
 
 async fn upgrade(
     ws: WebSocketUpgrade,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(info): ConnectInfo<ConnInfo>,
     State(state): State<HttpState>,
     headers: HeaderMap,
 ) -> Response {
+    let peer = info.peer;
     if !state.ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
@@ -151,7 +179,10 @@ async fn upgrade(
     }
     let ctx = state.sessions.clone();
     let max_connections = ctx.config.max_connections;
-    if max_connections > 0 && ctx.registry.connections() >= max_connections {
+    // Sockets still sending their first request count too: opening many and
+    // sending nothing does not get around the limit.
+    if max_connections > 0 && ctx.registry.connections() + state.pending.count() >= max_connections
+    {
         tracing::warn!(%peer, limit = max_connections, "connection refused: at --max-connections");
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -30,6 +30,7 @@
 //! - `cluster`: the NATS request-reply link to other nodes' resolvers, both sides.
 //! - `grpc`: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`), health, reflection.
 //! - `http`: the websocket upgrade, `/healthz`, `/readyz`, `/metrics`.
+//! - `handshake`: connections until their first request: a header deadline, counted against `--max-connections`.
 //! - `tls`: TLS of both ports: PEM files checked at start, the websocket port's TLS listener.
 //!
 //! Dependencies go one way: `session`/`dispatcher` → `resolve` →
@@ -42,6 +43,7 @@ pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod dispatcher;
 pub(crate) mod grpc;
+pub(crate) mod handshake;
 pub(crate) mod http;
 pub(crate) mod key;
 pub mod metrics;

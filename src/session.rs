@@ -190,8 +190,16 @@ pub(crate) async fn serve(
                 if last_seen.elapsed() >= ctx.config.idle_timeout {
                     break Some((CLOSE_IDLE, "idle timeout"));
                 }
-                if ws.send(Message::Ping(Bytes::new())).await.is_err() {
-                    break None;
+                // A client that stopped reading can block this write like any
+                // other: shutdown and the outbox overflowing still end it.
+                tokio::select! {
+                    sent = ws.send(Message::Ping(Bytes::new())) => {
+                        if sent.is_err() {
+                            break None;
+                        }
+                    }
+                    CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
+                    _ = ctx.tasks.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
                 }
             }
         }

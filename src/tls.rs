@@ -235,19 +235,26 @@ pub(crate) fn ws_acceptor(config: &WsConfig) -> Result<Option<TlsAcceptor>, TlsE
 /// An axum listener that accepts TCP from `inner` and hands out connections
 /// once their TLS handshake is done. Handshakes run as tasks of their own
 /// (a `JoinSet`, aborted when the listener is dropped), each capped by
-/// [`HANDSHAKE_TIMEOUT`], so a client that never finishes one holds only its
+/// `--handshake-timeout`, so a client that never finishes one holds only its
 /// socket, never the accept loop.
 pub(crate) struct TlsListener<L> {
     inner: L,
     acceptor: TlsAcceptor,
+    timeout: Duration,
     handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
 }
 
+/// Handshakes under way at once; a connection beyond it is closed at once
+/// (each holds a socket and a task until it finishes or times out).
+pub(crate) const MAX_PENDING_HANDSHAKES: usize = 4096;
+
 impl<L> TlsListener<L> {
-    pub(crate) fn new(inner: L, acceptor: TlsAcceptor) -> Self {
+    /// `timeout`: `--handshake-timeout`.
+    pub(crate) fn new(inner: L, acceptor: TlsAcceptor, timeout: Duration) -> Self {
         Self {
             inner,
             acceptor,
+            timeout,
             handshakes: JoinSet::new(),
         }
     }
@@ -266,16 +273,20 @@ where
         loop {
             tokio::select! {
                 (stream, peer) = self.inner.accept() => {
-                    let acceptor = self.acceptor.clone();
+                    if self.handshakes.len() >= MAX_PENDING_HANDSHAKES {
+                        tracing::debug!(%peer, "too many TLS handshakes under way; connection closed");
+                        continue;
+                    }
+                    let (acceptor, timeout) = (self.acceptor.clone(), self.timeout);
                     self.handshakes.spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                             Ok(Ok(tls)) => Some((tls, peer)),
                             Ok(Err(err)) => {
                                 tracing::debug!(%peer, %err, "TLS handshake failed");
                                 None
                             }
                             Err(_) => {
-                                tracing::debug!(%peer, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out");
+                                tracing::debug!(%peer, ?timeout, "TLS handshake timed out");
                                 None
                             }
                         }

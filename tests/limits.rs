@@ -214,3 +214,56 @@ mod resolve_limits {
         assert_eq!(node.stats().resolvers, 1);
     }
 }
+
+mod handshake_limits {
+    use std::time::Duration;
+
+    use entity_sync_testkit::{TestNode, WsClient};
+    use tokio::{io::AsyncReadExt, net::TcpStream, time::Instant};
+
+    #[tokio::test]
+    async fn a_socket_that_sends_no_request_is_closed_after_the_handshake_timeout() {
+        let node = TestNode::start(|c| c.ws.handshake_timeout = Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let mut silent = TcpStream::connect(node.ws_addr()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+            .await
+            .expect("the node closes the socket");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300),
+            "closed after {waited:?}"
+        );
+        // A client that upgrades in time is not affected, and keeps its
+        // websocket past the timeout.
+        let mut client = WsClient::connect(node.ws_url()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        client.send_unsubscribe("items", "1").await;
+        client
+            .expect_error("not_subscribed", Some(("items", "1")))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn sockets_still_handshaking_count_against_max_connections() {
+        let node = TestNode::start(|c| c.ws.max_connections = 1).await;
+        let silent = TcpStream::connect(node.ws_addr()).await.unwrap();
+        // Accepted (and counted) once the node saw it; poll the upgrade.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if super::upgrade_status(&node).await == 503 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a silent socket did not count");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(silent);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while super::upgrade_status(&node).await != 101 {
+            assert!(Instant::now() < deadline, "the closed socket still counts");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
