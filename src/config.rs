@@ -133,6 +133,11 @@ pub struct WsConfig {
     #[arg(long, env = "ENTITY_SYNC_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// Serve `/metrics` on this address (plain HTTP) instead of the
+    /// websocket port, so that scrapes can be firewalled apart from clients.
+    #[arg(long, env = "ENTITY_SYNC_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Time a new connection of the websocket port has to finish its TLS
     /// handshake, and then to deliver its first complete request (the
     /// upgrade); then it is closed. Until then it counts against

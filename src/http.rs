@@ -78,6 +78,7 @@ impl HttpState {
 pub(crate) fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    metrics_listener: Option<TcpListener>,
     sessions: Arc<session::SessionContext>,
     bus: Bus,
 ) -> HttpState {
@@ -95,11 +96,27 @@ pub(crate) fn serve(
         sessions: sessions.clone(),
         pending: Pending::default(),
     };
-    let app = Router::new()
+    let mut app = Router::new()
         .route(&config.path, get(upgrade))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz));
+    // `/metrics` on its own address, or beside the websockets.
+    let metrics_only = Router::new().route("/metrics", get(metrics));
+    match metrics_listener {
+        Some(listener) => {
+            let metrics_app = metrics_only
+                .layer(middleware::from_fn(request_in))
+                .with_state(state.clone());
+            let (pending, timeout) = (Pending::default(), config.handshake_timeout);
+            spawn_server(
+                Handshaking::new(listener, pending, timeout),
+                metrics_app,
+                &tasks,
+            );
+        }
+        None => app = app.merge(metrics_only),
+    }
+    let app = app
         .layer(middleware::from_fn(request_in))
         .with_state(state.clone());
     // Pushes are small and latency matters: no Nagle delay.

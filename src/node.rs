@@ -56,6 +56,7 @@ pub enum NodeError {
 pub struct Node {
     ws_addr: SocketAddr,
     grpc_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     grpc_client_auth: bool,
     tasks: Tasks,
     bus: Bus,
@@ -94,6 +95,14 @@ impl Node {
             .map_err(|err| NodeError::Reflection(err.to_string()))?;
         let grpc_server = tls::grpc_server(&config.grpc)?;
         let ws_tls = tls::ws_acceptor(&config.ws)?;
+        let metrics_listener = match config.ws.metrics_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         let ws_addr = listeners.ws.local_addr()?;
         let grpc_addr = listeners.grpc.local_addr()?;
         config
@@ -150,7 +159,13 @@ impl Node {
             node_id.clone(),
             &tasks,
         );
-        let http = http::serve(listeners.ws, ws_tls, sessions, bus.clone());
+        let http = http::serve(
+            listeners.ws,
+            ws_tls,
+            metrics_listener,
+            sessions,
+            bus.clone(),
+        );
         if let Some(hangups) = hangups {
             reload_on_sighup(auth.clone(), hangups, &tasks);
         }
@@ -180,6 +195,7 @@ impl Node {
         Ok(Node {
             ws_addr,
             grpc_addr,
+            metrics_addr,
             grpc_client_auth,
             tasks,
             bus,
@@ -204,6 +220,11 @@ impl Node {
 
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Where `/metrics` is served when `--metrics-addr` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Whether the gRPC port verifies client certificates (mutual TLS,

@@ -225,3 +225,19 @@ async fn http_health_ready_and_metrics() {
         assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
     }
 }
+
+#[tokio::test]
+async fn metrics_can_move_to_their_own_address() {
+    let node = TestNode::start(|c| c.ws.metrics_addr = Some("127.0.0.1:0".parse().unwrap())).await;
+    let addr = node.metrics_addr().expect("a metrics address");
+    assert_ne!(addr, node.ws_addr());
+    let (status, body) = common::http::http_get(addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("entity_sync_connections 0"), "{body}");
+    // Not on the websocket port any more; health and readiness stay there.
+    assert_eq!(node.http_get("/metrics").await.0, 404);
+    assert_eq!(node.http_get("/healthz").await.0, 200);
+    assert_eq!(node.http_get("/readyz").await.0, 200);
+    let (status, _) = common::http::http_get(addr, "/healthz").await.unwrap();
+    assert_eq!(status, 404, "the metrics address serves /metrics only");
+}

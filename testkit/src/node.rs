@@ -121,6 +121,11 @@ impl TestNode {
         self.node().grpc_addr()
     }
 
+    /// Where `/metrics` is served when `--metrics-addr` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.node().metrics_addr()
+    }
+
     /// Whether the node verifies gRPC client certificates.
     pub fn grpc_client_auth(&self) -> bool {
         self.node().grpc_client_auth()
