@@ -205,8 +205,12 @@ impl TokenSet {
 }
 
 fn hash(token: &str) -> [u8; 32] {
+    hash_bytes(token.as_bytes())
+}
+
+fn hash_bytes(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
-    out.copy_from_slice(digest(&SHA256, token.as_bytes()).as_ref());
+    out.copy_from_slice(digest(&SHA256, bytes).as_ref());
     out
 }
 
@@ -310,11 +314,20 @@ fn bearer(metadata: &MetadataMap) -> Option<&str> {
 
 /// The idempotency key as the bus sees it: scoped to the credential, so one
 /// notifier cannot make another's change a duplicate by sending its key first.
-pub(crate) fn scoped_idempotency_key(granted: &Granted, key: &str) -> String {
-    match (granted, key.is_empty()) {
-        (_, true) => String::new(),
-        (None, false) => key.to_owned(),
-        (Some(credential), false) => format!("{}:{key}", credential.id),
+/// With no token (client certificates only), the caller's certificate
+/// (`peer_cert`, DER) scopes the key the same way.
+pub(crate) fn scoped_idempotency_key(
+    granted: &Granted,
+    peer_cert: Option<&[u8]>,
+    key: &str,
+) -> String {
+    if key.is_empty() {
+        return String::new();
+    }
+    match (granted, peer_cert) {
+        (Some(credential), _) => format!("{}:{key}", credential.id),
+        (None, Some(cert)) => format!("{}:{key}", fingerprint(&hash_bytes(cert))),
+        (None, None) => key.to_owned(),
     }
 }
 
@@ -443,11 +456,12 @@ resolver  b-0123456789abcdef
         let set = set();
         let a = Some(set.find("n-0123456789abcdef").unwrap().clone());
         let b = Some(set.find("a-0123456789abcdef").unwrap().clone());
-        assert_ne!(
-            scoped_idempotency_key(&a, "order-1"),
-            scoped_idempotency_key(&b, "order-1")
-        );
-        assert_eq!(scoped_idempotency_key(&None, "order-1"), "order-1");
-        assert_eq!(scoped_idempotency_key(&a, ""), "");
+        let scoped = |g: &Granted, cert: Option<&[u8]>| scoped_idempotency_key(g, cert, "order-1");
+        assert_ne!(scoped(&a, None), scoped(&b, None));
+        assert_eq!(scoped(&None, None), "order-1");
+        let (cert_a, cert_b): (&[u8], &[u8]) = (b"cert a", b"cert b");
+        assert_ne!(scoped(&None, Some(cert_a)), scoped(&None, Some(cert_b)));
+        assert_ne!(scoped(&None, Some(cert_a)), "order-1");
+        assert_eq!(scoped_idempotency_key(&a, None, ""), "");
     }
 }
