@@ -1,7 +1,11 @@
 //! Offline checks of `deploy/`: the compose file, the NATS config, the Helm
 //! values and the Kubernetes manifests have the structure the running system
 //! relies on (probes, ports, routes, replicas, `sync_interval: always`,
-//! configuration variables the node actually reads).
+//! configuration variables the node actually reads) and the hardening they
+//! promise: gRPC published on loopback only by compose, NetworkPolicies that
+//! admit only backends to gRPC and only the nodes to NATS, an unprivileged pod
+//! under `RuntimeDefault` seccomp as the image's user, and a production image
+//! (the Dockerfile's last stage, read stage by stage) with the node binary only.
 //!
 //! No YAML crate is a dependency, so the files are read with a small parser
 //! for the YAML subset they use (block mappings and sequences, plain and
