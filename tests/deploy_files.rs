@@ -1,7 +1,11 @@
 //! Offline checks of `deploy/`: the compose file, the NATS config, the Helm
 //! values and the Kubernetes manifests have the structure the running system
 //! relies on (probes, ports, routes, replicas, `sync_interval: always`,
-//! configuration variables the node actually reads).
+//! configuration variables the node actually reads) and the hardening they
+//! promise: gRPC published on loopback only by compose, NetworkPolicies that
+//! admit only backends to gRPC and only the nodes to NATS, an unprivileged pod
+//! under `RuntimeDefault` seccomp as the image's user, and a production image
+//! (the Dockerfile's last stage, read stage by stage) with the node binary only.
 //!
 //! No YAML crate is a dependency, so the files are read with a small parser
 //! for the YAML subset they use (block mappings and sequences, plain and
@@ -415,6 +419,300 @@ fn assert_three_nats_urls(urls: &str, expected_hosts: &[String], place: &str) {
     assert_eq!(hosts, expected_hosts, "{place}: ENTITY_SYNC_NATS_URL");
 }
 
+/// One entry of a compose service's `ports`.
+#[derive(Debug)]
+struct Published {
+    /// The host address it is bound to; `None`: every interface.
+    host_ip: Option<String>,
+    host_port: Option<u16>,
+    container: u16,
+}
+
+/// A service's `ports`, short (`[IP:]HOST:CONTAINER`, `CONTAINER`) or long
+/// (`target`, `published`, `host_ip`) syntax; ranges and protocols other
+/// than TCP fail loudly.
+fn published_ports(service: &Value, name: &str) -> Vec<Published> {
+    let Some(ports) = service.get("ports") else {
+        return Vec::new();
+    };
+    let number = |text: &str| -> u16 {
+        text.parse()
+            .unwrap_or_else(|_| panic!("{name}: unsupported port {text:?}"))
+    };
+    ports
+        .as_array()
+        .unwrap_or_else(|| panic!("{name}: ports is not a list"))
+        .iter()
+        .map(|port| match port {
+            Value::String(spec) => {
+                let spec = spec.strip_suffix("/tcp").unwrap_or(spec.as_str());
+                assert!(
+                    !spec.contains(['[', '/', '-']),
+                    "{name}: unsupported {spec:?}"
+                );
+                let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
+                match parts[..] {
+                    [container] => Published {
+                        host_ip: None,
+                        host_port: None,
+                        container: number(container),
+                    },
+                    [container, host] => Published {
+                        host_ip: None,
+                        host_port: Some(number(host)),
+                        container: number(container),
+                    },
+                    [container, host, ip] => Published {
+                        host_ip: Some(ip.to_owned()).filter(|ip| !ip.is_empty()),
+                        host_port: (!host.is_empty()).then(|| number(host)),
+                        container: number(container),
+                    },
+                    _ => unreachable!(),
+                }
+            }
+            Value::Object(long) => {
+                if let Some(protocol) = long.get("protocol") {
+                    assert_eq!(protocol, "tcp", "{name}: {port}");
+                }
+                let as_port = |v: &Value| match v {
+                    Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()).unwrap(),
+                    Value::String(s) => number(s),
+                    other => panic!("{name}: bad port {other}"),
+                };
+                Published {
+                    host_ip: long
+                        .get("host_ip")
+                        .map(|ip| ip.as_str().expect("host_ip").to_owned()),
+                    host_port: long.get("published").map(as_port),
+                    container: as_port(&long["target"]),
+                }
+            }
+            other => panic!("{name}: bad ports entry {other}"),
+        })
+        .collect()
+}
+
+/// Every manifest of `deploy/k8s/`, by kind.
+fn k8s_manifests() -> HashMap<String, Vec<Value>> {
+    let dir = root().join("deploy/k8s");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .expect("deploy/k8s")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    let mut by_kind: HashMap<String, Vec<Value>> = HashMap::new();
+    let mut names = BTreeSet::new();
+    for file in &files {
+        let relative = file
+            .strip_prefix(root())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        for doc in load(&relative) {
+            text(&doc, &["apiVersion"]);
+            let kind = text(&doc, &["kind"]).to_owned();
+            let name = text(&doc, &["metadata", "name"]).to_owned();
+            assert!(!name.is_empty(), "{relative}: metadata.name");
+            assert!(
+                names.insert((kind.clone(), name.clone())),
+                "two {kind} manifests named {name}"
+            );
+            by_kind.entry(kind).or_default().push(doc);
+        }
+    }
+    by_kind
+}
+
+/// The only manifest of `kind`.
+fn one<'a>(by_kind: &'a HashMap<String, Vec<Value>>, kind: &str) -> &'a Value {
+    match by_kind.get(kind).map(Vec::as_slice) {
+        Some([doc]) => doc,
+        other => panic!("expected one {kind}, found {}", other.map_or(0, <[_]>::len)),
+    }
+}
+
+/// `matchLabels` of a label selector (`matchExpressions` fail loudly).
+fn match_labels(selector: &Value) -> Map<String, Value> {
+    let selector = selector.as_object().expect("a label selector");
+    assert!(
+        selector.keys().all(|k| k == "matchLabels"),
+        "unsupported selector {selector:?}"
+    );
+    selector
+        .get("matchLabels")
+        .map(|m| m.as_object().expect("matchLabels").clone())
+        .unwrap_or_default()
+}
+
+fn selects(selector: &Map<String, Value>, labels: &Map<String, Value>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Who NetworkPolicies let open a connection.
+#[derive(Debug, PartialEq)]
+enum Peer {
+    /// Any source (no policy isolates the pod, or a rule without `from`).
+    Anyone,
+    /// Pods of the policy's namespace with these labels.
+    Pods(Map<String, Value>),
+    /// A namespaceSelector or an ipBlock.
+    Other(Value),
+}
+
+/// The sources the policies admit to TCP `port` of pods labelled `labels`;
+/// `port_names` resolves named ports.
+fn admitted(
+    policies: &[Value],
+    labels: &Map<String, Value>,
+    port: i64,
+    port_names: &HashMap<String, i64>,
+) -> Vec<Peer> {
+    let mut isolated = false;
+    let mut peers = Vec::new();
+    for policy in policies {
+        assert_eq!(text(policy, &["apiVersion"]), "networking.k8s.io/v1");
+        if !selects(&match_labels(at(policy, &["spec", "podSelector"])), labels) {
+            continue;
+        }
+        let types: Vec<&str> = items(policy, &["spec", "policyTypes"])
+            .iter()
+            .map(|t| t.as_str().expect("policy type"))
+            .collect();
+        if !types.contains(&"Ingress") {
+            continue;
+        }
+        isolated = true;
+        let Some(rules) = policy["spec"].get("ingress") else {
+            continue;
+        };
+        for rule in rules.as_array().expect("ingress rules") {
+            let covers = match rule.get("ports") {
+                None => true,
+                Some(ports) => ports.as_array().expect("ports").iter().any(|p| {
+                    let protocol = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+                    let number = match &p["port"] {
+                        Value::Number(n) => n.as_i64().unwrap(),
+                        Value::String(name) => *port_names
+                            .get(name)
+                            .unwrap_or_else(|| panic!("unknown port name {name}")),
+                        // No port: every port.
+                        Value::Null => port,
+                        other => panic!("bad port {other}"),
+                    };
+                    let end = p.get("endPort").and_then(Value::as_i64).unwrap_or(number);
+                    protocol == "TCP" && (number..=end).contains(&port)
+                }),
+            };
+            if !covers {
+                continue;
+            }
+            match rule.get("from").and_then(Value::as_array) {
+                None => peers.push(Peer::Anyone),
+                Some(from) if from.is_empty() => peers.push(Peer::Anyone),
+                Some(from) => {
+                    for peer in from {
+                        let keys: Vec<&String> = peer.as_object().expect("peer").keys().collect();
+                        if keys == ["podSelector"] {
+                            peers.push(Peer::Pods(match_labels(&peer["podSelector"])));
+                        } else {
+                            peers.push(Peer::Other(peer.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if !isolated {
+        peers.push(Peer::Anyone);
+    }
+    peers
+}
+
+/// A Dockerfile's stages: name, base, instructions (keyword upper-cased,
+/// arguments), with line continuations joined and comments dropped.
+struct Stage {
+    name: Option<String>,
+    base: String,
+    instructions: Vec<(String, String)>,
+}
+
+fn dockerfile_stages(text: &str) -> Vec<Stage> {
+    let mut instructions: Vec<String> = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || trimmed.is_empty() {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                pending.push_str(part);
+                pending.push(' ');
+            }
+            None => {
+                pending.push_str(trimmed);
+                instructions.push(std::mem::take(&mut pending));
+            }
+        }
+    }
+    assert!(pending.is_empty(), "Dockerfile ends in a continuation");
+    let mut stages: Vec<Stage> = Vec::new();
+    for instruction in instructions {
+        let (keyword, args) = instruction
+            .split_once(char::is_whitespace)
+            .unwrap_or((&instruction, ""));
+        let keyword = keyword.to_ascii_uppercase();
+        let args = args.trim().to_owned();
+        if keyword == "FROM" {
+            let words: Vec<&str> = args
+                .split_whitespace()
+                .filter(|w| !w.starts_with("--"))
+                .collect();
+            let (base, name) = match words[..] {
+                [base] => (base, None),
+                [base, r#as, name] if r#as.eq_ignore_ascii_case("as") => (base, Some(name)),
+                _ => panic!("unsupported FROM {args:?}"),
+            };
+            stages.push(Stage {
+                name: name.map(str::to_owned),
+                base: base.to_owned(),
+                instructions: Vec::new(),
+            });
+        } else {
+            stages
+                .last_mut()
+                .unwrap_or_else(|| panic!("{keyword} before FROM"))
+                .instructions
+                .push((keyword, args));
+        }
+    }
+    stages
+}
+
+/// The stage named `base`, if `base` is one.
+fn stage<'a>(stages: &'a [Stage], base: &str) -> Option<&'a Stage> {
+    stages.iter().find(|s| {
+        s.name
+            .as_deref()
+            .is_some_and(|n| n.eq_ignore_ascii_case(base))
+    })
+}
+
+/// The production image: the last stage and the stages it is built on
+/// (last first), and the external image at the bottom.
+fn production_chain(stages: &[Stage]) -> (Vec<&Stage>, String) {
+    let mut chain = vec![stages.last().expect("a stage")];
+    loop {
+        let base = &chain.last().unwrap().base;
+        match stage(stages, base) {
+            Some(parent) => chain.push(parent),
+            None => return (chain, base.clone()),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
@@ -523,23 +821,20 @@ fn compose_runs_three_nats_servers_three_nodes_and_the_demo() {
                 "{name}"
             );
         }
-        let ports: Vec<&str> = items(service, &["ports"])
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let ports = published_ports(service, name);
         assert!(
-            ports.iter().any(|p| p.ends_with(":8080")),
+            ports.iter().any(|p| p.container == 8080),
             "{name}: websocket port: {ports:?}"
         );
         assert!(
-            ports.iter().any(|p| p.ends_with(":50051")),
+            ports.iter().any(|p| p.container == 50051),
             "{name}: gRPC port: {ports:?}"
         );
         for port in ports {
-            assert!(
-                host_ports.insert(port.split(':').next().unwrap().to_owned()),
-                "host port reused: {port}"
-            );
+            let host_port = port
+                .host_port
+                .unwrap_or_else(|| panic!("{name}: {port:?} has no fixed host port"));
+            assert!(host_ports.insert(host_port), "host port reused: {port:?}");
         }
     }
 
@@ -650,38 +945,11 @@ fn helm_values_enable_a_three_server_jetstream_cluster() {
 
 #[test]
 fn kubernetes_manifests_have_probes_ports_and_a_disruption_budget() {
-    let dir = root().join("deploy/k8s");
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-        .expect("deploy/k8s")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
-    let mut by_kind: HashMap<String, Value> = HashMap::new();
-    for file in &files {
-        let relative = file
-            .strip_prefix(root())
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_owned();
-        for doc in load(&relative) {
-            text(&doc, &["apiVersion"]);
-            let kind = text(&doc, &["kind"]).to_owned();
-            assert!(
-                !text(&doc, &["metadata", "name"]).is_empty(),
-                "{relative}: metadata.name"
-            );
-            assert!(
-                by_kind.insert(kind.clone(), doc).is_none(),
-                "two {kind} manifests"
-            );
-        }
-    }
+    let by_kind = k8s_manifests();
     let known = known_env_vars();
 
     // Deployment.
-    let deployment = by_kind.get("Deployment").expect("a Deployment");
+    let deployment = one(&by_kind, "Deployment");
     assert_eq!(text(deployment, &["apiVersion"]), "apps/v1");
     let replicas = at(deployment, &["spec", "replicas"])
         .as_i64()
@@ -752,7 +1020,7 @@ fn kubernetes_manifests_have_probes_ports_and_a_disruption_budget() {
     );
 
     // Service: both ports, onto the container's ports, selecting the pods.
-    let service = by_kind.get("Service").expect("a Service");
+    let service = one(&by_kind, "Service");
     let service_selector = at(service, &["spec", "selector"])
         .as_object()
         .expect("selector");
@@ -779,9 +1047,7 @@ fn kubernetes_manifests_have_probes_ports_and_a_disruption_budget() {
     );
 
     // PodDisruptionBudget.
-    let pdb = by_kind
-        .get("PodDisruptionBudget")
-        .expect("a PodDisruptionBudget");
+    let pdb = one(&by_kind, "PodDisruptionBudget");
     assert_eq!(text(pdb, &["apiVersion"]), "policy/v1");
     let min_available = at(pdb, &["spec", "minAvailable"])
         .as_i64()
@@ -808,10 +1074,352 @@ fn deploy_readme_covers_helm_and_sync_interval() {
         "Jepsen",
         "compose.yaml",
         "kubectl apply -f deploy/k8s/",
+        "networkpolicy.yaml",
+        "entity-sync/role: backend",
+        "127.0.0.1",
+        "RuntimeDefault",
     ] {
         assert!(
             readme.contains(needle),
             "deploy/README.md does not mention {needle:?}"
         );
     }
+}
+
+#[test]
+fn compose_publishes_grpc_on_loopback_only() {
+    let compose = &load("deploy/compose.yaml")[0];
+    let services = at(compose, &["services"]).as_object().expect("services");
+    let mut grpc = 0;
+    for (name, service) in services {
+        assert!(
+            service.get("network_mode").is_none(),
+            "{name}: network_mode bypasses the published ports"
+        );
+        for port in published_ports(service, name) {
+            match port.container {
+                50051 => {
+                    assert_eq!(
+                        port.host_ip.as_deref(),
+                        Some("127.0.0.1"),
+                        "{name}: gRPC must be published on loopback only: {port:?}"
+                    );
+                    grpc += 1;
+                }
+                // Websockets stay reachable from other hosts.
+                8080 => assert_eq!(port.host_ip, None, "{name}: websocket port {port:?}"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(grpc, 3, "one loopback gRPC port per node");
+    // The nodes listen on every interface of their container, so that
+    // backends on the compose network reach them by service name.
+    for i in 1..=3 {
+        assert_eq!(
+            text(
+                compose,
+                &[
+                    "services",
+                    &format!("entity-sync-{i}"),
+                    "environment",
+                    "ENTITY_SYNC_GRPC_ADDR"
+                ]
+            ),
+            "0.0.0.0:50051"
+        );
+    }
+}
+
+#[test]
+fn network_policies_admit_only_backends_to_grpc_and_only_nodes_to_nats() {
+    let by_kind = k8s_manifests();
+    let deployment = one(&by_kind, "Deployment");
+    let policies = by_kind.get("NetworkPolicy").expect("NetworkPolicies");
+    let node_labels = at(deployment, &["spec", "template", "metadata", "labels"])
+        .as_object()
+        .expect("pod labels")
+        .clone();
+    let container = &items(deployment, &["spec", "template", "spec", "containers"])[0];
+    let node_ports: HashMap<String, i64> = items(container, &["ports"])
+        .iter()
+        .map(|p| {
+            (
+                text(p, &["name"]).to_owned(),
+                at(p, &["containerPort"]).as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let (ws, grpc) = (node_ports["ws"], node_ports["grpc"]);
+    assert_eq!((ws, grpc), (8080, 50051));
+
+    // Nodes: websockets from anyone, gRPC from backend pods only.
+    let backend: Map<String, Value> = [("entity-sync/role".to_owned(), json!("backend"))]
+        .into_iter()
+        .collect();
+    assert!(
+        !selects(&backend, &node_labels),
+        "the nodes must not carry the backend label"
+    );
+    assert!(
+        admitted(policies, &node_labels, ws, &node_ports).contains(&Peer::Anyone),
+        "the websocket port must stay open"
+    );
+    assert_eq!(
+        admitted(policies, &node_labels, grpc, &node_ports),
+        [Peer::Pods(backend.clone())],
+        "gRPC must admit backend pods only"
+    );
+
+    // NATS: the chart's server pods for the release the node's URLs name
+    // (nats://nats-0.nats-headless:4222 -> release "nats").
+    let env = items(container, &["env"]);
+    let urls = env
+        .iter()
+        .find(|e| text(e, &["name"]) == "ENTITY_SYNC_NATS_URL")
+        .map(|e| text(e, &["value"]))
+        .expect("ENTITY_SYNC_NATS_URL");
+    let first = urls.split(',').next().unwrap();
+    let (pod, rest) = first
+        .strip_prefix("nats://")
+        .and_then(|r| r.split_once('.'))
+        .expect("a NATS pod URL");
+    let release = pod.rsplit_once('-').expect("statefulset pod").0;
+    assert_eq!(rest, format!("{release}-headless:4222"));
+    let chart = |component: &str| -> Map<String, Value> {
+        [
+            ("app.kubernetes.io/name", "nats"),
+            ("app.kubernetes.io/instance", release),
+            ("app.kubernetes.io/component", component),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), json!(v)))
+        .collect()
+    };
+    let nats_labels = chart("nats");
+    let nats_ports: HashMap<String, i64> = [("nats", 4222), ("cluster", 6222), ("monitor", 8222)]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let clients = admitted(policies, &nats_labels, 4222, &nats_ports);
+    assert!(!clients.is_empty(), "nobody may reach NATS");
+    for peer in &clients {
+        let Peer::Pods(selector) = peer else {
+            panic!("NATS 4222 admits more than the nodes: {peer:?}")
+        };
+        assert!(
+            !selector.is_empty() && selects(selector, &node_labels),
+            "NATS 4222 admits pods other than the nodes: {selector:?}"
+        );
+        assert!(!selects(selector, &backend), "backends may not reach NATS");
+        assert!(!selects(selector, &chart("nats-box")), "{selector:?}");
+    }
+    let routes = admitted(policies, &nats_labels, 6222, &nats_ports);
+    assert!(!routes.is_empty(), "the NATS servers must reach each other");
+    for peer in &routes {
+        let Peer::Pods(selector) = peer else {
+            panic!("NATS 6222 admits more than the servers: {peer:?}")
+        };
+        assert!(
+            !selector.is_empty()
+                && selects(selector, &nats_labels)
+                && !selects(selector, &node_labels),
+            "NATS 6222 admits pods other than the servers: {selector:?}"
+        );
+    }
+    assert!(
+        !admitted(policies, &nats_labels, 8222, &nats_ports).contains(&Peer::Anyone),
+        "NATS monitoring open to anyone"
+    );
+}
+
+#[test]
+fn deployment_runs_unprivileged_as_the_images_user() {
+    let by_kind = k8s_manifests();
+    let deployment = one(&by_kind, "Deployment");
+    let pod = at(deployment, &["spec", "template", "spec"]);
+    assert_eq!(at(pod, &["automountServiceAccountToken"]), &json!(false));
+    assert!(pod.get("hostNetwork").is_none_or(|v| v == &json!(false)));
+    let context = at(pod, &["securityContext"]);
+    assert_eq!(text(context, &["seccompProfile", "type"]), "RuntimeDefault");
+    assert_eq!(at(context, &["runAsNonRoot"]), &json!(true));
+    let uid = at(context, &["runAsUser"]).as_i64().expect("runAsUser");
+    let gid = at(context, &["runAsGroup"]).as_i64().expect("runAsGroup");
+
+    // The production image's user, numeric, is the same.
+    let stages = dockerfile_stages(&read("deploy/Dockerfile"));
+    let (chain, _) = production_chain(&stages);
+    let user = chain
+        .iter()
+        .flat_map(|s| s.instructions.iter().rev())
+        .find(|(k, _)| k == "USER")
+        .map(|(_, user)| user.as_str())
+        .expect("the production image sets USER");
+    assert_eq!(user, format!("{uid}:{gid}"), "Dockerfile USER");
+    assert_ne!(uid, 0);
+    assert!(
+        chain
+            .iter()
+            .flat_map(|s| &s.instructions)
+            .any(|(k, a)| k == "RUN"
+                && a.contains(&format!("useradd --system --uid {uid} --gid {gid}"))),
+        "the image creates user {uid}:{gid}"
+    );
+
+    for container in items(pod, &["containers"]) {
+        let name = text(container, &["name"]);
+        let context = at(container, &["securityContext"]);
+        assert_eq!(
+            at(context, &["allowPrivilegeEscalation"]),
+            &json!(false),
+            "{name}"
+        );
+        assert_eq!(
+            at(context, &["readOnlyRootFilesystem"]),
+            &json!(true),
+            "{name}"
+        );
+        assert!(context.get("privileged").is_none_or(|v| v == &json!(false)));
+        assert_eq!(
+            at(context, &["capabilities", "drop"]),
+            &json!(["ALL"]),
+            "{name}"
+        );
+        assert!(
+            at(context, &["capabilities"]).get("add").is_none(),
+            "{name}"
+        );
+        // Nothing per container undoes the pod's settings.
+        for (key, pod_value) in [
+            ("runAsNonRoot", json!(true)),
+            ("runAsUser", json!(uid)),
+            ("seccompProfile", json!({"type": "RuntimeDefault"})),
+        ] {
+            if let Some(value) = context.get(key) {
+                assert_eq!(value, &pod_value, "{name}: securityContext.{key}");
+            }
+        }
+        // The tokens Secret, read-only where ENTITY_SYNC_GRPC_TOKENS_FILE points.
+        let tokens_file = items(container, &["env"])
+            .iter()
+            .find(|e| text(e, &["name"]) == "ENTITY_SYNC_GRPC_TOKENS_FILE")
+            .map(|e| text(e, &["value"]))
+            .expect("ENTITY_SYNC_GRPC_TOKENS_FILE");
+        let mount = items(container, &["volumeMounts"])
+            .iter()
+            .find(|m| Path::new(tokens_file).parent() == Some(Path::new(text(m, &["mountPath"]))))
+            .expect("a mount holding the tokens file");
+        assert_eq!(at(mount, &["readOnly"]), &json!(true));
+        let volume = items(pod, &["volumes"])
+            .iter()
+            .find(|v| text(v, &["name"]) == text(mount, &["name"]))
+            .expect("the tokens volume");
+        assert_eq!(
+            text(volume, &["secret", "secretName"]),
+            "entity-sync-tokens"
+        );
+    }
+}
+
+#[test]
+fn production_image_holds_only_the_node_binary() {
+    let stages = dockerfile_stages(&read("deploy/Dockerfile"));
+    let (chain, bottom) = production_chain(&stages);
+    let last = chain[0];
+    // The default target is the one compose and the docs build as the node.
+    assert_eq!(last.name.as_deref(), Some("node"));
+    let compose = &load("deploy/compose.yaml")[0];
+    assert_eq!(
+        text(compose, &["services", "entity-sync-1", "build", "target"]),
+        "node"
+    );
+
+    // Not built on a stage that holds the toolchain and the sources.
+    let builders: Vec<&Stage> = stages
+        .iter()
+        .filter(|s| {
+            s.instructions
+                .iter()
+                .any(|(k, a)| k == "RUN" && a.contains("cargo "))
+        })
+        .collect();
+    assert!(!builders.is_empty(), "no build stage found");
+    for builder in &builders {
+        assert!(
+            !chain.iter().any(|s| std::ptr::eq(*s, *builder)),
+            "the production image is built on {:?}",
+            builder.name
+        );
+    }
+    assert!(!bottom.starts_with("rust"), "production base {bottom}");
+
+    // Its only files from elsewhere: the node binary, from the stage that
+    // builds the node binary alone.
+    let copies: Vec<&String> = chain
+        .iter()
+        .flat_map(|s| &s.instructions)
+        .filter(|(k, _)| k == "COPY" || k == "ADD")
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let words: Vec<&str> = copies[0].split_whitespace().collect();
+    let [from, source, target] = words[..] else {
+        panic!("unexpected COPY {:?}", copies[0])
+    };
+    assert_eq!(source, "/usr/local/bin/entity-sync");
+    assert_eq!(target, "/usr/local/bin/entity-sync");
+    let from = from.strip_prefix("--from=").expect("COPY --from");
+    let source_stage = stage(&stages, from).expect("COPY from a stage");
+    let build_runs: Vec<&String> = source_stage
+        .instructions
+        .iter()
+        .filter(|(k, a)| k == "RUN" && a.contains("cargo "))
+        .map(|(_, a)| a)
+        .collect();
+    assert_eq!(build_runs.len(), 1, "{build_runs:?}");
+    assert!(
+        build_runs[0].contains("-p entity-sync --bin entity-sync")
+            && !build_runs[0].contains("demo"),
+        "{}",
+        build_runs[0]
+    );
+    for (keyword, args) in chain.iter().flat_map(|s| &s.instructions) {
+        assert!(
+            !args.to_ascii_lowercase().contains("demo"),
+            "production image: {keyword} {args}"
+        );
+    }
+    let entrypoint = last
+        .instructions
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "ENTRYPOINT")
+        .map(|(_, a)| a.as_str());
+    assert_eq!(entrypoint, Some(r#"["/usr/local/bin/entity-sync"]"#));
+
+    // The demo has an image of its own, outside the production chain.
+    let demo = stage(&stages, "demo").expect("a demo stage");
+    assert!(!chain.iter().any(|s| std::ptr::eq(*s, demo)));
+}
+
+#[test]
+fn dockerfile_stage_parser_reads_continuations_and_bases() {
+    let stages = dockerfile_stages(
+        "FROM rust AS build\nRUN a \\\n # note\n && b\nFROM --platform=x debian\nFROM build as two\nUSER 1:1\n",
+    );
+    let summary: Vec<(Option<&str>, &str, usize)> = stages
+        .iter()
+        .map(|s| (s.name.as_deref(), s.base.as_str(), s.instructions.len()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Some("build"), "rust", 1),
+            (None, "debian", 0),
+            (Some("two"), "build", 1)
+        ]
+    );
+    assert_eq!(stages[0].instructions[0].1, "a  && b");
+    let (chain, bottom) = production_chain(&stages);
+    assert_eq!((chain.len(), bottom.as_str()), (2, "rust"));
 }
