@@ -412,6 +412,17 @@ fn assert_three_nats_urls(urls: &str, expected_hosts: &[String], place: &str) {
         .split(',')
         .map(|url| {
             url.strip_prefix("nats://")
+                .map(|rest| match rest.rsplit_once('@') {
+                    // The nodes' user of nats/nats.conf.
+                    Some((userinfo, host)) => {
+                        assert!(
+                            userinfo.starts_with("entity-sync:"),
+                            "{place}: NATS user of {url:?}"
+                        );
+                        host
+                    }
+                    None => rest,
+                })
                 .and_then(|rest| rest.strip_suffix(":4222"))
                 .unwrap_or_else(|| panic!("{place}: bad NATS URL {url:?}"))
         })

@@ -45,7 +45,7 @@ fn authorization_block() -> String {
         }
     }
     assert!(end > start, "unbalanced authorization block");
-    conf[start..end].replace("$ENTITY_SYNC_NATS_PASSWORD", &format!("\"{PASSWORD}\""))
+    conf[start..end].replace("$NATS_NODE_PASSWORD", &format!("\"{PASSWORD}\""))
 }
 
 async fn authorized_nats() -> NatsServer {
