@@ -90,7 +90,8 @@ fn row() -> impl Strategy<Value = Vec<u8>> {
             b" [] ", b"{\"a\":1,\"a\":2}", b"null", b"\"</script>\"", b"\"\\ud83d\\ude00\"", b"[\"\\udc00\"]",
         ])
         .prop_map(<[u8]>::to_vec),
-        1 => (1usize..200).prop_map(|depth| {
+        // Nesting, mostly near the limit (124 levels in a row).
+        1 => prop_oneof![120usize..130, 1usize..300].prop_map(|depth| {
             let mut row = "[".repeat(depth);
             row.push_str(&"]".repeat(depth));
             row.into_bytes()
@@ -137,7 +138,7 @@ fn reg() -> impl Strategy<Value = Reg> {
     ];
     let mode = prop_oneof![4 => 0i32..3, 1 => any::<i32>()];
     let entities = prop_oneof![
-        8 => prop::collection::vec((entity_name(), mode), 0..5),
+        40 => prop::collection::vec((entity_name(), mode), 0..5),
         1 => (1020usize..1030).prop_map(|n| (0..n).map(|i| (format!("e{i}"), 0)).collect()),
     ];
     let max_in_flight = prop_oneof![Just(0u32), 1u32..10, 4090u32..4100, any::<u32>()];

@@ -174,7 +174,7 @@ pub fn check_key_result(answer: &Answer) {
     // The rule, as a client sees it: each row is one JSON value (in
     // UTF-8) that serde_json, strict and with its default nesting limit of
     // 128, still reads as a `Value` three levels down, where the push frame
-    // puts it: no lone surrogate escape, no number beyond f64, at most 125
+    // puts it: no lone surrogate escape, no number beyond f64, at most 124
     // levels deep.
     let rows_are_json = answer.rows.iter().all(|row| {
         let mut framed = b"{\"body\":{\"rows\":[".to_vec();
@@ -363,8 +363,9 @@ fn model(reg: &Reg) -> Option<Vec<(String, FetchMode)>> {
         return None;
     }
     let mut wanted: Vec<(String, FetchMode)> = Vec::new();
+    let mut named = std::collections::HashSet::new();
     for (entity, mode) in &reg.entities {
-        if !entity_ok(entity) || wanted.iter().any(|(e, _)| e == entity) {
+        if !entity_ok(entity) || !named.insert(entity.as_str()) {
             return None;
         }
         let mode = match *mode {
@@ -385,7 +386,8 @@ fn model(reg: &Reg) -> Option<Vec<(String, FetchMode)>> {
 /// `max_in_flight` (0 = the default, capped at 4,096).
 pub fn check_registers(regs: &[Reg]) {
     let mut pool = Pool::new();
-    let mut served: Vec<(String, FetchMode)> = Vec::new();
+    // Sorted by name, as the pool lists them.
+    let mut served: std::collections::BTreeMap<String, FetchMode> = Default::default();
     for reg in regs {
         let register = reg.register();
         let in_flight = match reg.max_in_flight {
@@ -402,15 +404,11 @@ pub fn check_registers(regs: &[Reg]) {
             Some(wanted) => {
                 let conflict = wanted
                     .iter()
-                    .any(|(e, m)| served.iter().any(|(s, sm)| s == e && sm != m));
+                    .any(|(e, m)| served.get(e).is_some_and(|served| served != m));
                 if conflict {
                     Err(RefusedRegister::Conflict)
                 } else {
-                    for (entity, mode) in wanted {
-                        if !served.iter().any(|(s, _)| *s == entity) {
-                            served.push((entity, mode));
-                        }
-                    }
+                    served.extend(wanted);
                     Ok(())
                 }
             }
@@ -423,9 +421,11 @@ pub fn check_registers(regs: &[Reg]) {
         if let Err((_, message)) = &result {
             assert!(!message.is_empty());
         }
-        let mut want = served.clone();
-        want.sort();
-        assert_eq!(pool.entities(), want);
+        let listed = pool.entities();
+        assert!(
+            listed.iter().map(|(e, m)| (e, m)).eq(served.iter()),
+            "{listed:?}"
+        );
         for (entity, mode) in &served {
             assert_eq!(pool.fetch_mode(entity), Some(*mode));
         }
