@@ -53,6 +53,30 @@ echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
 
+# Bounded fuzzing: a few seconds of libFuzzer per target (fuzz/), when
+# cargo-fuzz and a nightly toolchain are installed (the first build of the
+# targets takes minutes). The same properties already ran above on
+# generated cases (tests/fuzz_properties.rs). New inputs go to a temp dir,
+# never into the committed seeds; a crash fails the run.
+FUZZ_SECONDS="${FUZZ_SECONDS:-10}"
+if cargo fuzz --version >/dev/null 2>&1 && cargo +nightly --version >/dev/null 2>&1; then
+  for target in decode key_result register; do
+    echo "fuzz: $target for ${FUZZ_SECONDS}s"
+    run_dir="$(mktemp -d)"
+    mkdir -p "$run_dir/corpus"
+    if ! cargo +nightly fuzz run "$target" "$run_dir/corpus" "fuzz/corpus/$target" -- \
+      -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 >"$run_dir/log" 2>&1; then
+      tail -n 40 "$run_dir/log" >&2
+      echo "error: fuzz target $target failed (the input is in fuzz/artifacts/$target)" >&2
+      exit 1
+    fi
+    grep -E '^stat::number_of_executed_units' "$run_dir/log" || true
+    rm -rf "$run_dir"
+  done
+else
+  echo "note: cargo-fuzz or a nightly toolchain not found; skipping the bounded fuzz run (cargo install cargo-fuzz --locked; rustup toolchain install nightly)"
+fi
+
 # The benchmark tool against the real node, tiny and bounded (seconds): a
 # correctness check (exit 1 if any client missed its final version), not a
 # measurement.

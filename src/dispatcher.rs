@@ -386,7 +386,10 @@ impl Dispatcher {
 /// The code and message of the error frame for a subscribe whose snapshot
 /// resolve failed. Only a resolver's own message reaches the client; every
 /// other failure gets a fixed message here, and its detail goes to the log.
-fn subscribe_error<'a>(key: &ChangeKey, err: &'a ResolveError) -> (ErrorCode, Cow<'a, str>) {
+pub(crate) fn subscribe_error<'a>(
+    key: &ChangeKey,
+    err: &'a ResolveError,
+) -> (ErrorCode, Cow<'a, str>) {
     let own = |default: &'static str| Cow::Borrowed(err.resolver_message().unwrap_or(default));
     match err.kind() {
         ResolveErrorKind::NotFound => (ErrorCode::NotFound, own("no such key")),

@@ -3,7 +3,7 @@
 use std::{fmt, sync::Arc};
 
 /// Longest entity name or id accepted, in bytes.
-const MAX_KEY_PART_BYTES: usize = 128;
+pub(crate) const MAX_KEY_PART_BYTES: usize = 128;
 
 /// One subscribable key, e.g. entity `items`, id `100`.
 ///

@@ -16,6 +16,7 @@
 //! - [`session`]: one websocket connection's task: read, write batches, ping (close codes are public).
 //! - [`bus`]: carries change keys from `Notify` to dispatchers, in-process or NATS JetStream (`BusError` is public).
 //! - [`proto`]: code generated from `proto/`.
+//! - `fuzzing` (hidden, not API): thin wrappers over the decoder, resolver answers and `Register`, for `fuzz/` and `tests/fuzz_properties.rs`.
 //!
 //! Internal:
 //!
@@ -42,6 +43,8 @@ pub mod bus;
 pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod dispatcher;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod grpc;
 pub(crate) mod handshake;
 pub(crate) mod http;

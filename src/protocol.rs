@@ -302,13 +302,100 @@ fn utf8(bytes: Vec<u8>) -> FrameText {
     FrameText::from(String::from_utf8(bytes).expect("frame is built from UTF-8 parts"))
 }
 
-/// Checks that a resolver row is one JSON value in UTF-8. Rows are validated
-/// once, when they arrive, so a broken backend can't send clients broken JSON.
+/// Deepest nesting of arrays and objects a row may have. A push frame puts
+/// its rows three levels down (`{"body":{"rows":[…]}}`); with this the whole
+/// frame nests at most 127 levels, the most serde_json (the testkit's and
+/// the bench's clients) reads by default.
+pub(crate) const MAX_ROW_DEPTH: usize = 124;
+
+/// Checks that a resolver row is one JSON value in UTF-8 that a strict
+/// client parses: nested at most [`MAX_ROW_DEPTH`] levels, strings with no
+/// lone surrogate escape (`"\ud800"`), numbers within f64's range. Rows are
+/// validated once, when they arrive, so a broken backend can't send clients
+/// a frame they refuse.
+///
+/// Not `IgnoredAny`: serde_json skips what it ignores without a nesting
+/// limit and without decoding strings' escapes, so it accepted rows whose
+/// push frame serde_json itself then refused (found by the `key_result`
+/// fuzz property, `tests/fuzz_properties.rs`). One pass, and no allocation
+/// unless a string has escapes.
 pub(crate) fn validate_row(row: &[u8]) -> Result<(), RowError> {
+    use serde::de::DeserializeSeed;
     std::str::from_utf8(row).map_err(RowError::NotUtf8)?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(row)
-        .map(|_| ())
-        .map_err(|err| RowError::NotJson(Arc::new(err)))
+    let mut deserializer = serde_json::Deserializer::from_slice(row);
+    let checked = StrictValue { depth: 0 }
+        .deserialize(&mut deserializer)
+        .and_then(|()| deserializer.end());
+    checked.map_err(|err| RowError::NotJson(Arc::new(err)))
+}
+
+/// Deserializes (and drops) one JSON value nested `depth` levels down,
+/// refusing more than [`MAX_ROW_DEPTH`].
+#[derive(Clone, Copy)]
+struct StrictValue {
+    depth: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictValue {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictValue {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a JSON value nested at most {MAX_ROW_DEPTH} levels")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.nested()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.nested()?;
+        while map.next_key_seed(inner)?.is_some() {
+            map.next_value_seed(inner)?;
+        }
+        Ok(())
+    }
+}
+
+impl StrictValue {
+    fn nested<E: serde::de::Error>(self) -> Result<Self, E> {
+        if self.depth >= MAX_ROW_DEPTH {
+            return Err(E::custom(format_args!(
+                "nested deeper than {MAX_ROW_DEPTH} levels"
+            )));
+        }
+        Ok(Self {
+            depth: self.depth + 1,
+        })
+    }
 }
 
 /// Why a resolver row was refused.
@@ -500,5 +587,55 @@ mod tests {
         assert!(validate_row(b"").is_err());
         assert!(validate_row(b"\xff").is_err());
         assert!(validate_row(b"1 2").is_err());
+    }
+
+    /// Regressions (found by the `key_result` fuzz property): rows that
+    /// serde_json's `IgnoredAny` accepted but whose push frame serde_json
+    /// refused: nested 125 levels or deeper (`IgnoredAny` has no limit; the
+    /// frame adds three), and a lone surrogate escape.
+    #[test]
+    fn rows_are_what_a_strict_client_parses() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let framed = |row: &str| {
+            let frame = PushFrame::build(
+                &key("items", "1"),
+                1,
+                &[Bytes::from(row.to_string())],
+                false,
+            );
+            let Payload::One(text) = &frame.payload else {
+                panic!("envelope expected")
+            };
+            serde_json::from_str::<Value>(text.as_str()).is_ok()
+        };
+        let deepest = nested(MAX_ROW_DEPTH);
+        assert!(validate_row(deepest.as_bytes()).is_ok());
+        assert!(framed(&deepest));
+        for refused in [nested(MAX_ROW_DEPTH + 1), nested(127), nested(100_000)] {
+            assert!(!framed(&refused));
+            assert!(matches!(
+                validate_row(refused.as_bytes()),
+                Err(RowError::NotJson(_))
+            ));
+        }
+        let objects = format!(
+            "{}1{}",
+            "{\"a\":".repeat(MAX_ROW_DEPTH + 1),
+            "}".repeat(MAX_ROW_DEPTH + 1)
+        );
+        assert!(validate_row(objects.as_bytes()).is_err());
+        for refused in [r#""\ud800""#, r#"["\udc00x"]"#, r#"{"\ud800":1}"#, "1e400"] {
+            assert!(!framed(refused), "{refused}");
+            assert!(validate_row(refused.as_bytes()).is_err(), "{refused}");
+        }
+        for accepted in [
+            r#""\ud83d\ude00""#,
+            r#"{"a":"]]]","b":[{"c":null}]}"#,
+            "-0",
+            "1e308",
+        ] {
+            assert!(framed(accepted), "{accepted}");
+            assert!(validate_row(accepted.as_bytes()).is_ok(), "{accepted}");
+        }
     }
 }

@@ -42,9 +42,9 @@ pub(crate) type ResolverId = u64;
 pub(crate) type StreamItem = Result<NodeMessage, Status>;
 
 /// Messages beyond `max_in_flight` a stream's channel can hold (pass-through).
-const PASS_THROUGH_HEADROOM: usize = 256;
+pub(crate) const PASS_THROUGH_HEADROOM: usize = 256;
 /// Upper bound on a resolver's `max_in_flight`.
-const MAX_IN_FLIGHT_CAP: u32 = 4096;
+pub(crate) const MAX_IN_FLIGHT_CAP: u32 = 4096;
 /// Queued jobs examined for companions when building one request.
 const BATCH_SCAN_LIMIT: usize = 1024;
 /// Attempts of one job (deadline passes) before it fails with `Timeout`.
