@@ -863,6 +863,34 @@ mod tests {
         }
     }
 
+    /// Change resolves of `items/{id}` (empty secret), one task each, in order.
+    async fn spawn_resolves(
+        pool: &ResolverPool,
+        jobs: &[(&'static str, bool)],
+    ) -> Vec<tokio::task::JoinHandle<Resolved>> {
+        let mut tasks = Vec::new();
+        for &(id, shared) in jobs {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                pool.resolve(&key(id), Arc::from(""), Reason::Change, shared)
+                    .await
+            }));
+            tokio::task::yield_now().await;
+        }
+        tasks
+    }
+
+    /// Waits until `n` jobs of `items` wait in its queue.
+    async fn wait_queued(pool: &ResolverPool, n: usize) {
+        while pool.inner.state.lock().unwrap().entities["items"]
+            .queue
+            .len()
+            < n
+        {
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn ok(rows: &[&'static str]) -> Resolved {
         Ok(Rows {
             rows: rows
@@ -881,22 +909,9 @@ mod tests {
     async fn jobs_wait_for_capacity_and_then_batch() {
         let pool = pool(10);
         let (rid, mut rx) = register(&pool, "svc", FetchMode::Shared);
-        let mut tasks = Vec::new();
-        for id in ["1", "2", "3", "2"] {
-            let pool = pool.clone();
-            tasks.push(tokio::spawn(async move {
-                pool.resolve(&key(id), Arc::from(""), Reason::Change, true)
-                    .await
-            }));
-            tokio::task::yield_now().await;
-        }
-        while pool.inner.state.lock().unwrap().entities["items"]
-            .queue
-            .len()
-            < 3
-        {
-            tokio::task::yield_now().await;
-        }
+        let tasks =
+            spawn_resolves(&pool, &[("1", true), ("2", true), ("3", true), ("2", true)]).await;
+        wait_queued(&pool, 3).await;
         let first = request(&mut rx);
         assert_eq!(first.ids, vec!["1"]);
         assert!(
@@ -929,22 +944,12 @@ mod tests {
         let pool = pool(10);
         let (rid, mut rx) = register(&pool, "svc", FetchMode::Shared);
         // Same entity, empty secret and reason for all: only `shared` differs.
-        let mut tasks = Vec::new();
-        for (id, shared) in [("1", true), ("2", true), ("3", false), ("4", true)] {
-            let pool = pool.clone();
-            tasks.push(tokio::spawn(async move {
-                pool.resolve(&key(id), Arc::from(""), Reason::Change, shared)
-                    .await
-            }));
-            tokio::task::yield_now().await;
-        }
-        while pool.inner.state.lock().unwrap().entities["items"]
-            .queue
-            .len()
-            < 3
-        {
-            tokio::task::yield_now().await;
-        }
+        let tasks = spawn_resolves(
+            &pool,
+            &[("1", true), ("2", true), ("3", false), ("4", true)],
+        )
+        .await;
+        wait_queued(&pool, 3).await;
         let mut seen = Vec::new();
         for _ in 0..3 {
             let req = request(&mut rx);
@@ -1198,12 +1203,7 @@ mod tests {
                 }),
             )
         };
-        while pool.inner.state.lock().unwrap().entities["items"]
-            .queue
-            .is_empty()
-        {
-            tokio::task::yield_now().await;
-        }
+        wait_queued(&pool, 1).await;
         let _sent = request(&mut rx);
         let later =
             Instant::now() + Duration::from_secs(5) * MAX_ATTEMPTS + Duration::from_millis(1);
