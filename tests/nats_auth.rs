@@ -2,7 +2,8 @@
 //! a real nats-server runs with that file's `authorization` block, and two
 //! nodes authenticated as its `entity-sync` user notify, consume and resolve
 //! across each other. A wrong password is refused without the password in
-//! the error.
+//! the error. Nodes reach a NATS that requires TLS with client certificates
+//! through the `--nats-tls-*` flags.
 
 use std::time::Duration;
 
@@ -117,4 +118,55 @@ async fn a_wrong_password_is_refused_without_the_password_in_the_error() {
     };
     assert!(!err.contains("wrong-password-1234"), "{err}");
     assert!(err.contains("***@127.0.0.1"), "{err}");
+}
+
+/// `--nats-tls-ca`, `--nats-tls-cert`/`--nats-tls-key` and
+/// `--nats-require-tls` against a nats-server that requires TLS with client
+/// certificates: the node connects and pushes; without its certificate it
+/// is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_nats_over_mutual_tls() {
+    let files = entity_sync_testkit::tls::TlsFiles::new();
+    let config = format!(
+        "jetstream {{\n  sync_interval: always\n}}\n\
+         tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+        files.server_cert.display().to_string(),
+        files.server_key.display().to_string(),
+        files.ca_cert.display().to_string(),
+    );
+    let nats = NatsServer::start_binary(&nats_server_bin(), Some(&config)).await;
+    let url = format!("tls://127.0.0.1:{}", nats.port());
+    let with_tls = |c: &mut entity_sync::config::Config, client_cert: bool| {
+        c.nats.url = Some(url.clone());
+        c.nats.tls_ca = Some(files.ca_cert.clone());
+        c.nats.require_tls = true;
+        if client_cert {
+            c.nats.tls_cert = Some(files.client_cert.clone());
+            c.nats.tls_key = Some(files.client_key.clone());
+        }
+    };
+    let node = TestNode::start(|c| with_tls(c, true)).await;
+    let data = ResolverData::new();
+    data.set_rows("items", "1", &[r#"{"id":1}"#]);
+    let _resolver = TestResolver::connect(
+        node.grpc(),
+        ResolverOptions::new("svc").entity("items", FetchMode::Shared),
+        &data,
+    )
+    .await;
+    let mut client = node.client().await;
+    client.subscribe("items", "1").await;
+    let seq = notify_one(node.grpc(), "items", "1").await;
+    let (version, _) = client.push_at_least("items", "1", seq).await;
+    assert_eq!(version, seq, "the change went through NATS over TLS");
+
+    let mut config = TestNode::test_config();
+    with_tls(&mut config, false);
+    let refused = tokio::time::timeout(Duration::from_secs(20), TestNode::try_start(config))
+        .await
+        .expect("the node gives up connecting");
+    assert!(
+        matches!(refused, Err(NodeError::Bus(_))),
+        "a node without its client certificate connected"
+    );
 }
