@@ -412,6 +412,7 @@ fn assert_three_nats_urls(urls: &str, expected_hosts: &[String], place: &str) {
         .split(',')
         .map(|url| {
             url.strip_prefix("nats://")
+                .or_else(|| url.strip_prefix("tls://"))
                 .map(|rest| match rest.rsplit_once('@') {
                     // The nodes' user of nats/nats.conf.
                     Some((userinfo, host)) => {
@@ -933,6 +934,15 @@ fn nats_config_clusters_and_fsyncs_every_write() {
         );
     }
     assert!(lines.contains(&"port: 4222") && lines.contains(&"http_port: 8222"));
+    // TLS on the client port and on the routes (with peer verification).
+    assert!(
+        lines.contains(&"tls {") && lines.contains(&"cert_file: /etc/nats/certs/server.pem"),
+        "no TLS on the client port"
+    );
+    assert!(
+        cluster.contains(&"tls {") && cluster.contains(&"verify: true"),
+        "routes without verified TLS: {cluster:?}"
+    );
 }
 
 #[test]

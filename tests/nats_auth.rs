@@ -22,14 +22,21 @@ const PASSWORD: &str = "nats-password-for-this-test-7f3a";
 /// The `authorization { ... }` block of the deploy config, with the
 /// password the compose file takes from the environment.
 fn authorization_block() -> String {
+    deploy_block("authorization")
+        .replace("$NATS_NODE_PASSWORD", &format!("\"{PASSWORD}\""))
+}
+
+/// The top-level block `name { ... }` of `deploy/nats/nats.conf`.
+fn deploy_block(name: &str) -> String {
     let conf = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/nats/nats.conf"
     ))
     .unwrap();
     let start = conf
-        .find("authorization {")
-        .expect("deploy/nats/nats.conf has an authorization block");
+        .find(&format!("\n{name} {{"))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("deploy/nats/nats.conf has no top-level {name} block"));
     let mut depth = 0;
     let mut end = start;
     for (i, c) in conf[start..].char_indices() {
@@ -45,8 +52,8 @@ fn authorization_block() -> String {
             _ => {}
         }
     }
-    assert!(end > start, "unbalanced authorization block");
-    conf[start..end].replace("$NATS_NODE_PASSWORD", &format!("\"{PASSWORD}\""))
+    assert!(end > start, "unbalanced {name} block");
+    conf[start..end].to_owned()
 }
 
 async fn authorized_nats() -> NatsServer {
@@ -169,4 +176,49 @@ async fn nodes_reach_nats_over_mutual_tls() {
         matches!(refused, Err(NodeError::Bus(_))),
         "a node without its client certificate connected"
     );
+}
+
+/// The compose example's NATS TLS: `deploy/nats/make-certs.sh` makes the
+/// files, a nats-server runs with the deploy config's client-port `tls` and
+/// `authorization` blocks, and a node connects as the compose nodes do
+/// (`tls://user:password@`, `--nats-tls-ca`, `--nats-require-tls`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_tls_block_and_certificates_work() {
+    let dir = entity_sync_testkit::process::TempDir::new("nats-certs");
+    let made = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/nats/make-certs.sh"
+    ))
+    .arg(dir.path())
+    .output()
+    .expect("deploy/nats/make-certs.sh runs (it needs openssl)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let certs = format!("{}/", dir.path().display());
+    let config = format!(
+        "jetstream {{\n  sync_interval: always\n}}\n{}\n{}\n",
+        deploy_block("tls").replace("/etc/nats/certs/", &certs),
+        authorization_block()
+    );
+    let nats = NatsServer::start_binary(&nats_server_bin(), Some(&config)).await;
+    let url = format!("tls://entity-sync:{PASSWORD}@127.0.0.1:{}", nats.port());
+    let ca = dir.path().join("ca.pem");
+    let node = TestNode::start(move |c| {
+        c.nats.url = Some(url);
+        c.nats.tls_ca = Some(ca);
+        c.nats.require_tls = true;
+    })
+    .await;
+    let data = ResolverData::new();
+    data.set_rows("items", "1", &[r#"{"id":1}"#]);
+    let _resolver = TestResolver::connect(
+        node.grpc(),
+        ResolverOptions::new("svc").entity("items", FetchMode::Shared),
+        &data,
+    )
+    .await;
+    let mut client = node.client().await;
+    client.subscribe("items", "1").await;
+    let seq = notify_one(node.grpc(), "items", "1").await;
+    let (version, _) = client.push_at_least("items", "1", seq).await;
+    assert_eq!(version, seq);
 }
