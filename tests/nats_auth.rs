@@ -22,8 +22,7 @@ const PASSWORD: &str = "nats-password-for-this-test-7f3a";
 /// The `authorization { ... }` block of the deploy config, with the
 /// password the compose file takes from the environment.
 fn authorization_block() -> String {
-    deploy_block("authorization")
-        .replace("$NATS_NODE_PASSWORD", &format!("\"{PASSWORD}\""))
+    deploy_block("authorization").replace("$NATS_NODE_PASSWORD", &format!("\"{PASSWORD}\""))
 }
 
 /// The top-level block `name { ... }` of `deploy/nats/nats.conf`.
@@ -192,7 +191,11 @@ async fn the_deploy_tls_block_and_certificates_work() {
     .arg(dir.path())
     .output()
     .expect("deploy/nats/make-certs.sh runs (it needs openssl)");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let certs = format!("{}/", dir.path().display());
     let config = format!(
         "jetstream {{\n  sync_interval: always\n}}\n{}\n{}\n",
