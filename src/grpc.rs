@@ -122,10 +122,9 @@ impl EntitySync for EntitySyncService {
         request: Request<NotifyRequest>,
     ) -> Result<Response<NotifyResponse>, Status> {
         let granted = self.auth.check(request.metadata(), Role::Notifier)?;
-        // Without a token, a verified client certificate scopes the key.
-        let peer_cert = request
-            .peer_certs()
-            .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+        // Without a token, a verified client certificate scopes the key (a
+        // reference-counted handle: nothing is copied unless it is used).
+        let peer_certs = request.peer_certs();
         let request = request.into_inner();
         if request.keys.is_empty() {
             return Err(Status::invalid_argument("keys must not be empty"));
@@ -152,8 +151,14 @@ impl EntitySync for EntitySyncService {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let count = keys.len() as u64;
-        let idempotency_key =
-            scoped_idempotency_key(&granted, peer_cert.as_deref(), &request.idempotency_key);
+        let idempotency_key = scoped_idempotency_key(
+            &granted,
+            peer_certs
+                .as_ref()
+                .and_then(|certs| certs.first())
+                .map(|c| c.as_ref()),
+            &request.idempotency_key,
+        );
         let receipt = self.bus.publish(keys, &idempotency_key).await?;
         if receipt.duplicate {
             Metrics::inc(&self.metrics.notify_duplicates_total);
