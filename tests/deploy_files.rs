@@ -964,6 +964,136 @@ fn helm_values_enable_a_three_server_jetstream_cluster() {
     );
 }
 
+/// The subjects of `publish` and `subscribe` of the nodes' user in
+/// nats/nats.conf's `authorization` block: the quoted strings of each list.
+fn nats_conf_permissions() -> (Vec<String>, Vec<String>) {
+    let conf = read("deploy/nats/nats.conf");
+    let auth = &conf[conf.find("authorization {").expect("authorization block")..];
+    let list = |name: &str| -> Vec<String> {
+        let start = auth
+            .find(&format!("{name}: {{"))
+            .unwrap_or_else(|| panic!("no {name} permissions"));
+        let rest = &auth[start..];
+        let open = rest.find('[').expect("allow list");
+        let close = rest.find(']').expect("allow list end");
+        rest[open + 1..close]
+            .lines()
+            .filter_map(|line| {
+                let line = line.trim();
+                let quoted = line.strip_prefix('"')?;
+                Some(quoted[..quoted.find('"')?].to_owned())
+            })
+            .collect()
+    };
+    (list("publish"), list("subscribe"))
+}
+
+fn strings(value: &Value, path: &[&str]) -> Vec<String> {
+    items(value, path)
+        .iter()
+        .map(|v| v.as_str().expect("a string").to_owned())
+        .collect()
+}
+
+#[test]
+fn helm_values_speak_tls_and_log_the_nodes_in_with_least_permissions() {
+    let values = &load("deploy/nats/helm-values.yaml")[0];
+    // TLS on the client port and on the routes, which verify each other.
+    for block in ["nats", "cluster"] {
+        assert_eq!(
+            at(values, &["config", block, "tls", "enabled"]),
+            &json!(true),
+            "config.{block}.tls"
+        );
+        assert_eq!(
+            text(values, &["config", block, "tls", "secretName"]),
+            "nats-server-tls"
+        );
+    }
+    assert_eq!(
+        at(values, &["config", "cluster", "tls", "merge", "verify"]),
+        &json!(true)
+    );
+    assert_eq!(at(values, &["tlsCA", "enabled"]), &json!(true));
+    let ca_secret = text(values, &["tlsCA", "secretName"]);
+
+    // The nodes' user: the same permissions as the compose servers' config.
+    let users = items(values, &["config", "merge", "authorization", "users"]);
+    assert_eq!(users.len(), 1, "{users:?}");
+    let user = &users[0];
+    assert_eq!(text(user, &["user"]), "entity-sync");
+    assert_eq!(text(user, &["password"]), "<< $NATS_NODE_PASSWORD >>");
+    let (publish, subscribe) = nats_conf_permissions();
+    assert_eq!(publish.len(), 5, "{publish:?}");
+    assert_eq!(
+        strings(user, &["permissions", "publish", "allow"]),
+        publish,
+        "publish permissions differ from nats.conf"
+    );
+    assert_eq!(
+        strings(user, &["permissions", "subscribe", "allow"]),
+        subscribe,
+        "subscribe permissions differ from nats.conf"
+    );
+    let password_secret = text(
+        values,
+        &[
+            "container",
+            "env",
+            "NATS_NODE_PASSWORD",
+            "valueFrom",
+            "secretKeyRef",
+            "name",
+        ],
+    );
+
+    // The nodes: the same Secrets, TLS URLs, the CA mounted, TLS required.
+    let by_kind = k8s_manifests();
+    let pod = at(one(&by_kind, "Deployment"), &["spec", "template", "spec"]);
+    let container = &items(pod, &["containers"])[0];
+    let env = items(container, &["env"]);
+    let position = |name: &str| {
+        env.iter()
+            .position(|e| text(e, &["name"]) == name)
+            .unwrap_or_else(|| panic!("Deployment: no {name}"))
+    };
+    let password = &env[position("NATS_NODE_PASSWORD")];
+    assert_eq!(
+        text(password, &["valueFrom", "secretKeyRef", "name"]),
+        password_secret
+    );
+    // Kubernetes expands $(VAR) only from variables defined before.
+    let url_at = position("ENTITY_SYNC_NATS_URL");
+    assert!(position("NATS_NODE_PASSWORD") < url_at);
+    for url in text(&env[url_at], &["value"]).split(',') {
+        assert!(
+            url.starts_with("tls://entity-sync:$(NATS_NODE_PASSWORD)@"),
+            "Deployment: NATS URL {url:?}"
+        );
+    }
+    assert_eq!(
+        text(&env[position("ENTITY_SYNC_NATS_REQUIRE_TLS")], &["value"]),
+        "true"
+    );
+    let ca_path = text(&env[position("ENTITY_SYNC_NATS_TLS_CA")], &["value"]);
+    let volume = items(pod, &["volumes"])
+        .iter()
+        .find(|v| at(v, &["secret", "secretName"]) == &json!(ca_secret))
+        .unwrap_or_else(|| panic!("Deployment: no volume of Secret {ca_secret}"));
+    let mount = items(container, &["volumeMounts"])
+        .iter()
+        .find(|m| text(m, &["name"]) == text(volume, &["name"]))
+        .expect("the CA volume is not mounted");
+    assert_eq!(
+        ca_path,
+        format!(
+            "{}/{}",
+            text(mount, &["mountPath"]),
+            text(values, &["tlsCA", "key"])
+        )
+    );
+}
+
 #[test]
 fn kubernetes_manifests_have_probes_ports_and_a_disruption_budget() {
     let by_kind = k8s_manifests();
@@ -1193,7 +1323,7 @@ fn network_policies_admit_only_backends_to_grpc_and_only_nodes_to_nats() {
     );
 
     // NATS: the chart's server pods for the release the node's URLs name
-    // (nats://nats-0.nats-headless:4222 -> release "nats").
+    // (tls://user:password@nats-0.nats-headless:4222 -> release "nats").
     let env = items(container, &["env"]);
     let urls = env
         .iter()
@@ -1203,6 +1333,8 @@ fn network_policies_admit_only_backends_to_grpc_and_only_nodes_to_nats() {
     let first = urls.split(',').next().unwrap();
     let (pod, rest) = first
         .strip_prefix("nats://")
+        .or_else(|| first.strip_prefix("tls://"))
+        .map(|r| r.rsplit_once('@').map_or(r, |(_user, host)| host))
         .and_then(|r| r.split_once('.'))
         .expect("a NATS pod URL");
     let release = pod.rsplit_once('-').expect("statefulset pod").0;

@@ -5,7 +5,20 @@
 # `docker compose up`; keep ca.key somewhere safe (or delete it) afterwards.
 #
 #   deploy/nats/make-certs.sh [DIR]      # default: deploy/nats/certs
+#
+# NATS_CERT_HOSTS (comma-separated DNS names) replaces the compose servers'
+# names, e.g. for the Helm chart's pods (deploy/nats/helm-values.yaml):
+#   NATS_CERT_HOSTS=nats-0.nats-headless,nats-1.nats-headless,nats-2.nats-headless,nats
 set -euo pipefail
+hosts="${NATS_CERT_HOSTS:-nats-1,nats-2,nats-3}"
+san=""
+IFS=',' read -r -a names <<<"$hosts"
+for name in "${names[@]}"; do
+  case "$name" in
+    "" | *[!A-Za-z0-9.-]*) echo "bad host name in NATS_CERT_HOSTS: '$name'" >&2; exit 2 ;;
+  esac
+  san="${san}DNS:${name}, "
+done
 dir="${1:-$(dirname "$0")/certs}"
 mkdir -p "$dir"
 cd "$dir"
@@ -18,11 +31,11 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days "$day
   -subj "/CN=entity-sync NATS CA" -keyout ca.key -out ca.pem 2>/dev/null
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
   -subj "/CN=entity-sync NATS" -keyout server-key.pem -out server.csr 2>/dev/null
-cat > server.ext <<'EXT'
+cat > server.ext <<EXT
 basicConstraints = CA:FALSE
 keyUsage = digitalSignature, keyEncipherment
 extendedKeyUsage = serverAuth, clientAuth
-subjectAltName = DNS:nats-1, DNS:nats-2, DNS:nats-3, DNS:localhost, IP:127.0.0.1
+subjectAltName = ${san}DNS:localhost, IP:127.0.0.1
 EXT
 openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
   -days "$days" -extfile server.ext -out server.pem 2>/dev/null
