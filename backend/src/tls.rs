@@ -24,6 +24,16 @@ use crate::{Error, ErrorKind};
 ///
 /// PEM is checked when the client is built: a bad one is an
 /// [`ErrorKind::Config`] error naming what is wrong (never the contents).
+///
+/// A client certificate the node refuses (mutual TLS with
+/// `--grpc-tls-client-ca`) fails the call as [`ErrorKind::Stream`], and
+/// [`Backend::serve`](crate::Backend::serve) keeps retrying with backoff: in
+/// TLS 1.3 the node checks the certificate after the client's side of the
+/// handshake is done, so the client sees the node's alert
+/// (`received fatal alert: CertificateRequired`, `UnknownCA`, ...) only when it
+/// reads before it writes, and otherwise just a closed connection. A retry
+/// also succeeds once the node trusts the certificate's CA (a rotation in
+/// progress). Watch [`Backend::state`](crate::Backend::state) for the error.
 #[derive(Clone, Default)]
 pub struct Tls {
     ca_certificates: Vec<Vec<u8>>,
