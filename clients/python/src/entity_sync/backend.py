@@ -17,26 +17,25 @@ import enum
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from ._backoff import Backoff
 from ._proto import entitysync_pb2 as pb
-from ._proto.entitysync_pb2_grpc import EntitySyncStub
-from .endpoint import Endpoint, Tls
+from .endpoint import EOF, Endpoint, Tls
 from .errors import Error, ErrorKind
 from .request import Answer, Answers, FetchMode, PassThrough, ResolveRequest, _results
 
 log = logging.getLogger("entity_sync")
 
-Handler = Callable[[ResolveRequest], Union[Awaitable[Answers], Answers]]
+Handler = Callable[[ResolveRequest], Awaitable[Answers] | Answers]
 """Resolves the rows of one entity: called concurrently, once per request (a
 request carries one or several ids); returns an :class:`Answer` per id, as a
 mapping or pairs. An ``async def`` normally; a plain function must not block."""
 
-PassThroughHandler = Callable[[PassThrough], Union[Awaitable[None], None]]
+PassThroughHandler = Callable[[PassThrough], Awaitable[None] | None]
 """Receives the client messages that carry no ``action``."""
 
 DEFAULT_MAX_IN_FLIGHT = 64
@@ -72,7 +71,7 @@ def each_id(f: Callable[[str, ResolveRequest], Awaitable[Answer]]) -> Handler:
 
     async def handler(request: ResolveRequest) -> Answers:
         answers = await asyncio.gather(*(f(id, request) for id in request.ids))
-        return dict(zip(request.ids, answers))
+        return dict(zip(request.ids, answers, strict=True))
 
     return handler
 
@@ -200,16 +199,14 @@ class Backend:
         channel = self._endpoint.channel()
         # Answers and pass-through acks share the queue; a full queue makes
         # handlers wait, which the node's in-flight cap bounds anyway.
-        outbound: asyncio.Queue[pb.ResolverMessage | None] = asyncio.Queue(
-            self._max_in_flight + 16
-        )
+        outbound: asyncio.Queue[pb.ResolverMessage | None] = asyncio.Queue(self._max_in_flight + 16)
         outbound.put_nowait(pb.ResolverMessage(register=self._register()))
         tasks: set[asyncio.Task[None]] = set()
         read: asyncio.Task[Any] | None = None
         call = None
         writer: asyncio.Task[None] | None = None
         try:
-            call = EntitySyncStub(channel).Resolve(metadata=self._endpoint.metadata)
+            call = self._endpoint.stub(channel).Resolve(metadata=self._endpoint.metadata)
             writer = asyncio.ensure_future(_write(call, outbound))
             read = asyncio.ensure_future(asyncio.wait_for(call.read(), REGISTER_TIMEOUT))
             await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -250,13 +247,13 @@ class Backend:
                 writer.cancel()
             if call is not None:
                 call.cancel()
-            await channel.close()
+            await channel.close(grace=None)
 
     def _register(self) -> pb.Register:
         return pb.Register(
             name=self._name,
             entities=[
-                pb.EntityRegistration(entity=entity, fetch_mode=spec.fetch_mode.value)  # type: ignore[arg-type]
+                pb.EntityRegistration(entity=entity, fetch_mode=spec.fetch_mode.value)
                 for entity, spec in self._entities.items()
             ],
             pass_through=self._pass_through is not None,
@@ -306,7 +303,9 @@ class Backend:
         """Runs the handler of one request (catching its exceptions) and queues its answer."""
         if spec is None:
             log.warning("request for an entity this backend did not register: %s", request.entity)
-            results = _results(request.entity, request.ids, _all(request, Answer.error(_NOT_SERVED)))
+            results = _results(
+                request.entity, request.ids, _all(request, Answer.error(_NOT_SERVED))
+            )
         else:
             try:
                 answers = spec.handler(request)
@@ -429,7 +428,7 @@ def _message(read: asyncio.Task[Any]) -> pb.NodeMessage | None:
         raise Error(ErrorKind.UNAVAILABLE, f"no Registered within {REGISTER_TIMEOUT:g}s") from None
     except grpc.RpcError as err:
         raise Error.from_rpc(err) from None
-    if message is grpc.aio.EOF:
+    if message is EOF:
         return None
     assert isinstance(message, pb.NodeMessage)
     return message

@@ -10,7 +10,11 @@ from urllib.parse import urlsplit
 import grpc
 import grpc.aio
 
+from ._proto.entitysync_pb2_grpc import EntitySyncStub
 from .errors import Error, ErrorKind
+
+EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+"""What a stream read returns at the stream's end (missing from grpc's stubs)."""
 
 # Channel settings shared by the backend and the notifier.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -78,7 +82,9 @@ class Endpoint:
         if tls is not None and parts.scheme == "http":
             raise Error(ErrorKind.CONFIG, f"node URL {url!r}: with TLS settings, use https://")
         if (tls is not None) and ((tls.certificate is None) != (tls.private_key is None)):
-            raise Error(ErrorKind.CONFIG, "a client certificate needs its private key, and the reverse")
+            raise Error(
+                ErrorKind.CONFIG, "a client certificate needs its private key, and the reverse"
+            )
         self.url = url
         self.secure = parts.scheme == "https"
         host = parts.hostname
@@ -112,6 +118,11 @@ class Endpoint:
             certificate_chain=self.tls.certificate,
         )
         return grpc.aio.secure_channel(self.target, credentials, options=options)
+
+    def stub(self, channel: grpc.aio.Channel) -> Any:
+        """The generated client of ``channel`` (untyped: grpcio-tools writes no
+        types for it)."""
+        return EntitySyncStub(channel)  # type: ignore[no-untyped-call]
 
     def __repr__(self) -> str:
         token = ", bearer_token=<redacted>" if self._metadata else ""

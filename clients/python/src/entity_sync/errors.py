@@ -52,9 +52,7 @@ class Error(Exception):
     token or a secret.
     """
 
-    def __init__(
-        self, kind: ErrorKind, message: str, code: grpc.StatusCode | None = None
-    ) -> None:
+    def __init__(self, kind: ErrorKind, message: str, code: grpc.StatusCode | None = None) -> None:
         self.kind = kind
         self.code = code
         self.message = message

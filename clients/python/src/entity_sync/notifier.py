@@ -8,12 +8,12 @@ import logging
 import secrets
 from collections.abc import Iterable
 from types import TracebackType
+from typing import Any
 
 import grpc
 
 from ._backoff import Backoff
 from ._proto import entitysync_pb2 as pb
-from ._proto.entitysync_pb2_grpc import EntitySyncStub
 from .endpoint import Endpoint, Tls
 from .errors import Error, ErrorKind
 
@@ -66,7 +66,7 @@ class Notifier:
         self._call_timeout = call_timeout
         self._idempotency_keys = idempotency_keys
         self._channel: grpc.aio.Channel | None = None
-        self._stub: EntitySyncStub | None = None
+        self._stub: Any = None
 
     async def notify(self, keys: Iterable[Key]) -> Receipt:
         """Tells the node that ``keys`` changed; returns once the bus stored
@@ -114,17 +114,17 @@ class Notifier:
             log.debug("notify failed (attempt %d, %s); retrying in %.2fs", attempts, error, delay)
             await asyncio.sleep(delay)
 
-    def _connect(self) -> EntitySyncStub:
+    def _connect(self) -> Any:
         if self._stub is None:
             self._channel = self._endpoint.channel()
-            self._stub = EntitySyncStub(self._channel)
+            self._stub = self._endpoint.stub(self._channel)
         return self._stub
 
     async def close(self) -> None:
         """Closes the connection (a later call opens a new one)."""
         channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
-            await channel.close()
+            await channel.close(grace=None)
 
     async def __aenter__(self) -> Notifier:
         return self
