@@ -411,13 +411,18 @@ async def serve(
 
 async def _write(call: Any, queue: asyncio.Queue[pb.ResolverMessage | None]) -> None:
     """Writes what the queue holds to the request stream (the only writer:
-    gRPC takes one write at a time), and ends the stream at ``None``."""
+    gRPC takes one write at a time), and ends the stream at ``None``. If a
+    write fails the call is cancelled, so the read side ends the stream too
+    (and reports why)."""
     try:
         while (message := await queue.get()) is not None:
             await call.write(message)
         await call.done_writing()
-    except (grpc.RpcError, asyncio.InvalidStateError):
-        pass  # the call ended: the read side reports why
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:
+        log.debug("resolve stream write failed: %s", type(err).__name__)
+        call.cancel()
 
 
 def _message(read: asyncio.Task[Any]) -> pb.NodeMessage | None:
