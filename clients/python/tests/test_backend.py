@@ -5,6 +5,8 @@ refusals, pass-through, notify retries."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +348,24 @@ async def _until(check: Any, what: str) -> None:
         if loop.time() > end:
             raise TimeoutError(what)
         await asyncio.sleep(0.01)
+
+
+async def test_the_quickstart_serves_notifies_and_stops_on_sigint(node: NodeProcess) -> None:
+    quickstart = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(quickstart), node.grpc_url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=DEADLINE)  # type: ignore[union-attr]
+        assert line.startswith(b"notified, bus sequence "), line
+        async with await WsClient.connect(node.ws_url) as client:
+            _, rows = await client.subscribe("items", "101")
+            assert rows == [{"id": 101, "name": "milk", "qty": 2}]
+            await client.send_subscribe("items", "102")
+            assert await client.expect_error("not_found", "items", "102") == NOT_FOUND_MESSAGE
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), timeout=DEADLINE) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
