@@ -104,7 +104,7 @@ if [ -z "$(pg_initdb)" ]; then
   echo "installing PostgreSQL (Debian package postgresql)..."
   # The package creates and starts no cluster: the test makes its own.
   mkdir -p /etc/postgresql-common/createcluster.d
-  echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/entity-sync-tests.conf
+  echo "create_main_cluster = off" >/etc/postgresql-common/createcluster.d/entity-sync-tests.conf
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
