@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from pathlib import Path
 
 import grpc
@@ -98,7 +99,17 @@ async def test_tokens_are_sent_as_bearer_metadata_and_refused_when_wrong(
                 receipt.sequences[0],
                 [{"id": "5", "authorized": True}],
             )
-        await backend.stop()
+        # The resolver token is removed and the node re-reads the file: the
+        # stream ends with PERMISSION_DENIED, and serve with it, for good.
+        tokens.write_text(f"notifier {NOTIFIER_TOKEN}\n")
+        node.send_signal(signal.SIGHUP)
+        with pytest.raises(Error) as err:
+            await asyncio.wait_for(backend.task, timeout=DEADLINE)
+        assert (err.value.kind, err.value.code) == (
+            ErrorKind.REJECTED,
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        errors.append(err.value)
         node_log = node.log_text()
 
     # Our own logs and grpc's, at debug (the test's websocket client logs

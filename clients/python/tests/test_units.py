@@ -46,3 +46,12 @@ async def test_each_id_answers_every_id() -> None:
     handler = each_id(one)
     answers = await handler(ResolveRequest("items", ("a", "b")))  # type: ignore[misc]
     assert answers == {"a": Answer.row({"id": "a"}), "b": Answer.row({"id": "b"})}
+
+
+def test_the_readme_shows_the_quickstart_as_it_is() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = (root / "examples" / "quickstart.py").read_text()
+    body = code[code.index("import asyncio") :]
+    assert f"```python\n{body}```" in (root / "README.md").read_text()

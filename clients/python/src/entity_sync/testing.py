@@ -130,6 +130,12 @@ class NodeProcess:
                 process.kill()
         return process.wait()
 
+    def send_signal(self, sig: int) -> None:
+        """Sends ``sig`` (``signal.SIGHUP`` re-reads the tokens file)."""
+        self.check_alive()
+        assert self._process is not None
+        self._process.send_signal(sig)
+
     def kill(self) -> None:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
