@@ -129,12 +129,15 @@ class Coalescer:
         self.notifier = notifier
         self.pending: dict[Key, None] = {}  # an ordered set
         self.wake = asyncio.Event()
-        self.calls = 0
+        self.idle = asyncio.Event()  # nothing pending, no call in flight
+        self.idle.set()
 
     def add(self, keys: Iterable[Key]) -> None:
         for key in keys:
             self.pending[key] = None
-        self.wake.set()
+        if self.pending:
+            self.idle.clear()
+            self.wake.set()
 
     async def run(self) -> None:
         while True:
@@ -145,11 +148,11 @@ class Coalescer:
                 for key in batch:
                     del self.pending[key]
                 await self.notify(batch)
+            self.idle.set()
 
     async def notify(self, batch: list[Key]) -> None:
         try:
             await self.notifier.notify(batch)
-            self.calls += 1
         except Error as err:
             if err.retryable:
                 # The node stayed unavailable for the notifier's whole retry
@@ -219,8 +222,14 @@ async def run(args: argparse.Namespace) -> None:
                 bearer_token=os.environ.get("ENTITY_SYNC_RESOLVER_TOKEN"),
             )
         finally:
-            for task in background:
-                task.cancel()
+            listening, notifying = background
+            listening.cancel()
+            # Keys already received still go out (bounded).
+            try:
+                await asyncio.wait_for(coalescer.idle.wait(), timeout=5)
+            except TimeoutError:
+                log.warning("stopping with %d keys not notified", len(coalescer.pending))
+            notifying.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await notifier.close()
 

@@ -171,6 +171,8 @@ class Backend:
             stop = asyncio.ensure_future(shutdown.wait())
         else:
             stop = asyncio.ensure_future(shutdown)
+        # A future of the caller's is left as it is; one made here is cancelled at the end.
+        owned = stop is not shutdown
         backoff = Backoff(*self._reconnect)
         try:
             while True:
@@ -191,7 +193,8 @@ class Backend:
                 if done:
                     return
         finally:
-            stop.cancel()
+            if owned:
+                stop.cancel()
             self._set_state(BackendState(Phase.STOPPED))
 
     async def _stream(self, stop: asyncio.Future[Any], backoff: Backoff) -> bool:
