@@ -154,7 +154,14 @@ async def pushes(client: WsClient, n: int) -> dict[tuple[str, str], list[Any]]:
     for _ in range(n):
         frame = await client.recv()
         assert frame["action"] == "push", frame
-        out[(frame["body"]["entity"], frame["body"]["id"])] = frame["body"]["rows"]
+        body = frame["body"]
+        assert isinstance(body["version"], int), frame
+        assert frame == {
+            "action": "push",
+            "body": {"entity": body["entity"], "id": body["id"], "version": body["version"],
+                     "rows": body["rows"]},
+        }, frame  # fmt: skip
+        out[(body["entity"], body["id"])] = body["rows"]
     return out
 
 
