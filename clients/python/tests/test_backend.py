@@ -281,6 +281,46 @@ async def test_shutdown_drains_what_is_in_flight_and_new_work_goes_elsewhere(
     await held.close()
 
 
+async def test_a_drain_that_times_out_leaves_the_request_to_another_resolver(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    never = asyncio.Event()
+    held_by_a = 0
+
+    async def stuck(req: ResolveRequest) -> Answers:
+        nonlocal held_by_a
+        held_by_a += 1
+        await never.wait()
+        return {}
+
+    async def b_handler(req: ResolveRequest) -> Answers:
+        return {id: Answer.row({"by": "b"}) for id in req.ids}
+
+    a = Running(
+        quick(
+            node.grpc_url,
+            {"items": Entity(stuck, FetchMode.SHARED)},
+            name="svc",
+            drain_timeout=0.3,
+        )
+    )
+    running.append(a)
+    await a.registered()
+    held = await WsClient.connect(node.ws_url)
+    await held.send_subscribe("items", "1")
+    await _until(lambda: held_by_a == 1, "A holds the request")
+    b = Running(quick(node.grpc_url, {"items": Entity(b_handler, FetchMode.SHARED)}, name="svc"))
+    running.append(b)
+    await b.registered()
+    # A gives up on its handler after the drain timeout and ends its stream;
+    # the node sends the request it held to B.
+    await a.stop()
+    await held.expect_subscribed("items", "1")
+    _, rows = await held.expect_push("items", "1")
+    assert rows == [{"by": "b"}]
+    await held.close()
+
+
 async def test_a_registration_refused_for_good_ends_serve_with_the_error(
     node: NodeProcess,
 ) -> None:
