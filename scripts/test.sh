@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: makes sure what the tests need is installed, then runs
 # every test (Rust unit + integration tests, multi-node tests on real
-# nats-server processes, and the browser client's tests).
+# nats-server processes, the Python library's and the PostgreSQL example's
+# tests, and the browser client's tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -86,6 +87,39 @@ for scenario in fanout manykeys idle notify cluster; do
   echo "bench smoke: $scenario"
   target/debug/entity-sync-bench "$scenario" --smoke --node-bin target/debug/entity-sync | grep '^{'
 done
+
+# The Python backend library (clients/python) and the PostgreSQL example
+# (examples/postgres), against the node binary built above, in a venv under
+# target/ (made once, reused). The example's test runs a PostgreSQL server of
+# its own (initdb on a temp dir, a free port): it needs the server binaries,
+# never a running server.
+pg_initdb() {
+  command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n1
+}
+if [ -z "$(pg_initdb)" ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: PostgreSQL's initdb is needed (apt-get install postgresql)" >&2
+    exit 1
+  fi
+  echo "installing PostgreSQL (Debian package postgresql)..."
+  # The package creates and starts no cluster: the test makes its own.
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = off" >/etc/postgresql-common/createcluster.d/entity-sync-tests.conf
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+venv=target/python-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+stamp="$(cat clients/python/pyproject.toml examples/postgres/requirements.txt | sha256sum | cut -c1-16)"
+if [ "$(cat "$venv/.entity-sync-installed" 2>/dev/null)" != "$stamp" ]; then
+  echo "installing the Python package and its test dependencies into $venv..."
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    -e 'clients/python[test]' -r examples/postgres/requirements.txt
+  echo "$stamp" >"$venv/.entity-sync-installed"
+fi
+export ENTITY_SYNC_BIN="$PWD/target/debug/entity-sync"
+(cd clients/python && ../../"$venv"/bin/python -m pytest -q)
+(cd examples/postgres && ../../"$venv"/bin/python -m pytest -q)
 
 if command -v node >/dev/null; then
   node --test client/test/

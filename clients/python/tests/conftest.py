@@ -1,0 +1,75 @@
+"""Fixtures: the real node binary on free ports, backends run as tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from entity_sync import Backend
+from entity_sync.testing import DEADLINE, NodeProcess
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="session")
+def node_bin() -> Path:
+    """The node binary: ``ENTITY_SYNC_BIN``, else the workspace's debug build."""
+    return Path(os.environ.get("ENTITY_SYNC_BIN", REPO / "target" / "debug" / "entity-sync"))
+
+
+@pytest.fixture
+async def node(node_bin: Path) -> AsyncIterator[NodeProcess]:
+    async with NodeProcess(node_bin) as node:
+        yield node
+
+
+class Running:
+    """A backend serving in a task until :meth:`stop`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.shutdown = asyncio.Event()
+        self.task = asyncio.ensure_future(backend.serve(self.shutdown))
+
+    async def registered(self, other_than: str = "") -> str:
+        """Waits until registered (on a node other than ``other_than``); the node id."""
+        wait = asyncio.ensure_future(self.backend.wait_registered(other_than=other_than))
+        done, _ = await asyncio.wait(
+            {wait, self.task}, timeout=DEADLINE * 2, return_when=asyncio.FIRST_COMPLETED
+        )
+        if wait not in done:
+            wait.cancel()
+            if self.task in done:
+                self.task.result()  # raises the serve error
+            raise TimeoutError("the backend did not register")
+        return wait.result().node_id
+
+    async def stop(self) -> None:
+        self.shutdown.set()
+        await asyncio.wait_for(self.task, timeout=DEADLINE * 3)
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[list[Running]]:
+    """Backends a test starts (append them); stopped after the test."""
+    started: list[Running] = []
+    yield started
+    for backend in started:
+        if not backend.task.done():
+            backend.shutdown.set()
+    for backend in started:
+        try:
+            await asyncio.wait_for(backend.task, timeout=DEADLINE * 3)
+        except Exception:
+            pass
+
+
+def quick(endpoint: str, handlers: dict, **settings: object) -> Backend:  # type: ignore[type-arg]
+    """A backend with short reconnect delays."""
+    settings.setdefault("name", "test")
+    settings.setdefault("reconnect_backoff", (0.02, 0.2))
+    return Backend(endpoint, handlers, **settings)  # type: ignore[arg-type]

@@ -1,0 +1,411 @@
+"""The library against the real node binary with real websocket clients:
+rows and pushes, answers of every status, concurrency, reconnects, drain,
+refusals, pass-through, notify retries."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import Running, quick
+
+from entity_sync import (
+    Answer,
+    Answers,
+    Entity,
+    Error,
+    ErrorKind,
+    FetchMode,
+    Notifier,
+    PassThrough,
+    Phase,
+    ResolveRequest,
+    each_id,
+)
+from entity_sync.testing import DEADLINE, NodeProcess, WsClient, free_ports
+
+
+async def item(req: ResolveRequest) -> Answers:
+    return {id: Answer.row({"id": id, "secret": req.secret}) for id in req.ids}
+
+
+async def test_serves_rows_and_pushes_after_notify(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    backend = Running(quick(node.grpc_url, {"items": Entity(item, FetchMode.PER_SUBSCRIBER)}))
+    running.append(backend)
+    node_id = await backend.registered()
+    assert node_id.startswith("node-"), node_id
+
+    async with await WsClient.connect(node.ws_url) as client:
+        await client.send_secret("s1")
+        _, rows = await client.subscribe("items", "7")
+        assert rows == [{"id": "7", "secret": "s1"}]
+
+        async with Notifier(node.grpc_url) as notifier:
+            receipt = await notifier.notify([("items", 7)])
+        assert (receipt.accepted, receipt.attempts, receipt.duplicate) == (1, 1, False)
+        assert len(receipt.sequences) == 1
+        version, rows = await client.expect_push("items", "7")
+        assert version == receipt.sequences[0]
+        assert rows == [{"id": "7", "secret": "s1"}]
+
+    await backend.stop()
+    assert backend.backend.state.phase is Phase.STOPPED
+
+
+async def test_several_rows_per_key_keep_their_order(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    async def lists(req: ResolveRequest) -> Answers:
+        return [
+            (
+                id,
+                Answer.rows(
+                    [
+                        {"list": id, "name": "groceries"},
+                        {"item": 1, "name": "milk"},
+                        {"item": 2, "name": "eggs"},
+                    ]
+                ),
+            )
+            for id in req.ids
+        ]
+
+    # Rows that already are JSON texts go through verbatim, and a version of
+    # the backend's own replaces the bus sequence.
+    async def raw(req: ResolveRequest) -> Answers:
+        return {id: Answer.json_rows(['{"a":1}', b"[2,3]", "null"], version=42) for id in req.ids}
+
+    backend = Running(
+        quick(
+            node.grpc_url,
+            {"lists": Entity(lists, FetchMode.SHARED), "raw": Entity(raw, FetchMode.SHARED)},
+        )
+    )
+    running.append(backend)
+    await backend.registered()
+    async with await WsClient.connect(node.ws_url) as client:
+        _, rows = await client.subscribe("lists", "1")
+        assert rows == [
+            {"list": "1", "name": "groceries"},
+            {"item": 1, "name": "milk"},
+            {"item": 2, "name": "eggs"},
+        ]
+        version, rows = await client.subscribe("raw", "x")
+        assert (version, rows) == (42, [{"a": 1}, [2, 3], None])
+
+
+async def test_not_found_forbidden_and_error_answers_reach_the_client_as_frames(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    gone: set[str] = set()
+
+    async def answer(id: str, req: ResolveRequest) -> Answer:
+        if id == "missing" or id in gone:
+            return Answer.not_found()
+        if id == "private":
+            return Answer.forbidden("not yours")
+        if id == "down":
+            return Answer.error("database down")
+        if id == "raises":
+            raise RuntimeError("connection refused: password=hunter2")
+        if id == "bad-row":
+            return Answer.row({"not json": {1, 2}})
+        return Answer.row({"id": id})
+
+    async def docs(req: ResolveRequest) -> Answers:
+        raise OSError("docs store unreachable")
+
+    async def partial(req: ResolveRequest) -> Answers:
+        return {}  # answers none of the ids
+
+    backend = Running(
+        quick(
+            node.grpc_url,
+            {
+                "items": Entity(each_id(answer), FetchMode.SHARED),
+                "docs": Entity(docs, FetchMode.SHARED),
+                "partial": Entity(partial, FetchMode.SHARED),
+            },
+        )
+    )
+    running.append(backend)
+    await backend.registered()
+    async with await WsClient.connect(node.ws_url) as client:
+        await client.send_subscribe("items", "missing")
+        assert await client.expect_error("not_found", "items", "missing") == NOT_FOUND_MESSAGE
+        await client.send_subscribe("items", "private")
+        assert await client.expect_error("forbidden", "items", "private") == "not yours"
+        await client.send_subscribe("items", "down")
+        assert await client.expect_error("resolver_error", "items", "down") == "database down"
+        # A handler that raises: a fixed message, its exception stays here.
+        await client.send_subscribe("items", "raises")
+        assert (
+            await client.expect_error("resolver_error", "items", "raises")
+            == "the backend failed to resolve this key"
+        )
+        await client.send_subscribe("docs", "1")
+        assert (
+            await client.expect_error("resolver_error", "docs", "1")
+            == "the backend failed to resolve this key"
+        )
+        await client.send_subscribe("items", "bad-row")
+        assert (
+            await client.expect_error("resolver_error", "items", "bad-row")
+            == "the backend could not serialize a row"
+        )
+        await client.send_subscribe("partial", "1")
+        assert (
+            await client.expect_error("resolver_error", "partial", "1")
+            == "the backend gave no answer for this id"
+        )
+
+        # The same stream still serves; a key gone on a change is pushed empty.
+        _, rows = await client.subscribe("items", "ok")
+        assert rows == [{"id": "ok"}]
+        gone.add("ok")
+        async with Notifier(node.grpc_url) as notifier:
+            receipt = await notifier.notify([("items", "ok")])
+        assert await client.expect_push("items", "ok") == (receipt.sequences[0], [])
+    assert backend.backend.state.phase is Phase.REGISTERED
+
+
+NOT_FOUND_MESSAGE = "no such key"
+
+
+async def test_requests_are_answered_concurrently_up_to_max_in_flight(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    in_flight = 4
+    now = 0
+    peak = 0
+    all_in = asyncio.Event()
+
+    async def wide(req: ResolveRequest) -> Answers:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        if now >= in_flight:
+            all_in.set()
+        # Answered one at a time, none of the first ones would ever finish.
+        await asyncio.wait_for(all_in.wait(), timeout=DEADLINE)
+        now -= 1
+        return {id: Answer.row({"ok": id}) for id in req.ids}
+
+    backend = Running(
+        quick(node.grpc_url, {"items": Entity(wide, FetchMode.SHARED)}, max_in_flight=in_flight)
+    )
+    running.append(backend)
+    await backend.registered()
+    clients = [await WsClient.connect(node.ws_url) for _ in range(in_flight + 2)]
+    for i, client in enumerate(clients):
+        await client.send_subscribe("items", str(i))
+    for i, client in enumerate(clients):
+        await client.expect_subscribed("items", str(i))
+        _, rows = await client.expect_push("items", str(i))
+        assert rows == [{"ok": str(i)}]
+        await client.close()
+    assert peak == in_flight
+
+
+async def test_a_restarted_node_is_registered_with_again(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    backend = Running(quick(node.grpc_url, {"items": Entity(item, FetchMode.SHARED)}))
+    running.append(backend)
+    first = await backend.registered()
+    client = await WsClient.connect(node.ws_url)
+    await client.subscribe("items", "1")
+
+    await node.stop()
+    with pytest.raises(Exception) as closed:
+        await client.recv()
+    assert getattr(closed.value, "rcvd", None) is not None
+    assert closed.value.rcvd.code == 1001  # type: ignore[attr-defined]
+    await node.start()  # the same ports
+    second = await backend.registered(other_than=first)
+    assert second != first
+
+    async with await WsClient.connect(node.ws_url) as client:
+        _, rows = await client.subscribe("items", "1")
+        assert rows == [{"id": "1", "secret": ""}]
+
+
+async def test_shutdown_drains_what_is_in_flight_and_new_work_goes_elsewhere(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    gate = asyncio.Event()
+    served_by_a = 0
+
+    async def a_handler(req: ResolveRequest) -> Answers:
+        nonlocal served_by_a
+        served_by_a += 1
+        await asyncio.wait_for(gate.wait(), timeout=DEADLINE * 2)
+        return {id: Answer.row({"by": "a"}) for id in req.ids}
+
+    async def b_handler(req: ResolveRequest) -> Answers:
+        return {id: Answer.row({"by": "b"}) for id in req.ids}
+
+    a = Running(quick(node.grpc_url, {"items": Entity(a_handler, FetchMode.SHARED)}, name="svc"))
+    running.append(a)
+    await a.registered()
+    # A holds a subscribe resolve...
+    held = await WsClient.connect(node.ws_url)
+    await held.send_subscribe("items", "1")
+    await _until(lambda: served_by_a == 1, "A got the request")
+    # ...then B comes, and A is told to stop.
+    b = Running(quick(node.grpc_url, {"items": Entity(b_handler, FetchMode.SHARED)}, name="svc"))
+    running.append(b)
+    await b.registered()
+    a.shutdown.set()
+    await _until(lambda: "resolver draining" in node.log_text(), "the node read Drain")
+    for id in ["2", "3", "4"]:
+        async with await WsClient.connect(node.ws_url) as client:
+            _, rows = await client.subscribe("items", id)
+            assert rows == [{"by": "b"}], id
+    assert served_by_a == 1
+    assert not a.task.done(), "A waits for its handler"
+
+    # A answers what it held, then ends its stream and serve returns.
+    gate.set()
+    await held.expect_subscribed("items", "1")
+    _, rows = await held.expect_push("items", "1")
+    assert rows == [{"by": "a"}]
+    await asyncio.wait_for(a.task, timeout=DEADLINE)
+    await held.close()
+
+
+async def test_a_drain_that_times_out_leaves_the_request_to_another_resolver(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    never = asyncio.Event()
+    held_by_a = 0
+
+    async def stuck(req: ResolveRequest) -> Answers:
+        nonlocal held_by_a
+        held_by_a += 1
+        await never.wait()
+        return {}
+
+    async def b_handler(req: ResolveRequest) -> Answers:
+        return {id: Answer.row({"by": "b"}) for id in req.ids}
+
+    a = Running(
+        quick(
+            node.grpc_url,
+            {"items": Entity(stuck, FetchMode.SHARED)},
+            name="svc",
+            drain_timeout=0.3,
+        )
+    )
+    running.append(a)
+    await a.registered()
+    held = await WsClient.connect(node.ws_url)
+    await held.send_subscribe("items", "1")
+    await _until(lambda: held_by_a == 1, "A holds the request")
+    b = Running(quick(node.grpc_url, {"items": Entity(b_handler, FetchMode.SHARED)}, name="svc"))
+    running.append(b)
+    await b.registered()
+    # A gives up on its handler after the drain timeout and ends its stream;
+    # the node sends the request it held to B.
+    await a.stop()
+    await held.expect_subscribed("items", "1")
+    _, rows = await held.expect_push("items", "1")
+    assert rows == [{"by": "b"}]
+    await held.close()
+
+
+async def test_a_registration_refused_for_good_ends_serve_with_the_error(
+    node: NodeProcess,
+) -> None:
+    backend = quick(node.grpc_url, {"not.an.entity": Entity(item, FetchMode.SHARED)})
+    with pytest.raises(Error) as refused:
+        await asyncio.wait_for(backend.serve(), timeout=DEADLINE)
+    assert refused.value.kind is ErrorKind.REJECTED
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "entity" in refused.value.message
+    assert backend.state.phase is Phase.STOPPED
+
+
+async def test_pass_through_messages_reach_the_handler_with_connection_and_secret(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    received: asyncio.Queue[PassThrough] = asyncio.Queue()
+
+    async def receive(message: PassThrough) -> None:
+        await received.put(message)
+
+    backend = Running(quick(node.grpc_url, {}, name="chat", pass_through=receive))
+    running.append(backend)
+    node_id = await backend.registered()
+    async with await WsClient.connect(node.ws_url) as client:
+        await client.send_secret("s3")
+        await client.send({"type": "chat", "text": "hi"})
+        message = await asyncio.wait_for(received.get(), timeout=DEADLINE)
+    assert message.connection_id.startswith(f"{node_id}-"), message.connection_id
+    assert message.secret == "s3"
+    assert message.json() == {"type": "chat", "text": "hi"}
+    assert "s3" not in repr(message)
+
+
+async def test_notify_retries_until_the_node_is_up_and_refusals_are_not_retried(
+    node_bin: Path,
+) -> None:
+    ws_port, grpc_port = free_ports(2)
+    notifier = Notifier(f"http://127.0.0.1:{grpc_port}", retry_for=20)
+    # Nothing listens yet: the first attempts fail, then the node comes up.
+    call = asyncio.ensure_future(notifier.notify([("items", "1")]))
+    await asyncio.sleep(0.3)
+    assert not call.done()
+    async with NodeProcess(node_bin, ws_port=ws_port, grpc_port=grpc_port):
+        receipt = await asyncio.wait_for(call, timeout=DEADLINE * 3)
+        assert receipt.attempts > 1, receipt
+        assert (receipt.accepted, receipt.duplicate) == (1, False)
+
+        with pytest.raises(Error) as refused:
+            await notifier.notify([("items", "bad.id")])
+        assert refused.value.kind is ErrorKind.REJECTED
+        assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+        # One idempotency key: the second call is a duplicate, applied once.
+        first = await notifier.notify_with_key([("items", "2")], "change-17")
+        again = await notifier.notify_with_key([("items", "2")], "change-17")
+        assert (first.duplicate, again.duplicate) == (False, True)
+        assert again.sequences == first.sequences
+    await notifier.close()
+
+
+async def _until(check: Any, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + DEADLINE
+    while not check():
+        if loop.time() > end:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.01)
+
+
+async def test_the_quickstart_serves_notifies_and_stops_on_sigint(node: NodeProcess) -> None:
+    quickstart = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(quickstart), node.grpc_url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=DEADLINE)  # type: ignore[union-attr]
+        assert line.startswith(b"notified, bus sequence "), line
+        async with await WsClient.connect(node.ws_url) as client:
+            _, rows = await client.subscribe("items", "101")
+            assert rows == [{"id": 101, "name": "milk", "qty": 2}]
+            await client.send_subscribe("items", "102")
+            assert await client.expect_error("not_found", "items", "102") == NOT_FOUND_MESSAGE
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), timeout=DEADLINE) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
