@@ -61,8 +61,14 @@ fn the_clients_own_codes_never_collide_with_the_nodes() {
 fn the_clients_code_sets_use_only_node_codes() {
     let node = node_codes();
     for (file, marker) in [
-        (SOURCE, "const SUBSCRIPTION_ENDED: ReadonlySet<string> = new Set<ErrorCode>(["),
-        (SOURCE, "const RETRYABLE: ReadonlySet<string> = new Set<ErrorCode>(["),
+        (
+            SOURCE,
+            "const SUBSCRIPTION_ENDED: ReadonlySet<string> = new Set<ErrorCode>([",
+        ),
+        (
+            SOURCE,
+            "const RETRYABLE: ReadonlySet<string> = new Set<ErrorCode>([",
+        ),
         (BUILD, "const SUBSCRIPTION_ENDED = new Set(["),
         (BUILD, "const RETRYABLE = new Set(["),
     ] {

@@ -33,7 +33,8 @@ after(async () => {
 
 /** Runs wss-child.mjs with `env`; its events, once it exits. */
 function runChild(args, env) {
-  const child = spawn(process.execPath, ['--experimental-websocket', join(packageRoot, 'test', 'support', 'wss-child.mjs'), ...args], {
+  const flags = Number(process.versions.node.split('.')[0]) < 22 ? ['--experimental-websocket'] : [];
+  const child = spawn(process.execPath, [...flags, join(packageRoot, 'test', 'support', 'wss-child.mjs'), ...args], {
     env: { ...process.env, NODE_EXTRA_CA_CERTS: '', ...env },
     stdio: ['ignore', 'pipe', 'inherit'],
   });

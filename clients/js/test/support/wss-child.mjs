@@ -2,7 +2,7 @@
 // store (NODE_EXTRA_CA_CERTS, read once at start) is the test's to choose.
 // Prints one JSON line per event; exits after the first rows, or after the
 // first failed connection when it is told to expect one.
-//   node --experimental-websocket wss-child.mjs URL PATH ENTITY ID SECRET until-rows|until-failure
+//   node [--experimental-websocket] wss-child.mjs URL PATH ENTITY ID SECRET until-rows|until-failure
 
 import { EntitySyncClient } from '../../dist/entity-sync.js';
 
