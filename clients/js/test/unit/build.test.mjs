@@ -32,3 +32,14 @@ test('the committed dist/ equals a fresh tsc build of src/', () => {
     rmSync(out, { recursive: true, force: true });
   }
 });
+
+test('the declarations type a caller strictly (test/types/usage.ts compiles, its expected errors stay errors)', () => {
+  try {
+    execFileSync(join(root, 'node_modules', '.bin', 'tsc'), ['-p', join(root, 'test', 'types', 'tsconfig.json')], {
+      cwd: root,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+  } catch (err) {
+    assert.fail(`tsc on test/types/usage.ts:\n${err.stdout}${err.stderr}`);
+  }
+});
