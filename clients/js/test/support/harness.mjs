@@ -24,7 +24,7 @@ export const DEADLINE_MS = 10_000;
 export function binary(name, envVar) {
   const path = process.env[envVar] ?? join(repoRoot, 'target', 'debug', name);
   if (!existsSync(path)) {
-    throw new Error(`${path} not found: run \`cargo build -p ${name === 'entity-sync-testkit' ? 'entity-sync-testkit' : name}\` (or set ${envVar})`);
+    throw new Error(`${path} not found: run \`cargo build -p ${name}\` (or set ${envVar})`);
   }
   return path;
 }
@@ -93,8 +93,9 @@ class Child {
     log.write(`--- ${new Date().toISOString()} ${file} ${args.join(' ')}\n`);
     this.process = spawn(file, args, {
       env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info', ...env },
-      stdio: [stdin, stdin === 'pipe' ? 'pipe' : 'pipe', 'pipe'],
+      stdio: [stdin, 'pipe', 'pipe'],
     });
+    // With stdin piped, stdout is the program's answers: the caller reads it.
     if (stdin !== 'pipe') this.process.stdout.pipe(log, { end: false });
     this.process.stderr.pipe(log, { end: false });
     this.exited = new Promise((done) => this.process.once('exit', (code, signal) => done({ code, signal })));
