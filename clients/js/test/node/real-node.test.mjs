@@ -196,6 +196,17 @@ test('forbidden ends the key with its code until a secret opens it', async () =>
   assert.equal(rec.seen.errors.length, 1);
 });
 
+test('a key the backend does not have is not_found, and a store of it fails with that error', async () => {
+  const c = client();
+  const store = c.store('items', '404');
+  const off = store.subscribe(() => {});
+  await until(() => store.get().status === 'failed', 'the store to fail');
+  const { error, ...rest } = store.get();
+  assert.deepEqual(rest, { status: 'failed', rows: [], version: null });
+  assert.deepEqual({ ...error, message: typeof error.message }, { code: 'not_found', message: 'string', entity: 'items', id: '404' });
+  off();
+});
+
 test('passing failures are retried until they pass: resolver_error, then no_resolver', async () => {
   await resolver.set('items', '40', { status: 'error', message: 'database restarting' });
   const rec = recorder();
