@@ -226,19 +226,30 @@ test('a connect that fails with an error event alone is retried', async () => {
   client.close();
 });
 
-test('reconnect attempts back off until one connection holds', async () => {
-  const { client, socket } = makeClient({ minDelayMs: 4, maxDelayMs: 16 });
-  const delays = [];
-  let last = Date.now();
+test('reconnect attempts back off, capped, and each tells its delay and attempt', async () => {
+  const infos = [];
+  const { client, socket } = makeClient({
+    minDelayMs: 4,
+    maxDelayMs: 16,
+    onState: (state, info) => state === 'reconnecting' && infos.push(info),
+  });
   for (let i = 0; i < 4; i += 1) {
     const count = FakeSocket.made.length;
-    socket().drop();
+    socket().drop(1006);
     await until(() => FakeSocket.made.length === count + 1, `reconnect ${i + 1}`);
-    delays.push(Date.now() - last);
-    last = Date.now();
   }
-  // With random() = 0.5 the delays are 3, 6, 12, 12 ms: growing, then capped.
-  assert.ok(delays[2] >= 12 - 2, `third delay ${delays[2]}ms should have grown`);
+  // With random() = 0.5: ceilings 4, 8, 16, 16 ms, each delay three quarters of it.
+  assert.deepEqual(infos, [
+    { delayMs: 3, attempt: 1, closeCode: 1006 },
+    { delayMs: 6, attempt: 2, closeCode: 1006 },
+    { delayMs: 12, attempt: 3, closeCode: 1006 },
+    { delayMs: 12, attempt: 4, closeCode: 1006 },
+  ]);
+  // A connection that never opened does not reset the backoff; one that
+  // opens and drops at once does not either (it must hold 5 s).
+  socket().accept();
+  socket().drop(1006);
+  assert.deepEqual(infos.at(-1), { delayMs: 12, attempt: 5, closeCode: 1006 });
   client.close();
 });
 
