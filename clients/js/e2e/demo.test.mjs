@@ -7,12 +7,12 @@
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 import { chromium } from 'playwright-core';
 
-import { DEADLINE_MS, NodeProcess, demoBinary, freePorts, httpGet, outputDir, spawnChild, until } from '../test/support/harness.mjs';
+import { DEADLINE_MS, NodeProcess, demoBinary, freePorts, httpGet, outputDir, packageRoot, spawnChild, until } from '../test/support/harness.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -76,6 +76,14 @@ async function waitLive(page) {
   await page.waitForFunction(() => document.querySelector('#status')?.textContent === 'live');
   await page.waitForFunction(() => document.querySelectorAll('#items tr').length === 8);
 }
+
+test('the demo serves the package\'s committed build as the page\'s client', async () => {
+  const served = await httpGet(`${pageUrl}entity-sync.js`);
+  assert.equal(served.status, 200);
+  assert.ok(served.body === readFileSync(join(packageRoot, 'dist', 'entity-sync.js'), 'utf8'), 'the demo serves dist/entity-sync.js as it is (rebuild the demo after `npm run build`)');
+  const page = await httpGet(pageUrl);
+  assert.match(page.body, /import \{ EntitySyncClient \} from '\/entity-sync\.js';/);
+});
 
 test('the demo page: an edit reaches a second browser, no secret is refused, and the page recovers from a node restart', async (t) => {
   const timings = {};
