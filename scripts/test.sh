@@ -2,7 +2,7 @@
 # The test command: makes sure what the tests need is installed, then runs
 # every test (Rust unit + integration tests, multi-node tests on real
 # nats-server processes, the Python library's and the PostgreSQL example's
-# tests, and the browser client's tests).
+# tests, and the JavaScript client package's tests, in a real browser too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -121,8 +121,27 @@ export ENTITY_SYNC_BIN="$PWD/target/debug/entity-sync"
 (cd clients/python && ../../"$venv"/bin/python -m pytest -q)
 (cd examples/postgres && ../../"$venv"/bin/python -m pytest -q)
 
-if command -v node >/dev/null; then
-  node --test client/test/
-else
-  echo "note: node not found; skipping the browser client's tests (client/test)"
+# The JavaScript client package (clients/js): unit tests, tests against the
+# node binary and the testkit's resolver (built above), and the demo page in
+# headless Chromium. Debian's chromium is installed when missing (never a
+# browser download); node_modules is installed from the lock file when
+# missing or older than it.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "error: node and npm are needed for the client package's tests (clients/js)" >&2
+  exit 1
 fi
+if [ ! -x "${CHROMIUM_BIN:-/usr/bin/chromium}" ]; then
+  echo "installing chromium (Debian package) for the browser test..."
+  if [ "$(id -u)" -eq 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
+  "${apt_get[@]}" install -y chromium >/dev/null \
+    || { "${apt_get[@]}" update >/dev/null && "${apt_get[@]}" install -y chromium >/dev/null; }
+fi
+(
+  cd clients/js
+  # npm writes node_modules/.package-lock.json on every install: older than
+  # package-lock.json means the lock changed since.
+  if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund
+  fi
+  npm test
+)

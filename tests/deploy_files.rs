@@ -1555,6 +1555,62 @@ fn production_image_holds_only_the_node_binary() {
     assert!(!chain.iter().any(|s| std::ptr::eq(*s, demo)));
 }
 
+/// The demo's binary embeds files with `include_str!` (its page, the client
+/// package's committed build): the stages that build it must copy each one,
+/// or the image build fails where `cargo build` works.
+#[test]
+fn demo_image_build_copies_every_file_the_demo_embeds() {
+    let stages = dockerfile_stages(&read("deploy/Dockerfile"));
+    let builder = stage(&stages, "demo-build").expect("a demo-build stage");
+    let mut chain = vec![builder];
+    while let Some(parent) = stage(&stages, &chain.last().unwrap().base) {
+        chain.push(parent);
+    }
+    let copied: Vec<PathBuf> = chain
+        .iter()
+        .flat_map(|s| &s.instructions)
+        .filter(|(k, a)| k == "COPY" && !a.starts_with("--from"))
+        .flat_map(|(_, a)| {
+            let words: Vec<&str> = a.split_whitespace().collect();
+            // Every word but the destination is a source, relative to the root.
+            words[..words.len() - 1]
+                .iter()
+                .map(|w| PathBuf::from(w.trim_end_matches('/')))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let source = read("examples/demo/src/main.rs");
+    let embedded: Vec<PathBuf> = source
+        .split("include_str!(\"")
+        .skip(1)
+        .map(|rest| {
+            let relative = &rest[..rest.find('"').expect("a closing quote")];
+            let mut path = PathBuf::from("examples/demo/src");
+            for part in Path::new(relative).components() {
+                match part {
+                    std::path::Component::ParentDir => {
+                        assert!(path.pop(), "{relative} leaves the repository");
+                    }
+                    other => path.push(other),
+                }
+            }
+            path
+        })
+        .collect();
+    assert!(
+        embedded.contains(&PathBuf::from("clients/js/dist/entity-sync.js")),
+        "{embedded:?}"
+    );
+    for file in &embedded {
+        assert!(root().join(file).is_file(), "{} is missing", file.display());
+        assert!(
+            copied.iter().any(|c| file.starts_with(c)),
+            "deploy/Dockerfile's demo build does not copy {} (copies {copied:?})",
+            file.display()
+        );
+    }
+}
+
 #[test]
 fn dockerfile_stage_parser_reads_continuations_and_bases() {
     let stages = dockerfile_stages(

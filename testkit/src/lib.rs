@@ -19,6 +19,9 @@
 //! - [`http`]: a plain or TLS GET and Prometheus text reading.
 //! - [`tls`]: a CA and certificates for tests ([`TlsFiles`]), and the TLS clients' config.
 //! - [`process`]: child processes killed on drop, temp dirs, free ports.
+//!
+//! The `entity-sync-testkit` binary (`src/bin/`) offers the resolver and the
+//! certificates to tests in other languages (the JavaScript client's).
 
 pub mod http;
 pub mod nats;

@@ -471,6 +471,11 @@ impl TestResolver {
         .unwrap_or_else(|_| panic!("not registered again within {wait:?}"))
     }
 
+    /// The backend's registration state as it changes (a watch receiver).
+    pub fn states(&self) -> watch::Receiver<BackendState> {
+        self.backend.clone()
+    }
+
     /// Graceful stop through the SDK (Drain, answer what is held, end the
     /// stream); returns what `serve` returned.
     pub async fn stop(&mut self) -> Result<(), Error> {

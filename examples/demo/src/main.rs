@@ -13,8 +13,9 @@
 //!   every browser that subscribed. Every few seconds it edits a random item so
 //!   that the page visibly moves.
 //! - **the demo page** (served by the backend on 127.0.0.1:8090), which uses the
-//!   browser client `client/entity-sync.js` to show a list live, and edits items
-//!   through the backend's small REST API.
+//!   client package `clients/js` (its committed build, served at
+//!   `/entity-sync.js`) to show a list live, and edits items through the
+//!   backend's small REST API.
 //!
 //! The two entities show the two fetch modes:
 //!
@@ -791,7 +792,9 @@ mod web {
     use super::{DEMO_SECRET, backend, db};
 
     const INDEX_HTML: &str = include_str!("../index.html");
-    const CLIENT_JS: &str = include_str!("../../../client/entity-sync.js");
+    /// The client package's committed build (`clients/js/dist`), so the demo
+    /// runs from a fresh clone without npm.
+    const CLIENT_JS: &str = include_str!("../../../clients/js/dist/entity-sync.js");
 
     /// What the handlers share; cheap to clone.
     #[derive(Clone)]

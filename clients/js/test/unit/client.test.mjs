@@ -1,5 +1,6 @@
-// Tests of the browser client against a fake WebSocket: `node --test client/test/`.
-// No dependencies; the fake stands in for the node's side of the socket.
+// Edge cases of the client against a fake WebSocket whose "server" side each
+// test drives by hand (frame orders a real node does not produce on demand).
+// The same behaviours against a real node: test/node/.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,7 +11,11 @@ import {
   encodeSecret,
   encodeSubscribe,
   encodeUnsubscribe,
-} from '../entity-sync.js';
+  websocketUrl,
+  ERROR_CODES,
+  CLIENT_ERROR_CODES,
+  isRetryable,
+} from '../../dist/entity-sync.js';
 
 /** A WebSocket look-alike whose "server" side the test drives by hand. */
 class FakeSocket {
@@ -67,17 +72,17 @@ class FakeSocket {
 function makeClient(options = {}) {
   FakeSocket.made = [];
   const errors = [];
-  const statuses = [];
+  const states = [];
   const client = new EntitySyncClient('ws://node.test/ws/entity-sync/', {
     WebSocket: FakeSocket,
     minDelayMs: 2,
     maxDelayMs: 8,
     random: () => 0.5,
     onError: (err) => errors.push(err),
-    onStatus: (status) => statuses.push(status),
+    onState: (state) => states.push(state),
     ...options,
   });
-  return { client, errors, statuses, socket: () => FakeSocket.made.at(-1) };
+  return { client, errors, states, socket: () => FakeSocket.made.at(-1) };
 }
 
 /** Resolves once `predicate()` holds; fails the test after a second. */
@@ -113,7 +118,7 @@ test('on open it sends the secret first, then one subscribe per key', async () =
     '{"action":"subscribe","body":{"entity":"items","id":"101"}}',
     '{"action":"subscribe","body":{"entity":"lists","id":"1"}}',
   ]);
-  assert.equal(client.status, 'open');
+  assert.equal(client.state, 'open');
   client.close();
 });
 
@@ -122,10 +127,11 @@ test('the last listener of a key sends the unsubscribe', () => {
   socket().accept();
   const a = () => {};
   const b = () => {};
-  client.subscribe('items', '1', a);
+  const offA = client.subscribe('items', '1', a);
   const offB = client.subscribe('items', '1', b);
   socket().push(subscribed('items', '1'));
-  client.unsubscribe('items', '1', a);
+  offA();
+  offA(); // twice is once
   assert.equal(socket().frames().filter((f) => f.action === 'unsubscribe').length, 0);
   offB();
   assert.deepEqual(socket().frames().at(-1), { action: 'unsubscribe', body: { entity: 'items', id: '1' } });
@@ -161,7 +167,7 @@ test('pushes reach every listener; a push older than the held version is dropped
 });
 
 test('after a drop it reconnects, resubscribes and takes the fresh snapshot', async () => {
-  const { client, socket, statuses } = makeClient({ secret: 's' });
+  const { client, socket, states } = makeClient({ secret: 's' });
   const first = socket();
   first.accept();
   const seen = [];
@@ -171,7 +177,7 @@ test('after a drop it reconnects, resubscribes and takes the fresh snapshot', as
   first.push(push('lists', '1', 41, [{ name: 'changed' }]));
 
   first.drop(1001); // node going away
-  assert.equal(client.status, 'reconnecting');
+  assert.equal(client.state, 'reconnecting');
   await until(() => FakeSocket.made.length === 2, 'a second socket');
   const second = socket();
   assert.notEqual(second, first);
@@ -200,7 +206,7 @@ test('after a drop it reconnects, resubscribes and takes the fresh snapshot', as
     [3, true, 'after restart'],
     [4, false, 'next change'],
   ]);
-  assert.deepEqual(statuses, ['connecting', 'open', 'reconnecting', 'connecting', 'open']);
+  assert.deepEqual(states, ['connecting', 'open', 'reconnecting', 'connecting', 'open']);
   client.close();
 });
 
@@ -209,30 +215,41 @@ test('a connect that fails with an error event alone is retried', async () => {
   const { client, socket } = makeClient();
   const first = socket();
   first.onerror?.({ type: 'error' });
-  assert.equal(client.status, 'reconnecting');
+  assert.equal(client.state, 'reconnecting');
   await until(() => FakeSocket.made.length === 2, 'a second socket');
   // A close event that still follows the error changes nothing.
   first.drop();
   socket().accept();
-  assert.equal(client.status, 'open');
+  assert.equal(client.state, 'open');
   await new Promise((resolve) => setTimeout(resolve, 20));
   assert.equal(FakeSocket.made.length, 2);
   client.close();
 });
 
-test('reconnect attempts back off until one connection holds', async () => {
-  const { client, socket } = makeClient({ minDelayMs: 4, maxDelayMs: 16 });
-  const delays = [];
-  let last = Date.now();
+test('reconnect attempts back off, capped, and each tells its delay and attempt', async () => {
+  const infos = [];
+  const { client, socket } = makeClient({
+    minDelayMs: 4,
+    maxDelayMs: 16,
+    onState: (state, info) => state === 'reconnecting' && infos.push(info),
+  });
   for (let i = 0; i < 4; i += 1) {
     const count = FakeSocket.made.length;
-    socket().drop();
+    socket().drop(1006);
     await until(() => FakeSocket.made.length === count + 1, `reconnect ${i + 1}`);
-    delays.push(Date.now() - last);
-    last = Date.now();
   }
-  // With random() = 0.5 the delays are 3, 6, 12, 12 ms: growing, then capped.
-  assert.ok(delays[2] >= 12 - 2, `third delay ${delays[2]}ms should have grown`);
+  // With random() = 0.5: ceilings 4, 8, 16, 16 ms, each delay three quarters of it.
+  assert.deepEqual(infos, [
+    { delayMs: 3, attempt: 1, closeCode: 1006 },
+    { delayMs: 6, attempt: 2, closeCode: 1006 },
+    { delayMs: 12, attempt: 3, closeCode: 1006 },
+    { delayMs: 12, attempt: 4, closeCode: 1006 },
+  ]);
+  // A connection that never opened does not reset the backoff; one that
+  // opens and drops at once does not either (it must hold 5 s).
+  socket().accept();
+  socket().drop(1006);
+  assert.deepEqual(infos.at(-1), { delayMs: 12, attempt: 5, closeCode: 1006 });
   client.close();
 });
 
@@ -320,13 +337,13 @@ test('a late listener gets the rows already held', async () => {
 });
 
 test('close() ends the socket and stops reconnecting', async () => {
-  const { client, socket, statuses } = makeClient();
+  const { client, socket, states } = makeClient();
   socket().accept();
   client.close();
   assert.deepEqual(socket().closedByClient, { code: 1000, reason: 'client closed' });
   await new Promise((resolve) => setTimeout(resolve, 30));
   assert.equal(FakeSocket.made.length, 1);
-  assert.equal(statuses.at(-1), 'closed');
+  assert.equal(states.at(-1), 'closed');
 });
 
 test('pass-through messages are sent as they are, and only when connected', () => {
@@ -336,5 +353,168 @@ test('pass-through messages are sent as they are, and only when connected', () =
   assert.equal(client.send({ type: 'typing', list: 1 }), true);
   assert.equal(socket().sent.at(-1), '{"type":"typing","list":1}');
   assert.throws(() => client.send({ action: 'subscribe' }), TypeError);
+  client.close();
+});
+
+test('the URL: http(s) becomes ws(s), a bare host gets the default path, a path option replaces it', () => {
+  assert.equal(websocketUrl('ws://127.0.0.1:8080'), 'ws://127.0.0.1:8080/ws/entity-sync/');
+  assert.equal(websocketUrl('https://sync.example.com'), 'wss://sync.example.com/ws/entity-sync/');
+  assert.equal(websocketUrl('http://h:1/'), 'ws://h:1/ws/entity-sync/');
+  assert.equal(websocketUrl('wss://h/custom/path'), 'wss://h/custom/path');
+  assert.equal(websocketUrl('wss://h/custom/path', '/other/'), 'wss://h/other/');
+  assert.equal(websocketUrl('ws://h', '/rt'), 'ws://h/rt');
+  assert.throws(() => websocketUrl('ftp://h/'), TypeError);
+  const { client, socket } = makeClient();
+  client.close();
+  const custom = new EntitySyncClient('https://node.test', { WebSocket: FakeSocket, path: '/live/' });
+  assert.equal(custom.url, 'wss://node.test/live/');
+  assert.equal(socket().url, 'wss://node.test/live/');
+  custom.close();
+});
+
+test('the code lists: node codes and client codes are distinct, and only passing failures are retryable', () => {
+  assert.equal(ERROR_CODES.length, 15);
+  assert.ok(CLIENT_ERROR_CODES.every((code) => code.startsWith('client_')));
+  assert.ok(ERROR_CODES.every((code) => !code.startsWith('client_')));
+  assert.deepEqual(
+    ERROR_CODES.filter(isRetryable),
+    ['no_resolver', 'resolver_error', 'resolver_timeout'],
+  );
+  assert.throws(() => ERROR_CODES.push('x'), TypeError, 'frozen');
+});
+
+test('on() adds and removes state and error listeners; a reconnect tells the close code', async () => {
+  const { client, socket } = makeClient();
+  const seen = [];
+  const offState = client.on('state', (state, info) => seen.push([state, info.closeCode ?? null]));
+  const errors = [];
+  const offError = client.on('error', (error) => errors.push(error.code));
+  socket().accept();
+  socket().push({ action: 'error', body: { code: 'rate_limited', message: 'slow down' } });
+  socket().drop(1001);
+  assert.deepEqual(seen, [['open', null], ['reconnecting', 1001]]);
+  assert.deepEqual(errors, ['rate_limited']);
+  offState();
+  offError();
+  await until(() => FakeSocket.made.length === 2, 'a second socket');
+  socket().push({ action: 'error', body: { code: 'rate_limited', message: 'again' } });
+  socket().accept();
+  assert.equal(seen.length, 2);
+  assert.deepEqual(errors, ['rate_limited']);
+  client.close();
+});
+
+test('a key error reaches that key\'s onError and the client\'s error listeners', () => {
+  const { client, socket, errors } = makeClient();
+  socket().accept();
+  const mine = [];
+  const other = [];
+  client.subscribe('lists', '2', () => {}, { onError: (error) => mine.push(error) });
+  client.subscribe('lists', '3', () => {}, { onError: (error) => other.push(error) });
+  const body = { code: 'forbidden', message: 'private list', entity: 'lists', id: '2' };
+  socket().push({ action: 'error', body });
+  assert.deepEqual(mine, [body]);
+  assert.deepEqual(other, []);
+  assert.deepEqual(errors, [body]);
+  client.close();
+});
+
+test('a store subscribes while it has listeners, starts loading, goes live and fails on forbidden', () => {
+  const { client, socket } = makeClient();
+  socket().accept();
+  const store = client.store('lists', '1');
+  assert.deepEqual(store.get(), { status: 'loading', rows: [], version: null, error: null });
+  assert.equal(socket().sent.length, 0, 'no listener yet: nothing subscribed');
+  const a = [];
+  const b = [];
+  const offA = store.subscribe((value) => a.push(value));
+  const offB = store.subscribe((value) => b.push(value.status));
+  assert.deepEqual(socket().frames(), [{ action: 'subscribe', body: { entity: 'lists', id: '1' } }]);
+  const before = store.get();
+  assert.equal(store.get(), before, 'the same object until it changes');
+  socket().push(subscribed('lists', '1'));
+  socket().push(push('lists', '1', 9, [{ name: 'milk' }]));
+  assert.notEqual(store.get(), before);
+  assert.deepEqual(store.get(), { status: 'live', rows: [{ name: 'milk' }], version: 9, error: null });
+  const forbidden = { code: 'forbidden', message: 'no', entity: 'lists', id: '1' };
+  socket().push({ action: 'error', body: forbidden });
+  assert.deepEqual(store.get(), { status: 'failed', rows: [{ name: 'milk' }], version: 9, error: forbidden });
+  assert.deepEqual(a.map((value) => value.status), ['loading', 'live', 'failed']);
+  assert.deepEqual(b, ['loading', 'live', 'failed']);
+  offA();
+  assert.equal(socket().frames().length, 1, 'one listener left');
+  offB();
+  // The node no longer held the key (forbidden), so nothing is unsubscribed.
+  assert.equal(socket().frames().filter((f) => f.action === 'unsubscribe').length, 0);
+  client.close();
+});
+
+test('updates() yields pushes, keeps only the latest while the loop is busy, and ends on break', async () => {
+  const { client, socket } = makeClient();
+  socket().accept();
+  const iterator = client.updates('items', '7');
+  socket().push(subscribed('items', '7'));
+  socket().push(push('items', '7', 1, [{ qty: 1 }]));
+  socket().push(push('items', '7', 2, [{ qty: 2 }]));
+  socket().push(push('items', '7', 3, [{ qty: 3 }]));
+  const first = await iterator.next();
+  assert.deepEqual(first, { done: false, value: { rows: [{ qty: 3 }], meta: { entity: 'items', id: '7', version: 3, snapshot: false } } });
+  const waiting = iterator.next();
+  socket().push(push('items', '7', 4, [{ qty: 4 }]));
+  assert.deepEqual((await waiting).value.rows, [{ qty: 4 }]);
+  const seen = [];
+  setTimeout(() => socket().push(push('items', '7', 5, [{ qty: 5 }])), 1);
+  for await (const { meta } of iterator) {
+    seen.push(meta.version);
+    break;
+  }
+  assert.deepEqual(seen, [5]);
+  assert.deepEqual(socket().frames().at(-1), { action: 'unsubscribe', body: { entity: 'items', id: '7' } });
+  assert.deepEqual(await iterator.next(), { done: true, value: undefined });
+  client.close();
+});
+
+test('updates() ends when its signal aborts or the client closes', async () => {
+  const { client, socket } = makeClient();
+  socket().accept();
+  const controller = new AbortController();
+  const aborted = client.updates('items', '1', { signal: controller.signal });
+  const pending = aborted.next();
+  controller.abort();
+  assert.deepEqual(await pending, { done: true, value: undefined });
+  const closed = client.updates('items', '2');
+  const waiting = closed.next();
+  client.close();
+  assert.deepEqual(await waiting, { done: true, value: undefined });
+});
+
+test('a listener that throws is reported and does not starve the others', () => {
+  const { client, socket, errors } = makeClient();
+  socket().accept();
+  const seen = [];
+  client.subscribe('items', '1', () => {
+    throw new Error('render failed');
+  });
+  client.subscribe('items', '1', (rows) => seen.push(rows));
+  socket().push(subscribed('items', '1'));
+  socket().push(push('items', '1', 1, [{ id: 1 }]));
+  assert.deepEqual(seen, [[{ id: 1 }]]);
+  assert.deepEqual(errors, [{ code: 'client_listener_failed', message: 'render failed', entity: 'items', id: '1' }]);
+  client.close();
+});
+
+test('the secret is never in an error or a state event', async () => {
+  const secret = 'never-show-me-42';
+  const { client, socket, errors } = makeClient({ secret });
+  const infos = [];
+  client.on('state', (state, info) => infos.push(JSON.stringify([state, info])));
+  socket().accept();
+  socket().push('garbage');
+  socket().drop();
+  await until(() => FakeSocket.made.length === 2, 'a second socket');
+  assert.ok(errors.length > 0 && infos.length > 0);
+  for (const text of [...errors.map((e) => JSON.stringify(e)), ...infos]) {
+    assert.ok(!text.includes(secret), text);
+  }
   client.close();
 });

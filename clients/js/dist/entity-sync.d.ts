@@ -1,0 +1,236 @@
+/**
+ * Client for entity-sync: subscribe to `(entity, id)` keys over one websocket
+ * and get each key's rows pushed whenever the backend notifies a change.
+ *
+ * Dependency-free ES module for browsers and Node (Node 22's global
+ * `WebSocket`, or any constructor passed as `options.WebSocket`). It speaks
+ * the JSON envelope protocol of an entity-sync node (not the
+ * `--compat-bare-rows` mode, whose bare row frames carry no key or version).
+ *
+ * What it takes care of:
+ * - one server subscription per key, however many listeners share it;
+ * - reconnecting with jittered exponential backoff, then sending the secret
+ *   again and resubscribing every key, which yields a fresh snapshot;
+ * - dropping a push whose `version` is lower than the one held for the key;
+ * - retrying a subscribe refused for a passing reason (no resolver yet,
+ *   resolver timeout or error), with the same backoff.
+ *
+ * @example
+ * import { EntitySyncClient } from '@entity-sync/client';
+ * const client = new EntitySyncClient('wss://sync.example.com', { secret: token });
+ * const off = client.subscribe<Item>('items', '101', (rows, meta) => render(rows, meta.version));
+ * // later: off();
+ *
+ * @module
+ */
+/**
+ * Every `code` an error frame of the node may carry: the node's stable error
+ * codes (`ErrorCode::ALL` in its `protocol` module; a test of the node checks
+ * this list against it).
+ */
+export declare const ERROR_CODES: readonly ["invalid_json", "unknown_action", "invalid_body", "message_too_large", "binary_unsupported", "too_many_subscriptions", "not_subscribed", "forbidden", "not_found", "no_resolver", "resolver_error", "resolver_timeout", "no_pass_through", "overloaded", "rate_limited"];
+/** A code of the node's error frames. */
+export type ErrorCode = (typeof ERROR_CODES)[number];
+/** Codes of problems the client finds itself (never sent by a node). */
+export declare const CLIENT_ERROR_CODES: readonly ["client_connect_failed", "client_invalid_frame", "client_listener_failed"];
+/** A code of a problem the client found itself. */
+export type ClientErrorCode = (typeof CLIENT_ERROR_CODES)[number];
+/**
+ * An error frame of the node (`code` one of {@link ERROR_CODES}) or a problem
+ * the client found (`code` one of {@link CLIENT_ERROR_CODES}).
+ */
+export interface EntitySyncError {
+    readonly code: ErrorCode | ClientErrorCode;
+    /** Human-readable; a resolver's own message for `forbidden` and `resolver_error`. */
+    readonly message: string;
+    /** Present when the error concerns one key. */
+    readonly entity?: string;
+    readonly id?: string;
+}
+/** Whether the node refused a key for a reason that may pass by itself. */
+export declare function isRetryable(code: string): boolean;
+/** The node's default websocket path (`--ws-path`). */
+export declare const DEFAULT_PATH = "/ws/entity-sync/";
+/** State of the connection to the node. */
+export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
+/** What comes with a state change. */
+export interface StateInfo {
+    /** With `reconnecting`: time until the next attempt. */
+    readonly delayMs?: number;
+    /** With `reconnecting`: how many attempts failed in a row. */
+    readonly attempt?: number;
+    /** With `reconnecting`: close code of the socket, when it closed with one (1001: node shutting down). */
+    readonly closeCode?: number;
+}
+/** What comes with the rows of a push. */
+export interface PushMeta {
+    readonly entity: string;
+    readonly id: string;
+    /** The change this push reflects (bus sequence, or the resolver's own version). */
+    readonly version: number;
+    /** True for the push that answers a (re)subscribe. */
+    readonly snapshot: boolean;
+}
+/** Called with a key's rows, in the resolver's order. */
+export type RowsListener<Row> = (rows: readonly Row[], meta: PushMeta) => void;
+/** Stops what it was returned by. */
+export type Unsubscribe = () => void;
+/** Per-listener options of {@link EntitySyncClient.subscribe}. */
+export interface SubscribeOptions {
+    /** Error frames of this key only (they reach the client's `error` listeners too). */
+    readonly onError?: (error: EntitySyncError) => void;
+}
+/** The part of a WebSocket the client uses. */
+export interface WebSocketLike {
+    readonly readyState: number;
+    send(data: string): void;
+    close(code?: number, reason?: string): void;
+    onopen: ((event: unknown) => void) | null;
+    onmessage: ((event: {
+        data: unknown;
+    }) => void) | null;
+    onclose: ((event: {
+        code?: number;
+    }) => void) | null;
+    onerror: ((event: unknown) => void) | null;
+}
+/** A WebSocket constructor: the global one, or a library's. */
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+/** Options of {@link EntitySyncClient}. */
+export interface ClientOptions {
+    /** Sent after every connect, before the subscribes. Never logged or put in an error. */
+    readonly secret?: string;
+    /**
+     * Websocket path, replacing the URL's. Without it, a URL with no path gets
+     * {@link DEFAULT_PATH}, and a URL with a path keeps it.
+     */
+    readonly path?: string;
+    /** Constructor to use; defaults to `globalThis.WebSocket`. */
+    readonly WebSocket?: WebSocketConstructor;
+    /** Ceiling of the first reconnect delay, doubling from there (default 500). */
+    readonly minDelayMs?: number;
+    /** Largest reconnect delay (default 15000). */
+    readonly maxDelayMs?: number;
+    /** Jitter source, like `Math.random` (the default). */
+    readonly random?: () => number;
+    /** Same as `client.on('error', …)` from the start. */
+    readonly onError?: (error: EntitySyncError) => void;
+    /** Same as `client.on('state', …)` from the start. */
+    readonly onState?: (state: ConnectionState, info: StateInfo) => void;
+}
+/** What a client emits, by event name. */
+export interface ClientEvents {
+    state: (state: ConnectionState, info: StateInfo) => void;
+    error: (error: EntitySyncError) => void;
+}
+/** A key's current value, as {@link KeyStore} holds it. */
+export interface KeyValue<Row> {
+    /** `loading` until the first push; `failed` after an error that ended the subscription. */
+    readonly status: 'loading' | 'live' | 'failed';
+    /** Rows of the last push (kept after a failure; empty before the first push). */
+    readonly rows: readonly Row[];
+    /** Version of the last push, `null` before the first one. */
+    readonly version: number | null;
+    /** The error that ended the subscription, while `status` is `failed`. */
+    readonly error: EntitySyncError | null;
+}
+/**
+ * One key as a store: `subscribe(run)` calls `run` at once with the current
+ * value and again on every change, and returns the function that stops it
+ * (the Svelte store contract); `get()` returns the current value, the same
+ * object until it changes (what React's `useSyncExternalStore` needs). The
+ * key is subscribed on the node while the store has at least one listener.
+ */
+export interface KeyStore<Row> {
+    subscribe(run: (value: KeyValue<Row>) => void): Unsubscribe;
+    get(): KeyValue<Row>;
+}
+/** One push, as {@link EntitySyncClient.updates} yields it. */
+export interface Update<Row> {
+    readonly rows: readonly Row[];
+    readonly meta: PushMeta;
+}
+/** Options of {@link EntitySyncClient.updates}. */
+export interface UpdatesOptions {
+    /** Ends the iteration when aborted. */
+    readonly signal?: AbortSignal;
+}
+/** Text of a subscribe frame. */
+export declare function encodeSubscribe(entity: string, id: string | number): string;
+/** Text of an unsubscribe frame. */
+export declare function encodeUnsubscribe(entity: string, id: string | number): string;
+/** Text of a secret frame. */
+export declare function encodeSecret(secret: string): string;
+/**
+ * Delay before reconnect attempt number `attempt` (0-based): exponential,
+ * capped, with "equal jitter" (half fixed, half random) so that many clients
+ * dropped by one node restart do not all come back in the same instant.
+ */
+export declare function backoffDelay(attempt: number, minMs: number, maxMs: number, random?: () => number): number;
+/**
+ * The websocket URL to open: `http(s)://` becomes `ws(s)://`; `path` replaces
+ * the URL's path; a URL without a path gets {@link DEFAULT_PATH}.
+ */
+export declare function websocketUrl(url: string, path?: string): string;
+/** Keeps a set of entity subscriptions alive over one websocket. */
+export declare class EntitySyncClient {
+    #private;
+    /**
+     * Connects right away and keeps reconnecting until {@link close}.
+     * @param url `ws://`, `wss://`, `http://` or `https://` URL of the node,
+     *   e.g. `wss://sync.example.com` or `ws://127.0.0.1:8080/ws/entity-sync/`
+     */
+    constructor(url: string, options?: ClientOptions);
+    /** The websocket URL the client connects to. */
+    get url(): string;
+    /** The connection's state now. */
+    get state(): ConnectionState;
+    /** Listens to state changes or errors; returns the function that stops it. */
+    on<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): Unsubscribe;
+    /**
+     * Listens to a key's rows. The first listener of a key sends a subscribe
+     * frame (now, or as soon as the socket is open); a later one shares it and
+     * is called at once (in a microtask) with the rows already held.
+     *
+     * `Row` is the type the caller expects the resolver's rows to have; the
+     * client does not check it.
+     * @returns the function that stops this listener; the node subscription
+     *   ends with the key's last listener
+     */
+    subscribe<Row = unknown>(entity: string, id: string | number, onRows: RowsListener<Row>, options?: SubscribeOptions): Unsubscribe;
+    /** Stops every listener of a key and ends its node subscription. */
+    unsubscribe(entity: string, id: string | number): void;
+    /**
+     * A key as a store (see {@link KeyStore}): what UI frameworks bind to. The
+     * store subscribes the key while it has listeners.
+     */
+    store<Row = unknown>(entity: string, id: string | number): KeyStore<Row>;
+    /**
+     * A key's pushes as an async iterator: `for await (const { rows, meta } of
+     * client.updates('items', 1)) …`. Latest state wins: while the loop body
+     * runs, only the newest push is kept for the next turn. The key is
+     * subscribed until the loop ends (`break`, `signal` aborted, or
+     * {@link close}).
+     */
+    updates<Row = unknown>(entity: string, id: string | number, options?: UpdatesOptions): AsyncIterableIterator<Update<Row>>;
+    /**
+     * Changes the secret: what the client may see can change either way. The
+     * node re-checks every key it holds with the new secret by itself
+     * (`subscribed` and a fresh snapshot, or an error that ends the key); the
+     * keys it refused before are subscribed again here.
+     */
+    setSecret(secret: string): void;
+    /**
+     * Sends a pass-through message (one with no `action`): the node hands it to
+     * the backends that asked for them, with this connection's secret.
+     * @returns false when not connected (the message is not queued)
+     */
+    send(message: Record<string, unknown>): boolean;
+    /** Last rows and version delivered for a key, if any. */
+    current<Row = unknown>(entity: string, id: string | number): {
+        rows: readonly Row[];
+        version: number;
+    } | null;
+    /** Closes the socket for good: no reconnect, no more callbacks. */
+    close(): void;
+}

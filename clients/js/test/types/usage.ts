@@ -1,0 +1,75 @@
+// Compiled (never run) by test/unit/build.test.mjs against the committed
+// declarations: what a TypeScript caller may and may not write. Each
+// `@ts-expect-error` fails the compile if the error it expects goes away.
+
+import {
+  EntitySyncClient,
+  ERROR_CODES,
+  type ConnectionState,
+  type EntitySyncError,
+  type ErrorCode,
+  type KeyValue,
+  type PushMeta,
+} from '../../dist/entity-sync.js';
+
+interface Item {
+  id: number;
+  name: string;
+}
+
+const client = new EntitySyncClient('wss://sync.example.com', { secret: 's', path: '/rt/' });
+
+const stop: () => void = client.subscribe<Item>('items', 1, (rows, meta: PushMeta) => {
+  const first: Item | undefined = rows[0];
+  const name: string | undefined = first?.name;
+  const version: number = meta.version;
+  void name;
+  void version;
+  // @ts-expect-error rows are read-only
+  rows.push({ id: 2, name: 'x' });
+});
+stop();
+
+const code: ErrorCode = ERROR_CODES[0];
+// @ts-expect-error not a code of the node
+const wrong: ErrorCode = 'no_such_code';
+void code;
+void wrong;
+
+client.on('error', (error: EntitySyncError) => {
+  switch (error.code) {
+    case 'forbidden':
+    case 'client_listener_failed':
+      break;
+    // @ts-expect-error not a code of the node or the client
+    case 'nope':
+      break;
+  }
+});
+client.on('state', (state: ConnectionState, info) => {
+  const delay: number | undefined = info.delayMs;
+  void delay;
+  // @ts-expect-error states are a closed set
+  if (state === 'gone') return;
+});
+
+const store = client.store<Item>('lists', '1');
+const value: KeyValue<Item> = store.get();
+const status: 'loading' | 'live' | 'failed' = value.status;
+void status;
+store.subscribe((next) => {
+  const ids: number[] = next.rows.map((row) => row.id);
+  void ids;
+})();
+
+async function loop(signal: AbortSignal): Promise<void> {
+  for await (const { rows } of client.updates<Item>('items', 1, { signal })) {
+    const names: string[] = rows.map((row) => row.name);
+    void names;
+  }
+}
+void loop;
+
+client.send({ type: 'typing' });
+// @ts-expect-error a pass-through message is an object
+client.send('text');
