@@ -30,7 +30,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
-use crate::{config::NatsConfig, key::ChangeKey, metrics::Metrics, tasks::Tasks};
+use crate::{
+    config::NatsConfig,
+    key::ChangeKey,
+    metrics::Metrics,
+    tasks::Tasks,
+    trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
+};
 
 /// PubAck futures awaited together; well under async-nats's in-flight limit.
 pub const ACK_WINDOW: usize = 1000;
@@ -312,6 +318,7 @@ impl JetStreamBus {
         &self,
         keys: Vec<ChangeKey>,
         idempotency_key: &str,
+        meta: ChangeMeta,
     ) -> Result<Receipt, BusError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
@@ -321,11 +328,16 @@ impl JetStreamBus {
         }
         let mut sequences = Vec::with_capacity(keys.len());
         let mut duplicates = 0;
+        // Written once per call; every key of it carries them.
+        let trace = meta.trace.to_string();
+        let notified_at = meta.notified_at_us.to_string();
         for (window_index, window) in keys.chunks(ACK_WINDOW).enumerate() {
             let mut acks = Vec::with_capacity(window.len());
             for (i, key) in window.iter().enumerate() {
                 let subject = format!("{}.changes.{}.{}", self.inner.prefix, key.entity, key.id);
                 let mut headers = HeaderMap::new();
+                headers.insert(BUS_TRACE_HEADER, trace.as_str());
+                headers.insert(BUS_NOTIFIED_HEADER, notified_at.as_str());
                 if !idempotency_key.is_empty() {
                     // One message id per key of the call.
                     let index = window_index * ACK_WINDOW + i;
@@ -488,7 +500,20 @@ impl Consumer {
                             .and_then(|rest| rest.split_once('.'))
                             .and_then(|(entity, id)| ChangeKey::new(entity, id).ok())
                         {
-                            Some(key) => batch.push(ChangeEvent { key, seq }),
+                            Some(key) => {
+                                let header = |name: &str| {
+                                    message
+                                        .headers
+                                        .as_ref()
+                                        .and_then(|h| h.get(name))
+                                        .map(|v| v.as_str())
+                                };
+                                let meta = ChangeMeta::from_bus_headers(
+                                    header(BUS_TRACE_HEADER),
+                                    header(BUS_NOTIFIED_HEADER),
+                                );
+                                batch.push(ChangeEvent { key, seq, meta });
+                            }
                             None => tracing::warn!(subject, "unparseable change subject, skipped"),
                         }
                     }
@@ -512,6 +537,11 @@ impl Consumer {
             return Ok(()); // NATS unreachable: nothing to compare now.
         };
         self.resync_if_expired(&info).await?;
+        // The head every node has stored up to: with `last`, the lag gauge.
+        self.bus
+            .inner
+            .head
+            .fetch_max(info.state.last_sequence, Ordering::AcqRel);
         if info.state.last_sequence > self.last && progress.0 == self.last {
             progress.1 += 1;
             if progress.1 >= STALL_CHECKS {
