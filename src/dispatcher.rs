@@ -578,6 +578,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_push_that_replaces_an_unwritten_one_is_counted_and_timed() {
+        let metrics = Arc::new(Metrics::default());
+        let tasks = Tasks::default();
+        let (bus, _events, _) = Bus::start(&NatsConfig::default(), "n", metrics.clone(), &tasks)
+            .await
+            .unwrap();
+        let pool = ResolverPool::new(&ResolveConfig::default(), metrics.clone());
+        let registry = Registry::new();
+        let dispatcher = Dispatcher::new(
+            &WsConfig::default(),
+            registry.clone(),
+            Resolvers::new(pool, None, metrics.clone()),
+            bus,
+            metrics.clone(),
+            &tasks,
+        );
+        let conn = Arc::new(Connection::new(1, 1 << 20));
+        registry.add_pending(&key(), &conn, 10);
+        registry.activate(
+            &key(),
+            conn.id,
+            0,
+            None,
+            &PushFrame::build(&key(), 1, &[], false),
+        );
+        // The snapshot is written; what follows waits unwritten.
+        assert_eq!(conn.outbox.drain(&mut Vec::new()), None);
+        let meta = ChangeMeta::accepted_now(TraceId::generate());
+        for version in [2, 3, 4] {
+            dispatcher.fan_out(
+                &key(),
+                &PushFrame::build(&key(), version, &[], false),
+                Audience::All,
+                meta,
+            );
+        }
+        // 3 replaces 2, 4 replaces 3.
+        assert_eq!(metrics.outbox_replaced_total.load(Relaxed), 2);
+        assert_eq!(metrics.pushes_total.load(Relaxed), 3);
+        let text = metrics.render(crate::metrics::Live::default());
+        assert!(
+            text.contains("entity_sync_notify_to_push_seconds_count 3\n"),
+            "{text}"
+        );
+        // A change without an accept time (a resync) is not timed.
+        dispatcher.fan_out(
+            &key(),
+            &PushFrame::build(&key(), 5, &[], false),
+            Audience::All,
+            ChangeMeta::default(),
+        );
+        let text = metrics.render(crate::metrics::Live::default());
+        assert!(
+            text.contains("entity_sync_notify_to_push_seconds_count 3\n"),
+            "{text}"
+        );
+        tasks.token().cancel();
+    }
+
+    #[tokio::test]
     async fn a_fan_out_overflow_is_left_to_the_session_to_count() {
         let metrics = Arc::new(Metrics::default());
         let tasks = Tasks::default();

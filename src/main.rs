@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use entity_sync::{
     config::Config,
     node::{self, Listeners},
@@ -24,9 +24,14 @@ struct Cli {
     #[command(flatten)]
     config: Config,
 
-    /// Log format.
-    #[arg(long, env = "ENTITY_SYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    /// Log format (on stderr); the level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "ENTITY_SYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Operations")]
     log_format: LogFormat,
+
+    /// Print the effective configuration (flags, ENTITY_SYNC_* variables and
+    /// defaults resolved; secrets masked) and exit.
+    #[arg(long, help_heading = "Operations")]
+    print_config: bool,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -78,7 +83,19 @@ fn parse_key(s: &str) -> Result<Key, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let command = Cli::command();
+    let matches = command.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    if cli.print_config {
+        print!("{}", entity_sync::config::describe(&command, &matches));
+        return match cli.config.validate() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -178,7 +178,9 @@ mod tests {
     fn traceparent_gives_its_trace_id() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert_eq!(
-            TraceId::from_traceparent(tp).map(|t| t.to_string()).as_deref(),
+            TraceId::from_traceparent(tp)
+                .map(|t| t.to_string())
+                .as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
         for bad in [

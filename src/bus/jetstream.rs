@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
 use crate::{
-    config::NatsConfig,
+    config::{NatsConfig, scrub_urls},
     key::ChangeKey,
     metrics::Metrics,
     tasks::Tasks,
@@ -119,32 +119,6 @@ fn percent_decode(text: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `urls` (comma-separated) with any `user:password@` or `token@` removed.
-pub(crate) fn scrub_urls(urls: &str) -> String {
-    urls.split(',')
-        .map(|url| {
-            let url = url.trim();
-            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-            let rest = match rest.find(['/', '?']) {
-                Some(end) => rest[..end]
-                    .rsplit_once('@')
-                    .map_or(rest.to_owned(), |(_, host)| {
-                        format!("***@{host}{}", &rest[end..])
-                    }),
-                None => rest
-                    .rsplit_once('@')
-                    .map_or(rest.to_owned(), |(_, host)| format!("***@{host}")),
-            };
-            if scheme.is_empty() {
-                rest
-            } else {
-                format!("{scheme}://{rest}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Parses "2.10.3", "v2.11.0-RC.1" into (major, minor).

@@ -177,7 +177,10 @@ mod tests {
     async fn sequences_are_assigned_in_order_and_delivered() {
         let (bus, mut rx) = MemoryBus::starting_at(1);
         let bus = Bus::InProcess(bus);
-        let r = bus.publish(vec![key("1"), key("2")], "", meta()).await.unwrap();
+        let r = bus
+            .publish(vec![key("1"), key("2")], "", meta())
+            .await
+            .unwrap();
         assert_eq!(r.sequences, vec![1, 2]);
         let r = bus.publish(vec![key("1")], "", meta()).await.unwrap();
         assert_eq!(r.sequences, vec![3]);

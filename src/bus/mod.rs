@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::{config::NatsConfig, key::ChangeKey, metrics::Metrics, tasks::Tasks, trace::ChangeMeta};
+use crate::{
+    config::NatsConfig, key::ChangeKey, metrics::Metrics, tasks::Tasks, trace::ChangeMeta,
+};
 
 use jetstream::JetStreamBus;
 use memory::MemoryBus;
