@@ -211,6 +211,47 @@ async fn a_callers_trace_id_follows_the_change_to_the_push_in_the_log() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("script"), "{text}");
 
+    // The command line's notify names the trace id, its own or the node's.
+    let run = |args: Vec<String>| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let server = node.grpc_url();
+    let given = "00000000000000000000000000c0ffee";
+    let stderr = tokio::task::spawn_blocking({
+        let server = server.clone();
+        move || {
+            run(vec![
+                "notify".into(),
+                format!("--server={server}"),
+                format!("--trace-id={given}"),
+                "items/1".into(),
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(stderr, format!("trace id {given}\n"));
+    client.expect_push("items", "1").await;
+    wait_log(&log, &["pushed", &format!("trace_id={given}")]).await;
+    let stderr = tokio::task::spawn_blocking(move || {
+        run(vec![
+            "notify".into(),
+            format!("--server={server}"),
+            "items/1".into(),
+        ])
+    })
+    .await
+    .unwrap();
+    let made = stderr.strip_prefix("trace id ").unwrap().trim_end();
+    client.expect_push("items", "1").await;
+    wait_log(&log, &["notify accepted", &format!("trace_id={made}")]).await;
+
     // Without a header each call gets its own id.
     let (a, _) = notify_with(&node.grpc_url(), "items", "1", &[]).await;
     let (b, _) = notify_with(&node.grpc_url(), "items", "1", &[]).await;
