@@ -72,6 +72,10 @@ pub(crate) fn follow_readiness(
                 match (now, last) {
                     (Ok(()), None) => {}
                     (Ok(()), Some(_)) => tracing::info!("ready again: gRPC health SERVING"),
+                    // Draining is the normal way out; a lost bus is not.
+                    (Err(reason @ NotReady::Draining), _) => {
+                        tracing::info!(reason = %reason, "not ready: gRPC health NOT_SERVING")
+                    }
                     (Err(reason), _) => {
                         tracing::warn!(reason = %reason, "not ready: gRPC health NOT_SERVING")
                     }
