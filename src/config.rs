@@ -30,11 +30,16 @@ pub struct Config {
     pub resolve: ResolveConfig,
 
     /// This node's id in logs and `Registered` messages (random when empty).
-    #[arg(long, env = "ENTITY_SYNC_NODE_ID", default_value = "")]
+    #[arg(
+        long,
+        env = "ENTITY_SYNC_NODE_ID",
+        default_value = "",
+        help_heading = "Operations"
+    )]
     pub node_id: String,
 
     /// Upper bound of the drain on shutdown.
-    #[arg(long, env = "ENTITY_SYNC_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "ENTITY_SYNC_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, help_heading = "Operations")]
     pub shutdown_grace: Duration,
 }
 
@@ -70,6 +75,7 @@ impl std::fmt::Debug for Secret {
 // while argument ids must be unique across sections and the flags keep
 // their public names.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "WebSocket")]
 pub struct WsConfig {
     /// Websocket + HTTP listen address.
     #[arg(
@@ -135,7 +141,7 @@ pub struct WsConfig {
 
     /// Serve `/metrics` on this address (plain HTTP) instead of the
     /// websocket port, so that scrapes can be firewalled apart from clients.
-    #[arg(long, env = "ENTITY_SYNC_METRICS_ADDR")]
+    #[arg(long, env = "ENTITY_SYNC_METRICS_ADDR", help_heading = "Operations")]
     pub metrics_addr: Option<SocketAddr>,
 
     /// Time a new connection of the websocket port has to finish its TLS
@@ -151,7 +157,8 @@ pub struct WsConfig {
         id = "ws_tls_cert",
         value_name = "PATH",
         long = "ws-tls-cert",
-        env = "ENTITY_SYNC_WS_TLS_CERT"
+        env = "ENTITY_SYNC_WS_TLS_CERT",
+        help_heading = "Security/TLS"
     )]
     pub tls_cert: Option<PathBuf>,
 
@@ -160,7 +167,8 @@ pub struct WsConfig {
         id = "ws_tls_key",
         value_name = "PATH",
         long = "ws-tls-key",
-        env = "ENTITY_SYNC_WS_TLS_KEY"
+        env = "ENTITY_SYNC_WS_TLS_KEY",
+        help_heading = "Security/TLS"
     )]
     pub tls_key: Option<PathBuf>,
 }
@@ -174,6 +182,7 @@ impl WsConfig {
 
 /// The gRPC port: `Notify` and the backends' `Resolve` streams.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "gRPC")]
 pub struct GrpcConfig {
     /// gRPC listen address.
     #[arg(
@@ -201,7 +210,8 @@ pub struct GrpcConfig {
         id = "grpc_tokens_file",
         value_name = "PATH",
         long = "grpc-tokens-file",
-        env = "ENTITY_SYNC_GRPC_TOKENS_FILE"
+        env = "ENTITY_SYNC_GRPC_TOKENS_FILE",
+        help_heading = "Security/TLS"
     )]
     pub tokens_file: Option<PathBuf>,
 
@@ -211,7 +221,8 @@ pub struct GrpcConfig {
         id = "grpc_insecure",
         long = "grpc-insecure",
         env = "ENTITY_SYNC_GRPC_INSECURE",
-        default_value_t = false
+        default_value_t = false,
+        help_heading = "Security/TLS"
     )]
     pub insecure: bool,
 
@@ -221,7 +232,8 @@ pub struct GrpcConfig {
         id = "grpc_tls_cert",
         value_name = "PATH",
         long = "grpc-tls-cert",
-        env = "ENTITY_SYNC_GRPC_TLS_CERT"
+        env = "ENTITY_SYNC_GRPC_TLS_CERT",
+        help_heading = "Security/TLS"
     )]
     pub tls_cert: Option<PathBuf>,
 
@@ -230,7 +242,8 @@ pub struct GrpcConfig {
         id = "grpc_tls_key",
         value_name = "PATH",
         long = "grpc-tls-key",
-        env = "ENTITY_SYNC_GRPC_TLS_KEY"
+        env = "ENTITY_SYNC_GRPC_TLS_KEY",
+        help_heading = "Security/TLS"
     )]
     pub tls_key: Option<PathBuf>,
 
@@ -240,7 +253,8 @@ pub struct GrpcConfig {
         id = "grpc_tls_client_ca",
         value_name = "PATH",
         long = "grpc-tls-client-ca",
-        env = "ENTITY_SYNC_GRPC_TLS_CLIENT_CA"
+        env = "ENTITY_SYNC_GRPC_TLS_CLIENT_CA",
+        help_heading = "Security/TLS"
     )]
     pub tls_client_ca: Option<PathBuf>,
 }
@@ -281,6 +295,7 @@ impl GrpcConfig {
 
 /// The NATS JetStream bus (and the cluster resolves over the same connection).
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "NATS")]
 pub struct NatsConfig {
     /// NATS server URL(s), comma-separated. Unset: the in-process bus (single node).
     #[arg(
@@ -378,6 +393,7 @@ pub struct NatsConfig {
 
 /// Resolve requests to backend resolvers: deadlines, batching, in-flight caps.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Resolve")]
 pub struct ResolveConfig {
     /// Deadline of one resolve request; then it is retried on another resolver.
     #[arg(id = "resolve_timeout", value_name = "RESOLVE_TIMEOUT", long = "resolve-timeout", env = "ENTITY_SYNC_RESOLVE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
@@ -502,6 +518,104 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Headings of the node's flags in `--help` (and `--print-config`), in order.
+pub const HELP_HEADINGS: [&str; 6] = [
+    "WebSocket",
+    "gRPC",
+    "Security/TLS",
+    "NATS",
+    "Resolve",
+    "Operations",
+];
+
+/// The effective configuration as `matches` resolved it from the command
+/// line, `ENTITY_SYNC_*` variables and defaults: one `--flag=value  # source`
+/// line per flag of `cmd`, grouped under its help heading. Values of flags
+/// whose environment values are hidden (tokens) are never shown, and
+/// credentials in URLs are masked.
+pub fn describe(cmd: &clap::Command, matches: &clap::ArgMatches) -> String {
+    use clap::parser::ValueSource;
+    use std::fmt::Write;
+    let shown: Vec<&clap::Arg> = cmd
+        .get_arguments()
+        .filter(|arg| {
+            arg.get_long()
+                .is_some_and(|long| !matches!(long, "help" | "version" | "print-config"))
+        })
+        .collect();
+    fn heading_of(arg: &clap::Arg) -> &str {
+        arg.get_help_heading().unwrap_or("Other")
+    }
+    let mut headings: Vec<&str> = HELP_HEADINGS.to_vec();
+    for arg in &shown {
+        if !headings.contains(&heading_of(arg)) {
+            headings.push(heading_of(arg));
+        }
+    }
+    let mut out = String::new();
+    for heading in headings {
+        let args: Vec<&&clap::Arg> = shown.iter().filter(|a| heading_of(a) == heading).collect();
+        if args.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "# {heading}");
+        for arg in args {
+            let id = arg.get_id().as_str();
+            let raw = matches.try_get_raw(id).ok().flatten().map(|values| {
+                values
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
+            let value = match raw {
+                None => "(unset)".to_string(),
+                Some(v) if arg.is_hide_env_values_set() && !v.is_empty() => "***".to_string(),
+                Some(v) if v.contains('@') => scrub_urls(&v),
+                Some(v) => v,
+            };
+            let source = match matches.value_source(id) {
+                Some(ValueSource::CommandLine) => "command line".to_string(),
+                Some(ValueSource::EnvVariable) => {
+                    arg.get_env().map_or("environment".to_string(), |env| {
+                        format!("env {}", env.to_string_lossy())
+                    })
+                }
+                Some(ValueSource::DefaultValue) => "default".to_string(),
+                _ => "default".to_string(),
+            };
+            let long = arg.get_long().unwrap_or_default();
+            let _ = writeln!(out, "--{long}={value}  # {source}");
+        }
+    }
+    out
+}
+
+/// `urls` (comma-separated) with any `user:password@` or `token@` removed.
+pub fn scrub_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+            let rest = match rest.find(['/', '?']) {
+                Some(end) => rest[..end]
+                    .rsplit_once('@')
+                    .map_or(rest.to_owned(), |(_, host)| {
+                        format!("***@{host}{}", &rest[end..])
+                    }),
+                None => rest
+                    .rsplit_once('@')
+                    .map_or(rest.to_owned(), |(_, host)| format!("***@{host}")),
+            };
+            if scheme.is_empty() {
+                rest
+            } else {
+                format!("{scheme}://{rest}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn parse_ws_path(s: &str) -> Result<String, String> {
@@ -663,6 +777,45 @@ mod tests {
             refused(&["--ws-tls-key=/k.pem"]),
             "--ws-tls-cert and --ws-tls-key go together: give both, or neither"
         );
+    }
+
+    #[test]
+    fn the_description_masks_secrets_and_names_sources() {
+        let cmd = Cli::command();
+        let matches = cmd
+            .clone()
+            .try_get_matches_from([
+                "entity-sync",
+                "--nats-url=nats://alice:pa55word@127.0.0.1:4222",
+                "--nats-token=tok-value-1234",
+                "--ws-path=/sync/",
+            ])
+            .unwrap();
+        let text = describe(&cmd, &matches);
+        assert!(!text.contains("pa55word"), "{text}");
+        assert!(!text.contains("tok-value-1234"), "{text}");
+        assert!(
+            text.contains("--nats-url=nats://***@127.0.0.1:4222  # command line\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--nats-token=***  # command line\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--ws-path=/sync/  # command line\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--grpc-addr=0.0.0.0:50051  # default\n"),
+            "{text}"
+        );
+        assert!(text.contains("--nats-creds=(unset)  # default\n"), "{text}");
+        let order: Vec<usize> = HELP_HEADINGS
+            .iter()
+            .map(|h| text.find(&format!("# {h}\n")).expect(h))
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::{
     registry::{Activation, Audience, Connection, Registry},
     resolve::{ResolveError, ResolveErrorKind, Resolved, Resolvers, Rows},
     tasks::Tasks,
+    trace::{ChangeMeta, TraceId},
 };
 
 /// First retry delay of a failed change resolve; doubles up to [`RETRY_MAX`].
@@ -38,8 +39,9 @@ const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 struct Flight {
-    /// Highest sequence of a change that arrived while the resolve ran.
-    pending: Option<u64>,
+    /// Highest sequence of a change that arrived while the resolve ran, and
+    /// that change's trace.
+    pending: Option<(u64, ChangeMeta)>,
 }
 
 /// The dispatcher: a cheap-clone handle.
@@ -97,14 +99,15 @@ impl Dispatcher {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                bus: bus.clone(),
                 registry,
                 resolvers,
-                bus,
                 metrics,
                 flights: Mutex::new(HashMap::new()),
                 tasks: tasks.clone(),
                 bare_rows: config.compat_bare_rows,
-                applied: AtomicU64::new(0),
+                // Where the bus starts: the lag gauge is the bus head minus this.
+                applied: AtomicU64::new(bus.head()),
             }),
         }
     }
@@ -125,7 +128,7 @@ impl Dispatcher {
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     for change in batch {
                         self.inner.applied.fetch_max(change.seq, Ordering::AcqRel);
-                        self.schedule(change.key, change.seq);
+                        self.schedule(change.key, change.seq, change.meta);
                     }
                 }
                 Some(BusEvent::Resync { seq }) => self.resync(seq),
@@ -138,31 +141,39 @@ impl Dispatcher {
     fn resync(&self, seq: u64) {
         self.inner.applied.fetch_max(seq, Ordering::AcqRel);
         let keys = self.inner.registry.keys();
+        let meta = ChangeMeta {
+            trace: TraceId::generate(),
+            notified_at_us: 0,
+        };
         tracing::info!(
             keys = keys.len(),
             seq,
+            trace_id = %meta.trace,
             "resync: re-resolving every subscribed key"
         );
         for key in keys {
-            self.schedule(key, seq);
+            self.schedule(key, seq, meta);
         }
     }
 
     /// Highest bus sequence consumed by this node.
-    fn applied(&self) -> u64 {
+    pub(crate) fn applied(&self) -> u64 {
         self.inner.applied.load(Ordering::Acquire)
     }
 
     /// Starts a change resolve of `key`, or folds `seq` into the running one.
-    fn schedule(&self, key: ChangeKey, seq: u64) {
+    fn schedule(&self, key: ChangeKey, seq: u64, meta: ChangeMeta) {
         if !self.inner.registry.note_change(&key) {
             return;
         }
+        tracing::debug!(key = %key, seq, trace_id = %meta.trace, "change dispatched");
         let mut flights = self.inner.flights.lock().unwrap();
         match flights.entry(key) {
             Entry::Occupied(mut flight) => {
                 let pending = &mut flight.get_mut().pending;
-                *pending = Some(pending.map_or(seq, |p| p.max(seq)));
+                if pending.is_none_or(|(p, _)| seq >= p) {
+                    *pending = Some((seq, meta));
+                }
             }
             Entry::Vacant(slot) => {
                 let key = slot.key().clone();
@@ -172,19 +183,19 @@ impl Dispatcher {
                 let this = self.clone();
                 self.inner
                     .tasks
-                    .spawn(async move { this.resolve_loop(key, seq).await }.instrument(span));
+                    .spawn(async move { this.resolve_loop(key, seq, meta).await }.instrument(span));
             }
         }
     }
 
-    async fn resolve_loop(&self, key: ChangeKey, mut seq: u64) {
+    async fn resolve_loop(&self, key: ChangeKey, mut seq: u64, mut meta: ChangeMeta) {
         let mut failures: u32 = 0;
         loop {
             if self.inner.tasks.is_cancelled() {
                 self.land(&key);
                 return;
             }
-            if self.resolve_change(&key, seq).await == Attempt::Retry {
+            if self.resolve_change(&key, seq, meta).await == Attempt::Retry {
                 failures += 1;
                 if !self.inner.registry.has_active(&key) {
                     self.land(&key);
@@ -202,8 +213,10 @@ impl Dispatcher {
                     }
                     _ = tokio::time::sleep(delay) => {}
                 }
-                if let Some(pending) = self.take_pending(&key) {
-                    seq = seq.max(pending);
+                if let Some((pending, pending_meta)) = self.take_pending(&key)
+                    && pending >= seq
+                {
+                    (seq, meta) = (pending, pending_meta);
                 }
                 continue;
             }
@@ -211,7 +224,7 @@ impl Dispatcher {
             // Done: run once more if changes came in meanwhile, else land.
             let mut flights = self.inner.flights.lock().unwrap();
             match flights.get_mut(&key).and_then(|f| f.pending.take()) {
-                Some(pending) => seq = pending,
+                Some((pending, pending_meta)) => (seq, meta) = (pending, pending_meta),
                 None => {
                     flights.remove(&key);
                     return;
@@ -220,7 +233,7 @@ impl Dispatcher {
         }
     }
 
-    fn take_pending(&self, key: &ChangeKey) -> Option<u64> {
+    fn take_pending(&self, key: &ChangeKey) -> Option<(u64, ChangeMeta)> {
         let mut flights = self.inner.flights.lock().unwrap();
         flights.get_mut(key).and_then(|f| f.pending.take())
     }
@@ -229,7 +242,7 @@ impl Dispatcher {
         self.inner.flights.lock().unwrap().remove(key);
     }
 
-    async fn resolve_change(&self, key: &ChangeKey, seq: u64) -> Attempt {
+    async fn resolve_change(&self, key: &ChangeKey, seq: u64, meta: ChangeMeta) -> Attempt {
         let Some(mode) = self.inner.resolvers.fetch_mode(&key.entity) else {
             return Attempt::Retry;
         };
@@ -240,7 +253,7 @@ impl Dispatcher {
                     .resolvers
                     .resolve(key, Arc::from(""), Reason::Change, true)
                     .await;
-                self.apply(key, seq, result, Audience::All)
+                self.apply(key, seq, meta, result, Audience::All)
             }
             _ => {
                 let secrets = self.inner.registry.active_secrets(key);
@@ -252,7 +265,9 @@ impl Dispatcher {
                 .await;
                 let mut attempt = Attempt::Done;
                 for (secret, result) in secrets.iter().zip(results) {
-                    if self.apply(key, seq, result, Audience::Secret(secret)) == Attempt::Retry {
+                    if self.apply(key, seq, meta, result, Audience::Secret(secret))
+                        == Attempt::Retry
+                    {
                         attempt = Attempt::Retry;
                     }
                 }
@@ -265,9 +280,17 @@ impl Dispatcher {
         &self,
         key: &ChangeKey,
         seq: u64,
+        meta: ChangeMeta,
         result: Resolved,
         audience: Audience<'_>,
     ) -> Attempt {
+        tracing::debug!(
+            key = %key,
+            seq,
+            trace_id = %meta.trace,
+            status = crate::resolve::status_label(&result),
+            "change resolved"
+        );
         let err = match result {
             Ok(Rows { rows, version }) => {
                 let version = if version != 0 { version } else { seq };
@@ -275,6 +298,7 @@ impl Dispatcher {
                     key,
                     &PushFrame::build(key, version, &rows, self.inner.bare_rows),
                     audience,
+                    meta,
                 );
                 return Attempt::Done;
             }
@@ -288,6 +312,7 @@ impl Dispatcher {
                     key,
                     &PushFrame::build(key, seq, &[], self.inner.bare_rows),
                     audience,
+                    meta,
                 );
                 Attempt::Done
             }
@@ -303,11 +328,11 @@ impl Dispatcher {
                     .fetch_add(revoked as u64, Ordering::Relaxed);
                 metrics.client_errors[ErrorCode::Forbidden.index()]
                     .fetch_add(revoked as u64, Ordering::Relaxed);
-                tracing::info!(key = %key, revoked, "subscriptions revoked by resolver");
+                tracing::info!(key = %key, revoked, trace_id = %meta.trace, "subscriptions revoked by resolver");
                 Attempt::Done
             }
             ResolveErrorKind::Failed | ResolveErrorKind::InvalidAnswer => {
-                tracing::warn!(key = %key, %err, "change resolve failed");
+                tracing::warn!(key = %key, %err, trace_id = %meta.trace, "change resolve failed");
                 Attempt::Retry
             }
             ResolveErrorKind::Timeout | ResolveErrorKind::NoResolver => Attempt::Retry,
@@ -315,9 +340,33 @@ impl Dispatcher {
         }
     }
 
-    fn fan_out(&self, key: &ChangeKey, frame: &PushFrame, audience: Audience<'_>) {
+    fn fan_out(
+        &self,
+        key: &ChangeKey,
+        frame: &PushFrame,
+        audience: Audience<'_>,
+        meta: ChangeMeta,
+    ) {
         let fan = self.inner.registry.fan_out(key, frame, audience);
         let metrics = &self.inner.metrics;
+        // Once per fan-out, not per subscriber.
+        if fan.delivered > 0
+            && let Some(took) = meta.since_notified()
+        {
+            metrics.notify_to_push(took);
+        }
+        tracing::debug!(
+            key = %key,
+            version = frame.version,
+            delivered = fan.delivered,
+            trace_id = %meta.trace,
+            "pushed"
+        );
+        if fan.replaced > 0 {
+            metrics
+                .outbox_replaced_total
+                .fetch_add(fan.replaced as u64, Ordering::Relaxed);
+        }
         metrics
             .pushes_total
             .fetch_add(fan.delivered as u64, Ordering::Relaxed);
@@ -369,7 +418,7 @@ impl Dispatcher {
                 if activation == (Activation::Active { missed: true }) {
                     // A change came in while the snapshot was being resolved;
                     // the snapshot may predate it.
-                    self.schedule(key, self.applied());
+                    self.schedule(key, self.applied(), ChangeMeta::default());
                 }
                 return;
             }
@@ -529,6 +578,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_push_that_replaces_an_unwritten_one_is_counted_and_timed() {
+        let metrics = Arc::new(Metrics::default());
+        let tasks = Tasks::default();
+        let (bus, _events, _) = Bus::start(&NatsConfig::default(), "n", metrics.clone(), &tasks)
+            .await
+            .unwrap();
+        let pool = ResolverPool::new(&ResolveConfig::default(), metrics.clone());
+        let registry = Registry::new();
+        let dispatcher = Dispatcher::new(
+            &WsConfig::default(),
+            registry.clone(),
+            Resolvers::new(pool, None, metrics.clone()),
+            bus,
+            metrics.clone(),
+            &tasks,
+        );
+        let conn = Arc::new(Connection::new(1, 1 << 20));
+        registry.add_pending(&key(), &conn, 10);
+        registry.activate(
+            &key(),
+            conn.id,
+            0,
+            None,
+            &PushFrame::build(&key(), 1, &[], false),
+        );
+        // The snapshot is written; what follows waits unwritten.
+        assert_eq!(conn.outbox.drain(&mut Vec::new()), None);
+        let meta = ChangeMeta::accepted_now(TraceId::generate());
+        for version in [2, 3, 4] {
+            dispatcher.fan_out(
+                &key(),
+                &PushFrame::build(&key(), version, &[], false),
+                Audience::All,
+                meta,
+            );
+        }
+        // 3 replaces 2, 4 replaces 3.
+        assert_eq!(metrics.outbox_replaced_total.load(Relaxed), 2);
+        assert_eq!(metrics.pushes_total.load(Relaxed), 3);
+        let text = metrics.render(crate::metrics::Live::default());
+        assert!(
+            text.contains("entity_sync_notify_to_push_seconds_count 3\n"),
+            "{text}"
+        );
+        // A change without an accept time (a resync) is not timed.
+        dispatcher.fan_out(
+            &key(),
+            &PushFrame::build(&key(), 5, &[], false),
+            Audience::All,
+            ChangeMeta::default(),
+        );
+        let text = metrics.render(crate::metrics::Live::default());
+        assert!(
+            text.contains("entity_sync_notify_to_push_seconds_count 3\n"),
+            "{text}"
+        );
+        tasks.token().cancel();
+    }
+
+    #[tokio::test]
     async fn a_fan_out_overflow_is_left_to_the_session_to_count() {
         let metrics = Arc::new(Metrics::default());
         let tasks = Tasks::default();
@@ -559,6 +668,7 @@ mod tests {
             &key(),
             &PushFrame::build(&key(), 2, &[big], false),
             Audience::All,
+            ChangeMeta::default(),
         );
         assert_eq!(
             conn.outbox.drain(&mut Vec::new()),

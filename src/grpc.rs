@@ -21,6 +21,7 @@ use crate::{
     },
     resolver::{RegisterError, Resolved, ResolverPool, read_key_result},
     tasks::Tasks,
+    trace::{ChangeMeta, TRACE_ID_HEADER, TraceId},
 };
 
 /// Longest idempotency key accepted, in bytes.
@@ -62,8 +63,8 @@ impl EntitySyncService {
 
 /// Serves the gRPC port on `listener` with `server` (plaintext or TLS, see
 /// `tls::grpc_server`) until the node shuts down: `service`,
-/// standard health (NOT_SERVING as soon as shutdown starts, so load
-/// balancers move on) and `reflection`.
+/// standard health (NOT_SERVING while the bus is down and as soon as
+/// shutdown starts, so load balancers move on) and `reflection`.
 pub(crate) async fn serve<R: ServerReflection>(
     listener: TcpListener,
     mut server: tonic::transport::Server,
@@ -75,6 +76,12 @@ pub(crate) async fn serve<R: ServerReflection>(
     health
         .set_serving::<EntitySyncServer<EntitySyncService>>()
         .await;
+    crate::health::follow_readiness(
+        health,
+        &[<EntitySyncServer<EntitySyncService> as tonic::server::NamedService>::NAME],
+        service.bus.clone(),
+        &tasks,
+    );
     // Small messages, latency matters: no Nagle delay.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = tasks.token().clone().cancelled_owned();
@@ -88,13 +95,6 @@ pub(crate) async fn serve<R: ServerReflection>(
         if let Err(err) = served {
             tracing::error!(%err, "gRPC server failed");
         }
-    });
-    let watch = tasks.clone();
-    tasks.spawn(async move {
-        watch.cancelled().await;
-        health
-            .set_not_serving::<EntitySyncServer<EntitySyncService>>()
-            .await;
     });
 }
 
@@ -122,6 +122,13 @@ impl EntitySync for EntitySyncService {
         request: Request<NotifyRequest>,
     ) -> Result<Response<NotifyResponse>, Status> {
         let granted = self.auth.check(request.metadata(), Role::Notifier)?;
+        let (trace, junk) = TraceId::from_metadata(request.metadata());
+        if junk {
+            // The header's text is the caller's: never logged.
+            tracing::debug!(trace_id = %trace, "Notify: unusable trace id header ignored");
+        }
+        // Accepted now: the notify-to-push latency starts here.
+        let meta = ChangeMeta::accepted_now(trace);
         // Without a token, a verified client certificate scopes the key (a
         // reference-counted handle: nothing is copied unless it is used).
         let peer_certs = request.peer_certs();
@@ -159,7 +166,18 @@ impl EntitySync for EntitySyncService {
                 .map(|c| c.as_ref()),
             &request.idempotency_key,
         );
-        let receipt = self.bus.publish(keys, &idempotency_key).await?;
+        let receipt = self
+            .bus
+            .publish(keys, &idempotency_key, meta)
+            .await
+            .inspect_err(|err| tracing::debug!(trace_id = %trace, %err, "Notify failed"))?;
+        tracing::debug!(
+            trace_id = %trace,
+            keys = count,
+            first_seq = receipt.sequences.first().copied().unwrap_or(0),
+            duplicate = receipt.duplicate,
+            "notify accepted"
+        );
         if receipt.duplicate {
             Metrics::inc(&self.metrics.notify_duplicates_total);
         } else {
@@ -167,11 +185,15 @@ impl EntitySync for EntitySyncService {
                 .notify_keys_total
                 .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(Response::new(NotifyResponse {
+        let mut response = Response::new(NotifyResponse {
             accepted: receipt.sequences.len() as u32,
             sequences: receipt.sequences,
             duplicate: receipt.duplicate,
-        }))
+        });
+        if let Ok(value) = trace.to_string().parse() {
+            response.metadata_mut().insert(TRACE_ID_HEADER, value);
+        }
+        Ok(response)
     }
 
     type ResolveStream = ReceiverStream<Result<NodeMessage, Status>>;

@@ -25,7 +25,8 @@ use tracing::Instrument;
 use crate::{
     bus::Bus,
     handshake::{ConnInfo, Handshaking, Pending},
-    metrics::Stats,
+    health,
+    metrics::{self, Live, Stats},
     session,
     tasks::Tasks,
     tls::TlsListener,
@@ -66,9 +67,28 @@ impl HttpState {
         }
     }
 
-    /// Ready while the node is not shutting down.
+    /// Accepting websockets while the node is not shutting down.
     fn ready(&self) -> bool {
         !self.sessions.tasks.is_cancelled()
+    }
+
+    /// What a scrape reads from the live node.
+    fn live(&self) -> Live {
+        let other: Arc<str> = Arc::from(metrics::OTHER_LABEL);
+        Live {
+            stats: self.stats(),
+            bus_head: self.bus.head(),
+            bus_connected: self.bus.is_connected(),
+            bus_lag: self
+                .bus
+                .head()
+                .saturating_sub(self.sessions.dispatcher.applied()),
+            ready: health::readiness(&self.sessions.tasks, &self.bus).is_ok(),
+            resolver_streams: metrics::fold_resolver_names(
+                self.sessions.resolvers.local_streams_by_name(),
+                &other,
+            ),
+        }
     }
 }
 
@@ -227,21 +247,19 @@ async fn upgrade(
         })
 }
 
+/// 200 `ready`, or 503 `not ready: REASON` (`draining`, `bus down`).
 async fn readyz(State(state): State<HttpState>) -> Response {
-    if !state.ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    } else if !state.bus.is_connected() {
-        (StatusCode::SERVICE_UNAVAILABLE, "bus disconnected\n").into_response()
-    } else {
-        (StatusCode::OK, "ready\n").into_response()
+    match health::readiness(&state.sessions.tasks, &state.bus) {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response(),
     }
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
-    let body =
-        state
-            .sessions
-            .metrics
-            .render(state.stats(), state.bus.head(), state.bus.is_connected());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    let body = state.sessions.metrics.render(state.live());
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }

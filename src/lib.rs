@@ -11,9 +11,10 @@
 //!
 //! - [`config`]: flags and `ENTITY_SYNC_*` environment variables, one section per component.
 //! - [`node`]: starts each component from its section; `Node::start` / `node::run`, graceful shutdown.
-//! - [`metrics`]: Prometheus counters and gauges (`Stats`, the live counts, is public).
+//! - [`metrics`]: Prometheus counters, gauges and histograms through `prometheus-client` (`Stats`, the live counts, is public).
 //! - [`protocol`]: websocket JSON messages in, frames out, built once and shared (`ErrorCode` is public).
 //! - [`session`]: one websocket connection's task: read, write batches, ping (close codes are public).
+//! - [`trace`]: trace ids: from `Notify` metadata (`x-trace-id`, `traceparent`) or fresh, carried with each change to its push.
 //! - [`bus`]: carries change keys from `Notify` to dispatchers, in-process or NATS JetStream (`BusError` is public).
 //! - [`proto`]: code generated from `proto/`.
 //! - `fuzzing` (hidden, not API): thin wrappers over the decoder, resolver answers and `Register`, for `fuzz/` and `tests/fuzz_properties.rs`.
@@ -31,6 +32,7 @@
 //! - `cluster`: the NATS request-reply link to other nodes' resolvers, both sides.
 //! - `grpc`: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`), health, reflection.
 //! - `http`: the websocket upgrade, `/healthz`, `/readyz`, `/metrics`.
+//! - `health`: readiness and why not (draining, bus down), for `/readyz`, gRPC health and metrics.
 //! - `handshake`: connections until their first request: a header deadline, counted against `--max-connections`.
 //! - `tls`: TLS of both ports: PEM files checked at start, the websocket port's TLS listener.
 //!
@@ -47,6 +49,7 @@ pub(crate) mod dispatcher;
 pub mod fuzzing;
 pub(crate) mod grpc;
 pub(crate) mod handshake;
+pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod key;
 pub mod metrics;
@@ -59,6 +62,7 @@ pub(crate) mod resolver;
 pub mod session;
 pub(crate) mod tasks;
 pub(crate) mod tls;
+pub mod trace;
 
 /// Generated gRPC code.
 pub mod proto {

@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use entity_sync::{
     config::Config,
     node::{self, Listeners},
@@ -24,9 +24,14 @@ struct Cli {
     #[command(flatten)]
     config: Config,
 
-    /// Log format.
-    #[arg(long, env = "ENTITY_SYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    /// Log format (on stderr); the level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "ENTITY_SYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = "Operations")]
     log_format: LogFormat,
+
+    /// Print the effective configuration (flags, ENTITY_SYNC_* variables and
+    /// defaults resolved; secrets masked) and exit.
+    #[arg(long, help_heading = "Operations")]
+    print_config: bool,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -52,6 +57,10 @@ enum Command {
         /// Optional idempotency key: a retry with the same key is applied once.
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// Trace id (32 hex digits) the nodes log this change under; without
+        /// it the node makes one. Either way it is printed on stderr.
+        #[arg(long, default_value = "")]
+        trace_id: String,
         /// A notifier token of the node's --grpc-tokens-file.
         #[arg(long, env = "ENTITY_SYNC_NOTIFY_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -78,7 +87,19 @@ fn parse_key(s: &str) -> Result<Key, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let command = Cli::command();
+    let matches = command.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    if cli.print_config {
+        print!("{}", entity_sync::config::describe(&command, &matches));
+        return match cli.config.validate() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -92,6 +113,7 @@ fn main() -> ExitCode {
             Some(Command::Notify {
                 server,
                 idempotency_key,
+                trace_id,
                 token,
                 tls_ca,
                 tls_cert,
@@ -102,7 +124,7 @@ fn main() -> ExitCode {
                     ca: tls_ca,
                     identity: tls_cert.zip(tls_key),
                 };
-                notify(server, idempotency_key, token, tls, keys).await
+                notify(server, idempotency_key, trace_id, token, tls, keys).await
             }
             None => serve(cli.config).await,
         }
@@ -214,6 +236,7 @@ impl NotifyTls {
 async fn notify(
     server: String,
     idempotency_key: String,
+    trace_id: String,
     token: Option<String>,
     tls: NotifyTls,
     keys: Vec<Key>,
@@ -229,14 +252,15 @@ async fn notify(
         .connect()
         .await
         .with_context(|| format!("cannot connect to {server}"))?;
-    let receipt = if idempotency_key.is_empty() {
-        notifier.notify(keys.clone()).await
-    } else {
-        notifier
-            .notify_with_key(keys.clone(), &idempotency_key)
-            .await
+    // Without --idempotency-key the SDK sends a fresh one.
+    let idempotency_key = (!idempotency_key.is_empty()).then_some(idempotency_key.as_str());
+    let receipt = notifier
+        .notify_traced(keys.clone(), idempotency_key, &trace_id)
+        .await
+        .context("Notify failed")?;
+    if !receipt.trace_id.is_empty() {
+        eprintln!("trace id {}", receipt.trace_id);
     }
-    .context("Notify failed")?;
     for (key, seq) in keys.iter().zip(&receipt.sequences) {
         println!(
             "{}/{} sequence {seq}{}",

@@ -154,6 +154,8 @@ type Shard = HashMap<ChangeKey, HashMap<ConnId, Subscriber>>;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FanOut {
     pub(crate) delivered: usize,
+    /// Of `delivered`, how many replaced an unwritten older push of the key.
+    pub(crate) replaced: usize,
     pub(crate) stale: usize,
     pub(crate) overflowed: usize,
 }
@@ -475,7 +477,11 @@ impl Registry {
             }
             sub.delivered = frame.version;
             match sub.conn.outbox.push(key, frame) {
-                Queued::Appended | Queued::Replaced => result.delivered += 1,
+                Queued::Appended => result.delivered += 1,
+                Queued::Replaced => {
+                    result.delivered += 1;
+                    result.replaced += 1;
+                }
                 Queued::Stale => result.stale += 1,
                 Queued::Overflow => result.overflowed += 1,
                 Queued::Closed => {}
@@ -604,6 +610,7 @@ mod tests {
             fan,
             FanOut {
                 delivered: 0,
+                replaced: 0,
                 stale: 1,
                 overflowed: 0
             }

@@ -21,6 +21,22 @@ use crate::{
 
 pub(crate) use crate::resolver::{ResolveError, ResolveErrorKind, Resolved, Rows};
 
+/// The `status` label of a resolve's outcome, in metrics and logs.
+pub(crate) fn status_label(outcome: &Resolved) -> &'static str {
+    match outcome {
+        Ok(_) => "ok",
+        Err(err) => match err.kind() {
+            ResolveErrorKind::NotFound => "not_found",
+            ResolveErrorKind::Forbidden => "forbidden",
+            ResolveErrorKind::Failed => "error",
+            ResolveErrorKind::InvalidAnswer => "invalid",
+            ResolveErrorKind::Timeout => "timeout",
+            ResolveErrorKind::NoResolver => "no_resolver",
+            ResolveErrorKind::Closed => "closed",
+        },
+    }
+}
+
 /// The resolvers a node can reach: a cheap-clone handle.
 #[derive(Clone)]
 pub(crate) struct Resolvers {
@@ -60,6 +76,21 @@ impl Resolvers {
     /// subscriber), carried to the backend as `ResolveRequest.shared`, also
     /// through another node.
     pub(crate) async fn resolve(
+        &self,
+        key: &ChangeKey,
+        secret: Arc<str>,
+        reason: Reason,
+        shared: bool,
+    ) -> Resolved {
+        let started = std::time::Instant::now();
+        let outcome = self.resolve_anywhere(key, secret, reason, shared).await;
+        self.inner
+            .metrics
+            .resolve_done(&key.entity, status_label(&outcome), started.elapsed());
+        outcome
+    }
+
+    async fn resolve_anywhere(
         &self,
         key: &ChangeKey,
         secret: Arc<str>,
@@ -138,6 +169,11 @@ impl Resolvers {
     /// Whether any local resolver wants pass-through messages.
     pub(crate) fn has_pass_through(&self) -> bool {
         self.inner.local.has_pass_through()
+    }
+
+    /// Resolver streams registered on this node, per name.
+    pub(crate) fn local_streams_by_name(&self) -> Vec<(Arc<str>, usize)> {
+        self.inner.local.streams_by_name()
     }
 
     /// Resolver streams registered on this node.

@@ -794,6 +794,16 @@ impl ResolverPool {
         state.resolvers.values().any(|s| s.pass_through)
     }
 
+    /// Registered streams per name (`Register.name`), for the metrics.
+    pub(crate) fn streams_by_name(&self) -> Vec<(Arc<str>, usize)> {
+        let state = self.inner.state.lock().unwrap();
+        let mut counts: HashMap<&Arc<str>, usize> = HashMap::new();
+        for slot in state.resolvers.values() {
+            *counts.entry(&slot.name).or_default() += 1;
+        }
+        counts.into_iter().map(|(n, c)| (n.clone(), c)).collect()
+    }
+
     /// Registered streams.
     pub(crate) fn resolver_count(&self) -> usize {
         self.inner.state.lock().unwrap().resolvers.len()

@@ -427,7 +427,7 @@ async fn retention_setup(prefix: &str, modify: fn(&mut Config)) -> RetentionSetu
 }
 
 /// While A is cut off, B gets a change to items/1 accepted, then publishes
-/// 200 changes of unsubscribed keys, which push it out of the 2 KiB stream.
+/// 200 changes of unsubscribed keys, which push it out of the 6 KiB stream.
 /// Returns the lost change's sequence.
 async fn lose_a_change_while_a_is_away(setup: &RetentionSetup, prefix: &str) -> u64 {
     setup.proxy.cut();
@@ -482,10 +482,12 @@ async fn expect_resync(setup: &mut RetentionSetup, lost: u64) {
     assert_eq!(metric(&setup.b, "entity_sync_resyncs_total").await, 0);
 }
 
-/// A stream of at most 2 KiB (a few dozen change keys): retention by bytes
-/// evicts exactly when the test publishes, so no clock is involved.
+/// A stream of at most 6 KiB (a few dozen change keys, each with its trace
+/// headers): retention by bytes evicts exactly when the test publishes, so
+/// no clock is involved, and leaves room for the publishing node's own
+/// consumer to keep up with the 200 fillers.
 fn small_stream(config: &mut Config) {
-    config.nats.max_bytes = 2048;
+    config.nats.max_bytes = 6 * 1024;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -533,6 +533,11 @@ async fn slow_client_is_closed_with_1008_and_others_keep_their_pushes() {
 
     let (code, _skipped) = slow.drain_until_close(DEADLINE * 2).await;
     assert_eq!(code, 1008, "slow client close code");
+    assert_eq!(
+        node.metric("entity_sync_slow_client_closes_total").await,
+        1.0,
+        "one slow client, one close"
+    );
 
     // The fast client carries on.
     let seq = notify_one(node.grpc(), "blob", "0").await;

@@ -16,6 +16,8 @@ use crate::{
 pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(30);
 /// Deadline of one attempt, unless set.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// gRPC metadata naming a `Notify` call's trace id, both ways.
+const TRACE_ID_HEADER: &str = "x-trace-id";
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
@@ -48,6 +50,10 @@ pub struct Receipt {
     pub duplicate: bool,
     /// Calls it took (1 without retries).
     pub attempts: u32,
+    /// The trace id the node logs this change under (its `x-trace-id`
+    /// answer): the one given to [`notify_traced`](Notifier::notify_traced),
+    /// else one the node made. Empty from a node that sends none.
+    pub trace_id: String,
 }
 
 /// Calls `Notify` on a node. Cheap to clone; clones share the connection.
@@ -107,6 +113,41 @@ impl Notifier {
         keys: impl IntoIterator<Item = K>,
         idempotency_key: &str,
     ) -> Result<Receipt, Error> {
+        self.send(keys, idempotency_key, "").await
+    }
+
+    /// Like [`notify`](Notifier::notify) (or, with `Some` idempotency key,
+    /// [`notify_with_key`](Notifier::notify_with_key)), with the trace id
+    /// (32 hex digits, e.g. the caller's W3C trace-id) under which the nodes
+    /// log the change from this call to its pushes; every retry carries it.
+    /// Empty: the node makes one (see [`Receipt::trace_id`]).
+    pub async fn notify_traced<K: Into<Key>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+        idempotency_key: Option<&str>,
+        trace_id: &str,
+    ) -> Result<Receipt, Error> {
+        match idempotency_key {
+            Some(key) => self.send(keys, key, trace_id).await,
+            None if self.idempotency_keys => {
+                self.send(keys, &random_idempotency_key(), trace_id).await
+            }
+            None => self.send(keys, "", trace_id).await,
+        }
+    }
+
+    async fn send<K: Into<Key>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+        idempotency_key: &str,
+        trace_id: &str,
+    ) -> Result<Receipt, Error> {
+        // A value gRPC metadata cannot carry is left out: the node would
+        // ignore an invalid id anyway and make its own.
+        let trace_header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+            (!trace_id.is_empty())
+                .then(|| trace_id.parse().ok())
+                .flatten();
         let request = NotifyRequest {
             keys: keys
                 .into_iter()
@@ -127,14 +168,24 @@ impl Notifier {
             attempts += 1;
             let mut call = tonic::Request::new(request.clone());
             call.set_timeout(self.call_timeout);
+            if let Some(value) = &trace_header {
+                call.metadata_mut().insert(TRACE_ID_HEADER, value.clone());
+            }
             let error = match self.client.clone().notify(call).await {
                 Ok(response) => {
+                    let trace_id = response
+                        .metadata()
+                        .get(TRACE_ID_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
                     let response = response.into_inner();
                     return Ok(Receipt {
                         accepted: response.accepted,
                         sequences: response.sequences,
                         duplicate: response.duplicate,
                         attempts,
+                        trace_id,
                     });
                 }
                 Err(status) => Error::from_status(&status),

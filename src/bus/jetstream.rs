@@ -30,7 +30,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
-use crate::{config::NatsConfig, key::ChangeKey, metrics::Metrics, tasks::Tasks};
+use crate::{
+    config::{NatsConfig, scrub_urls},
+    key::ChangeKey,
+    metrics::Metrics,
+    tasks::Tasks,
+    trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
+};
 
 /// PubAck futures awaited together; well under async-nats's in-flight limit.
 pub const ACK_WINDOW: usize = 1000;
@@ -113,32 +119,6 @@ fn percent_decode(text: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `urls` (comma-separated) with any `user:password@` or `token@` removed.
-pub(crate) fn scrub_urls(urls: &str) -> String {
-    urls.split(',')
-        .map(|url| {
-            let url = url.trim();
-            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-            let rest = match rest.find(['/', '?']) {
-                Some(end) => rest[..end]
-                    .rsplit_once('@')
-                    .map_or(rest.to_owned(), |(_, host)| {
-                        format!("***@{host}{}", &rest[end..])
-                    }),
-                None => rest
-                    .rsplit_once('@')
-                    .map_or(rest.to_owned(), |(_, host)| format!("***@{host}")),
-            };
-            if scheme.is_empty() {
-                rest
-            } else {
-                format!("{scheme}://{rest}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Parses "2.10.3", "v2.11.0-RC.1" into (major, minor).
@@ -312,6 +292,7 @@ impl JetStreamBus {
         &self,
         keys: Vec<ChangeKey>,
         idempotency_key: &str,
+        meta: ChangeMeta,
     ) -> Result<Receipt, BusError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
@@ -321,11 +302,16 @@ impl JetStreamBus {
         }
         let mut sequences = Vec::with_capacity(keys.len());
         let mut duplicates = 0;
+        // Written once per call; every key of it carries them.
+        let trace = meta.trace.to_string();
+        let notified_at = meta.notified_at_us.to_string();
         for (window_index, window) in keys.chunks(ACK_WINDOW).enumerate() {
             let mut acks = Vec::with_capacity(window.len());
             for (i, key) in window.iter().enumerate() {
                 let subject = format!("{}.changes.{}.{}", self.inner.prefix, key.entity, key.id);
                 let mut headers = HeaderMap::new();
+                headers.insert(BUS_TRACE_HEADER, trace.as_str());
+                headers.insert(BUS_NOTIFIED_HEADER, notified_at.as_str());
                 if !idempotency_key.is_empty() {
                     // One message id per key of the call.
                     let index = window_index * ACK_WINDOW + i;
@@ -488,7 +474,20 @@ impl Consumer {
                             .and_then(|rest| rest.split_once('.'))
                             .and_then(|(entity, id)| ChangeKey::new(entity, id).ok())
                         {
-                            Some(key) => batch.push(ChangeEvent { key, seq }),
+                            Some(key) => {
+                                let header = |name: &str| {
+                                    message
+                                        .headers
+                                        .as_ref()
+                                        .and_then(|h| h.get(name))
+                                        .map(|v| v.as_str())
+                                };
+                                let meta = ChangeMeta::from_bus_headers(
+                                    header(BUS_TRACE_HEADER),
+                                    header(BUS_NOTIFIED_HEADER),
+                                );
+                                batch.push(ChangeEvent { key, seq, meta });
+                            }
                             None => tracing::warn!(subject, "unparseable change subject, skipped"),
                         }
                     }
@@ -512,6 +511,11 @@ impl Consumer {
             return Ok(()); // NATS unreachable: nothing to compare now.
         };
         self.resync_if_expired(&info).await?;
+        // The head every node has stored up to: with `last`, the lag gauge.
+        self.bus
+            .inner
+            .head
+            .fetch_max(info.state.last_sequence, Ordering::AcqRel);
         if info.state.last_sequence > self.last && progress.0 == self.last {
             progress.1 += 1;
             if progress.1 >= STALL_CHECKS {

@@ -12,7 +12,7 @@ use std::{
 use tokio::sync::mpsc;
 
 use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
-use crate::key::ChangeKey;
+use crate::{key::ChangeKey, trace::ChangeMeta};
 
 /// How long an idempotency key is remembered (JetStream's default duplicate window).
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
@@ -80,6 +80,7 @@ impl MemoryBus {
         &self,
         keys: Vec<ChangeKey>,
         idempotency_key: &str,
+        meta: ChangeMeta,
     ) -> Result<Receipt, BusError> {
         let mut publisher = self.inner.publisher.lock().await;
         let now = Instant::now();
@@ -101,6 +102,7 @@ impl MemoryBus {
             .map(|(i, key)| ChangeEvent {
                 key,
                 seq: first + i as u64,
+                meta,
             })
             .collect();
         let sequences: Vec<u64> = events.iter().map(|e| e.seq).collect();
@@ -164,13 +166,23 @@ mod tests {
         ChangeKey::new("items", id).unwrap()
     }
 
+    fn meta() -> ChangeMeta {
+        ChangeMeta {
+            trace: crate::trace::TraceId::parse("0123456789abcdef0123456789abcdef").unwrap(),
+            notified_at_us: 42,
+        }
+    }
+
     #[tokio::test]
     async fn sequences_are_assigned_in_order_and_delivered() {
         let (bus, mut rx) = MemoryBus::starting_at(1);
         let bus = Bus::InProcess(bus);
-        let r = bus.publish(vec![key("1"), key("2")], "").await.unwrap();
+        let r = bus
+            .publish(vec![key("1"), key("2")], "", meta())
+            .await
+            .unwrap();
         assert_eq!(r.sequences, vec![1, 2]);
-        let r = bus.publish(vec![key("1")], "").await.unwrap();
+        let r = bus.publish(vec![key("1")], "", meta()).await.unwrap();
         assert_eq!(r.sequences, vec![3]);
         assert_eq!(bus.head(), 3);
         let batch = rx.recv().await.unwrap();
@@ -179,11 +191,13 @@ mod tests {
             BusEvent::Changes(vec![
                 ChangeEvent {
                     key: key("1"),
-                    seq: 1
+                    seq: 1,
+                    meta: meta(),
                 },
                 ChangeEvent {
                     key: key("2"),
-                    seq: 2
+                    seq: 2,
+                    meta: meta(),
                 }
             ])
         );
@@ -191,7 +205,8 @@ mod tests {
             rx.recv().await.unwrap(),
             BusEvent::Changes(vec![ChangeEvent {
                 key: key("1"),
-                seq: 3
+                seq: 3,
+                meta: meta(),
             }])
         );
     }
@@ -213,8 +228,8 @@ mod tests {
     async fn idempotency_key_applies_once() {
         let (bus, mut rx) = MemoryBus::new();
         let bus = Bus::InProcess(bus);
-        let a = bus.publish(vec![key("1")], "op-1").await.unwrap();
-        let b = bus.publish(vec![key("1")], "op-1").await.unwrap();
+        let a = bus.publish(vec![key("1")], "op-1", meta()).await.unwrap();
+        let b = bus.publish(vec![key("1")], "op-1", meta()).await.unwrap();
         assert!(!a.duplicate);
         assert!(b.duplicate);
         assert_eq!(a.sequences, b.sequences);
@@ -228,7 +243,7 @@ mod tests {
         let bus = Bus::InProcess(bus);
         bus.close().await;
         assert!(matches!(
-            bus.publish(vec![key("1")], "").await,
+            bus.publish(vec![key("1")], "", meta()).await,
             Err(BusError::Closed)
         ));
     }

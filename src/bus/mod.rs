@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::{config::NatsConfig, key::ChangeKey, metrics::Metrics, tasks::Tasks};
+use crate::{
+    config::NatsConfig, key::ChangeKey, metrics::Metrics, tasks::Tasks, trace::ChangeMeta,
+};
 
 use jetstream::JetStreamBus;
 use memory::MemoryBus;
@@ -26,6 +28,8 @@ const EVENT_BUFFER: usize = 1024;
 pub(crate) struct ChangeEvent {
     pub(crate) key: ChangeKey,
     pub(crate) seq: u64,
+    /// The change's trace id and accept time, as its `Notify` gave them.
+    pub(crate) meta: ChangeMeta,
 }
 
 /// What the dispatcher consumes.
@@ -100,15 +104,17 @@ impl Bus {
         }
     }
 
-    /// Stores `keys` on the bus; returns once every key is stored.
+    /// Stores `keys` on the bus, each carrying `meta`; returns once every
+    /// key is stored.
     pub(crate) async fn publish(
         &self,
         keys: Vec<ChangeKey>,
         idempotency_key: &str,
+        meta: ChangeMeta,
     ) -> Result<Receipt, BusError> {
         match self {
-            Bus::InProcess(bus) => bus.publish(keys, idempotency_key).await,
-            Bus::JetStream(bus) => bus.publish(keys, idempotency_key).await,
+            Bus::InProcess(bus) => bus.publish(keys, idempotency_key, meta).await,
+            Bus::JetStream(bus) => bus.publish(keys, idempotency_key, meta).await,
         }
     }
 
