@@ -577,8 +577,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_push_that_replaces_an_unwritten_one_is_counted_and_timed() {
+    /// A dispatcher on the in-process bus with no resolver, and what it uses.
+    async fn in_memory_dispatcher() -> (Arc<Metrics>, Tasks, Registry, Dispatcher) {
         let metrics = Arc::new(Metrics::default());
         let tasks = Tasks::default();
         let (bus, _events, _) = Bus::start(&NatsConfig::default(), "n", metrics.clone(), &tasks)
@@ -594,6 +594,12 @@ mod tests {
             metrics.clone(),
             &tasks,
         );
+        (metrics, tasks, registry, dispatcher)
+    }
+
+    #[tokio::test]
+    async fn a_push_that_replaces_an_unwritten_one_is_counted_and_timed() {
+        let (metrics, tasks, registry, dispatcher) = in_memory_dispatcher().await;
         let conn = Arc::new(Connection::new(1, 1 << 20));
         registry.add_pending(&key(), &conn, 10);
         registry.activate(
@@ -639,21 +645,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_fan_out_overflow_is_left_to_the_session_to_count() {
-        let metrics = Arc::new(Metrics::default());
-        let tasks = Tasks::default();
-        let (bus, _events, _) = Bus::start(&NatsConfig::default(), "n", metrics.clone(), &tasks)
-            .await
-            .unwrap();
-        let pool = ResolverPool::new(&ResolveConfig::default(), metrics.clone());
-        let registry = Registry::new();
-        let dispatcher = Dispatcher::new(
-            &WsConfig::default(),
-            registry.clone(),
-            Resolvers::new(pool, None, metrics.clone()),
-            bus,
-            metrics.clone(),
-            &tasks,
-        );
+        let (metrics, tasks, registry, dispatcher) = in_memory_dispatcher().await;
         let conn = Arc::new(Connection::new(1, 1024));
         registry.add_pending(&key(), &conn, 10);
         registry.activate(
