@@ -331,6 +331,12 @@ pub struct NatsConfig {
     #[arg(id = "nats_max_age", value_name = "NATS_MAX_AGE", long = "nats-max-age", env = "ENTITY_SYNC_NATS_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
     pub max_age: Duration,
 
+    /// How long a starting node keeps retrying a NATS it cannot reach yet (or
+    /// a JetStream that cannot set up the stream yet) before it exits 1.
+    /// Refused credentials and bad URLs fail at once.
+    #[arg(id = "nats_startup_timeout", value_name = "NATS_STARTUP_TIMEOUT", long = "nats-startup-timeout", env = "ENTITY_SYNC_NATS_STARTUP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub startup_timeout: Duration,
+
     /// Bytes the stream may hold when the node creates it (-1: no limit).
     #[arg(id = "nats_max_bytes", value_name = "NATS_MAX_BYTES", long = "nats-max-bytes", env = "ENTITY_SYNC_NATS_MAX_BYTES", default_value_t = 1 << 30, allow_negative_numbers = true)]
     pub max_bytes: i64,

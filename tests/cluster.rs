@@ -883,3 +883,60 @@ async fn nats_server_older_than_2_10_is_refused() {
         }
     }
 }
+
+/// A node started before its NATS (servers and nodes started together)
+/// keeps retrying within `--nats-startup-timeout` and connects once the
+/// server is up; changes then flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_nats_waits_for_it() {
+    let mut nats = NatsServer::start().await;
+    nats.stop();
+    let url = nats.url();
+    let starting = tokio::spawn(async move {
+        let mut config = TestNode::test_config();
+        config.nats.url = Some(url);
+        config.nats.prefix = "late".into();
+        TestNode::try_start(config).await
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!starting.is_finished(), "the node gave up at once");
+    nats.restart().await;
+    let mut node = timeout(Duration::from_secs(20), starting)
+        .await
+        .expect("the node connects once NATS is up")
+        .unwrap()
+        .expect("node starts");
+    let data = ResolverData::new();
+    data.set_rows("items", "1", &[r#"{"id":1}"#]);
+    let _resolver = items_resolver(&node, "svc", &data).await;
+    let mut client = WsClient::connect(&node.ws_url()).await;
+    client.subscribe("items", "1").await;
+    data.set_rows("items", "1", &[r#"{"id":1,"v":2}"#]);
+    notify_one(node.grpc(), "items", "1").await;
+    let (_, rows) = parse_push(&client.recv_json().await, "items", "1");
+    assert_eq!(rows, vec![json!({"id": 1, "v": 2})]);
+    node.shutdown().await;
+}
+
+/// Nothing listening: the node retries for `--nats-startup-timeout`, then
+/// fails with the connection error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gives_up_on_an_unreachable_nats_after_the_startup_timeout() {
+    let port = common::process::free_ports(1)[0];
+    let mut config = TestNode::test_config();
+    config.nats.url = Some(format!("nats://127.0.0.1:{port}"));
+    config.nats.startup_timeout = Duration::from_secs(1);
+    let started = Instant::now();
+    let result = timeout(Duration::from_secs(15), TestNode::try_start(config))
+        .await
+        .expect("the node gives up");
+    let waited = started.elapsed();
+    match result {
+        Err(NodeError::Bus(BusError::Connect { reason, .. })) => {
+            assert!(reason.contains("IO error"), "{reason}")
+        }
+        Err(other) => panic!("expected a connect error, got {other}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
+    assert!(waited >= Duration::from_millis(500), "no retry: {waited:?}");
+}

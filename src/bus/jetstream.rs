@@ -54,8 +54,52 @@ const STALL_CHECKS: u32 = 5;
 /// Oldest nats-server accepted (major, minor).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
 
-/// How long connecting to NATS may take before the node gives up starting.
+/// How long one connection attempt to NATS may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and longest pause between startup attempts.
+const STARTUP_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+/// How often the client pings its server. async-nats' default (a minute)
+/// leaves a half-open link (a peer that vanished without a FIN) unnoticed
+/// for minutes; two unanswered pings make the client reconnect.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Retries `attempt` with backoff while it fails with an error `retryable`
+/// accepts and `window` lasts (`--nats-startup-timeout`: servers started
+/// together with the nodes, a cluster still electing its leaders); stops
+/// early on shutdown.
+async fn at_startup<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    what: &str,
+    window: Duration,
+    cancel: &CancellationToken,
+    retryable: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> F,
+) -> Result<Result<T, E>, BusError> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut pause = STARTUP_BACKOFF.0;
+    loop {
+        let err = match attempt().await {
+            Ok(value) => return Ok(Ok(value)),
+            Err(err) => err,
+        };
+        if !retryable(&err) || tokio::time::Instant::now() + pause >= deadline {
+            return Ok(Err(err));
+        }
+        tracing::warn!(error = %err, retry_in = ?pause, "{what} failed; retrying");
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = cancel.cancelled() => return Err(BusError::Closed),
+        }
+        pause = (pause * 2).min(STARTUP_BACKOFF.1);
+    }
+}
+
+/// Connection failures worth another attempt while starting: the server is
+/// not up yet or dropped the connection. Refused credentials, a bad address
+/// or a TLS mismatch stay as they are.
+fn connect_retryable(err: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind as Kind;
+    matches!(err.kind(), Kind::Io | Kind::TimedOut | Kind::Dns)
+}
 
 /// Name of the stream (`{prefix}_changes`).
 fn stream_name(prefix: &str) -> String {
@@ -150,6 +194,7 @@ impl JetStreamBus {
         let mut options = ConnectOptions::new()
             .name(format!("entity-sync {node_id}"))
             .connection_timeout(CONNECT_TIMEOUT)
+            .ping_interval(PING_INTERVAL)
             .max_reconnects(None)
             .retain_servers_order()
             .event_callback(|event| async move {
@@ -199,10 +244,17 @@ impl JetStreamBus {
             let password = percent_decode(addr.password().unwrap_or_default());
             options = options.user_and_password(user, password);
         }
-        let client = options
-            .connect(addrs)
-            .await
-            .map_err(|err| connect_error(err.to_string()))?;
+        let cancel = tasks.token().clone();
+        let window = config.startup_timeout;
+        let client = at_startup(
+            "connecting to NATS",
+            window,
+            &cancel,
+            connect_retryable,
+            || options.clone().connect(addrs.clone()),
+        )
+        .await?
+        .map_err(|err| connect_error(err.to_string()))?;
 
         let version = client.server_info().version;
         match parse_version(&version) {
@@ -216,15 +268,24 @@ impl JetStreamBus {
             stream: wanted.name.clone(),
             reason,
         };
-        let mut stream = js
-            .get_or_create_stream(wanted.clone())
-            .await
-            .map_err(|err| stream_error(err.to_string()))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|err| stream_error(err.to_string()))?
-            .clone();
+        // A fresh cluster answers "JetStream not ready" or times out while
+        // it elects its leaders; nodes started with it wait for it.
+        let (stream, info) = at_startup(
+            "setting up the JetStream stream",
+            window,
+            &cancel,
+            |_: &String| true,
+            || async {
+                let mut stream = js
+                    .get_or_create_stream(wanted.clone())
+                    .await
+                    .map_err(|err| err.to_string())?;
+                let info = stream.info().await.map_err(|err| err.to_string())?.clone();
+                Ok((stream, info))
+            },
+        )
+        .await?
+        .map_err(stream_error)?;
         check_stream(&wanted, &info.config).map_err(stream_error)?;
         let start = info.state.last_sequence;
         tracing::info!(
