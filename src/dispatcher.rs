@@ -470,7 +470,7 @@ pub(crate) fn subscribe_error<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::Ordering::Relaxed;
 
     use bytes::Bytes;
@@ -578,7 +578,7 @@ mod tests {
     }
 
     /// A dispatcher on the in-process bus with no resolver, and what it uses.
-    async fn in_memory_dispatcher() -> (Arc<Metrics>, Tasks, Registry, Dispatcher) {
+    pub(crate) async fn in_memory_dispatcher() -> (Arc<Metrics>, Tasks, Registry, Dispatcher) {
         let metrics = Arc::new(Metrics::default());
         let tasks = Tasks::default();
         let (bus, _events, _) = Bus::start(&NatsConfig::default(), "n", metrics.clone(), &tasks)

@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, stream::FuturesUnordered};
 use tokio::{
@@ -91,9 +91,26 @@ impl SessionContext {
     }
 }
 
+/// What a session reads messages from and writes them to: an upgraded
+/// [`WebSocket`](axum::extract::ws::WebSocket) (generic so the loop can be
+/// driven over any socket).
+pub(crate) trait Socket:
+    futures_util::Stream<Item = Result<Message, axum::Error>>
+    + futures_util::Sink<Message, Error = axum::Error>
+    + Unpin
+{
+}
+
+impl<S> Socket for S where
+    S: futures_util::Stream<Item = Result<Message, axum::Error>>
+        + futures_util::Sink<Message, Error = axum::Error>
+        + Unpin
+{
+}
+
 /// Serves one upgraded websocket until either side ends it.
 pub(crate) async fn serve(
-    mut ws: WebSocket,
+    mut ws: impl Socket,
     ctx: Arc<SessionContext>,
     id: ConnId,
     peer: SocketAddr,
@@ -269,7 +286,7 @@ fn slow_client(metrics: &Metrics, conn: &Connection) -> (u16, &'static str) {
     (CLOSE_SLOW_CLIENT, "outbound queue full: client too slow")
 }
 
-async fn write_batch(ws: &mut WebSocket, frames: &mut Vec<FrameText>) -> Result<(), axum::Error> {
+async fn write_batch(ws: &mut impl Socket, frames: &mut Vec<FrameText>) -> Result<(), axum::Error> {
     for frame in frames.drain(..) {
         ws.feed(text_message(frame)).await?;
     }
@@ -484,5 +501,109 @@ mod tests {
         let start = Instant::now();
         let mut limit = RateLimit::new(0, 1, start);
         assert!((0..10_000).all(|_| limit.allow(start)));
+    }
+
+    /// A peer that stopped reading: its socket takes `room` messages, then
+    /// every write waits (a full send buffer), and it never sends anything.
+    struct StalledPeer {
+        room: usize,
+        written: Arc<std::sync::Mutex<Vec<Message>>>,
+    }
+
+    impl futures_util::Stream for StalledPeer {
+        type Item = Result<Message, axum::Error>;
+
+        fn poll_next(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl futures_util::Sink<Message> for StalledPeer {
+        type Error = axum::Error;
+
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), axum::Error>> {
+            if self.written.lock().unwrap().len() < self.room {
+                std::task::Poll::Ready(Ok(()))
+            } else {
+                std::task::Poll::Pending
+            }
+        }
+
+        fn start_send(self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), axum::Error> {
+            self.written.lock().unwrap().push(item);
+            Ok(())
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), axum::Error>> {
+            self.poll_ready(cx)
+        }
+
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), axum::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A ping written to a client that stopped reading blocks; shutdown still
+    /// ends the session (after the bounded attempt at a close frame) instead
+    /// of waiting on the socket forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_blocked_on_a_stalled_peer_does_not_outlive_shutdown() {
+        let (metrics, tasks, registry, dispatcher) =
+            crate::dispatcher::tests::in_memory_dispatcher().await;
+        let config = WsConfig {
+            ping_interval: Duration::from_millis(10),
+            idle_timeout: Duration::from_secs(3600),
+            ..WsConfig::default()
+        };
+        let pool = crate::resolver::ResolverPool::new(
+            &crate::config::ResolveConfig::default(),
+            metrics.clone(),
+        );
+        let resolvers = Resolvers::new(pool, None, metrics.clone());
+        let ctx = SessionContext::start(
+            &config,
+            registry.clone(),
+            dispatcher,
+            resolvers,
+            metrics,
+            "n".into(),
+            &tasks,
+        );
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let peer = StalledPeer {
+            room: 3,
+            written: written.clone(),
+        };
+        let session = tokio::spawn(serve(peer, ctx, 1, ([127, 0, 0, 1], 9).into()));
+        // Three pings fill the peer; the fourth waits on it.
+        while written.lock().unwrap().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(registry.connections(), 1);
+        assert!(!session.is_finished());
+        tasks.token().cancel();
+        timeout(Duration::from_secs(60), session)
+            .await
+            .expect("the session ends on shutdown")
+            .unwrap();
+        assert_eq!(registry.connections(), 0);
+        let written = written.lock().unwrap();
+        assert!(
+            written.iter().all(|m| matches!(m, Message::Ping(_))),
+            "only pings fit: {written:?}"
+        );
     }
 }
