@@ -107,20 +107,44 @@ impl FleetConfig {
 /// When each change (by its bus sequence) was notified: the load generator
 /// records, the clients look up, so that a push's latency is measured from
 /// the notify that caused it.
+///
+/// The sequence is known only once `Notify` answered, and a push can beat
+/// that answer: such a push is kept as early and timed when its sequence is
+/// recorded, so fast pushes are not left out of the figures.
 #[derive(Clone, Default)]
 pub struct LatencyClock {
-    // std Mutex: one insert or lookup at a time, never held across `.await`.
+    // std Mutexes: one insert or lookup at a time, never held across `.await`.
     sent: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// Pushes received before their sequence was recorded: (sequence, when).
+    early: Arc<Mutex<Vec<(u64, Instant)>>>,
 }
 
 impl LatencyClock {
-    /// Change `sequence` was notified at `at`.
+    /// Change `sequence` was notified at `at` (the call's start).
     pub fn record(&self, sequence: u64, at: Instant) {
         self.sent.lock().unwrap().insert(sequence, at);
     }
 
-    fn sent_at(&self, sequence: u64) -> Option<Instant> {
-        self.sent.lock().unwrap().get(&sequence).copied()
+    /// The latency of a push of `sequence` received now, if the change was
+    /// recorded; else it is kept as early.
+    fn received(&self, sequence: u64) -> Option<Duration> {
+        let now = Instant::now();
+        if let Some(sent) = self.sent.lock().unwrap().get(&sequence) {
+            return Some(now.saturating_duration_since(*sent));
+        }
+        self.early.lock().unwrap().push((sequence, now));
+        None
+    }
+
+    /// The latencies of the early pushes whose sequence is recorded by now
+    /// (the others were not caused by this clock's notifies).
+    fn take_early(&self) -> Vec<Duration> {
+        let early = std::mem::take(&mut *self.early.lock().unwrap());
+        let sent = self.sent.lock().unwrap();
+        early
+            .into_iter()
+            .filter_map(|(seq, at)| sent.get(&seq).map(|s| at.saturating_duration_since(*s)))
+            .collect()
     }
 }
 
@@ -374,6 +398,9 @@ impl Fleet {
     /// The push latencies measured since the last call (µs), sorted.
     pub fn take_latencies(&self) -> Vec<u64> {
         let mut samples = std::mem::take(&mut *self.shared.latencies.lock().unwrap());
+        if let Some(clock) = &self.config.clock {
+            samples.extend(clock.take_early().iter().map(|d| d.as_micros() as u64));
+        }
         samples.sort_unstable();
         samples
     }
@@ -524,8 +551,8 @@ async fn session(
     if ws.flush().await.is_err() {
         return End::Abnormal;
     }
-    // Keys to subscribe again after a retryable error: (when, key, attempt).
-    let mut retries: Vec<(Instant, Key, u32)> = Vec::new();
+    // Keys to subscribe again after a retryable error: (when, key).
+    let mut retries: Vec<(Instant, Key)> = Vec::new();
     let mut attempts: HashMap<Key, u32> = HashMap::new();
     loop {
         let next_retry = retries.iter().map(|r| r.0).min();
@@ -569,7 +596,7 @@ async fn session(
                         let n = attempts.entry(key.clone()).or_insert(0);
                         let at = Instant::now() + backoff(*n, config.backoff_min, config.backoff_max);
                         *n = n.saturating_add(1);
-                        retries.push((at, key, *n));
+                        retries.push((at, key));
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -622,8 +649,8 @@ fn apply(
                     counters.duplicates.fetch_add(1, Relaxed);
                 }
                 counters.pushes.fetch_add(1, Relaxed);
-                if let Some(sent) = config.clock.as_ref().and_then(|c| c.sent_at(version)) {
-                    let micros = sent.elapsed().as_micros() as u64;
+                if let Some(latency) = config.clock.as_ref().and_then(|c| c.received(version)) {
+                    let micros = latency.as_micros() as u64;
                     shared.latencies.lock().unwrap().push(micros);
                 }
             }
@@ -694,7 +721,13 @@ mod tests {
     fn snapshots_apply_stale_pushes_are_dropped_and_counted() {
         let (config, state, shared) = client(&[("items", "1")]);
         let key: Key = ("items".into(), "1".into());
-        state.lock().unwrap().held.get_mut(&key).unwrap().awaiting_snapshot = true;
+        state
+            .lock()
+            .unwrap()
+            .held
+            .get_mut(&key)
+            .unwrap()
+            .awaiting_snapshot = true;
         apply(&push("1", 10, 1), &config, &state, &shared);
         apply(&push("1", 12, 2), &config, &state, &shared);
         apply(&push("1", 11, 9), &config, &state, &shared); // stale
@@ -709,7 +742,13 @@ mod tests {
         assert_eq!(held.version, 12);
         assert_eq!(Some(&held.rows.unwrap()), fleet_expected.get(&key));
         // A snapshot after a reconnect is applied even if its version is lower.
-        state.lock().unwrap().held.get_mut(&key).unwrap().awaiting_snapshot = true;
+        state
+            .lock()
+            .unwrap()
+            .held
+            .get_mut(&key)
+            .unwrap()
+            .awaiting_snapshot = true;
         apply(&push("1", 5, 3), &config, &state, &shared);
         assert_eq!(state.lock().unwrap().held[&key].version, 5);
         assert_eq!(c.stale.load(Relaxed), 1);

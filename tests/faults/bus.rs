@@ -89,7 +89,7 @@ async fn nats_servers_killed_and_restarted_lose_no_acknowledged_notify() {
     load.wait_accepted(300, SCENARIO_WAIT).await;
     bed.nats.kill(0);
     // Two of three keep the stream's quorum: notifies keep being accepted.
-    load.wait_accepted(400, SCENARIO_WAIT).await;
+    load.wait_accepted(300, SCENARIO_WAIT).await;
     bed.nats.restart(0).await;
     let back = buses_connected(&bed, &[0, 1, 2]).await;
     load.wait_accepted(300, SCENARIO_WAIT).await;
@@ -144,7 +144,10 @@ async fn nats_servers_killed_and_restarted_lose_no_acknowledged_notify() {
         converged,
         extra: vec![
             ("bus_down_ms", outage.as_millis().to_string()),
-            ("unavailable_after_ms", refused_after.as_millis().to_string()),
+            (
+                "unavailable_after_ms",
+                refused_after.as_millis().to_string(),
+            ),
             (
                 "accepted_while_down",
                 accepted_down.saturating_sub(accepted_before).to_string(),
@@ -199,7 +202,7 @@ async fn a_faulty_link_between_a_node_and_nats_loses_nothing() {
         let back = match fault {
             "latency" => {
                 proxy.set_latency(Duration::from_millis(150));
-                load.wait_accepted(400, SCENARIO_WAIT).await;
+                load.wait_accepted(300, SCENARIO_WAIT).await;
                 proxy.set_latency(Duration::ZERO);
                 let consumed = bed.metric(0, "entity_sync_changes_consumed_total").await;
                 consuming_past(&bed, 0, consumed).await

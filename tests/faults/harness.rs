@@ -57,7 +57,9 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 
 /// `count` keys of [`ITEMS`]: `items/0` ... .
 pub fn item_keys(count: usize) -> Vec<Key> {
-    (0..count).map(|i| (ITEMS.to_owned(), i.to_string())).collect()
+    (0..count)
+        .map(|i| (ITEMS.to_owned(), i.to_string()))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -232,7 +234,10 @@ impl Bed {
     pub async fn wait_exited(&mut self, i: usize, wait: Duration) {
         let end = Instant::now() + wait;
         while self.nodes[i].guard().check_alive().is_ok() {
-            assert!(Instant::now() < end, "node {i} still running after {wait:?}");
+            assert!(
+                Instant::now() < end,
+                "node {i} still running after {wait:?}"
+            );
             sleep(Duration::from_millis(20)).await;
         }
     }
@@ -503,9 +508,21 @@ impl Figures {
                 let _ = writeln!(file, "{line}");
             }
         }
-        assert_eq!(self.mismatches, 0, "{}: final-state mismatches", self.scenario);
-        assert_eq!(self.fleet.stale, 0, "{}: stale pushes after a newer one", self.scenario);
-        assert_eq!(self.load.unfinished, 0, "{}: writes never notified", self.scenario);
+        assert_eq!(
+            self.mismatches, 0,
+            "{}: final-state mismatches",
+            self.scenario
+        );
+        assert_eq!(
+            self.fleet.stale, 0,
+            "{}: stale pushes after a newer one",
+            self.scenario
+        );
+        assert_eq!(
+            self.load.unfinished, 0,
+            "{}: writes never notified",
+            self.scenario
+        );
     }
 }
 

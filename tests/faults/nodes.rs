@@ -37,7 +37,11 @@ async fn a_node_killed_or_stopped_under_load_loses_no_client() {
     }
     let fleet = Fleet::start(config);
     recovered(&fleet, "first connect").await;
-    assert_eq!(fleet.connected_to(1), ON_VICTIM, "clients on the node to kill");
+    assert_eq!(
+        fleet.connected_to(1),
+        ON_VICTIM,
+        "clients on the node to kill"
+    );
     let before = fleet.stats();
     let load = Load::start(
         &bed.rows,
@@ -104,7 +108,10 @@ async fn a_node_killed_or_stopped_under_load_loses_no_client() {
         seen.closes_going_away, on_stopped as u64,
         "1001 closes for the {on_stopped} clients of the stopped node: {seen:?}"
     );
-    assert_eq!(seen.abnormal_ends, 0, "no connection ended without a close: {seen:?}");
+    assert_eq!(
+        seen.abnormal_ends, 0,
+        "no connection ended without a close: {seen:?}"
+    );
     assert_eq!(seen.error_frames, 0, "no error frame: {seen:?}");
     assert_eq!(fleet.connected_to(0) + fleet.connected_to(1), clients);
     Figures {

@@ -72,7 +72,10 @@ async fn resolvers_killed_slow_or_gone_lose_no_push() {
     let back = fault.elapsed();
     load.wait_accepted(600, SCENARIO_WAIT).await;
     let (report, converged, mismatches) = settle(load, &bed.rows, &fleet).await;
-    assert!(!slow.requests().is_empty(), "the slow resolver was never asked");
+    assert!(
+        !slow.requests().is_empty(),
+        "the slow resolver was never asked"
+    );
     Figures {
         scenario: "5b-resolver-slow",
         load: report,
@@ -119,7 +122,10 @@ async fn resolvers_killed_slow_or_gone_lose_no_push() {
     let back = back_at.elapsed();
     load.wait_accepted(300, SCENARIO_WAIT).await;
     let (report, converged, mismatches) = settle(load, &bed.rows, &fleet).await;
-    let late_mismatches = match late.wait_converged(&bed.rows.expected(), SCENARIO_WAIT).await {
+    let late_mismatches = match late
+        .wait_converged(&bed.rows.expected(), SCENARIO_WAIT)
+        .await
+    {
         Ok(_) => 0,
         Err(left) => left,
     };

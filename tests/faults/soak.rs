@@ -1,6 +1,6 @@
 //! A bounded soak (scenario 9): waves of clients come, hold keys under a
 //! steady notify load, and leave; afterwards every node's RSS and open file
-//! descriptors are back at their baseline. 20 s by default;
+//! descriptors are back at their baseline. 15 s by default;
 //! `ENTITY_SYNC_SOAK_SECS=N` runs it N seconds.
 
 use std::time::Duration;
@@ -17,7 +17,7 @@ use crate::harness::{
 };
 
 /// The soak's length unless `ENTITY_SYNC_SOAK_SECS` says otherwise.
-const DEFAULT_SOAK: Duration = Duration::from_secs(20);
+const DEFAULT_SOAK: Duration = Duration::from_secs(15);
 /// Clients of each wave.
 const WAVE: usize = 400;
 /// How long a wave holds its keys.
@@ -49,7 +49,10 @@ fn usage(bed: &Bed) -> Vec<(u64, usize)> {
 
 /// One wave: `WAVE` clients spread over the nodes, under load for
 /// `WAVE_LIFE`, checked against the final state, then gone.
-async fn wave(bed: &Bed, keys: &[entity_sync_testkit::fleet::Key]) -> (LoadReport, FleetStats, usize, Duration) {
+async fn wave(
+    bed: &Bed,
+    keys: &[entity_sync_testkit::fleet::Key],
+) -> (LoadReport, FleetStats, usize, Duration) {
     let fleet = Fleet::start(FleetConfig::spread(bed.ws_urls(), WAVE, keys, 3));
     recovered(&fleet, "a soak wave connecting").await;
     let load = Load::start(
@@ -117,7 +120,10 @@ async fn a_soak_leaves_rss_and_file_descriptors_at_their_baseline() {
     // RSS within the slack.
     let settle_at = Instant::now();
     let mut after = usage(&bed);
-    while (after.iter().zip(&baseline).any(|(a, b)| a.1 > b.1 || a.0 > b.0 + RSS_SLACK_KIB))
+    while (after
+        .iter()
+        .zip(&baseline)
+        .any(|(a, b)| a.1 > b.1 || a.0 > b.0 + RSS_SLACK_KIB))
         && settle_at.elapsed() < Duration::from_secs(10)
     {
         sleep(Duration::from_millis(200)).await;
