@@ -260,13 +260,10 @@ impl Fleet {
         let mut tasks = JoinSet::new();
         let mut clients = Vec::with_capacity(config.keys.len());
         let config_arc = Arc::new(config.clone());
-        for i in 0..config.keys.len() {
+        for (i, keys) in config.keys.iter().enumerate() {
             let state = Arc::new(Mutex::new(ClientState {
                 connected_to: None,
-                held: config.keys[i]
-                    .iter()
-                    .map(|k| (k.clone(), Held::default()))
-                    .collect(),
+                held: keys.iter().map(|k| (k.clone(), Held::default())).collect(),
             }));
             clients.push(state.clone());
             // Waves: client i waits (i / wave) * 50 ms before its first connect.

@@ -40,7 +40,7 @@ pub fn raise_nofile() -> u64 {
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 #[cfg(test)]

@@ -93,11 +93,13 @@ async fn a_slow_client_and_a_reconnect_storm_leave_the_others_in_sync() {
         rss_slow = rss_slow.max(procstat::rss_kib(bed.nodes[0].pid()).unwrap_or(0));
         sleep(Duration::from_millis(50)).await;
     }
+    // The others' latencies while the slow client was there.
+    let during = fleet.take_latencies();
     let (code, frames_read) = slow.drain_until_close(Duration::from_secs(10)).await;
     assert_eq!(code, 1008, "the slow client's close code");
     let closed_after = fault.elapsed();
     load.wait_accepted(300, SCENARIO_WAIT).await;
-    let during = fleet.take_latencies();
+    let after = fleet.take_latencies();
     let (report, converged, mismatches) = settle(load, &bed.rows, &fleet).await;
     let slow_closes = bed.metric(0, "entity_sync_slow_client_closes_total").await;
     let seen = fleet.stats().since(&before);
@@ -121,7 +123,11 @@ async fn a_slow_client_and_a_reconnect_storm_leave_the_others_in_sync() {
             ("p99_calm_ms", ms(p99_calm)),
             ("p50_during_ms", ms(quantile(&during, 0.5))),
             ("p99_during_ms", ms(p99_during)),
-            ("samples", format!("{}+{}", calm.len(), during.len())),
+            ("p99_after_ms", ms(quantile(&after, 0.99))),
+            (
+                "samples",
+                format!("{}+{}+{}", calm.len(), during.len(), after.len()),
+            ),
         ],
     }
     .report();

@@ -499,14 +499,13 @@ impl Figures {
             line.push_str(&format!(" {name}={value}"));
         }
         let _ = writeln!(std::io::stderr(), "{line}");
-        if let Some(path) = std::env::var_os("ENTITY_SYNC_FAULTS_REPORT") {
-            if let Ok(mut file) = std::fs::OpenOptions::new()
+        if let Some(path) = std::env::var_os("ENTITY_SYNC_FAULTS_REPORT")
+            && let Ok(mut file) = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-            {
-                let _ = writeln!(file, "{line}");
-            }
+        {
+            let _ = writeln!(file, "{line}");
         }
         assert_eq!(
             self.mismatches, 0,

@@ -65,7 +65,7 @@ async fn resolvers_killed_slow_or_gone_lose_no_push() {
     let before = fleet.stats();
     let load = Load::start(&bed.rows, notifiers(&bed), &keys, RATE, None);
     load.wait_accepted(200, SCENARIO_WAIT).await;
-    let slow = bed.resolver(1, "slow", SLOW).await;
+    let mut slow = bed.resolver(1, "slow", SLOW).await;
     bed.resolvers[1].take().expect("resolver 1").kill();
     let fault = Instant::now();
     recovered(&fleet, "after the resolver was replaced").await;
@@ -91,7 +91,6 @@ async fn resolvers_killed_slow_or_gone_lose_no_push() {
         ],
     }
     .report();
-    let mut slow = slow;
     slow.kill();
     bed.resolvers[1] = Some(bed.resolver(1, "backend", Duration::ZERO).await);
 
@@ -114,9 +113,11 @@ async fn resolvers_killed_slow_or_gone_lose_no_push() {
     let late = Fleet::start(FleetConfig::spread(bed.ws_urls(), 60, &keys, 2));
     sleep(OUTAGE.saturating_sub(gone.elapsed())).await;
     let late_refused = late.stats().error_frames;
+    let mut fresh = Vec::new();
     for i in 0..bed.nodes.len() {
-        bed.resolvers[i] = Some(bed.resolver(i, "backend", Duration::ZERO).await);
+        fresh.push(Some(bed.resolver(i, "backend", Duration::ZERO).await));
     }
+    bed.resolvers = fresh;
     let back_at = Instant::now();
     recovered(&late, "late clients after the resolvers came back").await;
     let back = back_at.elapsed();
