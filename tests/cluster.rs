@@ -909,7 +909,7 @@ async fn a_node_started_before_nats_waits_for_it() {
     let data = ResolverData::new();
     data.set_rows("items", "1", &[r#"{"id":1}"#]);
     let _resolver = items_resolver(&node, "svc", &data).await;
-    let mut client = WsClient::connect(&node.ws_url()).await;
+    let mut client = WsClient::connect(node.ws_url()).await;
     client.subscribe("items", "1").await;
     data.set_rows("items", "1", &[r#"{"id":1,"v":2}"#]);
     notify_one(node.grpc(), "items", "1").await;

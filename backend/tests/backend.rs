@@ -438,7 +438,6 @@ impl entity_sync::proto::v1::entity_sync_server::EntitySync for HangingNode {
                 accepted: request.keys.len() as u32,
                 sequences: vec![call as u64; request.keys.len()],
                 duplicate: call > 1,
-                ..Default::default()
             },
         ))
     }
