@@ -40,6 +40,10 @@ impl Error {
     pub(crate) fn from_status(status: &tonic::Status) -> Self {
         use tonic::Code::*;
         let kind = match status.code() {
+            // The client's own deadline expiring (tonic answers CANCELLED
+            // "Timeout expired" for it) says the node did not answer in
+            // time, not that the call was refused: worth another attempt.
+            Cancelled if is_client_timeout(status) => ErrorKind::Unavailable,
             InvalidArgument | FailedPrecondition | Unauthenticated | PermissionDenied
             | Unimplemented | OutOfRange | AlreadyExists | NotFound => ErrorKind::Rejected,
             Unavailable | DeadlineExceeded | ResourceExhausted | Aborted => ErrorKind::Unavailable,
@@ -103,6 +107,20 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Whether `status` is tonic's report of the call's own deadline expiring
+/// on the client side (a `TimeoutExpired` in its causes), as opposed to a
+/// CANCELLED the node sent.
+fn is_client_timeout(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// `text: cause: its cause: ...`, leaving out a cause that only repeats the
 /// text before it (tonic's and rustls's errors often do).
 pub(crate) fn with_causes(
@@ -139,5 +157,18 @@ mod tests {
             down.to_string(),
             "the node is unavailable (Unavailable): bus"
         );
+    }
+
+    #[test]
+    fn the_clients_own_deadline_expiring_is_retryable() {
+        // What tonic's channel answers when a call's timeout passes.
+        let expired = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(expired.code(), tonic::Code::Cancelled);
+        let error = Error::from_status(&expired);
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
+        assert!(error.is_retryable());
+        // A CANCELLED the node itself sent is not a timeout.
+        let cancelled = Error::from_status(&tonic::Status::cancelled("stopped"));
+        assert_eq!(cancelled.kind(), ErrorKind::Stream);
     }
 }

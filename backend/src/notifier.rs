@@ -20,6 +20,8 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const TRACE_ID_HEADER: &str = "x-trace-id";
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// The shortest deadline an attempt is given near the end of the window.
+const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 
 /// A changed key: `(entity, id)`. Built from pairs: `("items", "101")`,
 /// `("items", 101)`, `(String, String)`.
@@ -166,8 +168,19 @@ impl Notifier {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            // The first attempt gets its whole deadline (a zero window means
+            // exactly one attempt); a retry gets at most what is left of the
+            // window, so that the caller's deadline is the window, not the
+            // window plus one more attempt.
+            let attempt_timeout = if attempts == 1 {
+                self.call_timeout
+            } else {
+                self.call_timeout
+                    .min(give_up.saturating_duration_since(Instant::now()))
+                    .max(MIN_ATTEMPT)
+            };
             let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(self.call_timeout);
+            call.set_timeout(attempt_timeout);
             if let Some(value) = &trace_header {
                 call.metadata_mut().insert(TRACE_ID_HEADER, value.clone());
             }
@@ -193,8 +206,11 @@ impl Notifier {
             if error.kind() != ErrorKind::Unavailable {
                 return Err(error);
             }
+            // An attempt whose deadline passed (the node or its bus hung) is
+            // retried like an UNAVAILABLE answer, under the same key: if it
+            // did get through, the node answers the retry as a duplicate.
             let delay = backoff.next_delay();
-            if Instant::now() + delay >= give_up {
+            if Instant::now() + delay + MIN_ATTEMPT > give_up {
                 tracing::warn!(%error, attempts, "notify failed; retries exhausted");
                 return Err(error);
             }
@@ -205,14 +221,18 @@ impl Notifier {
 }
 
 impl NotifierBuilder {
-    /// How long one `notify` keeps retrying while the node is unavailable
-    /// (default 30 s; zero: no retry).
+    /// How long one `notify` keeps retrying while the node is unavailable or
+    /// does not answer in time (default 30 s; zero: no retry). It is the
+    /// call's deadline: a retry is given at most what is left of it, so a
+    /// `notify` returns within the window (or the first attempt's deadline,
+    /// when that is longer).
     pub fn retry_for(mut self, window: Duration) -> Self {
         self.retry_for = window;
         self
     }
 
-    /// Deadline of each attempt (default 10 s).
+    /// Deadline of each attempt (default 10 s). An attempt past it is
+    /// retried under the same idempotency key, within the retry window.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
         self

@@ -407,3 +407,127 @@ async fn notify_retries_until_the_node_is_up_and_refusals_are_not_retried() {
     assert_eq!(refused.kind(), ErrorKind::Rejected);
     assert_eq!(refused.code(), Some(tonic::Code::InvalidArgument));
 }
+
+/// A stand-in node whose `Notify` hangs (never answers) for its first
+/// `hang_first` calls, then accepts; it records each call's idempotency key.
+/// A hung call is what a node whose bus stopped answering looks like to a
+/// notifier, which only its own deadline ends.
+#[derive(Clone)]
+struct HangingNode {
+    hang_first: usize,
+    keys: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl entity_sync::proto::v1::entity_sync_server::EntitySync for HangingNode {
+    async fn notify(
+        &self,
+        request: tonic::Request<entity_sync::proto::v1::NotifyRequest>,
+    ) -> Result<tonic::Response<entity_sync::proto::v1::NotifyResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let call = {
+            let mut keys = self.keys.lock().unwrap();
+            keys.push(request.idempotency_key.clone());
+            keys.len()
+        };
+        if call <= self.hang_first {
+            std::future::pending::<()>().await;
+        }
+        Ok(tonic::Response::new(
+            entity_sync::proto::v1::NotifyResponse {
+                accepted: request.keys.len() as u32,
+                sequences: vec![call as u64; request.keys.len()],
+                duplicate: call > 1,
+            },
+        ))
+    }
+
+    type ResolveStream = tokio_stream::wrappers::ReceiverStream<
+        Result<entity_sync::proto::v1::NodeMessage, tonic::Status>,
+    >;
+
+    async fn resolve(
+        &self,
+        _request: tonic::Request<tonic::Streaming<entity_sync::proto::v1::ResolverMessage>>,
+    ) -> Result<tonic::Response<Self::ResolveStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+}
+
+/// Serves `node` on a loopback port; its URL. The server lives as long as
+/// the test's runtime.
+async fn serve_hanging(node: HangingNode) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(entity_sync::proto::v1::entity_sync_server::EntitySyncServer::new(node))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    format!("http://{addr}")
+}
+
+/// Regression: an attempt that the notifier's own deadline ended (tonic
+/// reports CANCELLED "Timeout expired") used to be a final error. It is
+/// retried, under the same idempotency key, until the node answers.
+#[tokio::test]
+async fn notify_retries_an_attempt_its_own_deadline_ended_under_the_same_key() {
+    let node = HangingNode {
+        hang_first: 2,
+        keys: Arc::default(),
+    };
+    let url = serve_hanging(node.clone()).await;
+    let notifier = Notifier::builder(url)
+        .retry_for(Duration::from_secs(10))
+        .call_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let receipt = timeout(DEADLINE * 2, notifier.notify([("items", "1")]))
+        .await
+        .expect("notify returns")
+        .expect("accepted on the third attempt");
+    assert_eq!(receipt.attempts, 3, "{receipt:?}");
+    assert_eq!(receipt.accepted, 1);
+    let keys = node.keys.lock().unwrap().clone();
+    assert_eq!(keys.len(), 3, "three calls: {keys:?}");
+    assert_eq!(keys[0].len(), 32, "a generated idempotency key: {keys:?}");
+    assert!(
+        keys.iter().all(|k| *k == keys[0]),
+        "one key for every attempt: {keys:?}"
+    );
+}
+
+/// Regression: the retry window is the call's deadline. Against a node that
+/// never answers, `notify` gives up once the window is spent (UNAVAILABLE,
+/// retryable), not after one more full attempt deadline.
+#[tokio::test]
+async fn notify_against_a_hung_node_returns_within_its_retry_window() {
+    let node = HangingNode {
+        hang_first: usize::MAX,
+        keys: Arc::default(),
+    };
+    let url = serve_hanging(node.clone()).await;
+    let notifier = Notifier::builder(url)
+        .retry_for(Duration::from_millis(1500))
+        .call_timeout(Duration::from_millis(1000))
+        .connect()
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let error = timeout(DEADLINE * 2, notifier.notify([("items", "1")]))
+        .await
+        .expect("notify returns")
+        .expect_err("never answered");
+    let took = started.elapsed();
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    assert!(error.is_retryable());
+    // First attempt 1 s, then what is left of the 1.5 s window.
+    assert!(
+        took < Duration::from_millis(2500),
+        "notify took {took:?} for a 1.5 s window"
+    );
+    let keys = node.keys.lock().unwrap().clone();
+    assert!(keys.len() >= 2, "retried: {keys:?}");
+    assert!(keys.iter().all(|k| *k == keys[0]), "one key: {keys:?}");
+}

@@ -12,22 +12,28 @@
 //! # Layout
 //!
 //! - [`node`]: [`TestNode`] (in-process) and [`NodeProcess`] (the binary).
-//! - [`nats`]: one nats-server or a JetStream cluster, and a TCP proxy that cuts links.
+//! - [`nats`]: one nats-server or a JetStream cluster, and a TCP proxy that
+//!   cuts, slows, drops or stalls links.
 //! - [`ws`]: [`connect`](ws::connect) with socket options, and [`WsClient`] (over TLS: [`WssClient`]).
 //! - [`resolver`]: [`TestResolver`] and the data it serves.
 //! - [`notify`]: `Notify` through the SDK's notifier, without retries.
 //! - [`http`]: a plain or TLS GET and Prometheus text reading.
 //! - [`tls`]: a CA and certificates for tests ([`TlsFiles`]), and the TLS clients' config.
 //! - [`process`]: child processes killed on drop, temp dirs, free ports.
+//! - [`procstat`]: a process's RSS and open file descriptors, the open-file limit.
+//! - [`fleet`]: hundreds of browser-like websocket clients that reconnect,
+//!   resubscribe and drop stale pushes, checked against an expected state.
 //!
 //! The `entity-sync-testkit` binary (`src/bin/`) offers the resolver and the
 //! certificates to tests in other languages (the JavaScript client's).
 
+pub mod fleet;
 pub mod http;
 pub mod nats;
 pub mod node;
 pub mod notify;
 pub mod process;
+pub mod procstat;
 pub mod resolver;
 pub mod tls;
 pub mod ws;

@@ -19,7 +19,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -280,6 +280,7 @@ struct Member {
 pub struct NatsCluster {
     bin: PathBuf,
     members: Vec<Member>,
+    no_advertise: bool,
 }
 
 impl NatsCluster {
@@ -287,6 +288,14 @@ impl NatsCluster {
     /// store dir each), routes them to each other, and waits until JetStream
     /// can place a stream with `n` replicas.
     pub async fn start(n: usize) -> NatsCluster {
+        Self::start_with(n, false).await
+    }
+
+    /// Like [`start`](Self::start), with `no_advertise: true` in the cluster
+    /// block when `no_advertise`: the servers then tell clients no other
+    /// member's URL, so a client uses only the URLs it was given (a node
+    /// behind a [`TcpProxy`] stays behind it when it reconnects).
+    pub async fn start_with(n: usize, no_advertise: bool) -> NatsCluster {
         let bin = nats_server_bin();
         let members = (0..n)
             .map(|i| Member {
@@ -296,7 +305,11 @@ impl NatsCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = NatsCluster { bin, members };
+        let mut cluster = NatsCluster {
+            bin,
+            members,
+            no_advertise,
+        };
         for attempt in 1..=START_ATTEMPTS {
             cluster.configure();
             for i in 0..n {
@@ -344,13 +357,18 @@ impl NatsCluster {
                  listen: 127.0.0.1:{client}\n\
                  http: 127.0.0.1:{monitor}\n\
                  jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n\
-                 cluster {{\n  name: es-test\n  listen: 127.0.0.1:{route}\n  routes: [\n{routes}\n  ]\n}}\n",
+                 cluster {{\n  name: es-test\n  listen: 127.0.0.1:{route}\n{advertise}  routes: [\n{routes}\n  ]\n}}\n",
                 name = member.name,
                 client = client_ports[i],
                 monitor = monitor_ports[i],
                 store = member.dir.path().join("store").display().to_string(),
                 route = route_ports[i],
                 routes = routes.join("\n"),
+                advertise = if self.no_advertise {
+                    "  no_advertise: true\n"
+                } else {
+                    ""
+                },
             );
             fs::write(member.dir.path().join("nats.conf"), config).expect("write nats.conf");
             member.port = client_ports[i];
@@ -451,6 +469,21 @@ impl NatsCluster {
         kill(&mut self.members[i].child);
     }
 
+    /// How many members there are.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the cluster has no members.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The client address of member `i` (what a [`TcpProxy`] forwards to).
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.members[i].port))
+    }
+
     /// Starts member `i` again with the same ports and store.
     pub async fn restart(&mut self, i: usize) {
         self.kill(i);
@@ -484,31 +517,97 @@ impl Drop for NatsCluster {
 }
 
 // ---------------------------------------------------------------------------
-// A cuttable TCP proxy
+// A TCP proxy the test controls
 // ---------------------------------------------------------------------------
 
-/// A loopback TCP proxy in front of a NATS server. A node connected through
-/// it loses NATS on [`cut`](TcpProxy::cut) (live connections dropped, new
-/// ones refused) while nodes connected directly keep theirs.
+/// A loopback TCP proxy in front of a NATS server, whose faults the test
+/// chooses: [`cut`](TcpProxy::cut) (live connections dropped, new ones
+/// refused), [`drop_all`](TcpProxy::drop_all) (live connections dropped, new
+/// ones accepted), [`set_latency`](TcpProxy::set_latency) (every chunk
+/// delivered that much later, both ways) and [`stall`](TcpProxy::stall) (the
+/// live connections stop forwarding without closing: a half-open link that
+/// only the peers' own pings can notice). A node connected through it has
+/// the fault while nodes connected directly keep their links.
 pub struct TcpProxy {
     addr: SocketAddr,
     state: Arc<ProxyState>,
     accept: AbortHandle,
 }
 
+/// One proxied connection: its task and whether it is stalled.
+struct Link {
+    task: AbortHandle,
+    stalled: Arc<AtomicBool>,
+}
+
 #[derive(Default)]
 struct ProxyState {
     cut: AtomicBool,
+    /// Added one-way delay, in microseconds.
+    latency_us: AtomicU64,
     // std Mutex: only pushed to / drained, never held across `.await`.
-    connections: Mutex<Vec<AbortHandle>>,
+    links: Mutex<Vec<Link>>,
 }
 
 impl ProxyState {
     fn drop_connections(&self) {
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
+        for link in self.links.lock().unwrap().drain(..) {
+            link.task.abort();
         }
     }
+
+    fn latency(&self) -> Duration {
+        Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
+    }
+}
+
+/// How often a stalled direction looks again whether it may go on.
+const STALL_POLL: Duration = Duration::from_millis(20);
+
+/// Forwards `from` to `to`, each chunk no earlier than the proxy's latency
+/// after it was read; stops forwarding (reading and writing) while `stalled`.
+/// A reader and a writer, so that added latency delays bytes without
+/// limiting the throughput to one chunk per delay.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    state: Arc<ProxyState>,
+    stalled: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (chunks, mut queued) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(256);
+    let reader = {
+        let stalled = stalled.clone();
+        async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                while stalled.load(Ordering::Acquire) {
+                    tokio::time::sleep(STALL_POLL).await;
+                }
+                let n = match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let due = Instant::now() + state.latency();
+                if chunks.send((due, buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, chunk)) = queued.recv().await {
+            tokio::time::sleep_until(due).await;
+            while stalled.load(Ordering::Acquire) {
+                tokio::time::sleep(STALL_POLL).await;
+            }
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
 }
 
 impl TcpProxy {
@@ -521,24 +620,40 @@ impl TcpProxy {
             let state = state.clone();
             tokio::spawn(async move {
                 loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
+                    let Ok((inbound, _)) = listener.accept().await else {
                         continue;
                     };
                     // Checked and registered under the lock, so a concurrent
                     // `cut` either refuses this connection or drops it.
-                    let mut connections = state.connections.lock().unwrap();
+                    let mut links = state.links.lock().unwrap();
                     if state.cut.load(Ordering::Acquire) {
                         drop(inbound);
                         continue;
                     }
-                    let task = tokio::spawn(async move {
-                        let Ok(mut outbound) = TcpStream::connect(upstream).await else {
-                            return;
-                        };
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    let stalled = Arc::new(AtomicBool::new(false));
+                    let task = {
+                        let (state, stalled) = (state.clone(), stalled.clone());
+                        tokio::spawn(async move {
+                            let Ok(outbound) = TcpStream::connect(upstream).await else {
+                                return;
+                            };
+                            let _ = inbound.set_nodelay(true);
+                            let _ = outbound.set_nodelay(true);
+                            let (in_read, in_write) = inbound.into_split();
+                            let (out_read, out_write) = outbound.into_split();
+                            // Either direction ending ends the link (a real
+                            // TCP peer would see the close either way).
+                            tokio::select! {
+                                () = pump(in_read, out_write, state.clone(), stalled.clone()) => {}
+                                () = pump(out_read, in_write, state, stalled) => {}
+                            }
+                        })
+                    };
+                    links.retain(|l| !l.task.is_finished());
+                    links.push(Link {
+                        task: task.abort_handle(),
+                        stalled,
                     });
-                    connections.retain(|c| !c.is_finished());
-                    connections.push(task.abort_handle());
                 }
             })
             .abort_handle()
@@ -564,6 +679,46 @@ impl TcpProxy {
     /// Accepts and forwards connections again.
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::Release);
+    }
+
+    /// Drops every proxied connection (both sockets closed at once) and
+    /// keeps accepting new ones. The number dropped.
+    pub fn drop_all(&self) -> usize {
+        let mut links = self.state.links.lock().unwrap();
+        links.retain(|l| !l.task.is_finished());
+        let n = links.len();
+        for link in links.drain(..) {
+            link.task.abort();
+        }
+        n
+    }
+
+    /// Every byte, both ways, is delivered `latency` after it was read (zero:
+    /// none added). Applies to live and new connections.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state
+            .latency_us
+            .store(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The live connections stop forwarding, both ways, and stay open: the
+    /// peers see silence, no close. New connections are forwarded normally,
+    /// so a peer that gives up on its stalled link and reconnects recovers.
+    /// The number stalled.
+    pub fn stall(&self) -> usize {
+        let mut links = self.state.links.lock().unwrap();
+        links.retain(|l| !l.task.is_finished());
+        for link in links.iter() {
+            link.stalled.store(true, Ordering::Release);
+        }
+        links.len()
+    }
+
+    /// Live (not yet closed) proxied connections.
+    pub fn connections(&self) -> usize {
+        let mut links = self.state.links.lock().unwrap();
+        links.retain(|l| !l.task.is_finished());
+        links.len()
     }
 }
 

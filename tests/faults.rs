@@ -1,0 +1,34 @@
+//! The fault-injection suite: real node processes on a real three-server
+//! NATS JetStream cluster (replicas 3, `sync_interval: always`), real
+//! resolvers through `entity-sync-backend`, and hundreds of browser-like
+//! websocket clients (testkit `fleet`) that reconnect and resubscribe. Each
+//! scenario applies a fault while notifies stream in at a steady rate, then
+//! compares every client's rows with the backend's final state, and prints
+//! its figures (notifies accepted, clients, mismatches, duplicates, stale
+//! pushes, max node RSS, time to recover and to converge).
+//!
+//! Scenarios run one at a time (`harness::serial`); each is bounded (every
+//! wait has a deadline). The soak runs briefly by default and longer with
+//! `ENTITY_SYNC_SOAK_SECS`.
+//!
+//! # Layout
+//!
+//! - `harness`: the cluster and nodes, the backend's rows, the notify load, RSS sampling, figures.
+//! - `nodes`: a node killed (SIGKILL) or stopped (SIGTERM) under load.
+//! - `bus`: NATS servers killed and restarted, and a faulty link to NATS.
+//! - `resolvers`: resolvers killed, slow, or all gone for a while.
+//! - `clients`: a client that stops reading, and a reconnect storm.
+//! - `soak`: RSS and file descriptors back to their baseline after clients leave.
+
+#[path = "faults/bus.rs"]
+mod bus;
+#[path = "faults/clients.rs"]
+mod clients;
+#[path = "faults/harness.rs"]
+mod harness;
+#[path = "faults/nodes.rs"]
+mod nodes;
+#[path = "faults/resolvers.rs"]
+mod resolvers;
+#[path = "faults/soak.rs"]
+mod soak;
