@@ -83,10 +83,13 @@ fi
 # The benchmark tool against the real node, tiny and bounded (seconds): a
 # correctness check (exit 1 if any client missed its final version), not a
 # measurement.
-for scenario in fanout manykeys idle notify cluster; do
+for scenario in fanout manykeys idle notify cluster ceiling; do
   echo "bench smoke: $scenario"
   target/debug/entity-sync-bench "$scenario" --smoke --node-bin target/debug/entity-sync | grep '^{'
 done
+# A node run measured against the same invocation's ceiling, twice, with medians.
+echo "bench smoke: fanout --ceiling --runs 2"
+target/debug/entity-sync-bench fanout --smoke --ceiling --runs 2 --node-bin target/debug/entity-sync | grep '^{'
 
 # The Python backend library (clients/python) and the PostgreSQL example
 # (examples/postgres), against the node binary built above, in a venv under

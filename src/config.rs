@@ -96,6 +96,13 @@ pub struct WsConfig {
     #[arg(long, env = "ENTITY_SYNC_COMPAT_BARE_ROWS", default_value_t = false)]
     pub compat_bare_rows: bool,
 
+    /// Send a change push even when its rows are byte-identical to the last
+    /// push the connection got for that key (by default such a push is not
+    /// sent; the node records its version all the same). Snapshots answering
+    /// a subscribe are always sent.
+    #[arg(long, env = "ENTITY_SYNC_PUSH_UNCHANGED_ROWS", default_value_t = false)]
+    pub push_unchanged_rows: bool,
+
     /// Largest client message accepted, in bytes (larger ones get a
     /// `message_too_large` error; above 16x this the connection is closed with 1009).
     #[arg(long, env = "ENTITY_SYNC_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]

@@ -377,6 +377,11 @@ impl Dispatcher {
         metrics
             .pushes_skipped_stale_total
             .fetch_add(fan.stale as u64, Ordering::Relaxed);
+        if fan.unchanged > 0 {
+            metrics
+                .pushes_skipped_unchanged_total
+                .fetch_add(fan.unchanged as u64, Ordering::Relaxed);
+        }
         // A connection this closed as too slow is counted by its session,
         // which sees every such close, whatever frame overflowed the queue.
     }
@@ -613,9 +618,11 @@ pub(crate) mod tests {
         assert_eq!(conn.outbox.drain(&mut Vec::new()), None);
         let meta = ChangeMeta::accepted_now(TraceId::generate());
         for version in [2, 3, 4] {
+            // Rows that change: unchanged rows would not be sent.
+            let rows = [Bytes::from(version.to_string())];
             dispatcher.fan_out(
                 &key(),
-                &PushFrame::build(&key(), version, &[], false),
+                &PushFrame::build(&key(), version, &rows, false),
                 Audience::All,
                 meta,
             );
@@ -631,7 +638,7 @@ pub(crate) mod tests {
         // A change without an accept time (a resync) is not timed.
         dispatcher.fan_out(
             &key(),
-            &PushFrame::build(&key(), 5, &[], false),
+            &PushFrame::build(&key(), 5, &[Bytes::from_static(b"5")], false),
             Audience::All,
             ChangeMeta::default(),
         );

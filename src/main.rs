@@ -11,7 +11,7 @@ use entity_sync::{
 };
 use entity_sync_backend::{Key, Notifier, Tls};
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
 #[derive(Parser)]
 #[command(
@@ -154,8 +154,14 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().boxed(),
     };
+    // The combined filter must report its real maximum level: without the hint
+    // on `filter_fn` the combination reports none, the global maximum becomes
+    // TRACE and every dependency record (the `log` bridge included) is built
+    // and then dropped by the filter, about a third of a push's instructions.
+    let max_level = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let no_dependency_trace = filter_fn(no_dependency_trace).with_max_level_hint(max_level);
     tracing_subscriber::registry()
-        .with(layer.with_filter(filter.and(filter_fn(no_dependency_trace))))
+        .with(layer.with_filter(filter.and(no_dependency_trace)))
         .init();
 }
 

@@ -82,6 +82,8 @@ pub(crate) struct Metrics {
     pub(crate) pushes_total: AtomicU64,
     pub(crate) push_bytes_total: AtomicU64,
     pub(crate) pushes_skipped_stale_total: AtomicU64,
+    /// Change pushes not sent: the rows were the ones the subscriber got last.
+    pub(crate) pushes_skipped_unchanged_total: AtomicU64,
     pub(crate) slow_client_closes_total: AtomicU64,
     /// Queued pushes replaced by a newer push of their key before they were
     /// written (the client never sees the older state).
@@ -117,6 +119,7 @@ impl Default for Metrics {
             pushes_total: AtomicU64::new(0),
             push_bytes_total: AtomicU64::new(0),
             pushes_skipped_stale_total: AtomicU64::new(0),
+            pushes_skipped_unchanged_total: AtomicU64::new(0),
             slow_client_closes_total: AtomicU64::new(0),
             outbox_replaced_total: AtomicU64::new(0),
             notify_keys_total: AtomicU64::new(0),
@@ -368,6 +371,11 @@ impl Collector for Scrape {
                 "entity_sync_pushes_skipped_stale",
                 "Pushes not sent because the subscriber already held a newer version.",
                 &m.pushes_skipped_stale_total,
+            ),
+            (
+                "entity_sync_pushes_skipped_unchanged",
+                "Change pushes not sent because their rows were the ones the subscriber got last.",
+                &m.pushes_skipped_unchanged_total,
             ),
             (
                 "entity_sync_slow_client_closes",

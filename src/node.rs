@@ -140,7 +140,7 @@ impl Node {
             )
         });
         let resolvers = Resolvers::new(pool.clone(), link, metrics.clone());
-        let registry = Registry::new();
+        let registry = Registry::with_push_unchanged_rows(config.ws.push_unchanged_rows);
         let dispatcher = Dispatcher::start(
             &config.ws,
             registry.clone(),

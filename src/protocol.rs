@@ -262,6 +262,10 @@ impl Payload {
 pub(crate) struct PushFrame {
     pub(crate) version: u64,
     pub(crate) payload: Payload,
+    /// Digest of the rows (each row's length and bytes, in order): what a
+    /// subscriber's last push of the key is compared with to skip a push
+    /// whose rows did not change. Computed once per push, not per subscriber.
+    pub(crate) rows_digest: u64,
 }
 
 impl PushFrame {
@@ -289,8 +293,26 @@ impl PushFrame {
             out.extend_from_slice(b"]}}");
             Payload::One(utf8(out))
         };
-        Self { version, payload }
+        Self {
+            version,
+            payload,
+            rows_digest: rows_digest(rows),
+        }
     }
+}
+
+/// SipHash (std's fixed-key hasher) of each row's length and bytes. Two
+/// different row lists share a digest with probability about 2^-64: that
+/// is the chance a changed row is taken for unchanged and not pushed.
+fn rows_digest(rows: &[Bytes]) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write_usize(rows.len());
+    for row in rows {
+        hasher.write_usize(row.len());
+        hasher.write(row);
+    }
+    hasher.finish()
 }
 
 fn row_frame(row: &Bytes) -> FrameText {

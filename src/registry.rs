@@ -146,6 +146,8 @@ struct Subscriber {
     state: State,
     /// Highest version queued to this subscriber; older pushes are skipped.
     delivered: u64,
+    /// [`PushFrame::rows_digest`] of the last push queued to this subscriber.
+    rows_digest: u64,
 }
 
 type Shard = HashMap<ChangeKey, HashMap<ConnId, Subscriber>>;
@@ -157,6 +159,9 @@ pub(crate) struct FanOut {
     /// Of `delivered`, how many replaced an unwritten older push of the key.
     pub(crate) replaced: usize,
     pub(crate) stale: usize,
+    /// Not sent: the rows were the ones last queued to the subscriber (its
+    /// version is recorded all the same).
+    pub(crate) unchanged: usize,
     pub(crate) overflowed: usize,
 }
 
@@ -194,6 +199,9 @@ struct Inner {
     connections: AtomicUsize,
     subscriptions: AtomicUsize,
     keys: AtomicUsize,
+    /// `--push-unchanged-rows`: send a change push even when its rows are
+    /// the ones the subscriber got last.
+    push_unchanged_rows: bool,
 }
 
 impl Default for Registry {
@@ -203,9 +211,16 @@ impl Default for Registry {
 }
 
 impl Registry {
+    /// A registry that skips pushes whose rows did not change.
     pub(crate) fn new() -> Self {
+        Self::with_push_unchanged_rows(false)
+    }
+
+    /// With `push`, every change push is sent, unchanged rows or not.
+    pub(crate) fn with_push_unchanged_rows(push: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
+                push_unchanged_rows: push,
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 hasher: RandomState::new(),
                 connections: AtomicUsize::new(0),
@@ -266,6 +281,7 @@ impl Registry {
                     conn: conn.clone(),
                     state: State::Pending { missed: false },
                     delivered: 0,
+                    rows_digest: 0,
                 });
                 self.inner.subscriptions.fetch_add(1, Relaxed);
                 AddPending::Started
@@ -317,6 +333,7 @@ impl Registry {
         // version, is reset by resubscribing). Nothing newer can be queued:
         // a pending key gets no pushes.
         sub.delivered = snapshot.version;
+        sub.rows_digest = snapshot.rows_digest;
         sub.conn.outbox.push(key, snapshot);
         Activation::Active { missed }
     }
@@ -455,7 +472,10 @@ impl Registry {
     }
 
     /// Queues `frame` to the active subscribers of `key` in `audience`,
-    /// skipping those that already hold a newer version.
+    /// skipping those that already hold a newer version, and (unless
+    /// `--push-unchanged-rows`) those whose last push of the key had the same
+    /// rows: their version is recorded, so a later, older push is still
+    /// recognized as stale.
     pub(crate) fn fan_out(
         &self,
         key: &ChangeKey,
@@ -476,6 +496,11 @@ impl Registry {
                 continue;
             }
             sub.delivered = frame.version;
+            if !self.inner.push_unchanged_rows && frame.rows_digest == sub.rows_digest {
+                result.unchanged += 1;
+                continue;
+            }
+            sub.rows_digest = frame.rows_digest;
             match sub.conn.outbox.push(key, frame) {
                 Queued::Appended => result.delivered += 1,
                 Queued::Replaced => {
@@ -566,8 +591,14 @@ mod tests {
         Arc::new(Connection::new(id, 1 << 20))
     }
 
+    /// A push whose rows change with its version (unchanged rows are not sent).
     fn frame(id: &str, version: u64) -> PushFrame {
-        PushFrame::build(&key(id), version, &[Bytes::from_static(b"1")], false)
+        PushFrame::build(
+            &key(id),
+            version,
+            &[Bytes::from(version.to_string())],
+            false,
+        )
     }
 
     fn drain(conn: &Connection) -> Vec<String> {
@@ -612,6 +643,7 @@ mod tests {
                 delivered: 0,
                 replaced: 0,
                 stale: 1,
+                unchanged: 0,
                 overflowed: 0
             }
         );

@@ -323,7 +323,11 @@ async fn no_secret_or_token_reaches_the_log_even_at_trace_level() {
     let log = dir.path().join("node.log");
     let mut node = NodeProcess::spawn(
         Path::new(BIN),
-        &[format!("--grpc-tokens-file={}", path.display())],
+        // A push per notify, rows changed or not (the test notifies unchanged rows).
+        &[
+            format!("--grpc-tokens-file={}", path.display()),
+            "--push-unchanged-rows".into(),
+        ],
         Some(&log),
         "trace",
     )

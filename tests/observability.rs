@@ -95,7 +95,10 @@ async fn wait_log(log: &Path, needles: &[&str]) -> String {
 }
 
 async fn spawn_node(args: &[String], rust_log: &str) -> NodeProcess {
-    let mut node = NodeProcess::spawn(Path::new(BIN), args, None, rust_log).unwrap();
+    // A push per notify, rows changed or not (the tests notify unchanged rows).
+    let mut args = args.to_vec();
+    args.push("--push-unchanged-rows".into());
+    let mut node = NodeProcess::spawn(Path::new(BIN), &args, None, rust_log).unwrap();
     node.wait_ready(Duration::from_secs(20)).await.unwrap();
     node
 }

@@ -17,8 +17,8 @@ use entity_sync_backend::{
 use entity_sync_testkit::ws::{ConnectOptions, Ws, connect};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
-    sync::{Notify, Semaphore},
-    task::{JoinHandle, JoinSet},
+    sync::{Notify, Semaphore, oneshot},
+    task::JoinSet,
     time::{Instant, sleep_until, timeout},
 };
 use tokio_tungstenite::tungstenite::Message;
@@ -59,6 +59,8 @@ pub struct Shared {
     pub resolver_subscribe_requests: AtomicU64,
     pub resolver_change_requests: AtomicU64,
     pub resolver_change_ids: AtomicU64,
+    /// Push frames every client received, counted as they arrive.
+    pub delivered: AtomicU64,
 }
 
 impl Shared {
@@ -96,6 +98,7 @@ impl Shared {
             resolver_subscribe_requests: AtomicU64::new(0),
             resolver_change_requests: AtomicU64::new(0),
             resolver_change_ids: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
         }
     }
 
@@ -131,8 +134,35 @@ impl Shared {
         first.get_or_insert(err);
     }
 
+    /// How many keys the run has.
+    pub fn keys(&self) -> usize {
+        self.versions.len()
+    }
+
+    /// The current version of `key`.
+    pub fn version(&self, key: u32) -> u64 {
+        self.versions[key as usize].load(Acquire)
+    }
+
+    /// The next update of `key` by the only writer of versions (a paced
+    /// scheduler): its send time is recorded first, then the version is
+    /// published, so a reader that sees `v` always finds its send time.
+    pub fn bump(&self, key: u32) -> u64 {
+        let v = self.versions[key as usize].load(Acquire) + 1;
+        if let Some(slot) = self.sent_slot(key, v) {
+            slot.store(self.now_ns(), Release);
+        }
+        self.versions[key as usize].store(v, Release);
+        v
+    }
+
+    /// A change of `key` by one of several concurrent writers (no send times).
+    pub fn touch(&self, key: u32) {
+        self.versions[key as usize].fetch_add(1, AcqRel);
+    }
+
     /// One row of `key` at its current version (~200 bytes of JSON).
-    fn row(&self, id: &str) -> Option<String> {
+    pub fn row(&self, id: &str) -> Option<String> {
         let key: usize = id.parse().ok()?;
         let v = self.versions.get(key)?.load(Acquire);
         Some(format!(r#"{{"id":"{id}","v":{v},"pad":"{}"}}"#, self.pad))
@@ -145,13 +175,17 @@ impl Shared {
 
 /// Serves entity `bench` through `entity-sync-backend`, answering every
 /// request with each key's latest version, until `cancel`. Returns once the
-/// node answered `Registered`.
+/// node answered `Registered`; the receiver yields when the resolver ended.
+///
+/// The resolver runs on a thread and runtime of its own, as a backend runs in
+/// a process of its own: its answers are not queued behind the websocket
+/// clients' receive work on the generator's runtime.
 pub async fn start_resolver(
     grpc_url: &str,
     shared: Arc<Shared>,
     fetch_mode: FetchMode,
     cancel: CancellationToken,
-) -> anyhow::Result<JoinHandle<Result<(), Error>>> {
+) -> anyhow::Result<oneshot::Receiver<Result<(), Error>>> {
     let handler = move |request: ResolveRequest| {
         let shared = shared.clone();
         async move {
@@ -182,7 +216,16 @@ pub async fn start_resolver(
         .max_in_flight(MAX_IN_FLIGHT)
         .build()?;
     let mut state = backend.state();
-    let serve = tokio::spawn(backend.serve(cancel.cancelled_owned()));
+    let (done_tx, done) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("bench-resolver".into())
+        .spawn(move || {
+            let result = runtime.block_on(backend.serve(cancel.cancelled_owned()));
+            let _ = done_tx.send(result);
+        })?;
     timeout(Duration::from_secs(10), async {
         loop {
             match &*state.borrow_and_update() {
@@ -197,7 +240,7 @@ pub async fn start_resolver(
     })
     .await
     .map_err(|_| anyhow!("the bench resolver did not register within 10 s"))??;
-    Ok(serve)
+    Ok(done)
 }
 
 // ---------------------------------------------------------------------------
@@ -287,14 +330,7 @@ pub async fn drive_updates(
                     break;
                 }
                 sleep_until(at).await;
-                // The scheduler is the only writer of versions in a paced
-                // run: record the send time first, then publish the version,
-                // so a resolve that sees `v` always finds its send time.
-                let v = shared.versions[key as usize].load(Acquire) + 1;
-                if let Some(slot) = shared.sent_slot(key, v) {
-                    slot.store(shared.now_ns(), Release);
-                }
-                shared.versions[key as usize].store(v, Release);
+                shared.bump(key);
                 let client = clients[i % clients.len()].clone();
                 let errors = errors.clone();
                 calls.spawn(async move {
@@ -346,8 +382,11 @@ pub struct NotifyOutcome {
 }
 
 /// `calls` Notify calls of `batch` random keys each (ids `0..keys`), by
-/// `concurrency` callers, stopping early at `deadline`.
+/// `concurrency` callers, stopping early at `deadline`. Each key's version is
+/// bumped before its call, so the rows a subscriber is pushed change.
+#[allow(clippy::too_many_arguments)]
 pub async fn notify_throughput(
+    shared: &Arc<Shared>,
     clients: &[Notifier],
     keys: u32,
     batch: usize,
@@ -362,12 +401,17 @@ pub async fn notify_throughput(
     for w in 0..concurrency.max(1) {
         let client = clients[w % clients.len()].clone();
         let cursor = cursor.clone();
+        let shared = shared.clone();
         let mut rng = crate::stats::XorShift64::new(seed ^ (w as u64 + 1).wrapping_mul(0x9E37));
         workers.spawn(async move {
             let mut out = NotifyOutcome::default();
             while cursor.fetch_add(1, Relaxed) < calls && Instant::now() < deadline {
                 let request: Vec<Key> = (0..batch)
-                    .map(|_| key_of(rng.below(u64::from(keys)) as u32))
+                    .map(|_| {
+                        let key = rng.below(u64::from(keys)) as u32;
+                        shared.touch(key);
+                        key_of(key)
+                    })
                     .collect();
                 let t = Instant::now();
                 match notify_one(&client, request).await {
@@ -505,6 +549,7 @@ pub async fn run_client(
             continue;
         };
         let now = shared.now_ns();
+        shared.delivered.fetch_add(1, Relaxed);
         outcome.deliveries += 1;
         outcome.last_delivery_ns = now;
         let (Some(v), Ok(key)) = (push.v, push.id.parse::<u32>()) else {

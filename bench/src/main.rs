@@ -11,6 +11,8 @@
 //! target/release/entity-sync-bench notify
 //! target/release/entity-sync-bench cluster                # fanout over 2 nodes on NATS JetStream
 //! target/release/entity-sync-bench fanout --smoke         # seconds; exit code 1 if any client lost
+//! target/release/entity-sync-bench ceiling                # the bare server: the machine's paced ceiling
+//! target/release/entity-sync-bench fanout --rate 100 --ceiling --runs 5   # fraction of the ceiling, medians
 //! ```
 //!
 //! # Layout
@@ -18,13 +20,15 @@
 //! - `procs.rs`: `/proc` CPU and RSS, RLIMIT_NOFILE. (Node and nats-server
 //!   processes, readiness and `/metrics` come from `entity-sync-testkit`.)
 //! - `load.rs`: the resolver (on `entity-sync-backend`), the notifier and the websocket clients.
-//! - `stats.rs`: the seeded PRNG, the push-frame scanner, percentiles.
+//! - `stats.rs`: the seeded PRNG, the push-frame scanner, percentiles, medians.
+//! - `ceiling.rs`: the bare websocket server that measures the machine's ceiling.
 //!
 //! Every run is bounded: a global `--timeout` caps each wait (a convergence
 //! wait that ends at the deadline reports the clients still behind as `lost`),
 //! and a watchdog thread exits the process shortly after it in any case.
 //! The exit code is 1 when a run lost clients or failed.
 
+mod ceiling;
 mod load;
 mod procs;
 mod stats;
@@ -55,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     load::{ClientOutcome, ClientSpec, Shared},
     procs::{cpu_seconds, cpu_split, rss_kb},
-    stats::{Percentiles, XorShift64, percentiles},
+    stats::{Percentiles, XorShift64, median, percentiles},
 };
 
 const RESOLVES_CHANGE: &str = "entity_sync_resolve_requests_total{reason=\"change\"}";
@@ -77,6 +81,19 @@ struct Cli {
     /// A tiny run (seconds) for CI: e.g. 20 clients x 20 updates; exit code 1 if lost > 0.
     #[arg(long)]
     smoke: bool,
+    /// Repeat the measurement this many times and print the medians (fanout, manykeys, cluster, ceiling).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Before each run, measure the machine's ceiling with the same clients and keys (a bare
+    /// websocket server in the bench) and report the run's deliveries/s as a fraction of it.
+    #[arg(long)]
+    ceiling: bool,
+    /// Deliveries per second the ceiling run offers (paced; one write per frame).
+    #[arg(long, default_value_t = 1_000_000.0)]
+    ceiling_offered: f64,
+    /// Seconds of updates the ceiling run sends.
+    #[arg(long, default_value_t = 1.0)]
+    ceiling_secs: f64,
 
     /// Websocket clients (fanout 1,000; manykeys 2,000; cluster 1,000).
     #[arg(long)]
@@ -125,6 +142,10 @@ struct Cli {
     /// notify: keys sent per batch measurement.
     #[arg(long, default_value_t = 200_000)]
     batch_keys: u64,
+    /// notify: websocket clients subscribed (client i to key i % keys) while the calls run,
+    /// so every notify makes the node push; 0 measures an idle node.
+    #[arg(long, default_value_t = 1_000)]
+    subscribers: usize,
 
     /// Nodes to run (cluster 2, else 1). More than one needs NATS.
     #[arg(long)]
@@ -172,6 +193,7 @@ enum Scenario {
     Idle,
     Notify,
     Cluster,
+    Ceiling,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -184,14 +206,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let Some(scenario) = cli.scenario.or(cli.smoke.then_some(Scenario::Fanout)) else {
         eprintln!(
-            "error: name a scenario (fanout, manykeys, idle, notify, cluster) or pass --smoke"
+            "error: name a scenario (fanout, manykeys, idle, notify, cluster, ceiling) or pass --smoke"
         );
         return ExitCode::from(2);
     };
     // Before any child exists, so the nodes inherit it.
     let nofile = procs::raise_nofile();
     // The last line of defence of "stops by itself": children die with us (PDEATHSIG).
-    let hard_stop = cli.timeout + Duration::from_secs(30);
+    // Each run (and its ceiling run) has its own --timeout.
+    let runs = cli.runs.max(1) as u32 * if cli.ceiling { 2 } else { 1 };
+    let hard_stop = cli.timeout * runs + Duration::from_secs(30);
     std::thread::spawn(move || {
         std::thread::sleep(hard_stop);
         eprintln!("error: watchdog: the run passed --timeout by 30 s; exiting");
@@ -235,8 +259,8 @@ async fn run(cli: Cli, scenario: Scenario, nofile: u64) -> anyhow::Result<bool> 
     std::fs::create_dir_all(&log_dir)?;
     let deadline = Instant::now() + cli.timeout;
     let result = match scenario {
-        Scenario::Fanout | Scenario::Manykeys | Scenario::Cluster => {
-            push_scenario(&cli, scenario, nofile, &log_dir, deadline).await
+        Scenario::Fanout | Scenario::Manykeys | Scenario::Cluster | Scenario::Ceiling => {
+            push_runs(&cli, scenario, nofile, &log_dir).await
         }
         Scenario::Idle => idle_scenario(&cli, nofile, &log_dir, deadline).await,
         Scenario::Notify => notify_scenario(&cli, &log_dir, deadline).await,
@@ -407,6 +431,10 @@ struct PushReport {
     /// Deliveries if no change was coalesced: sum over clients and keys of the key's updates.
     deliveries_without_coalescing: u64,
     deliveries_per_s: f64,
+    /// States a client never saw: deliveries_without_coalescing − deliveries (0 when none skipped).
+    skipped: u64,
+    /// deliveries_per_s / the ceiling run's, with --ceiling.
+    ceiling_fraction: Option<f64>,
     /// First notify → every client holds the final version of each of its keys.
     convergence_ms: Option<f64>,
     /// Time to send every notify.
@@ -437,13 +465,8 @@ struct PushReport {
     nofile_limit: u64,
 }
 
-async fn push_scenario(
-    cli: &Cli,
-    scenario: Scenario,
-    nofile: u64,
-    log_dir: &Path,
-    deadline: Instant,
-) -> anyhow::Result<bool> {
+/// The shape of a push run: name, clients, keys, keys per client, updates.
+fn push_shape(cli: &Cli, scenario: Scenario) -> (&'static str, usize, u32, usize, usize) {
     let (name, def_clients, def_keys, def_kpc, def_updates) = match (scenario, cli.smoke) {
         (Scenario::Manykeys, false) => ("manykeys", 2_000, 1_000, 5, 5_000),
         (Scenario::Manykeys, true) => ("manykeys", 20, 50, 5, 100),
@@ -459,6 +482,106 @@ async fn push_scenario(
         .unwrap_or(def_kpc)
         .clamp(1, keys as usize);
     let updates = cli.updates.unwrap_or(def_updates);
+    (name, clients, keys, kpc, updates)
+}
+
+/// Every client's keys, from the seed: the same for a run and its ceiling run.
+fn plan_client_keys(rng: &mut XorShift64, clients: usize, kpc: usize, keys: u32) -> Vec<Vec<u32>> {
+    (0..clients)
+        .map(|_| rng.distinct(kpc, u64::from(keys)))
+        .collect()
+}
+
+/// `--runs` runs (each after its ceiling run with `--ceiling`), then the medians.
+async fn push_runs(
+    cli: &Cli,
+    scenario: Scenario,
+    nofile: u64,
+    log_dir: &Path,
+) -> anyhow::Result<bool> {
+    let mut ok = true;
+    let mut ceilings = Vec::new();
+    let mut reports = Vec::new();
+    for run in 1..=cli.runs.max(1) {
+        let ceiling = if cli.ceiling || scenario == Scenario::Ceiling {
+            let deadline = Instant::now() + cli.timeout;
+            let c = ceiling_run(cli, scenario, deadline).await?;
+            ok &= c.lost == 0;
+            Some(c.deliveries_per_s)
+        } else {
+            None
+        };
+        if scenario != Scenario::Ceiling {
+            let deadline = Instant::now() + cli.timeout;
+            let mut r = push_scenario(cli, scenario, nofile, log_dir, deadline).await?;
+            ok &= r.lost == 0 && r.notify_errors == 0 && r.failed_setup == 0;
+            r.ceiling_fraction = ceiling
+                .filter(|&c| c > 0.0)
+                .map(|c| round(r.deliveries_per_s / c, 3));
+            println!("{}", serde_json::to_string(&r)?);
+            print_push_table(&r);
+            if let Some(c) = ceiling {
+                println!(
+                    "  run {run}: {:.0} deliveries/s = {} of the ceiling's {c:.0}/s",
+                    r.deliveries_per_s,
+                    r.ceiling_fraction
+                        .map_or("-".into(), |f| format!("{:.1}%", f * 100.0))
+                );
+            }
+            reports.push(r);
+        }
+        ceilings.extend(ceiling);
+    }
+    if cli.runs > 1 {
+        print_medians(scenario, &ceilings, &reports)?;
+    }
+    Ok(ok)
+}
+
+/// Medians over the runs, one JSON line and a table.
+fn print_medians(
+    scenario: Scenario,
+    ceilings: &[f64],
+    reports: &[PushReport],
+) -> anyhow::Result<()> {
+    let of = |f: &dyn Fn(&PushReport) -> Option<f64>| -> Option<f64> {
+        median(reports.iter().filter_map(f).collect())
+    };
+    let summary = serde_json::json!({
+        "scenario": "medians",
+        "of": format!("{scenario:?}").to_lowercase(),
+        "runs": ceilings.len().max(reports.len()),
+        "ceiling_deliveries_per_s": median(ceilings.to_vec()),
+        "deliveries_per_s": of(&|r| Some(r.deliveries_per_s)),
+        "ceiling_fraction": of(&|r| r.ceiling_fraction),
+        "skipped": of(&|r| Some(r.skipped as f64)),
+        "convergence_ms": of(&|r| r.convergence_ms),
+        "latency_p50_us": of(&|r| r.latency_us.map(|p| p.p50 as f64)),
+        "latency_p99_us": of(&|r| r.latency_us.map(|p| p.p99 as f64)),
+        "lost": of(&|r| Some(r.lost as f64)),
+        "node_cpu_s": of(&|r| Some(r.node_cpu_s)),
+    });
+    println!("{summary}");
+    println!("  medians of {} runs:", ceilings.len().max(reports.len()));
+    if let Some(obj) = summary.as_object() {
+        let rows: Vec<(&str, String)> = obj
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "scenario" | "of" | "runs"))
+            .map(|(k, v)| (k.as_str(), v.to_string()))
+            .collect();
+        print_kv(&rows);
+    }
+    Ok(())
+}
+
+async fn push_scenario(
+    cli: &Cli,
+    scenario: Scenario,
+    nofile: u64,
+    log_dir: &Path,
+    deadline: Instant,
+) -> anyhow::Result<PushReport> {
+    let (name, clients, keys, kpc, updates) = push_shape(cli, scenario);
     let cluster = scenario == Scenario::Cluster;
     let nodes = cli.nodes.unwrap_or(if cluster { 2 } else { 1 }).max(1);
     let nats = cli.nats || cluster || nodes > 1;
@@ -467,9 +590,7 @@ async fn push_scenario(
 
     // The plan: every client's keys and the update sequence, from one seed.
     let mut rng = XorShift64::new(cli.seed);
-    let client_keys: Vec<Vec<u32>> = (0..clients)
-        .map(|_| rng.distinct(kpc, u64::from(keys)))
-        .collect();
+    let client_keys = plan_client_keys(&mut rng, clients, kpc, keys);
     let seq: Vec<u32> = (0..updates)
         .map(|_| rng.below(u64::from(keys)) as u32)
         .collect();
@@ -625,6 +746,8 @@ async fn push_scenario(
         } else {
             0.0
         },
+        skipped: deliveries_without_coalescing.saturating_sub(deliveries),
+        ceiling_fraction: None,
         convergence_ms: shared
             .converged_ns()
             .map(|ns| round(ns.saturating_sub(drive.first_ns) as f64 / 1e6, 2)),
@@ -663,10 +786,160 @@ async fn push_scenario(
         first_error,
         nofile_limit: nofile,
     };
-    println!("{}", serde_json::to_string(&report)?);
-    print_push_table(&report);
     drop(env);
-    Ok(report.lost == 0 && report.notify_errors == 0 && report.failed_setup == 0)
+    Ok(report)
+}
+
+/// What the ceiling run measured.
+#[derive(Serialize)]
+struct CeilingReport {
+    scenario: &'static str,
+    clients: usize,
+    keys: u32,
+    keys_per_client: usize,
+    updates: u64,
+    rate: f64,
+    deliveries: u64,
+    deliveries_without_coalescing: u64,
+    deliveries_per_s: f64,
+    latency_us: Option<Percentiles>,
+    generator_cpu_s: f64,
+    lost: usize,
+    first_error: Option<String>,
+}
+
+/// The bare server's paced fan-out with the scenario's clients and keys:
+/// `--ceiling-offered` deliveries/s for `--ceiling-secs`.
+async fn ceiling_run(
+    cli: &Cli,
+    scenario: Scenario,
+    deadline: Instant,
+) -> anyhow::Result<CeilingReport> {
+    let (_, clients, keys, kpc, _) = push_shape(cli, scenario);
+    let mut rng = XorShift64::new(cli.seed);
+    let client_keys = plan_client_keys(&mut rng, clients, kpc, keys);
+    let per_update = (clients * kpc) as f64 / f64::from(keys);
+    let offered = if cli.smoke {
+        20_000.0
+    } else {
+        cli.ceiling_offered
+    };
+    let rate = (offered / per_update.max(1e-9)).max(1.0);
+    let secs = if cli.smoke { 0.2 } else { cli.ceiling_secs };
+    let updates = ((rate * secs) as usize).max(1);
+    let seq: Vec<u32> = (0..updates)
+        .map(|_| rng.below(u64::from(keys)) as u32)
+        .collect();
+    let shared = Arc::new(Shared::new(keys as usize, &seq, true));
+    let cancel = CancellationToken::new();
+    let server =
+        ceiling::CeilingServer::start(keys as usize, shared.clone(), cancel.clone()).await?;
+    let url: Arc<str> = Arc::from(server.url.as_str());
+    let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sources = source_count(cli, clients);
+    let mut tasks: JoinSet<ClientOutcome> = JoinSet::new();
+    for (i, keys_of_client) in client_keys.iter().enumerate() {
+        let spec = ClientSpec {
+            url: url.clone(),
+            src: source_addr(i, sources),
+            keys: keys_of_client.clone(),
+            secret: None,
+            idle: false,
+        };
+        tasks.spawn(load::run_client(
+            spec,
+            shared.clone(),
+            setup.clone(),
+            stop.clone(),
+            SETUP_TIMEOUT,
+            cancel.clone(),
+        ));
+    }
+    while shared.ready.load(Ordering::Acquire) + shared.failed.load(Ordering::Acquire) < clients
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let gen_before = cpu_seconds(None);
+    let drive = server.drive(&shared, &seq, rate).await;
+    if shared.pending() > 0 {
+        let _ = timeout_at(deadline, shared.converged.notified()).await;
+    }
+    let gen_cpu = cpu_seconds(None) - gen_before;
+    cancel.cancel();
+    let mut outcomes = Vec::with_capacity(clients);
+    while let Some(done) = tasks.join_next().await {
+        outcomes.push(done?);
+    }
+    server.stop().await;
+    let deliveries: u64 = outcomes.iter().map(|o| o.deliveries).sum();
+    let last = outcomes
+        .iter()
+        .map(|o| o.last_delivery_ns)
+        .max()
+        .unwrap_or(0);
+    let span_s = last.saturating_sub(drive.first_ns) as f64 / 1e9;
+    let mut latencies: Vec<u64> = outcomes
+        .iter_mut()
+        .flat_map(|o| std::mem::take(&mut o.latencies_us))
+        .collect();
+    let report = CeilingReport {
+        scenario: "ceiling",
+        clients,
+        keys,
+        keys_per_client: kpc,
+        updates: drive.sent,
+        rate: round(rate, 1),
+        deliveries,
+        deliveries_without_coalescing: client_keys
+            .iter()
+            .flatten()
+            .map(|&k| shared.final_of(k as usize))
+            .sum(),
+        deliveries_per_s: if span_s > 0.0 {
+            (deliveries as f64 / span_s).round()
+        } else {
+            0.0
+        },
+        latency_us: percentiles(&mut latencies),
+        generator_cpu_s: round(gen_cpu, 2),
+        lost: outcomes
+            .iter()
+            .filter(|o| !o.subscribed || !o.reached_all)
+            .count(),
+        first_error: shared
+            .first_error
+            .lock()
+            .expect("lock")
+            .clone()
+            .or_else(|| outcomes.iter().find_map(|o| o.error.clone())),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    print_kv(&[
+        (
+            "ceiling",
+            format!(
+                "bare server, {} clients x {} of {} keys, {} updates at {}/s (one write per frame)",
+                clients, kpc, keys, report.updates, report.rate
+            ),
+        ),
+        (
+            "deliveries",
+            format!(
+                "{} of {} in {:.3} s: {:.0}/s",
+                deliveries, report.deliveries_without_coalescing, span_s, report.deliveries_per_s
+            ),
+        ),
+        (
+            "latency p50/p99",
+            report
+                .latency_us
+                .map_or("-".into(), |p| format!("{} / {} us", p.p50, p.p99)),
+        ),
+        ("lost", report.lost.to_string()),
+    ]);
+    Ok(report)
 }
 
 fn print_push_table(r: &PushReport) {
@@ -918,6 +1191,10 @@ struct NotifyReport {
     call_latency_us: Option<Percentiles>,
     errors: u64,
     first_error: Option<String>,
+    /// Websocket clients subscribed while the calls ran.
+    subscribers: usize,
+    /// Pushes those clients received while the calls ran, per second.
+    pushes_per_s: f64,
     node_cpu_s: f64,
     generator_cpu_s: f64,
     node_rss_kb: u64,
@@ -925,8 +1202,51 @@ struct NotifyReport {
 
 async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow::Result<bool> {
     let nats = cli.nats;
-    let env = Env::start(cli, 1, nats, log_dir, deadline).await?;
+    let mut env = Env::start(cli, 1, nats, log_dir, deadline).await?;
     let keys = cli.keys.unwrap_or(1_000).max(1);
+    // Subscribers, so the node pushes while the calls run.
+    let subscribers = if cli.smoke {
+        cli.subscribers.min(20)
+    } else {
+        cli.subscribers
+    };
+    let shared = Arc::new(Shared::new(keys as usize, &[], false));
+    let cancel = CancellationToken::new();
+    let resolver = load::start_resolver(
+        &env.nodes[0].grpc_url(),
+        shared.clone(),
+        FetchMode::Shared,
+        cancel.clone(),
+    )
+    .await?;
+    let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let url: Arc<str> = Arc::from(env.nodes[0].ws_url());
+    let mut tasks: JoinSet<ClientOutcome> = JoinSet::new();
+    for i in 0..subscribers {
+        let spec = ClientSpec {
+            url: url.clone(),
+            src: source_addr(i, source_count(cli, subscribers)),
+            keys: vec![(i % keys as usize) as u32],
+            secret: None,
+            idle: false,
+        };
+        tasks.spawn(load::run_client(
+            spec,
+            shared.clone(),
+            setup.clone(),
+            stop.clone(),
+            SETUP_TIMEOUT,
+            cancel.clone(),
+        ));
+    }
+    wait_clients(&mut env, &shared, subscribers, deadline).await?;
+    if shared.failed.load(Ordering::Acquire) > 0 {
+        eprintln!(
+            "notify: {} of {subscribers} subscribers failed to subscribe",
+            shared.failed.load(Ordering::Acquire)
+        );
+    }
     let (calls, batch_keys) = if cli.smoke {
         (200, 2_000)
     } else {
@@ -951,7 +1271,9 @@ async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow
         let node_cpu_before = env.cpu();
         let gen_cpu_before = cpu_seconds(None);
         let phase_deadline = deadline.min(Instant::now() + Duration::from_secs(20));
+        let delivered_before = shared.delivered.load(Ordering::Relaxed);
         let mut out = load::notify_throughput(
+            &shared,
             &clients,
             keys,
             batch,
@@ -974,6 +1296,10 @@ async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow
             call_latency_us: percentiles(&mut out.call_latencies_us),
             errors: out.errors,
             first_error: out.first_error,
+            subscribers,
+            pushes_per_s: ((shared.delivered.load(Ordering::Relaxed) - delivered_before) as f64
+                / secs)
+                .round(),
             node_cpu_s: round(sub(&env.cpu(), &node_cpu_before), 2),
             generator_cpu_s: round(cpu_seconds(None) - gen_cpu_before, 2),
             node_rss_kb: env.rss().iter().sum(),
@@ -982,12 +1308,13 @@ async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow
         reports.push(report);
     }
     println!(
-        "  {:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>7}",
+        "  {:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>7}",
         "batch",
         "conc",
         "calls",
         "keys/s",
         "calls/s",
+        "pushes/s",
         "p50 us",
         "p99 us",
         "node cpu",
@@ -997,12 +1324,13 @@ async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow
     for r in &reports {
         let (p50, p99) = r.call_latency_us.map_or((0, 0), |p| (p.p50, p.p99));
         println!(
-            "  {:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>7}",
+            "  {:>6} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>7}",
             r.batch,
             r.concurrency,
             r.calls,
             r.keys_per_s,
             r.calls_per_s,
+            r.pushes_per_s,
             p50,
             p99,
             r.node_cpu_s,
@@ -1010,9 +1338,15 @@ async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow
             r.errors
         );
     }
+    println!(
+        "  while {subscribers} websocket clients were subscribed (client i to key i % {keys})"
+    );
     if let Some(err) = reports.iter().find_map(|r| r.first_error.as_ref()) {
         println!("  first error: {err}");
     }
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    let _ = resolver.await;
     Ok(reports.iter().all(|r| r.errors == 0))
 }
 
