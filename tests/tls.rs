@@ -507,6 +507,8 @@ async fn the_binary_serves_wss_and_mutual_tls_grpc() {
         format!("--grpc-tls-client-ca={}", path(&files.ca_cert)),
         format!("--ws-tls-cert={}", path(&files.server_cert)),
         format!("--ws-tls-key={}", path(&files.server_key)),
+        // A push per notify, rows changed or not (the test notifies unchanged rows).
+        "--push-unchanged-rows".to_owned(),
     ];
     let node = NodeProcess::spawn(std::path::Path::new(BIN), &args, None, "info").unwrap();
     let ca = files.ca_pem();

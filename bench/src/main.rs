@@ -545,7 +545,7 @@ fn print_medians(
     reports: &[PushReport],
 ) -> anyhow::Result<()> {
     let of = |f: &dyn Fn(&PushReport) -> Option<f64>| -> Option<f64> {
-        median(reports.iter().filter_map(f).collect())
+        median(reports.iter().filter_map(f).collect()).map(|m| round(m, 3))
     };
     let summary = serde_json::json!({
         "scenario": "medians",

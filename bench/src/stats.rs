@@ -218,4 +218,11 @@ mod tests {
         assert_eq!((p.p50, p.p99, p.p999, p.max, p.samples), (3, 5, 5, 5, 5));
         assert_eq!(percentiles(&mut []), None);
     }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
 }
