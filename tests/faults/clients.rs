@@ -41,10 +41,14 @@ async fn a_slow_client_and_a_reconnect_storm_leave_the_others_in_sync() {
     .await;
     let keys = item_keys(40);
     bed.rows.seed(&keys);
-    let blob_row = serde_json::json!({"blob": "b".repeat(BLOB_BYTES)}).to_string();
+    // Each round changes the blobs (a push of rows a connection already got
+    // is not sent again).
+    let blob_row = |round: usize| {
+        serde_json::json!({"blob": "b".repeat(BLOB_BYTES), "round": round}).to_string()
+    };
     let blobs: Vec<String> = (0..BLOBS).map(|i| i.to_string()).collect();
     for id in &blobs {
-        bed.rows.data.set_rows("blob", id, &[&blob_row]);
+        bed.rows.data.set_rows("blob", id, &[&blob_row(0)]);
     }
     let rss = RssSampler::start(bed.pids());
 
@@ -86,6 +90,9 @@ async fn a_slow_client_and_a_reconnect_storm_leave_the_others_in_sync() {
             rounds <= 100,
             "the slow client was not closed after 100 rounds"
         );
+        for id in &blobs {
+            bed.rows.data.set_rows("blob", id, &[&blob_row(rounds)]);
+        }
         bed.notifier(1)
             .notify(refs.clone())
             .await
