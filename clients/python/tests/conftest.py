@@ -12,6 +12,9 @@ import pytest
 from entity_sync import Backend
 from entity_sync.testing import DEADLINE, NodeProcess
 
+# The node's opt-out of skipping a push of rows a connection already got.
+PUSH_EACH_NOTIFY = ["--push-unchanged-rows"]
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -23,7 +26,8 @@ def node_bin() -> Path:
 
 @pytest.fixture
 async def node(node_bin: Path) -> AsyncIterator[NodeProcess]:
-    async with NodeProcess(node_bin) as node:
+    # The tests notify without changing rows and expect a push each time.
+    async with NodeProcess(node_bin, PUSH_EACH_NOTIFY) as node:
         yield node
 
 

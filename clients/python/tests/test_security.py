@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from certs import make_tls_files
-from conftest import Running, quick
+from conftest import PUSH_EACH_NOTIFY, Running, quick
 
 from entity_sync import (
     Answer,
@@ -44,7 +44,7 @@ async def test_tokens_are_sent_as_bearer_metadata_and_refused_when_wrong(
     tokens.write_text(
         f"# the API servers\nnotifier {NOTIFIER_TOKEN}\nresolver {RESOLVER_TOKEN} items\n"
     )
-    async with NodeProcess(node_bin, ["--grpc-tokens-file", str(tokens)]) as node:
+    async with NodeProcess(node_bin, [*PUSH_EACH_NOTIFY, "--grpc-tokens-file", str(tokens)]) as node:
         errors: list[Error] = []
 
         async def refused(backend_token: str | None, entity: str) -> Error:
@@ -158,7 +158,7 @@ async def test_mutual_tls_with_a_certificate_made_here(
         "--grpc-tls-key", str(files.server_key),
         "--grpc-tls-client-ca", str(files.ca),
     ]  # fmt: skip
-    async with NodeProcess(node_bin, args, grpc_tls=True) as node:
+    async with NodeProcess(node_bin, [*PUSH_EACH_NOTIFY, *args], grpc_tls=True) as node:
         assert node.grpc_url.startswith("https://")
         tls = Tls.from_files(ca=files.ca, cert=files.client_cert, key=files.client_key)
         backend = Running(quick(node.grpc_url, {"items": Entity(item, FetchMode.SHARED)}, tls=tls))
