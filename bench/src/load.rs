@@ -473,6 +473,24 @@ pub struct ClientOutcome {
     pub error: Option<String>,
 }
 
+/// What a run's clients received together: pushes, seconds from the first
+/// update sent (`first_ns`) to the last push received, and every latency
+/// (taken out of the outcomes).
+pub fn delivery_totals(outcomes: &mut [ClientOutcome], first_ns: u64) -> (u64, f64, Vec<u64>) {
+    let deliveries = outcomes.iter().map(|o| o.deliveries).sum();
+    let last = outcomes
+        .iter()
+        .map(|o| o.last_delivery_ns)
+        .max()
+        .unwrap_or(0);
+    let span_s = last.saturating_sub(first_ns) as f64 / 1e9;
+    let latencies = outcomes
+        .iter_mut()
+        .flat_map(|o| std::mem::take(&mut o.latencies_us))
+        .collect();
+    (deliveries, span_s, latencies)
+}
+
 /// Connects, subscribes to every key (waiting for `subscribed` and the
 /// snapshot of each), then counts pushes until `cancel`. The setup holds a
 /// `setup` permit and gives up after `setup_timeout`; with `stop` set, a

@@ -698,17 +698,7 @@ async fn push_scenario(
         .map(|(a, b)| a - b)
         .collect();
     let resolves: u64 = resolves_by_node.iter().sum();
-    let deliveries: u64 = outcomes.iter().map(|o| o.deliveries).sum();
-    let last_delivery = outcomes
-        .iter()
-        .map(|o| o.last_delivery_ns)
-        .max()
-        .unwrap_or(0);
-    let span_s = last_delivery.saturating_sub(drive.first_ns) as f64 / 1e9;
-    let mut latencies: Vec<u64> = outcomes
-        .iter_mut()
-        .flat_map(|o| std::mem::take(&mut o.latencies_us))
-        .collect();
+    let (deliveries, span_s, mut latencies) = load::delivery_totals(&mut outcomes, drive.first_ns);
     let lost = outcomes
         .iter()
         .filter(|o| !o.subscribed || !o.reached_all)
@@ -873,17 +863,7 @@ async fn ceiling_run(
         outcomes.push(done?);
     }
     server.stop().await;
-    let deliveries: u64 = outcomes.iter().map(|o| o.deliveries).sum();
-    let last = outcomes
-        .iter()
-        .map(|o| o.last_delivery_ns)
-        .max()
-        .unwrap_or(0);
-    let span_s = last.saturating_sub(drive.first_ns) as f64 / 1e9;
-    let mut latencies: Vec<u64> = outcomes
-        .iter_mut()
-        .flat_map(|o| std::mem::take(&mut o.latencies_us))
-        .collect();
+    let (deliveries, span_s, mut latencies) = load::delivery_totals(&mut outcomes, drive.first_ns);
     let report = CeilingReport {
         scenario: "ceiling",
         clients,
