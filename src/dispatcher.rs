@@ -18,7 +18,7 @@ use std::{
 };
 
 use futures_util::future::join_all;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::{
@@ -37,6 +37,9 @@ use crate::{
 /// First retry delay of a failed change resolve; doubles up to [`RETRY_MAX`].
 const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Longest a subscribe waits for this node's bus consumer to catch up, so
+/// that it may join a snapshot resolve of its key already in flight.
+const JOIN_WAIT: Duration = Duration::from_millis(50);
 
 struct Flight {
     /// Highest sequence of a change that arrived while the resolve ran, and
@@ -63,6 +66,9 @@ struct Inner {
     bare_rows: bool,
     /// Highest bus sequence consumed.
     applied: AtomicU64,
+    /// `applied` after each consumed batch, for subscribes that wait to
+    /// join a resolve in flight (see `subscribe`).
+    applied_watch: watch::Sender<u64>,
 }
 
 /// How a resolve attempt ended.
@@ -108,6 +114,7 @@ impl Dispatcher {
                 bare_rows: config.compat_bare_rows,
                 // Where the bus starts: the lag gauge is the bus head minus this.
                 applied: AtomicU64::new(bus.head()),
+                applied_watch: watch::Sender::new(bus.head()),
             }),
         }
     }
@@ -127,9 +134,14 @@ impl Dispatcher {
                         .changes_consumed_total
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     for change in batch {
-                        self.inner.applied.fetch_max(change.seq, Ordering::AcqRel);
-                        self.schedule(change.key, change.seq, change.meta);
+                        // `applied` moves only after the change is scheduled:
+                        // a subscribe that reads it may join a resolve in
+                        // flight (see `subscribe`).
+                        let seq = change.seq;
+                        self.schedule(change.key, seq, change.meta);
+                        self.inner.applied.fetch_max(seq, Ordering::AcqRel);
                     }
+                    self.publish_applied();
                 }
                 Some(BusEvent::Resync { seq }) => self.resync(seq),
             }
@@ -139,7 +151,8 @@ impl Dispatcher {
     /// Re-resolves every subscribed key: changes were lost on the bus, so
     /// any key may be stale.
     fn resync(&self, seq: u64) {
-        self.inner.applied.fetch_max(seq, Ordering::AcqRel);
+        // Any key may have changed, also keys nobody holds right now.
+        self.inner.resolvers.note_all_changed();
         let keys = self.inner.registry.keys();
         let meta = ChangeMeta {
             trace: TraceId::generate(),
@@ -154,6 +167,16 @@ impl Dispatcher {
         for key in keys {
             self.schedule(key, seq, meta);
         }
+        // After scheduling, as in `run`.
+        self.inner.applied.fetch_max(seq, Ordering::AcqRel);
+        self.publish_applied();
+    }
+
+    /// Wakes subscribes waiting for `applied` (only when there are any).
+    fn publish_applied(&self) {
+        if self.inner.applied_watch.receiver_count() > 0 {
+            self.inner.applied_watch.send_replace(self.applied());
+        }
     }
 
     /// Highest bus sequence consumed by this node.
@@ -163,6 +186,10 @@ impl Dispatcher {
 
     /// Starts a change resolve of `key`, or folds `seq` into the running one.
     fn schedule(&self, key: ChangeKey, seq: u64, meta: ChangeMeta) {
+        // First the pool, then the registry: a subscribe the registry does
+        // not mark as having missed this change (it came after) must not
+        // join a snapshot resolve sent before it either.
+        self.inner.resolvers.note_change(&key);
         if !self.inner.registry.note_change(&key) {
             return;
         }
@@ -402,10 +429,25 @@ impl Dispatcher {
     ) {
         // Read before resolving: the snapshot reflects every change up to it.
         let base = self.inner.bus.snapshot_version().await.max(self.applied());
+        // Joining a snapshot resolve already in flight for this key and
+        // secret is right only if every change up to `base` has been
+        // scheduled (and so has stopped joins of requests sent before it);
+        // later changes are this subscription's missed ones, which the
+        // registry notes.
+        let mut may_join = self.applied() >= base;
+        if !may_join && self.inner.resolvers.can_join(&key, &secret) {
+            // A resolve of this key and secret is in flight: worth waiting
+            // a moment for this node to consume the changes up to `base`
+            // (it is usually a few milliseconds behind the bus's head), not
+            // longer than a resolve of its own would take.
+            let mut applied = self.inner.applied_watch.subscribe();
+            let caught_up = applied.wait_for(|applied| *applied >= base);
+            may_join = matches!(tokio::time::timeout(JOIN_WAIT, caught_up).await, Ok(Ok(_)));
+        }
         let resolve = self
             .inner
             .resolvers
-            .resolve(&key, secret, Reason::Subscribe, false);
+            .resolve_subscribe(&key, secret, may_join);
         let result = tokio::select! {
             result = resolve => result,
             // A newer secret came: its re-check answers for this key.

@@ -95,6 +95,9 @@ pub(crate) struct Metrics {
     pub(crate) resolve_requests_change_total: AtomicU64,
     pub(crate) resolve_timeouts_total: AtomicU64,
     pub(crate) resolve_retries_total: AtomicU64,
+    /// Subscribe resolves answered by a request already in flight for the
+    /// same key and secret (single-flight), instead of a request of their own.
+    pub(crate) resolve_joined_total: AtomicU64,
     pub(crate) revocations_total: AtomicU64,
     pub(crate) secret_rechecks_total: AtomicU64,
     pub(crate) resyncs_total: AtomicU64,
@@ -129,6 +132,7 @@ impl Default for Metrics {
             resolve_requests_change_total: AtomicU64::new(0),
             resolve_timeouts_total: AtomicU64::new(0),
             resolve_retries_total: AtomicU64::new(0),
+            resolve_joined_total: AtomicU64::new(0),
             revocations_total: AtomicU64::new(0),
             secret_rechecks_total: AtomicU64::new(0),
             resyncs_total: AtomicU64::new(0),
@@ -411,6 +415,11 @@ impl Collector for Scrape {
                 "entity_sync_resolve_retries",
                 "Change resolves retried after a failure.",
                 &m.resolve_retries_total,
+            ),
+            (
+                "entity_sync_resolve_joined",
+                "Subscribe resolves that joined a request in flight for the same key and secret.",
+                &m.resolve_joined_total,
             ),
             (
                 "entity_sync_revocations",

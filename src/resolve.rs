@@ -83,11 +83,51 @@ impl Resolvers {
         shared: bool,
     ) -> Resolved {
         let started = std::time::Instant::now();
-        let outcome = self.resolve_anywhere(key, secret, reason, shared).await;
+        let outcome = self
+            .resolve_anywhere(key, secret, reason, shared, false)
+            .await;
         self.inner
             .metrics
             .resolve_done(&key.entity, status_label(&outcome), started.elapsed());
         outcome
+    }
+
+    /// Resolves the snapshot of a subscribe on this node. On a local
+    /// resolver it may join a subscribe request of the same key and secret
+    /// already in flight (single-flight, see
+    /// [`ResolverPool::resolve_subscribe`] for what `may_join` promises);
+    /// through another node it is a request of its own.
+    pub(crate) async fn resolve_subscribe(
+        &self,
+        key: &ChangeKey,
+        secret: Arc<str>,
+        may_join: bool,
+    ) -> Resolved {
+        let started = std::time::Instant::now();
+        let outcome = self
+            .resolve_anywhere(key, secret, Reason::Subscribe, false, may_join)
+            .await;
+        self.inner
+            .metrics
+            .resolve_done(&key.entity, status_label(&outcome), started.elapsed());
+        outcome
+    }
+
+    /// A change of `key` was seen (before its subscribers are looked at):
+    /// subscribe requests sent before it are no longer joined.
+    pub(crate) fn note_change(&self, key: &ChangeKey) {
+        self.inner.local.note_change(key);
+    }
+
+    /// Whether a subscribe of `key` for `secret` finds a local subscribe
+    /// request to join (if it may).
+    pub(crate) fn can_join(&self, key: &ChangeKey, secret: &str) -> bool {
+        self.inner.local.can_join(key, secret)
+    }
+
+    /// Changes were lost on the bus: no subscribe request in flight is joined.
+    pub(crate) fn note_all_changed(&self) {
+        self.inner.local.note_all_changed();
     }
 
     async fn resolve_anywhere(
@@ -96,12 +136,19 @@ impl Resolvers {
         secret: Arc<str>,
         reason: Reason,
         shared: bool,
+        may_join: bool,
     ) -> Resolved {
-        let local = self
-            .inner
-            .local
-            .resolve(key, secret.clone(), reason, shared)
-            .await;
+        let local = if reason == Reason::Subscribe && !shared {
+            self.inner
+                .local
+                .resolve_subscribe(key, secret.clone(), may_join)
+                .await
+        } else {
+            self.inner
+                .local
+                .resolve(key, secret.clone(), reason, shared)
+                .await
+        };
         let (Err(ResolveError::NoResolver), Some(remote)) = (&local, &self.inner.remote) else {
             return local;
         };

@@ -7,6 +7,12 @@
 //! requests. Requests of a stream that dies, or that pass their deadline, go
 //! back to the front of the queue and on to another resolver.
 //!
+//! Subscribe resolves are single-flight per key and secret: a local subscribe
+//! whose key and secret are already being resolved for another subscriber
+//! joins that request instead of sending its own, until a change of the key
+//! is seen ([`ResolverPool::note_change`]); from then on the request may
+//! predate the change, so later subscribes send a fresh one.
+//!
 //! The pool knows nothing of other nodes: reaching their resolvers is
 //! `resolve`'s choice, and `cluster` answers them from this pool.
 
@@ -232,6 +238,8 @@ struct InFlight {
     entity: Arc<str>,
     jobs: Vec<Job>,
     deadline: Instant,
+    /// A subscribe request listed in `State::joinable` (for its ids and secret).
+    joinable: bool,
 }
 
 struct Slot {
@@ -257,6 +265,11 @@ struct State {
     resolvers: HashMap<ResolverId, Slot>,
     entities: HashMap<Arc<str>, EntityQueue>,
     in_flight: HashMap<u64, InFlight>,
+    /// Subscribe requests in flight that a local subscribe of the same key
+    /// and secret may join: per key, `(secret, request id)`. A key's entries
+    /// go when a change of it is seen, so a joiner never gets rows read
+    /// before a change it would otherwise miss.
+    joinable: HashMap<ChangeKey, Vec<(Arc<str>, u64)>>,
     pass_through_turn: usize,
     closed: bool,
 }
@@ -460,6 +473,7 @@ impl ResolverPool {
             .collect();
         for request in orphaned {
             let flight = state.in_flight.remove(&request).expect("listed above");
+            forget_joinable(&mut state.joinable, request, &flight);
             if let Some(queue) = state.entities.get_mut(&flight.entity) {
                 // Back to the front, in their original order.
                 for job in flight.jobs.into_iter().rev() {
@@ -512,16 +526,43 @@ impl ResolverPool {
         reason: Reason,
         shared: bool,
     ) -> Resolved {
+        self.submit(key, secret, reason, shared, false).await
+    }
+
+    /// Resolves the snapshot of a subscribe of `key` on this node for
+    /// `secret`. With `may_join` it joins a subscribe request of the same key
+    /// and secret already in flight, unless a change of the key was seen
+    /// since that request was sent; else it queues as [`Self::resolve`] does.
+    ///
+    /// `may_join` is the caller's promise that every change up to the bus
+    /// sequence its snapshot version stands for has been passed to
+    /// [`Self::note_change`] already: then a request that no change has
+    /// invalidated read rows at least that new.
+    pub(crate) async fn resolve_subscribe(
+        &self,
+        key: &ChangeKey,
+        secret: Arc<str>,
+        may_join: bool,
+    ) -> Resolved {
+        self.submit(key, secret, Reason::Subscribe, false, may_join)
+            .await
+    }
+
+    async fn submit(
+        &self,
+        key: &ChangeKey,
+        secret: Arc<str>,
+        reason: Reason,
+        shared: bool,
+        may_join: bool,
+    ) -> Resolved {
         let (reply, answer) = oneshot::channel();
         {
             let mut state = self.inner.state.lock().unwrap();
             if state.closed {
                 return Err(ResolveError::Closed);
             }
-            let Some(queue) = state.entities.get_mut(&*key.entity) else {
-                return Err(ResolveError::NoResolver);
-            };
-            queue.queue.push_back(Job {
+            let job = Job {
                 id: key.id.clone(),
                 secret,
                 reason,
@@ -529,10 +570,53 @@ impl ResolverPool {
                 reply,
                 attempts: 0,
                 give_up: Instant::now() + self.inner.config.timeout * MAX_ATTEMPTS,
-            });
-            self.dispatch(&mut state, &key.entity);
+            };
+            let job = if may_join {
+                match join(&mut state, key, job) {
+                    Ok(()) => {
+                        Metrics::inc(&self.inner.metrics.resolve_joined_total);
+                        None
+                    }
+                    Err(job) => Some(job),
+                }
+            } else {
+                Some(job)
+            };
+            if let Some(job) = job {
+                let Some(queue) = state.entities.get_mut(&*key.entity) else {
+                    return Err(ResolveError::NoResolver);
+                };
+                queue.queue.push_back(job);
+                self.dispatch(&mut state, &key.entity);
+            }
         }
         answer.await.unwrap_or(Err(ResolveError::Closed))
+    }
+
+    /// A change of `key` was seen: subscribe requests of it already in
+    /// flight may have read the rows before the change, so no later
+    /// subscribe joins them.
+    pub(crate) fn note_change(&self, key: &ChangeKey) {
+        // Always under the lock, never skipped on a lock-free hint: the
+        // request a joiner finds must be one this call has seen.
+        let mut state = self.inner.state.lock().unwrap();
+        state.joinable.remove(key);
+    }
+
+    /// Whether a subscribe request of `key` for `secret` is in flight and
+    /// joinable now.
+    pub(crate) fn can_join(&self, key: &ChangeKey, secret: &str) -> bool {
+        let state = self.inner.state.lock().unwrap();
+        state
+            .joinable
+            .get(key)
+            .is_some_and(|requests| requests.iter().any(|(s, _)| **s == *secret))
+    }
+
+    /// Any key may have changed (the bus lost changes): no subscribe request
+    /// in flight is joined.
+    pub(crate) fn note_all_changed(&self) {
+        self.inner.state.lock().unwrap().joinable.clear();
     }
 
     /// Sends queued jobs of `entity` while some resolver has room.
@@ -543,6 +627,7 @@ impl ResolverPool {
                 resolvers,
                 entities,
                 in_flight,
+                joinable,
                 ..
             } = &mut *state;
             let Some(queue) = entities.get_mut(entity) else {
@@ -610,6 +695,25 @@ impl ResolverPool {
                 Ok(()) => {
                     slot.in_flight += 1;
                     self.inner.metrics.resolve_request(reason);
+                    // A subscribe request (never a change's: those carry
+                    // their own reason to the backend) is one later local
+                    // subscribes of its keys and secret may join.
+                    let is_joinable = reason == Reason::Subscribe && !shared;
+                    if is_joinable {
+                        for (i, job) in jobs.iter().enumerate() {
+                            if jobs[..i].iter().any(|j| j.id == job.id) {
+                                continue;
+                            }
+                            let key = ChangeKey {
+                                entity: entity.clone(),
+                                id: job.id.clone(),
+                            };
+                            joinable
+                                .entry(key)
+                                .or_default()
+                                .push((secret.clone(), request_id));
+                        }
+                    }
                     in_flight.insert(
                         request_id,
                         InFlight {
@@ -617,6 +721,7 @@ impl ResolverPool {
                             entity: entity.clone(),
                             jobs,
                             deadline: Instant::now() + self.inner.config.timeout,
+                            joinable: is_joinable,
                         },
                     );
                 }
@@ -674,6 +779,7 @@ impl ResolverPool {
         if let Some(slot) = state.resolvers.get_mut(&from) {
             slot.in_flight = slot.in_flight.saturating_sub(1);
         }
+        forget_joinable(&mut state.joinable, request_id, &flight);
         for job in flight.jobs {
             // A batch may hold several jobs of one id (different callers):
             // each gets the same (cheaply cloned) outcome.
@@ -708,6 +814,7 @@ impl ResolverPool {
         let mut touched: Vec<Arc<str>> = Vec::new();
         for request_id in expired {
             let flight = state.in_flight.remove(&request_id).expect("listed above");
+            forget_joinable(&mut state.joinable, request_id, &flight);
             Metrics::inc(&self.inner.metrics.resolve_timeouts_total);
             tracing::warn!(resolver.id = flight.resolver, request_id, entity = %flight.entity, "resolve request passed its deadline");
             if let Some(slot) = state.resolvers.get_mut(&flight.resolver) {
@@ -821,9 +928,51 @@ impl ResolverPool {
                 let _ = job.reply.send(Err(ResolveError::Closed));
             }
         }
+        state.joinable.clear();
         for (_, flight) in state.in_flight.drain() {
             for job in flight.jobs {
                 let _ = job.reply.send(Err(ResolveError::Closed));
+            }
+        }
+    }
+}
+
+/// Adds `job` (a subscribe of `key`) to a joinable subscribe request of the
+/// same key and secret; gives it back when there is none.
+fn join(state: &mut State, key: &ChangeKey, job: Job) -> Result<(), Job> {
+    let request = state
+        .joinable
+        .get(key)
+        .and_then(|requests| requests.iter().find(|(secret, _)| *secret == job.secret))
+        .map(|(_, request)| *request);
+    match request.and_then(|r| state.in_flight.get_mut(&r)) {
+        Some(flight) => {
+            flight.jobs.push(job);
+            Ok(())
+        }
+        None => Err(job),
+    }
+}
+
+/// Drops the joinable entries of `flight` (request `request_id`), which is
+/// leaving `in_flight`.
+fn forget_joinable(
+    joinable: &mut HashMap<ChangeKey, Vec<(Arc<str>, u64)>>,
+    request_id: u64,
+    flight: &InFlight,
+) {
+    if !flight.joinable {
+        return;
+    }
+    for job in &flight.jobs {
+        let key = ChangeKey {
+            entity: flight.entity.clone(),
+            id: job.id.clone(),
+        };
+        if let Some(requests) = joinable.get_mut(&key) {
+            requests.retain(|(_, r)| *r != request_id);
+            if requests.is_empty() {
+                joinable.remove(&key);
             }
         }
     }
@@ -947,6 +1096,210 @@ mod tests {
         for task in tasks {
             assert!(task.await.unwrap().is_ok());
         }
+    }
+
+    /// Subscribes of `items/{id}` with `secret` on one task each, in order;
+    /// each waits until its job is queued or joined.
+    async fn spawn_subscribes(
+        pool: &ResolverPool,
+        jobs: &[(&'static str, &'static str, bool)],
+    ) -> Vec<tokio::task::JoinHandle<Resolved>> {
+        let mut tasks = Vec::new();
+        for &(id, secret, may_join) in jobs {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                pool.resolve_subscribe(&key(id), Arc::from(secret), may_join)
+                    .await
+            }));
+            tokio::task::yield_now().await;
+        }
+        tasks
+    }
+
+    fn joined(pool: &ResolverPool) -> u64 {
+        pool.inner.metrics.resolve_joined_total.load(Relaxed)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn subscribes_of_a_key_and_secret_join_the_request_in_flight() {
+        let pool = pool(10);
+        let (rid, mut rx) = register(&pool, "svc", FetchMode::PerSubscriber);
+        let tasks = spawn_subscribes(
+            &pool,
+            &[("1", "s", true), ("1", "s", true), ("1", "s", true)],
+        )
+        .await;
+        let first = request(&mut rx);
+        assert_eq!(first.ids, vec!["1"]);
+        assert_eq!(first.reason, Reason::Subscribe as i32);
+        assert_eq!(joined(&pool), 2);
+        pool.complete(
+            rid,
+            first.request_id,
+            HashMap::from([("1".to_string(), ok(&["{\"n\":1}"]))]),
+        );
+        for task in tasks {
+            let rows = task.await.unwrap().expect("rows");
+            assert_eq!(rows.rows, vec![Bytes::from_static(b"{\"n\":1}")]);
+        }
+        assert!(rx.try_recv().is_err(), "one request for three subscribes");
+        assert!(pool.inner.state.lock().unwrap().joinable.is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn only_the_same_key_and_secret_with_leave_to_join_joins() {
+        let pool = pool(10);
+        let (rid, mut rx) = register(&pool, "svc", FetchMode::PerSubscriber);
+        let tasks = spawn_subscribes(
+            &pool,
+            &[
+                ("1", "s", true),
+                ("1", "other", true),
+                ("2", "s", true),
+                ("1", "s", false),
+            ],
+        )
+        .await;
+        // A change resolve of the key with the same secret never joins.
+        let change = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.resolve(&key("1"), Arc::from("s"), Reason::Change, false)
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(joined(&pool), 0);
+        let mut requests = Vec::new();
+        while requests.len() < 4 {
+            let req = request(&mut rx);
+            let results = req.ids.iter().map(|id| (id.clone(), ok(&["{}"]))).collect();
+            pool.complete(rid, req.request_id, results);
+            requests.push((req.ids, req.secret, req.reason));
+            tokio::task::yield_now().await;
+        }
+        let sub = Reason::Subscribe as i32;
+        let ids = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            requests,
+            vec![
+                (ids(&["1"]), "s".to_string(), sub),
+                // Queued behind max_in_flight 1, in arrival order; jobs of
+                // one secret batch as before.
+                (ids(&["1"]), "other".to_string(), sub),
+                (ids(&["2", "1"]), "s".to_string(), sub),
+                (ids(&["1"]), "s".to_string(), Reason::Change as i32),
+            ]
+        );
+        for task in tasks {
+            assert!(task.await.unwrap().is_ok());
+        }
+        assert!(change.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn after_a_change_of_the_key_a_subscribe_sends_a_request_of_its_own() {
+        let pool = ResolverPool::new(
+            &ResolveConfig {
+                batch_size: 10,
+                timeout: Duration::from_secs(5),
+                default_max_in_flight: 4,
+                max_resolver_streams: 4,
+            },
+            Arc::new(Metrics::default()),
+        );
+        let reg = Register {
+            name: "svc".into(),
+            entities: vec![EntityRegistration {
+                entity: "items".into(),
+                fetch_mode: FetchMode::PerSubscriber as i32,
+            }],
+            pass_through: false,
+            max_in_flight: 4,
+        };
+        let (tx, mut rx) = mpsc::channel(pool.channel_capacity(&reg));
+        let rid = pool.allocate_id();
+        pool.register(rid, &reg, tx).unwrap();
+
+        let before = spawn_subscribes(&pool, &[("1", "s", true)]).await;
+        let first = request(&mut rx);
+        pool.note_change(&key("2"));
+        let joining = spawn_subscribes(&pool, &[("1", "s", true)]).await;
+        assert_eq!(joined(&pool), 1, "a change of another key changes nothing");
+        pool.note_change(&key("1"));
+        let after = spawn_subscribes(&pool, &[("1", "s", true), ("1", "s", true)]).await;
+        let second = request(&mut rx);
+        assert_eq!(second.ids, vec!["1"]);
+        assert_eq!(joined(&pool), 2, "the second request is joined in turn");
+        assert!(rx.try_recv().is_err());
+        pool.complete(
+            rid,
+            second.request_id,
+            HashMap::from([("1".to_string(), ok(&["\"new\""]))]),
+        );
+        pool.complete(
+            rid,
+            first.request_id,
+            HashMap::from([("1".to_string(), ok(&["\"old\""]))]),
+        );
+        let rows = |r: Resolved| r.expect("rows").rows;
+        for task in before.into_iter().chain(joining) {
+            assert_eq!(
+                rows(task.await.unwrap()),
+                vec![Bytes::from_static(b"\"old\"")]
+            );
+        }
+        for task in after {
+            assert_eq!(
+                rows(task.await.unwrap()),
+                vec![Bytes::from_static(b"\"new\"")]
+            );
+        }
+
+        // A lost change on the bus ends every join.
+        let lost = spawn_subscribes(&pool, &[("3", "s", true)]).await;
+        let third = request(&mut rx);
+        pool.note_all_changed();
+        let fresh = spawn_subscribes(&pool, &[("3", "s", true)]).await;
+        let fourth = request(&mut rx);
+        assert_eq!(fourth.ids, vec!["3"]);
+        for req in [third, fourth] {
+            pool.complete(
+                rid,
+                req.request_id,
+                HashMap::from([("3".to_string(), ok(&["{}"]))]),
+            );
+        }
+        for task in lost.into_iter().chain(fresh) {
+            assert!(task.await.unwrap().is_ok());
+        }
+        assert!(pool.inner.state.lock().unwrap().joinable.is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn joiners_of_a_request_on_a_dead_stream_move_with_it() {
+        let pool = pool(10);
+        let (a, mut rx_a) = register(&pool, "svc", FetchMode::PerSubscriber);
+        let (b, mut rx_b) = register(&pool, "svc", FetchMode::PerSubscriber);
+        let tasks = spawn_subscribes(&pool, &[("1", "s", true), ("1", "s", true)]).await;
+        let (dead, mut rx_live, live) = match (rx_a.try_recv(), rx_b.try_recv()) {
+            (Ok(_), Err(_)) => (a, rx_b, b),
+            (Err(_), Ok(_)) => (b, rx_a, a),
+            other => panic!("one request expected, got {other:?}"),
+        };
+        assert_eq!(joined(&pool), 1);
+        pool.deregister(dead);
+        let moved = request(&mut rx_live);
+        assert_eq!(moved.ids, vec!["1"], "both jobs in one request, id once");
+        pool.complete(
+            live,
+            moved.request_id,
+            HashMap::from([("1".to_string(), ok(&["{}"]))]),
+        );
+        for task in tasks {
+            assert!(task.await.unwrap().is_ok());
+        }
+        assert!(pool.inner.state.lock().unwrap().joinable.is_empty());
     }
 
     #[tokio::test]

@@ -638,3 +638,86 @@ async fn invalid_registrations_are_refused() {
     .await;
     assert_eq!(node.stats().resolvers, 2);
 }
+
+/// Waits until the node's metric `name` reads `value`.
+async fn wait_metric(node: &TestNode, name: &str, value: f64) {
+    for _ in 0..500 {
+        if node.metric(name).await == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{name} never reached {value}: {}", node.metric(name).await);
+}
+
+/// Subscribes of one key and secret that arrive while its subscribe resolve
+/// is in flight join it (single-flight: one request, the id once); after a
+/// change of the key is seen, a subscribe sends a request of its own, since
+/// the one in flight may have read the rows before the change.
+#[tokio::test]
+async fn subscribes_join_the_resolve_in_flight_until_the_key_changes() {
+    let (node, resolver, data) = TestNode::start_with_resolver(
+        |c| c.resolve.timeout = Duration::from_secs(20),
+        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
+    )
+    .await;
+    data.set_rows("items", "1", &[r#"{"v":1}"#]);
+    resolver.hold("items");
+    let joined = "entity_sync_resolve_joined_total";
+    let mut early = Vec::new();
+    for _ in 0..5 {
+        let mut client = node.client().await;
+        client.send_subscribe("items", "1").await;
+        early.push(client);
+    }
+    wait_metric(&node, joined, 4.0).await;
+    let held = resolver.held();
+    assert_eq!(held.len(), 1, "one request for five subscribes: {held:?}");
+    assert_eq!(held[0].ids, vec!["1"]);
+    // Answered; holding goes on.
+    assert_eq!(resolver.release_matching(|_| true).await, 1);
+    for client in &mut early {
+        client.expect_subscribed("items", "1").await;
+        let (_, rows) = client.expect_push("items", "1").await;
+        assert_eq!(rows, vec![json!({"v": 1})]);
+    }
+
+    // A subscribe in flight, then a change of the key: the change's resolve
+    // is held too, and a subscribe after it does not join the old request.
+    let mut before = node.client().await;
+    before.send_subscribe("items", "1").await;
+    wait_until("the second subscribe is held", || {
+        resolver.held_count() == 1
+    })
+    .await;
+    data.set_rows("items", "1", &[r#"{"v":2}"#]);
+    let seq = notify_one(node.grpc(), "items", "1").await;
+    wait_until("the change resolve is held", || resolver.held_count() == 2).await;
+    let mut after = node.client().await;
+    after.send_subscribe("items", "1").await;
+    wait_until("the third subscribe is held", || resolver.held_count() == 3).await;
+    assert_eq!(
+        node.metric(joined).await,
+        4.0,
+        "nothing joined after the change"
+    );
+    resolver.release().await;
+    for client in [&mut before, &mut after] {
+        client.expect_subscribed("items", "1").await;
+        let (_, rows) = client.expect_push("items", "1").await;
+        assert_eq!(rows, vec![json!({"v": 2})]);
+    }
+    for client in &mut early {
+        assert_eq!(
+            client.expect_push("items", "1").await,
+            (seq, vec![json!({"v": 2})])
+        );
+    }
+    let subscribes = resolver.requests_for(Reason::Subscribe, "items", "1");
+    assert_eq!(subscribes.len(), 3, "{subscribes:?}");
+    assert_eq!(
+        node.metric("entity_sync_resolve_requests_total{reason=\"subscribe\"}")
+            .await,
+        3.0
+    );
+}

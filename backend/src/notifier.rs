@@ -203,7 +203,12 @@ impl Notifier {
                 }
                 Err(status) => Error::from_status(&status),
             };
-            if error.kind() != ErrorKind::Unavailable {
+            // CANCELLED: the call ended before an answer, its outcome
+            // unknown (the node's gRPC server ends a call at the deadline
+            // this attempt sent, which can arrive before our own timer
+            // fires). Safe to repeat under the same idempotency key.
+            let cancelled = error.code() == Some(tonic::Code::Cancelled);
+            if error.kind() != ErrorKind::Unavailable && !cancelled {
                 return Err(error);
             }
             // An attempt whose deadline passed (the node or its bus hung) is

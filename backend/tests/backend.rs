@@ -409,12 +409,16 @@ async fn notify_retries_until_the_node_is_up_and_refusals_are_not_retried() {
 }
 
 /// A stand-in node whose `Notify` hangs (never answers) for its first
-/// `hang_first` calls, then accepts; it records each call's idempotency key.
+/// `hang_first` calls, then answers CANCELLED "Timeout expired" up to call
+/// `cancel_until`, then accepts; it records each call's idempotency key.
 /// A hung call is what a node whose bus stopped answering looks like to a
-/// notifier, which only its own deadline ends.
+/// notifier, which only its own deadline ends, or the node's: tonic's server
+/// ends a call at the deadline the client sent with CANCELLED "Timeout
+/// expired", and that answer can arrive before the client's own timer fires.
 #[derive(Clone)]
 struct HangingNode {
     hang_first: usize,
+    cancel_until: usize,
     keys: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -432,6 +436,9 @@ impl entity_sync::proto::v1::entity_sync_server::EntitySync for HangingNode {
         };
         if call <= self.hang_first {
             std::future::pending::<()>().await;
+        }
+        if call <= self.cancel_until {
+            return Err(tonic::Status::cancelled("Timeout expired"));
         }
         Ok(tonic::Response::new(
             entity_sync::proto::v1::NotifyResponse {
@@ -474,6 +481,7 @@ async fn serve_hanging(node: HangingNode) -> String {
 async fn notify_retries_an_attempt_its_own_deadline_ended_under_the_same_key() {
     let node = HangingNode {
         hang_first: 2,
+        cancel_until: 0,
         keys: Arc::default(),
     };
     let url = serve_hanging(node.clone()).await;
@@ -498,6 +506,34 @@ async fn notify_retries_an_attempt_its_own_deadline_ended_under_the_same_key() {
     );
 }
 
+/// Regression: a node's own end of a call at its deadline (CANCELLED
+/// "Timeout expired", sent by the node's gRPC server) was a final error for
+/// the notifier, so a notify during a bus outage could fail without a retry.
+/// Retried like the notifier's own deadline, under the same key.
+#[tokio::test]
+async fn notify_retries_an_attempt_the_node_cancelled_at_its_deadline() {
+    let node = HangingNode {
+        hang_first: 0,
+        cancel_until: 2,
+        keys: Arc::default(),
+    };
+    let url = serve_hanging(node.clone()).await;
+    let notifier = Notifier::builder(url)
+        .retry_for(Duration::from_secs(10))
+        .call_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let receipt = timeout(DEADLINE * 2, notifier.notify([("items", "1")]))
+        .await
+        .expect("notify returns")
+        .expect("accepted on the third attempt");
+    assert_eq!(receipt.attempts, 3, "{receipt:?}");
+    let keys = node.keys.lock().unwrap().clone();
+    assert_eq!(keys.len(), 3, "three calls: {keys:?}");
+    assert!(keys.iter().all(|k| *k == keys[0]), "one key: {keys:?}");
+}
+
 /// Regression: the retry window is the call's deadline. Against a node that
 /// never answers, `notify` gives up once the window is spent (UNAVAILABLE,
 /// retryable), not after one more full attempt deadline.
@@ -505,6 +541,7 @@ async fn notify_retries_an_attempt_its_own_deadline_ended_under_the_same_key() {
 async fn notify_against_a_hung_node_returns_within_its_retry_window() {
     let node = HangingNode {
         hang_first: usize::MAX,
+        cancel_until: 0,
         keys: Arc::default(),
     };
     let url = serve_hanging(node.clone()).await;

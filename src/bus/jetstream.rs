@@ -49,8 +49,13 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Deadline of that comparison's stream-info request.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Checks in a row without progress, while the stream is ahead, before the
-/// consumer is recreated.
-const STALL_CHECKS: u32 = 5;
+/// consumer is recreated. A consumer that lived on a server that died gets
+/// nothing more, and async-nats's ordered consumer notices only after two
+/// missed 5 s heartbeats; recreating one that was merely slow costs a
+/// consumer create and nothing else (it resumes after `last`).
+const STALL_CHECKS: u32 = 3;
+/// First and longest pause before recreating a consumer that failed.
+const RECREATE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
 /// Oldest nats-server accepted (major, minor).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
 
@@ -457,11 +462,22 @@ impl Consumer {
     async fn run(mut self) {
         let mut failures: u32 = 0;
         while !self.cancel.is_cancelled() {
+            let started_at = self.last;
             match self.consume().await {
                 Ok(()) => return,
                 Err(err) => {
-                    failures += 1;
-                    let delay = Duration::from_millis(100 * (1 << failures.min(6)));
+                    // A consumer that delivered something worked: the
+                    // backoff starts over (a cluster that lost a server
+                    // once is not made to wait for earlier failures).
+                    failures = if self.last > started_at {
+                        1
+                    } else {
+                        failures + 1
+                    };
+                    let delay = RECREATE_BACKOFF
+                        .0
+                        .saturating_mul(1 << (failures - 1).min(16))
+                        .min(RECREATE_BACKOFF.1);
                     tracing::warn!(%err, last_seq = self.last, ?delay, "change consumer stopped; recreating");
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,

@@ -381,6 +381,37 @@ async def test_notify_retries_until_the_node_is_up_and_refusals_are_not_retried(
     await notifier.close()
 
 
+async def test_notify_retries_a_call_the_node_cancelled_at_its_deadline() -> None:
+    """Regression: a node ends a call at the deadline the caller sent with
+    CANCELLED "Timeout expired" (what its gRPC server does while its bus hangs),
+    and that answer can beat the caller's own deadline. It was a final error;
+    it is retried under the same idempotency key."""
+    from entity_sync._proto import entitysync_pb2 as pb
+    from entity_sync._proto import entitysync_pb2_grpc as pb_grpc
+
+    keys: list[str] = []
+
+    class CancellingNode(pb_grpc.EntitySyncServicer):
+        async def Notify(self, request: Any, context: Any) -> Any:  # noqa: N802
+            keys.append(request.idempotency_key)
+            if len(keys) <= 2:
+                await context.abort(grpc.StatusCode.CANCELLED, "Timeout expired")
+            return pb.NotifyResponse(accepted=1, sequences=[7], duplicate=True)
+
+    server = grpc.aio.server()
+    pb_grpc.add_EntitySyncServicer_to_server(CancellingNode(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    notifier = Notifier(f"http://127.0.0.1:{port}", retry_for=10)
+    try:
+        receipt = await asyncio.wait_for(notifier.notify([("items", "1")]), timeout=DEADLINE)
+        assert receipt.attempts == 3, receipt
+        assert len(keys) == 3 and len(set(keys)) == 1, keys
+    finally:
+        await notifier.close()
+        await server.stop(None)
+
+
 async def _until(check: Any, what: str) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + DEADLINE

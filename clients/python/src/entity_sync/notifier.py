@@ -105,7 +105,12 @@ class Notifier:
                     duplicate=response.duplicate,
                     attempts=attempts,
                 )
-            if error.kind is not ErrorKind.UNAVAILABLE:
+            # CANCELLED: the call ended before an answer, its outcome unknown
+            # (the node's gRPC server ends a call at the deadline this attempt
+            # sent, and that can arrive before our own deadline). Safe to
+            # repeat under the same idempotency key.
+            cancelled = error.code is grpc.StatusCode.CANCELLED
+            if error.kind is not ErrorKind.UNAVAILABLE and not cancelled:
                 raise error
             delay = backoff.next_delay()
             if loop.time() + delay >= give_up:
