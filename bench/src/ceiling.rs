@@ -177,7 +177,7 @@ mod tests {
 
     #[test]
     fn frames_have_the_node_push_shape() {
-        let shared = Shared::new(20, &[17, 17], false);
+        let shared = Shared::new(20, &[17, 17], false).unwrap();
         shared.bump(17);
         let frame = push_frame(&shared, 17);
         let push = crate::stats::scan_push(&frame).expect("a push");

@@ -12,19 +12,20 @@ use std::{
 
 use anyhow::{anyhow, bail};
 use entity_sync_backend::{
-    Answer, Answers, Backend, BackendState, Error, FetchMode, Key, Notifier, Reason, ResolveRequest,
+    Answer, Answers, Backend, BackendState, FetchMode, Key, Notifier, Reason, ResolveRequest,
 };
 use entity_sync_testkit::ws::{ConnectOptions, Ws, connect};
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
-    sync::{Notify, Semaphore, oneshot},
+    sync::{Notify, Semaphore},
     task::JoinSet,
     time::{Instant, sleep_until, timeout},
 };
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::stats::scan_push;
+use crate::{slots::Slots, stats::scan_push};
+use entity_sync_testkit::process::{ChildGuard, log_tail};
 
 /// The entity every bench key belongs to; ids are `0..keys` in decimal.
 pub const ENTITY: &str = "bench";
@@ -35,12 +36,21 @@ const MAX_IN_FLIGHT: u32 = 64;
 /// Most paced notify calls in flight before the scheduler waits for one.
 const PACED_IN_FLIGHT: usize = 512;
 
+/// Slots after the keys' versions in [`Shared::slots`], written by the resolver.
+const SLOT_CHANGE_REQUESTS: usize = 0;
+const SLOT_CHANGE_IDS: usize = 1;
+const RESOLVER_SLOTS: usize = 2;
+/// Slots in all after the versions: the counters and the resolver's state.
+const SHARED_EXTRA: usize = RESOLVER_SLOTS + 1;
+
 /// State shared by the notifier, the resolver and every client.
 pub struct Shared {
     base: std::time::Instant,
-    /// Latest version of each key: bumped by the notifier before `Notify`,
-    /// read by the resolver, so a resolve after a notify sees at least its version.
-    versions: Vec<AtomicU64>,
+    /// Latest version of each key (`slots[..keys]`): bumped by the notifier
+    /// before `Notify`, read by the resolver process, so a resolve after a
+    /// notify sees at least its version; then the resolver's counters.
+    slots: Slots,
+    keys: usize,
     /// Final version of each key: how many updates the run sends to it.
     finals: Vec<u64>,
     /// `sent_ns[offsets[key] + v - 1]`: when the notify of `(key, v)` was sent.
@@ -56,9 +66,6 @@ pub struct Shared {
     pending: AtomicUsize,
     pub converged: Notify,
     converged_ns: AtomicU64,
-    pub resolver_subscribe_requests: AtomicU64,
-    pub resolver_change_requests: AtomicU64,
-    pub resolver_change_ids: AtomicU64,
     /// Push frames every client received, counted as they arrive.
     pub delivered: AtomicU64,
 }
@@ -66,7 +73,7 @@ pub struct Shared {
 impl Shared {
     /// `updates` is the sequence of keys the run will notify, known in advance
     /// so every key's final version (and the latency table) is too.
-    pub fn new(keys: usize, updates: &[u32], record_latency: bool) -> Shared {
+    pub fn new(keys: usize, updates: &[u32], record_latency: bool) -> anyhow::Result<Shared> {
         let mut finals = vec![0u64; keys];
         for &k in updates {
             finals[k as usize] += 1;
@@ -81,9 +88,12 @@ impl Shared {
         let id_len = keys.saturating_sub(1).to_string().len();
         let v_len = updates.len().to_string().len();
         let skeleton = r#"{"id":"","v":,"pad":""}"#.len() + id_len + v_len;
-        Shared {
+        let slots = Slots::create(keys + SHARED_EXTRA)
+            .map_err(|err| anyhow!("cannot create the resolver's shared slots: {err}"))?;
+        Ok(Shared {
             base: std::time::Instant::now(),
-            versions: (0..keys).map(|_| AtomicU64::new(0)).collect(),
+            slots,
+            keys,
             finals,
             offsets,
             sent_ns: (0..total).map(|_| AtomicU64::new(0)).collect(),
@@ -95,11 +105,22 @@ impl Shared {
             pending: AtomicUsize::new(0),
             converged: Notify::new(),
             converged_ns: AtomicU64::new(0),
-            resolver_subscribe_requests: AtomicU64::new(0),
-            resolver_change_requests: AtomicU64::new(0),
-            resolver_change_ids: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
-        }
+        })
+    }
+
+    fn resolver_slot(&self, slot: usize) -> u64 {
+        self.slots[self.keys + slot].load(Acquire)
+    }
+
+    /// Change resolve requests the resolver answered.
+    pub fn resolver_change_requests(&self) -> u64 {
+        self.resolver_slot(SLOT_CHANGE_REQUESTS)
+    }
+
+    /// Ids those change requests carried.
+    pub fn resolver_change_ids(&self) -> u64 {
+        self.resolver_slot(SLOT_CHANGE_IDS)
     }
 
     /// Nanoseconds since the run's origin.
@@ -136,111 +157,204 @@ impl Shared {
 
     /// How many keys the run has.
     pub fn keys(&self) -> usize {
-        self.versions.len()
+        self.keys
+    }
+
+    fn versions(&self) -> &[AtomicU64] {
+        &self.slots[..self.keys]
     }
 
     /// The current version of `key`.
     pub fn version(&self, key: u32) -> u64 {
-        self.versions[key as usize].load(Acquire)
+        self.versions()[key as usize].load(Acquire)
     }
 
     /// The next update of `key` by the only writer of versions (a paced
     /// scheduler): its send time is recorded first, then the version is
     /// published, so a reader that sees `v` always finds its send time.
     pub fn bump(&self, key: u32) -> u64 {
-        let v = self.versions[key as usize].load(Acquire) + 1;
+        let v = self.versions()[key as usize].load(Acquire) + 1;
         if let Some(slot) = self.sent_slot(key, v) {
             slot.store(self.now_ns(), Release);
         }
-        self.versions[key as usize].store(v, Release);
+        self.versions()[key as usize].store(v, Release);
         v
     }
 
     /// A change of `key` by one of several concurrent writers (no send times).
     pub fn touch(&self, key: u32) {
-        self.versions[key as usize].fetch_add(1, AcqRel);
+        self.versions()[key as usize].fetch_add(1, AcqRel);
     }
 
     /// One row of `key` at its current version (~200 bytes of JSON).
     pub fn row(&self, id: &str) -> Option<String> {
-        let key: usize = id.parse().ok()?;
-        let v = self.versions.get(key)?.load(Acquire);
-        Some(format!(r#"{{"id":"{id}","v":{v},"pad":"{}"}}"#, self.pad))
+        row_of(self.versions(), &self.pad, id)
     }
+}
+
+/// The row of `id` at its version in `versions`.
+fn row_of(versions: &[AtomicU64], pad: &str, id: &str) -> Option<String> {
+    let key: usize = id.parse().ok()?;
+    let v = versions.get(key)?.load(Acquire);
+    Some(format!(r#"{{"id":"{id}","v":{v},"pad":"{pad}"}}"#))
 }
 
 // ---------------------------------------------------------------------------
 // Resolver
 // ---------------------------------------------------------------------------
 
-/// Serves entity `bench` through `entity-sync-backend`, answering every
-/// request with each key's latest version, until `cancel`. Returns once the
-/// node answered `Registered`; the receiver yields when the resolver ended.
-///
-/// The resolver runs on a thread and runtime of its own, as a backend runs in
-/// a process of its own: its answers are not queued behind the websocket
-/// clients' receive work on the generator's runtime.
+/// Starts the bench's resolver in a process of its own (this executable,
+/// `resolver-process`), as a real backend runs: it serves entity `bench`
+/// through `entity-sync-backend` on `grpc_url`, answering every request with
+/// each key's latest version, read from the slots it maps with `shared`.
+/// Returns once the node answered `Registered`; the handle ends once
+/// `cancel` fired and the process drained and exited.
 pub async fn start_resolver(
     grpc_url: &str,
     shared: Arc<Shared>,
     fetch_mode: FetchMode,
     cancel: CancellationToken,
-) -> anyhow::Result<oneshot::Receiver<Result<(), Error>>> {
-    let handler = move |request: ResolveRequest| {
-        let shared = shared.clone();
-        async move {
-            if request.reason() == Reason::Change {
-                shared.resolver_change_requests.fetch_add(1, Relaxed);
-                shared
-                    .resolver_change_ids
-                    .fetch_add(request.ids().len() as u64, Relaxed);
-            } else {
-                shared.resolver_subscribe_requests.fetch_add(1, Relaxed);
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let state = &shared.slots[shared.keys + SLOT_STATE_OFFSET..];
+    state[0].store(STATE_STARTING, Release);
+    let mode = match fetch_mode {
+        FetchMode::PerSubscriber => "per-subscriber",
+        _ => "shared",
+    };
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("resolver-process")
+        .arg("--resolver-grpc")
+        .arg(grpc_url)
+        .arg("--resolver-slots")
+        .arg(shared.slots.path())
+        .arg("--keys")
+        .arg(shared.keys.to_string())
+        .arg("--resolver-pad")
+        .arg(shared.pad.len().to_string())
+        .arg("--fetch-mode")
+        .arg(mode);
+    let log = shared.slots.path().with_extension("resolver.log");
+    // Tied: the kernel ends it if this (main) thread dies without cleaning up.
+    let mut child = ChildGuard::spawn_tied("bench resolver", cmd, &log)?;
+    let registered = timeout(Duration::from_secs(10), async {
+        loop {
+            match state[0].load(Acquire) {
+                STATE_REGISTERED => return Ok(()),
+                STATE_FAILED => return Err("it could not register".to_owned()),
+                _ => {}
             }
-            request
-                .ids()
-                .iter()
-                .map(|id| {
-                    let answer = match shared.row(id) {
-                        Some(row) => Answer::json_rows([row]),
-                        None => Answer::not_found(),
-                    };
-                    (id.clone(), answer)
-                })
-                .collect::<Answers>()
+            child.check_alive()?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    match registered {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => bail!(
+            "the bench resolver: {err}; log: {}",
+            log_tail(&log, 10, &[])
+        ),
+        Err(_) => bail!(
+            "the bench resolver did not register within 10 s; log: {}",
+            log_tail(&log, 10, &[])
+        ),
+    }
+    Ok(tokio::spawn(async move {
+        cancel.cancelled().await;
+        // SIGTERM: it drains and exits; the guard waits for it (bounded).
+        let _ = tokio::task::spawn_blocking(move || {
+            child.signal(libc::SIGTERM);
+            if child
+                .wait_exit(Duration::from_secs(5))
+                .is_some_and(|s| s.success())
+            {
+                let _ = std::fs::remove_file(&log);
+            }
+        })
+        .await;
+    }))
+}
+
+/// Index of the resolver's state after its counters.
+const SLOT_STATE_OFFSET: usize = RESOLVER_SLOTS;
+const STATE_STARTING: u64 = 0;
+const STATE_REGISTERED: u64 = 1;
+const STATE_FAILED: u64 = 2;
+
+/// What the resolver process is told on its command line.
+pub struct ResolverArgs {
+    pub grpc_url: String,
+    pub slots: std::path::PathBuf,
+    pub keys: usize,
+    pub pad: usize,
+    pub fetch_mode: FetchMode,
+}
+
+/// The resolver process: serves until SIGTERM (then drains), on one thread.
+pub async fn resolver_process(args: ResolverArgs) -> anyhow::Result<()> {
+    let slots = Arc::new(Slots::open(&args.slots, args.keys + SHARED_EXTRA)?);
+    let keys = args.keys;
+    let pad: Arc<str> = Arc::from("x".repeat(args.pad));
+    let handler = {
+        let slots = slots.clone();
+        move |request: ResolveRequest| {
+            let (slots, pad) = (slots.clone(), pad.clone());
+            async move {
+                let counters = &slots[keys..];
+                if request.reason() == Reason::Change {
+                    counters[SLOT_CHANGE_REQUESTS].fetch_add(1, Relaxed);
+                    counters[SLOT_CHANGE_IDS].fetch_add(request.ids().len() as u64, Relaxed);
+                }
+                request
+                    .ids()
+                    .iter()
+                    .map(|id| {
+                        let answer = match row_of(&slots[..keys], &pad, id) {
+                            Some(row) => Answer::json_rows([row]),
+                            None => Answer::not_found(),
+                        };
+                        (id.clone(), answer)
+                    })
+                    .collect::<Answers>()
+            }
         }
     };
-    let backend = Backend::builder(grpc_url)
+    let backend = Backend::builder(args.grpc_url)
         .name("entity-sync-bench")
-        .entity(ENTITY, fetch_mode, handler)
+        .entity(ENTITY, args.fetch_mode, handler)
         .max_in_flight(MAX_IN_FLIGHT)
         .build()?;
     let mut state = backend.state();
-    let (done_tx, done) = oneshot::channel();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("bench-resolver".into())
-        .spawn(move || {
-            let result = runtime.block_on(backend.serve(cancel.cancelled_owned()));
-            let _ = done_tx.send(result);
-        })?;
-    timeout(Duration::from_secs(10), async {
-        loop {
-            match &*state.borrow_and_update() {
-                BackendState::Registered { .. } => return Ok(()),
-                BackendState::Disconnected { error } => bail!("the bench resolver: {error}"),
-                _ => {}
+    let report = {
+        let slots = slots.clone();
+        tokio::spawn(async move {
+            let slot = &slots[keys + SLOT_STATE_OFFSET];
+            loop {
+                match &*state.borrow_and_update() {
+                    BackendState::Registered { .. } => slot.store(STATE_REGISTERED, Release),
+                    BackendState::Disconnected { error } => {
+                        eprintln!("bench resolver: {error}");
+                    }
+                    _ => {}
+                }
+                if state.changed().await.is_err() {
+                    return;
+                }
             }
-            if state.changed().await.is_err() {
-                bail!("the bench resolver stopped before registering");
-            }
-        }
-    })
-    .await
-    .map_err(|_| anyhow!("the bench resolver did not register within 10 s"))??;
-    Ok(done)
+        })
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let served = backend
+        .serve(async move {
+            term.recv().await;
+        })
+        .await;
+    report.abort();
+    if let Err(err) = served {
+        slots[keys + SLOT_STATE_OFFSET].store(STATE_FAILED, Release);
+        bail!("bench resolver: {err}");
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -311,7 +425,7 @@ pub async fn drive_updates(
                         let keys = &seq[i..(i + batch).min(seq.len())];
                         let now = shared.now_ns();
                         for &key in keys {
-                            let v = shared.versions[key as usize].fetch_add(1, AcqRel) + 1;
+                            let v = shared.versions()[key as usize].fetch_add(1, AcqRel) + 1;
                             if let Some(slot) = shared.sent_slot(key, v) {
                                 slot.store(now, Release);
                             }
@@ -348,7 +462,7 @@ pub async fn drive_updates(
         first_ns,
         last_ns: shared.now_ns(),
         // Every update bumps one version once, whether or not its call succeeded.
-        sent: shared.versions.iter().map(|v| v.load(Acquire)).sum(),
+        sent: shared.versions().iter().map(|v| v.load(Acquire)).sum(),
         errors: errors.count.load(Acquire),
         first_error: errors.first.lock().expect("lock").clone(),
     }
@@ -684,8 +798,8 @@ mod tests {
 
     #[test]
     fn rows_are_about_200_bytes_and_carry_the_version() {
-        let shared = Shared::new(1000, &[17; 300], false);
-        shared.versions[17].store(123, Release);
+        let shared = Shared::new(1000, &[17; 300], false).unwrap();
+        shared.versions()[17].store(123, Release);
         let row = shared.row("17").expect("row");
         let text = row.as_str();
         assert!(
@@ -700,7 +814,7 @@ mod tests {
 
     #[test]
     fn send_times_are_indexed_per_key_and_version() {
-        let shared = Shared::new(3, &[0, 2, 2], false);
+        let shared = Shared::new(3, &[0, 2, 2], false).unwrap();
         assert!(shared.sent_slot(0, 0).is_none());
         assert!(shared.sent_slot(0, 1).is_some());
         assert!(shared.sent_slot(0, 2).is_none());

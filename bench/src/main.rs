@@ -19,7 +19,9 @@
 //! - `main.rs`: command line, the scenarios, the reports.
 //! - `procs.rs`: `/proc` CPU and RSS, RLIMIT_NOFILE. (Node and nats-server
 //!   processes, readiness and `/metrics` come from `entity-sync-testkit`.)
-//! - `load.rs`: the resolver (on `entity-sync-backend`), the notifier and the websocket clients.
+//! - `load.rs`: the resolver (on `entity-sync-backend`, in a process of its own), the notifier
+//!   and the websocket clients.
+//! - `slots.rs`: the `u64` atomics the bench shares with its resolver process (a mapped file).
 //! - `stats.rs`: the seeded PRNG, the push-frame scanner, percentiles, medians.
 //! - `ceiling.rs`: the bare websocket server that measures the machine's ceiling.
 //!
@@ -31,6 +33,7 @@
 mod ceiling;
 mod load;
 mod procs;
+mod slots;
 mod stats;
 
 use std::{
@@ -184,6 +187,16 @@ struct Cli {
     /// Seed of the key choices.
     #[arg(long, default_value_t = 0x5EED)]
     seed: u64,
+
+    /// resolver-process (started by the bench itself): the node's gRPC URL.
+    #[arg(long, hide = true)]
+    resolver_grpc: Option<String>,
+    /// resolver-process: the file of slots shared with the bench.
+    #[arg(long, hide = true)]
+    resolver_slots: Option<PathBuf>,
+    /// resolver-process: bytes of padding in each row.
+    #[arg(long, hide = true, default_value_t = 0)]
+    resolver_pad: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -194,6 +207,9 @@ enum Scenario {
     Notify,
     Cluster,
     Ceiling,
+    /// The bench's resolver, in a process of its own (the bench starts it).
+    #[value(hide = true)]
+    ResolverProcess,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -210,6 +226,9 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     };
+    if scenario == Scenario::ResolverProcess {
+        return resolver_process(&cli);
+    }
     // Before any child exists, so the nodes inherit it.
     let nofile = procs::raise_nofile();
     // The last line of defence of "stops by itself": children die with us (PDEATHSIG).
@@ -246,6 +265,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// The bench's resolver process: one thread, as the resolver had inside the
+/// bench before; it ends on SIGTERM (after draining) or with its parent.
+fn resolver_process(cli: &Cli) -> ExitCode {
+    let (Some(grpc_url), Some(slots), Some(keys)) = (
+        cli.resolver_grpc.clone(),
+        cli.resolver_slots.clone(),
+        cli.keys,
+    ) else {
+        eprintln!("error: resolver-process needs --resolver-grpc, --resolver-slots and --keys");
+        return ExitCode::from(2);
+    };
+    let args = load::ResolverArgs {
+        grpc_url,
+        slots,
+        keys: keys as usize,
+        pad: cli.resolver_pad,
+        fetch_mode: match cli.fetch_mode {
+            FetchModeArg::Shared => FetchMode::Shared,
+            FetchModeArg::PerSubscriber => FetchMode::PerSubscriber,
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(load::resolver_process(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the scenario; `Ok(false)` when it completed but lost clients or had errors.
 async fn run(cli: Cli, scenario: Scenario, nofile: u64) -> anyhow::Result<bool> {
     let log_dir = std::env::temp_dir().join(format!(
@@ -264,6 +323,7 @@ async fn run(cli: Cli, scenario: Scenario, nofile: u64) -> anyhow::Result<bool> 
         }
         Scenario::Idle => idle_scenario(&cli, nofile, &log_dir, deadline).await,
         Scenario::Notify => notify_scenario(&cli, &log_dir, deadline).await,
+        Scenario::ResolverProcess => unreachable!("handled in main"),
     };
     // Children are gone by now (their guards dropped inside the scenario).
     if matches!(result, Ok(true)) && !cli.keep_logs {
@@ -594,7 +654,7 @@ async fn push_scenario(
     let seq: Vec<u32> = (0..updates)
         .map(|_| rng.below(u64::from(keys)) as u32)
         .collect();
-    let shared = Arc::new(Shared::new(keys as usize, &seq, cli.rate.is_some()));
+    let shared = Arc::new(Shared::new(keys as usize, &seq, cli.rate.is_some())?);
     let cancel = CancellationToken::new();
     let fetch_mode = match cli.fetch_mode {
         FetchModeArg::Shared => FetchMode::Shared,
@@ -754,11 +814,11 @@ async fn push_scenario(
             0.0
         },
         resolves_by_node,
-        resolver_change_requests: shared.resolver_change_requests.load(Ordering::Relaxed),
-        resolver_change_ids: shared.resolver_change_ids.load(Ordering::Relaxed),
+        resolver_change_requests: shared.resolver_change_requests(),
+        resolver_change_ids: shared.resolver_change_ids(),
         backend_resolves_per_change: if drive.sent > 0 {
             round(
-                shared.resolver_change_requests.load(Ordering::Relaxed) as f64 / drive.sent as f64,
+                shared.resolver_change_requests() as f64 / drive.sent as f64,
                 4,
             )
         } else {
@@ -820,7 +880,7 @@ async fn ceiling_run(
     let seq: Vec<u32> = (0..updates)
         .map(|_| rng.below(u64::from(keys)) as u32)
         .collect();
-    let shared = Arc::new(Shared::new(keys as usize, &seq, true));
+    let shared = Arc::new(Shared::new(keys as usize, &seq, true)?);
     let cancel = CancellationToken::new();
     let server =
         ceiling::CeilingServer::start(keys as usize, shared.clone(), cancel.clone()).await?;
@@ -1047,7 +1107,7 @@ async fn idle_scenario(
     let max = targets.last().copied().unwrap_or(0);
     let keys = cli.keys.unwrap_or(1_000).max(1);
     let mut env = Env::start(cli, 1, cli.nats, log_dir, deadline).await?;
-    let shared = Arc::new(Shared::new(keys as usize, &[], false));
+    let shared = Arc::new(Shared::new(keys as usize, &[], false)?);
     let cancel = CancellationToken::new();
     let resolver = load::start_resolver(
         &env.nodes[0].grpc_url(),
@@ -1190,7 +1250,7 @@ async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow
     } else {
         cli.subscribers
     };
-    let shared = Arc::new(Shared::new(keys as usize, &[], false));
+    let shared = Arc::new(Shared::new(keys as usize, &[], false)?);
     let cancel = CancellationToken::new();
     let resolver = load::start_resolver(
         &env.nodes[0].grpc_url(),
@@ -1368,7 +1428,7 @@ mod tests {
 
     #[test]
     fn plan_finals_and_rows() {
-        let shared = Shared::new(3, &[0, 2, 2, 2], false);
+        let shared = Shared::new(3, &[0, 2, 2, 2], false).unwrap();
         assert_eq!(
             (0..3).map(|k| shared.final_of(k)).collect::<Vec<_>>(),
             [1, 0, 3]
