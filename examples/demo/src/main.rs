@@ -68,6 +68,11 @@ struct Args {
     #[arg(long, default_value = "/ws/entity-sync/")]
     ws_path: String,
 
+    /// The websocket URL the page connects to, when it is not `ws://` on
+    /// `--ws-addr` (a node behind a TLS proxy: `wss://sync.example.com/ws/entity-sync/`).
+    #[arg(long, value_name = "URL", value_parser = parse_ws_url)]
+    ws_url: Option<String>,
+
     /// gRPC address of the in-process node.
     #[arg(long, default_value = "127.0.0.1:50051")]
     grpc_addr: SocketAddr,
@@ -97,6 +102,13 @@ struct Args {
     /// Edit a random item every SECONDS so the page visibly changes; 0 turns it off.
     #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = parse_seconds)]
     auto_edit: Duration,
+}
+
+fn parse_ws_url(value: &str) -> Result<String, String> {
+    match value.split_once("://") {
+        Some(("ws" | "wss", rest)) if !rest.is_empty() => Ok(value.to_owned()),
+        _ => Err(format!("{value:?} is not a ws:// or wss:// URL")),
+    }
 }
 
 fn parse_seconds(value: &str) -> Result<Duration, String> {
@@ -175,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
         notifier,
         ws_addr,
         ws_path: args.ws_path.clone(),
+        ws_url: args.ws_url.clone(),
     });
     let page_shutdown = shutdown.clone();
     tasks.spawn(
@@ -262,6 +275,10 @@ fn print_instructions(
         Some(path) => format!("SQLite file {}", path.display()),
         None => "SQLite in memory (--db FILE keeps it)".to_owned(),
     };
+    let websocket = args
+        .ws_url
+        .clone()
+        .unwrap_or_else(|| format!("ws://{ws_addr}{}", args.ws_path));
     let edits = if auto_edit.is_zero() {
         "off".to_owned()
     } else {
@@ -274,7 +291,7 @@ fn print_instructions(
     Open the demo page:  http://{http_addr}/
 
     node         {node}
-    websocket    ws://{ws_addr}{ws_path}
+    websocket    {websocket}
     gRPC         {grpc_url}   (Notify, Resolve)
     database     {database}
     auto-edit    {edits}
@@ -287,8 +304,7 @@ fn print_instructions(
 
   The list is private: its secret is \"{DEMO_SECRET}\" (clear it on the page to see
   FORBIDDEN). The hardware list is public. Ctrl-C stops everything.
-",
-        ws_path = args.ws_path,
+"
     );
 }
 
@@ -804,6 +820,8 @@ mod web {
         /// The node's websocket listener, as the page should reach it.
         pub ws_addr: SocketAddr,
         pub ws_path: String,
+        /// `--ws-url`: the URL the page uses instead (a TLS proxy in front).
+        pub ws_url: Option<String>,
     }
 
     pub fn router(state: AppState) -> Router {
@@ -861,6 +879,9 @@ mod web {
     /// The node's websocket URL. A node listening on every interface
     /// (0.0.0.0) is reached under the host name the browser used for this page.
     fn ws_url(state: &AppState, headers: &HeaderMap) -> String {
+        if let Some(url) = &state.ws_url {
+            return url.clone();
+        }
         let port = state.ws_addr.port();
         let host = if state.ws_addr.ip().is_unspecified() {
             headers
@@ -963,5 +984,23 @@ mod web {
                 StatusCode::INTERNAL_SERVER_ERROR.into_response()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_url_is_ws_on_the_node_address_unless_given() {
+        assert_eq!(
+            parse_ws_url("wss://sync.example.com/ws/entity-sync/").as_deref(),
+            Ok("wss://sync.example.com/ws/entity-sync/")
+        );
+        assert!(parse_ws_url("https://sync.example.com/").is_err());
+        assert!(parse_ws_url("wss://").is_err());
+        let args = Args::try_parse_from(["demo", "--ws-url", "ws://10.0.0.5:9000/ws/"]).unwrap();
+        assert_eq!(args.ws_url.as_deref(), Some("ws://10.0.0.5:9000/ws/"));
+        assert!(Args::try_parse_from(["demo", "--ws-url", "http://x/"]).is_err());
     }
 }
