@@ -39,7 +39,10 @@ const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Longest a subscribe waits for this node's bus consumer to catch up, so
 /// that it may join a snapshot resolve of its key already in flight.
-const JOIN_WAIT: Duration = Duration::from_millis(50);
+const JOIN_WAIT: Duration = Duration::from_millis(20);
+/// After such a wait ran out, subscribes do not wait for this long: a
+/// consumer that far behind would only add the wait to every subscribe.
+const JOIN_WAIT_BACKOFF: Duration = Duration::from_secs(1);
 
 struct Flight {
     /// Highest sequence of a change that arrived while the resolve ran, and
@@ -69,6 +72,10 @@ struct Inner {
     /// `applied` after each consumed batch, for subscribes that wait to
     /// join a resolve in flight (see `subscribe`).
     applied_watch: watch::Sender<u64>,
+    /// When a subscribe's wait for `applied` last ran out, in milliseconds
+    /// after `started` (0: never).
+    join_wait_expired_ms: AtomicU64,
+    started: std::time::Instant,
 }
 
 /// How a resolve attempt ended.
@@ -115,6 +122,8 @@ impl Dispatcher {
                 // Where the bus starts: the lag gauge is the bus head minus this.
                 applied: AtomicU64::new(bus.head()),
                 applied_watch: watch::Sender::new(bus.head()),
+                join_wait_expired_ms: AtomicU64::new(0),
+                started: std::time::Instant::now(),
             }),
         }
     }
@@ -170,6 +179,15 @@ impl Dispatcher {
         // After scheduling, as in `run`.
         self.inner.applied.fetch_max(seq, Ordering::AcqRel);
         self.publish_applied();
+    }
+
+    /// Whether a subscribe may wait for the bus consumer to join a resolve:
+    /// not within [`JOIN_WAIT_BACKOFF`] of a wait that ran out.
+    fn may_wait_to_join(&self) -> bool {
+        let expired = self.inner.join_wait_expired_ms.load(Ordering::Relaxed);
+        expired == 0
+            || self.inner.started.elapsed().as_millis() as u64
+                >= expired + JOIN_WAIT_BACKOFF.as_millis() as u64
     }
 
     /// Wakes subscribes waiting for `applied` (only when there are any).
@@ -435,7 +453,7 @@ impl Dispatcher {
         // later changes are this subscription's missed ones, which the
         // registry notes.
         let mut may_join = self.applied() >= base;
-        if !may_join && self.inner.resolvers.can_join(&key, &secret) {
+        if !may_join && self.may_wait_to_join() && self.inner.resolvers.can_join(&key, &secret) {
             // A resolve of this key and secret is in flight: worth waiting
             // a moment for this node to consume the changes up to `base`
             // (it is usually a few milliseconds behind the bus's head), not
@@ -443,6 +461,12 @@ impl Dispatcher {
             let mut applied = self.inner.applied_watch.subscribe();
             let caught_up = applied.wait_for(|applied| *applied >= base);
             may_join = matches!(tokio::time::timeout(JOIN_WAIT, caught_up).await, Ok(Ok(_)));
+            if !may_join {
+                let now = self.inner.started.elapsed().as_millis() as u64;
+                self.inner
+                    .join_wait_expired_ms
+                    .store(now.max(1), Ordering::Relaxed);
+            }
         }
         let resolve = self
             .inner
