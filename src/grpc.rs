@@ -1,6 +1,6 @@
 //! The gRPC service `entitysync.v1.EntitySync`: `Notify` from backends, and their `Resolve` streams.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +26,36 @@ use crate::{
 
 /// Longest idempotency key accepted, in bytes.
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Most of a caller's deadline a `Notify` keeps for its answer's way back.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
+/// The deadline a caller sent with its call (`grpc-timeout`: at most 8
+/// digits and a unit), if any.
+fn call_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How long a `Notify` under `deadline` may wait for the bus: a tenth less
+/// (at most [`DEADLINE_MARGIN`]), so that DEADLINE_EXCEEDED reaches the
+/// caller before its own timer, and before the gRPC server's own end of the
+/// call at that deadline (CANCELLED "Timeout expired", which says less).
+fn bus_budget(deadline: Duration) -> Duration {
+    deadline - (deadline / 10).min(DEADLINE_MARGIN)
+}
 
 /// The service implementation; one per node. Backends' `Resolve` streams
 /// register in the local resolver pool.
@@ -123,6 +153,7 @@ impl EntitySync for EntitySyncService {
     ) -> Result<Response<NotifyResponse>, Status> {
         let granted = self.auth.check(request.metadata(), Role::Notifier)?;
         let (trace, junk) = TraceId::from_metadata(request.metadata());
+        let deadline = call_deadline(request.metadata());
         if junk {
             // The header's text is the caller's: never logged.
             tracing::debug!(trace_id = %trace, "Notify: unusable trace id header ignored");
@@ -166,10 +197,21 @@ impl EntitySync for EntitySyncService {
                 .map(|c| c.as_ref()),
             &request.idempotency_key,
         );
-        let receipt = self
-            .bus
-            .publish(keys, &idempotency_key, meta)
-            .await
+        let publish = self.bus.publish(keys, &idempotency_key, meta);
+        let published = match deadline {
+            // A publish cut short may have stored some keys: the caller's
+            // retry under the same idempotency key stores the rest once.
+            Some(deadline) => tokio::time::timeout(bus_budget(deadline), publish)
+                .await
+                .map_err(|_| {
+                    tracing::debug!(trace_id = %trace, ?deadline, "Notify: the bus did not answer within the call's deadline");
+                    Status::deadline_exceeded(
+                        "the bus did not store the keys within the call's deadline; retry with the same idempotency key",
+                    )
+                })?,
+            None => publish.await,
+        };
+        let receipt = published
             .inspect_err(|err| tracing::debug!(trace_id = %trace, %err, "Notify failed"))?;
         tracing::debug!(
             trace_id = %trace,
@@ -347,5 +389,46 @@ impl EntitySync for EntitySyncService {
             .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deadline_of(value: &str) -> Option<Duration> {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        call_deadline(&metadata)
+    }
+
+    #[test]
+    fn call_deadlines_are_read_in_every_unit_and_junk_is_none() {
+        assert_eq!(deadline_of("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(deadline_of("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(deadline_of("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(deadline_of("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(deadline_of("250u"), Some(Duration::from_micros(250)));
+        assert_eq!(
+            deadline_of("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for junk in ["", "S", "123456789S", "12x", "-1S", "1.5S", "+5S"] {
+            assert_eq!(deadline_of(junk), None, "{junk:?}");
+        }
+        assert_eq!(call_deadline(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn the_bus_gets_the_deadline_less_a_margin_for_the_answer() {
+        assert_eq!(
+            bus_budget(Duration::from_secs(2)),
+            Duration::from_millis(1900)
+        );
+        assert_eq!(
+            bus_budget(Duration::from_millis(300)),
+            Duration::from_millis(270)
+        );
+        assert_eq!(bus_budget(Duration::ZERO), Duration::ZERO);
     }
 }

@@ -940,3 +940,51 @@ async fn a_node_gives_up_on_an_unreachable_nats_after_the_startup_timeout() {
     }
     assert!(waited >= Duration::from_millis(500), "no retry: {waited:?}");
 }
+
+/// A `Notify` whose bus does not answer (the node's NATS link stalled
+/// half-open) ends before the deadline its caller sent, with
+/// DEADLINE_EXCEEDED, not the gRPC server's CANCELLED "Timeout expired"
+/// (which notifiers used to take for a final error).
+#[tokio::test]
+async fn a_notify_the_bus_cannot_store_in_time_is_deadline_exceeded() {
+    use entity_sync_backend::proto::v1::{
+        EntityKey, NotifyRequest, entity_sync_client::EntitySyncClient,
+    };
+    let nats = NatsServer::start().await;
+    let proxy = TcpProxy::start(nats.addr()).await;
+    let node = nats_node(&proxy.url(), "deadline", |_| {}).await;
+    let mut client = EntitySyncClient::connect(node.grpc().to_owned())
+        .await
+        .unwrap();
+    let request = || {
+        let mut request = tonic::Request::new(NotifyRequest {
+            keys: vec![EntityKey {
+                entity: "items".into(),
+                id: "1".into(),
+            }],
+            idempotency_key: "change-1".into(),
+        });
+        // The deadline travels in the header only: no timer of this client's
+        // own can end the call first, so what comes back is the node's answer.
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "500m".parse().unwrap());
+        request
+    };
+    proxy.stall();
+    let started = Instant::now();
+    let status = timeout(Duration::from_secs(10), client.notify(request()))
+        .await
+        .expect("the node answers")
+        .expect_err("the bus cannot store the key");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "the bus did not store the keys within the call's deadline; retry with the same idempotency key"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}
