@@ -8,10 +8,15 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    future::poll_fn,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::Poll,
 };
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::{
     key::ChangeKey,
@@ -112,12 +117,21 @@ impl State {
 /// A std `Mutex`: every critical section is a few pointer moves, never
 /// crosses an `.await`, and is contended only by the dispatcher and the
 /// connection's own session.
+///
+/// The session is its only reader, so waking it is a flag and a waker slot
+/// ([`AtomicWaker`]), not a tokio `Notify`: a push sets the flag and wakes
+/// the session if it waits, with no lock and no waiter list (a `Notify`'s
+/// waiter list is locked to add, wake and drop every wait, once per push).
 pub(crate) struct Outbox {
     state: Mutex<State>,
-    wake: Notify,
-    /// Signalled once when the queue closes, so a session blocked writing to
-    /// a slow socket learns it at once.
-    closing: Notify,
+    /// Something was queued (or the queue closed) since the session looked.
+    queued: AtomicBool,
+    wake: AtomicWaker,
+    /// Set once when the queue closes, so a session blocked writing to a
+    /// slow socket learns it at once (its own waker: the session waits for
+    /// this while it writes, and for `queued` between writes).
+    closing: AtomicBool,
+    closing_wake: AtomicWaker,
     max_bytes: usize,
 }
 
@@ -125,10 +139,18 @@ impl Outbox {
     pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
-            wake: Notify::new(),
-            closing: Notify::new(),
+            queued: AtomicBool::new(false),
+            wake: AtomicWaker::new(),
+            closing: AtomicBool::new(false),
+            closing_wake: AtomicWaker::new(),
             max_bytes,
         }
+    }
+
+    /// Tells the session that something is queued.
+    fn signal(&self) {
+        self.queued.store(true, Ordering::Release);
+        self.wake.wake();
     }
 
     /// Queues a push for `key`, replacing a queued older push of that key.
@@ -163,7 +185,7 @@ impl Outbox {
         }
         state.bytes += new_len;
         let result = self.check_bound(state, Queued::Appended);
-        self.wake.notify_one();
+        self.signal();
         result
     }
 
@@ -186,7 +208,7 @@ impl Outbox {
             payload: Payload::One(frame),
         });
         let result = self.check_bound(state, Queued::Appended);
-        self.wake.notify_one();
+        self.signal();
         result
     }
 
@@ -234,8 +256,9 @@ impl Outbox {
             ..State::default()
         };
         drop(state);
-        self.wake.notify_one();
-        self.closing.notify_one();
+        self.signal();
+        self.closing.store(true, Ordering::Release);
+        self.closing_wake.wake();
         Queued::Overflow
     }
 
@@ -262,19 +285,43 @@ impl Outbox {
         None
     }
 
-    /// Waits until something was queued or the queue closed since the last drain.
+    /// Waits until something was queued or the queue closed since the last
+    /// wait ended. One waiter at a time: the connection's session.
     pub(crate) async fn ready(&self) {
-        self.wake.notified().await
+        poll_fn(|cx| {
+            // Checked again after registering: a push between the first
+            // check and the registration is not missed.
+            if self.queued.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.wake.register(cx.waker());
+            if self.queued.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
-    /// Waits until the queue is closed.
+    /// Waits until the queue is closed. One waiter at a time (the session).
     pub(crate) async fn closed(&self) -> CloseReason {
-        loop {
-            if let Some(reason) = self.state.lock().unwrap().closed {
-                return reason;
+        poll_fn(|cx| {
+            if !self.closing.load(Ordering::Acquire) {
+                self.closing_wake.register(cx.waker());
+                if !self.closing.load(Ordering::Acquire) {
+                    return Poll::Pending;
+                }
             }
-            self.closing.notified().await;
-        }
+            Poll::Ready(
+                self.state
+                    .lock()
+                    .unwrap()
+                    .closed
+                    .unwrap_or(CloseReason::Overflow),
+            )
+        })
+        .await
     }
 
     /// The byte bound past which the queue closes.
@@ -305,6 +352,54 @@ mod tests {
             &[Bytes::from_static(b"{\"v\":1}")],
             false,
         )
+    }
+
+    /// Whether `future` completes when polled once.
+    fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(future).poll(&mut cx) {
+            Poll::Ready(out) => Some(out),
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_session_is_woken_by_each_push_and_by_the_close() {
+        let outbox = Arc::new(Outbox::new(100));
+        assert!(ready_now(outbox.ready()).is_none(), "nothing queued");
+        // A push before the session waits is not missed...
+        outbox.push(&key("1"), &push("1", 1));
+        assert!(ready_now(outbox.ready()).is_some());
+        // ...and counts once.
+        assert!(ready_now(outbox.ready()).is_none());
+        // A push while it waits wakes it.
+        let waiting = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.ready().await }
+        });
+        tokio::task::yield_now().await;
+        outbox.control(None, FrameText::from_static("{}"));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(ready_now(outbox.closed()).is_none(), "not closed");
+        let closing = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.closed().await }
+        });
+        tokio::task::yield_now().await;
+        let big = PushFrame::build(&key("2"), 1, &[Bytes::from(vec![b'1'; 200])], false);
+        assert_eq!(outbox.push(&key("2"), &big), Queued::Overflow);
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(5), closing)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(reason, CloseReason::Overflow);
+        assert!(
+            ready_now(outbox.ready()).is_some(),
+            "the close wakes the session too"
+        );
     }
 
     fn drained(outbox: &Outbox) -> Vec<String> {

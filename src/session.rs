@@ -126,6 +126,19 @@ pub(crate) async fn serve(
     let mut frames: Vec<FrameText> = Vec::new();
     let mut ping = ctx.ping.clone();
     ping.mark_unchanged();
+    // The waits that span many loop turns are made once, not once per turn:
+    // a shutdown or ping wait dropped and made again would add itself to (and
+    // remove itself from) a waiter list under a lock every time a push
+    // wakes the loop.
+    // Fused: it ends (for good) when the node's ping timer stops.
+    let ping = futures_util::stream::unfold(ping, |mut ping| async move {
+        ping.changed().await.ok()?;
+        Some(((), ping))
+    })
+    .fuse();
+    tokio::pin!(ping);
+    let shutdown = ctx.tasks.cancelled();
+    tokio::pin!(shutdown);
     let mut last_seen = Instant::now();
     let mut limiter = RateLimit::new(
         ctx.config.max_message_rate,
@@ -136,8 +149,8 @@ pub(crate) async fn serve(
     let close: Option<(u16, &'static str)> = loop {
         tokio::select! {
             biased;
-            _ = ctx.tasks.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
-            _ = conn.outbox.ready() => {
+            () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            () = conn.outbox.ready() => {
                 if let Some(CloseReason::Overflow) = conn.outbox.drain(&mut frames) {
                     break Some(slow_client(&ctx.metrics, &conn));
                 }
@@ -150,7 +163,7 @@ pub(crate) async fn serve(
                         }
                     }
                     CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
-                    _ = ctx.tasks.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                    () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
                 }
             }
             Some(()) = async { subscribes.as_mut().expect("checked").next().await },
@@ -203,7 +216,7 @@ pub(crate) async fn serve(
                     }
                 }
             }
-            Ok(()) = ping.changed() => {
+            Some(()) = ping.next() => {
                 if last_seen.elapsed() >= ctx.config.idle_timeout {
                     break Some((CLOSE_IDLE, "idle timeout"));
                 }
@@ -216,7 +229,7 @@ pub(crate) async fn serve(
                         }
                     }
                     CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
-                    _ = ctx.tasks.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                    () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
                 }
             }
         }
