@@ -7,6 +7,7 @@
 
 use std::{fmt, sync::Arc};
 
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -14,14 +15,18 @@ use crate::key::{ChangeKey, KeyError, validate_part};
 
 /// The text of one outbound frame: UTF-8 (JSON) over [`Bytes`], so a clone
 /// is a reference count, and a frame built once is shared by every
-/// subscriber it goes to. Every constructor guarantees UTF-8; the websocket
-/// edge turns it into a text message.
+/// subscriber it goes to. Every constructor guarantees UTF-8.
+///
+/// It holds the websocket layer's own UTF-8 type: the session hands a frame
+/// to the socket as a text message as it is, where turning plain bytes into
+/// one would check the UTF-8 again for every subscriber (axum offers no
+/// unchecked conversion).
 #[derive(Clone, PartialEq, Eq)]
-pub(crate) struct FrameText(Bytes);
+pub(crate) struct FrameText(Utf8Bytes);
 
 impl FrameText {
     pub(crate) const fn from_static(text: &'static str) -> Self {
-        Self(Bytes::from_static(text.as_bytes()))
+        Self(Utf8Bytes::from_static(text))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -30,19 +35,24 @@ impl FrameText {
 
     /// The UTF-8 bytes, without a copy.
     pub(crate) fn into_bytes(self) -> Bytes {
+        self.0.into()
+    }
+
+    /// The text message's payload, without a copy or a check.
+    pub(crate) fn into_utf8(self) -> Utf8Bytes {
         self.0
     }
 
     #[cfg(test)]
     pub(crate) fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).expect("a FrameText is UTF-8")
+        self.0.as_str()
     }
 }
 
 impl From<String> for FrameText {
     /// Takes the string's buffer over; no copy, no check.
     fn from(text: String) -> Self {
-        Self(Bytes::from(text))
+        Self(Utf8Bytes::from(text))
     }
 }
 
@@ -50,14 +60,13 @@ impl TryFrom<Bytes> for FrameText {
     type Error = std::str::Utf8Error;
 
     fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
-        std::str::from_utf8(&bytes)?;
-        Ok(Self(bytes))
+        Ok(Self(Utf8Bytes::try_from(bytes)?))
     }
 }
 
 impl fmt::Debug for FrameText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&String::from_utf8_lossy(&self.0), f)
+        fmt::Debug::fmt(self.0.as_str(), f)
     }
 }
 

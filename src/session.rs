@@ -5,11 +5,24 @@
 //! shutdown. Every frame queued since the last write goes out in one batch
 //! with one flush.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt, stream::FuturesUnordered};
+use futures_util::{
+    SinkExt, Stream, StreamExt,
+    stream::FuturesUnordered,
+    task::{ArcWake, AtomicWaker, waker_ref},
+};
 use tokio::{
     sync::watch,
     time::{Instant, timeout},
@@ -126,19 +139,19 @@ pub(crate) async fn serve(
     let mut frames: Vec<FrameText> = Vec::new();
     let mut ping = ctx.ping.clone();
     ping.mark_unchanged();
-    // The waits that span many loop turns are made once, not once per turn:
-    // a shutdown or ping wait dropped and made again would add itself to (and
-    // remove itself from) a waiter list under a lock every time a push
-    // wakes the loop.
-    // Fused: it ends (for good) when the node's ping timer stops.
-    let ping = futures_util::stream::unfold(ping, |mut ping| async move {
-        ping.changed().await.ok()?;
-        Some(((), ping))
-    })
-    .fuse();
-    tokio::pin!(ping);
-    let shutdown = ctx.tasks.cancelled();
-    tokio::pin!(shutdown);
+    // The waits that span many loop turns are made once, not once per turn
+    // (a shutdown or ping wait made again would add itself to a waiter list
+    // under a lock every time a push wakes the loop), and polled only when
+    // they were woken (polling a waiting one takes that lock too).
+    // The ping stream is fused: it ends, for good, when the node's timer stops.
+    let mut ping = Gated::new(Box::pin(
+        futures_util::stream::unfold(ping, |mut ping| async move {
+            ping.changed().await.ok()?;
+            Some(((), ping))
+        })
+        .fuse(),
+    ));
+    let mut shutdown = Gated::new(Box::pin(ctx.tasks.cancelled()));
     let mut last_seen = Instant::now();
     let mut limiter = RateLimit::new(
         ctx.config.max_message_rate,
@@ -248,6 +261,79 @@ pub(crate) async fn serve(
     tracing::debug!("connection closed");
 }
 
+/// A future or stream that is polled only after it asked to be woken: a
+/// wait that spans many loop turns costs nothing on the turns that other
+/// branches woke. One per wait and connection.
+struct Gated<F> {
+    inner: F,
+    gate: Arc<Gate>,
+}
+
+struct Gate {
+    /// The inner future's waker was used since it was last polled (set at
+    /// first, so that the first poll reaches it).
+    woken: AtomicBool,
+    /// The task polling the `Gated`.
+    task: AtomicWaker,
+}
+
+impl ArcWake for Gate {
+    fn wake_by_ref(gate: &Arc<Self>) {
+        gate.woken.store(true, Ordering::Release);
+        gate.task.wake();
+    }
+}
+
+impl<F> Gated<F> {
+    fn new(inner: F) -> Self {
+        Self {
+            inner,
+            gate: Arc::new(Gate {
+                woken: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
+        }
+    }
+
+    /// Polls the inner future with the gate's waker, if it was woken.
+    fn poll_gated<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(&mut F, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.gate.task.register(cx.waker());
+        if !self.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = waker_ref(&self.gate);
+        let polled = poll(&mut self.inner, &mut Context::from_waker(&waker));
+        if polled.is_ready() {
+            // A stream that yielded waits for nothing yet: its next poll
+            // must reach it.
+            self.gate.woken.store(true, Ordering::Release);
+        }
+        polled
+    }
+}
+
+impl<F: Future + Unpin> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.get_mut()
+            .poll_gated(cx, |inner, cx| Pin::new(inner).poll(cx))
+    }
+}
+
+impl<S: Stream + Unpin> Stream for Gated<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        self.get_mut()
+            .poll_gated(cx, |inner, cx| Pin::new(inner).poll_next(cx))
+    }
+}
+
 /// Token bucket for a connection's inbound messages: `rate` per second on
 /// average, up to `burst` at once. `rate == 0` allows everything.
 struct RateLimit {
@@ -306,11 +392,9 @@ async fn write_batch(ws: &mut impl Socket, frames: &mut Vec<FrameText>) -> Resul
     ws.flush().await
 }
 
-/// The websocket message of a frame. axum 0.8 offers no unchecked way from
-/// `Bytes` to its `Utf8Bytes`, so this checks the UTF-8 again (no copy): a
-/// linear scan per frame written, small next to the write itself.
+/// The websocket message of a frame: no copy, no UTF-8 check.
 fn text_message(frame: FrameText) -> Message {
-    Message::Text(Utf8Bytes::try_from(frame.into_bytes()).expect("a FrameText is UTF-8"))
+    Message::Text(frame.into_utf8())
 }
 
 fn reject(ctx: &SessionContext, conn: &Connection, err: ProtocolError) {
@@ -459,6 +543,48 @@ mod tests {
         protocol::PushFrame,
         registry::{Audience, Connection},
     };
+
+    #[test]
+    fn a_gated_wait_is_polled_only_after_it_was_woken() {
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let parked: Arc<std::sync::Mutex<Option<std::task::Waker>>> = Arc::default();
+        let inner = {
+            let (polls, parked) = (polls.clone(), parked.clone());
+            std::future::poll_fn(move |cx| {
+                let n = polls.fetch_add(1, Relaxed) + 1;
+                *parked.lock().unwrap() = Some(cx.waker().clone());
+                if n == 3 {
+                    Poll::Ready(n)
+                } else {
+                    Poll::Pending
+                }
+            })
+        };
+        let mut gated = Gated::new(inner);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..5 {
+            assert_eq!(Pin::new(&mut gated).poll(&mut cx), Poll::Pending);
+        }
+        assert_eq!(polls.load(Relaxed), 1, "polled once until woken");
+        parked.lock().unwrap().take().unwrap().wake();
+        assert_eq!(Pin::new(&mut gated).poll(&mut cx), Poll::Pending);
+        assert_eq!(Pin::new(&mut gated).poll(&mut cx), Poll::Pending);
+        assert_eq!(polls.load(Relaxed), 2);
+        parked.lock().unwrap().take().unwrap().wake_by_ref();
+        assert_eq!(Pin::new(&mut gated).poll(&mut cx), Poll::Ready(3));
+
+        // A stream is polled again after each item without a wake.
+        let mut items = Gated::new(futures_util::stream::iter([1, 2]));
+        assert_eq!(
+            Pin::new(&mut items).poll_next(&mut cx),
+            Poll::Ready(Some(1))
+        );
+        assert_eq!(
+            Pin::new(&mut items).poll_next(&mut cx),
+            Poll::Ready(Some(2))
+        );
+        assert_eq!(Pin::new(&mut items).poll_next(&mut cx), Poll::Ready(None));
+    }
 
     #[test]
     fn a_slow_client_is_counted_when_its_session_closes_it() {
