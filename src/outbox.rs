@@ -147,10 +147,12 @@ impl Outbox {
         }
     }
 
-    /// Tells the session that something is queued.
+    /// Tells the session that something is queued. A signal it has not
+    /// taken yet needs no second wake: it sees the flag before it waits.
     fn signal(&self) {
-        self.queued.store(true, Ordering::Release);
-        self.wake.wake();
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            self.wake.wake();
+        }
     }
 
     /// Queues a push for `key`, replacing a queued older push of that key.
