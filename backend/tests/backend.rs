@@ -474,16 +474,9 @@ async fn serve_hanging(node: HangingNode) -> String {
     format!("http://{addr}")
 }
 
-/// Regression: an attempt that the notifier's own deadline ended (tonic
-/// reports CANCELLED "Timeout expired") used to be a final error. It is
-/// retried, under the same idempotency key, until the node answers.
-#[tokio::test]
-async fn notify_retries_an_attempt_its_own_deadline_ended_under_the_same_key() {
-    let node = HangingNode {
-        hang_first: 2,
-        cancel_until: 0,
-        keys: Arc::default(),
-    };
+/// Notifies once against `node`, which must accept on the third call; checks
+/// that every attempt carried one generated idempotency key.
+async fn accepted_on_the_third_attempt(node: HangingNode) {
     let url = serve_hanging(node.clone()).await;
     let notifier = Notifier::builder(url)
         .retry_for(Duration::from_secs(10))
@@ -506,32 +499,31 @@ async fn notify_retries_an_attempt_its_own_deadline_ended_under_the_same_key() {
     );
 }
 
+/// Regression: an attempt that the notifier's own deadline ended (tonic
+/// reports CANCELLED "Timeout expired") used to be a final error. It is
+/// retried, under the same idempotency key, until the node answers.
+#[tokio::test]
+async fn notify_retries_an_attempt_its_own_deadline_ended_under_the_same_key() {
+    accepted_on_the_third_attempt(HangingNode {
+        hang_first: 2,
+        cancel_until: 0,
+        keys: Arc::default(),
+    })
+    .await;
+}
+
 /// Regression: a node's own end of a call at its deadline (CANCELLED
 /// "Timeout expired", sent by the node's gRPC server) was a final error for
 /// the notifier, so a notify during a bus outage could fail without a retry.
 /// Retried like the notifier's own deadline, under the same key.
 #[tokio::test]
 async fn notify_retries_an_attempt_the_node_cancelled_at_its_deadline() {
-    let node = HangingNode {
+    accepted_on_the_third_attempt(HangingNode {
         hang_first: 0,
         cancel_until: 2,
         keys: Arc::default(),
-    };
-    let url = serve_hanging(node.clone()).await;
-    let notifier = Notifier::builder(url)
-        .retry_for(Duration::from_secs(10))
-        .call_timeout(Duration::from_millis(300))
-        .connect()
-        .await
-        .unwrap();
-    let receipt = timeout(DEADLINE * 2, notifier.notify([("items", "1")]))
-        .await
-        .expect("notify returns")
-        .expect("accepted on the third attempt");
-    assert_eq!(receipt.attempts, 3, "{receipt:?}");
-    let keys = node.keys.lock().unwrap().clone();
-    assert_eq!(keys.len(), 3, "three calls: {keys:?}");
-    assert!(keys.iter().all(|k| *k == keys[0]), "one key: {keys:?}");
+    })
+    .await;
 }
 
 /// Regression: the retry window is the call's deadline. Against a node that
