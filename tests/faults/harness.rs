@@ -55,6 +55,22 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
+/// Where a node's log goes when `$ENTITY_SYNC_FAULTS_LOGS` names a folder:
+/// `{folder}/{pid}-{bed}-{name}.log` (bed counts the beds this test process
+/// started, restarts append), kept after the run; `None` (a temp dir that
+/// goes with the node) otherwise.
+fn kept_log(name: &str) -> Option<std::path::PathBuf> {
+    static BEDS: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::var_os("ENTITY_SYNC_FAULTS_LOGS")?;
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).expect("create the logs folder");
+    if name == "node0" {
+        BEDS.fetch_add(1, Relaxed);
+    }
+    let bed = BEDS.load(Relaxed);
+    Some(dir.join(format!("{}-{bed}-{name}.log", std::process::id())))
+}
+
 /// `count` keys of [`ITEMS`]: `items/0` ... .
 pub fn item_keys(count: usize) -> Vec<Key> {
     (0..count)
@@ -172,7 +188,13 @@ impl Bed {
                 "--shutdown-grace=5s".to_owned(),
             ];
             args.extend(options.node_args.iter().cloned());
-            let node = NodeProcess::spawn(Path::new(BIN), &args, None, "entity_sync=info")
+            let log = kept_log(&format!("node{i}"));
+            // A kept log also has the bus's and the NATS client's details.
+            let filter = match log {
+                Some(_) => "entity_sync=info,entity_sync::bus=debug,async_nats=debug",
+                None => "entity_sync=info",
+            };
+            let node = NodeProcess::spawn(Path::new(BIN), &args, log.as_deref(), filter)
                 .expect("spawn node");
             nodes.push(node);
         }
