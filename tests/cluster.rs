@@ -988,3 +988,37 @@ async fn a_notify_the_bus_cannot_store_in_time_is_deadline_exceeded() {
         started.elapsed()
     );
 }
+
+/// A JetStream API request that never gets an answer (lost with a cluster
+/// member that died, or while the stream elects a leader) is given up after
+/// the bus's 2 s deadline and made again, not after the connection's 10 s
+/// request timeout: here the node's first stream lookup and its first
+/// consumer create never reach the server. Before the deadline, a consumer
+/// recreated after a NATS server died took 10 s more to deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_jetstream_requests_are_made_again_within_seconds() {
+    let nats = NatsServer::start().await;
+    let proxy = TcpProxy::start(nats.addr()).await;
+    proxy.swallow("$JS.API.STREAM.INFO.", 1);
+    proxy.swallow("$JS.API.CONSUMER.CREATE.", 1);
+    let started = Instant::now();
+    let mut node = nats_node(&proxy.url(), "lost", |_| {}).await;
+    let setup = started.elapsed();
+    assert!(
+        setup < Duration::from_secs(6),
+        "the lost stream lookup was made again after {setup:?}"
+    );
+    let data = ResolverData::new();
+    data.set_rows("items", "1", &[r#"{"id":1}"#]);
+    let _resolver = items_resolver(&node, "svc", &data).await;
+    let mut client = WsClient::connect(node.ws_url()).await;
+    client.subscribe("items", "1").await;
+    data.set_rows("items", "1", &[r#"{"id":1,"v":2}"#]);
+    notify_one(node.grpc(), "items", "1").await;
+    let text = client.recv_text_within(Duration::from_secs(6)).await;
+    let frame: Value = serde_json::from_str(&text).unwrap();
+    let (_, rows) = parse_push(&frame, "items", "1");
+    assert_eq!(rows, vec![json!({"id": 1, "v": 2})]);
+    assert_eq!(proxy.swallowed(), 2, "both requests were dropped");
+    node.shutdown().await;
+}

@@ -54,6 +54,13 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// missed 5 s heartbeats; recreating one that was merely slow costs a
 /// consumer create and nothing else (it resumes after `last`).
 const STALL_CHECKS: u32 = 3;
+/// Deadline of each JetStream API request made to set up and consume the
+/// stream (stream info and create, consumer create, and the ordered
+/// consumer's own recreations). A request can be lost with a cluster member
+/// (sent through a server that died, or while the stream elects a leader);
+/// without this it waits out the connection's 10 s request timeout before
+/// the next attempt. Publish acks keep their own wait.
+const API_TIMEOUT: Duration = Duration::from_secs(2);
 /// First and longest pause before recreating a consumer that failed.
 const RECREATE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
 /// Oldest nats-server accepted (major, minor).
@@ -268,6 +275,11 @@ impl JetStreamBus {
         }
 
         let js = jetstream::new(client.clone());
+        // The stream handle (and the consumers made from it) ask with the
+        // shorter deadline; `js` publishes.
+        let api = jetstream::ContextBuilder::new()
+            .timeout(API_TIMEOUT)
+            .build(client.clone());
         let wanted = stream_config(config);
         let stream_error = |reason: String| BusError::Stream {
             stream: wanted.name.clone(),
@@ -281,7 +293,7 @@ impl JetStreamBus {
             &cancel,
             |_: &String| true,
             || async {
-                let mut stream = js
+                let mut stream = api
                     .get_or_create_stream(wanted.clone())
                     .await
                     .map_err(|err| err.to_string())?;

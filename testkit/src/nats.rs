@@ -524,10 +524,13 @@ impl Drop for NatsCluster {
 /// chooses: [`cut`](TcpProxy::cut) (live connections dropped, new ones
 /// refused), [`drop_all`](TcpProxy::drop_all) (live connections dropped, new
 /// ones accepted), [`set_latency`](TcpProxy::set_latency) (every chunk
-/// delivered that much later, both ways) and [`stall`](TcpProxy::stall) (the
+/// delivered that much later, both ways), [`stall`](TcpProxy::stall) (the
 /// live connections stop forwarding without closing: a half-open link that
-/// only the peers' own pings can notice). A node connected through it has
-/// the fault while nodes connected directly keep their links.
+/// only the peers' own pings can notice) and
+/// [`swallow`](TcpProxy::swallow) (a client's next publishes to a subject
+/// never reach the server: a request lost with a cluster member). A node
+/// connected through it has the fault while nodes connected directly keep
+/// their links.
 pub struct TcpProxy {
     addr: SocketAddr,
     state: Arc<ProxyState>,
@@ -547,6 +550,11 @@ struct ProxyState {
     latency_us: AtomicU64,
     // std Mutex: only pushed to / drained, never held across `.await`.
     links: Mutex<Vec<Link>>,
+    /// Subject prefixes whose next client publishes are dropped, each with
+    /// how many are left to drop.
+    swallow: Mutex<Vec<(String, usize)>>,
+    /// Client publishes dropped so far.
+    swallowed: AtomicU64,
 }
 
 impl ProxyState {
@@ -559,6 +567,47 @@ impl ProxyState {
     fn latency(&self) -> Duration {
         Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
     }
+
+    /// Whether a client publish to `subject` is to be dropped (and counts it).
+    fn swallows(&self, subject: &[u8]) -> bool {
+        let mut swallow = self.swallow.lock().unwrap();
+        let Some(entry) = swallow
+            .iter_mut()
+            .find(|(prefix, left)| *left > 0 && subject.starts_with(prefix.as_bytes()))
+        else {
+            return false;
+        };
+        entry.1 -= 1;
+        self.swallowed.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+/// The length of the first complete operation of the NATS client protocol
+/// in `buf`, and its subject when it is a `PUB` or `HPUB`; `None` while the
+/// operation is incomplete. A line that doesn't parse counts as an
+/// operation of its own (forwarded as it is: the server answers it).
+fn client_op(buf: &[u8]) -> Option<(usize, Option<&[u8]>)> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = &buf[..line_end];
+    let mut words = line
+        .split(|b| *b == b' ' || *b == b'\t')
+        .filter(|w| !w.is_empty());
+    let op = words.next().unwrap_or_default();
+    if !(op.eq_ignore_ascii_case(b"PUB") || op.eq_ignore_ascii_case(b"HPUB")) {
+        return Some((line_end + 2, None));
+    }
+    let args: Vec<&[u8]> = words.collect();
+    // PUB subject [reply] size; HPUB subject [reply] header-size total-size.
+    let payload = args
+        .last()
+        .and_then(|w| std::str::from_utf8(w).ok())
+        .and_then(|w| w.parse::<usize>().ok());
+    let (Some(subject), Some(payload)) = (args.first(), payload) else {
+        return Some((line_end + 2, None));
+    };
+    let len = line_end + 2 + payload + 2;
+    (buf.len() >= len).then_some((len, Some(*subject)))
 }
 
 /// How often a stalled direction looks again whether it may go on.
@@ -567,12 +616,15 @@ const STALL_POLL: Duration = Duration::from_millis(20);
 /// Forwards `from` to `to`, each chunk no earlier than the proxy's latency
 /// after it was read; stops forwarding (reading and writing) while `stalled`.
 /// A reader and a writer, so that added latency delays bytes without
-/// limiting the throughput to one chunk per delay.
+/// limiting the throughput to one chunk per delay. From a client
+/// (`from_client`) it forwards whole protocol operations, less the
+/// publishes [`swallow`](TcpProxy::swallow) drops.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     state: Arc<ProxyState>,
     stalled: Arc<AtomicBool>,
+    from_client: bool,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (chunks, mut queued) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(256);
@@ -580,6 +632,8 @@ async fn pump(
         let stalled = stalled.clone();
         async move {
             let mut buf = vec![0u8; 16 * 1024];
+            // Client bytes not yet forming a whole operation.
+            let mut pending: Vec<u8> = Vec::new();
             loop {
                 while stalled.load(Ordering::Acquire) {
                     tokio::time::sleep(STALL_POLL).await;
@@ -588,8 +642,26 @@ async fn pump(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                let chunk = if from_client {
+                    pending.extend_from_slice(&buf[..n]);
+                    let mut chunk = Vec::with_capacity(pending.len());
+                    let mut at = 0;
+                    while let Some((len, subject)) = client_op(&pending[at..]) {
+                        if !subject.is_some_and(|subject| state.swallows(subject)) {
+                            chunk.extend_from_slice(&pending[at..at + len]);
+                        }
+                        at += len;
+                    }
+                    pending.drain(..at);
+                    chunk
+                } else {
+                    buf[..n].to_vec()
+                };
+                if chunk.is_empty() {
+                    continue;
+                }
                 let due = Instant::now() + state.latency();
-                if chunks.send((due, buf[..n].to_vec())).await.is_err() {
+                if chunks.send((due, chunk)).await.is_err() {
                     return;
                 }
             }
@@ -644,8 +716,8 @@ impl TcpProxy {
                             // Either direction ending ends the link (a real
                             // TCP peer would see the close either way).
                             tokio::select! {
-                                () = pump(in_read, out_write, state.clone(), stalled.clone()) => {}
-                                () = pump(out_read, in_write, state, stalled) => {}
+                                () = pump(in_read, out_write, state.clone(), stalled.clone(), true) => {}
+                                () = pump(out_read, in_write, state, stalled, false) => {}
                             }
                         })
                     };
@@ -714,6 +786,22 @@ impl TcpProxy {
         links.len()
     }
 
+    /// The next `count` publishes a client sends to a subject starting with
+    /// `subject_prefix` are dropped (on live and new connections): a
+    /// request that never reaches the server, so never gets an answer.
+    pub fn swallow(&self, subject_prefix: &str, count: usize) {
+        self.state
+            .swallow
+            .lock()
+            .unwrap()
+            .push((subject_prefix.to_owned(), count));
+    }
+
+    /// Client publishes dropped so far by [`swallow`](TcpProxy::swallow).
+    pub fn swallowed(&self) -> u64 {
+        self.state.swallowed.load(Ordering::Relaxed)
+    }
+
     /// Live (not yet closed) proxied connections.
     pub fn connections(&self) -> usize {
         let mut links = self.state.links.lock().unwrap();
@@ -726,5 +814,27 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.accept.abort();
         self.state.drop_connections();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_op;
+
+    #[test]
+    fn client_operations_are_split_whole() {
+        assert_eq!(client_op(b"PING\r\nPUB a 2\r\nhi\r\n"), Some((6, None)));
+        assert_eq!(
+            client_op(b"PUB a.b _INBOX.1 2\r\nhi\r\nPING\r\n"),
+            Some((24, Some(&b"a.b"[..])))
+        );
+        // HPUB: the last number is headers and payload together.
+        let hpub = b"HPUB x r 12 14\r\nNATS/1.0\r\n\r\nhi\r\n";
+        assert_eq!(client_op(hpub), Some((hpub.len(), Some(&b"x"[..]))));
+        // Incomplete: nothing yet.
+        assert_eq!(client_op(b"PUB a 5\r\nhel"), None);
+        assert_eq!(client_op(b"PU"), None);
+        // Unparseable sizes go through as a line of their own.
+        assert_eq!(client_op(b"PUB a x\r\n"), Some((9, None)));
     }
 }
