@@ -121,144 +121,151 @@ impl<S> Socket for S where
 {
 }
 
-/// Serves one upgraded websocket until either side ends it.
-pub(crate) async fn serve(
+/// Serves one upgraded websocket until either side ends it: the connection
+/// is opened now, the returned future serves it.
+///
+/// Not an `async fn`: its future would keep a copy of every argument beside
+/// the locals moved out of them for the whole session (the websocket alone
+/// is 368 bytes). The async block uses `ws` and `ctx` in place and never
+/// sees `id` or `peer`.
+pub(crate) fn serve(
     mut ws: impl Socket,
     ctx: Arc<SessionContext>,
     id: ConnId,
     peer: SocketAddr,
-) {
+) -> impl Future<Output = ()> {
     let conn = Arc::new(Connection::new(id, ctx.config.outbound_max_bytes));
     ctx.registry.connection_opened();
     Metrics::inc(&ctx.metrics.connections_total);
     tracing::debug!(%peer, "connection opened");
+    async move {
+        // Snapshot resolves under way; created on the first subscribe and dropped
+        // when empty, so an idle connection holds none.
+        let mut subscribes: Option<FuturesUnordered<_>> = None;
+        let mut frames: Vec<FrameText> = Vec::new();
+        let mut ping = ctx.ping.clone();
+        ping.mark_unchanged();
+        // The waits that span many loop turns are made once, not once per turn
+        // (a shutdown or ping wait made again would add itself to a waiter list
+        // under a lock every time a push wakes the loop), and polled only when
+        // they were woken (polling a waiting one takes that lock too).
+        // The ping stream is fused: it ends, for good, when the node's timer stops.
+        let mut ping = Gated::new(Box::pin(
+            futures_util::stream::unfold(ping, |mut ping| async move {
+                ping.changed().await.ok()?;
+                Some(((), ping))
+            })
+            .fuse(),
+        ));
+        let mut shutdown = Gated::new(Box::pin(ctx.tasks.cancelled()));
+        let mut last_seen = Instant::now();
+        let mut limiter = RateLimit::new(
+            ctx.config.max_message_rate,
+            ctx.config.max_message_burst,
+            last_seen,
+        );
 
-    // Snapshot resolves under way; created on the first subscribe and dropped
-    // when empty, so an idle connection holds none.
-    let mut subscribes: Option<FuturesUnordered<_>> = None;
-    let mut frames: Vec<FrameText> = Vec::new();
-    let mut ping = ctx.ping.clone();
-    ping.mark_unchanged();
-    // The waits that span many loop turns are made once, not once per turn
-    // (a shutdown or ping wait made again would add itself to a waiter list
-    // under a lock every time a push wakes the loop), and polled only when
-    // they were woken (polling a waiting one takes that lock too).
-    // The ping stream is fused: it ends, for good, when the node's timer stops.
-    let mut ping = Gated::new(Box::pin(
-        futures_util::stream::unfold(ping, |mut ping| async move {
-            ping.changed().await.ok()?;
-            Some(((), ping))
-        })
-        .fuse(),
-    ));
-    let mut shutdown = Gated::new(Box::pin(ctx.tasks.cancelled()));
-    let mut last_seen = Instant::now();
-    let mut limiter = RateLimit::new(
-        ctx.config.max_message_rate,
-        ctx.config.max_message_burst,
-        last_seen,
-    );
-
-    let close: Option<(u16, &'static str)> = loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
-            () = conn.outbox.ready() => {
-                if let Some(CloseReason::Overflow) = conn.outbox.drain(&mut frames) {
-                    break Some(slow_client(&ctx.metrics, &conn));
+        let close: Option<(u16, &'static str)> = loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                () = conn.outbox.ready() => {
+                    if let Some(CloseReason::Overflow) = conn.outbox.drain(&mut frames) {
+                        break Some(slow_client(&ctx.metrics, &conn));
+                    }
+                    // A slow reader can block the write; the outbox closing (it
+                    // kept filling meanwhile) interrupts it.
+                    tokio::select! {
+                        written = write_batch(&mut ws, &mut frames) => {
+                            if written.is_err() {
+                                break None;
+                            }
+                        }
+                        CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
+                        () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                    }
                 }
-                // A slow reader can block the write; the outbox closing (it
-                // kept filling meanwhile) interrupts it.
-                tokio::select! {
-                    written = write_batch(&mut ws, &mut frames) => {
-                        if written.is_err() {
+                Some(()) = async { subscribes.as_mut().expect("checked").next().await },
+                    if subscribes.as_ref().is_some_and(|s| !s.is_empty()) =>
+                {
+                    if subscribes.as_ref().is_some_and(|s| s.is_empty()) {
+                        subscribes = None;
+                    }
+                }
+                message = ws.next() => {
+                    last_seen = Instant::now();
+                    match message {
+                        None => break None,
+                        Some(Err(err)) => {
+                            let too_big = matches!(
+                                err.into_inner().downcast::<tungstenite::Error>().map(|e| *e),
+                                Ok(tungstenite::Error::Capacity(_))
+                            );
+                            if too_big {
+                                break Some((CLOSE_TOO_BIG, "message too big"));
+                            }
                             break None;
                         }
-                    }
-                    CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
-                    () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
-                }
-            }
-            Some(()) = async { subscribes.as_mut().expect("checked").next().await },
-                if subscribes.as_ref().is_some_and(|s| !s.is_empty()) =>
-            {
-                if subscribes.as_ref().is_some_and(|s| s.is_empty()) {
-                    subscribes = None;
-                }
-            }
-            message = ws.next() => {
-                last_seen = Instant::now();
-                match message {
-                    None => break None,
-                    Some(Err(err)) => {
-                        let too_big = matches!(
-                            err.into_inner().downcast::<tungstenite::Error>().map(|e| *e),
-                            Ok(tungstenite::Error::Capacity(_))
-                        );
-                        if too_big {
-                            break Some((CLOSE_TOO_BIG, "message too big"));
+                        Some(Ok(Message::Text(_) | Message::Binary(_))) if !limiter.allow(last_seen) => {
+                            let message = format!(
+                                "message dropped: over {} messages per second",
+                                ctx.config.max_message_rate
+                            );
+                            reject(&ctx, &conn, ProtocolError::new(ErrorCode::RateLimited, message));
                         }
-                        break None;
-                    }
-                    Some(Ok(Message::Text(_) | Message::Binary(_))) if !limiter.allow(last_seen) => {
-                        let message = format!(
-                            "message dropped: over {} messages per second",
-                            ctx.config.max_message_rate
-                        );
-                        reject(&ctx, &conn, ProtocolError::new(ErrorCode::RateLimited, message));
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        let started = on_text(&ctx, &conn, text);
-                        if !started.is_empty() {
-                            subscribes.get_or_insert_with(FuturesUnordered::new).extend(started);
+                        Some(Ok(Message::Text(text))) => {
+                            let started = on_text(&ctx, &conn, text);
+                            if !started.is_empty() {
+                                subscribes.get_or_insert_with(FuturesUnordered::new).extend(started);
+                            }
                         }
-                    }
-                    Some(Ok(Message::Binary(_))) => reject(
-                        &ctx,
-                        &conn,
-                        ProtocolError::new(
-                            ErrorCode::BinaryUnsupported,
-                            "binary frames are not supported; send JSON text frames",
+                        Some(Ok(Message::Binary(_))) => reject(
+                            &ctx,
+                            &conn,
+                            ProtocolError::new(
+                                ErrorCode::BinaryUnsupported,
+                                "binary frames are not supported; send JSON text frames",
+                            ),
                         ),
-                    ),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) => {
-                        // tungstenite queued the close reply; get it out.
-                        let _ = timeout(CLOSE_WRITE_TIMEOUT, ws.flush()).await;
-                        break None;
-                    }
-                }
-            }
-            Some(()) = ping.next() => {
-                if last_seen.elapsed() >= ctx.config.idle_timeout {
-                    break Some((CLOSE_IDLE, "idle timeout"));
-                }
-                // A client that stopped reading can block this write like any
-                // other: shutdown and the outbox overflowing still end it.
-                tokio::select! {
-                    sent = ws.send(Message::Ping(Bytes::new())) => {
-                        if sent.is_err() {
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(_))) => {
+                            // tungstenite queued the close reply; get it out.
+                            let _ = timeout(CLOSE_WRITE_TIMEOUT, ws.flush()).await;
                             break None;
                         }
                     }
-                    CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
-                    () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                }
+                Some(()) = ping.next() => {
+                    if last_seen.elapsed() >= ctx.config.idle_timeout {
+                        break Some((CLOSE_IDLE, "idle timeout"));
+                    }
+                    // A client that stopped reading can block this write like any
+                    // other: shutdown and the outbox overflowing still end it.
+                    tokio::select! {
+                        sent = ws.send(Message::Ping(Bytes::new())) => {
+                            if sent.is_err() {
+                                break None;
+                            }
+                        }
+                        CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
+                        () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                    }
                 }
             }
-        }
-    };
-
-    if let Some((code, reason)) = close {
-        tracing::debug!(code, reason, "closing connection");
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
         };
-        let _ = timeout(CLOSE_WRITE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
+
+        if let Some((code, reason)) = close {
+            tracing::debug!(code, reason, "closing connection");
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = timeout(CLOSE_WRITE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
+        }
+        drop(subscribes);
+        ctx.registry.connection_closed(&conn);
+        tracing::debug!("connection closed");
     }
-    drop(subscribes);
-    ctx.registry.connection_closed(&conn);
-    tracing::debug!("connection closed");
 }
 
 /// A future or stream that is polled only after it asked to be woken: a
@@ -543,6 +550,22 @@ mod tests {
         protocol::PushFrame,
         registry::{Audience, Connection},
     };
+
+    /// The size of the future `serve` returns over a real websocket.
+    fn size_of_return<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(axum::extract::ws::WebSocket, Arc<SessionContext>, ConnId, SocketAddr) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every idle connection holds one session future: keep it small. (As an
+    /// `async fn`, `serve` kept a second copy of its arguments: 1,256 bytes.)
+    #[test]
+    fn the_session_future_stays_small() {
+        let size = size_of_return(serve);
+        assert!(size <= 900, "session future: {size} bytes");
+    }
 
     #[test]
     fn a_gated_wait_is_polled_only_after_it_was_woken() {
