@@ -193,9 +193,15 @@ pub(crate) struct Registry {
     inner: Arc<Inner>,
 }
 
+/// One shard of the open connections, by id.
+type LiveShard = Mutex<HashMap<ConnId, Arc<Connection>>>;
+
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
+    /// Every open connection, sharded by id: what the node-wide ping timer
+    /// and shutdown reach (so a session needs no wait of its own for them).
+    live: Box<[LiveShard]>,
     connections: AtomicUsize,
     subscriptions: AtomicUsize,
     keys: AtomicUsize,
@@ -223,6 +229,7 @@ impl Registry {
                 push_unchanged_rows: push,
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 hasher: RandomState::new(),
+                live: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 connections: AtomicUsize::new(0),
                 subscriptions: AtomicUsize::new(0),
                 keys: AtomicUsize::new(0),
@@ -235,8 +242,27 @@ impl Registry {
         &self.inner.shards[hash & (SHARDS - 1)]
     }
 
-    pub(crate) fn connection_opened(&self) {
+    fn live(&self, id: ConnId) -> &LiveShard {
+        &self.inner.live[id as usize & (SHARDS - 1)]
+    }
+
+    /// Counts `conn` open and lists it for [`for_each_connection`](Self::for_each_connection).
+    pub(crate) fn connection_opened(&self, conn: &Arc<Connection>) {
+        self.live(conn.id)
+            .lock()
+            .unwrap()
+            .insert(conn.id, conn.clone());
         self.inner.connections.fetch_add(1, Relaxed);
+    }
+
+    /// Calls `f` with every open connection, a shard's worth at a time under
+    /// its lock (`f` must be quick: a flag and a wake-up).
+    pub(crate) fn for_each_connection(&self, mut f: impl FnMut(&Connection)) {
+        for shard in self.inner.live.iter() {
+            for conn in shard.lock().unwrap().values() {
+                f(conn);
+            }
+        }
     }
 
     /// Removes every subscription of `conn` and counts it closed.
@@ -245,6 +271,7 @@ impl Registry {
         for key in keys {
             self.remove_entry(&key, conn.id);
         }
+        self.live(conn.id).lock().unwrap().remove(&conn.id);
         self.inner.connections.fetch_sub(1, Relaxed);
     }
 
@@ -768,7 +795,7 @@ mod tests {
     fn limits_and_counts_return_to_zero() {
         let registry = Registry::new();
         let a = conn(1);
-        registry.connection_opened();
+        registry.connection_opened(&a);
         assert_eq!(registry.add_pending(&key("1"), &a, 2), AddPending::Started);
         assert_eq!(registry.add_pending(&key("2"), &a, 2), AddPending::Started);
         assert_eq!(

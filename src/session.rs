@@ -1,32 +1,16 @@
 //! One websocket connection: reads client messages, writes queued frames, keeps the connection alive.
 //!
 //! A single task per connection selects over the socket, the connection's
-//! `Outbox`, the snapshot resolves it started, the ping timer and the node's
-//! shutdown. Every frame queued since the last write goes out in one batch
-//! with one flush.
+//! `Outbox` (which also carries the node-wide ping timer's ticks and the
+//! node's shutdown) and the snapshot resolves it started. Every frame queued
+//! since the last write goes out in one batch with one flush.
 
-use std::{
-    net::SocketAddr,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
-use futures_util::{
-    SinkExt, Stream, StreamExt,
-    stream::FuturesUnordered,
-    task::{ArcWake, AtomicWaker, waker_ref},
-};
-use tokio::{
-    sync::watch,
-    time::{Instant, timeout},
-};
+use futures_util::{SinkExt, StreamExt, stream::FuturesUnordered};
+use tokio::time::{Instant, timeout};
 
 use crate::{
     config::WsConfig,
@@ -62,13 +46,14 @@ pub(crate) struct SessionContext {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) tasks: Tasks,
     pub(crate) node_id: Arc<str>,
-    /// Ticks every ping interval (one node-wide timer instead of one per connection).
-    ping: watch::Receiver<()>,
 }
 
 impl SessionContext {
     /// Builds what sessions share from `config`, and starts the node-wide
-    /// ping timer (until the node shuts down).
+    /// ping timer (until the node shuts down) and the task that closes every
+    /// connection's queue when the node shuts down. Both reach sessions
+    /// through their outbox: an idle session waits for nothing else than its
+    /// socket and its outbox.
     pub(crate) fn start(
         config: &WsConfig,
         registry: Registry,
@@ -78,18 +63,24 @@ impl SessionContext {
         node_id: Arc<str>,
         tasks: &Tasks,
     ) -> Arc<Self> {
-        let (ping_tx, ping) = watch::channel(());
         let period = config.ping_interval;
-        let ticker = tasks.clone();
+        let (ticker, pinged) = (tasks.clone(), registry.clone());
         tasks.spawn(async move {
             let mut interval = tokio::time::interval(period);
             interval.tick().await;
             loop {
                 tokio::select! {
                     _ = ticker.cancelled() => return,
-                    _ = interval.tick() => ping_tx.send_replace(()),
+                    _ = interval.tick() => pinged.for_each_connection(|conn| conn.outbox.ping()),
                 }
             }
+        });
+        // A session opened after this ran sees the token cancelled itself
+        // (see `serve`).
+        let (shutdown, open) = (tasks.clone(), registry.clone());
+        tasks.spawn(async move {
+            shutdown.cancelled().await;
+            open.for_each_connection(|conn| conn.outbox.shut_down());
         });
         Arc::new(Self {
             config: config.clone(),
@@ -99,7 +90,6 @@ impl SessionContext {
             metrics,
             tasks: tasks.clone(),
             node_id,
-            ping,
         })
     }
 }
@@ -135,7 +125,12 @@ pub(crate) fn serve(
     peer: SocketAddr,
 ) -> impl Future<Output = ()> {
     let conn = Arc::new(Connection::new(id, ctx.config.outbound_max_bytes));
-    ctx.registry.connection_opened();
+    ctx.registry.connection_opened(&conn);
+    // Listed first, then checked: either the shutdown task finds this
+    // connection or the token is cancelled already.
+    if ctx.tasks.is_cancelled() {
+        conn.outbox.shut_down();
+    }
     Metrics::inc(&ctx.metrics.connections_total);
     tracing::debug!(%peer, "connection opened");
     async move {
@@ -143,21 +138,6 @@ pub(crate) fn serve(
         // when empty, so an idle connection holds none.
         let mut subscribes: Option<FuturesUnordered<_>> = None;
         let mut frames: Vec<FrameText> = Vec::new();
-        let mut ping = ctx.ping.clone();
-        ping.mark_unchanged();
-        // The waits that span many loop turns are made once, not once per turn
-        // (a shutdown or ping wait made again would add itself to a waiter list
-        // under a lock every time a push wakes the loop), and polled only when
-        // they were woken (polling a waiting one takes that lock too).
-        // The ping stream is fused: it ends, for good, when the node's timer stops.
-        let mut ping = Gated::new(Box::pin(
-            futures_util::stream::unfold(ping, |mut ping| async move {
-                ping.changed().await.ok()?;
-                Some(((), ping))
-            })
-            .fuse(),
-        ));
-        let mut shutdown = Gated::new(Box::pin(ctx.tasks.cancelled()));
         let mut last_seen = Instant::now();
         let mut limiter = RateLimit::new(
             ctx.config.max_message_rate,
@@ -168,21 +148,35 @@ pub(crate) fn serve(
         let close: Option<(u16, &'static str)> = loop {
             tokio::select! {
                 biased;
-                () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
-                () = conn.outbox.ready() => {
-                    if let Some(CloseReason::Overflow) = conn.outbox.drain(&mut frames) {
-                        break Some(slow_client(&ctx.metrics, &conn));
+                woken = conn.outbox.ready() => {
+                    if let Some(reason) = conn.outbox.drain(&mut frames) {
+                        break Some(closed_by(reason, &ctx.metrics, &conn));
                     }
                     // A slow reader can block the write; the outbox closing (it
-                    // kept filling meanwhile) interrupts it.
-                    tokio::select! {
-                        written = write_batch(&mut ws, &mut frames) => {
-                            if written.is_err() {
-                                break None;
+                    // kept filling meanwhile, or the node shuts down)
+                    // interrupts it.
+                    if !frames.is_empty() {
+                        tokio::select! {
+                            written = write_batch(&mut ws, &mut frames) => {
+                                if written.is_err() {
+                                    break None;
+                                }
                             }
+                            reason = conn.outbox.closed() => break Some(closed_by(reason, &ctx.metrics, &conn)),
                         }
-                        CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
-                        () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+                    }
+                    if woken.ping {
+                        if last_seen.elapsed() >= ctx.config.idle_timeout {
+                            break Some((CLOSE_IDLE, "idle timeout"));
+                        }
+                        tokio::select! {
+                            sent = ws.send(Message::Ping(Bytes::new())) => {
+                                if sent.is_err() {
+                                    break None;
+                                }
+                            }
+                            reason = conn.outbox.closed() => break Some(closed_by(reason, &ctx.metrics, &conn)),
+                        }
                     }
                 }
                 Some(()) = async { subscribes.as_mut().expect("checked").next().await },
@@ -230,25 +224,11 @@ pub(crate) fn serve(
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Ok(Message::Close(_))) => {
                             // tungstenite queued the close reply; get it out.
-                            let _ = timeout(CLOSE_WRITE_TIMEOUT, ws.flush()).await;
+                            // Boxed, as the close below: once per connection,
+                            // and out of every idle session's future.
+                            let _ = Box::pin(timeout(CLOSE_WRITE_TIMEOUT, ws.flush())).await;
                             break None;
                         }
-                    }
-                }
-                Some(()) = ping.next() => {
-                    if last_seen.elapsed() >= ctx.config.idle_timeout {
-                        break Some((CLOSE_IDLE, "idle timeout"));
-                    }
-                    // A client that stopped reading can block this write like any
-                    // other: shutdown and the outbox overflowing still end it.
-                    tokio::select! {
-                        sent = ws.send(Message::Ping(Bytes::new())) => {
-                            if sent.is_err() {
-                                break None;
-                            }
-                        }
-                        CloseReason::Overflow = conn.outbox.closed() => break Some(slow_client(&ctx.metrics, &conn)),
-                        () = &mut shutdown => break Some((CLOSE_GOING_AWAY, "server shutting down")),
                     }
                 }
             }
@@ -260,84 +240,15 @@ pub(crate) fn serve(
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = timeout(CLOSE_WRITE_TIMEOUT, ws.send(Message::Close(Some(frame)))).await;
+            let _ = Box::pin(timeout(
+                CLOSE_WRITE_TIMEOUT,
+                ws.send(Message::Close(Some(frame))),
+            ))
+            .await;
         }
         drop(subscribes);
         ctx.registry.connection_closed(&conn);
         tracing::debug!("connection closed");
-    }
-}
-
-/// A future or stream that is polled only after it asked to be woken: a
-/// wait that spans many loop turns costs nothing on the turns that other
-/// branches woke. One per wait and connection.
-struct Gated<F> {
-    inner: F,
-    gate: Arc<Gate>,
-}
-
-struct Gate {
-    /// The inner future's waker was used since it was last polled (set at
-    /// first, so that the first poll reaches it).
-    woken: AtomicBool,
-    /// The task polling the `Gated`.
-    task: AtomicWaker,
-}
-
-impl ArcWake for Gate {
-    fn wake_by_ref(gate: &Arc<Self>) {
-        gate.woken.store(true, Ordering::Release);
-        gate.task.wake();
-    }
-}
-
-impl<F> Gated<F> {
-    fn new(inner: F) -> Self {
-        Self {
-            inner,
-            gate: Arc::new(Gate {
-                woken: AtomicBool::new(true),
-                task: AtomicWaker::new(),
-            }),
-        }
-    }
-
-    /// Polls the inner future with the gate's waker, if it was woken.
-    fn poll_gated<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        poll: impl FnOnce(&mut F, &mut Context<'_>) -> Poll<T>,
-    ) -> Poll<T> {
-        self.gate.task.register(cx.waker());
-        if !self.gate.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        let waker = waker_ref(&self.gate);
-        let polled = poll(&mut self.inner, &mut Context::from_waker(&waker));
-        if polled.is_ready() {
-            // A stream that yielded waits for nothing yet: its next poll
-            // must reach it.
-            self.gate.woken.store(true, Ordering::Release);
-        }
-        polled
-    }
-}
-
-impl<F: Future + Unpin> Future for Gated<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.get_mut()
-            .poll_gated(cx, |inner, cx| Pin::new(inner).poll(cx))
-    }
-}
-
-impl<S: Stream + Unpin> Stream for Gated<S> {
-    type Item = S::Item;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        self.get_mut()
-            .poll_gated(cx, |inner, cx| Pin::new(inner).poll_next(cx))
     }
 }
 
@@ -382,6 +293,14 @@ impl RateLimit {
 /// overflowed. The one place a slow client's close is counted: whatever
 /// overflowed the queue (a fan-out, a snapshot, an error frame), its
 /// session ends here, once.
+/// The close code and reason for a queue closed with `reason`.
+fn closed_by(reason: CloseReason, metrics: &Metrics, conn: &Connection) -> (u16, &'static str) {
+    match reason {
+        CloseReason::Overflow => slow_client(metrics, conn),
+        CloseReason::Shutdown => (CLOSE_GOING_AWAY, "server shutting down"),
+    }
+}
+
 fn slow_client(metrics: &Metrics, conn: &Connection) -> (u16, &'static str) {
     Metrics::inc(&metrics.slow_client_closes_total);
     tracing::info!(
@@ -392,11 +311,24 @@ fn slow_client(metrics: &Metrics, conn: &Connection) -> (u16, &'static str) {
     (CLOSE_SLOW_CLIENT, "outbound queue full: client too slow")
 }
 
-async fn write_batch(ws: &mut impl Socket, frames: &mut Vec<FrameText>) -> Result<(), axum::Error> {
-    for frame in frames.drain(..) {
-        ws.feed(text_message(frame)).await?;
-    }
-    ws.flush().await
+/// Writes `frames` in order, then flushes once; `frames` is empty when it
+/// completes. A hand-made future of two references: a loop of `feed`s
+/// would hold an iterator and a message across its waits, 160 bytes in
+/// every idle session's future.
+fn write_batch<'a>(
+    ws: &'a mut impl Socket,
+    frames: &'a mut Vec<FrameText>,
+) -> impl Future<Output = Result<(), axum::Error>> + 'a {
+    // Taken from the end: reversed once, popped in order.
+    frames.reverse();
+    std::future::poll_fn(move |cx| {
+        while !frames.is_empty() {
+            std::task::ready!(ws.poll_ready_unpin(cx))?;
+            let frame = frames.pop().expect("not empty");
+            ws.start_send_unpin(text_message(frame))?;
+        }
+        ws.poll_flush_unpin(cx)
+    })
 }
 
 /// The websocket message of a frame: no copy, no UTF-8 check.
@@ -564,49 +496,7 @@ mod tests {
     #[test]
     fn the_session_future_stays_small() {
         let size = size_of_return(serve);
-        assert!(size <= 900, "session future: {size} bytes");
-    }
-
-    #[test]
-    fn a_gated_wait_is_polled_only_after_it_was_woken() {
-        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let parked: Arc<std::sync::Mutex<Option<std::task::Waker>>> = Arc::default();
-        let inner = {
-            let (polls, parked) = (polls.clone(), parked.clone());
-            std::future::poll_fn(move |cx| {
-                let n = polls.fetch_add(1, Relaxed) + 1;
-                *parked.lock().unwrap() = Some(cx.waker().clone());
-                if n == 3 {
-                    Poll::Ready(n)
-                } else {
-                    Poll::Pending
-                }
-            })
-        };
-        let mut gated = Gated::new(inner);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        for _ in 0..5 {
-            assert_eq!(Pin::new(&mut gated).poll(&mut cx), Poll::Pending);
-        }
-        assert_eq!(polls.load(Relaxed), 1, "polled once until woken");
-        parked.lock().unwrap().take().unwrap().wake();
-        assert_eq!(Pin::new(&mut gated).poll(&mut cx), Poll::Pending);
-        assert_eq!(Pin::new(&mut gated).poll(&mut cx), Poll::Pending);
-        assert_eq!(polls.load(Relaxed), 2);
-        parked.lock().unwrap().take().unwrap().wake_by_ref();
-        assert_eq!(Pin::new(&mut gated).poll(&mut cx), Poll::Ready(3));
-
-        // A stream is polled again after each item without a wake.
-        let mut items = Gated::new(futures_util::stream::iter([1, 2]));
-        assert_eq!(
-            Pin::new(&mut items).poll_next(&mut cx),
-            Poll::Ready(Some(1))
-        );
-        assert_eq!(
-            Pin::new(&mut items).poll_next(&mut cx),
-            Poll::Ready(Some(2))
-        );
-        assert_eq!(Pin::new(&mut items).poll_next(&mut cx), Poll::Ready(None));
+        assert!(size <= 720, "session future: {size} bytes");
     }
 
     #[test]
