@@ -248,11 +248,12 @@ async fn a_slow_client_and_a_reconnect_storm_leave_the_others_in_sync() {
     // Single-flight: subscribes of a key whose snapshot resolve is in flight
     // join it (tests/resolve.rs checks the rule exactly). The clients come
     // back over seconds (jittered backoff), so a key is still resolved
-    // again for later arrivals: 45–64% of the subscriptions' ids reached the
-    // resolver in six runs, 88% before joins.
+    // again for later arrivals: 45–72% of the subscriptions' ids reached the
+    // resolver in nine runs (more when the machine is slower and the clients
+    // come back more spread out), 88% before joins.
     assert!(joined > 0.0, "no subscribe joined a resolve in flight");
     assert!(
-        ids as u64 * 5 <= subscriptions * 4,
+        ids as u64 * 20 <= subscriptions * 17,
         "{ids} ids resolved for {subscriptions} subscriptions ({joined} joined)"
     );
     assert_eq!(
