@@ -12,7 +12,9 @@ use entity_sync_backend::FetchMode;
 use entity_sync_testkit::{
     ResolverData, ResolverOptions, TestNode, TestResolver,
     nats::{NatsServer, nats_server_bin},
+    node::NodeProcess,
     notify_one,
+    process::TempDir,
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -124,6 +126,59 @@ async fn a_wrong_password_is_refused_without_the_password_in_the_error() {
     };
     assert!(!err.contains("wrong-password-1234"), "{err}");
     assert!(err.contains("***@127.0.0.1"), "{err}");
+}
+
+/// The password in `--nats-url` never reaches the log, at any level: the
+/// NATS client logs the server's address at debug level on every connection
+/// attempt, so the node hands it addresses without their credentials (and
+/// sends user and password in the handshake). Checked across a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_password_never_reaches_the_log() {
+    let mut nats = authorized_nats().await;
+    let dir = TempDir::new("nats-log");
+    let log = dir.path().join("node.log");
+    let mut node = NodeProcess::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_entity-sync")),
+        &[format!("--nats-url={}", url(&nats, PASSWORD))],
+        Some(&log),
+        "trace",
+    )
+    .unwrap();
+    node.wait_ready(Duration::from_secs(20)).await.unwrap();
+    nats.restart().await;
+    // Reconnected: a second "connected" event after the restart.
+    let end = Instant::now() + Duration::from_secs(30);
+    let connected = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("NATS connection event event=connected")
+            .count()
+    };
+    while connected() < 2 {
+        assert!(Instant::now() < end, "the node never reconnected to NATS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.guard().signal(libc::SIGTERM);
+    let exited =
+        tokio::task::spawn_blocking(move || node.guard().wait_exit(Duration::from_secs(15)))
+            .await
+            .unwrap();
+    assert!(exited.is_some(), "the node exits on SIGTERM");
+    let text = std::fs::read_to_string(&log).unwrap();
+    // The client's own connection lines ran (they name the server).
+    assert!(
+        text.contains("attempting connection"),
+        "no connection attempt logged at debug level:\n{text}"
+    );
+    let leaks: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(PASSWORD))
+        .map(|l| l.replace(PASSWORD, "<the password>"))
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "the NATS password is in the log:\n{leaks:#?}"
+    );
 }
 
 /// `--nats-tls-ca`, `--nats-tls-cert`/`--nats-tls-key` and

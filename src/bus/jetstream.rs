@@ -114,6 +114,17 @@ fn connect_retryable(err: &async_nats::ConnectError) -> bool {
 }
 
 /// Name of the stream (`{prefix}_changes`).
+/// `addr` without the user and password of its URL (sent in the handshake
+/// instead, see `connect`).
+fn without_credentials(addr: async_nats::ServerAddr) -> async_nats::ServerAddr {
+    let mut url = addr.into_inner();
+    // Both fail only for URLs that cannot carry credentials, which then
+    // carry none.
+    let _ = url.set_password(None);
+    let _ = url.set_username("");
+    async_nats::ServerAddr::from_url(url).expect("the scheme was accepted before")
+}
+
 fn stream_name(prefix: &str) -> String {
     format!("{prefix}_changes")
 }
@@ -256,6 +267,10 @@ impl JetStreamBus {
             let password = percent_decode(addr.password().unwrap_or_default());
             options = options.user_and_password(user, password);
         }
+        // ...and it logs a server's address, URL and all, at debug level on
+        // every connection attempt: it gets the addresses without them.
+        let addrs: Vec<async_nats::ServerAddr> =
+            addrs.into_iter().map(without_credentials).collect();
         let cancel = tasks.token().clone();
         let window = config.startup_timeout;
         let client = at_startup(
@@ -667,6 +682,17 @@ mod tests {
         assert_eq!(scrub_urls("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(scrub_urls("user:pw@host:4222"), "***@host:4222");
         assert_eq!(percent_decode("p%40ss%3Aw%2"), "p@ss:w%2");
+    }
+
+    #[test]
+    fn addresses_lose_their_credentials() {
+        let addr: async_nats::ServerAddr = "nats://user:pa%40ss@127.0.0.1:4333".parse().unwrap();
+        let bare = without_credentials(addr);
+        assert_eq!(bare.as_url_str(), "nats://127.0.0.1:4333");
+        assert!(!bare.has_user_pass());
+        assert!(!format!("{bare:?}").contains("pa%40ss"));
+        let tls: async_nats::ServerAddr = "tls://[::1]:4222".parse().unwrap();
+        assert_eq!(without_credentials(tls).as_url_str(), "tls://[::1]:4222");
     }
 
     #[test]
