@@ -356,11 +356,7 @@ async fn no_secret_or_token_reaches_the_log_even_at_trace_level() {
         .sequences[0];
     client.push_at_least("docs", "1", seq).await;
     client.close().await;
-    node.guard().signal(libc::SIGTERM);
-    let exited =
-        tokio::task::spawn_blocking(move || node.guard().wait_exit(Duration::from_secs(15)))
-            .await
-            .unwrap();
+    let exited = node.terminate(Duration::from_secs(15)).await;
     assert!(exited.is_some(), "the node exits on SIGTERM");
 
     let text = std::fs::read_to_string(&log).unwrap();

@@ -143,6 +143,23 @@ async fn notify_retrying(grpc: &str, keys: &[(&str, &str)], idempotency_key: &st
         .unwrap_or_else(|err| panic!("notify {keys:?} never accepted: {err}"))
 }
 
+/// A resolver for `items` on `node`, a client subscribed to `items/1`, a
+/// change of its rows notified: the client is pushed the new rows within
+/// `wait`.
+async fn a_change_reaches_a_client(node: &TestNode, wait: Duration) {
+    let data = ResolverData::new();
+    data.set_rows("items", "1", &[r#"{"id":1}"#]);
+    let _resolver = items_resolver(node, "svc", &data).await;
+    let mut client = WsClient::connect(node.ws_url()).await;
+    client.subscribe("items", "1").await;
+    data.set_rows("items", "1", &[r#"{"id":1,"v":2}"#]);
+    notify_one(node.grpc(), "items", "1").await;
+    let text = client.recv_text_within(wait).await;
+    let frame: Value = serde_json::from_str(&text).expect("frame is JSON");
+    let (_, rows) = parse_push(&frame, "items", "1");
+    assert_eq!(rows, vec![json!({"id": 1, "v": 2})]);
+}
+
 /// Subscribes on a node that reaches the entity's resolver over NATS. The
 /// remote node starts answering `{prefix}.resolve.{entity}` a moment after
 /// its resolver registered, so a `no_resolver` answer in that window is
@@ -906,15 +923,7 @@ async fn a_node_started_before_nats_waits_for_it() {
         .expect("the node connects once NATS is up")
         .unwrap()
         .expect("node starts");
-    let data = ResolverData::new();
-    data.set_rows("items", "1", &[r#"{"id":1}"#]);
-    let _resolver = items_resolver(&node, "svc", &data).await;
-    let mut client = WsClient::connect(node.ws_url()).await;
-    client.subscribe("items", "1").await;
-    data.set_rows("items", "1", &[r#"{"id":1,"v":2}"#]);
-    notify_one(node.grpc(), "items", "1").await;
-    let (_, rows) = parse_push(&client.recv_json().await, "items", "1");
-    assert_eq!(rows, vec![json!({"id": 1, "v": 2})]);
+    a_change_reaches_a_client(&node, common::DEADLINE).await;
     node.shutdown().await;
 }
 
@@ -1008,17 +1017,7 @@ async fn lost_jetstream_requests_are_made_again_within_seconds() {
         setup < Duration::from_secs(6),
         "the lost stream lookup was made again after {setup:?}"
     );
-    let data = ResolverData::new();
-    data.set_rows("items", "1", &[r#"{"id":1}"#]);
-    let _resolver = items_resolver(&node, "svc", &data).await;
-    let mut client = WsClient::connect(node.ws_url()).await;
-    client.subscribe("items", "1").await;
-    data.set_rows("items", "1", &[r#"{"id":1,"v":2}"#]);
-    notify_one(node.grpc(), "items", "1").await;
-    let text = client.recv_text_within(Duration::from_secs(6)).await;
-    let frame: Value = serde_json::from_str(&text).unwrap();
-    let (_, rows) = parse_push(&frame, "items", "1");
-    assert_eq!(rows, vec![json!({"id": 1, "v": 2})]);
+    a_change_reaches_a_client(&node, Duration::from_secs(6)).await;
     assert_eq!(proxy.swallowed(), 2, "both requests were dropped");
     node.shutdown().await;
 }

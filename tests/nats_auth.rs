@@ -158,11 +158,7 @@ async fn the_nats_password_never_reaches_the_log() {
         assert!(Instant::now() < end, "the node never reconnected to NATS");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    node.guard().signal(libc::SIGTERM);
-    let exited =
-        tokio::task::spawn_blocking(move || node.guard().wait_exit(Duration::from_secs(15)))
-            .await
-            .unwrap();
+    let exited = node.terminate(Duration::from_secs(15)).await;
     assert!(exited.is_some(), "the node exits on SIGTERM");
     let text = std::fs::read_to_string(&log).unwrap();
     // The client's own connection lines ran (they name the server).

@@ -319,6 +319,15 @@ impl NodeProcess {
         &mut self.guard
     }
 
+    /// SIGTERM, then waits (on a blocking thread) up to `wait` for the node
+    /// to exit; its exit status, or `None` if it is still running.
+    pub async fn terminate(mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        self.guard.signal(libc::SIGTERM);
+        tokio::task::spawn_blocking(move || self.guard.wait_exit(wait))
+            .await
+            .expect("the waiting thread")
+    }
+
     pub fn pid(&self) -> u32 {
         self.guard.pid()
     }
