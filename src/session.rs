@@ -289,10 +289,6 @@ impl RateLimit {
     }
 }
 
-/// The close code and reason for a connection whose outbound queue
-/// overflowed. The one place a slow client's close is counted: whatever
-/// overflowed the queue (a fan-out, a snapshot, an error frame), its
-/// session ends here, once.
 /// The close code and reason for a queue closed with `reason`.
 fn closed_by(reason: CloseReason, metrics: &Metrics, conn: &Connection) -> (u16, &'static str) {
     match reason {
@@ -301,6 +297,10 @@ fn closed_by(reason: CloseReason, metrics: &Metrics, conn: &Connection) -> (u16,
     }
 }
 
+/// The close code and reason for a connection whose outbound queue
+/// overflowed. The one place a slow client's close is counted: whatever
+/// overflowed the queue (a fan-out, a snapshot, an error frame), its
+/// session ends here, once.
 fn slow_client(metrics: &Metrics, conn: &Connection) -> (u16, &'static str) {
     Metrics::inc(&metrics.slow_client_closes_total);
     tracing::info!(

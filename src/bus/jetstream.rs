@@ -113,7 +113,6 @@ fn connect_retryable(err: &async_nats::ConnectError) -> bool {
     matches!(err.kind(), Kind::Io | Kind::TimedOut | Kind::Dns)
 }
 
-/// Name of the stream (`{prefix}_changes`).
 /// `addr` without the user and password of its URL (sent in the handshake
 /// instead, see `connect`).
 fn without_credentials(addr: async_nats::ServerAddr) -> async_nats::ServerAddr {
@@ -125,6 +124,7 @@ fn without_credentials(addr: async_nats::ServerAddr) -> async_nats::ServerAddr {
     async_nats::ServerAddr::from_url(url).expect("the scheme was accepted before")
 }
 
+/// Name of the stream (`{prefix}_changes`).
 fn stream_name(prefix: &str) -> String {
     format!("{prefix}_changes")
 }
