@@ -133,6 +133,16 @@ pub struct WsConfig {
     #[arg(long, env = "ENTITY_SYNC_MAX_SUBSCRIPTIONS", default_value_t = 1024)]
     pub max_subscriptions: usize,
 
+    /// Snapshot resolves (subscribes, and re-checks after a new secret) the
+    /// node runs at once; more wait their turn in order of arrival. One
+    /// connection runs at most 64 of them.
+    #[arg(
+        long,
+        env = "ENTITY_SYNC_MAX_SNAPSHOT_RESOLVES",
+        default_value_t = 4096
+    )]
+    pub max_snapshot_resolves: usize,
+
     /// Bytes a connection's outbound queue may hold before the client is
     /// closed as too slow (close code 1008).
     #[arg(long, env = "ENTITY_SYNC_OUTBOUND_MAX_BYTES", default_value_t = 1024 * 1024)]
@@ -509,6 +519,9 @@ impl Config {
         }
         if ws.max_subscriptions == 0 {
             return Err("--max-subscriptions must be at least 1".into());
+        }
+        if ws.max_snapshot_resolves == 0 {
+            return Err("--max-snapshot-resolves must be at least 1".into());
         }
         if ws.ping_interval.is_zero() || ws.idle_timeout < ws.ping_interval {
             return Err(

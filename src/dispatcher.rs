@@ -18,7 +18,7 @@ use std::{
 };
 
 use futures_util::future::join_all;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::Instrument;
 
 use crate::{
@@ -76,6 +76,8 @@ struct Inner {
     /// after `started` (0: never).
     join_wait_expired_ms: AtomicU64,
     started: std::time::Instant,
+    /// Snapshot resolves running at once on this node (`--max-snapshot-resolves`).
+    snapshot_permits: Semaphore,
 }
 
 /// How a resolve attempt ended.
@@ -124,6 +126,7 @@ impl Dispatcher {
                 applied_watch: watch::Sender::new(bus.head()),
                 join_wait_expired_ms: AtomicU64::new(0),
                 started: std::time::Instant::now(),
+                snapshot_permits: Semaphore::new(config.max_snapshot_resolves),
             }),
         }
     }
@@ -445,6 +448,23 @@ impl Dispatcher {
         secret: Arc<str>,
         epoch: u64,
     ) {
+        let superseded = conn.clone();
+        tokio::select! {
+            // Checked first: a re-check a newer secret made moot does no
+            // work at all, not even a read of the bus head.
+            biased;
+            () = superseded.superseded(epoch) => {}
+            () = self.snapshot(conn, key, secret, epoch) => {}
+        }
+    }
+
+    /// [`Self::subscribe`] while `epoch` is current: waits for one of the
+    /// node's `--max-snapshot-resolves` (in order of arrival, so a
+    /// connection with many keys cannot starve others), then resolves.
+    async fn snapshot(&self, conn: Arc<Connection>, key: ChangeKey, secret: Arc<str>, epoch: u64) {
+        let Ok(_permit) = self.inner.snapshot_permits.acquire().await else {
+            return;
+        };
         // Read before resolving: the snapshot reflects every change up to it.
         let base = self.inner.bus.snapshot_version().await.max(self.applied());
         // Joining a snapshot resolve already in flight for this key and
@@ -468,15 +488,11 @@ impl Dispatcher {
                     .store(now.max(1), Ordering::Relaxed);
             }
         }
-        let resolve = self
+        let result = self
             .inner
             .resolvers
-            .resolve_subscribe(&key, secret, may_join);
-        let result = tokio::select! {
-            result = resolve => result,
-            // A newer secret came: its re-check answers for this key.
-            () = conn.superseded(epoch) => return,
-        };
+            .resolve_subscribe(&key, secret, may_join)
+            .await;
         let err = match result {
             Ok(Rows { rows, version }) => {
                 let version = if version != 0 { version } else { base };

@@ -71,6 +71,11 @@ impl Connection {
         self.secret.lock().unwrap().secret.clone()
     }
 
+    /// Keys this connection holds, pending or active.
+    pub(crate) fn key_count(&self) -> usize {
+        self.keys.lock().unwrap().len()
+    }
+
     /// The current secret and its epoch: a snapshot resolved with this
     /// secret may only activate a subscription while the epoch is current.
     pub(crate) fn secret_epoch(&self) -> (Arc<str>, u64) {

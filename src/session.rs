@@ -5,7 +5,7 @@
 //! node's shutdown) and the snapshot resolves it started. Every frame queued
 //! since the last write goes out in one batch with one flush.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
@@ -36,6 +36,10 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_IDLE: u16 = 1000;
 /// How long the node waits to get its close frame out.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Snapshot resolves (subscribes and re-checks) one connection runs at once;
+/// more wait in its queue. So one connection holds at most this many of the
+/// node's `--max-snapshot-resolves`, and its queue at most one entry per key.
+pub(crate) const SNAPSHOTS_PER_CONNECTION: usize = 64;
 
 /// Settings and handles every session needs.
 pub(crate) struct SessionContext {
@@ -134,9 +138,9 @@ pub(crate) fn serve(
     Metrics::inc(&ctx.metrics.connections_total);
     tracing::debug!(%peer, "connection opened");
     async move {
-        // Snapshot resolves under way; created on the first subscribe and dropped
-        // when empty, so an idle connection holds none.
-        let mut subscribes: Option<FuturesUnordered<_>> = None;
+        // Snapshot resolves under way and waiting; created on the first
+        // subscribe and dropped when done, so an idle connection holds none.
+        let mut snapshots: Option<Box<Snapshots<_>>> = None;
         let mut frames: Vec<FrameText> = Vec::new();
         let mut last_seen = Instant::now();
         let mut limiter = RateLimit::new(
@@ -179,11 +183,13 @@ pub(crate) fn serve(
                         }
                     }
                 }
-                Some(()) = async { subscribes.as_mut().expect("checked").next().await },
-                    if subscribes.as_ref().is_some_and(|s| !s.is_empty()) =>
+                Some(()) = async { snapshots.as_mut().expect("checked").running.next().await },
+                    if snapshots.as_ref().is_some_and(|s| !s.running.is_empty()) =>
                 {
-                    if subscribes.as_ref().is_some_and(|s| s.is_empty()) {
-                        subscribes = None;
+                    let running = snapshots.as_mut().expect("checked");
+                    running.fill(|next| snapshot(&ctx, &conn, next));
+                    if running.running.is_empty() {
+                        snapshots = None;
                     }
                 }
                 message = ws.next() => {
@@ -207,12 +213,24 @@ pub(crate) fn serve(
                             );
                             reject(&ctx, &conn, ProtocolError::new(ErrorCode::RateLimited, message));
                         }
-                        Some(Ok(Message::Text(text))) => {
-                            let started = on_text(&ctx, &conn, text);
-                            if !started.is_empty() {
-                                subscribes.get_or_insert_with(FuturesUnordered::new).extend(started);
+                        Some(Ok(Message::Text(text))) => match on_text(&ctx, &conn, text, &mut limiter) {
+                            Work::Nothing => {}
+                            Work::Forget(key) => {
+                                if let Some(waiting) = snapshots.as_mut() {
+                                    waiting.waiting.retain(|w| w.key != key);
+                                }
                             }
-                        }
+                            Work::Snapshots { keys, replace } => {
+                                let queue = snapshots.get_or_insert_with(|| Box::new(Snapshots::new()));
+                                if replace {
+                                    // A new secret re-checks every held key:
+                                    // what waits for an older one is moot.
+                                    queue.waiting.clear();
+                                }
+                                queue.waiting.extend(keys);
+                                queue.fill(|next| snapshot(&ctx, &conn, next));
+                            }
+                        },
                         Some(Ok(Message::Binary(_))) => reject(
                             &ctx,
                             &conn,
@@ -246,7 +264,7 @@ pub(crate) fn serve(
             ))
             .await;
         }
-        drop(subscribes);
+        drop(snapshots);
         ctx.registry.connection_closed(&conn);
         tracing::debug!("connection closed");
     }
@@ -274,19 +292,74 @@ impl RateLimit {
 
     /// Takes a token if there is one.
     fn allow(&mut self, now: Instant) -> bool {
+        self.allow_n(1, now)
+    }
+
+    /// Takes `n` tokens if there are that many (a message that makes the
+    /// node do `n` messages' worth of work).
+    fn allow_n(&mut self, n: usize, now: Instant) -> bool {
         if self.rate == 0.0 {
             return true;
         }
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
         }
     }
+}
+
+/// A snapshot resolve to start: its key, with the connection's secret and
+/// epoch as they were when the session handled the message (so a `secret`
+/// message handled after it makes it outdated, see `Registry::recheck`).
+pub(crate) struct Waiting {
+    key: ChangeKey,
+    secret: Arc<str>,
+    epoch: u64,
+}
+
+/// A connection's snapshot resolves: at most [`SNAPSHOTS_PER_CONNECTION`]
+/// running, the rest waiting in order.
+struct Snapshots<F> {
+    running: FuturesUnordered<F>,
+    waiting: VecDeque<Waiting>,
+}
+
+impl<F: Future<Output = ()>> Snapshots<F> {
+    fn new() -> Self {
+        Self {
+            running: FuturesUnordered::new(),
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Starts waiting resolves while there is room.
+    fn fill(&mut self, start: impl Fn(Waiting) -> F) {
+        while self.running.len() < SNAPSHOTS_PER_CONNECTION {
+            let Some(next) = self.waiting.pop_front() else {
+                return;
+            };
+            self.running.push(start(next));
+        }
+    }
+}
+
+/// What a client message asks of the session's snapshot resolves.
+enum Work {
+    Nothing,
+    /// Start these (after the ones waiting); `replace`: a new secret, whose
+    /// re-checks supersede everything still waiting.
+    Snapshots {
+        keys: Vec<Waiting>,
+        replace: bool,
+    },
+    /// The client unsubscribed: a resolve of the key still waiting is moot.
+    Forget(ChangeKey),
 }
 
 /// The close code and reason for a queue closed with `reason`.
@@ -342,28 +415,34 @@ fn reject(ctx: &SessionContext, conn: &Connection, err: ProtocolError) {
         .control(None, error_frame(err.code, &err.message, None));
 }
 
-/// The snapshot resolve of `key` (pending in the registry) with the
-/// connection's secret as it is now: taken here, when the session handles the
-/// message, not when the future first runs, so a `secret` message handled
-/// after it makes it outdated (see `Registry::recheck`).
+/// The snapshot resolve of a key pending in the registry, with the secret
+/// and epoch it was asked with.
 fn snapshot(
     ctx: &SessionContext,
     conn: &Arc<Connection>,
-    key: ChangeKey,
+    waiting: Waiting,
 ) -> impl Future<Output = ()> + use<> {
-    let (secret, epoch) = conn.secret_epoch();
     let dispatcher = ctx.dispatcher.clone();
     let conn = conn.clone();
+    let Waiting { key, secret, epoch } = waiting;
     async move { dispatcher.subscribe(conn, key, secret, epoch).await }
 }
 
-/// Handles one text frame; returns the snapshot resolves to drive (none, one
-/// for a subscribe, one per held key for a new secret).
+/// `key` to resolve with the connection's secret as it is now.
+fn waiting(conn: &Connection, key: ChangeKey) -> Waiting {
+    let (secret, epoch) = conn.secret_epoch();
+    Waiting { key, secret, epoch }
+}
+
+/// Handles one text frame; returns the snapshot resolves it asks for (one
+/// for a subscribe, one per held key for a new secret). `limiter` is the
+/// connection's message budget, which already took this message's token.
 fn on_text(
     ctx: &Arc<SessionContext>,
     conn: &Arc<Connection>,
     text: Utf8Bytes,
-) -> Vec<impl Future<Output = ()> + use<>> {
+    limiter: &mut RateLimit,
+) -> Work {
     if text.len() > ctx.config.max_message_bytes {
         reject(
             ctx,
@@ -377,13 +456,13 @@ fn on_text(
                 ),
             ),
         );
-        return Vec::new();
+        return Work::Nothing;
     }
     let message = match protocol::decode(&text) {
         Ok(message) => message,
         Err(err) => {
             reject(ctx, conn, err);
-            return Vec::new();
+            return Work::Nothing;
         }
     };
     match message {
@@ -392,7 +471,7 @@ fn on_text(
                 .registry
                 .add_pending(&key, conn, ctx.config.max_subscriptions);
             if added == AddPending::InFlight {
-                return Vec::new();
+                return Work::Nothing;
             }
             if added == AddPending::Full {
                 ctx.metrics.client_error(ErrorCode::TooManySubscriptions);
@@ -404,9 +483,12 @@ fn on_text(
                     Some(&key),
                     error_frame(ErrorCode::TooManySubscriptions, &message, Some(&key)),
                 );
-                return Vec::new();
+                return Work::Nothing;
             }
-            vec![snapshot(ctx, conn, key)]
+            Work::Snapshots {
+                keys: vec![waiting(conn, key)],
+                replace: false,
+            }
         }
         ClientMessage::Unsubscribe(key) => {
             if ctx.registry.remove(&key, conn) {
@@ -414,6 +496,7 @@ fn on_text(
                 if !ctx.config.compat_bare_rows {
                     conn.outbox.control(Some(&key), unsubscribed_frame(&key));
                 }
+                return Work::Forget(key);
             } else {
                 ctx.metrics.client_error(ErrorCode::NotSubscribed);
                 conn.outbox.control(
@@ -425,12 +508,35 @@ fn on_text(
                     ),
                 );
             }
-            Vec::new()
+            Work::Nothing
         }
         ClientMessage::Secret(secret) => {
-            // The same secret again changes nothing and re-checks nothing.
+            // A new secret costs a re-check of every held key: the
+            // connection's message budget pays for each (beyond this
+            // message's own token), so a client cycling secrets costs the
+            // backend what as many subscribes would. The same secret again
+            // changes nothing and costs nothing.
+            let held = conn.key_count();
+            if *conn.secret() == *secret {
+                return Work::Nothing;
+            }
+            if !limiter.allow_n(held, Instant::now()) {
+                reject(
+                    ctx,
+                    conn,
+                    ProtocolError::new(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "secret dropped: it would re-check {held} keys, over this connection's \
+                             budget of {} messages per second; send it again later",
+                            ctx.config.max_message_rate
+                        ),
+                    ),
+                );
+                return Work::Nothing;
+            }
             if !conn.set_secret(&secret) {
-                return Vec::new();
+                return Work::Nothing;
             }
             // Every held key (at most `max_subscriptions`) is pending again
             // and re-resolved with the new secret, reason SUBSCRIBE, exactly
@@ -444,9 +550,18 @@ fn on_text(
                     .fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(keys = keys.len(), "new secret: re-checking held keys");
             }
-            keys.into_iter()
-                .map(|key| snapshot(ctx, conn, key))
-                .collect()
+            let (secret, epoch) = conn.secret_epoch();
+            Work::Snapshots {
+                keys: keys
+                    .into_iter()
+                    .map(|key| Waiting {
+                        key,
+                        secret: secret.clone(),
+                        epoch,
+                    })
+                    .collect(),
+                replace: true,
+            }
         }
         ClientMessage::PassThrough => {
             let connection_id = format!("{}-{}", ctx.node_id, conn.id);
@@ -467,7 +582,7 @@ fn on_text(
                 };
                 reject(ctx, conn, err);
             }
-            Vec::new()
+            Work::Nothing
         }
     }
 }
@@ -496,6 +611,7 @@ mod tests {
     #[test]
     fn the_session_future_stays_small() {
         let size = size_of_return(serve);
+        eprintln!("session future: {size} bytes");
         assert!(size <= 720, "session future: {size} bytes");
     }
 

@@ -267,3 +267,146 @@ mod handshake_limits {
         }
     }
 }
+
+/// What a client's frames can make the node spend: a burst of new secrets
+/// on a connection holding many keys costs a bounded number of bus reads
+/// and resolves (the node's budget, not the client's burst, sets it).
+mod frame_costs {
+    use std::{net::SocketAddr, time::Duration};
+
+    use entity_sync_backend::{FetchMode, Reason};
+    use entity_sync_testkit::{
+        Entry, ResolverOptions, TestNode, TestResolver, http::http_get, nats::NatsServer,
+        nats::nats_server_bin, process::free_ports,
+    };
+    use serde_json::{Value, json};
+
+    /// JetStream API requests a nats-server answered so far (its own
+    /// monitoring endpoint, `/jsz`).
+    async fn js_api_requests(monitor: SocketAddr) -> u64 {
+        let (status, body) = http_get(monitor, "/jsz").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let jsz: Value = serde_json::from_str(&body).unwrap();
+        jsz["api"]["total"].as_u64().expect("api.total")
+    }
+
+    /// Ids the resolver was asked to resolve for subscribes (re-checks are subscribes).
+    fn resolved_ids(resolver: &TestResolver) -> usize {
+        resolver
+            .requests()
+            .iter()
+            .filter(|r| r.reason == Reason::Subscribe)
+            .map(|r| r.ids.len())
+            .sum()
+    }
+
+    /// Ids of the requests the resolver withholds now.
+    fn held_ids(resolver: &TestResolver) -> usize {
+        resolver.held().iter().map(|r| r.ids.len()).sum()
+    }
+
+    #[tokio::test]
+    async fn one_connection_runs_64_snapshot_resolves_at_once_and_others_get_theirs() {
+        const KEYS: usize = 300;
+        let (mut node, resolver, data) = TestNode::start_with_resolver(
+            |c| {
+                c.ws.max_snapshot_resolves = 100;
+                c.resolve.timeout = Duration::from_secs(20);
+            },
+            ResolverOptions::new("backend")
+                .entity("docs", FetchMode::PerSubscriber)
+                .entity("items", FetchMode::Shared)
+                .max_in_flight(1000),
+        )
+        .await;
+        resolver.hold("docs");
+        let mut greedy = node.client().await;
+        for i in 0..KEYS {
+            data.set_rows("docs", &i.to_string(), &[r#"{"v":1}"#]);
+            greedy.send_subscribe("docs", &i.to_string()).await;
+        }
+        entity_sync_testkit::wait_until("64 ids withheld", || held_ids(&resolver) >= 64).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(held_ids(&resolver), 64, "one connection's resolves at once");
+        // The node has room for others: another connection subscribes now.
+        data.set_rows("items", "1", &[r#"{"v":2}"#]);
+        let mut other = node.client().await;
+        let (_, rows) = other.subscribe("items", "1").await;
+        assert_eq!(rows, vec![json!({"v": 2})]);
+        // Released, the greedy connection gets every key, in turns of 64.
+        resolver.release().await;
+        let frames = greedy
+            .recv_until_quiet(Duration::from_millis(500), Duration::from_secs(30))
+            .await;
+        assert_eq!(frames.len(), 2 * KEYS, "subscribed and a snapshot per key");
+        node.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_new_secrets_costs_bounded_bus_reads_and_resolves() {
+        const KEYS: usize = 256;
+        const SECRETS: usize = 100;
+        let monitor = free_ports(1)[0];
+        let nats = NatsServer::start_binary(
+            &nats_server_bin(),
+            Some(&format!("jetstream {{}}\nhttp: 127.0.0.1:{monitor}\n")),
+        )
+        .await;
+        let monitor = SocketAddr::from(([127, 0, 0, 1], monitor));
+        let (mut node, resolver, data) = TestNode::start_with_resolver(
+            |c| c.nats.url = Some(nats.url()),
+            ResolverOptions::new("backend").entity("docs", FetchMode::PerSubscriber),
+        )
+        .await;
+        let mut client = node.client().await;
+        for i in 0..KEYS {
+            data.set("docs", &i.to_string(), Entry::ok(&[r#"{"for":"$SECRET"}"#]));
+            client.send_subscribe("docs", &i.to_string()).await;
+        }
+        let frames = client
+            .recv_until_quiet(Duration::from_millis(500), Duration::from_secs(30))
+            .await;
+        assert_eq!(frames.len(), 2 * KEYS, "subscribed and a snapshot per key");
+
+        let (api_before, ids_before) = (js_api_requests(monitor).await, resolved_ids(&resolver));
+        for n in 0..SECRETS {
+            client.send_secret(&format!("secret-{n:03}")).await;
+        }
+        let frames = client
+            .recv_until_quiet(Duration::from_secs(1), Duration::from_secs(60))
+            .await;
+        let api = js_api_requests(monitor).await - api_before;
+        let ids = resolved_ids(&resolver) - ids_before;
+        let limited = frames
+            .iter()
+            .filter(|f| f["body"]["code"] == "rate_limited")
+            .count();
+        eprintln!(
+            "{SECRETS} secrets on {KEYS} keys: {limited} rate-limited, \
+             {api} JetStream API requests, {ids} ids resolved, {} frames",
+            frames.len()
+        );
+        // A secret's re-check of 256 keys costs 256 messages of the budget
+        // (2,048 at once): the first few secrets pass, in order.
+        let accepted = SECRETS - limited;
+        assert!((1..=8).contains(&accepted), "{accepted} secrets accepted");
+        // Every key ends re-checked with the last secret the node took.
+        let last = format!("secret-{:03}", accepted - 1);
+        for i in 0..KEYS {
+            let id = i.to_string();
+            let pushes: Vec<&Value> = frames
+                .iter()
+                .filter(|f| f["action"] == "push" && f["body"]["id"] == id.as_str())
+                .collect();
+            let latest = pushes.last().unwrap_or_else(|| panic!("no push for {id}"));
+            assert_eq!(latest["body"]["rows"], json!([{"for": last}]), "key {id}");
+        }
+        // Bus reads: batched, not one per re-check (25,600 re-checks asked).
+        assert!(api <= 100, "{api} JetStream API requests");
+        // Resolves: superseded re-checks stop before any work; at most the
+        // connection's 64 running ones per accepted secret, and the last
+        // secret's full round.
+        assert!(ids <= accepted * 64 + KEYS, "{ids} ids resolved");
+        node.shutdown().await;
+    }
+}

@@ -29,7 +29,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
+use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt, head::HeadReads};
 use crate::{
     config::{NatsConfig, scrub_urls},
     key::ChangeKey,
@@ -42,7 +42,7 @@ use crate::{
 pub const ACK_WINDOW: usize = 1000;
 /// Most change events handed to the dispatcher in one batch.
 const CONSUME_BATCH: usize = 512;
-/// Deadline of the stream-head query made for each snapshot.
+/// Deadline of the stream-head query made for snapshots (one at a time).
 const HEAD_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often the consumer compares its position with the stream's.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -164,6 +164,8 @@ struct Inner {
     prefix: String,
     /// Highest sequence acknowledged to this node's publishes or consumed.
     head: AtomicU64,
+    /// Snapshots' reads of the stream's head, batched.
+    head_reads: HeadReads,
     closed: AtomicBool,
 }
 
@@ -336,6 +338,7 @@ impl JetStreamBus {
                 stream: stream.clone(),
                 prefix: config.prefix.clone(),
                 head: AtomicU64::new(start),
+                head_reads: HeadReads::default(),
                 closed: AtomicBool::new(false),
             }),
         };
@@ -361,14 +364,21 @@ impl JetStreamBus {
     /// by any node before this call is at or below it, so a snapshot taken
     /// after it never carries a lower version than a push a client got from
     /// another node. Falls back to this node's own head when NATS doesn't
-    /// answer in time.
+    /// answer in time. Concurrent calls share one request (see `HeadReads`).
     pub(super) async fn stream_head(&self) -> u64 {
-        if let Ok(Ok(info)) = tokio::time::timeout(HEAD_TIMEOUT, self.inner.stream.get_info()).await
-        {
-            self.inner
-                .head
-                .fetch_max(info.state.last_sequence, Ordering::AcqRel);
-        }
+        let inner = &self.inner;
+        inner
+            .head_reads
+            .read(|| async {
+                if let Ok(Ok(info)) =
+                    tokio::time::timeout(HEAD_TIMEOUT, inner.stream.get_info()).await
+                {
+                    inner
+                        .head
+                        .fetch_max(info.state.last_sequence, Ordering::AcqRel);
+                }
+            })
+            .await;
         self.head()
     }
 

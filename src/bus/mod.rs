@@ -6,6 +6,7 @@
 //! in-process bus serves a single node; the JetStream bus a cluster. Both
 //! number changes with comparable sequences and honour idempotency keys.
 
+mod head;
 mod jetstream;
 mod memory;
 

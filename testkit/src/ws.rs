@@ -200,6 +200,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("frame is not JSON ({e}): {text}"))
     }
 
+    /// Every JSON text frame until none came for `quiet` (at most `wait` in
+    /// all: a node that never goes quiet fails the test).
+    pub async fn recv_until_quiet(&mut self, quiet: Duration, wait: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + wait;
+        let mut frames = Vec::new();
+        while let Some(frame) = self.next_frame(quiet).await {
+            assert!(
+                Instant::now() < deadline,
+                "no quiet {quiet:?} within {wait:?}"
+            );
+            match frame {
+                Ok(Message::Text(text)) => frames.push(
+                    serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("frame is not JSON ({e}): {text}")),
+                ),
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+        frames
+    }
+
     /// Asserts that no frame arrives within `window`.
     pub async fn expect_silence(&mut self, window: Duration) {
         if let Some(frame) = self.next_frame(window).await {
