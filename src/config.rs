@@ -152,6 +152,11 @@ pub struct WsConfig {
     #[arg(long, env = "ENTITY_SYNC_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub ping_interval: Duration,
 
+    /// A write to a websocket that the socket does not take within this
+    /// long (a client that stopped reading) closes the connection with 1008.
+    #[arg(long, env = "ENTITY_SYNC_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
     /// A connection silent for this long (no frame, no pong) is closed.
     #[arg(long, env = "ENTITY_SYNC_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
@@ -527,6 +532,9 @@ impl Config {
             return Err(
                 "--idle-timeout must be at least --ping-interval, which must be > 0".into(),
             );
+        }
+        if ws.write_timeout.is_zero() {
+            return Err("--write-timeout must be > 0".into());
         }
         if resolve.timeout.is_zero() {
             return Err("--resolve-timeout must be > 0".into());

@@ -9,7 +9,7 @@ use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt, stream::FuturesUnordered};
+use futures_util::{FutureExt, SinkExt, StreamExt, stream::FuturesUnordered};
 use tokio::time::{Instant, timeout};
 
 use crate::{
@@ -157,29 +157,26 @@ pub(crate) fn serve(
                         break Some(closed_by(reason, &ctx.metrics, &conn));
                     }
                     // A slow reader can block the write; the outbox closing (it
-                    // kept filling meanwhile, or the node shuts down)
-                    // interrupts it.
+                    // kept filling meanwhile, or the node shuts down) interrupts
+                    // it, and so does --write-timeout (a client that stopped
+                    // reading would otherwise hold the session here forever).
                     if !frames.is_empty() {
-                        tokio::select! {
-                            written = write_batch(&mut ws, &mut frames) => {
-                                if written.is_err() {
-                                    break None;
-                                }
-                            }
-                            reason = conn.outbox.closed() => break Some(closed_by(reason, &ctx.metrics, &conn)),
+                        match within(write_batch(&mut ws, &mut frames), &conn, ctx.config.write_timeout).await {
+                            Waited::Done(Ok(())) => {}
+                            Waited::Done(Err(_)) => break None,
+                            Waited::Closed(reason) => break Some(closed_by(reason, &ctx.metrics, &conn)),
+                            Waited::Stalled => break Some(stalled(&ctx, &conn)),
                         }
                     }
                     if woken.ping {
                         if last_seen.elapsed() >= ctx.config.idle_timeout {
                             break Some((CLOSE_IDLE, "idle timeout"));
                         }
-                        tokio::select! {
-                            sent = ws.send(Message::Ping(Bytes::new())) => {
-                                if sent.is_err() {
-                                    break None;
-                                }
-                            }
-                            reason = conn.outbox.closed() => break Some(closed_by(reason, &ctx.metrics, &conn)),
+                        match within(ws.send(Message::Ping(Bytes::new())), &conn, ctx.config.write_timeout).await {
+                            Waited::Done(Ok(())) => {}
+                            Waited::Done(Err(_)) => break None,
+                            Waited::Closed(reason) => break Some(closed_by(reason, &ctx.metrics, &conn)),
+                            Waited::Stalled => break Some(stalled(&ctx, &conn)),
                         }
                     }
                 }
@@ -360,6 +357,51 @@ enum Work {
     },
     /// The client unsubscribed: a resolve of the key still waiting is moot.
     Forget(ChangeKey),
+}
+
+/// How a write to the socket ended.
+enum Waited {
+    Done(Result<(), axum::Error>),
+    /// The connection's queue closed meanwhile (overflow or shutdown).
+    Closed(CloseReason),
+    /// It made no way within `--write-timeout`.
+    Stalled,
+}
+
+/// Runs `write`; when the socket cannot take it at once, waits at most
+/// `limit`, or until the connection's queue closes. The timer is armed only
+/// then: a write that completes at once (the usual case) costs none.
+async fn within(
+    write: impl Future<Output = Result<(), axum::Error>>,
+    conn: &Connection,
+    limit: Duration,
+) -> Waited {
+    let mut write = std::pin::pin!(write);
+    if let Some(done) = write.as_mut().now_or_never() {
+        return Waited::Done(done);
+    }
+    // Boxed: the timer is large, and every idle session's future would
+    // carry room for it.
+    Box::pin(async move {
+        tokio::select! {
+            done = write => Waited::Done(done),
+            reason = conn.outbox.closed() => Waited::Closed(reason),
+            () = tokio::time::sleep(limit) => Waited::Stalled,
+        }
+    })
+    .await
+}
+
+/// The close code and reason for a connection whose socket took no write
+/// within `--write-timeout`: a client that stopped reading.
+fn stalled(ctx: &SessionContext, conn: &Connection) -> (u16, &'static str) {
+    Metrics::inc(&ctx.metrics.slow_client_closes_total);
+    tracing::info!(
+        conn.id = conn.id,
+        timeout = ?ctx.config.write_timeout,
+        "closing slow client: a write made no way within --write-timeout"
+    );
+    (CLOSE_SLOW_CLIENT, "write timed out: client not reading")
 }
 
 /// The close code and reason for a queue closed with `reason`.

@@ -342,6 +342,56 @@ mod frame_costs {
         node.shutdown().await;
     }
 
+    /// A client that subscribes and then never reads: the snapshots fill
+    /// the socket's buffers and the node's write blocks. The node closes it
+    /// after --write-timeout (1008), though the queue is under its bound and
+    /// the key is quiet (nothing else would ever end it).
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
+        const KEYS: usize = 6;
+        let (mut node, _resolver, data) = TestNode::start_with_resolver(
+            |c| {
+                c.ws.write_timeout = Duration::from_secs(1);
+                c.ws.outbound_max_bytes = 64 << 20;
+            },
+            ResolverOptions::new("backend").entity("docs", FetchMode::Shared),
+        )
+        .await;
+        // 1 MB a key, 6 MB in all: more than loopback socket buffers hold.
+        let big = format!(r#""{}""#, "x".repeat(1 << 20));
+        let options = entity_sync_testkit::ws::ConnectOptions {
+            recv_buffer: Some(4096),
+            ..Default::default()
+        };
+        let mut stalled = entity_sync_testkit::connect(node.ws_url(), &options)
+            .await
+            .unwrap();
+        for i in 0..KEYS {
+            data.set_rows("docs", &i.to_string(), &[&big]);
+            let subscribe =
+                json!({"action": "subscribe", "body": {"entity": "docs", "id": i.to_string()}});
+            futures_util::SinkExt::send(&mut stalled, subscribe.to_string().into())
+                .await
+                .unwrap();
+        }
+        // Resolving and framing 6 MB takes a few seconds in a debug build.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while node.stats().connections > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stalled connection is still open: {:?}",
+                node.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            node.metric("entity_sync_slow_client_closes_total").await,
+            1.0
+        );
+        drop(stalled);
+        node.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_burst_of_new_secrets_costs_bounded_bus_reads_and_resolves() {
         const KEYS: usize = 256;
