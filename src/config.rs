@@ -104,7 +104,7 @@ pub struct WsConfig {
     pub push_unchanged_rows: bool,
 
     /// Largest client message accepted, in bytes (larger ones get a
-    /// `message_too_large` error; above 16x this the connection is closed with 1009).
+    /// `message_too_large` error; above 2x this the connection is closed with 1009).
     #[arg(long, env = "ENTITY_SYNC_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
 
@@ -114,10 +114,27 @@ pub struct WsConfig {
     #[arg(long, env = "ENTITY_SYNC_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
-    /// Most websocket connections this node holds at once (0: no limit but the
-    /// OS's). Upgrades beyond it are refused with HTTP 503.
-    #[arg(long, env = "ENTITY_SYNC_MAX_CONNECTIONS", default_value_t = 0)]
+    /// Most connections the websocket port holds at once, websockets and
+    /// connections still handshaking alike (0: no limit but the OS's).
+    /// Upgrades beyond it are refused with HTTP 503.
+    #[arg(long, env = "ENTITY_SYNC_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// Most connections of the websocket port from one address (IPv6: one
+    /// /64) that are not websockets yet (in their TLS handshake or first
+    /// request); further ones are closed at once (0: no limit).
+    #[arg(
+        long,
+        env = "ENTITY_SYNC_MAX_PENDING_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub max_pending_per_address: usize,
+
+    /// Bytes of client messages being read (received, not yet complete),
+    /// node-wide; a connection holding more than 4 KiB of one while the
+    /// total is over this is closed (0: no limit).
+    #[arg(long, env = "ENTITY_SYNC_MAX_READING_BYTES", default_value_t = 64 << 20)]
+    pub max_reading_bytes: usize,
 
     /// Messages per second one connection may send, on average (0: no limit).
     /// Messages over it are dropped with a `rate_limited` error frame.

@@ -11,7 +11,7 @@ use std::{
 use axum::{
     Router,
     extract::{ConnectInfo, Request, State, WebSocketUpgrade, connect_info::Connected},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, Version, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
@@ -23,8 +23,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::{
+    admission::{self, Admission, Admitting, ConnInfo},
     bus::Bus,
-    handshake::{ConnInfo, Handshaking, Pending},
+    config::WsConfig,
     health,
     metrics::{self, Live, Stats},
     session,
@@ -42,8 +43,10 @@ const WS_READ_BUFFER_BYTES: usize = 128;
 /// Bytes of queued frames after which a write goes out before the batch ends.
 const WS_WRITE_BUFFER_BYTES: usize = 4096;
 /// Hard cap on one client frame, as a multiple of `max_message_bytes`; above
-/// it the connection is closed with 1009 instead of getting an error frame.
-const HARD_CAP_FACTOR: usize = 16;
+/// it the connection is closed with 1009 instead of getting an error frame
+/// (tungstenite holds a frame whole while it arrives: this is what one
+/// connection can make the node buffer).
+const HARD_CAP_FACTOR: usize = 2;
 
 /// State of the HTTP router: a cheap-clone handle.
 #[derive(Clone)]
@@ -53,8 +56,8 @@ pub(crate) struct HttpState {
     next_conn: Arc<AtomicU64>,
     /// `--allowed-origins`, normalized. Empty: any origin.
     allowed_origins: Arc<[String]>,
-    /// Connections whose first request is not in yet.
-    pending: Pending,
+    /// The port's connections: counts, caps, deadlines.
+    admission: Admission,
 }
 
 impl HttpState {
@@ -116,7 +119,7 @@ pub(crate) fn serve(
         next_conn: Arc::new(AtomicU64::new(1)),
         bus,
         sessions: sessions.clone(),
-        pending: Pending::default(),
+        admission: Admission::new(limits(config)),
     };
     let mut app = Router::new()
         .route(&config.path, get(upgrade))
@@ -127,11 +130,16 @@ pub(crate) fn serve(
     match metrics_listener {
         Some(listener) => {
             let metrics_app = metrics_only
-                .layer(middleware::from_fn(request_in))
+                .layer(middleware::from_fn(http1_once))
                 .with_state(state.clone());
-            let (pending, timeout) = (Pending::default(), config.handshake_timeout);
+            // Scrapers only: no websockets, no read budget to share.
+            let limits = admission::Limits {
+                max_connections: 0,
+                max_reading_bytes: 0,
+                ..limits(config)
+            };
             spawn_server(
-                Handshaking::new(listener, pending, timeout),
+                Admitting::new(listener, Admission::new(limits)),
                 metrics_app,
                 &tasks,
             );
@@ -139,7 +147,7 @@ pub(crate) fn serve(
         None => app = app.merge(metrics_only),
     }
     let app = app
-        .layer(middleware::from_fn(request_in))
+        .layer(middleware::from_fn(http1_once))
         .with_state(state.clone());
     // Pushes are small and latency matters: no Nagle delay.
     let listener = listener.tap_io(|stream| {
@@ -147,19 +155,13 @@ pub(crate) fn serve(
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
     });
-    // Every connection must deliver its first request in time, and counts
-    // against --max-connections until it does. Two instantiations rather
-    // than one listener type for both, so that a plaintext connection stays
-    // the TCP stream it was (with a deadline until its first request).
-    let (pending, timeout) = (state.pending.clone(), config.handshake_timeout);
+    // Every connection is counted, capped and deadlined from its accept
+    // (see `admission`); TLS runs on top, so its handshake is too.
+    let admitting = Admitting::new(listener, state.admission.clone());
     match tls {
-        None => spawn_server(Handshaking::new(listener, pending, timeout), app, &tasks),
+        None => spawn_server(admitting, app, &tasks),
         Some(acceptor) => spawn_server(
-            Handshaking::new(
-                TlsListener::new(listener, acceptor, timeout),
-                pending,
-                timeout,
-            ),
+            TlsListener::new(admitting, acceptor, config.handshake_timeout),
             app,
             &tasks,
         ),
@@ -167,15 +169,31 @@ pub(crate) fn serve(
     state
 }
 
-/// Every request that reaches the router was read whole: its connection
-/// leaves the header deadline and the pending count.
-async fn request_in(
-    ConnectInfo(info): ConnectInfo<ConnInfo>,
-    request: Request,
-    next: Next,
-) -> Response {
-    info.claim.claim();
-    next.run(request).await
+/// The port's connection limits from `config`.
+fn limits(config: &WsConfig) -> admission::Limits {
+    admission::Limits {
+        max_connections: config.max_connections,
+        max_pending_per_address: config.max_pending_per_address,
+        deadline: config.handshake_timeout,
+        max_reading_bytes: config.max_reading_bytes,
+    }
+}
+
+/// HTTP/1.1 only (hyper would also take HTTP/2 without TLS, h2c: many
+/// requests on one connection, none of which a browser sends here), and one
+/// request per connection unless it becomes a websocket: every other answer
+/// closes the connection, so none idles between requests.
+async fn http1_once(request: Request, next: Next) -> Response {
+    if request.version() > Version::HTTP_11 {
+        return (StatusCode::HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.1 only\n").into_response();
+    }
+    let mut response = next.run(request).await;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// Runs axum on `listener` as a node task, until the node shuts down.
@@ -213,16 +231,23 @@ async fn upgrade(
             .iter()
             .any(|allowed| allowed.as_bytes() == origin.as_bytes())
     {
-        tracing::info!(%peer, origin = ?origin, "websocket refused: origin not allowed");
+        // The origin is the client's text: at debug level only, and the
+        // refusal counted in a line at most once a second.
+        tracing::debug!(%peer, origin = ?origin, "websocket refused: origin not allowed");
+        state
+            .admission
+            .note_refusal("websocket upgrades refused: origin not allowed (--allowed-origins)");
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
     let ctx = state.sessions.clone();
-    let max_connections = ctx.config.max_connections;
-    // Sockets still sending their first request count too: opening many and
-    // sending nothing does not get around the limit.
-    if max_connections > 0 && ctx.registry.connections() + state.pending.count() >= max_connections
-    {
-        tracing::warn!(%peer, limit = max_connections, "connection refused: at --max-connections");
+    // Decided when the connection was accepted (see `admission`): sockets
+    // still handshaking count too, and concurrent upgrades cannot pass the
+    // limit together.
+    if !info.state.within_limit() {
+        tracing::debug!(%peer, limit = ctx.config.max_connections, "connection refused: at --max-connections");
+        state
+            .admission
+            .note_refusal("websocket upgrades refused: at --max-connections");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "this node holds its maximum number of connections; try another\n",
@@ -234,6 +259,10 @@ async fn upgrade(
     // Tracked from the moment the upgrade is answered (not when the session
     // starts), so a shutdown right after it still waits for the 1001 close.
     let token = ctx.tasks.tracker().token();
+    // No longer deadlined or pending for its address: the session's own
+    // timeouts (idle, write) take over.
+    info.state.upgraded();
+    let admitted = info.state;
     ws.read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(WS_WRITE_BUFFER_BYTES)
         .max_message_size(hard_cap)
@@ -244,7 +273,7 @@ async fn upgrade(
             // block would store the session's arguments and its future both,
             // ~0.5 kB more per connection. Opened in the span, so its log
             // lines carry the connection's id too.
-            span.in_scope(|| session::serve(socket, ctx, id, peer))
+            span.in_scope(|| session::serve(socket, ctx, id, peer, admitted))
                 .map(move |()| drop(token))
                 .instrument(span)
         })

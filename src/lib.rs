@@ -33,13 +33,14 @@
 //! - `grpc`: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`), health, reflection.
 //! - `http`: the websocket upgrade, `/healthz`, `/readyz`, `/metrics`.
 //! - `health`: readiness and why not (draining, bus down), for `/readyz`, gRPC health and metrics.
-//! - `handshake`: connections until their first request: a header deadline, counted against `--max-connections`.
+//! - `admission`: the websocket port's connections: counted from accept (`--max-connections`), capped per address, deadlined until they are websockets, their partly read messages budgeted.
 //! - `tls`: TLS of both ports: PEM files checked at start, the websocket port's TLS listener.
 //!
 //! Dependencies go one way: `session`/`dispatcher` → `resolve` →
 //! {`resolver`, `cluster`}, and `cluster` → `resolver` (it answers other
 //! nodes from the local pool); `grpc` feeds backends' streams into `resolver`.
 
+pub(crate) mod admission;
 pub(crate) mod auth;
 pub mod bus;
 pub(crate) mod cluster;
@@ -48,7 +49,6 @@ pub(crate) mod dispatcher;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod grpc;
-pub(crate) mod handshake;
 pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod key;

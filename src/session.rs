@@ -13,6 +13,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt, stream::FuturesUnordered};
 use tokio::time::{Instant, timeout};
 
 use crate::{
+    admission::ConnState,
     config::WsConfig,
     dispatcher::Dispatcher,
     key::ChangeKey,
@@ -127,6 +128,7 @@ pub(crate) fn serve(
     ctx: Arc<SessionContext>,
     id: ConnId,
     peer: SocketAddr,
+    admitted: Arc<ConnState>,
 ) -> impl Future<Output = ()> {
     let conn = Arc::new(Connection::new(id, ctx.config.outbound_max_bytes));
     ctx.registry.connection_opened(&conn);
@@ -191,6 +193,9 @@ pub(crate) fn serve(
                 }
                 message = ws.next() => {
                     last_seen = Instant::now();
+                    // What was read is a message now, no longer a partly
+                    // read one (the node's read budget, see `admission`).
+                    admitted.message_read();
                     match message {
                         None => break None,
                         Some(Err(err)) => {
@@ -643,7 +648,13 @@ mod tests {
     /// The size of the future `serve` returns over a real websocket.
     fn size_of_return<F, Fut>(_: F) -> usize
     where
-        F: FnOnce(axum::extract::ws::WebSocket, Arc<SessionContext>, ConnId, SocketAddr) -> Fut,
+        F: FnOnce(
+            axum::extract::ws::WebSocket,
+            Arc<SessionContext>,
+            ConnId,
+            SocketAddr,
+            Arc<ConnState>,
+        ) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }
@@ -796,7 +807,15 @@ mod tests {
             room: 3,
             written: written.clone(),
         };
-        let session = tokio::spawn(serve(peer, ctx, 1, ([127, 0, 0, 1], 9).into()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+        let admission = crate::admission::Admission::new(crate::admission::Limits {
+            max_connections: 0,
+            max_pending_per_address: 0,
+            deadline: Duration::from_secs(10),
+            max_reading_bytes: 0,
+        });
+        let admitted = admission.admit(addr).expect("no limits");
+        let session = tokio::spawn(serve(peer, ctx, 1, addr, admitted));
         // Three pings fill the peer; the fourth waits on it.
         while written.lock().unwrap().len() < 3 {
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -8,7 +8,10 @@ use std::{
 };
 
 use axum::serve::Listener;
-use tokio::{net::TcpStream, task::JoinSet};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    task::JoinSet,
+};
 use tokio_rustls::{
     TlsAcceptor,
     rustls::{
@@ -237,18 +240,18 @@ pub(crate) fn ws_acceptor(config: &WsConfig) -> Result<Option<TlsAcceptor>, TlsE
 /// (a `JoinSet`, aborted when the listener is dropped), each capped by
 /// `--handshake-timeout`, so a client that never finishes one holds only its
 /// socket, never the accept loop.
-pub(crate) struct TlsListener<L> {
+pub(crate) struct TlsListener<L: Listener> {
     inner: L,
     acceptor: TlsAcceptor,
     timeout: Duration,
-    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
+    handshakes: JoinSet<Option<(TlsStream<L::Io>, SocketAddr)>>,
 }
 
 /// Handshakes under way at once; a connection beyond it is closed at once
 /// (each holds a socket and a task until it finishes or times out).
 pub(crate) const MAX_PENDING_HANDSHAKES: usize = 4096;
 
-impl<L> TlsListener<L> {
+impl<L: Listener> TlsListener<L> {
     /// `timeout`: `--handshake-timeout`.
     pub(crate) fn new(inner: L, acceptor: TlsAcceptor, timeout: Duration) -> Self {
         Self {
@@ -262,9 +265,10 @@ impl<L> TlsListener<L> {
 
 impl<L> Listener for TlsListener<L>
 where
-    L: Listener<Io = TcpStream, Addr = SocketAddr>,
+    L: Listener<Addr = SocketAddr>,
+    L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<L::Io>;
     type Addr = SocketAddr;
 
     // Cancel-safe, as axum needs (it drops this future on shutdown): the TCP

@@ -460,3 +460,233 @@ mod frame_costs {
         node.shutdown().await;
     }
 }
+
+/// The websocket port's connections: one request per plain HTTP
+/// connection, HTTP/1.1 only, `--max-connections` decided at accept,
+/// per-address caps on connections that are not websockets, and a
+/// node-wide budget of partly read messages.
+mod port_connections {
+    use std::{net::SocketAddr, time::Duration};
+
+    use entity_sync_testkit::{TestNode, WsClient};
+    use futures_util::future::join_all;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpSocket, TcpStream},
+        time::{Instant, timeout},
+    };
+
+    const UPGRADE: &str = "GET /ws/entity-sync/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    /// Connects from `source` (any 127.0.0.0/8 address is this host's).
+    async fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(to).await.unwrap()
+    }
+
+    /// Reads until the node closes the socket (EOF or reset) or `wait` passes;
+    /// returns what was read, and whether it was closed.
+    async fn read_to_close(stream: &mut TcpStream, wait: Duration) -> (String, bool) {
+        let deadline = Instant::now() + wait;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, stream.read(&mut buf)).await {
+                Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+                Ok(Ok(0) | Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plain_http_connection_serves_one_request_and_closes() {
+        let node = TestNode::start(|_| {}).await;
+        let mut stream = TcpStream::connect(node.ws_addr()).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        // Keep-alive asked for (HTTP/1.1's default); the node answers and
+        // closes: no connection idles between requests.
+        let (answer, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+        assert!(answer.ends_with("ok\n"), "{answer}");
+        assert!(closed, "the connection stays open after its answer");
+    }
+
+    #[tokio::test]
+    async fn http2_without_tls_is_refused() {
+        let node = TestNode::start(|_| {}).await;
+        let stream = TcpStream::connect(node.ws_addr()).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::get(format!("http://{}/healthz", node.ws_addr()))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 505);
+    }
+
+    #[tokio::test]
+    async fn concurrent_upgrades_never_pass_max_connections() {
+        const MAX: usize = 10;
+        let node = TestNode::start(|c| c.ws.max_connections = MAX).await;
+        let addr = node.ws_addr();
+        let attempts = (0..50).map(|_| async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 64];
+            let n = stream.read(&mut buf).await.unwrap();
+            let status = String::from_utf8_lossy(&buf[..n])
+                .split(' ')
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            (status, stream)
+        });
+        let answers = join_all(attempts).await;
+        let upgraded = answers.iter().filter(|(status, _)| status == "101").count();
+        let refused = answers.iter().filter(|(status, _)| status == "503").count();
+        assert_eq!((upgraded, refused), (MAX, 50 - MAX));
+        node.wait_stats("the admitted websockets", |s| s.connections == MAX)
+            .await;
+    }
+
+    /// The upgrade status of a raw upgrade request on `stream`.
+    async fn upgrade_on(mut stream: TcpStream) -> (String, TcpStream) {
+        stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).await.unwrap();
+        let status = String::from_utf8_lossy(&buf[..n])
+            .split(' ')
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        (status, stream)
+    }
+
+    /// Two upgrades at once on a node with room for one, many times over, on
+    /// two worker threads: the check and the count of a connection must not
+    /// interleave with another's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_upgrades_at_once_never_both_take_the_last_place() {
+        let node = TestNode::start(|c| c.ws.max_connections = 1).await;
+        let addr = node.ws_addr();
+        for round in 0..200 {
+            let (a, b) = tokio::join!(TcpStream::connect(addr), TcpStream::connect(addr));
+            let (a, b) = tokio::join!(
+                tokio::spawn(upgrade_on(a.unwrap())),
+                tokio::spawn(upgrade_on(b.unwrap()))
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let upgraded = [&a.0, &b.0].iter().filter(|s| **s == "101").count();
+            assert!(upgraded <= 1, "round {round}: both took the last place");
+            drop((a, b));
+            node.wait_stats("both closed", |s| s.connections == 0).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_hold_the_port_with_silent_sockets() {
+        let node = TestNode::start(|c| {
+            c.ws.max_pending_per_address = 4;
+            c.ws.handshake_timeout = Duration::from_secs(30);
+        })
+        .await;
+        let addr = node.ws_addr();
+        let mut silent = Vec::new();
+        for _ in 0..4 {
+            silent.push(connect_from([127, 0, 0, 1], addr).await);
+        }
+        // The fifth from that address is closed at once, long before the
+        // handshake timeout would close it.
+        let mut fifth = connect_from([127, 0, 0, 1], addr).await;
+        let (_, closed) = read_to_close(&mut fifth, Duration::from_secs(5)).await;
+        assert!(closed, "a fifth silent socket from one address is kept");
+        for stream in &mut silent {
+            let (_, closed) = read_to_close(stream, Duration::from_millis(100)).await;
+            assert!(!closed, "a socket within the cap was closed");
+        }
+        // Other addresses are unaffected.
+        let options = entity_sync_testkit::ws::ConnectOptions {
+            source: Some([127, 0, 0, 2].into()),
+            ..Default::default()
+        };
+        let mut other = WsClient::connect_with(node.ws_url(), &options).await;
+        other.send_unsubscribe("items", "1").await;
+        other
+            .expect_error("not_subscribed", Some(("items", "1")))
+            .await;
+        // A websocket leaves its address's count: the address may connect again.
+        drop(silent);
+        let mut again = WsClient::connect(node.ws_url()).await;
+        again.send_unsubscribe("items", "1").await;
+        again
+            .expect_error("not_subscribed", Some(("items", "1")))
+            .await;
+    }
+
+    /// Upgrades a raw socket; returns it once the 101 is read.
+    async fn upgraded(addr: SocketAddr) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(UPGRADE.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+        stream
+    }
+
+    #[tokio::test]
+    async fn half_sent_large_messages_are_held_within_the_read_budget() {
+        const BUDGET: usize = 256 * 1024;
+        const SENT: usize = 100 * 1024;
+        let node = TestNode::start(|c| {
+            c.ws.max_message_bytes = 64 * 1024;
+            c.ws.max_reading_bytes = BUDGET;
+        })
+        .await;
+        let mut stalled = Vec::new();
+        for _ in 0..4 {
+            let mut stream = upgraded(node.ws_addr()).await;
+            // A masked text frame announcing 120 KiB (under the 128 KiB hard
+            // cap), of which 100 KiB arrive; then nothing.
+            let mut frame = vec![0x81, 0xFF];
+            frame.extend_from_slice(&(120u64 * 1024).to_be_bytes());
+            frame.extend_from_slice(&[0, 0, 0, 0]);
+            frame.extend(std::iter::repeat_n(b'a', SENT));
+            stream.write_all(&frame).await.unwrap();
+            stalled.push(stream);
+        }
+        // Two fit in the budget; the node closes the others.
+        let mut open = 0;
+        for stream in &mut stalled {
+            let (_, closed) = read_to_close(stream, Duration::from_secs(2)).await;
+            open += usize::from(!closed);
+        }
+        assert_eq!(
+            open,
+            BUDGET / SENT,
+            "connections left holding partial messages"
+        );
+        // Small messages still pass, however full the budget is.
+        let mut client = WsClient::connect(node.ws_url()).await;
+        client.send_unsubscribe("items", "1").await;
+        client
+            .expect_error("not_subscribed", Some(("items", "1")))
+            .await;
+    }
+}

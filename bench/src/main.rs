@@ -378,7 +378,9 @@ impl Env {
         let mut started = Vec::with_capacity(nodes);
         // One at a time: the first creates the JetStream stream.
         for i in 1..=nodes {
-            let mut args = vec![format!("--node-id=bench-{i}")];
+            // The bench measures the node, not its connection limits (an
+            // idle run holds 10,000+ sockets): --node-arg may set them.
+            let mut args = vec![format!("--node-id=bench-{i}"), "--max-connections=0".into()];
             if let Some(nats) = &nats_server {
                 args.push(format!("--nats-url={}", nats.url()));
             }
