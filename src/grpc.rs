@@ -44,6 +44,10 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 /// `ResolveResponse` carries the rows of up to --resolve-batch-size ids, so
 /// this is what one batch's rows may weigh (tonic's default, made explicit).
 const MAX_RESOLVER_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest health or reflection request: a service or symbol name, a few
+/// bytes. These answer without a token, so a larger message is refused
+/// from its length prefix rather than buffered.
+const MAX_OPEN_MESSAGE_BYTES: usize = 4 * 1024;
 /// Room in a `Notify` bound for fields a newer client may add.
 const NOTIFY_SLACK_BYTES: usize = 1024;
 
@@ -164,8 +168,8 @@ pub(crate) async fn serve<R: ServerReflection>(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_connection_age(config.max_connection_age)
-        .add_service(health_service)
-        .add_service(reflection)
+        .add_service(health_service.max_decoding_message_size(MAX_OPEN_MESSAGE_BYTES))
+        .add_service(reflection.max_decoding_message_size(MAX_OPEN_MESSAGE_BYTES))
         .add_service(gate);
     let shutdown = tasks.token().clone().cancelled_owned();
     let incoming_tasks = tasks.clone();

@@ -197,6 +197,31 @@ async fn a_notify_larger_than_its_bound_is_refused_before_its_body_arrives() {
     assert_eq!(health_check(send, addr).await, "0");
 }
 
+/// Health and reflection answer without a token (load balancers, grpcurl):
+/// their requests are a few bytes, and a larger one is refused from its
+/// length prefix, so they cannot be used to make the node buffer.
+#[tokio::test]
+async fn health_and_reflection_refuse_large_messages_from_their_prefix() {
+    let (_dir, tokens) = tokens_file();
+    let node = TestNode::start(|c| c.grpc.tokens_file = Some(tokens)).await;
+    let addr = node.grpc_addr();
+    let (send, _connection) = h2_connect(addr).await;
+    let mut send = send.ready().await.unwrap();
+    let part = Bytes::from(vec![0u8; 64 * 1024]);
+    let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    // Health answers OUT_OF_RANGE; the reflection stream ends (tonic's
+    // reflection service closes it OK when its inbound stream fails).
+    for (path, expected) in [(HEALTH, OUT_OF_RANGE), (reflection, "0")] {
+        let (response, _stream) =
+            half_sent_call(&mut send, addr, path, None, 4 * 1024 * 1024 - 5, &part);
+        let status = timeout(DEADLINE, grpc_status(response))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer before the body was complete"));
+        assert_eq!(status.as_deref(), Ok(expected), "{path}");
+    }
+    assert_eq!(health_check(send, addr).await, "0");
+}
+
 #[tokio::test]
 async fn a_connection_is_told_its_stream_cap() {
     for (configured, expected) in [(None, 128), (Some(8), 8)] {
