@@ -194,6 +194,11 @@ pub(crate) async fn serve<R: ServerReflection>(
     });
 }
 
+/// `token.id` of a call's credential for logs ("-" without tokens).
+fn token_id(granted: &Granted) -> &str {
+    granted.as_ref().map_or("-", |c| c.id.as_str())
+}
+
 /// What a stream whose credential was removed (or narrowed) is told.
 fn revoked_status() -> Status {
     Status::permission_denied("the credential of this stream was revoked")
@@ -445,7 +450,7 @@ impl EntitySync for EntitySyncService {
                     ))
                 })??,
             () = revocation(&mut revocations, &granted) => {
-                tracing::info!("Resolve stream refused: its credential was revoked before Register");
+                tracing::info!(token.id = token_id(&granted), "Resolve stream refused: its credential was revoked before Register");
                 return Err(revoked_status());
             }
         };
@@ -484,7 +489,10 @@ impl EntitySync for EntitySyncService {
         }
         // A reload that came with the Register, after the wait above.
         if revoked_now(&mut revocations, &granted) {
-            tracing::info!("Resolve stream refused: its credential was revoked before Register");
+            tracing::info!(
+                token.id = token_id(&granted),
+                "Resolve stream refused: its credential was revoked before Register"
+            );
             return Err(revoked_status());
         }
         let quota = self.quotas.take(quota_key)?;
