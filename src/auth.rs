@@ -1,10 +1,10 @@
 //! Backend credentials: the tokens file, the roles it grants, and the check on every gRPC call.
 //!
 //! `--grpc-tokens-file` holds one credential per line, `ROLE TOKEN [ENTITIES]`
-//! (`#` starts a comment). ROLE is `notifier` (may call `Notify`) or
-//! `resolver` (may open `Resolve` streams for the ENTITIES it lists,
-//! comma-separated, `*` — the default — for all). Calls carry
-//! `authorization: Bearer TOKEN`.
+//! (`#` starts a comment). ROLE is `notifier` (may call `Notify` for keys
+//! of the ENTITIES it lists) or `resolver` (may open `Resolve` streams for
+//! the ENTITIES it lists); ENTITIES are comma-separated, `*` — the default —
+//! for all. Calls carry `authorization: Bearer TOKEN`.
 //!
 //! Tokens are never kept or compared as they are: each is hashed (SHA-256)
 //! when the file is read, a presented token is hashed the same way, and the
@@ -22,7 +22,7 @@ use std::{
 use ring::digest::{SHA256, digest};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
-use tonic::{Status, metadata::MetadataMap};
+use tonic::{Status, codegen::http::HeaderMap, metadata::MetadataMap};
 
 /// Shortest token accepted: shorter ones are guessable.
 pub const MIN_TOKEN_BYTES: usize = 16;
@@ -45,7 +45,7 @@ impl Role {
     }
 }
 
-/// The entities a resolver credential may register.
+/// The entities a credential may register (resolver) or notify (notifier).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Entities {
     All,
@@ -131,13 +131,9 @@ impl TokenSet {
                     "the token is shorter than {MIN_TOKEN_BYTES} bytes"
                 )));
             }
-            let entities = match (role, fields.next()) {
-                (_, None) => Entities::All,
-                (Role::Notifier, Some(_)) => {
-                    return Err(refuse("entities are listed on resolver lines only"));
-                }
-                (Role::Resolver, Some("*")) => Entities::All,
-                (Role::Resolver, Some(list)) => {
+            let entities = match fields.next() {
+                None | Some("*") => Entities::All,
+                Some(list) => {
                     let set: BTreeSet<String> = list
                         .split(',')
                         .map(str::trim)
@@ -280,10 +276,16 @@ impl Auth {
     /// Checks the call's bearer token for `role`: UNAUTHENTICATED without a
     /// known token, PERMISSION_DENIED for a token of the other role.
     pub(crate) fn check(&self, metadata: &MetadataMap, role: Role) -> Result<Granted, Status> {
+        self.check_headers(metadata.as_ref(), role)
+    }
+
+    /// [`check`](Self::check) on a request's HTTP headers (the gRPC port's
+    /// gate, before any of the body is read).
+    pub(crate) fn check_headers(&self, headers: &HeaderMap, role: Role) -> Result<Granted, Status> {
         let Some(source) = &self.source else {
             return Ok(None);
         };
-        let token = bearer(metadata).ok_or_else(|| {
+        let token = bearer(headers).ok_or_else(|| {
             Status::unauthenticated("missing bearer token: send `authorization: Bearer TOKEN`")
         })?;
         let set = source.current.borrow().clone();
@@ -303,13 +305,19 @@ impl Auth {
 }
 
 /// The token of `authorization: Bearer TOKEN`, if well-formed.
-fn bearer(metadata: &MetadataMap) -> Option<&str> {
-    let value = metadata.get("authorization")?.to_str().ok()?;
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
         .filter(|t| !t.is_empty())
+}
+
+/// Names a client certificate (`der`) the way `token.id` names a token:
+/// the first 8 bytes of its SHA-256, in hex.
+pub(crate) fn certificate_id(der: &[u8]) -> String {
+    fingerprint(&hash_bytes(der))
 }
 
 /// The idempotency key as the bus sees it: scoped to the credential, so one
@@ -326,7 +334,7 @@ pub(crate) fn scoped_idempotency_key(
     }
     match (granted, peer_cert) {
         (Some(credential), _) => format!("{}:{key}", credential.id),
-        (None, Some(cert)) => format!("{}:{key}", fingerprint(&hash_bytes(cert))),
+        (None, Some(cert)) => format!("{}:{key}", certificate_id(cert)),
         (None, None) => key.to_owned(),
     }
 }
@@ -341,6 +349,7 @@ notifier  n-0123456789abcdef
 resolver  r-0123456789abcdef  items,lists   # the grocery backend
 resolver  a-0123456789abcdef  *
 resolver  b-0123456789abcdef
+notifier  s-0123456789abcdef  items   # notifies items only
 ";
 
     fn set() -> TokenSet {
@@ -356,7 +365,7 @@ resolver  b-0123456789abcdef
     #[test]
     fn parses_roles_entities_and_comments() {
         let set = set();
-        assert_eq!(set.len(), 4);
+        assert_eq!(set.len(), 5);
         let notifier = set.find("n-0123456789abcdef").unwrap();
         assert_eq!(
             (notifier.role, &notifier.entities),
@@ -374,6 +383,9 @@ resolver  b-0123456789abcdef
             Entities::All
         );
         assert!(set.find("n-0123456789abcdeX").is_none());
+        let scoped = set.find("s-0123456789abcdef").unwrap();
+        assert_eq!(scoped.role, Role::Notifier);
+        assert!(scoped.entities.allows("items") && !scoped.entities.allows("lists"));
         assert_eq!(notifier.id.len(), 16);
     }
 
@@ -383,11 +395,6 @@ resolver  b-0123456789abcdef
             ("admin abcdefghijklmnopqrstu", 1, "role"),
             ("notifier", 1, "token must follow"),
             ("notifier short", 1, "shorter than 16"),
-            (
-                "notifier abcdefghijklmnopqrstu items",
-                1,
-                "resolver lines only",
-            ),
             ("resolver abcdefghijklmnopqrstu a b", 1, "too many fields"),
             ("resolver abcdefghijklmnopqrstu *,items", 1, "stands alone"),
             (

@@ -242,9 +242,10 @@ pub struct GrpcConfig {
     pub max_notify_keys: usize,
 
     /// Credentials of backends, one per line: `ROLE TOKEN [ENTITIES]` (ROLE
-    /// `notifier` or `resolver`; ENTITIES, on resolver lines, comma-separated
-    /// or `*` for all; `#` starts a comment). Calls then need `authorization:
-    /// Bearer TOKEN`. Re-read on SIGHUP.
+    /// `notifier` or `resolver`; ENTITIES, the entities the line may notify
+    /// or register, comma-separated, or `*` for all, the default; `#` starts
+    /// a comment). Calls then need `authorization: Bearer TOKEN`. Re-read on
+    /// SIGHUP.
     #[arg(
         id = "grpc_tokens_file",
         value_name = "PATH",
@@ -253,6 +254,73 @@ pub struct GrpcConfig {
         help_heading = "Security/TLS"
     )]
     pub tokens_file: Option<PathBuf>,
+
+    /// Most `Resolve` streams one credential may hold on this node (a token's
+    /// `token.id`; with client certificates only, the certificate; with no
+    /// credentials at all, the peer's IP address). A `Register` beyond it is
+    /// refused with RESOURCE_EXHAUSTED, so one backend cannot take every
+    /// slot of --max-resolver-streams from the others.
+    #[arg(
+        long,
+        env = "ENTITY_SYNC_MAX_RESOLVER_STREAMS_PER_CREDENTIAL",
+        default_value_t = 64
+    )]
+    pub max_resolver_streams_per_credential: usize,
+
+    /// Most connections the gRPC port holds at once; one beyond it is closed
+    /// as soon as it is accepted.
+    #[arg(
+        id = "grpc_max_connections",
+        value_name = "GRPC_MAX_CONNECTIONS",
+        long = "grpc-max-connections",
+        env = "ENTITY_SYNC_GRPC_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub max_connections: usize,
+
+    /// Most gRPC connections still in their handshake at once (TLS, then the
+    /// HTTP/2 preface); one beyond it is closed as soon as it is accepted.
+    #[arg(
+        id = "grpc_max_handshakes",
+        value_name = "GRPC_MAX_HANDSHAKES",
+        long = "grpc-max-handshakes",
+        env = "ENTITY_SYNC_GRPC_MAX_HANDSHAKES",
+        default_value_t = 128
+    )]
+    pub max_handshakes: usize,
+
+    /// Time a new gRPC connection has to finish its TLS handshake (with TLS)
+    /// and send the HTTP/2 connection preface; then it is closed.
+    #[arg(id = "grpc_handshake_timeout", value_name = "GRPC_HANDSHAKE_TIMEOUT", long = "grpc-handshake-timeout", env = "ENTITY_SYNC_GRPC_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Most concurrent calls (HTTP/2 streams) on one gRPC connection; the
+    /// node announces it in its SETTINGS, and clients queue calls beyond it.
+    #[arg(
+        id = "grpc_max_concurrent_streams",
+        value_name = "GRPC_MAX_CONCURRENT_STREAMS",
+        long = "grpc-max-concurrent-streams",
+        env = "ENTITY_SYNC_GRPC_MAX_CONCURRENT_STREAMS",
+        default_value_t = 128
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// Interval of the node's HTTP/2 pings on each gRPC connection; a peer
+    /// that does not answer one within --grpc-keepalive-timeout is closed.
+    #[arg(id = "grpc_keepalive_interval", value_name = "GRPC_KEEPALIVE_INTERVAL", long = "grpc-keepalive-interval", env = "ENTITY_SYNC_GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long the node waits for the answer to a keepalive ping.
+    #[arg(id = "grpc_keepalive_timeout", value_name = "GRPC_KEEPALIVE_TIMEOUT", long = "grpc-keepalive-timeout", env = "ENTITY_SYNC_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Age after which a gRPC connection is asked to go away (HTTP/2
+    /// GOAWAY): it takes no new calls, an idle one closes at once, and calls
+    /// under way (a `Resolve` stream) go on until they end. Clients open a
+    /// new connection for their next call. Bounds how long an idle
+    /// connection is held.
+    #[arg(id = "grpc_max_connection_age", value_name = "GRPC_MAX_CONNECTION_AGE", long = "grpc-max-connection-age", env = "ENTITY_SYNC_GRPC_MAX_CONNECTION_AGE", default_value = "30m", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
 
     /// Serve gRPC without credentials on a non-loopback address (anyone who
     /// reaches the port can then register as a resolver and call Notify).
@@ -264,6 +332,20 @@ pub struct GrpcConfig {
         help_heading = "Security/TLS"
     )]
     pub insecure: bool,
+
+    /// Accept bearer tokens (--grpc-tokens-file) on a non-loopback gRPC
+    /// address without TLS. Without TLS every token, and every subscriber
+    /// secret the node sends to resolvers, crosses the network in clear:
+    /// give this only when something else encrypts the link (a service mesh
+    /// with mutual TLS, a VPN, an IPsec tunnel).
+    #[arg(
+        id = "grpc_allow_cleartext_tokens",
+        long = "grpc-allow-cleartext-tokens",
+        env = "ENTITY_SYNC_GRPC_ALLOW_CLEARTEXT_TOKENS",
+        default_value_t = false,
+        help_heading = "Security/TLS"
+    )]
+    pub allow_cleartext_tokens: bool,
 
     /// Certificate chain (PEM) of the gRPC port, with --grpc-tls-key: the
     /// port then speaks TLS only.
@@ -320,8 +402,28 @@ impl GrpcConfig {
     /// The safe default: a gRPC port reachable from the network (`bound`,
     /// the address actually listened on) must not let anyone register as a
     /// resolver (receiving every subscriber's secret) or call Notify.
+    ///
+    /// Bearer tokens on such a port need TLS: without it every token, and
+    /// every subscriber secret the node sends to resolvers, crosses the
+    /// network in clear (unless --grpc-allow-cleartext-tokens says that
+    /// something else encrypts the link).
     pub fn check_exposure(&self, bound: SocketAddr) -> Result<(), String> {
-        if bound.ip().is_loopback() || self.authenticates_callers() || self.insecure {
+        if bound.ip().is_loopback() {
+            return Ok(());
+        }
+        if self.tokens_file.is_some()
+            && self.tls_identity().is_none()
+            && !self.allow_cleartext_tokens
+        {
+            return Err(format!(
+                "--grpc-addr {bound} is reachable from the network and --grpc-tokens-file is \
+                 set, but the port has no TLS: bearer tokens and the subscriber secrets sent \
+                 to resolvers would cross the network in clear. Give --grpc-tls-cert and \
+                 --grpc-tls-key, or --grpc-allow-cleartext-tokens if something else encrypts \
+                 the link (a service mesh, a VPN)"
+            ));
+        }
+        if self.authenticates_callers() || self.insecure {
             return Ok(());
         }
         Err(format!(
@@ -523,6 +625,32 @@ impl Config {
                         (mutual TLS runs over the port's own TLS)"
                     .into(),
             );
+        }
+        for (value, flag) in [
+            (grpc.max_connections, "--grpc-max-connections"),
+            (grpc.max_handshakes, "--grpc-max-handshakes"),
+            (
+                grpc.max_concurrent_streams as usize,
+                "--grpc-max-concurrent-streams",
+            ),
+            (
+                grpc.max_resolver_streams_per_credential,
+                "--max-resolver-streams-per-credential",
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        for (value, flag) in [
+            (grpc.handshake_timeout, "--grpc-handshake-timeout"),
+            (grpc.keepalive_interval, "--grpc-keepalive-interval"),
+            (grpc.keepalive_timeout, "--grpc-keepalive-timeout"),
+            (grpc.max_connection_age, "--grpc-max-connection-age"),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{flag} must be > 0"));
+            }
         }
         if ws.tls_cert.is_some() != ws.tls_key.is_some() {
             return Err("--ws-tls-cert and --ws-tls-key go together: give both, or neither".into());
@@ -729,7 +857,40 @@ mod tests {
         grpc.insecure = true;
         assert!(grpc.check_exposure(exposed).is_ok());
         grpc.insecure = false;
+        grpc.tls_client_ca = Some("ca.pem".into());
+        grpc.tls_cert = Some("cert.pem".into());
+        grpc.tls_key = Some("key.pem".into());
+        assert!(grpc.check_exposure(exposed).is_ok());
+    }
+
+    #[test]
+    fn tokens_on_an_exposed_grpc_port_need_tls_or_an_explicit_flag() {
+        let mut grpc = Config::default().grpc;
+        let exposed: SocketAddr = "0.0.0.0:50051".parse().unwrap();
         grpc.tokens_file = Some("tokens".into());
+        let message = grpc.check_exposure(exposed).unwrap_err();
+        for flag in [
+            "--grpc-tokens-file",
+            "--grpc-tls-cert",
+            "--grpc-tls-key",
+            "--grpc-allow-cleartext-tokens",
+        ] {
+            assert!(message.contains(flag), "{message}");
+        }
+        // `--grpc-insecure` is about serving without credentials: no excuse here.
+        grpc.insecure = true;
+        assert!(grpc.check_exposure(exposed).is_err());
+        grpc.insecure = false;
+        // On loopback the tokens never leave the host.
+        assert!(
+            grpc.check_exposure("127.0.0.1:50051".parse().unwrap())
+                .is_ok()
+        );
+        grpc.allow_cleartext_tokens = true;
+        assert!(grpc.check_exposure(exposed).is_ok());
+        grpc.allow_cleartext_tokens = false;
+        grpc.tls_cert = Some("cert.pem".into());
+        grpc.tls_key = Some("key.pem".into());
         assert!(grpc.check_exposure(exposed).is_ok());
     }
     use clap::{CommandFactory, Parser};

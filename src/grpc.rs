@@ -1,18 +1,30 @@
-//! The gRPC service `entitysync.v1.EntitySync`: `Notify` from backends, and their `Resolve` streams.
+//! The gRPC service `entitysync.v1.EntitySync`: `Notify` from backends, and their `Resolve` streams; the port's limits.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+mod gate;
+mod listener;
 
-use tokio::{net::TcpListener, sync::mpsc};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming, transport::server::TcpIncoming};
+use tonic::{Request, Response, Status, Streaming};
 use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 use tracing::Instrument;
 
 use crate::{
-    auth::{Auth, Entities, Role, scoped_idempotency_key},
+    auth::{Auth, Entities, Granted, Role, TokenSet, certificate_id, scoped_idempotency_key},
     bus::{Bus, BusError},
     config::GrpcConfig,
-    key::ChangeKey,
+    key::{ChangeKey, MAX_KEY_PART_BYTES},
     metrics::Metrics,
     proto::v1::{
         NodeMessage, NotifyRequest, NotifyResponse, Registered, ResolverMessage,
@@ -28,6 +40,28 @@ use crate::{
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 /// Most of a caller's deadline a `Notify` keeps for its answer's way back.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+/// Largest message a backend may send on its `Resolve` stream: a
+/// `ResolveResponse` carries the rows of up to --resolve-batch-size ids, so
+/// this is what one batch's rows may weigh (tonic's default, made explicit).
+const MAX_RESOLVER_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest health or reflection request: a service or symbol name, a few
+/// bytes. These answer without a token, so a larger message is refused
+/// from its length prefix rather than buffered.
+const MAX_OPEN_MESSAGE_BYTES: usize = 4 * 1024;
+/// Room in a `Notify` bound for fields a newer client may add.
+const NOTIFY_SLACK_BYTES: usize = 1024;
+
+/// Largest `NotifyRequest` that can be valid with `max_notify_keys` keys:
+/// each key at most two parts of [`MAX_KEY_PART_BYTES`] with their protobuf
+/// tags and lengths (3 bytes each, and 3 for the key itself), the
+/// idempotency key the same way. tonic refuses a larger message from its
+/// length prefix (RESOURCE_EXHAUSTED), before reading it.
+fn notify_message_limit(max_notify_keys: usize) -> usize {
+    let per_key = 3 + 2 * (3 + MAX_KEY_PART_BYTES);
+    max_notify_keys
+        .saturating_mul(per_key)
+        .saturating_add(3 + MAX_IDEMPOTENCY_KEY_BYTES + NOTIFY_SLACK_BYTES)
+}
 
 /// The deadline a caller sent with its call (`grpc-timeout`: at most 8
 /// digits and a unit), if any.
@@ -62,6 +96,7 @@ fn bus_budget(deadline: Duration) -> Duration {
 pub(crate) struct EntitySyncService {
     config: GrpcConfig,
     auth: Auth,
+    quotas: StreamQuotas,
     bus: Bus,
     pool: ResolverPool,
     metrics: Arc<Metrics>,
@@ -81,6 +116,7 @@ impl EntitySyncService {
     ) -> Self {
         Self {
             config: config.clone(),
+            quotas: StreamQuotas::new(config.max_resolver_streams_per_credential),
             auth,
             bus,
             pool,
@@ -91,17 +127,24 @@ impl EntitySyncService {
     }
 }
 
-/// Serves the gRPC port on `listener` with `server` (plaintext or TLS, see
-/// `tls::grpc_server`) until the node shuts down: `service`,
-/// standard health (NOT_SERVING while the bus is down and as soon as
-/// shutdown starts, so load balancers move on) and `reflection`.
+/// Serves the gRPC port on `listener` (plaintext, or TLS with `tls`, see
+/// `tls::grpc_acceptor`) until the node shuts down: `service` behind its
+/// credential gate, standard health (NOT_SERVING while the bus is down and
+/// as soon as shutdown starts, so load balancers move on) and `reflection`.
+///
+/// The port's limits: connections and handshakes under way are capped and
+/// a handshake has a deadline (`listener`); each connection may carry
+/// --grpc-max-concurrent-streams calls, is pinged every
+/// --grpc-keepalive-interval, and is asked to go away at
+/// --grpc-max-connection-age.
 pub(crate) async fn serve<R: ServerReflection>(
     listener: TcpListener,
-    mut server: tonic::transport::Server,
+    tls: Option<TlsAcceptor>,
     service: EntitySyncService,
     reflection: ServerReflectionServer<R>,
 ) {
     let tasks = service.tasks.clone();
+    let config = service.config.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<EntitySyncServer<EntitySyncService>>()
@@ -112,20 +155,152 @@ pub(crate) async fn serve<R: ServerReflection>(
         service.bus.clone(),
         &tasks,
     );
-    // Small messages, latency matters: no Nagle delay.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let auth = service.auth.clone();
+    let service = Arc::new(service);
+    let gate = gate::Gate::new(
+        auth,
+        EntitySyncServer::from_arc(service.clone())
+            .max_decoding_message_size(notify_message_limit(config.max_notify_keys)),
+        EntitySyncServer::from_arc(service).max_decoding_message_size(MAX_RESOLVER_MESSAGE_BYTES),
+    );
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_connection_age(config.max_connection_age)
+        .add_service(health_service.max_decoding_message_size(MAX_OPEN_MESSAGE_BYTES))
+        .add_service(reflection.max_decoding_message_size(MAX_OPEN_MESSAGE_BYTES))
+        .add_service(gate);
     let shutdown = tasks.token().clone().cancelled_owned();
+    let incoming_tasks = tasks.clone();
     tasks.spawn(async move {
-        let served = server
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(EntitySyncServer::new(service))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
+        let served = match tls {
+            None => {
+                let incoming = listener::plaintext(listener, &config, &incoming_tasks);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+            Some(acceptor) => {
+                let incoming = listener::tls(listener, acceptor, &config, &incoming_tasks);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        };
         if let Err(err) = served {
             tracing::error!(%err, "gRPC server failed");
         }
     });
+}
+
+/// `token.id` of a call's credential for logs ("-" without tokens).
+fn token_id(granted: &Granted) -> &str {
+    granted.as_ref().map_or("-", |c| c.id.as_str())
+}
+
+/// What a stream whose credential was removed (or narrowed) is told.
+fn revoked_status() -> Status {
+    Status::permission_denied("the credential of this stream was revoked")
+}
+
+/// Whether the credentials in force no longer hold `granted` (marking
+/// them seen, so [`revocation`] waits for the next reload).
+fn revoked_now(
+    revocations: &mut Option<watch::Receiver<Arc<TokenSet>>>,
+    granted: &Granted,
+) -> bool {
+    match (revocations, granted) {
+        (Some(current), Some(credential)) => !credential.still_in(&current.borrow_and_update()),
+        _ => false,
+    }
+}
+
+/// Completes once a reload removes or narrows `granted` (never without
+/// tokens). Cancel-safe: it only waits on the watch.
+async fn revocation(revocations: &mut Option<watch::Receiver<Arc<TokenSet>>>, granted: &Granted) {
+    let (Some(current), Some(credential)) = (revocations.as_mut(), granted) else {
+        return std::future::pending().await;
+    };
+    loop {
+        // The sender lives as long as the node's `Auth`: gone, nothing is allowed.
+        if current.changed().await.is_err() || !credential.still_in(&current.borrow_and_update()) {
+            return;
+        }
+    }
+}
+
+/// Whom a `Resolve` stream counts against for
+/// --max-resolver-streams-per-credential: its token; without one, its
+/// client certificate; without either (an open port), its peer's IP address.
+fn quota_key(
+    granted: &Granted,
+    peer_certs: Option<&Vec<tonic::transport::CertificateDer<'static>>>,
+    peer: Option<SocketAddr>,
+) -> String {
+    if let Some(credential) = granted {
+        return format!("token {}", credential.id);
+    }
+    if let Some(cert) = peer_certs.and_then(|certs| certs.first()) {
+        return format!("certificate {}", certificate_id(cert));
+    }
+    match peer {
+        Some(peer) => format!("address {}", peer.ip()),
+        None => "unknown".to_owned(),
+    }
+}
+
+/// `Resolve` streams held per credential (see [`quota_key`]); a cheap-clone handle.
+#[derive(Clone)]
+struct StreamQuotas {
+    held: Arc<Mutex<HashMap<String, usize>>>,
+    max: usize,
+}
+
+/// One stream's place in its credential's quota, given back on drop.
+struct QuotaSlot {
+    quotas: StreamQuotas,
+    key: String,
+}
+
+impl StreamQuotas {
+    fn new(max: usize) -> Self {
+        StreamQuotas {
+            held: Arc::default(),
+            max,
+        }
+    }
+
+    /// A slot for `key`, or RESOURCE_EXHAUSTED naming the flag.
+    fn take(&self, key: String) -> Result<QuotaSlot, Status> {
+        let mut held = self.held.lock().unwrap();
+        let count = held.entry(key.clone()).or_default();
+        if *count >= self.max {
+            tracing::info!(credential = %key, max = self.max, "Register refused: the credential holds its maximum of resolver streams");
+            return Err(Status::resource_exhausted(format!(
+                "this credential holds its maximum of {} resolver streams on this node \
+                 (--max-resolver-streams-per-credential)",
+                self.max
+            )));
+        }
+        *count += 1;
+        Ok(QuotaSlot {
+            quotas: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for QuotaSlot {
+    fn drop(&mut self) {
+        let mut held = self.quotas.held.lock().unwrap();
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl From<BusError> for Status {
@@ -188,6 +363,17 @@ impl EntitySync for EntitySyncService {
                     .map_err(|err| Status::invalid_argument(format!("keys[{i}]: {err}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // A notifier scoped to entities: the whole call is refused if any key
+        // is outside its list, before anything is stored.
+        if let Some(credential) = &granted
+            && let Some(key) = keys.iter().find(|k| !credential.entities.allows(&k.entity))
+        {
+            tracing::info!(token.id = %credential.id, entity = %key.entity, "Notify refused: entity not allowed for the token");
+            return Err(Status::permission_denied(format!(
+                "this token may not notify entity {:?}",
+                &*key.entity
+            )));
+        }
         let count = keys.len() as u64;
         let idempotency_key = scoped_idempotency_key(
             &granted,
@@ -245,16 +431,29 @@ impl EntitySync for EntitySyncService {
         request: Request<Streaming<ResolverMessage>>,
     ) -> Result<Response<Self::ResolveStream>, Status> {
         let granted = self.auth.check(request.metadata(), Role::Resolver)?;
+        // Reloads are followed from the stream's first byte: a credential
+        // removed while the stream waits for its Register never registers.
+        let mut revocations = self.auth.watch();
+        if revoked_now(&mut revocations, &granted) {
+            return Err(revoked_status());
+        }
         let peer = request.remote_addr();
+        let quota_key = quota_key(&granted, request.peer_certs().as_deref(), peer);
+        tracing::debug!(?peer, "Resolve stream opened; waiting for its Register");
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(self.config.register_timeout, inbound.message())
-            .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "no Register within {:?} of opening the stream",
-                    self.config.register_timeout
-                ))
-            })??;
+        let first = tokio::select! {
+            first = tokio::time::timeout(self.config.register_timeout, inbound.message()) => first
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "no Register within {:?} of opening the stream",
+                        self.config.register_timeout
+                    ))
+                })??,
+            () = revocation(&mut revocations, &granted) => {
+                tracing::info!(token.id = token_id(&granted), "Resolve stream refused: its credential was revoked before Register");
+                return Err(revoked_status());
+            }
+        };
         let register = match first.and_then(|m| m.kind) {
             Some(resolver_message::Kind::Register(register)) => register,
             Some(_) => {
@@ -288,7 +487,15 @@ impl EntitySync for EntitySyncService {
                 ));
             }
         }
-        let mut revocations = self.auth.watch();
+        // A reload that came with the Register, after the wait above.
+        if revoked_now(&mut revocations, &granted) {
+            tracing::info!(
+                token.id = token_id(&granted),
+                "Resolve stream refused: its credential was revoked before Register"
+            );
+            return Err(revoked_status());
+        }
+        let quota = self.quotas.take(quota_key)?;
         let id = self.pool.allocate_id();
         let (tx, rx) = mpsc::channel(self.pool.channel_capacity(&register));
         // Registered goes first, before the pool can send any request.
@@ -329,21 +536,8 @@ impl EntitySync for EntitySyncService {
                         _ = tasks.cancelled() => break "node shutting down",
                         // The tokens file was reloaded: a removed or narrowed
                         // credential loses its stream.
-                        changed = async { revocations.as_mut().expect("guarded").changed().await },
-                            if revocations.is_some() =>
-                        {
-                            let still = changed.is_ok()
-                                && granted.as_ref().is_none_or(|c| {
-                                    c.still_in(&revocations.as_mut().expect("guarded").borrow_and_update())
-                                });
-                            if still {
-                                continue;
-                            }
-                            let _ = tx
-                                .send(Err(Status::permission_denied(
-                                    "the credential of this stream was revoked",
-                                )))
-                                .await;
+                        () = revocation(&mut revocations, &granted) => {
+                            let _ = tx.send(Err(revoked_status())).await;
                             break "credential revoked";
                         }
                         message = inbound.message() => message,
@@ -384,6 +578,7 @@ impl EntitySync for EntitySyncService {
                     }
                 };
                 pool.deregister(id);
+                drop(quota);
                 tracing::info!(reason = ended, "resolver stream ended");
             }
             .instrument(span),
@@ -417,6 +612,34 @@ mod tests {
             assert_eq!(deadline_of(junk), None, "{junk:?}");
         }
         assert_eq!(call_deadline(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn the_largest_valid_notify_fits_its_bound() {
+        use crate::proto::v1::EntityKey;
+        use prost::Message;
+        let part = "x".repeat(MAX_KEY_PART_BYTES);
+        for keys in [1, 10, 10_000] {
+            let request = NotifyRequest {
+                keys: vec![
+                    EntityKey {
+                        entity: part.clone(),
+                        id: part.clone(),
+                    };
+                    keys
+                ],
+                idempotency_key: "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES),
+            };
+            let limit = notify_message_limit(keys);
+            assert!(request.encoded_len() <= limit, "{keys} keys");
+            // And not much more: the slack only.
+            assert!(
+                limit - request.encoded_len() <= NOTIFY_SLACK_BYTES,
+                "{keys} keys"
+            );
+        }
+        // The default --max-notify-keys: well below tonic's 4 MiB.
+        assert_eq!(notify_message_limit(10_000), 2_651_283);
     }
 
     #[test]

@@ -93,7 +93,7 @@ impl Node {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|err| NodeError::Reflection(err.to_string()))?;
-        let grpc_server = tls::grpc_server(&config.grpc)?;
+        let grpc_tls = tls::grpc_acceptor(&config.grpc)?;
         let ws_tls = tls::ws_acceptor(&config.ws)?;
         let metrics_listener = match config.ws.metrics_addr {
             Some(addr) => Some(TcpListener::bind(addr).await?),
@@ -178,7 +178,7 @@ impl Node {
             node_id.clone(),
             &tasks,
         );
-        grpc::serve(listeners.grpc, grpc_server, service, reflection).await;
+        grpc::serve(listeners.grpc, grpc_tls, service, reflection).await;
 
         let grpc_client_auth = config.grpc.verifies_client_certs();
         tracing::info!(

@@ -1,4 +1,4 @@
-//! TLS of both ports: PEM files read and checked at start (errors name the flag and the path, never the contents), and the websocket port's TLS listener.
+//! TLS of both ports: PEM files read and checked at start (errors name the flag and the path, never the contents), the gRPC port's acceptor, and the websocket port's TLS listener.
 
 use std::{
     net::SocketAddr,
@@ -28,10 +28,6 @@ use tokio_rustls::{
 
 use crate::config::{GrpcConfig, WsConfig};
 
-/// How long a client has to finish its TLS handshake; then the socket is
-/// closed. Handshakes run concurrently, so a slow one never delays others.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A TLS file or setting the node cannot use.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -48,10 +44,8 @@ pub enum TlsError {
     Refused { flags: &'static str, reason: String },
 }
 
-/// A certificate chain and its key, as PEM (for tonic) and parsed (checked).
+/// A certificate chain and its key, parsed (and checked).
 struct Identity {
-    cert_pem: Vec<u8>,
-    key_pem: Vec<u8>,
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 }
@@ -116,12 +110,7 @@ fn load_identity(
         };
         file_error(key_flag, key_path, reason)
     })?;
-    Ok(Identity {
-        cert_pem,
-        key_pem,
-        certs,
-        key,
-    })
+    Ok(Identity { certs, key })
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -153,41 +142,17 @@ fn server_config(
         .map_err(|err| refused(err.to_string()))
 }
 
-/// The gRPC server, with TLS (and client-certificate verification) when
-/// configured. Reads and checks every file now, so that a bad one stops the
-/// node at start.
-pub(crate) fn grpc_server(config: &GrpcConfig) -> Result<tonic::transport::Server, TlsError> {
-    let server = tonic::transport::Server::builder();
-    match grpc_server_tls(config)? {
-        None => Ok(server),
-        Some(tls) => server.tls_config(tls).map_err(|err| TlsError::Refused {
-            flags: "--grpc-tls-cert/--grpc-tls-key",
-            reason: source_chain(&err),
-        }),
-    }
-}
-
-/// `err: its source: ...` (tonic's own text says only "transport error").
-fn source_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
-}
-
-/// tonic's TLS settings for the gRPC port, or `None` when it is plaintext.
-fn grpc_server_tls(
-    config: &GrpcConfig,
-) -> Result<Option<tonic::transport::ServerTlsConfig>, TlsError> {
+/// The gRPC port's TLS acceptor (HTTP/2 only, verifying client
+/// certificates against --grpc-tls-client-ca when given), or `None` when the
+/// port is plaintext. Reads and checks every file now, so that a bad one
+/// stops the node at start. Handshakes run in the gRPC port's own accept
+/// loop (`grpc::listener`), which caps them and gives each a deadline.
+pub(crate) fn grpc_acceptor(config: &GrpcConfig) -> Result<Option<TlsAcceptor>, TlsError> {
     let Some((cert, key)) = config.tls_identity() else {
         return Ok(None);
     };
     let identity = load_identity(("--grpc-tls-cert", cert), ("--grpc-tls-key", key))?;
-    let client_ca = match &config.tls_client_ca {
+    let client_roots = match &config.tls_client_ca {
         None => None,
         Some(path) => {
             let flag = "--grpc-tls-client-ca";
@@ -198,29 +163,16 @@ fn grpc_server_tls(
                     file_error(flag, path, format!("not a usable CA certificate: {err}"))
                 })?;
             }
-            Some((pem, roots))
+            Some(roots)
         }
     };
-    let (flags, roots) = match &client_ca {
-        None => ("--grpc-tls-cert/--grpc-tls-key", None),
-        Some((_, roots)) => (
-            "--grpc-tls-cert/--grpc-tls-key/--grpc-tls-client-ca",
-            Some(roots.clone()),
-        ),
+    let flags = match client_roots {
+        None => "--grpc-tls-cert/--grpc-tls-key",
+        Some(_) => "--grpc-tls-cert/--grpc-tls-key/--grpc-tls-client-ca",
     };
-    // tonic parses the PEM again; this checks what it would only find out
-    // later (a key that is not the certificate's), with the flags named.
-    server_config(&identity, roots, flags)?;
-    let mut tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(
-            identity.cert_pem,
-            identity.key_pem,
-        ))
-        .timeout(HANDSHAKE_TIMEOUT);
-    if let Some((pem, _)) = client_ca {
-        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(pem));
-    }
-    Ok(Some(tls))
+    let mut server = server_config(&identity, client_roots, flags)?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }
 
 /// The websocket port's TLS acceptor (HTTP/1.1 only, like the port), or
@@ -331,7 +283,7 @@ mod tests {
         std::fs::write(&junk, "not a certificate, secret-ish text").unwrap();
         let junk = junk.to_str().unwrap();
 
-        let err = grpc_server_tls(&grpc("/nonexistent/c.pem", junk, None))
+        let err = grpc_acceptor(&grpc("/nonexistent/c.pem", junk, None))
             .err()
             .unwrap()
             .to_string();
@@ -340,7 +292,7 @@ mod tests {
             "{err}"
         );
 
-        let err = grpc_server_tls(&grpc(junk, junk, None))
+        let err = grpc_acceptor(&grpc(junk, junk, None))
             .err()
             .unwrap()
             .to_string();
@@ -365,7 +317,7 @@ mod tests {
 
     #[test]
     fn plaintext_needs_no_files() {
-        assert!(grpc_server_tls(&GrpcConfig::default()).unwrap().is_none());
+        assert!(grpc_acceptor(&GrpcConfig::default()).unwrap().is_none());
         assert!(ws_acceptor(&WsConfig::default()).unwrap().is_none());
     }
 }

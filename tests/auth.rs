@@ -1,7 +1,9 @@
 //! Backend credentials: `--grpc-tokens-file` roles and entity lists, reload
-//! (in-process and on SIGHUP), idempotency keys scoped per credential, the
-//! refusal to serve an exposed gRPC port without credentials, and no secret
-//! or token in the node's logs even at trace level.
+//! (in-process and on SIGHUP, also while a stream waits for its `Register`),
+//! idempotency keys scoped per credential, resolver streams per credential,
+//! the refusal to serve an exposed gRPC port without credentials (or with
+//! tokens in clear), and no secret or token in the node's logs even at
+//! trace level.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -22,6 +24,7 @@ const NOTIFIER: &str = "notifier-token-0123456789";
 const OTHER_NOTIFIER: &str = "notifier-token-abcdefghij";
 const ITEMS_RESOLVER: &str = "resolver-items-0123456789";
 const ANY_RESOLVER: &str = "resolver-any-0123456789ab";
+const ITEMS_NOTIFIER: &str = "notifier-items-0123456789";
 
 const TOKENS: &str = "\
 # test credentials
@@ -29,6 +32,7 @@ notifier {NOTIFIER}
 notifier {OTHER_NOTIFIER}
 resolver {ITEMS_RESOLVER} items   # may serve items only
 resolver {ANY_RESOLVER} *
+notifier {ITEMS_NOTIFIER} items   # may notify items only
 ";
 
 fn tokens_text() -> String {
@@ -37,6 +41,7 @@ fn tokens_text() -> String {
         .replace("{OTHER_NOTIFIER}", OTHER_NOTIFIER)
         .replace("{ITEMS_RESOLVER}", ITEMS_RESOLVER)
         .replace("{ANY_RESOLVER}", ANY_RESOLVER)
+        .replace("{ITEMS_NOTIFIER}", ITEMS_NOTIFIER)
 }
 
 /// A node whose tokens file (in the returned dir) holds [`TOKENS`].
@@ -368,5 +373,255 @@ async fn no_secret_or_token_reaches_the_log_even_at_trace_level() {
     );
     for needle in [SECRET, NOTIFIER, ANY_RESOLVER] {
         assert!(!text.contains(needle), "{needle} is in the log");
+    }
+}
+
+#[tokio::test]
+async fn a_notifier_with_an_entity_list_may_notify_only_those_entities() {
+    let (node, _dir) = node_with_tokens().await;
+    let data = ResolverData::new();
+    data.set_rows("items", "1", &[r#"{"id":1}"#]);
+    data.set_rows("docs", "1", &[r#"{"id":1}"#]);
+    let _resolver = TestResolver::connect(
+        node.grpc(),
+        ResolverOptions::new("all")
+            .entity("items", FetchMode::Shared)
+            .entity("docs", FetchMode::Shared)
+            .token(ANY_RESOLVER),
+        &data,
+    )
+    .await;
+    let mut client = node.client().await;
+    client.subscribe("items", "1").await;
+    client.subscribe("docs", "1").await;
+
+    let scoped = notifier_with(node.grpc(), Some(ITEMS_NOTIFIER)).await;
+    let refused = scoped
+        .notify([("items", "1"), ("docs", "1")])
+        .await
+        .expect_err("docs is outside the notifier's list");
+    assert_eq!(
+        refused.code(),
+        Some(tonic::Code::PermissionDenied),
+        "{refused}"
+    );
+    assert!(refused.message().contains("\"docs\""), "{refused}");
+    // Nothing of the call was stored: not even the allowed key is pushed.
+    client.expect_silence(common::SILENCE).await;
+
+    let receipt = scoped.notify([("items", "1")]).await.unwrap();
+    client
+        .push_at_least("items", "1", receipt.sequences[0])
+        .await;
+    // An unscoped notifier still notifies anything.
+    assert_eq!(notify_code(&node, Some(NOTIFIER)).await, None);
+}
+
+#[tokio::test]
+async fn one_credential_cannot_take_every_resolver_slot() {
+    let dir = TempDir::new("tokens");
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, tokens_text()).unwrap();
+    let node = TestNode::start(|c| {
+        c.grpc.tokens_file = Some(path);
+        c.grpc.max_resolver_streams_per_credential = 2;
+    })
+    .await;
+    let data = ResolverData::new();
+    let mut first =
+        TestResolver::connect(node.grpc(), items("items-1").token(ITEMS_RESOLVER), &data).await;
+    let _second =
+        TestResolver::connect(node.grpc(), items("items-2").token(ITEMS_RESOLVER), &data).await;
+    let refused =
+        TestResolver::try_connect(node.grpc(), items("items-3").token(ITEMS_RESOLVER), &data)
+            .await
+            .err()
+            .expect("a third stream of the same credential is refused");
+    assert_eq!(
+        refused.code(),
+        Some(tonic::Code::ResourceExhausted),
+        "{refused}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("--max-resolver-streams-per-credential"),
+        "{refused}"
+    );
+    // Another credential still registers.
+    let _other = TestResolver::connect(
+        node.grpc(),
+        ResolverOptions::new("other")
+            .entity("items", FetchMode::Shared)
+            .token(ANY_RESOLVER),
+        &data,
+    )
+    .await;
+    assert_eq!(node.stats().resolvers, 3);
+    // A stream that ends gives its slot back.
+    first.stop().await.unwrap();
+    node.wait_stats("the first stream ended", |s| s.resolvers == 2)
+        .await;
+    let _third =
+        TestResolver::connect(node.grpc(), items("items-3").token(ITEMS_RESOLVER), &data).await;
+}
+
+/// Polls `log` until it contains `needle`.
+async fn wait_for_log(log: &Path, needle: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if std::fs::read_to_string(log).is_ok_and(|text| text.contains(needle)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{needle:?} never logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_credential_removed_before_register_ends_the_stream_without_requests() {
+    use entity_sync_backend::proto::v1::{
+        EntityRegistration, NodeMessage, Register, ResolverMessage,
+        entity_sync_client::EntitySyncClient, node_message, resolver_message,
+    };
+    let dir = TempDir::new("tokens");
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, tokens_text()).unwrap();
+    let log = dir.path().join("node.log");
+    let mut node = NodeProcess::spawn(
+        Path::new(BIN),
+        &[format!("--grpc-tokens-file={}", path.display())],
+        Some(&log),
+        "info,entity_sync=debug",
+    )
+    .unwrap();
+    node.wait_ready(DEADLINE).await.unwrap();
+
+    // A Resolve stream with a valid token, and no Register yet.
+    let mut grpc = EntitySyncClient::connect(node.grpc_url()).await.unwrap();
+    let (messages, outbound) = tokio::sync::mpsc::channel::<ResolverMessage>(4);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ITEMS_RESOLVER}").parse().unwrap(),
+    );
+    let call = tokio::spawn(async move { grpc.resolve(request).await });
+    wait_for_log(&log, "waiting for its Register").await;
+
+    // The token goes (SIGHUP) while the stream waits; then its Register comes.
+    std::fs::write(
+        &path,
+        format!("resolver {ANY_RESOLVER}\nnotifier {NOTIFIER}\n"),
+    )
+    .unwrap();
+    node.guard().signal(libc::SIGHUP);
+    wait_for_log(&log, "tokens file reloaded").await;
+    // (The node may have ended the call already: then there is no one to send to.)
+    let _ = messages
+        .send(ResolverMessage {
+            kind: Some(resolver_message::Kind::Register(Register {
+                name: "late".into(),
+                entities: vec![EntityRegistration {
+                    entity: "items".into(),
+                    fetch_mode: FetchMode::Shared as i32,
+                }],
+                ..Register::default()
+            })),
+        })
+        .await;
+    // A subscriber whose key (and secret) the stream would be asked for.
+    let mut client = WsClient::connect(&node.ws_url()).await;
+    client.send_secret("subscriber-secret-0000").await;
+    client.send_subscribe("items", "1").await;
+
+    let answered = tokio::time::timeout(DEADLINE, call)
+        .await
+        .expect("the call ends")
+        .unwrap();
+    let status = match answered {
+        Err(status) => status,
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            loop {
+                let message = tokio::time::timeout(DEADLINE, stream.message())
+                    .await
+                    .expect("the stream of a removed credential ends");
+                match message {
+                    Err(status) => break status,
+                    Ok(Some(NodeMessage {
+                        kind: Some(node_message::Kind::Request(request)),
+                    })) => panic!(
+                        "a removed credential's stream was asked to resolve {:?}",
+                        request.ids
+                    ),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("the stream ended without a status"),
+                }
+            }
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    client
+        .expect_error("no_resolver", Some(("items", "1")))
+        .await;
+}
+
+/// Runs the binary with `args` until it exits (killed after 10 s): its exit
+/// code (`None` if it had to be killed) and stderr.
+fn run_until_exit(args: &[&str]) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("ENTITY_SYNC_GRPC_INSECURE")
+        .env_remove("ENTITY_SYNC_GRPC_ALLOW_CLEARTEXT_TOKENS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() >= deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (code, stderr)
+}
+
+#[test]
+fn bearer_tokens_on_an_exposed_grpc_port_need_tls() {
+    let dir = TempDir::new("tokens");
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, tokens_text()).unwrap();
+    let tokens = format!("--grpc-tokens-file={}", path.display());
+    let (code, stderr) = run_until_exit(&[
+        "--ws-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "0.0.0.0:0",
+        &tokens,
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    for flag in [
+        "--grpc-tls-cert",
+        "--grpc-tls-key",
+        "--grpc-allow-cleartext-tokens",
+    ] {
+        assert!(stderr.contains(flag), "{flag} missing from: {stderr}");
+    }
+    for token in [NOTIFIER, ITEMS_RESOLVER] {
+        assert!(!stderr.contains(token), "{stderr}");
     }
 }

@@ -2,8 +2,10 @@
 //! values and the Kubernetes manifests have the structure the running system
 //! relies on (probes, ports, routes, replicas, `sync_interval: always`,
 //! configuration variables the node actually reads) and the hardening they
-//! promise: gRPC published on loopback only by compose, NetworkPolicies that
-//! admit only backends to gRPC and only the nodes to NATS, an unprivileged pod
+//! promise: gRPC published on loopback only by compose and over TLS
+//! everywhere (the backends trusting its CA), websocket origins restricted,
+//! the nodes' NATS user limited to its own stream's JetStream API,
+//! NetworkPolicies that admit only backends to gRPC and only the nodes to NATS, an unprivileged pod
 //! under `RuntimeDefault` seccomp as the image's user, and a production image
 //! (the Dockerfile's last stage, read stage by stage) with the node binary only.
 //!
@@ -868,7 +870,7 @@ fn compose_runs_three_nats_servers_three_nodes_and_the_demo() {
         .map(|i| command[i + 1])
         .expect("demo --node");
     let node = node_url
-        .strip_prefix("http://")
+        .strip_prefix("https://")
         .and_then(|rest| rest.strip_suffix(":50051"))
         .unwrap_or_else(|| panic!("demo --node {node_url}"));
     assert!(
@@ -1024,7 +1026,7 @@ fn helm_values_speak_tls_and_log_the_nodes_in_with_least_permissions() {
     assert_eq!(text(user, &["user"]), "entity-sync");
     assert_eq!(text(user, &["password"]), "<< $NATS_NODE_PASSWORD >>");
     let (publish, subscribe) = nats_conf_permissions();
-    assert_eq!(publish.len(), 5, "{publish:?}");
+    assert_eq!(publish.len(), 9, "{publish:?}");
     assert_eq!(
         strings(user, &["permissions", "publish", "allow"]),
         publish,
@@ -1631,4 +1633,202 @@ fn dockerfile_stage_parser_reads_continuations_and_bases() {
     assert_eq!(stages[0].instructions[0].1, "a  && b");
     let (chain, bottom) = production_chain(&stages);
     assert_eq!((chain.len(), bottom.as_str()), (2, "rust"));
+}
+
+/// The container path `path` is mounted from, read-only, in `volumes`
+/// (compose short syntax `SOURCE:TARGET:ro`); `None` when not mounted so.
+fn compose_source<'a>(volumes: &'a [Value], path: &str) -> Option<&'a str> {
+    volumes.iter().find_map(|v| {
+        let spec = v.as_str()?;
+        let (source, rest) = spec.split_once(':')?;
+        (rest == format!("{path}:ro")).then_some(source)
+    })
+}
+
+#[test]
+fn grpc_speaks_tls_in_compose_and_kubernetes() {
+    let compose = &load("deploy/compose.yaml")[0];
+    // The certificates' script, which makes them where compose mounts them.
+    let script = root().join("deploy/grpc/make-certs.sh");
+    let mode = fs::metadata(&script)
+        .expect("deploy/grpc/make-certs.sh")
+        .permissions();
+    assert!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o111 != 0,
+        "deploy/grpc/make-certs.sh is not executable"
+    );
+    let script_text = read("deploy/grpc/make-certs.sh");
+    assert!(script_text.contains("$here/certs"), "default directory");
+    let gitignore = read(".gitignore");
+    assert!(
+        gitignore.lines().any(|l| l.trim() == "deploy/grpc/certs/"),
+        "the gRPC keys are not kept out of git"
+    );
+    let nodes: Vec<String> = (1..=3).map(|i| format!("entity-sync-{i}")).collect();
+    for name in &nodes {
+        // Every node name is in the certificate.
+        assert!(
+            script_text.contains(name.as_str()),
+            "{name} not in the certificate"
+        );
+        let service = at(compose, &["services", name]);
+        let env = at(service, &["environment"]);
+        let volumes = items(service, &["volumes"]);
+        for (var, file) in [
+            ("ENTITY_SYNC_GRPC_TLS_CERT", "server.pem"),
+            ("ENTITY_SYNC_GRPC_TLS_KEY", "server-key.pem"),
+        ] {
+            let path = text(env, &[var]);
+            assert_eq!(
+                compose_source(volumes, path),
+                Some(format!("./grpc/certs/{file}").as_str()),
+                "{name}: {var} {path} is not mounted read-only from deploy/grpc/certs"
+            );
+        }
+        assert!(
+            env.get("ENTITY_SYNC_GRPC_ALLOW_CLEARTEXT_TOKENS").is_none(),
+            "{name}"
+        );
+        assert!(env.get("ENTITY_SYNC_GRPC_INSECURE").is_none(), "{name}");
+        assert!(
+            text(env, &["ENTITY_SYNC_GRPC_TOKENS_FILE"]).starts_with('/'),
+            "{name}: tokens"
+        );
+    }
+    // The demo backend: https to a node, trusting the CA compose mounts.
+    let demo = at(compose, &["services", "demo"]);
+    let command: Vec<&str> = items(demo, &["command"])
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let url = command[command.iter().position(|a| *a == "--node").unwrap() + 1];
+    assert!(url.starts_with("https://"), "demo --node {url}");
+    let ca = text(demo, &["environment", "DEMO_NODE_CA"]);
+    assert_eq!(
+        compose_source(items(demo, &["volumes"]), ca),
+        Some("./grpc/certs/ca.pem"),
+        "the demo's DEMO_NODE_CA {ca}"
+    );
+    assert!(
+        read("examples/demo/src/main.rs").contains("env = \"DEMO_NODE_CA\""),
+        "the demo reads DEMO_NODE_CA"
+    );
+
+    // Kubernetes: the cert and key from the Secret entity-sync-grpc-tls.
+    let by_kind = k8s_manifests();
+    let pod = at(one(&by_kind, "Deployment"), &["spec", "template", "spec"]);
+    let container = &items(pod, &["containers"])[0];
+    let env = items(container, &["env"]);
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| text(e, &["name"]) == name)
+            .map(|e| text(e, &["value"]))
+            .unwrap_or_else(|| panic!("Deployment: no {name}"))
+    };
+    for (var, key) in [
+        ("ENTITY_SYNC_GRPC_TLS_CERT", "tls.crt"),
+        ("ENTITY_SYNC_GRPC_TLS_KEY", "tls.key"),
+    ] {
+        let path = Path::new(value(var));
+        assert_eq!(path.file_name().unwrap(), key, "{var}");
+        let mount = items(container, &["volumeMounts"])
+            .iter()
+            .find(|m| path.parent() == Some(Path::new(text(m, &["mountPath"]))))
+            .unwrap_or_else(|| panic!("Deployment: {var} is in no mount"));
+        assert_eq!(at(mount, &["readOnly"]), &json!(true), "{var}");
+        let volume = items(pod, &["volumes"])
+            .iter()
+            .find(|v| text(v, &["name"]) == text(mount, &["name"]))
+            .expect("the gRPC TLS volume");
+        assert_eq!(
+            text(volume, &["secret", "secretName"]),
+            "entity-sync-grpc-tls"
+        );
+    }
+    assert!(
+        env.iter().all(|e| !text(e, &["name"]).contains("CLEARTEXT")
+            && text(e, &["name"]) != "ENTITY_SYNC_GRPC_INSECURE"),
+        "Deployment: gRPC in clear"
+    );
+}
+
+#[test]
+fn websocket_origins_are_restricted_in_compose_and_kubernetes() {
+    let check = |origins: &str, place: &str| {
+        assert!(!origins.trim().is_empty(), "{place}: no origins");
+        for origin in origins.split(',') {
+            let (scheme, host) = origin
+                .split_once("://")
+                .unwrap_or_else(|| panic!("{place}: {origin:?} is not an origin"));
+            assert!(matches!(scheme, "http" | "https"), "{place}: {origin:?}");
+            assert!(
+                !host.is_empty() && !host.contains(['/', '*', ' ']),
+                "{place}: {origin:?} is not one origin"
+            );
+        }
+    };
+    let compose = &load("deploy/compose.yaml")[0];
+    for i in 1..=3 {
+        let name = format!("entity-sync-{i}");
+        check(
+            text(
+                compose,
+                &[
+                    "services",
+                    &name,
+                    "environment",
+                    "ENTITY_SYNC_ALLOWED_ORIGINS",
+                ],
+            ),
+            &name,
+        );
+    }
+    let by_kind = k8s_manifests();
+    let pod = at(one(&by_kind, "Deployment"), &["spec", "template", "spec"]);
+    let env = items(&items(pod, &["containers"])[0], &["env"]);
+    let origins = env
+        .iter()
+        .find(|e| text(e, &["name"]) == "ENTITY_SYNC_ALLOWED_ORIGINS")
+        .map(|e| text(e, &["value"]))
+        .expect("Deployment: ENTITY_SYNC_ALLOWED_ORIGINS");
+    check(origins, "Deployment");
+}
+
+#[test]
+fn the_nodes_nats_user_may_use_only_its_own_streams_api() {
+    let (publish, subscribe) = nats_conf_permissions();
+    for subject in publish.iter().chain(&subscribe) {
+        if let Some(api) = subject.strip_prefix("$JS.") {
+            // Only the `es_changes` stream's, never a wildcard over streams.
+            assert!(
+                api.contains(".es_changes"),
+                "{subject} reaches beyond the node's stream"
+            );
+            let before_stream = &api[..api.find(".es_changes").unwrap()];
+            assert!(
+                !before_stream.contains(['*', '>']),
+                "{subject} has a wildcard before the stream name"
+            );
+        }
+    }
+    for needed in [
+        "$JS.API.STREAM.INFO.es_changes",
+        "$JS.API.STREAM.CREATE.es_changes",
+        "$JS.API.CONSUMER.CREATE.es_changes",
+    ] {
+        assert!(publish.iter().any(|s| s == needed), "{needed} missing");
+    }
+    for refused in [
+        "DELETE.es_changes",
+        "PURGE",
+        "STREAM.UPDATE",
+        "STREAM.NAMES",
+    ] {
+        assert!(
+            !publish
+                .iter()
+                .any(|s| s.contains(refused) && s.contains("STREAM")),
+            "{refused} allowed"
+        );
+    }
 }

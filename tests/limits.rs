@@ -523,17 +523,14 @@ mod port_connections {
     async fn http2_without_tls_is_refused() {
         let node = TestNode::start(|_| {}).await;
         let stream = TcpStream::connect(node.ws_addr()).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .unwrap();
+        let (mut client, connection) = h2::client::handshake(stream).await.unwrap();
         tokio::spawn(connection);
-        let request = hyper::Request::get(format!("http://{}/healthz", node.ws_addr()))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
+        let request =
+            tonic::codegen::http::Request::get(format!("http://{}/healthz", node.ws_addr()))
+                .body(())
+                .unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        let response = response.await.unwrap();
         assert_eq!(response.status(), 505);
     }
 

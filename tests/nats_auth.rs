@@ -1,8 +1,9 @@
 //! The NATS permissions of `deploy/nats/nats.conf` are enough for a cluster:
 //! a real nats-server runs with that file's `authorization` block, and two
 //! nodes authenticated as its `entity-sync` user notify, consume and resolve
-//! across each other. A wrong password is refused without the password in
-//! the error. Nodes reach a NATS that requires TLS with client certificates
+//! across each other, and that user may not touch the JetStream API of any
+//! other stream. A wrong password is refused without the password in the
+//! error. Nodes reach a NATS that requires TLS with client certificates
 //! through the `--nats-tls-*` flags.
 
 use std::time::Duration;
@@ -254,6 +255,57 @@ async fn the_deploy_tls_block_and_certificates_work() {
     })
     .await;
     assert_changes_flow(&node).await;
+}
+
+#[tokio::test]
+async fn the_node_user_may_use_only_its_own_streams_api() {
+    let nats = authorized_nats().await;
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("entity-sync".into(), PASSWORD.into())
+            .request_timeout(Some(Duration::from_millis(500)))
+            .event_callback(move |event| {
+                let events = events.clone();
+                async move {
+                    let _ = events.send(event.to_string());
+                }
+            })
+            .connect(format!("127.0.0.1:{}", nats.port()))
+            .await
+            .unwrap();
+    // Its own stream's API answers (404 "stream not found" before a node made it).
+    let own = client
+        .request("$JS.API.STREAM.INFO.es_changes", "".into())
+        .await
+        .expect("the node's own stream API answers");
+    assert!(
+        String::from_utf8_lossy(&own.payload).contains("stream not found"),
+        "{:?}",
+        own.payload
+    );
+    for subject in [
+        "$JS.API.STREAM.INFO.other_changes",
+        "$JS.API.STREAM.CREATE.other_changes",
+        "$JS.API.STREAM.DELETE.es_changes",
+        "$JS.API.STREAM.PURGE.es_changes",
+        "$JS.API.CONSUMER.CREATE.other_changes",
+        "$JS.API.STREAM.NAMES",
+        "$JS.API.INFO",
+    ] {
+        let answer = client.request(subject, "".into()).await;
+        assert!(answer.is_err(), "{subject} answered: {answer:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let event = tokio::time::timeout_at(deadline, seen.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no permissions violation reported for {subject}"))
+                .unwrap();
+            let event = event.to_lowercase();
+            if event.contains("permissions violation") && event.contains(&subject.to_lowercase()) {
+                break;
+            }
+        }
+    }
 }
 
 /// A change notified on `node` reaches its subscriber: the key went out to

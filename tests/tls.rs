@@ -572,3 +572,68 @@ async fn the_binary_serves_wss_and_mutual_tls_grpc() {
     let plain = format!("ws://{}/ws/entity-sync/", node.ws);
     assert!(connect(&plain, &ConnectOptions::default()).await.is_err());
 }
+
+#[tokio::test]
+async fn a_stalled_grpc_tls_handshake_is_closed_after_the_grpc_handshake_timeout() {
+    let files = TlsFiles::new();
+    let node = TestNode::start(|c| {
+        grpc_tls(c, &files);
+        c.grpc.handshake_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    // Connects and never sends a ClientHello.
+    let mut stalled = tokio::net::TcpStream::connect(node.grpc_addr())
+        .await
+        .unwrap();
+    // Others are served meanwhile.
+    notify_once(Notifier::builder(node.grpc()).tls(files.sdk()))
+        .await
+        .expect("notify over TLS while a handshake stalls");
+    let mut byte = [0u8; 1];
+    let read = timeout(Duration::from_secs(5), stalled.read(&mut byte))
+        .await
+        .expect("the stalled socket is closed after --grpc-handshake-timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+/// The files of `deploy/grpc/make-certs.sh` serve the gRPC port, with
+/// tokens, to a backend that trusts the script's CA (as the compose demo does).
+#[tokio::test]
+async fn the_deploy_grpc_certificates_serve_tokens_over_tls() {
+    let dir = common::process::TempDir::new("grpc-certs");
+    let made = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grpc/make-certs.sh"
+    ))
+    .arg(dir.path())
+    .output()
+    .expect("deploy/grpc/make-certs.sh runs (it needs openssl)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    const TOKEN: &str = "notifier-token-0123456789";
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("notifier {TOKEN}\n")).unwrap();
+    let (cert, key) = (
+        dir.path().join("server.pem"),
+        dir.path().join("server-key.pem"),
+    );
+    let node = TestNode::start(move |c| {
+        c.grpc.tls_cert = Some(cert);
+        c.grpc.tls_key = Some(key);
+        c.grpc.tokens_file = Some(tokens);
+    })
+    .await;
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    notify_once(
+        Notifier::builder(node.grpc())
+            .tls(Tls::new().ca_certificate(ca))
+            .bearer_token(TOKEN),
+    )
+    .await
+    .expect("notify over the deploy certificates");
+}

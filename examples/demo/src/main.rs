@@ -42,7 +42,7 @@ use entity_sync::{
     config::Config,
     node::{Listeners, Node},
 };
-use entity_sync_backend::Notifier;
+use entity_sync_backend::{Notifier, Tls};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, info, info_span, warn};
@@ -90,6 +90,11 @@ struct Args {
     /// of starting one in-process. Give its websocket address with `--ws-addr`.
     #[arg(long, value_name = "URL")]
     node: Option<String>,
+
+    /// CA certificate (PEM) to verify the gRPC certificate of the `--node`
+    /// with (an `https://` URL: a node with --grpc-tls-cert).
+    #[arg(long, env = "DEMO_NODE_CA", value_name = "PATH")]
+    node_ca: Option<PathBuf>,
 
     /// Resolver token of the node's --grpc-tokens-file (for `--node` with credentials).
     #[arg(long, env = "DEMO_RESOLVER_TOKEN", hide_env_values = true)]
@@ -154,10 +159,21 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
+    let tls = match &args.node_ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading --node-ca {}", path.display()))?;
+            Some(Tls::new().ca_certificate(pem))
+        }
+        None => None,
+    };
     // The notifier connects on first use and again after the node comes back.
     let mut notifier = Notifier::builder(grpc_url.clone());
     if let Some(token) = &args.notifier_token {
         notifier = notifier.bearer_token(token.clone());
+    }
+    if let Some(tls) = &tls {
+        notifier = notifier.tls(tls.clone());
     }
     let notifier = notifier
         .connect_lazy()
@@ -165,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let resolver = backend::resolver(&grpc_url, args.resolver_token.clone(), db.clone())?;
+    let resolver = backend::resolver(&grpc_url, args.resolver_token.clone(), tls, db.clone())?;
     let resolver_shutdown = shutdown.clone();
     tasks.spawn(async move {
         if let Err(err) = resolver
@@ -602,6 +618,7 @@ mod backend {
     pub fn resolver(
         grpc_url: &str,
         token: Option<String>,
+        tls: Option<entity_sync_backend::Tls>,
         db: db::Db,
     ) -> Result<Backend, entity_sync_backend::Error> {
         let items = {
@@ -616,6 +633,9 @@ mod backend {
             .max_in_flight(MAX_IN_FLIGHT);
         if let Some(token) = token {
             builder = builder.bearer_token(token);
+        }
+        if let Some(tls) = tls {
+            builder = builder.tls(tls);
         }
         builder.build()
     }
