@@ -30,11 +30,11 @@
 //! - `resolve`: where a key is resolved: the local pool, or another node over NATS.
 //! - `resolver`: the local pool of backend `Resolve` streams: batching, in-flight caps, retries.
 //! - `cluster`: the NATS request-reply link to other nodes' resolvers, both sides.
-//! - `grpc`: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`), health, reflection.
+//! - `grpc`: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`), health, reflection; `grpc::gate` checks a call's credentials from its headers before its body is read, `grpc::listener` caps the port's connections and handshakes.
 //! - `http`: the websocket upgrade, `/healthz`, `/readyz`, `/metrics`.
 //! - `health`: readiness and why not (draining, bus down), for `/readyz`, gRPC health and metrics.
 //! - `admission`: the websocket port's connections: counted from accept (`--max-connections`), capped per address, deadlined until they are websockets, their partly read messages budgeted.
-//! - `tls`: TLS of both ports: PEM files checked at start, the websocket port's TLS listener.
+//! - `tls`: TLS of both ports: PEM files checked at start, the websocket port's TLS listener, the gRPC port's acceptor.
 //!
 //! Dependencies go one way: `session`/`dispatcher` → `resolve` →
 //! {`resolver`, `cluster`}, and `cluster` → `resolver` (it answers other
