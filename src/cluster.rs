@@ -249,6 +249,19 @@ async fn serve_entity(
 async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterResolveReply> {
     let mode = pool.fetch_mode(&request.entity)?;
     let reason = Reason::try_from(request.reason).unwrap_or(Reason::Change);
+    if request.shared && !(mode == FetchMode::Shared && reason == Reason::Change) {
+        // `shared` asks the backend for rows meant for everyone, with no
+        // secret checked: only a SHARED entity's change resolve is that. A
+        // requester with an outdated mode learns this one from the reply
+        // (and retries the change); anything else is not a node's request.
+        tracing::warn!(
+            entity = %request.entity,
+            mode = mode.as_str_name(),
+            reason = reason.as_str_name(),
+            "cluster resolve asking for shared rows outside a SHARED change, refused"
+        );
+        return Some(refuse_shared(mode, &request.ids));
+    }
     let secret: Arc<str> = Arc::from(request.secret.as_str());
     let keys: Vec<ChangeKey> = request
         .ids
@@ -286,4 +299,127 @@ async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterR
         fetch_mode: mode as i32,
         results,
     })
+}
+
+/// The reply to a request for shared rows that this node does not honour:
+/// an ERROR result per id, and the entity's real fetch mode.
+fn refuse_shared(mode: FetchMode, ids: &[String]) -> ClusterResolveReply {
+    let refused = || {
+        Err(ResolveError::Failed(
+            "shared rows are only resolved for a change of a SHARED entity".into(),
+        ))
+    };
+    ClusterResolveReply {
+        fetch_mode: mode as i32,
+        results: ids.iter().map(|id| key_result(refused(), id)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::ResolveConfig,
+        metrics::Metrics,
+        proto::v1::{EntityRegistration, Register, Status, node_message},
+        resolver::StreamItem,
+    };
+    use tokio::sync::mpsc;
+
+    /// A pool with one resolver serving `items` SHARED and `docs`
+    /// PER_SUBSCRIBER, and the resolver's end of its stream.
+    fn pool() -> (ResolverPool, mpsc::Receiver<StreamItem>) {
+        let pool = ResolverPool::new(
+            &ResolveConfig {
+                batch_size: 64,
+                timeout: Duration::from_secs(5),
+                default_max_in_flight: 8,
+                max_resolver_streams: 4,
+            },
+            Arc::new(Metrics::default()),
+        );
+        let entity = |entity: &str, mode: FetchMode| EntityRegistration {
+            entity: entity.into(),
+            fetch_mode: mode as i32,
+        };
+        let register = Register {
+            name: "backend".into(),
+            entities: vec![
+                entity("items", FetchMode::Shared),
+                entity("docs", FetchMode::PerSubscriber),
+            ],
+            pass_through: false,
+            max_in_flight: 8,
+        };
+        let (tx, rx) = mpsc::channel(pool.channel_capacity(&register));
+        pool.register(pool.allocate_id(), &register, tx).unwrap();
+        (pool, rx)
+    }
+
+    fn request(entity: &str, reason: Reason, shared: bool) -> ResolveRequest {
+        ResolveRequest {
+            request_id: 0,
+            entity: entity.into(),
+            ids: vec!["1".into(), "2".into()],
+            secret: String::new(),
+            reason: reason as i32,
+            shared,
+        }
+    }
+
+    /// `shared` is honoured only for a change of a SHARED entity: a
+    /// PER_SUBSCRIBER entity's rows, or a subscribe (which authorizes its
+    /// secret), never reach the backend as shared; the reply is an error per
+    /// id with the entity's mode, and the backend is not asked.
+    #[tokio::test]
+    async fn shared_requests_must_match_the_mode_and_the_reason() {
+        let (pool, mut rx) = pool();
+        for (entity, reason, mode) in [
+            ("docs", Reason::Change, FetchMode::PerSubscriber),
+            ("docs", Reason::Subscribe, FetchMode::PerSubscriber),
+            ("items", Reason::Subscribe, FetchMode::Shared),
+            ("items", Reason::Unspecified, FetchMode::Shared),
+        ] {
+            // Refused at once (an honoured request would wait for the backend).
+            let reply = tokio::time::timeout(
+                Duration::from_secs(1),
+                answer(&pool, request(entity, reason, true)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{entity} {reason:?}: sent to the backend"))
+            .expect("a reply");
+            assert_eq!(reply.fetch_mode, mode as i32, "{entity} {reason:?}");
+            let statuses: Vec<(String, i32)> = reply
+                .results
+                .iter()
+                .map(|r| (r.id.clone(), r.status))
+                .collect();
+            assert_eq!(
+                statuses,
+                [
+                    ("1".to_string(), Status::Error as i32),
+                    ("2".to_string(), Status::Error as i32)
+                ],
+                "{entity} {reason:?}"
+            );
+            assert!(rx.try_recv().is_err(), "{entity} {reason:?}: backend asked");
+        }
+
+        // A SHARED change resolve goes to the backend, `shared` as sent.
+        let asked = tokio::spawn({
+            let pool = pool.clone();
+            async move { answer(&pool, request("items", Reason::Change, true)).await }
+        });
+        let sent = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the backend is asked")
+            .expect("stream open")
+            .expect("a message");
+        let Some(node_message::Kind::Request(sent)) = sent.kind else {
+            panic!("expected a resolve request, got {sent:?}");
+        };
+        assert!(sent.shared);
+        assert_eq!(sent.reason, Reason::Change as i32);
+        asked.abort();
+    }
 }

@@ -251,6 +251,7 @@ pub struct GrpcConfig {
         value_name = "PATH",
         long = "grpc-tokens-file",
         env = "ENTITY_SYNC_GRPC_TOKENS_FILE",
+        hide_env_values = true,
         help_heading = "Security/TLS"
     )]
     pub tokens_file: Option<PathBuf>,
@@ -443,7 +444,8 @@ pub struct NatsConfig {
         id = "nats_url",
         value_name = "NATS_URL",
         long = "nats-url",
-        env = "ENTITY_SYNC_NATS_URL"
+        env = "ENTITY_SYNC_NATS_URL",
+        hide_env_values = true
     )]
     pub url: Option<String>,
 
@@ -487,7 +489,8 @@ pub struct NatsConfig {
         id = "nats_creds",
         value_name = "NATS_CREDS",
         long = "nats-creds",
-        env = "ENTITY_SYNC_NATS_CREDS"
+        env = "ENTITY_SYNC_NATS_CREDS",
+        hide_env_values = true
     )]
     pub creds: Option<PathBuf>,
 
@@ -750,6 +753,9 @@ pub fn describe(cmd: &clap::Command, matches: &clap::ArgMatches) -> String {
             });
             let value = match raw {
                 None => "(unset)".to_string(),
+                // The URLs hide their environment value in `--help` (they
+                // may carry `user:password@`); here they show without it.
+                Some(v) if id == "nats_url" => scrub_urls(&v),
                 Some(v) if arg.is_hide_env_values_set() && !v.is_empty() => "***".to_string(),
                 Some(v) if v.contains('@') => scrub_urls(&v),
                 Some(v) => v,
@@ -1028,6 +1034,32 @@ mod tests {
             .map(|h| text.find(&format!("# {h}\n")).expect(h))
             .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
+    }
+
+    /// `--help` prints each flag's environment value unless it is hidden:
+    /// every flag that can carry a credential (or names the file holding
+    /// one) hides it.
+    #[test]
+    fn credential_flags_hide_their_environment_values() {
+        let cmd = Cli::command();
+        let credential = |id: &str| {
+            ["token", "creds", "password", "secret", "nats_url"]
+                .iter()
+                .any(|word| id.contains(word))
+        };
+        let flags: Vec<&clap::Arg> = cmd
+            .get_arguments()
+            .filter(|arg| credential(arg.get_id().as_str()))
+            .collect();
+        let ids: Vec<&str> = flags.iter().map(|a| a.get_id().as_str()).collect();
+        assert_eq!(
+            ids,
+            ["grpc_tokens_file", "nats_url", "nats_creds", "nats_token"]
+        );
+        for arg in flags {
+            assert!(arg.get_env().is_some(), "{}", arg.get_id());
+            assert!(arg.is_hide_env_values_set(), "{}", arg.get_id());
+        }
     }
 
     #[test]

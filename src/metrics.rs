@@ -31,7 +31,9 @@ use prometheus_client::{
 use crate::{proto::v1::Reason, protocol::ErrorCode};
 
 /// Most distinct entity label values; further entities count as `other`.
-/// Entities come from clients and backends: the label set must stay bounded.
+/// Only entities a resolver answered for get one (see [`answered`]): a
+/// client can name any entity, so it could otherwise take every label
+/// before the real entities are first resolved.
 pub const MAX_ENTITY_LABELS: usize = 64;
 /// Most distinct resolver names labelled in `entity_sync_resolver_streams`;
 /// the rest (and names that are not plain identifiers) count as `other`.
@@ -194,7 +196,7 @@ impl Metrics {
     /// Records how long one key's resolve of `entity` took and how it ended.
     pub(crate) fn resolve_done(&self, entity: &Arc<str>, status: &'static str, took: Duration) {
         let labels = ResolveLabels {
-            entity: self.entity_label(entity),
+            entity: self.entity_label(entity, answered(status)),
             status,
         };
         self.resolve_duration
@@ -207,11 +209,15 @@ impl Metrics {
         self.notify_to_push.observe(took.as_secs_f64());
     }
 
-    /// `entity` itself while fewer than [`MAX_ENTITY_LABELS`] entities have
-    /// a label, else [`OTHER_LABEL`].
-    fn entity_label(&self, entity: &Arc<str>) -> Arc<str> {
+    /// `entity` itself if it has a label, or gets one now: `registered` (a
+    /// resolver answered for it) while fewer than [`MAX_ENTITY_LABELS`]
+    /// entities have one. Else [`OTHER_LABEL`].
+    fn entity_label(&self, entity: &Arc<str>, registered: bool) -> Arc<str> {
         if self.entity_labels.read().unwrap().contains(entity) {
             return entity.clone();
+        }
+        if !registered {
+            return self.other.clone();
         }
         let mut labels = self.entity_labels.write().unwrap();
         if labels.contains(entity) || labels.len() < MAX_ENTITY_LABELS {
@@ -234,6 +240,18 @@ impl Metrics {
             .expect("writing to a String does not fail");
         out
     }
+}
+
+/// Whether a resolve that ended with `status` (a
+/// [`crate::resolve::status_label`]) was answered by a resolver, here or on
+/// another node: then the entity is one a backend registered. A resolve of
+/// an entity nobody serves ends `no_resolver` (or `timeout`, `closed` while
+/// the bus or the node is in trouble), never with an answer.
+fn answered(status: &str) -> bool {
+    matches!(
+        status,
+        "ok" | "not_found" | "forbidden" | "error" | "invalid"
+    )
 }
 
 /// The content type of [`Metrics::render`]'s output.
@@ -527,6 +545,39 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// Only an answer from a resolver gives an entity a label; once it
+    /// has one, every outcome of it is counted under it.
+    #[test]
+    fn unanswered_entities_get_no_label() {
+        let metrics = Metrics::default();
+        let (bogus, real): (Arc<str>, Arc<str>) = (Arc::from("bogus"), Arc::from("real"));
+        for status in ["no_resolver", "timeout", "closed"] {
+            metrics.resolve_done(&bogus, status, Duration::from_millis(1));
+            metrics.resolve_done(&real, status, Duration::from_millis(1));
+        }
+        metrics.resolve_done(&real, "ok", Duration::from_millis(1));
+        metrics.resolve_done(&real, "timeout", Duration::from_millis(1));
+        let text = Arc::new(metrics).render(Live::default());
+        let count = |entity: &str, status: &str| {
+            format!(
+                "entity_sync_resolve_duration_seconds_count{{entity=\"{entity}\",status=\"{status}\"}}"
+            )
+        };
+        for (series, value) in [
+            (count("other", "no_resolver"), 2),
+            (count("other", "timeout"), 2),
+            (count("other", "closed"), 2),
+            (count("real", "ok"), 1),
+            (count("real", "timeout"), 1),
+        ] {
+            assert!(
+                text.contains(&format!("{series} {value}\n")),
+                "{series} in {text}"
+            );
+        }
+        assert!(!text.contains("entity=\"bogus\""), "{text}");
     }
 
     #[test]

@@ -98,11 +98,13 @@ pub enum ErrorCode {
     NoPassThrough,
     Overloaded,
     RateLimited,
+    /// A `secret` longer than [`MAX_SECRET_BYTES`]; the connection's secret is unchanged.
+    SecretTooLong,
 }
 
 impl ErrorCode {
     /// Every code, for metrics and docs.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         Self::InvalidJson,
         Self::UnknownAction,
         Self::InvalidBody,
@@ -118,6 +120,7 @@ impl ErrorCode {
         Self::NoPassThrough,
         Self::Overloaded,
         Self::RateLimited,
+        Self::SecretTooLong,
     ];
 
     /// The code as it appears in `error` frames, e.g. `not_found`.
@@ -138,6 +141,7 @@ impl ErrorCode {
             Self::NoPassThrough => "no_pass_through",
             Self::Overloaded => "overloaded",
             Self::RateLimited => "rate_limited",
+            Self::SecretTooLong => "secret_too_long",
         }
     }
 
@@ -174,6 +178,12 @@ fn invalid_body(message: impl Into<String>) -> ProtocolError {
     ProtocolError::new(ErrorCode::InvalidBody, message)
 }
 
+/// Longest `secret` a client may send, in bytes. A connection's secret is
+/// sent with every resolve of its keys and, for PER_SUBSCRIBER entities,
+/// hashed to find its subscribers on every change: a bound keeps both small
+/// (tokens are far shorter; a frame may be up to `--max-message-bytes`).
+pub const MAX_SECRET_BYTES: usize = 4096;
+
 /// Decodes one text frame.
 pub(crate) fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
     let value: Value = serde_json::from_str(text)
@@ -198,6 +208,14 @@ pub(crate) fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
         "subscribe" => decode_key(object.get("body")).map(ClientMessage::Subscribe),
         "unsubscribe" => decode_key(object.get("body")).map(ClientMessage::Unsubscribe),
         "secret" => match object.remove("body") {
+            Some(Value::String(secret)) if secret.len() > MAX_SECRET_BYTES => {
+                Err(ProtocolError::new(
+                    ErrorCode::SecretTooLong,
+                    format!(
+                        "secret longer than {MAX_SECRET_BYTES} bytes; the previous one is kept"
+                    ),
+                ))
+            }
             Some(Value::String(secret)) => Ok(ClientMessage::Secret(secret)),
             _ => Err(invalid_body("secret body must be a string")),
         },
@@ -271,9 +289,10 @@ impl Payload {
 pub(crate) struct PushFrame {
     pub(crate) version: u64,
     pub(crate) payload: Payload,
-    /// Digest of the rows (each row's length and bytes, in order): what a
-    /// subscriber's last push of the key is compared with to skip a push
-    /// whose rows did not change. Computed once per push, not per subscriber.
+    /// Keyed digest of the rows (each row's length and bytes, in order):
+    /// what a subscriber's last push of the key is compared with to skip a
+    /// push whose rows did not change. Computed once per push, not per
+    /// subscriber; compared only on this node (see [`RowsDigest`]).
     pub(crate) rows_digest: u64,
 }
 
@@ -305,23 +324,44 @@ impl PushFrame {
         Self {
             version,
             payload,
-            rows_digest: rows_digest(rows),
+            rows_digest: ROWS_DIGEST.digest(rows),
         }
     }
 }
 
-/// SipHash (std's fixed-key hasher) of each row's length and bytes. Two
-/// different row lists share a digest with probability about 2^-64: that
-/// is the chance a changed row is taken for unchanged and not pushed.
-fn rows_digest(rows: &[Bytes]) -> u64 {
-    use std::hash::Hasher;
-    let mut hasher = std::hash::DefaultHasher::new();
-    hasher.write_usize(rows.len());
-    for row in rows {
-        hasher.write_usize(row.len());
-        hasher.write(row);
+/// The digest of row lists that decides whether a push is unchanged:
+/// SipHash-1-3 (std's `RandomState`) under a random key. With a known key
+/// (std's `DefaultHasher::new()` is keyed with zeros) a writer could search
+/// two different rows of one digest (a 2^32 birthday search), and the
+/// second would never be pushed. Under a secret key two different row lists
+/// share a digest with probability about 2^-64, however they were chosen.
+///
+/// The key is drawn once per process (one node per process). Digests never
+/// leave the node: each node digests the rows it resolved or was answered
+/// with, and compares them with the digests of its own earlier pushes, so
+/// nodes need no common key.
+pub(crate) struct RowsDigest(std::hash::RandomState);
+
+/// This process's [`RowsDigest`].
+static ROWS_DIGEST: std::sync::LazyLock<RowsDigest> = std::sync::LazyLock::new(RowsDigest::new);
+
+impl RowsDigest {
+    /// A digest under a fresh random key.
+    pub(crate) fn new() -> Self {
+        Self(std::hash::RandomState::new())
     }
-    hasher.finish()
+
+    /// The digest of each row's length and bytes, in order.
+    pub(crate) fn digest(&self, rows: &[Bytes]) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = self.0.build_hasher();
+        hasher.write_usize(rows.len());
+        for row in rows {
+            hasher.write_usize(row.len());
+            hasher.write(row);
+        }
+        hasher.finish()
+    }
 }
 
 fn row_frame(row: &Bytes) -> FrameText {
@@ -564,6 +604,36 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_at_most_4_kib() {
+        let secret = |len: usize| {
+            serde_json::json!({"action": "secret", "body": "s".repeat(len)}).to_string()
+        };
+        assert_eq!(
+            decode(&secret(MAX_SECRET_BYTES)),
+            Ok(ClientMessage::Secret("s".repeat(MAX_SECRET_BYTES)))
+        );
+        let err = decode(&secret(MAX_SECRET_BYTES + 1)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::SecretTooLong);
+        assert_eq!(
+            err.message,
+            "secret longer than 4096 bytes; the previous one is kept"
+        );
+        // Bytes, not characters: 2,049 two-byte characters are too long.
+        let wide = serde_json::json!({"action": "secret", "body": "é".repeat(2049)});
+        assert_eq!(code(&wide.to_string()), ErrorCode::SecretTooLong);
+    }
+
+    #[test]
+    fn codes_are_distinct_and_indexed() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(code.index(), i);
+        }
+        let names: std::collections::HashSet<&str> =
+            ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+    }
+
+    #[test]
     fn push_frame_keeps_rows_verbatim_and_in_order() {
         let rows = [
             Bytes::from_static(br#"{"id":100,"name":"milk"}"#),
@@ -579,6 +649,31 @@ mod tests {
         );
         let parsed: Value = serde_json::from_str(text.as_str()).unwrap();
         assert_eq!(parsed["body"]["rows"][1]["kind"], "ref");
+    }
+
+    /// The digest is keyed: not the fixed-key SipHash anyone can compute,
+    /// and different under two keys; equal rows still digest equal.
+    #[test]
+    fn the_rows_digest_is_keyed() {
+        use std::hash::Hasher;
+        let rows = [
+            Bytes::from_static(br#"{"id":1}"#),
+            Bytes::from_static(b"[2]"),
+        ];
+        let mut unkeyed = std::hash::DefaultHasher::new();
+        unkeyed.write_usize(rows.len());
+        for row in &rows {
+            unkeyed.write_usize(row.len());
+            unkeyed.write(row);
+        }
+        let pushed = PushFrame::build(&key("items", "1"), 1, &rows, false).rows_digest;
+        assert_ne!(pushed, unkeyed.finish(), "a digest anyone can compute");
+        let again = PushFrame::build(&key("items", "1"), 2, &rows.clone(), true).rows_digest;
+        assert_eq!(pushed, again, "the same rows, the same digest");
+        let (a, b) = (RowsDigest::new(), RowsDigest::new());
+        assert_eq!(a.digest(&rows), a.digest(&rows));
+        assert_ne!(a.digest(&rows), b.digest(&rows), "two keys");
+        assert_ne!(a.digest(&rows), a.digest(&rows[..1]));
     }
 
     #[test]

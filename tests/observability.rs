@@ -356,7 +356,9 @@ async fn metrics_move_with_resolves_pushes_and_resolvers() {
     // One subscribe and three changes of items/1 resolved OK.
     assert_eq!(count("items", "ok"), Some(4.0), "{text}");
     assert_eq!(count("items", "not_found"), Some(1.0), "{text}");
-    assert_eq!(count("nothing", "no_resolver"), Some(1.0), "{text}");
+    // An entity no resolver registered has no label of its own.
+    assert_eq!(count("other", "no_resolver"), Some(1.0), "{text}");
+    assert_eq!(count("nothing", "no_resolver"), None, "{text}");
     assert_eq!(
         value(
             "entity_sync_resolve_duration_seconds_bucket{entity=\"items\",status=\"ok\",le=\"+Inf\"}"
@@ -403,8 +405,8 @@ async fn metrics_move_with_resolves_pushes_and_resolvers() {
     assert_eq!(value("entity_sync_notify_keys_total"), Some(3.0));
 }
 
-/// More than 64 entities, all of them a client's invention: the resolve
-/// histogram keeps 64 entity labels and folds the rest into `other`.
+/// More than 64 entities, all of them a client's invention: none gets a
+/// label of its own (no resolver answered for them), all count as `other`.
 #[tokio::test]
 async fn client_chosen_entities_cannot_grow_the_label_set() {
     let node = TestNode::start_default().await;
@@ -417,18 +419,58 @@ async fn client_chosen_entities_cannot_grow_the_label_set() {
             .await;
     }
     let (_, text) = node.http_get("/metrics").await;
-    let series = text
+    let series: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("entity_sync_resolve_duration_seconds_count{"))
-        .count();
-    assert_eq!(series, 65, "{text}");
+        .collect();
+    assert_eq!(
+        series,
+        ["entity_sync_resolve_duration_seconds_count{entity=\"other\",status=\"no_resolver\"} 70"],
+        "{text}"
+    );
+}
+
+/// Clients subscribe to 100 entities no resolver serves before the real one
+/// registers: they take none of the 64 entity labels, and the real entity,
+/// once a resolver answers for it, gets its own.
+#[tokio::test]
+async fn bogus_entities_cannot_squat_the_entity_labels() {
+    let node = TestNode::start_default().await;
+    let mut client = node.client().await;
+    for i in 0..100 {
+        let entity = format!("bogus{i}");
+        client.send_subscribe(&entity, "1").await;
+        client
+            .expect_error("no_resolver", Some((&entity, "1")))
+            .await;
+    }
+    let data = ResolverData::new();
+    let _resolver = TestResolver::connect(
+        node.grpc(),
+        ResolverOptions::new("svc").entity("real", FetchMode::Shared),
+        &data,
+    )
+    .await;
+    data.set_rows("real", "1", &[r#"{"id":1}"#]);
+    client.subscribe("real", "1").await;
+    let (_, text) = node.http_get("/metrics").await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "entity_sync_resolve_duration_seconds_count{entity=\"real\",status=\"ok\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(
         metric_value(
             &text,
             "entity_sync_resolve_duration_seconds_count{entity=\"other\",status=\"no_resolver\"}"
         ),
-        Some(6.0)
+        Some(100.0),
+        "{text}"
     );
+    assert!(!text.contains("entity=\"bogus"), "{text}");
 }
 
 /// The JetStream bus: head and lag follow the stream (lag 0 once the node
@@ -711,4 +753,55 @@ fn help_groups_flags_by_concern() {
     for flag in ["--token", "--tls-ca", "--tls-cert", "--tls-key"] {
         assert!(notify.contains(flag), "{flag} in:\n{notify}");
     }
+}
+
+/// `--help` shows each flag's environment variable, and its value unless
+/// the flag hides it: a credential set in the environment never appears.
+#[test]
+fn help_never_prints_a_credential_from_the_environment() {
+    const MARKER: &str = "m4rker-s3cret";
+    let credentials = [
+        (
+            "ENTITY_SYNC_NATS_URL",
+            format!("nats://alice:{MARKER}-url@127.0.0.1:4222"),
+        ),
+        ("ENTITY_SYNC_NATS_TOKEN", format!("{MARKER}-token")),
+        ("ENTITY_SYNC_NATS_CREDS", format!("/run/{MARKER}-creds")),
+        (
+            "ENTITY_SYNC_GRPC_TOKENS_FILE",
+            format!("/run/{MARKER}-tokens"),
+        ),
+        ("ENTITY_SYNC_NOTIFY_TOKEN", format!("{MARKER}-notify")),
+    ];
+    for args in [&["--help"][..], &["notify", "--help"], &["-h"]] {
+        let out = Command::new(BIN)
+            .args(args)
+            .envs(credentials.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !text.contains(MARKER),
+            "{args:?} printed a credential:\n{text}"
+        );
+        assert!(!text.contains("alice"), "{args:?}:\n{text}");
+    }
+    // The variables are still named, and values that are no credential still shown.
+    let out = Command::new(BIN)
+        .arg("--help")
+        .env("ENTITY_SYNC_NATS_URL", "nats://bob:pw@127.0.0.1:4222")
+        .env("ENTITY_SYNC_NATS_PREFIX", "shown-prefix")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("ENTITY_SYNC_NATS_URL"), "{help}");
+    assert!(
+        help.contains("ENTITY_SYNC_NATS_PREFIX=shown-prefix"),
+        "{help}"
+    );
 }

@@ -412,3 +412,44 @@ async fn superseded_rechecks_still_queued_are_never_sent() {
         "{seen:?}"
     );
 }
+
+/// A `secret` longer than 4 KiB gets an error frame of its own code; the
+/// connection keeps the secret it had: nothing is re-checked and changes
+/// are still resolved for, and pushed with, the old one. 4 KiB exactly is
+/// a secret like any other.
+#[tokio::test]
+async fn a_secret_over_4_kib_is_refused_and_the_old_one_kept() {
+    let (node, resolver, data) = setup(false).await;
+    rows_for_secret(&data, "docs", "1", "");
+    let mut client = node.client().await;
+    subscribe_as(&mut client, "alice", "docs", "1").await;
+
+    client.send_secret(&"s".repeat(4097)).await;
+    assert_eq!(
+        client.recv_text().await,
+        r#"{"action":"error","body":{"code":"secret_too_long","message":"secret longer than 4096 bytes; the previous one is kept"}}"#
+    );
+    client.silent().await;
+    assert_eq!(node.metric("entity_sync_secret_rechecks_total").await, 0.0);
+    assert_eq!(
+        node.metric("entity_sync_client_errors_total{code=\"secret_too_long\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(subscribes(&resolver, "docs", "1").len(), 1);
+
+    let seq = notify_one(node.grpc(), "docs", "1").await;
+    let (version, rows) = client.expect_push("docs", "1").await;
+    assert!(version >= seq);
+    assert_eq!(rows, vec![json!({"for": "alice"})]);
+    let changes = resolver.requests_for(Reason::Change, "docs", "1");
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].secret, "alice");
+
+    let longest = "k".repeat(4096);
+    client.send_secret(&longest).await;
+    client.expect_subscribed("docs", "1").await;
+    let (_, rows) = client.expect_push("docs", "1").await;
+    assert_eq!(rows, vec![json!({"for": longest})]);
+    assert_eq!(node.metric("entity_sync_secret_rechecks_total").await, 1.0);
+}

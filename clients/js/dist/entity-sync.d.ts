@@ -28,7 +28,7 @@
  * codes (`ErrorCode::ALL` in its `protocol` module; a test of the node checks
  * this list against it).
  */
-export declare const ERROR_CODES: readonly ["invalid_json", "unknown_action", "invalid_body", "message_too_large", "binary_unsupported", "too_many_subscriptions", "not_subscribed", "forbidden", "not_found", "no_resolver", "resolver_error", "resolver_timeout", "no_pass_through", "overloaded", "rate_limited"];
+export declare const ERROR_CODES: readonly ["invalid_json", "unknown_action", "invalid_body", "message_too_large", "binary_unsupported", "too_many_subscriptions", "not_subscribed", "forbidden", "not_found", "no_resolver", "resolver_error", "resolver_timeout", "no_pass_through", "overloaded", "rate_limited", "secret_too_long"];
 /** A code of the node's error frames. */
 export type ErrorCode = (typeof ERROR_CODES)[number];
 /** Codes of problems the client finds itself (never sent by a node). */

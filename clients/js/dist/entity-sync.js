@@ -44,6 +44,7 @@ export const ERROR_CODES = Object.freeze([
     'no_pass_through',
     'overloaded',
     'rate_limited',
+    'secret_too_long',
 ]);
 /** Codes of problems the client finds itself (never sent by a node). */
 export const CLIENT_ERROR_CODES = Object.freeze([

@@ -45,6 +45,7 @@ export const ERROR_CODES = Object.freeze([
   'no_pass_through',
   'overloaded',
   'rate_limited',
+  'secret_too_long',
 ] as const);
 
 /** A code of the node's error frames. */
