@@ -1042,10 +1042,12 @@ mod tests {
     #[test]
     fn credential_flags_hide_their_environment_values() {
         let cmd = Cli::command();
+        // `--grpc-allow-cleartext-tokens` is a switch about tokens, not one.
         let credential = |id: &str| {
-            ["token", "creds", "password", "secret", "nats_url"]
-                .iter()
-                .any(|word| id.contains(word))
+            id != "grpc_allow_cleartext_tokens"
+                && ["token", "creds", "password", "secret", "nats_url"]
+                    .iter()
+                    .any(|word| id.contains(word))
         };
         let flags: Vec<&clap::Arg> = cmd
             .get_arguments()

@@ -1132,21 +1132,6 @@ mod tests {
         }
     }
 
-    /// Measures one PER_SUBSCRIBER change with 2,000 distinct 4 KiB secrets
-    /// (run by hand: `cargo test --lib --release -- --ignored
-    /// one_change_of_2000_secrets --nocapture`).
-    #[test]
-    #[ignore = "a measurement, run by hand"]
-    fn one_change_of_2000_secrets() {
-        let registry = Registry::new();
-        let conns = distinct_secrets(&registry, 2000);
-        let started = std::time::Instant::now();
-        let work = change_per_secret(&registry, 2);
-        let took = started.elapsed();
-        println!("2000 distinct 4 KiB secrets: one change {took:?}, {work} units of work");
-        assert_eq!(conns.iter().map(|c| drain(c).len()).sum::<usize>(), 2000);
-    }
-
     impl Registry {
         /// Checks every key's groups against its subscribers.
         fn check(&self) {
