@@ -54,6 +54,35 @@ async fn h2_connect(addr: SocketAddr) -> (h2::client::SendRequest<Bytes>, JoinHa
     (send, task)
 }
 
+/// Polls until a new connection to `addr` gets its health check answered
+/// SERVING (a slot of the port came back); panics with `what` after [`DEADLINE`].
+async fn wait_for_a_health_answer(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        if let Ok(Ok((send, connection))) =
+            timeout(Duration::from_secs(1), h2::client::handshake(tcp)).await
+        {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            if let Ok(mut send) = send.ready().await {
+                let (response, mut stream) = send
+                    .send_request(grpc_request(addr, HEALTH, None), false)
+                    .unwrap();
+                stream.send_data(message_prefix(0), true).unwrap();
+                if let Ok(Ok(status)) = timeout(Duration::from_secs(1), grpc_status(response)).await
+                {
+                    assert_eq!(status, "0");
+                    return;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn grpc_request(addr: SocketAddr, path: &str, token: Option<&str>) -> http::Request<()> {
     let mut request = http::Request::builder()
         .method("POST")
@@ -281,21 +310,7 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     );
     // A slot freed is a slot taken again.
     held.pop();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let (send, _connection) = h2_connect(addr).await;
-        let mut send = send.ready().await.unwrap();
-        let (response, mut stream) = send
-            .send_request(grpc_request(addr, HEALTH, None), false)
-            .unwrap();
-        stream.send_data(message_prefix(0), true).unwrap();
-        if let Ok(Ok(status)) = timeout(Duration::from_secs(1), grpc_status(response)).await {
-            assert_eq!(status, "0");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the freed slot was not reused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_health_answer(addr, "the freed slot was not reused").await;
 }
 
 #[tokio::test]
@@ -316,31 +331,7 @@ async fn handshakes_under_way_are_capped() {
         socket.write_all(&PREFACE[..4]).await.unwrap();
     }
     drop(stalled);
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        if let Ok(Ok((send, connection))) =
-            timeout(Duration::from_secs(1), h2::client::handshake(tcp)).await
-        {
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            let mut send = match send.ready().await {
-                Ok(send) => send,
-                Err(_) => continue,
-            };
-            let (response, mut stream) = send
-                .send_request(grpc_request(addr, HEALTH, None), false)
-                .unwrap();
-            stream.send_data(message_prefix(0), true).unwrap();
-            if let Ok(Ok(status)) = timeout(Duration::from_secs(1), grpc_status(response)).await {
-                assert_eq!(status, "0");
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "no handshake slot came back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_health_answer(addr, "no handshake slot came back").await;
 }
 
 #[tokio::test]

@@ -539,18 +539,8 @@ mod port_connections {
         const MAX: usize = 10;
         let node = TestNode::start(|c| c.ws.max_connections = MAX).await;
         let addr = node.ws_addr();
-        let attempts = (0..50).map(|_| async move {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            stream.write_all(UPGRADE.as_bytes()).await.unwrap();
-            let mut buf = [0u8; 64];
-            let n = stream.read(&mut buf).await.unwrap();
-            let status = String::from_utf8_lossy(&buf[..n])
-                .split(' ')
-                .nth(1)
-                .unwrap_or_default()
-                .to_owned();
-            (status, stream)
-        });
+        let attempts = (0..50)
+            .map(|_| async move { upgrade_on(TcpStream::connect(addr).await.unwrap()).await });
         let answers = join_all(attempts).await;
         let upgraded = answers.iter().filter(|(status, _)| status == "101").count();
         let refused = answers.iter().filter(|(status, _)| status == "503").count();
