@@ -163,22 +163,18 @@ pub(crate) fn serve(
                     // it, and so does --write-timeout (a client that stopped
                     // reading would otherwise hold the session here forever).
                     if !frames.is_empty() {
-                        match within(write_batch(&mut ws, &mut frames), &conn, ctx.config.write_timeout).await {
-                            Waited::Done(Ok(())) => {}
-                            Waited::Done(Err(_)) => break None,
-                            Waited::Closed(reason) => break Some(closed_by(reason, &ctx.metrics, &conn)),
-                            Waited::Stalled => break Some(stalled(&ctx, &conn)),
+                        let written = within(write_batch(&mut ws, &mut frames), &conn, ctx.config.write_timeout).await;
+                        if let Some(close) = written.ends(&ctx, &conn) {
+                            break close;
                         }
                     }
                     if woken.ping {
                         if last_seen.elapsed() >= ctx.config.idle_timeout {
                             break Some((CLOSE_IDLE, "idle timeout"));
                         }
-                        match within(ws.send(Message::Ping(Bytes::new())), &conn, ctx.config.write_timeout).await {
-                            Waited::Done(Ok(())) => {}
-                            Waited::Done(Err(_)) => break None,
-                            Waited::Closed(reason) => break Some(closed_by(reason, &ctx.metrics, &conn)),
-                            Waited::Stalled => break Some(stalled(&ctx, &conn)),
+                        let sent = within(ws.send(Message::Ping(Bytes::new())), &conn, ctx.config.write_timeout).await;
+                        if let Some(close) = sent.ends(&ctx, &conn) {
+                            break close;
                         }
                     }
                 }
@@ -371,6 +367,19 @@ enum Waited {
     Closed(CloseReason),
     /// It made no way within `--write-timeout`.
     Stalled,
+}
+
+impl Waited {
+    /// `None`: the session carries on; `Some(close)`: it ends, with that
+    /// close frame (`None`: the socket failed, no close frame).
+    fn ends(self, ctx: &SessionContext, conn: &Connection) -> Option<Option<(u16, &'static str)>> {
+        match self {
+            Waited::Done(Ok(())) => None,
+            Waited::Done(Err(_)) => Some(None),
+            Waited::Closed(reason) => Some(Some(closed_by(reason, &ctx.metrics, conn))),
+            Waited::Stalled => Some(Some(stalled(ctx, conn))),
+        }
+    }
 }
 
 /// Runs `write`; when the socket cannot take it at once, waits at most
