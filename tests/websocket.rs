@@ -253,8 +253,8 @@ async fn bad_input_gets_stable_error_codes_and_connection_carries_on() {
         (json!({"action": "secret", "body": 123}).to_string(), "invalid_body"),
         (json!({"action": "secret", "body": {"s": "x"}}).to_string(), "invalid_body"),
         (json!({"action": "secret"}).to_string(), "invalid_body"),
-        // Larger than max_message_bytes (1024) but well under the 16x hard cap.
-        (json!({"action": "subscribe", "body": {"entity": "items", "id": "1"}, "pad": "p".repeat(2000)}).to_string(), "message_too_large"),
+        // Larger than max_message_bytes (1024) but under the 2x hard cap.
+        (json!({"action": "subscribe", "body": {"entity": "items", "id": "1"}, "pad": "p".repeat(1500)}).to_string(), "message_too_large"),
     ];
 
     for (i, (text, code)) in text_cases.iter().enumerate() {
@@ -293,7 +293,7 @@ async fn frame_above_hard_cap_is_closed_with_1009() {
     let node = TestNode::start(|c| c.ws.max_message_bytes = 1024).await;
     let mut client = node.client().await;
     let mut other = node.client().await;
-    let huge = json!({"pad": "p".repeat(1024 * 16 + 100)}).to_string();
+    let huge = json!({"pad": "p".repeat(1024 * 2 + 100)}).to_string();
     client.send_text(&huge).await;
     assert_eq!(client.recv_close().await, 1009);
     node.wait_stats("closed connection removed", |s| s.connections == 1)
