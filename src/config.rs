@@ -408,7 +408,7 @@ impl GrpcConfig {
     /// every subscriber secret the node sends to resolvers, crosses the
     /// network in clear (unless --grpc-allow-cleartext-tokens says that
     /// something else encrypts the link).
-    pub fn check_exposure(&self, bound: SocketAddr) -> Result<(), String> {
+    pub fn check_exposure(&self, bound: SocketAddr) -> Result<(), ConfigError> {
         if bound.ip().is_loopback() {
             return Ok(());
         }
@@ -416,22 +416,63 @@ impl GrpcConfig {
             && self.tls_identity().is_none()
             && !self.allow_cleartext_tokens
         {
-            return Err(format!(
-                "--grpc-addr {bound} is reachable from the network and --grpc-tokens-file is \
-                 set, but the port has no TLS: bearer tokens and the subscriber secrets sent \
-                 to resolvers would cross the network in clear. Give --grpc-tls-cert and \
-                 --grpc-tls-key, or --grpc-allow-cleartext-tokens if something else encrypts \
-                 the link (a service mesh, a VPN)"
-            ));
+            return Err(ConfigError::CleartextTokens { addr: bound });
         }
         if self.authenticates_callers() || self.insecure {
             return Ok(());
         }
-        Err(format!(
-            "--grpc-addr {bound} is reachable from the network but no backend credentials are set: \
-             give --grpc-tokens-file (bearer tokens) or --grpc-tls-client-ca (client \
-             certificates), or --grpc-insecure to serve without them"
-        ))
+        Err(ConfigError::Unauthenticated { addr: bound })
+    }
+}
+
+/// A configuration the node refuses to start with. Each names the flag to
+/// change ([`ConfigError::flag`]); match on the variant, not the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Two flags that go together were not given together.
+    #[error("{0} and {1} go together: give both, or neither")]
+    Together(&'static str, &'static str),
+    /// A flag that needs others was given without them.
+    #[error("{flag} needs {needs}")]
+    Needs {
+        flag: &'static str,
+        needs: &'static str,
+    },
+    /// A value outside what the flag accepts.
+    #[error("{flag} {rule}")]
+    Invalid {
+        flag: &'static str,
+        rule: &'static str,
+    },
+    /// A gRPC port reachable from the network that would let anyone register
+    /// as a resolver (receiving every subscriber's secret) or call `Notify`.
+    #[error(
+        "--grpc-addr {addr} is reachable from the network but no backend credentials are set: \
+         give --grpc-tokens-file (bearer tokens) or --grpc-tls-client-ca (client \
+         certificates), or --grpc-insecure to serve without them"
+    )]
+    Unauthenticated { addr: SocketAddr },
+    /// Bearer tokens on a network-reachable gRPC port without TLS.
+    #[error(
+        "--grpc-addr {addr} is reachable from the network and --grpc-tokens-file is \
+         set, but the port has no TLS: bearer tokens and the subscriber secrets sent \
+         to resolvers would cross the network in clear. Give --grpc-tls-cert and \
+         --grpc-tls-key, or --grpc-allow-cleartext-tokens if something else encrypts \
+         the link (a service mesh, a VPN)"
+    )]
+    CleartextTokens { addr: SocketAddr },
+}
+
+impl ConfigError {
+    /// The flag to change.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            ConfigError::Together(flag, _) => flag,
+            ConfigError::Needs { flag, .. } | ConfigError::Invalid { flag, .. } => flag,
+            ConfigError::Unauthenticated { .. } => "--grpc-tokens-file",
+            ConfigError::CleartextTokens { .. } => "--grpc-tls-cert",
+        }
     }
 }
 
@@ -614,20 +655,17 @@ impl Default for ResolveConfig {
 }
 
 impl Config {
-    /// Cross-field checks clap can't express. Returns a message for the user.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Cross-field checks clap can't express; the error names the flag.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let (ws, grpc, nats, resolve) = (&self.ws, &self.grpc, &self.nats, &self.resolve);
         if grpc.tls_cert.is_some() != grpc.tls_key.is_some() {
-            return Err(
-                "--grpc-tls-cert and --grpc-tls-key go together: give both, or neither".into(),
-            );
+            return Err(ConfigError::Together("--grpc-tls-cert", "--grpc-tls-key"));
         }
         if grpc.tls_client_ca.is_some() && grpc.tls_cert.is_none() {
-            return Err(
-                "--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key \
-                        (mutual TLS runs over the port's own TLS)"
-                    .into(),
-            );
+            return Err(ConfigError::Needs {
+                flag: "--grpc-tls-client-ca",
+                needs: "--grpc-tls-cert and --grpc-tls-key (mutual TLS runs over the port's own TLS)",
+            });
         }
         for (value, flag) in [
             (grpc.max_connections, "--grpc-max-connections"),
@@ -642,7 +680,10 @@ impl Config {
             ),
         ] {
             if value == 0 {
-                return Err(format!("{flag} must be at least 1"));
+                return Err(ConfigError::Invalid {
+                    flag,
+                    rule: "must be at least 1",
+                });
             }
         }
         for (value, flag) in [
@@ -652,43 +693,74 @@ impl Config {
             (grpc.max_connection_age, "--grpc-max-connection-age"),
         ] {
             if value.is_zero() {
-                return Err(format!("{flag} must be > 0"));
+                return Err(ConfigError::Invalid {
+                    flag,
+                    rule: "must be > 0",
+                });
             }
         }
         if ws.tls_cert.is_some() != ws.tls_key.is_some() {
-            return Err("--ws-tls-cert and --ws-tls-key go together: give both, or neither".into());
+            return Err(ConfigError::Together("--ws-tls-cert", "--ws-tls-key"));
         }
         if ws.max_message_bytes < 256 {
-            return Err("--max-message-bytes must be at least 256".into());
+            return Err(ConfigError::Invalid {
+                flag: "--max-message-bytes",
+                rule: "must be at least 256",
+            });
         }
         if ws.outbound_max_bytes < 1024 {
-            return Err("--outbound-max-bytes must be at least 1024".into());
+            return Err(ConfigError::Invalid {
+                flag: "--outbound-max-bytes",
+                rule: "must be at least 1024",
+            });
         }
         if resolve.batch_size == 0 {
-            return Err("--resolve-batch-size must be at least 1".into());
+            return Err(ConfigError::Invalid {
+                flag: "--resolve-batch-size",
+                rule: "must be at least 1",
+            });
         }
         if resolve.default_max_in_flight == 0 {
-            return Err("--default-max-in-flight must be at least 1".into());
+            return Err(ConfigError::Invalid {
+                flag: "--default-max-in-flight",
+                rule: "must be at least 1",
+            });
         }
         if ws.max_subscriptions == 0 {
-            return Err("--max-subscriptions must be at least 1".into());
+            return Err(ConfigError::Invalid {
+                flag: "--max-subscriptions",
+                rule: "must be at least 1",
+            });
         }
         if ws.max_snapshot_resolves == 0 {
-            return Err("--max-snapshot-resolves must be at least 1".into());
+            return Err(ConfigError::Invalid {
+                flag: "--max-snapshot-resolves",
+                rule: "must be at least 1",
+            });
         }
         if ws.ping_interval.is_zero() || ws.idle_timeout < ws.ping_interval {
-            return Err(
-                "--idle-timeout must be at least --ping-interval, which must be > 0".into(),
-            );
+            return Err(ConfigError::Invalid {
+                flag: "--idle-timeout",
+                rule: "must be at least --ping-interval, which must be > 0",
+            });
         }
         if ws.write_timeout.is_zero() {
-            return Err("--write-timeout must be > 0".into());
+            return Err(ConfigError::Invalid {
+                flag: "--write-timeout",
+                rule: "must be > 0",
+            });
         }
         if resolve.timeout.is_zero() {
-            return Err("--resolve-timeout must be > 0".into());
+            return Err(ConfigError::Invalid {
+                flag: "--resolve-timeout",
+                rule: "must be > 0",
+            });
         }
         if !(1..=5).contains(&nats.replicas) {
-            return Err("--nats-replicas must be 1 to 5".into());
+            return Err(ConfigError::Invalid {
+                flag: "--nats-replicas",
+                rule: "must be 1 to 5",
+            });
         }
         if nats.prefix.is_empty()
             || !nats
@@ -696,7 +768,10 @@ impl Config {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err("--nats-prefix must be non-empty and use only A-Z a-z 0-9 - _".into());
+            return Err(ConfigError::Invalid {
+                flag: "--nats-prefix",
+                rule: "must be non-empty and use only A-Z a-z 0-9 - _",
+            });
         }
         Ok(())
     }
@@ -847,7 +922,9 @@ mod tests {
     fn an_exposed_grpc_port_needs_credentials_or_insecure() {
         let mut grpc = Config::default().grpc;
         let exposed: SocketAddr = "0.0.0.0:50051".parse().unwrap();
-        let message = grpc.check_exposure(exposed).unwrap_err();
+        let err = grpc.check_exposure(exposed).unwrap_err();
+        assert_eq!(err, ConfigError::Unauthenticated { addr: exposed });
+        let message = err.to_string();
         for flag in [
             "--grpc-tokens-file",
             "--grpc-tls-client-ca",
@@ -874,7 +951,10 @@ mod tests {
         let mut grpc = Config::default().grpc;
         let exposed: SocketAddr = "0.0.0.0:50051".parse().unwrap();
         grpc.tokens_file = Some("tokens".into());
-        let message = grpc.check_exposure(exposed).unwrap_err();
+        let err = grpc.check_exposure(exposed).unwrap_err();
+        assert_eq!(err, ConfigError::CleartextTokens { addr: exposed });
+        assert_eq!(err.flag(), "--grpc-tls-cert");
+        let message = err.to_string();
         for flag in [
             "--grpc-tokens-file",
             "--grpc-tls-cert",
@@ -979,22 +1059,36 @@ mod tests {
         assert!(!tls_only.grpc.verifies_client_certs());
 
         let refused = |args: &[&str]| parse(args).validate().unwrap_err();
+        let grpc_pair = ConfigError::Together("--grpc-tls-cert", "--grpc-tls-key");
+        assert_eq!(refused(&["--grpc-tls-cert=/c.pem"]), grpc_pair);
+        assert_eq!(refused(&["--grpc-tls-key=/k.pem"]), grpc_pair);
         assert_eq!(
-            refused(&["--grpc-tls-cert=/c.pem"]),
+            grpc_pair.to_string(),
             "--grpc-tls-cert and --grpc-tls-key go together: give both, or neither"
         );
-        assert_eq!(
-            refused(&["--grpc-tls-key=/k.pem"]),
-            "--grpc-tls-cert and --grpc-tls-key go together: give both, or neither"
+        let needs = refused(&["--grpc-tls-client-ca=/ca.pem"]);
+        assert!(
+            matches!(
+                needs,
+                ConfigError::Needs {
+                    flag: "--grpc-tls-client-ca",
+                    ..
+                }
+            ),
+            "{needs:?}"
         );
         assert!(
-            refused(&["--grpc-tls-client-ca=/ca.pem"])
+            needs
+                .to_string()
                 .starts_with("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
         );
         assert_eq!(
             refused(&["--ws-tls-key=/k.pem"]),
-            "--ws-tls-cert and --ws-tls-key go together: give both, or neither"
+            ConfigError::Together("--ws-tls-cert", "--ws-tls-key")
         );
+        let invalid = refused(&["--nats-replicas=7"]);
+        assert_eq!(invalid.flag(), "--nats-replicas");
+        assert_eq!(invalid.to_string(), "--nats-replicas must be 1 to 5");
     }
 
     #[test]

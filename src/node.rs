@@ -8,7 +8,7 @@ use crate::{
     auth::Auth,
     bus::{Bus, BusError},
     cluster::ClusterLink,
-    config::Config,
+    config::{Config, ConfigError},
     dispatcher::Dispatcher,
     grpc::{self, EntitySyncService},
     http::{self, HttpState},
@@ -37,11 +37,11 @@ pub struct Listeners {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
     #[error("gRPC reflection: {0}")]
-    Reflection(String),
+    Reflection(#[source] tonic_reflection::server::Error),
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error(transparent)]
@@ -86,13 +86,13 @@ impl Drop for NodeDropGuard {
 impl Node {
     /// Starts serving on `listeners` and returns once both ports accept.
     pub async fn start(listeners: Listeners, config: Config) -> Result<Node, NodeError> {
-        config.validate().map_err(NodeError::Config)?;
+        config.validate()?;
         // Everything that can fail comes before the first task is spawned.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .map_err(|err| NodeError::Reflection(err.to_string()))?;
+            .map_err(NodeError::Reflection)?;
         let grpc_tls = tls::grpc_acceptor(&config.grpc)?;
         let ws_tls = tls::ws_acceptor(&config.ws)?;
         let metrics_listener = match config.ws.metrics_addr {
@@ -105,10 +105,7 @@ impl Node {
             .transpose()?;
         let ws_addr = listeners.ws.local_addr()?;
         let grpc_addr = listeners.grpc.local_addr()?;
-        config
-            .grpc
-            .check_exposure(grpc_addr)
-            .map_err(NodeError::Config)?;
+        config.grpc.check_exposure(grpc_addr)?;
         let auth = match &config.grpc.tokens_file {
             Some(path) => Auth::from_file(path)?,
             None => Auth::open(),
@@ -357,7 +354,13 @@ mod tests {
         config.resolve.batch_size = 0;
         let err = Node::start(listeners().await, config).await.err().unwrap();
         assert!(
-            matches!(&err, NodeError::Config(m) if m == "--resolve-batch-size must be at least 1"),
+            matches!(
+                &err,
+                NodeError::Config(ConfigError::Invalid {
+                    flag: "--resolve-batch-size",
+                    ..
+                })
+            ),
             "{err}"
         );
     }

@@ -121,6 +121,7 @@ impl NodeEndpoint {
                 ErrorKind::Connect,
                 format!("{}: {}", self.url, source_chain(&err)),
             )
+            .with_source(err)
         })
     }
 

@@ -1,6 +1,6 @@
 //! Errors of the backend clients: a kind to match on, the gRPC code when the node sent one.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 /// What went wrong, broadly; match on this rather than on messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,12 +20,25 @@ pub enum ErrorKind {
 }
 
 /// A failure of [`Backend`](crate::Backend) or [`Notifier`](crate::Notifier).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Its [`source`](std::error::Error::source) is what it came from, when
+/// anything did: the node's `tonic::Status`, or the transport's error.
+#[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
     code: Option<tonic::Code>,
     message: String,
+    /// Shared, so that an error stays cheap to clone.
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
+
+/// Equal when kind, code and message are (whatever their sources).
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        (self.kind, self.code, &self.message) == (other.kind, other.code, &other.message)
+    }
+}
+
+impl Eq for Error {}
 
 impl Error {
     pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
@@ -33,7 +46,17 @@ impl Error {
             kind,
             code: None,
             message: message.into(),
+            source: None,
         }
+    }
+
+    /// The same error, coming from `source`.
+    pub(crate) fn with_source(
+        mut self,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        self.source = Some(Arc::new(source));
+        self
     }
 
     /// Classifies a status the node (or the transport) answered with.
@@ -59,6 +82,7 @@ impl Error {
             kind,
             code: Some(status.code()),
             message,
+            source: Some(Arc::new(status.clone())),
         }
     }
 
@@ -105,7 +129,13 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Whether `status` is tonic's report of the call's own deadline expiring
 /// on the client side (a `TimeoutExpired` in its causes), as opposed to a
@@ -141,6 +171,22 @@ pub(crate) fn with_causes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_is_kept_as_the_source() {
+        let err = Error::from_status(&tonic::Status::unavailable("bus down"));
+        let source = std::error::Error::source(&err).expect("a source");
+        let status = source
+            .downcast_ref::<tonic::Status>()
+            .expect("the node's status");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), "bus down");
+        // Clones share it; equality ignores it.
+        assert_eq!(err.clone(), err);
+        assert!(std::error::Error::source(&err.clone()).is_some());
+        let own = Error::new(ErrorKind::Config, "no name");
+        assert!(std::error::Error::source(&own).is_none());
+    }
 
     #[test]
     fn statuses_are_classified() {
