@@ -1,7 +1,7 @@
 //! The docs stay true to the code: every flag the binary takes, every error
-//! code a client can get and every metric a node exports is documented, and
-//! every relative link in the Markdown pages leads to a file (and heading)
-//! that exists. Each test names what is missing.
+//! code a client can get, every metric a node exports and every module of the
+//! node is documented, and every relative link in the Markdown pages leads to
+//! a file (and heading) that exists. Each test names what is missing.
 
 use std::{
     collections::BTreeSet,
@@ -130,6 +130,31 @@ async fn every_metric_is_in_operations_md() {
     assert!(
         missing.is_empty(),
         "docs/operations.md does not list these metrics of /metrics: {missing:?}"
+    );
+}
+
+#[test]
+fn every_module_is_in_the_code_map() {
+    let lib = read(&root().join("src/lib.rs"));
+    let page = doc("architecture.md");
+    let modules: Vec<&str> = lib
+        .lines()
+        // Top-level modules only: nested ones (`proto::v1`) are indented.
+        .filter_map(|line| {
+            let rest = line
+                .strip_prefix("pub mod ")
+                .or_else(|| line.strip_prefix("pub(crate) mod "))?;
+            Some(rest.trim_end_matches([';', '{', ' ']))
+        })
+        .collect();
+    assert!(modules.len() > 10, "no modules found in src/lib.rs");
+    let missing: Vec<&&str> = modules
+        .iter()
+        .filter(|module| !page.contains(&format!("- `{module}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/architecture.md's code map does not name these modules of src/lib.rs: {missing:?}"
     );
 }
 
