@@ -1,7 +1,8 @@
 //! The docs stay true to the code: every flag the binary takes, every error
 //! code a client can get, every metric a node exports and every module of the
 //! node is documented, and every relative link in the Markdown pages leads to
-//! a file (and heading) that exists. Each test names what is missing.
+//! a file (and heading) that exists; the README shows the Rust quickstart as
+//! it is compiled. Each test names what is missing.
 
 use std::{
     collections::BTreeSet,
@@ -155,6 +156,17 @@ fn every_module_is_in_the_code_map() {
     assert!(
         missing.is_empty(),
         "docs/architecture.md's code map does not name these modules of src/lib.rs: {missing:?}"
+    );
+}
+
+#[test]
+fn the_readme_shows_the_rust_quickstart_as_it_is() {
+    let code = read(&root().join("backend/examples/quickstart.rs"));
+    let body = &code[code.find("use ").expect("a use line")..];
+    let readme = read(&root().join("README.md"));
+    assert!(
+        readme.contains(&format!("```rust\n{body}```")),
+        "README.md does not show backend/examples/quickstart.rs (from its first `use`) as it is"
     );
 }
 
