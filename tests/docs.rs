@@ -199,26 +199,27 @@ fn prose(text: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// Targets of inline links, `[text](target)`, outside code.
+/// Targets of inline links, `[text](target)`, outside code. A link's text may
+/// span lines; a target that does (or holds a space) is returned as it is, and
+/// resolves to no file.
 fn link_targets(text: &str) -> Vec<String> {
+    let prose: Vec<&str> = prose(text).collect();
+    let prose = prose.join("\n");
+    // Inline code may hold `](` that is no link.
+    let prose: String = prose
+        .split('`')
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .map(|(_, part)| part)
+        .collect::<Vec<_>>()
+        .join("``");
     let mut targets = Vec::new();
-    for line in prose(text) {
-        // Inline code may hold `](` that is no link.
-        let line: String = line
-            .split('`')
-            .enumerate()
-            .filter(|(i, _)| i % 2 == 0)
-            .map(|(_, part)| part)
-            .collect::<Vec<_>>()
-            .join("``");
-        let mut rest = line.as_str();
-        while let Some(at) = rest.find("](") {
-            rest = &rest[at + 2..];
-            if let Some(end) = rest.find(')') {
-                targets.push(rest[..end].trim().to_string());
-                rest = &rest[end..];
-            }
-        }
+    let mut rest = prose.as_str();
+    while let Some(at) = rest.find("](") {
+        rest = &rest[at + 2..];
+        let end = rest.find(')').unwrap_or(rest.len());
+        targets.push(rest[..end].to_string());
+        rest = &rest[end..];
     }
     targets
 }
@@ -308,7 +309,7 @@ fn anchors_follow_github() {
     .into();
     assert_eq!(found, expected);
     assert_eq!(
-        link_targets("[a](x.md#b) `[c](d)` [e](f)\n```\n[g](h)\n```"),
-        ["x.md#b", "f"]
+        link_targets("[a](x.md#b) `[c](d)` [e\nf](g)\n```\n[h](i)\n```\n[j](k-\nl)"),
+        ["x.md#b", "g", "k-\nl"]
     );
 }
