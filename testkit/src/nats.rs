@@ -7,8 +7,8 @@
 //! is 2.10 or newer (scripts/test.sh installs one when it is not).
 //! [`nats_server_bin`] checks the version once and says how to get one.
 //!
-//! Servers run with `jetstream { sync_interval: always }`, as DESIGN.md
-//! (Buses) requires of the multi-node tests: an acknowledged notify must
+//! Servers run with `jetstream { sync_interval: always }`, as docs/cluster.md
+//! (Durability) requires of the multi-node tests: an acknowledged notify must
 //! survive a server killed with SIGKILL. (The bench may ask for JetStream's
 //! default instead, to measure what that costs.)
 
@@ -32,7 +32,7 @@ use tokio::{
 
 use crate::process::{TempDir, free_ports, log_tail};
 
-/// JetStream acknowledges only what it has written to disk (DESIGN.md, Buses).
+/// JetStream acknowledges only what it has written to disk (docs/cluster.md, Durability).
 const SYNC_ALWAYS: &str = "jetstream {\n  sync_interval: always\n}\n";
 
 /// How long a server (or a cluster's JetStream) may take to become ready.
