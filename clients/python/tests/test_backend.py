@@ -5,6 +5,7 @@ refusals, pass-through, notify retries."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -478,3 +479,44 @@ async def test_a_receipt_carries_the_trace_id_the_node_logs_the_change_under(
     accepted = [line for line in log.splitlines() if "notify accepted" in line]
     for receipt in [made, other, traced, keyed, junk]:
         assert any(receipt.trace_id in line for line in accepted), (receipt, accepted)
+
+
+def _stream_tasks() -> list[asyncio.Task[Any]]:
+    """The tasks of Resolve streams still around (reader and writer)."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "") in ("_read_all", "_write")
+    ]
+
+
+async def test_serve_stops_on_an_awaitable_or_at_once_when_cancelled(
+    node: NodeProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="entity_sync")
+    # Shutdown as a coroutine (not an Event): serve drains and returns.
+    release = asyncio.Event()
+    backend = quick(node.grpc_url, {"items": Entity(item, FetchMode.SHARED)})
+    serving = asyncio.create_task(backend.serve(release.wait()))
+    async with asyncio.timeout(DEADLINE):
+        await backend.wait_registered()
+    assert _stream_tasks()
+    release.set()
+    async with asyncio.timeout(DEADLINE):
+        await serving
+    assert backend.state.phase is Phase.STOPPED
+    assert "drained" in caplog.messages
+    assert not _stream_tasks()
+
+    # Cancelled: no drain, and nothing of the stream is left running.
+    caplog.clear()
+    backend = quick(node.grpc_url, {"items": Entity(item, FetchMode.SHARED)})
+    serving = asyncio.create_task(backend.serve())
+    async with asyncio.timeout(DEADLINE):
+        await backend.wait_registered()
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert backend.state.phase is Phase.STOPPED
+    assert not any(m.startswith("draining") for m in caplog.messages)
+    assert not _stream_tasks()

@@ -233,6 +233,10 @@ class Backend:
             reader.cancel()
             writer.cancel()
             call.cancel()
+            # Nothing of this stream outlives it, and what its tasks raised
+            # after nobody waited on them is collected here, not logged as
+            # never retrieved.
+            await asyncio.gather(reader, writer, return_exceptions=True)
             await channel.close(grace=None)
 
     async def _registered(
