@@ -203,35 +203,38 @@ async def run(args: argparse.Namespace) -> None:
     ) as pool:
         await pool.open(wait=True, timeout=30)
         resolvers = Resolvers(pool)
-        notifier = Notifier(args.node, bearer_token=os.environ.get("ENTITY_SYNC_NOTIFIER_TOKEN"))
-        coalescer = Coalescer(notifier)
-        background = [
-            asyncio.ensure_future(listen(args.database_url, coalescer)),
-            asyncio.ensure_future(coalescer.run()),
-        ]
-        try:
-            await serve(
-                args.node,
-                {
-                    "lists": Entity(resolvers.lists, FetchMode.PER_SUBSCRIBER),
-                    "items": Entity(resolvers.items, FetchMode.SHARED),
-                },
-                name="postgres-example",
-                shutdown=shutdown,
-                max_in_flight=args.pool_size * 2,
-                bearer_token=os.environ.get("ENTITY_SYNC_RESOLVER_TOKEN"),
-            )
-        finally:
-            listening, notifying = background
-            listening.cancel()
-            # Keys already received still go out (bounded).
+        notifier_token = os.environ.get("ENTITY_SYNC_NOTIFIER_TOKEN")
+        async with (
+            Notifier(args.node, bearer_token=notifier_token) as notifier,
+            # LISTEN and the coalescer live as long as the backend serves; if
+            # one of them fails, the group stops serving too, and run()
+            # raises why (rather than serve on without notifying).
+            asyncio.TaskGroup() as background,
+        ):
+            coalescer = Coalescer(notifier)
+            listening = background.create_task(listen(args.database_url, coalescer))
+            notifying = background.create_task(coalescer.run())
             try:
-                await asyncio.wait_for(coalescer.idle.wait(), timeout=5)
-            except TimeoutError:
-                log.warning("stopping with %d keys not notified", len(coalescer.pending))
-            notifying.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await notifier.close()
+                await serve(
+                    args.node,
+                    {
+                        "lists": Entity(resolvers.lists, FetchMode.PER_SUBSCRIBER),
+                        "items": Entity(resolvers.items, FetchMode.SHARED),
+                    },
+                    name="postgres-example",
+                    shutdown=shutdown,
+                    max_in_flight=args.pool_size * 2,
+                    bearer_token=os.environ.get("ENTITY_SYNC_RESOLVER_TOKEN"),
+                )
+            finally:
+                listening.cancel()
+                # Keys already received still go out (bounded).
+                try:
+                    async with asyncio.timeout(5):
+                        await coalescer.idle.wait()
+                except TimeoutError:
+                    log.warning("stopping with %d keys not notified", len(coalescer.pending))
+                notifying.cancel()
 
 
 def main() -> None:

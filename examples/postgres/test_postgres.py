@@ -100,41 +100,76 @@ def postgres() -> Iterator[Postgres]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def entity_sync_bin(pytestconfig: pytest.Config) -> Path:
+    """The node binary of the package's pytest plugin: ``--entity-sync-bin``,
+    ``ENTITY_SYNC_BIN``, else the workspace's debug build."""
+    given = pytestconfig.getoption("entity_sync_bin") or os.environ.get("ENTITY_SYNC_BIN")
+    return Path(given) if given else REPO / "target" / "debug" / "entity-sync"
+
+
 @pytest.fixture(scope="module")
-async def node() -> AsyncIterator[NodeProcess]:
-    binary = os.environ.get("ENTITY_SYNC_BIN", str(REPO / "target" / "debug" / "entity-sync"))
-    async with NodeProcess(binary) as node:
-        yield node
+def node(entity_sync_node: NodeProcess) -> NodeProcess:
+    """The plugin's node, one per module (pytest.ini: entity_sync_node_scope)."""
+    return entity_sync_node
+
+
+READY = ("registered (node", "listening on entity_sync")
+"""What backend.py logs once it serves and LISTENs."""
 
 
 @pytest.fixture(scope="module")
 async def backend(postgres: Postgres, node: NodeProcess) -> AsyncIterator[Path]:
-    """backend.py as its own process, ready once it registered and LISTENs."""
+    """backend.py as its own process, ready once it logged that it registered
+    and LISTENs (its output is read as it comes, and kept in a log file)."""
     log = postgres.dir.parent / f"entity-sync-pg-backend-{postgres.port}.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(HERE / "backend.py"), "--database-url", postgres.url,
-             "--node", node.grpc_url],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "backend.py"), "--database-url", postgres.url,
+        "--node", node.grpc_url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.stdout is not None
+    ready = asyncio.Event()
+
+    async def copy(stdout: asyncio.StreamReader) -> None:
+        # Reads to the end, so that the backend never blocks on a full pipe.
+        seen = set()
+        with open(log, "ab") as out:
+            async for line in stdout:
+                out.write(line)
+                out.flush()
+                seen.update(marker for marker in READY if marker.encode() in line)
+                if len(seen) == len(READY):
+                    ready.set()
+
+    copying = asyncio.create_task(copy(process.stdout))
     try:
-        end = time.monotonic() + DEADLINE
-        while True:
-            text = log.read_text()
-            if "registered (node" in text and "listening on entity_sync" in text:
-                break
-            if process.poll() is not None or time.monotonic() > end:
-                pytest.fail(f"the backend did not start:\n{text}")
-            await asyncio.sleep(0.02)
+        started = asyncio.create_task(ready.wait())
+        try:
+            async with asyncio.timeout(DEADLINE):
+                await asyncio.wait({started, copying}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            pass
+        finally:
+            started.cancel()
+        if not ready.is_set():
+            pytest.fail(f"the backend did not start:\n{log.read_text(errors='replace')}")
         yield log
     finally:
-        process.terminate()
+        if process.returncode is None:
+            process.terminate()
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+            async with asyncio.timeout(10):
+                code = await process.wait()
+        except TimeoutError:
             process.kill()
-            process.wait()
+            code = await process.wait()
+        await copying
+        text = log.read_text(errors="replace")
         log.unlink(missing_ok=True)
+    # SIGTERM drains and stops it cleanly: serve returns, the notifier closes.
+    assert code == 0, f"backend.py exited with {code}:\n{text}"
 
 
 @pytest.fixture
@@ -294,14 +329,15 @@ async def test_notify_to_push_latency(
                 frame = await client.recv(timeout=DEADLINE * 6)
                 await arrivals.put((time.perf_counter(), frame))
 
-        reader = asyncio.ensure_future(read())
+        reader = asyncio.create_task(read())
         latencies = []
         try:
             for qty in range(1, updates + 1):
                 await db.execute("UPDATE items SET qty = %s WHERE id = 5", [qty])
                 committed = time.perf_counter()
                 while True:
-                    at, frame = await asyncio.wait_for(arrivals.get(), timeout=DEADLINE)
+                    async with asyncio.timeout(DEADLINE):
+                        at, frame = await arrivals.get()
                     assert frame["action"] == "push", frame
                     if frame["body"]["rows"] == [item(5, 3, "latency", qty)]:
                         break

@@ -3,15 +3,19 @@
 Run from anywhere (``python clients/python/scripts/generate_stubs.py``); it
 writes ``src/entity_sync/_proto/`` (or ``--out DIR``). The generated files are
 committed; ``tests/test_stubs.py`` regenerates them into a temp dir and fails
-when the committed ones are out of date. Needs ``grpcio-tools`` (the test
-extra pins the version the committed files were made with).
+when the committed ones are out of date. Needs ``grpcio-tools`` and
+``mypy-protobuf`` (the test extra pins the versions the committed files were
+made with): protoc writes the messages and the service, mypy-protobuf their
+type stubs, the stub of the service typed for ``grpc.aio`` channels too.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -22,7 +26,23 @@ PACKAGE = HERE.parent / "src" / "entity_sync" / "_proto"
 REPO = HERE.parent.parent.parent
 PROTO_ROOT = REPO / "proto"
 PROTO = "entitysync/v1/entitysync.proto"
-FILES = ("entitysync_pb2.py", "entitysync_pb2.pyi", "entitysync_pb2_grpc.py")
+FILES = (
+    "entitysync_pb2.py",
+    "entitysync_pb2.pyi",
+    "entitysync_pb2_grpc.py",
+    "entitysync_pb2_grpc.pyi",
+)
+PLUGINS = ("protoc-gen-mypy", "protoc-gen-mypy_grpc")
+
+
+def _plugin(name: str) -> str:
+    """The path of a protoc plugin of mypy-protobuf: the one installed beside
+    this Python first (a venv that is not activated has its scripts off
+    PATH), else the one on PATH."""
+    found = shutil.which(name, path=sysconfig.get_path("scripts")) or shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: pip install -e 'clients/python[test]'")
+    return found
 
 
 def generate(out: Path) -> list[Path]:
@@ -33,8 +53,10 @@ def generate(out: Path) -> list[Path]:
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
             f"--python_out={raw}",
-            f"--pyi_out={raw}",
             f"--grpc_python_out={raw}",
+            *(f"--plugin={name}={_plugin(name)}" for name in PLUGINS),
+            f"--mypy_out={raw}",
+            f"--mypy_grpc_out={raw}",
             PROTO,
         ]
         if protoc.main(args) != 0:

@@ -1,4 +1,5 @@
-"""Fixtures: the real node binary on free ports, backends run as tasks."""
+"""Fixtures: the real node binary on free ports (the package's pytest plugin,
+``entity_sync_node``), backends run as tasks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import pytest
 from entity_sync import Backend
 from entity_sync.testing import DEADLINE, NodeProcess
 
+# pytester: tests/test_testing.py runs the plugin in suites of its own.
+pytest_plugins = ["pytester"]
+
 # The node's opt-out of skipping a push of rows a connection already got.
 PUSH_EACH_NOTIFY = ["--push-unchanged-rows"]
 
@@ -19,16 +23,29 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="session")
-def node_bin() -> Path:
-    """The node binary: ``ENTITY_SYNC_BIN``, else the workspace's debug build."""
-    return Path(os.environ.get("ENTITY_SYNC_BIN", REPO / "target" / "debug" / "entity-sync"))
+def entity_sync_bin(pytestconfig: pytest.Config) -> Path:
+    """The node binary: ``--entity-sync-bin``, ``ENTITY_SYNC_BIN``, else the
+    workspace's debug build (the plugin's default would be the PATH)."""
+    given = pytestconfig.getoption("entity_sync_bin") or os.environ.get("ENTITY_SYNC_BIN")
+    return Path(given) if given else REPO / "target" / "debug" / "entity-sync"
+
+
+@pytest.fixture(scope="session")
+def entity_sync_node_args() -> list[str]:
+    # The tests notify without changing rows and expect a push each time.
+    return PUSH_EACH_NOTIFY
 
 
 @pytest.fixture
-async def node(node_bin: Path) -> AsyncIterator[NodeProcess]:
-    # The tests notify without changing rows and expect a push each time.
-    async with NodeProcess(node_bin, PUSH_EACH_NOTIFY) as node:
-        yield node
+def node_bin(entity_sync_bin: Path) -> Path:
+    """The node binary, for tests that start nodes of their own."""
+    return entity_sync_bin
+
+
+@pytest.fixture
+def node(entity_sync_node: NodeProcess) -> NodeProcess:
+    """The plugin's node, under the short name the tests use."""
+    return entity_sync_node
 
 
 class Running:
@@ -37,11 +54,11 @@ class Running:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.shutdown = asyncio.Event()
-        self.task = asyncio.ensure_future(backend.serve(self.shutdown))
+        self.task = asyncio.create_task(backend.serve(self.shutdown))
 
     async def registered(self, other_than: str = "") -> str:
         """Waits until registered (on a node other than ``other_than``); the node id."""
-        wait = asyncio.ensure_future(self.backend.wait_registered(other_than=other_than))
+        wait = asyncio.create_task(self.backend.wait_registered(other_than=other_than))
         done, _ = await asyncio.wait(
             {wait, self.task}, timeout=DEADLINE * 2, return_when=asyncio.FIRST_COMPLETED
         )
@@ -54,7 +71,8 @@ class Running:
 
     async def stop(self) -> None:
         self.shutdown.set()
-        await asyncio.wait_for(self.task, timeout=DEADLINE * 3)
+        async with asyncio.timeout(DEADLINE * 3):
+            await self.task
 
 
 @pytest.fixture
@@ -67,7 +85,8 @@ async def running() -> AsyncIterator[list[Running]]:
             backend.shutdown.set()
     for backend in started:
         try:
-            await asyncio.wait_for(backend.task, timeout=DEADLINE * 3)
+            async with asyncio.timeout(DEADLINE * 3):
+                await backend.task
         except Exception:
             pass
 

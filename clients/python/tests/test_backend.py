@@ -5,6 +5,9 @@ refusals, pass-through, notify retries."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -18,9 +21,9 @@ from entity_sync import (
     Answer,
     Answers,
     Entity,
-    Error,
     ErrorKind,
     FetchMode,
+    InvalidArgumentError,
     Notifier,
     PassThrough,
     Phase,
@@ -194,7 +197,8 @@ async def test_requests_are_answered_concurrently_up_to_max_in_flight(
         if now >= in_flight:
             all_in.set()
         # Answered one at a time, none of the first ones would ever finish.
-        await asyncio.wait_for(all_in.wait(), timeout=DEADLINE)
+        async with asyncio.timeout(DEADLINE):
+            await all_in.wait()
         now -= 1
         return {id: Answer.row({"ok": id}) for id in req.ids}
 
@@ -246,7 +250,8 @@ async def test_shutdown_drains_what_is_in_flight_and_new_work_goes_elsewhere(
     async def a_handler(req: ResolveRequest) -> Answers:
         nonlocal served_by_a
         served_by_a += 1
-        await asyncio.wait_for(gate.wait(), timeout=DEADLINE * 2)
+        async with asyncio.timeout(DEADLINE * 2):
+            await gate.wait()
         return {id: Answer.row({"by": "a"}) for id in req.ids}
 
     async def b_handler(req: ResolveRequest) -> Answers:
@@ -277,7 +282,8 @@ async def test_shutdown_drains_what_is_in_flight_and_new_work_goes_elsewhere(
     await held.expect_subscribed("items", "1")
     _, rows = await held.expect_push("items", "1")
     assert rows == [{"by": "a"}]
-    await asyncio.wait_for(a.task, timeout=DEADLINE)
+    async with asyncio.timeout(DEADLINE):
+        await a.task
     await held.close()
 
 
@@ -325,8 +331,9 @@ async def test_a_registration_refused_for_good_ends_serve_with_the_error(
     node: NodeProcess,
 ) -> None:
     backend = quick(node.grpc_url, {"not.an.entity": Entity(item, FetchMode.SHARED)})
-    with pytest.raises(Error) as refused:
-        await asyncio.wait_for(backend.serve(), timeout=DEADLINE)
+    with pytest.raises(InvalidArgumentError) as refused:
+        async with asyncio.timeout(DEADLINE):
+            await backend.serve()
     assert refused.value.kind is ErrorKind.REJECTED
     assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert "entity" in refused.value.message
@@ -347,7 +354,8 @@ async def test_pass_through_messages_reach_the_handler_with_connection_and_secre
     async with await WsClient.connect(node.ws_url) as client:
         await client.send_secret("s3")
         await client.send({"type": "chat", "text": "hi"})
-        message = await asyncio.wait_for(received.get(), timeout=DEADLINE)
+        async with asyncio.timeout(DEADLINE):
+            message = await received.get()
     assert message.connection_id.startswith(f"{node_id}-"), message.connection_id
     assert message.secret == "s3"
     assert message.json() == {"type": "chat", "text": "hi"}
@@ -360,15 +368,16 @@ async def test_notify_retries_until_the_node_is_up_and_refusals_are_not_retried(
     ws_port, grpc_port = free_ports(2)
     notifier = Notifier(f"http://127.0.0.1:{grpc_port}", retry_for=20)
     # Nothing listens yet: the first attempts fail, then the node comes up.
-    call = asyncio.ensure_future(notifier.notify([("items", "1")]))
+    call = asyncio.create_task(notifier.notify([("items", "1")]))
     await asyncio.sleep(0.3)
     assert not call.done()
     async with NodeProcess(node_bin, ws_port=ws_port, grpc_port=grpc_port):
-        receipt = await asyncio.wait_for(call, timeout=DEADLINE * 3)
+        async with asyncio.timeout(DEADLINE * 3):
+            receipt = await call
         assert receipt.attempts > 1, receipt
         assert (receipt.accepted, receipt.duplicate) == (1, False)
 
-        with pytest.raises(Error) as refused:
+        with pytest.raises(InvalidArgumentError) as refused:
             await notifier.notify([("items", "bad.id")])
         assert refused.value.kind is ErrorKind.REJECTED
         assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
@@ -404,7 +413,8 @@ async def test_notify_retries_a_call_the_node_cancelled_at_its_deadline() -> Non
     await server.start()
     notifier = Notifier(f"http://127.0.0.1:{port}", retry_for=10)
     try:
-        receipt = await asyncio.wait_for(notifier.notify([("items", "1")]), timeout=DEADLINE)
+        async with asyncio.timeout(DEADLINE):
+            receipt = await notifier.notify([("items", "1")])
         assert receipt.attempts == 3, receipt
         assert len(keys) == 3 and len(set(keys)) == 1, keys
     finally:
@@ -440,3 +450,73 @@ async def test_the_quickstart_serves_notifies_and_stops_on_sigint(node: NodeProc
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_receipt_carries_the_trace_id_the_node_logs_the_change_under(
+    node_bin: Path,
+) -> None:
+    # The node logs each accepted notify with its trace id at debug level.
+    env = {**os.environ, "RUST_LOG": "entity_sync=debug"}
+    async with NodeProcess(node_bin, env=env) as node, Notifier(node.grpc_url) as notifier:
+        # No trace id given: the node makes one, and answers with it.
+        made = await notifier.notify([("items", "1")])
+        other = await notifier.notify([("items", "1")])
+        assert re.fullmatch("[0-9a-f]{32}", made.trace_id), made
+        assert other.trace_id != made.trace_id
+
+        # The caller's (a W3C trace-id): the node follows the change under it.
+        given = "4bf92f3577b34da6a3ce929d0e0e4736"
+        traced = await notifier.notify([("items", "2")], trace_id=given)
+        assert traced.trace_id == given
+        keyed = await notifier.notify_with_key([("items", "3")], "change-9", trace_id=given)
+        assert (keyed.trace_id, keyed.duplicate) == (given, False)
+
+        # One the node cannot use is replaced by one of its own.
+        junk = await notifier.notify([("items", "4")], trace_id="not-a-trace-id")
+        assert re.fullmatch("[0-9a-f]{32}", junk.trace_id), junk
+
+        log = node.log_text()
+    accepted = [line for line in log.splitlines() if "notify accepted" in line]
+    for receipt in [made, other, traced, keyed, junk]:
+        assert any(receipt.trace_id in line for line in accepted), (receipt, accepted)
+
+
+def _stream_tasks() -> list[asyncio.Task[Any]]:
+    """The tasks of Resolve streams still around (reader and writer)."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "") in ("_read_all", "_write")
+    ]
+
+
+async def test_serve_stops_on_an_awaitable_or_at_once_when_cancelled(
+    node: NodeProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="entity_sync")
+    # Shutdown as a coroutine (not an Event): serve drains and returns.
+    release = asyncio.Event()
+    backend = quick(node.grpc_url, {"items": Entity(item, FetchMode.SHARED)})
+    serving = asyncio.create_task(backend.serve(release.wait()))
+    async with asyncio.timeout(DEADLINE):
+        await backend.wait_registered()
+    assert _stream_tasks()
+    release.set()
+    async with asyncio.timeout(DEADLINE):
+        await serving
+    assert backend.state.phase is Phase.STOPPED
+    assert "drained" in caplog.messages
+    assert not _stream_tasks()
+
+    # Cancelled: no drain, and nothing of the stream is left running.
+    caplog.clear()
+    backend = quick(node.grpc_url, {"items": Entity(item, FetchMode.SHARED)})
+    serving = asyncio.create_task(backend.serve())
+    async with asyncio.timeout(DEADLINE):
+        await backend.wait_registered()
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert backend.state.phase is Phase.STOPPED
+    assert not any(m.startswith("draining") for m in caplog.messages)
+    assert not _stream_tasks()

@@ -17,19 +17,29 @@ from conftest import PUSH_EACH_NOTIFY, Running, quick
 from entity_sync import (
     Answer,
     Answers,
+    ConfigError,
     Entity,
     Error,
     ErrorKind,
     FetchMode,
     Notifier,
+    PermissionDeniedError,
+    RejectedError,
     ResolveRequest,
     Tls,
+    UnauthenticatedError,
+    UnavailableError,
 )
 from entity_sync.testing import DEADLINE, NodeProcess, WsClient
 
 NOTIFIER_TOKEN = "notifier-tok-5f0c1e2d3a4b"
 RESOLVER_TOKEN = "resolver-tok-9a8b7c6d5e4f"
 SECRET = "subscriber-secret-31337"
+# The subclass each refusal is raised as.
+REFUSED_AS = {
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+}
 
 
 async def item(req: ResolveRequest) -> Answers:
@@ -44,15 +54,18 @@ async def test_tokens_are_sent_as_bearer_metadata_and_refused_when_wrong(
     tokens.write_text(
         f"# the API servers\nnotifier {NOTIFIER_TOKEN}\nresolver {RESOLVER_TOKEN} items\n"
     )
-    async with NodeProcess(node_bin, [*PUSH_EACH_NOTIFY, "--grpc-tokens-file", str(tokens)]) as node:
+    async with NodeProcess(
+        node_bin, [*PUSH_EACH_NOTIFY, "--grpc-tokens-file", str(tokens)]
+    ) as node:
         errors: list[Error] = []
 
         async def refused(backend_token: str | None, entity: str) -> Error:
             backend = quick(
                 node.grpc_url, {entity: Entity(item, FetchMode.SHARED)}, bearer_token=backend_token
             )
-            with pytest.raises(Error) as err:
-                await asyncio.wait_for(backend.serve(), timeout=DEADLINE)
+            with pytest.raises(RejectedError) as err:
+                async with asyncio.timeout(DEADLINE):
+                    await backend.serve()
             errors.append(err.value)
             return err.value
 
@@ -65,6 +78,7 @@ async def test_tokens_are_sent_as_bearer_metadata_and_refused_when_wrong(
         ]:
             err = await refused(token, entity)
             assert (err.kind, err.code) == (ErrorKind.REJECTED, code), (token, entity, err)
+            assert type(err) is REFUSED_AS[code], (token, entity, err)
 
         # Notify: the same rules, never retried.
         for token, code in [
@@ -76,6 +90,7 @@ async def test_tokens_are_sent_as_bearer_metadata_and_refused_when_wrong(
                 with pytest.raises(Error) as err:
                     await notifier.notify([("items", 1)])
             assert (err.value.kind, err.value.code) == (ErrorKind.REJECTED, code), token
+            assert type(err.value) is REFUSED_AS[code], token
             errors.append(err.value)
 
         # The right tokens: served and notified.
@@ -103,8 +118,9 @@ async def test_tokens_are_sent_as_bearer_metadata_and_refused_when_wrong(
         # stream ends with PERMISSION_DENIED, and serve with it, for good.
         tokens.write_text(f"notifier {NOTIFIER_TOKEN}\n")
         node.send_signal(signal.SIGHUP)
-        with pytest.raises(Error) as err:
-            await asyncio.wait_for(backend.task, timeout=DEADLINE)
+        with pytest.raises(PermissionDeniedError) as err:
+            async with asyncio.timeout(DEADLINE):
+                await backend.task
         assert (err.value.kind, err.value.code) == (
             ErrorKind.REJECTED,
             grpc.StatusCode.PERMISSION_DENIED,
@@ -128,20 +144,20 @@ async def test_tokens_are_sent_as_bearer_metadata_and_refused_when_wrong(
 
 
 def test_bad_settings_are_config_errors_that_never_show_the_token() -> None:
-    with pytest.raises(Error) as err:
+    with pytest.raises(ConfigError) as err:
         Notifier("http://127.0.0.1:1", bearer_token="has space-0123456789")
     assert err.value.kind is ErrorKind.CONFIG
     assert "0123456789" not in str(err.value)
     notifier = Notifier("http://127.0.0.1:1", bearer_token=NOTIFIER_TOKEN)
     assert NOTIFIER_TOKEN not in repr(notifier._endpoint)
     for url in ["127.0.0.1:50051", "grpc://127.0.0.1:1", "http://127.0.0.1", "http://h:1/path"]:
-        with pytest.raises(Error) as err:
+        with pytest.raises(ConfigError) as err:
             Notifier(url)
         assert err.value.kind is ErrorKind.CONFIG, url
-    with pytest.raises(Error) as err:
+    with pytest.raises(ConfigError) as err:
         Notifier("http://127.0.0.1:1", tls=Tls(ca_certificate=b"x"))
     assert err.value.kind is ErrorKind.CONFIG
-    with pytest.raises(Error) as err:
+    with pytest.raises(ConfigError) as err:
         Tls.from_files(ca="/nonexistent/ca.pem")
     assert err.value.kind is ErrorKind.CONFIG
     assert "/nonexistent/ca.pem" in str(err.value)
@@ -178,7 +194,7 @@ async def test_mutual_tls_with_a_certificate_made_here(
         # the handshake fails, which is UNAVAILABLE once retries run out.
         for settings in [Tls.from_files(ca=files.ca), Tls.from_files(ca=other_ca.ca)]:
             async with Notifier(node.grpc_url, tls=settings, retry_for=0.3) as notifier:
-                with pytest.raises(Error) as err:
+                with pytest.raises(UnavailableError) as err:
                     await notifier.notify([("items", 9)])
             assert (err.value.kind, err.value.code) == (
                 ErrorKind.UNAVAILABLE,
@@ -186,6 +202,6 @@ async def test_mutual_tls_with_a_certificate_made_here(
             )
         # Plaintext on the TLS port fails too.
         async with Notifier(f"http://127.0.0.1:{node.grpc_port}", retry_for=0.3) as notifier:
-            with pytest.raises(Error) as err:
+            with pytest.raises(UnavailableError) as err:
                 await notifier.notify([("items", 9)])
         assert err.value.kind is ErrorKind.UNAVAILABLE

@@ -1,8 +1,28 @@
-"""The pieces that need no node: backoff, answers, requests."""
+"""The pieces that need no node: backoff, answers, requests, errors."""
 
 from __future__ import annotations
 
-from entity_sync import Answer, ResolveRequest, each_id
+import grpc
+import grpc.aio
+import pytest
+
+import entity_sync
+from entity_sync import (
+    Answer,
+    ConfigError,
+    ConnectError,
+    DeadlineExceededError,
+    Error,
+    ErrorKind,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    RejectedError,
+    ResolveRequest,
+    StreamError,
+    UnauthenticatedError,
+    UnavailableError,
+    each_id,
+)
 from entity_sync._backoff import Backoff
 from entity_sync._proto import entitysync_pb2 as pb
 from entity_sync.request import Reason, _results
@@ -55,3 +75,70 @@ def test_the_readme_shows_the_quickstart_as_it_is() -> None:
     code = (root / "examples" / "quickstart.py").read_text()
     body = code[code.index("import asyncio") :]
     assert f"```python\n{body}```" in (root / "README.md").read_text()
+
+
+KIND_CLASSES = {
+    ErrorKind.CONFIG: ConfigError,
+    ErrorKind.CONNECT: ConnectError,
+    ErrorKind.REJECTED: RejectedError,
+    ErrorKind.UNAVAILABLE: UnavailableError,
+    ErrorKind.STREAM: StreamError,
+}
+
+
+def test_every_kind_has_its_exported_subclass_of_error() -> None:
+    assert set(KIND_CLASSES) == set(ErrorKind)
+    for kind, cls in KIND_CLASSES.items():
+        err = cls("what happened")
+        assert isinstance(err, Error) and err.kind is kind and err.code is None
+        assert str(err) == f"{kind.value}: what happened"
+        assert cls.__name__ in entity_sync.__all__
+        assert getattr(entity_sync, cls.__name__) is cls
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """What a failed grpc.aio call raises."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls", "kind", "retryable"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError, ErrorKind.REJECTED, False),
+        (grpc.StatusCode.UNAUTHENTICATED, UnauthenticatedError, ErrorKind.REJECTED, False),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError, ErrorKind.REJECTED, False),
+        (grpc.StatusCode.FAILED_PRECONDITION, RejectedError, ErrorKind.REJECTED, True),
+        (grpc.StatusCode.NOT_FOUND, RejectedError, ErrorKind.REJECTED, False),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceededError, ErrorKind.UNAVAILABLE, True),
+        (grpc.StatusCode.UNAVAILABLE, UnavailableError, ErrorKind.UNAVAILABLE, True),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, UnavailableError, ErrorKind.UNAVAILABLE, True),
+        (grpc.StatusCode.CANCELLED, StreamError, ErrorKind.STREAM, True),
+        (grpc.StatusCode.INTERNAL, StreamError, ErrorKind.STREAM, True),
+    ],
+)
+def test_a_failed_call_is_raised_as_the_subclass_of_its_code(
+    code: grpc.StatusCode, cls: type[Error], kind: ErrorKind, retryable: bool
+) -> None:
+    err = Error.from_rpc(_rpc_error(code, "the details"))
+    assert type(err) is cls
+    assert (err.kind, err.code, err.message, err.retryable) == (
+        kind,
+        code,
+        "the details",
+        retryable,
+    )
+    assert str(err) == f"{kind.value} ({code.name}): the details"
+    assert isinstance(err, KIND_CLASSES[kind])
+
+
+def test_the_subclasses_of_a_code_default_to_it_and_the_old_constructor_works() -> None:
+    assert UnauthenticatedError("no token").code is grpc.StatusCode.UNAUTHENTICATED
+    assert DeadlineExceededError("slow").retryable
+    assert not ConfigError("bad").retryable
+    # Error(kind, message, code) as before: still an Error of that kind.
+    err = Error(ErrorKind.STREAM, "broke", grpc.StatusCode.INTERNAL)
+    assert (err.kind, err.code, str(err)) == (
+        ErrorKind.STREAM,
+        grpc.StatusCode.INTERNAL,
+        "resolve stream failed (INTERNAL): broke",
+    )

@@ -19,16 +19,33 @@ Layout:
   is given and what it gives back.
 - ``endpoint``: the node URL, bearer token and :class:`Tls` settings both
   clients connect with.
-- ``errors``: :class:`Error` with an :class:`ErrorKind` callers match on.
-- ``testing``: a node process and a websocket client for integration tests
-  (needs the ``test`` extra).
+- ``errors``: :class:`Error` with an :class:`ErrorKind` callers match on,
+  raised as a subclass per kind (:class:`ConfigError`,
+  :class:`RejectedError`, :class:`UnavailableError`, ...) and per status
+  code under them (:class:`UnauthenticatedError`, ...).
+- ``testing``: a node process (asyncio) and a websocket client (needs the
+  ``test`` extra) for integration tests; ``pytest_plugin``: the
+  ``entity_sync_node`` fixture, loaded by pytest once the package is
+  installed.
 - ``_proto``: the generated ``entitysync.v1`` messages and stub
   (``scripts/generate_stubs.py``).
 """
 
 from .backend import Backend, BackendState, Entity, Phase, each_id, serve
 from .endpoint import Tls
-from .errors import Error, ErrorKind
+from .errors import (
+    ConfigError,
+    ConnectError,
+    DeadlineExceededError,
+    Error,
+    ErrorKind,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    RejectedError,
+    StreamError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from .notifier import Key, Notifier, Receipt
 from .request import Answer, Answers, FetchMode, PassThrough, Reason, ResolveRequest
 
@@ -37,18 +54,27 @@ __all__ = [
     "Answers",
     "Backend",
     "BackendState",
+    "ConfigError",
+    "ConnectError",
+    "DeadlineExceededError",
     "Entity",
     "Error",
     "ErrorKind",
     "FetchMode",
+    "InvalidArgumentError",
     "Key",
     "Notifier",
     "PassThrough",
+    "PermissionDeniedError",
     "Phase",
     "Reason",
     "Receipt",
+    "RejectedError",
     "ResolveRequest",
+    "StreamError",
     "Tls",
+    "UnauthenticatedError",
+    "UnavailableError",
     "each_id",
     "serve",
 ]

@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import grpc
@@ -25,7 +25,7 @@ import grpc.aio
 from ._backoff import Backoff
 from ._proto import entitysync_pb2 as pb
 from .endpoint import EOF, Endpoint, Tls
-from .errors import Error, ErrorKind
+from .errors import ConfigError, Error, StreamError, UnavailableError
 from .request import Answer, Answers, FetchMode, PassThrough, ResolveRequest, _results
 
 log = logging.getLogger("entity_sync")
@@ -122,11 +122,11 @@ class Backend:
         tls: Tls | None = None,
     ) -> None:
         if not name.strip():
-            raise Error(ErrorKind.CONFIG, "a backend needs a name")
+            raise ConfigError("a backend needs a name")
         if not handlers and pass_through is None:
-            raise Error(ErrorKind.CONFIG, "register at least one entity or a pass-through handler")
+            raise ConfigError("register at least one entity or a pass-through handler")
         if max_in_flight < 1:
-            raise Error(ErrorKind.CONFIG, "max_in_flight must be at least 1")
+            raise ConfigError("max_in_flight must be at least 1")
         self._endpoint = Endpoint(endpoint, bearer_token=bearer_token, tls=tls)
         self._name = name
         self._entities = {
@@ -147,10 +147,10 @@ class Backend:
 
     async def wait_registered(self, *, other_than: str = "") -> BackendState:
         """Waits until registered on a node whose id is not ``other_than``
-        (bound it with ``asyncio.wait_for``)."""
+        (bound it with ``asyncio.timeout``)."""
         while not (self._state.phase is Phase.REGISTERED and self._state.node_id != other_than):
             if self._state.phase is Phase.STOPPED:
-                raise Error(ErrorKind.STREAM, "the backend stopped")
+                raise StreamError("the backend stopped")
             await self._state_changed.wait()
         return self._state
 
@@ -163,24 +163,17 @@ class Backend:
         """Serves until ``shutdown`` is set (or completes): connects, registers,
         answers, and reconnects with jittered exponential backoff whenever the
         stream breaks. On shutdown it drains (answers what it holds) and
-        returns. Raises :class:`Error` only when the node refuses the
+        returns. Cancelling the task that runs it stops at once, without a
+        drain. Raises :class:`Error` only when the node refuses the
         registration for good (invalid, unauthenticated, not permitted)."""
-        if shutdown is None:
-            stop: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        elif isinstance(shutdown, asyncio.Event):
-            stop = asyncio.ensure_future(shutdown.wait())
-        else:
-            stop = asyncio.ensure_future(shutdown)
-        # A future of the caller's is left as it is; one made here is cancelled at the end.
-        owned = stop is not shutdown
+        stop, owned = _stop_future(shutdown)
         backoff = Backoff(*self._reconnect)
         try:
             while True:
                 self._set_state(BackendState(Phase.CONNECTING))
                 try:
-                    if await self._stream(stop, backoff):
-                        return
-                    error = Error(ErrorKind.STREAM, "the node ended the stream")
+                    await self._stream(stop, backoff)
+                    return
                 except Error as err:
                     if not err.retryable:
                         log.error("the node refused this backend; not retrying: %s", err)
@@ -197,29 +190,25 @@ class Backend:
                 stop.cancel()
             self._set_state(BackendState(Phase.STOPPED))
 
-    async def _stream(self, stop: asyncio.Future[Any], backoff: Backoff) -> bool:
-        """One stream's life: ``True`` on shutdown, ``False`` when the node ended it."""
+    async def _stream(self, stop: asyncio.Future[Any], backoff: Backoff) -> None:
+        """One stream's life. Returns on shutdown (drained); raises
+        :class:`Error` when the stream failed or the node ended it."""
         channel = self._endpoint.channel()
         # Answers and pass-through acks share the queue; a full queue makes
         # handlers wait, which the node's in-flight cap bounds anyway.
         outbound: asyncio.Queue[pb.ResolverMessage | None] = asyncio.Queue(self._max_in_flight + 16)
         outbound.put_nowait(pb.ResolverMessage(register=self._register()))
-        tasks: set[asyncio.Task[None]] = set()
-        read: asyncio.Task[Any] | None = None
-        call = None
-        writer: asyncio.Task[None] | None = None
+        call = self._endpoint.stub(channel).Resolve(metadata=self._endpoint.metadata)
+        writer = asyncio.create_task(_write(call, outbound))
+        # Cancelling a pending read cancels the whole call (grpc.aio), so one
+        # task reads the stream from its start to its end, and the phases
+        # below wait on it rather than on reads of their own.
+        received: asyncio.Queue[pb.NodeMessage] = asyncio.Queue()
+        reader = asyncio.create_task(_read_all(call, received))
         try:
-            call = self._endpoint.stub(channel).Resolve(metadata=self._endpoint.metadata)
-            writer = asyncio.ensure_future(_write(call, outbound))
-            read = asyncio.ensure_future(asyncio.wait_for(call.read(), REGISTER_TIMEOUT))
-            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not read.done():
-                return True
-            first = _message(read)
-            if first is None or first.WhichOneof("kind") != "registered":
-                what = "ended the stream" if first is None else f"sent {first.WhichOneof('kind')}"
-                raise Error(ErrorKind.STREAM, f"the node {what} before Registered")
-            registered = first.registered
+            registered = await self._registered(received, reader, stop)
+            if registered is None:
+                return
             log.info(
                 "registered (node %s, resolver %s, entities %s)",
                 registered.node_id,
@@ -230,27 +219,128 @@ class Backend:
             self._set_state(
                 BackendState(Phase.REGISTERED, registered.node_id, registered.resolver_id)
             )
-            while True:
-                read = asyncio.ensure_future(call.read())
-                await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if not read.done():
-                    break
-                message = _message(read)
-                if message is None:
-                    return False
-                self._dispatch(message, outbound, tasks)
-            await self._drain(call, read, outbound, tasks)
-            return True
+            await self._serve_registered(received, reader, outbound, stop)
+            # Ends the request stream: the node deregisters this resolver;
+            # its end of the stream says the answers were read.
+            await outbound.put(None)
+            try:
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await reader
+            except (TimeoutError, Error):
+                pass
+            log.info("drained")
         finally:
-            if read is not None and not read.done():
-                read.cancel()
-            for task in tasks:
-                task.cancel()
-            if writer is not None:
-                writer.cancel()
-            if call is not None:
-                call.cancel()
+            reader.cancel()
+            writer.cancel()
+            call.cancel()
+            # Nothing of this stream outlives it, and what its tasks raised
+            # after nobody waited on them is collected here, not logged as
+            # never retrieved.
+            await asyncio.gather(reader, writer, return_exceptions=True)
             await channel.close(grace=None)
+
+    async def _registered(
+        self,
+        received: asyncio.Queue[pb.NodeMessage],
+        reader: asyncio.Task[None],
+        stop: asyncio.Future[Any],
+    ) -> pb.Registered | None:
+        """The node's ``Registered`` answer; ``None`` on shutdown first."""
+        first = asyncio.create_task(received.get())
+        try:
+            async with asyncio.timeout(REGISTER_TIMEOUT):
+                await asyncio.wait({first, reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise UnavailableError(f"no Registered within {REGISTER_TIMEOUT:g}s") from None
+        finally:
+            first.cancel()
+        if first.done() and not first.cancelled():
+            message = first.result()
+            if message.WhichOneof("kind") != "registered":
+                raise StreamError(f"the node sent {message.WhichOneof('kind')} before Registered")
+            return message.registered
+        if reader.done():
+            reader.result()  # raises why the stream failed
+            raise StreamError("the node ended the stream before Registered")
+        return None
+
+    async def _serve_registered(
+        self,
+        received: asyncio.Queue[pb.NodeMessage],
+        reader: asyncio.Task[None],
+        outbound: asyncio.Queue[pb.ResolverMessage | None],
+        stop: asyncio.Future[Any],
+    ) -> None:
+        """Answers the node's messages, each in a task of one group, until
+        shutdown (then drains: ``Drain``, and answers what the node sent
+        before it read it, for up to ``drain_timeout``); raises
+        :class:`Error` when the stream ends first, cancelling the handlers
+        (the node hands their requests to other resolvers)."""
+        in_flight = 0
+        idle = asyncio.Event()  # set when the last handler of a drain ends
+
+        def done(task: asyncio.Task[None]) -> None:
+            nonlocal in_flight
+            if task.cancelled():
+                return  # the group is ending: what is cancelled is unanswered
+            in_flight -= 1
+            if not in_flight:
+                idle.set()
+
+        def dispatch(message: pb.NodeMessage) -> None:
+            nonlocal in_flight
+            coro = self._handle(message, outbound)
+            if coro is not None:
+                handlers.create_task(coro).add_done_callback(done)
+                in_flight += 1
+
+        async def next_or(*others: asyncio.Future[Any]) -> pb.NodeMessage | None:
+            """The next message, or ``None`` when one of ``others`` ended first."""
+            get = asyncio.create_task(received.get())
+            try:
+                await asyncio.wait({get, *others}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                get.cancel()
+            return get.result() if get.done() and not get.cancelled() else None
+
+        try:
+            # The deadline is set at shutdown: it bounds the drain, and when
+            # it passes it cancels the handlers still running (the group
+            # ends with them).
+            async with asyncio.timeout(None) as drain_deadline:
+                try:
+                    async with asyncio.TaskGroup() as handlers:
+                        while (message := await next_or(reader, stop)) is not None:
+                            dispatch(message)
+                        if not stop.done():
+                            reader.result()  # raises why the stream failed
+                            raise StreamError("the node ended the stream")
+                        loop = asyncio.get_running_loop()
+                        drain_deadline.reschedule(loop.time() + self._drain_timeout)
+                        await outbound.put(pb.ResolverMessage(drain=pb.Drain()))
+                        log.info("draining (%d in flight)", in_flight)
+                        # Requests the node sent before it read Drain are
+                        # answered too, while any handler still runs (it
+                        # sends none after, and ends the stream after we do).
+                        while in_flight:
+                            idle.clear()
+                            waiting = asyncio.create_task(idle.wait())
+                            try:
+                                message = await next_or(reader, waiting)
+                            finally:
+                                waiting.cancel()
+                            if message is None and reader.done():
+                                break  # the stream ended: no answer can go out
+                            if message is not None:
+                                dispatch(message)
+                except* Error as failed:
+                    # From the group's body (the handlers catch their own):
+                    # the group cancelled the handlers; raise it as it is.
+                    raise failed.exceptions[0] from None
+        except TimeoutError:
+            log.warning(
+                "drain timed out with %d unanswered; the node retries them elsewhere", in_flight
+            )
 
     def _register(self) -> pb.Register:
         return pb.Register(
@@ -263,23 +353,22 @@ class Backend:
             max_in_flight=self._max_in_flight,
         )
 
-    def _dispatch(
+    def _handle(
         self,
         message: pb.NodeMessage,
         outbound: asyncio.Queue[pb.ResolverMessage | None],
-        tasks: set[asyncio.Task[None]],
-    ) -> None:
-        """Starts the task that answers one node message."""
+    ) -> Coroutine[Any, Any, None] | None:
+        """What answers one node message (``None``: nothing to do)."""
         kind = message.WhichOneof("kind")
         if kind == "request":
             spec = self._entities.get(message.request.entity)
             request = ResolveRequest._from_proto(message.request)
-            coro = self._answer(spec, message.request.request_id, request, outbound)
-        elif kind == "pass_through":
+            return self._answer(spec, message.request.request_id, request, outbound)
+        if kind == "pass_through":
             if self._pass_through is None:
                 log.debug("pass-through message without a handler, dropped")
-                return
-            coro = _receive(
+                return None
+            return _receive(
                 self._pass_through,
                 PassThrough(
                     connection_id=message.pass_through.connection_id,
@@ -287,14 +376,10 @@ class Backend:
                     secret=message.pass_through.secret,
                 ),
             )
-        elif kind == "registered":
+        if kind == "registered":
             log.warning("a second Registered on one stream, ignored")
-            return
-        else:
-            return  # a message kind of a newer node: nothing to do with it
-        task = asyncio.ensure_future(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        # Otherwise a message kind of a newer node: nothing to do with it.
+        return None
 
     async def _answer(
         self,
@@ -322,65 +407,6 @@ class Backend:
                 )
         response = pb.ResolveResponse(request_id=request_id, results=results)
         await outbound.put(pb.ResolverMessage(response=response))
-
-    async def _drain(
-        self,
-        call: Any,
-        read: asyncio.Task[Any],
-        outbound: asyncio.Queue[pb.ResolverMessage | None],
-        tasks: set[asyncio.Task[None]],
-    ) -> None:
-        """Shutdown of a live stream: ``Drain``, finish the handlers (bounded),
-        end the stream, wait briefly for the node to close its side."""
-        await outbound.put(pb.ResolverMessage(drain=pb.Drain()))
-        log.info("draining (%d in flight)", len(tasks))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._drain_timeout
-        node_open = True
-        while tasks:
-            waiting: set[asyncio.Future[Any]] = set(tasks)
-            if node_open:
-                waiting.add(read)
-            left = deadline - loop.time()
-            done, _ = await asyncio.wait(
-                waiting, timeout=max(left, 0), return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                log.warning(
-                    "drain timed out with %d unanswered; the node retries them elsewhere",
-                    len(tasks),
-                )
-                for task in tasks:
-                    task.cancel()
-                break
-            if node_open and read in done:
-                # Requests the node sent before it read Drain are answered too.
-                try:
-                    message = _message(read)
-                except Error:
-                    message = None
-                if message is None:
-                    node_open = False
-                else:
-                    self._dispatch(message, outbound, tasks)
-                    read = asyncio.ensure_future(call.read())
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        # Ends the request stream: the node deregisters this resolver.
-        await outbound.put(None)
-        if node_open:
-            try:
-                async with asyncio.timeout(_CLOSE_TIMEOUT):
-                    while True:
-                        await asyncio.wait({read})
-                        if _message(read) is None:
-                            break
-                        read = asyncio.ensure_future(call.read())
-            except (TimeoutError, Error):
-                pass
-            finally:
-                read.cancel()
-        log.info("drained")
 
 
 async def serve(
@@ -412,7 +438,28 @@ async def serve(
     await backend.serve(shutdown)
 
 
-async def _write(call: Any, queue: asyncio.Queue[pb.ResolverMessage | None]) -> None:
+def _stop_future(
+    shutdown: asyncio.Event | Awaitable[Any] | None,
+) -> tuple[asyncio.Future[Any], bool]:
+    """What ``serve`` waits on to stop, and whether it made it (a future it
+    made is cancelled when it returns; a caller's future is left alone)."""
+    if shutdown is None:
+        return asyncio.get_running_loop().create_future(), True
+    if isinstance(shutdown, asyncio.Event):
+        return asyncio.create_task(shutdown.wait()), True
+    if isinstance(shutdown, asyncio.Future):
+        return shutdown, False
+    return asyncio.create_task(_awaited(shutdown)), True
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+async def _write(
+    call: grpc.aio.StreamStreamCall[pb.ResolverMessage, pb.NodeMessage],
+    queue: asyncio.Queue[pb.ResolverMessage | None],
+) -> None:
     """Writes what the queue holds to the request stream (the only writer:
     gRPC takes one write at a time), and ends the stream at ``None``. If a
     write fails the call is cancelled, so the read side ends the stream too
@@ -428,18 +475,21 @@ async def _write(call: Any, queue: asyncio.Queue[pb.ResolverMessage | None]) -> 
         call.cancel()
 
 
-def _message(read: asyncio.Task[Any]) -> pb.NodeMessage | None:
-    """The result of a finished read: a message, ``None`` at the stream's end."""
-    try:
-        message = read.result()
-    except TimeoutError:
-        raise Error(ErrorKind.UNAVAILABLE, f"no Registered within {REGISTER_TIMEOUT:g}s") from None
-    except grpc.RpcError as err:
-        raise Error.from_rpc(err) from None
-    if message is EOF:
-        return None
-    assert isinstance(message, pb.NodeMessage)
-    return message
+async def _read_all(
+    call: grpc.aio.StreamStreamCall[pb.ResolverMessage, pb.NodeMessage],
+    received: asyncio.Queue[pb.NodeMessage],
+) -> None:
+    """Reads the node's messages into ``received`` until the stream's end;
+    raises :class:`Error` when the stream fails."""
+    while True:
+        try:
+            message = await call.read()
+        except grpc.RpcError as err:
+            raise Error.from_rpc(err) from None
+        if message is EOF:
+            return
+        assert isinstance(message, pb.NodeMessage)
+        received.put_nowait(message)
 
 
 def _all(request: ResolveRequest, answer: Answer) -> dict[str, Answer]:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import grpc
 import grpc.aio
 
 from ._proto.entitysync_pb2_grpc import EntitySyncStub
-from .errors import Error, ErrorKind
+from .errors import ConfigError
 
-EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
-"""What a stream read returns at the stream's end (missing from grpc's stubs)."""
+if TYPE_CHECKING:
+    # Only in the stubs: what EntitySyncStub makes of a grpc.aio channel.
+    from ._proto.entitysync_pb2_grpc import EntitySyncAsyncStub
+
+EOF = grpc.aio.EOF
+"""What a stream read returns at the stream's end."""
 
 # Channel settings shared by the backend and the notifier.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -61,7 +65,7 @@ class Tls:
             try:
                 return Path(path).read_bytes()
             except OSError as err:
-                raise Error(ErrorKind.CONFIG, f"cannot read {path}: {err.strerror}") from None
+                raise ConfigError(f"cannot read {path}: {err.strerror}") from None
 
         return cls(read(ca), read(cert), read(key), server_name)
 
@@ -76,15 +80,13 @@ class Endpoint:
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
-            raise Error(ErrorKind.CONFIG, f"invalid node URL {url!r}: use http(s)://host:port")
+            raise ConfigError(f"invalid node URL {url!r}: use http(s)://host:port")
         if parts.path not in ("", "/") or parts.query or parts.username:
-            raise Error(ErrorKind.CONFIG, f"invalid node URL {url!r}: use http(s)://host:port")
+            raise ConfigError(f"invalid node URL {url!r}: use http(s)://host:port")
         if tls is not None and parts.scheme == "http":
-            raise Error(ErrorKind.CONFIG, f"node URL {url!r}: with TLS settings, use https://")
+            raise ConfigError(f"node URL {url!r}: with TLS settings, use https://")
         if (tls is not None) and ((tls.certificate is None) != (tls.private_key is None)):
-            raise Error(
-                ErrorKind.CONFIG, "a client certificate needs its private key, and the reverse"
-            )
+            raise ConfigError("a client certificate needs its private key, and the reverse")
         self.url = url
         self.secure = parts.scheme == "https"
         host = parts.hostname
@@ -95,9 +97,7 @@ class Endpoint:
             # Printable ASCII without spaces, like an HTTP token; the message
             # names the rule, never the token.
             if not bearer_token or any(not (0x21 <= ord(c) <= 0x7E) for c in bearer_token):
-                raise Error(
-                    ErrorKind.CONFIG, "the bearer token must be printable ASCII without spaces"
-                )
+                raise ConfigError("the bearer token must be printable ASCII without spaces")
             self._metadata = (("authorization", f"Bearer {bearer_token}"),)
 
     @property
@@ -119,10 +119,10 @@ class Endpoint:
         )
         return grpc.aio.secure_channel(self.target, credentials, options=options)
 
-    def stub(self, channel: grpc.aio.Channel) -> Any:
-        """The generated client of ``channel`` (untyped: grpcio-tools writes no
-        types for it)."""
-        return EntitySyncStub(channel)  # type: ignore[no-untyped-call]
+    def stub(self, channel: grpc.aio.Channel) -> EntitySyncAsyncStub:
+        """The generated client of ``channel``, its calls typed by the stubs
+        mypy-protobuf wrote (``_proto/entitysync_pb2_grpc.pyi``)."""
+        return EntitySyncStub(channel)
 
     def __repr__(self) -> str:
         token = ", bearer_token=<redacted>" if self._metadata else ""

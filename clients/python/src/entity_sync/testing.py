@@ -1,27 +1,37 @@
 """Integration-test helpers: a real ``entity-sync`` node process on free
 loopback ports, and a websocket client that speaks its protocol.
 
-Needs the ``test`` extra (``websockets``). Every wait is bounded.
+Importable with the runtime dependencies alone: :class:`NodeProcess` runs on
+asyncio's subprocesses; :class:`WsClient` needs ``websockets`` (the ``test``
+extra) when it connects. Every wait is bounded. With pytest, the
+``entity_sync_node`` fixture (:mod:`entity_sync.pytest_plugin`, loaded
+automatically once the package is installed) starts a node per test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.client import ClientConnection, connect
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
 
 DEADLINE = 10.0
 """How long a test waits for something that should happen (seconds)."""
+STOP_GRACE = 5.0
+"""How long :meth:`NodeProcess.stop` waits after SIGTERM before SIGKILL (seconds)."""
+_RETRY_CONNECT = 0.02
+"""Pause between connection attempts to a port nothing listens on yet (a
+refused connect returns at once); the wait ends early if the node exits."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -39,10 +49,11 @@ def free_ports(n: int) -> list[int]:
 class NodeProcess:
     """The ``entity-sync`` binary on loopback ports, its log in a temp file.
 
-    ``await node.start()`` waits until ``/readyz`` answers 200 and the gRPC
-    port accepts connections; ``await node.stop()`` sends SIGTERM (then
-    SIGKILL); ``start`` again reuses the same ports. Use it as an async
-    context manager to stop it whatever happens.
+    ``await node.start()`` waits until the gRPC port accepts connections and
+    ``/readyz`` on the websocket port answers 200 (raising if the node exits
+    first, or is not ready within :data:`DEADLINE`); ``await node.stop()``
+    sends SIGTERM (then SIGKILL); ``start`` again reuses the same ports. Use
+    it as an async context manager to stop it whatever happens.
     """
 
     def __init__(
@@ -65,70 +76,106 @@ class NodeProcess:
         self.env = env
         self._dir = tempfile.TemporaryDirectory(prefix="entity-sync-node-")
         self.log = Path(self._dir.name) / "node.log"
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
 
     @property
     def grpc_url(self) -> str:
+        """The URL a :class:`~entity_sync.Backend` or :class:`~entity_sync.Notifier` takes."""
         scheme = "https" if self.grpc_tls else "http"
         return f"{scheme}://127.0.0.1:{self.grpc_port}"
 
     @property
     def ws_url(self) -> str:
+        """The URL a websocket client connects to."""
         return f"ws://127.0.0.1:{self.ws_port}/ws/entity-sync/"
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process ended, else ``None``."""
+        return None if self._process is None else self._process.returncode
+
     async def start(self) -> NodeProcess:
+        """Starts the node and waits until it is ready."""
         if not self.binary.is_file():
             raise FileNotFoundError(f"{self.binary} (build it: cargo build -p entity-sync)")
+        if self._process is not None and self._process.returncode is None:
+            raise RuntimeError("the node is running already")
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("RUST_LOG", "info")
         with open(self.log, "ab") as out:
-            self._process = subprocess.Popen(
-                [
-                    str(self.binary),
-                    "--ws-addr",
-                    f"127.0.0.1:{self.ws_port}",
-                    "--grpc-addr",
-                    f"127.0.0.1:{self.grpc_port}",
-                    "--shutdown-grace",
-                    "2s",
-                    *self.args,
-                ],
-                stdin=subprocess.DEVNULL,
+            self._process = await asyncio.create_subprocess_exec(
+                self.binary,
+                "--ws-addr",
+                f"127.0.0.1:{self.ws_port}",
+                "--grpc-addr",
+                f"127.0.0.1:{self.grpc_port}",
+                "--shutdown-grace",
+                "2s",
+                *self.args,
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
-                stderr=subprocess.STDOUT,
+                stderr=asyncio.subprocess.STDOUT,
                 env=env,
             )
-        await self._ready()
+        self._exited = asyncio.create_task(self._process.wait())
+        try:
+            async with asyncio.timeout(DEADLINE):
+                await self._accepting(self.grpc_port)
+                while not await _readyz(self.ws_port):
+                    await self._unless_exited(_RETRY_CONNECT)
+        except TimeoutError:
+            await self.stop()
+            raise TimeoutError(
+                f"the node is not ready after {DEADLINE:g}s:\n{self.log_tail()}"
+            ) from None
+        except BaseException:
+            await self.stop()
+            raise
         return self
 
-    async def _ready(self) -> None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + DEADLINE
-        while loop.time() < end:
-            self.check_alive()
-            if await _readyz(self.ws_port) and await _accepts(self.grpc_port):
-                return
-            await asyncio.sleep(0.02)
-        raise TimeoutError(f"the node is not ready after {DEADLINE}s:\n{self.log_tail()}")
+    async def _accepting(self, port: int) -> None:
+        """Returns once ``port`` accepts a connection."""
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await self._unless_exited(_RETRY_CONNECT)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+    async def _unless_exited(self, seconds: float) -> None:
+        """Waits ``seconds``, or raises as soon as the node exits."""
+        assert self._exited is not None
+        done, _ = await asyncio.wait({self._exited}, timeout=seconds)
+        if done:
+            raise RuntimeError(
+                f"the node exited ({self._exited.result()}) before it was ready:\n{self.log_tail()}"
+            )
 
     def check_alive(self) -> None:
-        if self._process is None or self._process.poll() is not None:
+        """Raises (with the log's tail) unless the node runs."""
+        if self._process is None or self._process.returncode is not None:
             raise RuntimeError(f"the node is not running:\n{self.log_tail()}")
 
     async def stop(self) -> int | None:
-        """SIGTERM, and SIGKILL after 5 s; the exit code."""
+        """SIGTERM, and SIGKILL after :data:`STOP_GRACE`; the exit code
+        (``None`` if it was not started)."""
         process, self._process = self._process, None
-        if process is None:
+        exited, self._exited = self._exited, None
+        if process is None or exited is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            loop = asyncio.get_running_loop()
-            end = loop.time() + 5
-            while process.poll() is None and loop.time() < end:
-                await asyncio.sleep(0.02)
-            if process.poll() is None:
-                process.kill()
-        return process.wait()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            done, _ = await asyncio.wait({exited}, timeout=STOP_GRACE)
+            if not done:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+        return await exited
 
     def send_signal(self, sig: int) -> None:
         """Sends ``sig`` (``signal.SIGHUP`` re-reads the tokens file)."""
@@ -137,22 +184,28 @@ class NodeProcess:
         self._process.send_signal(sig)
 
     def kill(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
+        """SIGKILL, no grace (``await stop()`` then reaps it and gives the exit code)."""
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
 
     def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the node's log."""
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
 
     def log_text(self) -> str:
+        """The node's whole log so far."""
         return self.log.read_text(errors="replace")
 
     async def __aenter__(self) -> NodeProcess:
-        return await self.start()
+        try:
+            return await self.start()
+        except BaseException:
+            self._dir.cleanup()
+            raise
 
     async def __aexit__(
         self,
@@ -160,35 +213,29 @@ class NodeProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.stop()
-        self._dir.cleanup()
+        try:
+            await self.stop()
+        finally:
+            self._dir.cleanup()
 
 
 async def _readyz(port: int) -> bool:
+    """Whether ``GET /readyz`` answers 200 (each step bounded by one second)."""
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port), timeout=1
-        )
+        async with asyncio.timeout(1):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except (OSError, TimeoutError):
         return False
     try:
-        writer.write(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        await writer.drain()
-        status = await asyncio.wait_for(reader.readline(), timeout=1)
+        async with asyncio.timeout(1):
+            writer.write(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            await writer.drain()
+            status = await reader.readline()
         return status.split()[1:2] == [b"200"]
-    except (OSError, TimeoutError, IndexError):
+    except (OSError, TimeoutError):
         return False
     finally:
         writer.close()
-
-
-async def _accepts(port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=1)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    return True
 
 
 class WsClient:
@@ -199,14 +246,23 @@ class WsClient:
 
     @classmethod
     async def connect(cls, url: str) -> WsClient:
-        return cls(await asyncio.wait_for(connect(url), timeout=DEADLINE))
+        """Connects (within :data:`DEADLINE`). Needs ``websockets`` (the ``test`` extra)."""
+        try:
+            from websockets.asyncio.client import connect
+        except ImportError as err:
+            raise ImportError(
+                "WsClient needs the websockets package: pip install 'entity_sync[test]'"
+            ) from err
+        async with asyncio.timeout(DEADLINE):
+            return cls(await connect(url))
 
     async def send(self, message: Any) -> None:
         await self.connection.send(json.dumps(message))
 
     async def recv(self, timeout: float = DEADLINE) -> Any:
         """The next frame, parsed."""
-        frame = await asyncio.wait_for(self.connection.recv(), timeout=timeout)
+        async with asyncio.timeout(timeout):
+            frame = await self.connection.recv()
         return json.loads(frame)
 
     async def send_secret(self, secret: str) -> None:
