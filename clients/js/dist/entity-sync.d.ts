@@ -19,7 +19,7 @@
  * import { EntitySyncClient } from '@entity-sync/client';
  * const client = new EntitySyncClient('wss://sync.example.com', { secret: token });
  * const off = client.subscribe<Item>('items', '101', (rows, meta) => render(rows, meta.version));
- * // later: off();
+ * // later: off(); client.disconnect(); … client.connect(); … client.close();
  *
  * @module
  */
@@ -35,24 +35,68 @@ export type ErrorCode = (typeof ERROR_CODES)[number];
 export declare const CLIENT_ERROR_CODES: readonly ["client_connect_failed", "client_invalid_frame", "client_listener_failed"];
 /** A code of a problem the client found itself. */
 export type ClientErrorCode = (typeof CLIENT_ERROR_CODES)[number];
+/** What an {@link EntitySyncError} carries besides its code and message. */
+export interface EntitySyncErrorOptions {
+    /** The key's entity, when the error concerns one key. */
+    readonly entity?: string;
+    /** The key's id, when the error concerns one key. */
+    readonly id?: string;
+    /** What caused it: a listener's exception, the WebSocket constructor's. */
+    readonly cause?: unknown;
+}
 /**
  * An error frame of the node (`code` one of {@link ERROR_CODES}) or a problem
- * the client found (`code` one of {@link CLIENT_ERROR_CODES}).
+ * the client found (`code` one of {@link CLIENT_ERROR_CODES}). Every error the
+ * client hands out (the `error` event, `onError` callbacks, a store's
+ * `error`) is one: `error instanceof EntitySyncError` holds.
+ *
+ * `JSON.stringify` gives `{ name, code, message, entity?, id?, retryable }`
+ * (an `Error`'s `message` is not enumerable by itself).
  */
-export interface EntitySyncError {
+export declare class EntitySyncError extends Error {
+    /** Always `'EntitySyncError'`. */
+    readonly name: 'EntitySyncError';
+    /** The node's stable code, or the client's own (`client_…`). */
     readonly code: ErrorCode | ClientErrorCode;
-    /** Human-readable; a resolver's own message for `forbidden` and `resolver_error`. */
-    readonly message: string;
-    /** Present when the error concerns one key. */
+    /** The key's entity: present when the error concerns one key. */
     readonly entity?: string;
+    /** The key's id: present when the error concerns one key. */
     readonly id?: string;
+    /**
+     * `true` when the node refused the key for a reason that may pass by
+     * itself (`isRetryable(code)`): the client subscribes it again after a
+     * backoff. `false` for every other error.
+     */
+    readonly retryable: boolean;
+    /**
+     * @param message human-readable; a resolver's own message for `forbidden`
+     *   and `resolver_error`
+     */
+    constructor(code: ErrorCode | ClientErrorCode, message: string, options?: EntitySyncErrorOptions);
+    /** What `JSON.stringify` writes: the fields, `message` included. */
+    toJSON(): {
+        name: 'EntitySyncError';
+        code: ErrorCode | ClientErrorCode;
+        message: string;
+        entity?: string;
+        id?: string;
+        retryable: boolean;
+    };
 }
 /** Whether the node refused a key for a reason that may pass by itself. */
 export declare function isRetryable(code: string): boolean;
 /** The node's default websocket path (`--ws-path`). */
 export declare const DEFAULT_PATH = "/ws/entity-sync/";
-/** State of the connection to the node. */
-export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
+/**
+ * State of the connection to the node:
+ * - `disconnected`: not connected and not trying to be: before
+ *   {@link EntitySyncClient.connect} (with `autoConnect: false`) and after
+ *   {@link EntitySyncClient.disconnect}; `connect()` starts again;
+ * - `connecting`, `open`: a socket is being opened, is open;
+ * - `reconnecting`: the socket was lost, the next attempt is scheduled;
+ * - `closed`: after {@link EntitySyncClient.close}, for good.
+ */
+export type ConnectionState = 'disconnected' | 'connecting' | 'open' | 'reconnecting' | 'closed';
 /** What comes with a state change. */
 export interface StateInfo {
     /** With `reconnecting`: time until the next attempt. */
@@ -107,6 +151,12 @@ export interface ClientOptions {
     readonly path?: string;
     /** Constructor to use; defaults to `globalThis.WebSocket`. */
     readonly WebSocket?: WebSocketConstructor;
+    /**
+     * Connect from the constructor (default `true`). With `false` the client
+     * starts `disconnected`: subscribe, set listeners, then call
+     * {@link EntitySyncClient.connect}.
+     */
+    readonly autoConnect?: boolean;
     /** Ceiling of the first reconnect delay, doubling from there (default 500). */
     readonly minDelayMs?: number;
     /** Largest reconnect delay (default 15000). */
@@ -118,11 +168,19 @@ export interface ClientOptions {
     /** Same as `client.on('state', …)` from the start. */
     readonly onState?: (state: ConnectionState, info: StateInfo) => void;
 }
-/** What a client emits, by event name. */
+/**
+ * What a client emits, by event name: the listener type of each event for
+ * {@link EntitySyncClient.on}, {@link EntitySyncClient.once} and
+ * {@link EntitySyncClient.off}.
+ */
 export interface ClientEvents {
+    /** Every state change, with what comes with it. */
     state: (state: ConnectionState, info: StateInfo) => void;
+    /** Every error frame of the node, and the client's own problems. */
     error: (error: EntitySyncError) => void;
 }
+/** An event name of {@link ClientEvents}. */
+export type ClientEventName = keyof ClientEvents;
 /** A key's current value, as {@link KeyStore} holds it. */
 export interface KeyValue<Row> {
     /** `loading` until the first push; `failed` after an error that ended the subscription. */
@@ -172,11 +230,26 @@ export declare function backoffDelay(attempt: number, minMs: number, maxMs: numb
  * the URL's path; a URL without a path gets {@link DEFAULT_PATH}.
  */
 export declare function websocketUrl(url: string, path?: string): string;
-/** Keeps a set of entity subscriptions alive over one websocket. */
+/**
+ * Keeps a set of entity subscriptions alive over one websocket.
+ *
+ * Lifecycle: the constructor connects (unless `autoConnect: false`);
+ * {@link disconnect} closes the socket and keeps the subscriptions, which
+ * {@link connect} subscribes again; {@link close} ends the client for good.
+ *
+ * Events ({@link on}, {@link once}, {@link off}) are a small typed emitter of
+ * its own rather than an `EventTarget`: listeners keep their plain
+ * `(state, info)` and `(error)` signatures (no `CustomEvent` to unwrap, no
+ * `detail`), each event's listener type is checked against
+ * {@link ClientEvents}, `on` returns the function that stops the listener,
+ * and a listener that throws is reported as a `client_listener_failed` error
+ * instead of reaching the host's global error handler.
+ */
 export declare class EntitySyncClient {
     #private;
     /**
-     * Connects right away and keeps reconnecting until {@link close}.
+     * Connects right away (unless `options.autoConnect` is `false`) and keeps
+     * reconnecting until {@link disconnect} or {@link close}.
      * @param url `ws://`, `wss://`, `http://` or `https://` URL of the node,
      *   e.g. `wss://sync.example.com` or `ws://127.0.0.1:8080/ws/entity-sync/`
      */
@@ -185,8 +258,44 @@ export declare class EntitySyncClient {
     get url(): string;
     /** The connection's state now. */
     get state(): ConnectionState;
-    /** Listens to state changes or errors; returns the function that stops it. */
-    on<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): Unsubscribe;
+    /**
+     * Opens the connection: sends the secret, then subscribes every key
+     * registered (those of listeners added while disconnected, and those kept
+     * by {@link disconnect}), and keeps reconnecting with backoff until
+     * {@link disconnect} or {@link close}. Does nothing while already
+     * connecting, open or reconnecting.
+     * @returns the client, for chaining (`new EntitySyncClient(url, { autoConnect: false }).connect()`)
+     * @throws Error after {@link close}, which is final: make a new client
+     */
+    connect(): this;
+    /**
+     * Closes the socket and stops reconnecting (a scheduled reconnect or retry
+     * is cancelled), but keeps every subscription, its listeners and its last
+     * rows: a later {@link connect} subscribes the keys again, and each gets a
+     * fresh snapshot. The state becomes `disconnected`. Does nothing when not
+     * connected.
+     * @returns the client, for chaining
+     */
+    disconnect(): this;
+    /**
+     * Listens to an event of {@link ClientEvents} (`state` or `error`) until the
+     * returned function or {@link off} stops it. A function is registered once
+     * per event: adding it again changes nothing (except that `on` makes a
+     * {@link once} listener a lasting one).
+     * @returns the function that stops this listener
+     */
+    on<E extends ClientEventName>(event: E, listener: ClientEvents[E]): Unsubscribe;
+    /**
+     * Listens to the next emission of an event only.
+     * @returns the function that stops it before then
+     */
+    once<E extends ClientEventName>(event: E, listener: ClientEvents[E]): Unsubscribe;
+    /**
+     * Stops a listener added with {@link on}, {@link once} or the `onState` /
+     * `onError` options; without a listener, every listener of the event.
+     * @returns the client, for chaining
+     */
+    off<E extends ClientEventName>(event: E, listener?: ClientEvents[E]): this;
     /**
      * Listens to a key's rows. The first listener of a key sends a subscribe
      * frame (now, or as soon as the socket is open); a later one shares it and
@@ -231,6 +340,11 @@ export declare class EntitySyncClient {
         rows: readonly Row[];
         version: number;
     } | null;
-    /** Closes the socket for good: no reconnect, no more callbacks. */
+    /**
+     * Ends the client for good: closes the socket, no reconnect, no more rows;
+     * `updates()` iterators end. The state becomes `closed`, and
+     * {@link connect} throws from then on. To go offline for a while and come
+     * back with the same subscriptions, use {@link disconnect}.
+     */
     close(): void;
 }

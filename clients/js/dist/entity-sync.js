@@ -19,7 +19,7 @@
  * import { EntitySyncClient } from '@entity-sync/client';
  * const client = new EntitySyncClient('wss://sync.example.com', { secret: token });
  * const off = client.subscribe<Item>('items', '101', (rows, meta) => render(rows, meta.version));
- * // later: off();
+ * // later: off(); client.disconnect(); … client.connect(); … client.close();
  *
  * @module
  */
@@ -52,6 +52,51 @@ export const CLIENT_ERROR_CODES = Object.freeze([
     'client_invalid_frame',
     'client_listener_failed',
 ]);
+/**
+ * An error frame of the node (`code` one of {@link ERROR_CODES}) or a problem
+ * the client found (`code` one of {@link CLIENT_ERROR_CODES}). Every error the
+ * client hands out (the `error` event, `onError` callbacks, a store's
+ * `error`) is one: `error instanceof EntitySyncError` holds.
+ *
+ * `JSON.stringify` gives `{ name, code, message, entity?, id?, retryable }`
+ * (an `Error`'s `message` is not enumerable by itself).
+ */
+export class EntitySyncError extends Error {
+    static {
+        // On the prototype and not enumerable, like `TypeError.prototype.name`.
+        Object.defineProperty(this.prototype, 'name', {
+            value: 'EntitySyncError',
+            writable: true,
+            configurable: true,
+        });
+    }
+    /**
+     * @param message human-readable; a resolver's own message for `forbidden`
+     *   and `resolver_error`
+     */
+    constructor(code, message, options = {}) {
+        super(message, options.cause === undefined ? undefined : { cause: options.cause });
+        // Assigned here (`declare` fields emit nothing), in this order, and only
+        // when present: a keyless error has no `entity` property at all.
+        this.code = code;
+        if (options.entity !== undefined)
+            this.entity = options.entity;
+        if (options.id !== undefined)
+            this.id = options.id;
+        this.retryable = isRetryable(code);
+    }
+    /** What `JSON.stringify` writes: the fields, `message` included. */
+    toJSON() {
+        return {
+            name: this.name,
+            code: this.code,
+            message: this.message,
+            ...(this.entity === undefined ? {} : { entity: this.entity }),
+            ...(this.id === undefined ? {} : { id: this.id }),
+            retryable: this.retryable,
+        };
+    }
+}
 /**
  * Error codes after which the node holds no subscription for the key. The
  * client keeps the key, so a reconnect or a new secret tries again.
@@ -125,7 +170,21 @@ export function websocketUrl(url, path) {
         parsed.pathname = DEFAULT_PATH;
     return parsed.toString();
 }
-/** Keeps a set of entity subscriptions alive over one websocket. */
+/**
+ * Keeps a set of entity subscriptions alive over one websocket.
+ *
+ * Lifecycle: the constructor connects (unless `autoConnect: false`);
+ * {@link disconnect} closes the socket and keeps the subscriptions, which
+ * {@link connect} subscribes again; {@link close} ends the client for good.
+ *
+ * Events ({@link on}, {@link once}, {@link off}) are a small typed emitter of
+ * its own rather than an `EventTarget`: listeners keep their plain
+ * `(state, info)` and `(error)` signatures (no `CustomEvent` to unwrap, no
+ * `detail`), each event's listener type is checked against
+ * {@link ClientEvents}, `on` returns the function that stops the listener,
+ * and a listener that throws is reported as a `client_listener_failed` error
+ * instead of reaching the host's global error handler.
+ */
 export class EntitySyncClient {
     #url;
     #WebSocket;
@@ -133,24 +192,29 @@ export class EntitySyncClient {
     #minDelayMs;
     #maxDelayMs;
     #random;
-    #stateListeners = new Set();
-    #errorListeners = new Set();
+    /** Each event's listeners; the value tells a `once` listener. */
+    #listeners = {
+        state: new Map(),
+        error: new Map(),
+    };
     /** The current socket; events of older ones are ignored. */
     #socket = null;
     #subs = new Map();
     #reconnectTimer = null;
     #attempt = 0;
     #openedAt = 0;
+    /** Between {@link connect} and {@link disconnect} or {@link close}. */
+    #active = false;
     #closed = false;
-    #state = 'connecting';
+    #state = 'disconnected';
     /**
-     * Connects right away and keeps reconnecting until {@link close}.
+     * Connects right away (unless `options.autoConnect` is `false`) and keeps
+     * reconnecting until {@link disconnect} or {@link close}.
      * @param url `ws://`, `wss://`, `http://` or `https://` URL of the node,
      *   e.g. `wss://sync.example.com` or `ws://127.0.0.1:8080/ws/entity-sync/`
      */
     constructor(url, options = {}) {
-        const Ctor = options.WebSocket ??
-            globalThis.WebSocket;
+        const Ctor = options.WebSocket ?? globalThis.WebSocket;
         if (typeof Ctor !== 'function') {
             throw new TypeError('no WebSocket implementation: pass options.WebSocket');
         }
@@ -161,10 +225,11 @@ export class EntitySyncClient {
         this.#maxDelayMs = options.maxDelayMs ?? 15000;
         this.#random = options.random ?? Math.random;
         if (options.onError)
-            this.#errorListeners.add(options.onError);
+            this.on('error', options.onError);
         if (options.onState)
-            this.#stateListeners.add(options.onState);
-        this.#connect();
+            this.on('state', options.onState);
+        if (options.autoConnect ?? true)
+            this.connect();
     }
     /** The websocket URL the client connects to. */
     get url() {
@@ -174,13 +239,80 @@ export class EntitySyncClient {
     get state() {
         return this.#state;
     }
-    /** Listens to state changes or errors; returns the function that stops it. */
+    /**
+     * Opens the connection: sends the secret, then subscribes every key
+     * registered (those of listeners added while disconnected, and those kept
+     * by {@link disconnect}), and keeps reconnecting with backoff until
+     * {@link disconnect} or {@link close}. Does nothing while already
+     * connecting, open or reconnecting.
+     * @returns the client, for chaining (`new EntitySyncClient(url, { autoConnect: false }).connect()`)
+     * @throws Error after {@link close}, which is final: make a new client
+     */
+    connect() {
+        if (this.#closed) {
+            throw new Error('EntitySyncClient: connect() after close(); close() is final, make a new client');
+        }
+        if (this.#active)
+            return this;
+        this.#active = true;
+        this.#attempt = 0;
+        this.#open();
+        return this;
+    }
+    /**
+     * Closes the socket and stops reconnecting (a scheduled reconnect or retry
+     * is cancelled), but keeps every subscription, its listeners and its last
+     * rows: a later {@link connect} subscribes the keys again, and each gets a
+     * fresh snapshot. The state becomes `disconnected`. Does nothing when not
+     * connected.
+     * @returns the client, for chaining
+     */
+    disconnect() {
+        if (!this.#active)
+            return this;
+        this.#active = false;
+        this.#stop('client disconnected');
+        this.#setState('disconnected', {});
+        return this;
+    }
+    /**
+     * Listens to an event of {@link ClientEvents} (`state` or `error`) until the
+     * returned function or {@link off} stops it. A function is registered once
+     * per event: adding it again changes nothing (except that `on` makes a
+     * {@link once} listener a lasting one).
+     * @returns the function that stops this listener
+     */
     on(event, listener) {
-        const set = (event === 'state' ? this.#stateListeners : this.#errorListeners);
-        set.add(listener);
+        const listeners = this.#listenersOf(event);
+        listeners.set(listener, false);
         return () => {
-            set.delete(listener);
+            listeners.delete(listener);
         };
+    }
+    /**
+     * Listens to the next emission of an event only.
+     * @returns the function that stops it before then
+     */
+    once(event, listener) {
+        const listeners = this.#listenersOf(event);
+        if (!listeners.has(listener))
+            listeners.set(listener, true);
+        return () => {
+            listeners.delete(listener);
+        };
+    }
+    /**
+     * Stops a listener added with {@link on}, {@link once} or the `onState` /
+     * `onError` options; without a listener, every listener of the event.
+     * @returns the client, for chaining
+     */
+    off(event, listener) {
+        const listeners = this.#listenersOf(event);
+        if (listener === undefined)
+            listeners.clear();
+        else
+            listeners.delete(listener);
+        return this;
     }
     /**
      * Listens to a key's rows. The first listener of a key sends a subscribe
@@ -194,7 +326,10 @@ export class EntitySyncClient {
      */
     subscribe(entity, id, onRows, options = {}) {
         const key = keyOf(entity, id);
-        const listener = { onRows: onRows, onError: options.onError };
+        const listener = {
+            onRows: onRows,
+            onError: options.onError,
+        };
         let sub = this.#subs.get(key);
         if (!sub) {
             sub = {
@@ -214,7 +349,12 @@ export class EntitySyncClient {
         else if (sub.rows !== null) {
             const held = sub;
             const rows = held.rows;
-            const meta = { entity: held.entity, id: held.id, version: held.version ?? 0, snapshot: true };
+            const meta = {
+                entity: held.entity,
+                id: held.id,
+                version: held.version ?? 0,
+                snapshot: true,
+            };
             // Asynchronously, like every other delivery, so callers see one order.
             queueMicrotask(() => {
                 if (held.listeners.has(listener))
@@ -256,12 +396,14 @@ export class EntitySyncClient {
             subscribe: (run) => {
                 runs.add(run);
                 run(value);
-                if (off === null) {
-                    off = this.subscribe(entity, id, (rows, meta) => set({ status: 'live', rows, version: meta.version, error: null }), { onError: (error) => {
-                            if (SUBSCRIPTION_ENDED.has(error.code))
-                                set({ ...value, status: 'failed', error });
-                        } });
-                }
+                off ??= this.subscribe(entity, id, (rows, meta) => {
+                    set({ status: 'live', rows, version: meta.version, error: null });
+                }, {
+                    onError: (error) => {
+                        if (SUBSCRIPTION_ENDED.has(error.code))
+                            set({ ...value, status: 'failed', error });
+                    },
+                });
                 return () => {
                     runs.delete(run);
                     if (runs.size === 0 && off !== null) {
@@ -357,6 +499,8 @@ export class EntitySyncClient {
      * @returns false when not connected (the message is not queued)
      */
     send(message) {
+        // For callers in plain JavaScript, whom the types do not stop.
+        // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition
         if (message === null || typeof message !== 'object' || Array.isArray(message)) {
             throw new TypeError('a pass-through message is a JSON object');
         }
@@ -366,30 +510,82 @@ export class EntitySyncClient {
         return this.#send(JSON.stringify(message));
     }
     /** Last rows and version delivered for a key, if any. */
+    // `Row` types the rows for the caller, as in subscribe() (unchecked).
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-parameters
     current(entity, id) {
         const sub = this.#subs.get(keyOf(entity, id));
-        if (!sub || sub.rows === null)
+        if (!sub?.rows)
             return null;
         return { rows: sub.rows, version: sub.version ?? 0 };
     }
-    /** Closes the socket for good: no reconnect, no more callbacks. */
+    /**
+     * Ends the client for good: closes the socket, no reconnect, no more rows;
+     * `updates()` iterators end. The state becomes `closed`, and
+     * {@link connect} throws from then on. To go offline for a while and come
+     * back with the same subscriptions, use {@link disconnect}.
+     */
     close() {
         if (this.#closed)
             return;
         this.#closed = true;
+        if (this.#active) {
+            this.#active = false;
+            this.#stop('client closed');
+        }
+        this.#setState('closed', {});
+    }
+    /** Cancels every timer and closes the socket; the keys wait, pending. */
+    #stop(reason) {
         if (this.#reconnectTimer !== null)
             clearTimeout(this.#reconnectTimer);
-        for (const sub of this.#subs.values())
+        this.#reconnectTimer = null;
+        for (const sub of this.#subs.values()) {
             clearRetry(sub);
+            sub.state = 'pending';
+            sub.awaitingSnapshot = false;
+        }
+        this.#attempt = 0;
+        this.#openedAt = 0;
         const socket = this.#socket;
+        // Forgotten first: the close event it sends back is then ignored.
         this.#socket = null;
         if (socket)
-            socket.close(1000, 'client closed');
-        this.#setState('closed', {});
+            socket.close(1000, reason);
+    }
+    #listenersOf(event) {
+        // Checked for callers in plain JavaScript, whom the types do not stop.
+        if (!Object.hasOwn(this.#listeners, event)) {
+            throw new TypeError(`unknown event: ${event} (events: state, error)`);
+        }
+        return this.#listeners[event];
+    }
+    /**
+     * Calls the event's listeners (a `once` one is removed first). A listener
+     * that throws does not keep the event from the others; its exception is
+     * reported as a `client_listener_failed` error, except from an `error`
+     * listener, which has nowhere to report to.
+     */
+    #emit(event, ...args) {
+        const listeners = this.#listenersOf(event);
+        for (const [listener, once] of [...listeners]) {
+            // Stopped by a listener called before it, in this same emission.
+            if (!listeners.has(listener))
+                continue;
+            if (once)
+                listeners.delete(listener);
+            try {
+                listener(...args);
+            }
+            catch (err) {
+                if (event !== 'error') {
+                    this.#emitError(new EntitySyncError('client_listener_failed', errorText(err), { cause: err }));
+                }
+            }
+        }
     }
     #removeListener(key, listener) {
         const sub = this.#subs.get(key);
-        if (!sub || !sub.listeners.delete(listener))
+        if (!sub?.listeners.delete(listener))
             return;
         if (sub.listeners.size === 0)
             this.#drop(key, sub);
@@ -401,8 +597,8 @@ export class EntitySyncClient {
         if (sub.state !== 'failed')
             this.#send(encodeUnsubscribe(sub.entity, sub.id));
     }
-    #connect() {
-        if (this.#closed)
+    #open() {
+        if (!this.#active)
             return;
         this.#setState('connecting', {});
         let socket;
@@ -411,7 +607,7 @@ export class EntitySyncClient {
         }
         catch (err) {
             // A refused URL throws at once; retrying keeps the behaviour uniform.
-            this.#emitError({ code: 'client_connect_failed', message: errorText(err) });
+            this.#emitError(new EntitySyncError('client_connect_failed', errorText(err), { cause: err }));
             this.#scheduleReconnect(undefined);
             return;
         }
@@ -432,12 +628,17 @@ export class EntitySyncClient {
                 return;
             this.#handleFrame(event.data);
         };
-        socket.onclose = (event) => this.#lost(socket, event?.code);
+        // Some libraries call onclose without an event.
+        socket.onclose = (event) => {
+            this.#lost(socket, event?.code);
+        };
         // Browsers follow an error with a close event, but some implementations
         // (Node 20's experimental WebSocket) report a failed connect with an
         // error alone, so an error counts as the loss of the socket too. The
         // guard in #lost makes whichever comes second a no-op.
-        socket.onerror = () => this.#lost(socket, undefined);
+        socket.onerror = () => {
+            this.#lost(socket, undefined);
+        };
     }
     /** The socket is gone: forget it and schedule the next connection. */
     #lost(socket, closeCode) {
@@ -458,7 +659,7 @@ export class EntitySyncClient {
         this.#scheduleReconnect(closeCode);
     }
     #scheduleReconnect(closeCode) {
-        if (this.#closed)
+        if (!this.#active)
             return;
         const delayMs = backoffDelay(this.#attempt, this.#minDelayMs, this.#maxDelayMs, this.#random);
         this.#attempt += 1;
@@ -471,7 +672,7 @@ export class EntitySyncClient {
         this.#setState('reconnecting', info);
         this.#reconnectTimer = setTimeout(() => {
             this.#reconnectTimer = null;
-            this.#connect();
+            this.#open();
         }, delayMs);
     }
     #sendSubscribe(sub) {
@@ -482,7 +683,7 @@ export class EntitySyncClient {
     /** @returns whether it was sent */
     #send(text) {
         const socket = this.#socket;
-        if (!socket || socket.readyState !== OPEN)
+        if (socket?.readyState !== OPEN)
             return false;
         socket.send(text);
         return true;
@@ -493,7 +694,7 @@ export class EntitySyncClient {
             frame = JSON.parse(String(data));
         }
         catch {
-            this.#emitError({ code: 'client_invalid_frame', message: 'frame is not JSON' });
+            this.#emitError(new EntitySyncError('client_invalid_frame', 'frame is not JSON'));
             return;
         }
         if (frame === null || typeof frame !== 'object')
@@ -522,9 +723,8 @@ export class EntitySyncClient {
         }
     }
     #subOf(body) {
-        if (typeof body.entity !== 'string' || body.id === undefined || body.id === null)
-            return undefined;
-        return this.#subs.get(keyOf(body.entity, String(body.id)));
+        const key = keyFields(body);
+        return key && this.#subs.get(keyOf(key.entity, key.id));
     }
     #handlePush(body) {
         const sub = this.#subOf(body);
@@ -552,14 +752,16 @@ export class EntitySyncClient {
             this.#deliver(listener, rows, meta);
     }
     #handleError(body) {
-        const code = String(body.code ?? 'unknown');
-        const message = String(body.message ?? '');
-        const sub = this.#subOf(body);
-        if (typeof body.entity !== 'string' || body.id === undefined || body.id === null) {
-            this.#emitError({ code, message });
+        // Typed as the codes known here; a newer node's new code passes through.
+        const code = (typeof body.code === 'string' ? body.code : 'unknown');
+        const message = typeof body.message === 'string' ? body.message : '';
+        const key = keyFields(body);
+        if (!key) {
+            this.#emitError(new EntitySyncError(code, message));
             return;
         }
-        const error = { code, message, entity: body.entity, id: String(body.id) };
+        const error = new EntitySyncError(code, message, key);
+        const sub = this.#subs.get(keyOf(key.entity, key.id));
         if (sub && SUBSCRIPTION_ENDED.has(code)) {
             sub.state = 'failed';
             sub.awaitingSnapshot = false;
@@ -596,35 +798,31 @@ export class EntitySyncClient {
         }
         catch (err) {
             // One faulty listener must not starve the others or break the socket.
-            this.#emitError({
-                code: 'client_listener_failed',
-                message: errorText(err),
+            this.#emitError(new EntitySyncError('client_listener_failed', errorText(err), {
                 entity: meta.entity,
                 id: meta.id,
-            });
+                cause: err,
+            }));
         }
     }
     #emitError(error) {
-        for (const listener of [...this.#errorListeners]) {
-            try {
-                listener(error);
-            }
-            catch {
-                // An error listener that throws has nowhere to report to.
-            }
-        }
+        this.#emit('error', error);
     }
     #setState(state, info) {
         this.#state = state;
-        for (const listener of [...this.#stateListeners]) {
-            try {
-                listener(state, info);
-            }
-            catch (err) {
-                this.#emitError({ code: 'client_listener_failed', message: errorText(err) });
-            }
-        }
+        this.#emit('state', state, info);
     }
+}
+/** The key a frame's body names, if it names one. */
+function keyFields(body) {
+    if (typeof body.entity !== 'string')
+        return undefined;
+    // The node sends ids as strings; a number is taken as its decimal string.
+    if (typeof body.id === 'string')
+        return { entity: body.entity, id: body.id };
+    if (typeof body.id === 'number')
+        return { entity: body.entity, id: String(body.id) };
+    return undefined;
 }
 function clearRetry(sub) {
     if (sub.retryTimer !== null)

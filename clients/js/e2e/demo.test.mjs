@@ -12,7 +12,17 @@ import { join } from 'node:path';
 
 import { chromium } from 'playwright-core';
 
-import { DEADLINE_MS, NodeProcess, demoBinary, freePorts, httpGet, outputDir, packageRoot, spawnChild, until } from '../test/support/harness.mjs';
+import {
+  DEADLINE_MS,
+  NodeProcess,
+  demoBinary,
+  freePorts,
+  httpGet,
+  outputDir,
+  packageRoot,
+  spawnChild,
+  until,
+} from '../test/support/harness.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -37,10 +47,14 @@ before(async () => {
   const [wsPort, grpcPort, httpPort] = await freePorts(3);
   node = await new NodeProcess({ wsPort, grpcPort, name: 'e2e-node' }).start();
   demo = spawnChild('e2e-demo', demoBinary(), [
-    '--node', node.grpcUrl,
-    '--ws-addr', `127.0.0.1:${wsPort}`,
-    '--http-addr', `127.0.0.1:${httpPort}`,
-    '--auto-edit', '0',
+    '--node',
+    node.grpcUrl,
+    '--ws-addr',
+    `127.0.0.1:${wsPort}`,
+    '--http-addr',
+    `127.0.0.1:${httpPort}`,
+    '--auto-edit',
+    '0',
   ]);
   pageUrl = `http://127.0.0.1:${httpPort}/`;
   await until(async () => {
@@ -49,7 +63,11 @@ before(async () => {
   }, 'the demo page server');
   // A fresh profile per launch (playwright makes a temp user-data-dir and
   // removes it on close).
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: CHROMIUM_ARGS,
+  });
 });
 
 after(async () => {
@@ -77,10 +95,13 @@ async function waitLive(page) {
   await page.waitForFunction(() => document.querySelectorAll('#items tr').length === 8);
 }
 
-test('the demo serves the package\'s committed build as the page\'s client', async () => {
+test("the demo serves the package's committed build as the page's client", async () => {
   const served = await httpGet(`${pageUrl}entity-sync.js`);
   assert.equal(served.status, 200);
-  assert.ok(served.body === readFileSync(join(packageRoot, 'dist', 'entity-sync.js'), 'utf8'), 'the demo serves dist/entity-sync.js as it is (rebuild the demo after `npm run build`)');
+  assert.ok(
+    served.body === readFileSync(join(packageRoot, 'dist', 'entity-sync.js'), 'utf8'),
+    'the demo serves dist/entity-sync.js as it is (rebuild the demo after `npm run build`)',
+  );
   const page = await httpGet(pageUrl);
   assert.match(page.body, /import \{ EntitySyncClient \} from '\/entity-sync\.js';/);
 });
@@ -104,8 +125,12 @@ test('the demo page: an edit reaches a second browser, no secret is refused, and
   // An edit through page A's input: saved, notified, pushed to both pages.
   await qty(a.page, 101).fill('42');
   await qty(a.page, 101).press('Enter');
-  await b.page.waitForFunction(() => document.querySelector('input[aria-label="qty of item 101"]')?.value === '42');
-  await a.page.waitForFunction(() => document.querySelector('input[aria-label="qty of item 101"]')?.value === '42');
+  await b.page.waitForFunction(
+    () => document.querySelector('input[aria-label="qty of item 101"]')?.value === '42',
+  );
+  await a.page.waitForFunction(
+    () => document.querySelector('input[aria-label="qty of item 101"]')?.value === '42',
+  );
   mark = lap('edit in A seen in B (ms)', mark);
   assert.match(await b.page.locator('#list-version').textContent(), /^v\d+ · change$/);
   await a.page.screenshot({ path: join(shots, '1-edited-a.png') });
@@ -115,17 +140,24 @@ test('the demo page: an edit reaches a second browser, no secret is refused, and
   await a.page.locator('#secret').fill('');
   await a.page.locator('#secret-form button').click();
   await a.page.locator('#list-error').waitFor({ state: 'visible' });
-  assert.match(await a.page.locator('#list-error').textContent(), /^forbidden: this list is private/);
+  assert.match(
+    await a.page.locator('#list-error').textContent(),
+    /^forbidden: this list is private/,
+  );
   assert.equal(await a.page.locator('#items tr').count(), 0);
   assert.equal(await b.page.locator('#items tr').count(), 8);
-  mark = lap('secret cleared, list refused (ms)', mark);
+  lap('secret cleared, list refused (ms)', mark);
   await a.page.screenshot({ path: join(shots, '2-forbidden-a.png') });
 
   // The node is killed and started again on the same ports.
   await node.kill();
-  await Promise.all([a.page, b.page].map((page) => page.waitForFunction(
-    () => document.querySelector('#status')?.classList.contains('reconnecting'),
-  )));
+  await Promise.all(
+    [a.page, b.page].map((page) =>
+      page.waitForFunction(() =>
+        document.querySelector('#status')?.classList.contains('reconnecting'),
+      ),
+    ),
+  );
   assert.match(await pill(b.page).textContent(), /^reconnecting in \d+\.\d s$/);
   await b.page.screenshot({ path: join(shots, '3-node-down-b.png') });
   const restarted = performance.now();
@@ -138,7 +170,9 @@ test('the demo page: an edit reaches a second browser, no secret is refused, and
   // Edits flow again, and the secret opens the list on A again.
   await qty(b.page, 102).fill('9');
   await qty(b.page, 102).press('Enter');
-  await b.page.waitForFunction(() => document.querySelector('input[aria-label="qty of item 102"]')?.value === '9');
+  await b.page.waitForFunction(
+    () => document.querySelector('input[aria-label="qty of item 102"]')?.value === '9',
+  );
   await a.page.locator('#secret').fill('demo-secret');
   await a.page.locator('#secret-form button').click();
   await waitLive(a.page);

@@ -19,7 +19,7 @@
  * import { EntitySyncClient } from '@entity-sync/client';
  * const client = new EntitySyncClient('wss://sync.example.com', { secret: token });
  * const off = client.subscribe<Item>('items', '101', (rows, meta) => render(rows, meta.version));
- * // later: off();
+ * // later: off(); client.disconnect(); … client.connect(); … client.close();
  *
  * @module
  */
@@ -61,17 +61,86 @@ export const CLIENT_ERROR_CODES = Object.freeze([
 /** A code of a problem the client found itself. */
 export type ClientErrorCode = (typeof CLIENT_ERROR_CODES)[number];
 
+/** What an {@link EntitySyncError} carries besides its code and message. */
+export interface EntitySyncErrorOptions {
+  /** The key's entity, when the error concerns one key. */
+  readonly entity?: string;
+  /** The key's id, when the error concerns one key. */
+  readonly id?: string;
+  /** What caused it: a listener's exception, the WebSocket constructor's. */
+  readonly cause?: unknown;
+}
+
 /**
  * An error frame of the node (`code` one of {@link ERROR_CODES}) or a problem
- * the client found (`code` one of {@link CLIENT_ERROR_CODES}).
+ * the client found (`code` one of {@link CLIENT_ERROR_CODES}). Every error the
+ * client hands out (the `error` event, `onError` callbacks, a store's
+ * `error`) is one: `error instanceof EntitySyncError` holds.
+ *
+ * `JSON.stringify` gives `{ name, code, message, entity?, id?, retryable }`
+ * (an `Error`'s `message` is not enumerable by itself).
  */
-export interface EntitySyncError {
-  readonly code: ErrorCode | ClientErrorCode;
-  /** Human-readable; a resolver's own message for `forbidden` and `resolver_error`. */
-  readonly message: string;
-  /** Present when the error concerns one key. */
-  readonly entity?: string;
-  readonly id?: string;
+export class EntitySyncError extends Error {
+  static {
+    // On the prototype and not enumerable, like `TypeError.prototype.name`.
+    Object.defineProperty(this.prototype, 'name', {
+      value: 'EntitySyncError',
+      writable: true,
+      configurable: true,
+    });
+  }
+
+  /** Always `'EntitySyncError'`. */
+  declare readonly name: 'EntitySyncError';
+  /** The node's stable code, or the client's own (`client_…`). */
+  declare readonly code: ErrorCode | ClientErrorCode;
+  /** The key's entity: present when the error concerns one key. */
+  declare readonly entity?: string;
+  /** The key's id: present when the error concerns one key. */
+  declare readonly id?: string;
+  /**
+   * `true` when the node refused the key for a reason that may pass by
+   * itself (`isRetryable(code)`): the client subscribes it again after a
+   * backoff. `false` for every other error.
+   */
+  declare readonly retryable: boolean;
+
+  /**
+   * @param message human-readable; a resolver's own message for `forbidden`
+   *   and `resolver_error`
+   */
+  constructor(
+    code: ErrorCode | ClientErrorCode,
+    message: string,
+    options: EntitySyncErrorOptions = {},
+  ) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    // Assigned here (`declare` fields emit nothing), in this order, and only
+    // when present: a keyless error has no `entity` property at all.
+    this.code = code;
+    if (options.entity !== undefined) this.entity = options.entity;
+    if (options.id !== undefined) this.id = options.id;
+    this.retryable = isRetryable(code);
+  }
+
+  /** What `JSON.stringify` writes: the fields, `message` included. */
+  toJSON(): {
+    name: 'EntitySyncError';
+    code: ErrorCode | ClientErrorCode;
+    message: string;
+    entity?: string;
+    id?: string;
+    retryable: boolean;
+  } {
+    return {
+      name: this.name,
+      code: this.code,
+      message: this.message,
+      ...(this.entity === undefined ? {} : { entity: this.entity }),
+      ...(this.id === undefined ? {} : { id: this.id }),
+      retryable: this.retryable,
+    };
+  }
 }
 
 /**
@@ -113,8 +182,16 @@ const STABLE_CONNECTION_MS = 5000;
 /** The node's default websocket path (`--ws-path`). */
 export const DEFAULT_PATH = '/ws/entity-sync/';
 
-/** State of the connection to the node. */
-export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed';
+/**
+ * State of the connection to the node:
+ * - `disconnected`: not connected and not trying to be: before
+ *   {@link EntitySyncClient.connect} (with `autoConnect: false`) and after
+ *   {@link EntitySyncClient.disconnect}; `connect()` starts again;
+ * - `connecting`, `open`: a socket is being opened, is open;
+ * - `reconnecting`: the socket was lost, the next attempt is scheduled;
+ * - `closed`: after {@link EntitySyncClient.close}, for good.
+ */
+export type ConnectionState = 'disconnected' | 'connecting' | 'open' | 'reconnecting' | 'closed';
 
 /** What comes with a state change. */
 export interface StateInfo {
@@ -173,6 +250,12 @@ export interface ClientOptions {
   readonly path?: string;
   /** Constructor to use; defaults to `globalThis.WebSocket`. */
   readonly WebSocket?: WebSocketConstructor;
+  /**
+   * Connect from the constructor (default `true`). With `false` the client
+   * starts `disconnected`: subscribe, set listeners, then call
+   * {@link EntitySyncClient.connect}.
+   */
+  readonly autoConnect?: boolean;
   /** Ceiling of the first reconnect delay, doubling from there (default 500). */
   readonly minDelayMs?: number;
   /** Largest reconnect delay (default 15000). */
@@ -185,11 +268,20 @@ export interface ClientOptions {
   readonly onState?: (state: ConnectionState, info: StateInfo) => void;
 }
 
-/** What a client emits, by event name. */
+/**
+ * What a client emits, by event name: the listener type of each event for
+ * {@link EntitySyncClient.on}, {@link EntitySyncClient.once} and
+ * {@link EntitySyncClient.off}.
+ */
 export interface ClientEvents {
+  /** Every state change, with what comes with it. */
   state: (state: ConnectionState, info: StateInfo) => void;
+  /** Every error frame of the node, and the client's own problems. */
   error: (error: EntitySyncError) => void;
 }
+
+/** An event name of {@link ClientEvents}. */
+export type ClientEventName = keyof ClientEvents;
 
 /** A key's current value, as {@link KeyStore} holds it. */
 export interface KeyValue<Row> {
@@ -308,7 +400,21 @@ interface KeyBody {
   message?: unknown;
 }
 
-/** Keeps a set of entity subscriptions alive over one websocket. */
+/**
+ * Keeps a set of entity subscriptions alive over one websocket.
+ *
+ * Lifecycle: the constructor connects (unless `autoConnect: false`);
+ * {@link disconnect} closes the socket and keeps the subscriptions, which
+ * {@link connect} subscribes again; {@link close} ends the client for good.
+ *
+ * Events ({@link on}, {@link once}, {@link off}) are a small typed emitter of
+ * its own rather than an `EventTarget`: listeners keep their plain
+ * `(state, info)` and `(error)` signatures (no `CustomEvent` to unwrap, no
+ * `detail`), each event's listener type is checked against
+ * {@link ClientEvents}, `on` returns the function that stops the listener,
+ * and a listener that throws is reported as a `client_listener_failed` error
+ * instead of reaching the host's global error handler.
+ */
 export class EntitySyncClient {
   readonly #url: string;
   readonly #WebSocket: WebSocketConstructor;
@@ -316,8 +422,11 @@ export class EntitySyncClient {
   readonly #minDelayMs: number;
   readonly #maxDelayMs: number;
   readonly #random: () => number;
-  readonly #stateListeners = new Set<ClientEvents['state']>();
-  readonly #errorListeners = new Set<ClientEvents['error']>();
+  /** Each event's listeners; the value tells a `once` listener. */
+  readonly #listeners: { [E in ClientEventName]: Map<ClientEvents[E], boolean> } = {
+    state: new Map(),
+    error: new Map(),
+  };
 
   /** The current socket; events of older ones are ignored. */
   #socket: WebSocketLike | null = null;
@@ -325,18 +434,20 @@ export class EntitySyncClient {
   #reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   #attempt = 0;
   #openedAt = 0;
+  /** Between {@link connect} and {@link disconnect} or {@link close}. */
+  #active = false;
   #closed = false;
-  #state: ConnectionState = 'connecting';
+  #state: ConnectionState = 'disconnected';
 
   /**
-   * Connects right away and keeps reconnecting until {@link close}.
+   * Connects right away (unless `options.autoConnect` is `false`) and keeps
+   * reconnecting until {@link disconnect} or {@link close}.
    * @param url `ws://`, `wss://`, `http://` or `https://` URL of the node,
    *   e.g. `wss://sync.example.com` or `ws://127.0.0.1:8080/ws/entity-sync/`
    */
   constructor(url: string, options: ClientOptions = {}) {
     const Ctor =
-      options.WebSocket ??
-      (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+      options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (typeof Ctor !== 'function') {
       throw new TypeError('no WebSocket implementation: pass options.WebSocket');
     }
@@ -346,9 +457,9 @@ export class EntitySyncClient {
     this.#minDelayMs = options.minDelayMs ?? 500;
     this.#maxDelayMs = options.maxDelayMs ?? 15000;
     this.#random = options.random ?? Math.random;
-    if (options.onError) this.#errorListeners.add(options.onError);
-    if (options.onState) this.#stateListeners.add(options.onState);
-    this.#connect();
+    if (options.onError) this.on('error', options.onError);
+    if (options.onState) this.on('state', options.onState);
+    if (options.autoConnect ?? true) this.connect();
   }
 
   /** The websocket URL the client connects to. */
@@ -361,15 +472,81 @@ export class EntitySyncClient {
     return this.#state;
   }
 
-  /** Listens to state changes or errors; returns the function that stops it. */
-  on<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): Unsubscribe {
-    const set = (event === 'state' ? this.#stateListeners : this.#errorListeners) as Set<
-      ClientEvents[E]
-    >;
-    set.add(listener);
+  /**
+   * Opens the connection: sends the secret, then subscribes every key
+   * registered (those of listeners added while disconnected, and those kept
+   * by {@link disconnect}), and keeps reconnecting with backoff until
+   * {@link disconnect} or {@link close}. Does nothing while already
+   * connecting, open or reconnecting.
+   * @returns the client, for chaining (`new EntitySyncClient(url, { autoConnect: false }).connect()`)
+   * @throws Error after {@link close}, which is final: make a new client
+   */
+  connect(): this {
+    if (this.#closed) {
+      throw new Error(
+        'EntitySyncClient: connect() after close(); close() is final, make a new client',
+      );
+    }
+    if (this.#active) return this;
+    this.#active = true;
+    this.#attempt = 0;
+    this.#open();
+    return this;
+  }
+
+  /**
+   * Closes the socket and stops reconnecting (a scheduled reconnect or retry
+   * is cancelled), but keeps every subscription, its listeners and its last
+   * rows: a later {@link connect} subscribes the keys again, and each gets a
+   * fresh snapshot. The state becomes `disconnected`. Does nothing when not
+   * connected.
+   * @returns the client, for chaining
+   */
+  disconnect(): this {
+    if (!this.#active) return this;
+    this.#active = false;
+    this.#stop('client disconnected');
+    this.#setState('disconnected', {});
+    return this;
+  }
+
+  /**
+   * Listens to an event of {@link ClientEvents} (`state` or `error`) until the
+   * returned function or {@link off} stops it. A function is registered once
+   * per event: adding it again changes nothing (except that `on` makes a
+   * {@link once} listener a lasting one).
+   * @returns the function that stops this listener
+   */
+  on<E extends ClientEventName>(event: E, listener: ClientEvents[E]): Unsubscribe {
+    const listeners = this.#listenersOf(event);
+    listeners.set(listener, false);
     return () => {
-      set.delete(listener);
+      listeners.delete(listener);
     };
+  }
+
+  /**
+   * Listens to the next emission of an event only.
+   * @returns the function that stops it before then
+   */
+  once<E extends ClientEventName>(event: E, listener: ClientEvents[E]): Unsubscribe {
+    const listeners = this.#listenersOf(event);
+    if (!listeners.has(listener)) listeners.set(listener, true);
+    return () => {
+      listeners.delete(listener);
+    };
+  }
+
+  /**
+   * Stops a listener added with {@link on}, {@link once} or the `onState` /
+   * `onError` options; without a listener, every listener of the event.
+   * @returns the client, for chaining
+   */
+  off<E extends ClientEventName>(event: E, listener?: ClientEvents[E]): this {
+    const listeners = this.#listenersOf(event);
+    if (listener === undefined) listeners.clear();
+    else listeners.delete(listener);
+    return this;
   }
 
   /**
@@ -389,7 +566,10 @@ export class EntitySyncClient {
     options: SubscribeOptions = {},
   ): Unsubscribe {
     const key = keyOf(entity, id);
-    const listener: Listener = { onRows: onRows as RowsListener<unknown>, onError: options.onError };
+    const listener: Listener = {
+      onRows: onRows as RowsListener<unknown>,
+      onError: options.onError,
+    };
     let sub = this.#subs.get(key);
     if (!sub) {
       sub = {
@@ -408,7 +588,12 @@ export class EntitySyncClient {
     } else if (sub.rows !== null) {
       const held = sub;
       const rows = held.rows as readonly Row[];
-      const meta: PushMeta = { entity: held.entity, id: held.id, version: held.version ?? 0, snapshot: true };
+      const meta: PushMeta = {
+        entity: held.entity,
+        id: held.id,
+        version: held.version ?? 0,
+        snapshot: true,
+      };
       // Asynchronously, like every other delivery, so callers see one order.
       queueMicrotask(() => {
         if (held.listeners.has(listener)) this.#deliver(listener, rows, meta);
@@ -448,16 +633,18 @@ export class EntitySyncClient {
       subscribe: (run) => {
         runs.add(run);
         run(value);
-        if (off === null) {
-          off = this.subscribe<Row>(
-            entity,
-            id,
-            (rows, meta) => set({ status: 'live', rows, version: meta.version, error: null }),
-            { onError: (error) => {
+        off ??= this.subscribe<Row>(
+          entity,
+          id,
+          (rows, meta) => {
+            set({ status: 'live', rows, version: meta.version, error: null });
+          },
+          {
+            onError: (error) => {
               if (SUBSCRIPTION_ENDED.has(error.code)) set({ ...value, status: 'failed', error });
-            } },
-          );
-        }
+            },
+          },
+        );
         return () => {
           runs.delete(run);
           if (runs.size === 0 && off !== null) {
@@ -553,6 +740,8 @@ export class EntitySyncClient {
    * @returns false when not connected (the message is not queued)
    */
   send(message: Record<string, unknown>): boolean {
+    // For callers in plain JavaScript, whom the types do not stop.
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition
     if (message === null || typeof message !== 'object' || Array.isArray(message)) {
       throw new TypeError('a pass-through message is a JSON object');
     }
@@ -563,30 +752,85 @@ export class EntitySyncClient {
   }
 
   /** Last rows and version delivered for a key, if any. */
+  // `Row` types the rows for the caller, as in subscribe() (unchecked).
+  // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-parameters
   current<Row = unknown>(
     entity: string,
     id: string | number,
   ): { rows: readonly Row[]; version: number } | null {
     const sub = this.#subs.get(keyOf(entity, id));
-    if (!sub || sub.rows === null) return null;
+    if (!sub?.rows) return null;
     return { rows: sub.rows as readonly Row[], version: sub.version ?? 0 };
   }
 
-  /** Closes the socket for good: no reconnect, no more callbacks. */
+  /**
+   * Ends the client for good: closes the socket, no reconnect, no more rows;
+   * `updates()` iterators end. The state becomes `closed`, and
+   * {@link connect} throws from then on. To go offline for a while and come
+   * back with the same subscriptions, use {@link disconnect}.
+   */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    if (this.#reconnectTimer !== null) clearTimeout(this.#reconnectTimer);
-    for (const sub of this.#subs.values()) clearRetry(sub);
-    const socket = this.#socket;
-    this.#socket = null;
-    if (socket) socket.close(1000, 'client closed');
+    if (this.#active) {
+      this.#active = false;
+      this.#stop('client closed');
+    }
     this.#setState('closed', {});
+  }
+
+  /** Cancels every timer and closes the socket; the keys wait, pending. */
+  #stop(reason: string): void {
+    if (this.#reconnectTimer !== null) clearTimeout(this.#reconnectTimer);
+    this.#reconnectTimer = null;
+    for (const sub of this.#subs.values()) {
+      clearRetry(sub);
+      sub.state = 'pending';
+      sub.awaitingSnapshot = false;
+    }
+    this.#attempt = 0;
+    this.#openedAt = 0;
+    const socket = this.#socket;
+    // Forgotten first: the close event it sends back is then ignored.
+    this.#socket = null;
+    if (socket) socket.close(1000, reason);
+  }
+
+  #listenersOf<E extends ClientEventName>(event: E): Map<ClientEvents[E], boolean> {
+    // Checked for callers in plain JavaScript, whom the types do not stop.
+    if (!Object.hasOwn(this.#listeners, event)) {
+      throw new TypeError(`unknown event: ${event} (events: state, error)`);
+    }
+    return this.#listeners[event];
+  }
+
+  /**
+   * Calls the event's listeners (a `once` one is removed first). A listener
+   * that throws does not keep the event from the others; its exception is
+   * reported as a `client_listener_failed` error, except from an `error`
+   * listener, which has nowhere to report to.
+   */
+  #emit<E extends ClientEventName>(event: E, ...args: Parameters<ClientEvents[E]>): void {
+    const listeners = this.#listenersOf(event);
+    for (const [listener, once] of [...listeners]) {
+      // Stopped by a listener called before it, in this same emission.
+      if (!listeners.has(listener)) continue;
+      if (once) listeners.delete(listener);
+      try {
+        (listener as (...values: Parameters<ClientEvents[E]>) => void)(...args);
+      } catch (err) {
+        if (event !== 'error') {
+          this.#emitError(
+            new EntitySyncError('client_listener_failed', errorText(err), { cause: err }),
+          );
+        }
+      }
+    }
   }
 
   #removeListener(key: string, listener: Listener): void {
     const sub = this.#subs.get(key);
-    if (!sub || !sub.listeners.delete(listener)) return;
+    if (!sub?.listeners.delete(listener)) return;
     if (sub.listeners.size === 0) this.#drop(key, sub);
   }
 
@@ -597,15 +841,15 @@ export class EntitySyncClient {
     if (sub.state !== 'failed') this.#send(encodeUnsubscribe(sub.entity, sub.id));
   }
 
-  #connect(): void {
-    if (this.#closed) return;
+  #open(): void {
+    if (!this.#active) return;
     this.#setState('connecting', {});
     let socket: WebSocketLike;
     try {
       socket = new this.#WebSocket(this.#url);
     } catch (err) {
       // A refused URL throws at once; retrying keeps the behaviour uniform.
-      this.#emitError({ code: 'client_connect_failed', message: errorText(err) });
+      this.#emitError(new EntitySyncError('client_connect_failed', errorText(err), { cause: err }));
       this.#scheduleReconnect(undefined);
       return;
     }
@@ -622,12 +866,17 @@ export class EntitySyncClient {
       if (this.#socket !== socket) return;
       this.#handleFrame(event.data);
     };
-    socket.onclose = (event) => this.#lost(socket, event?.code);
+    // Some libraries call onclose without an event.
+    socket.onclose = (event?: { code?: number }) => {
+      this.#lost(socket, event?.code);
+    };
     // Browsers follow an error with a close event, but some implementations
     // (Node 20's experimental WebSocket) report a failed connect with an
     // error alone, so an error counts as the loss of the socket too. The
     // guard in #lost makes whichever comes second a no-op.
-    socket.onerror = () => this.#lost(socket, undefined);
+    socket.onerror = () => {
+      this.#lost(socket, undefined);
+    };
   }
 
   /** The socket is gone: forget it and schedule the next connection. */
@@ -647,7 +896,7 @@ export class EntitySyncClient {
   }
 
   #scheduleReconnect(closeCode: number | undefined): void {
-    if (this.#closed) return;
+    if (!this.#active) return;
     const delayMs = backoffDelay(this.#attempt, this.#minDelayMs, this.#maxDelayMs, this.#random);
     this.#attempt += 1;
     const info: { delayMs: number; attempt: number; closeCode?: number } = {
@@ -658,7 +907,7 @@ export class EntitySyncClient {
     this.#setState('reconnecting', info);
     this.#reconnectTimer = setTimeout(() => {
       this.#reconnectTimer = null;
-      this.#connect();
+      this.#open();
     }, delayMs);
   }
 
@@ -670,7 +919,7 @@ export class EntitySyncClient {
   /** @returns whether it was sent */
   #send(text: string): boolean {
     const socket = this.#socket;
-    if (!socket || socket.readyState !== OPEN) return false;
+    if (socket?.readyState !== OPEN) return false;
     socket.send(text);
     return true;
   }
@@ -680,12 +929,12 @@ export class EntitySyncClient {
     try {
       frame = JSON.parse(String(data));
     } catch {
-      this.#emitError({ code: 'client_invalid_frame', message: 'frame is not JSON' });
+      this.#emitError(new EntitySyncError('client_invalid_frame', 'frame is not JSON'));
       return;
     }
     if (frame === null || typeof frame !== 'object') return;
     const { action, body } = frame as Frame;
-    const fields: KeyBody = body !== null && typeof body === 'object' ? (body as KeyBody) : {};
+    const fields: KeyBody = body !== null && typeof body === 'object' ? body : {};
     switch (action) {
       case 'subscribed': {
         const sub = this.#subOf(fields);
@@ -708,8 +957,8 @@ export class EntitySyncClient {
   }
 
   #subOf(body: KeyBody): Subscription | undefined {
-    if (typeof body.entity !== 'string' || body.id === undefined || body.id === null) return undefined;
-    return this.#subs.get(keyOf(body.entity, String(body.id)));
+    const key = keyFields(body);
+    return key && this.#subs.get(keyOf(key.entity, key.id));
   }
 
   #handlePush(body: KeyBody): void {
@@ -736,14 +985,16 @@ export class EntitySyncClient {
   }
 
   #handleError(body: KeyBody): void {
-    const code = String(body.code ?? 'unknown') as EntitySyncError['code'];
-    const message = String(body.message ?? '');
-    const sub = this.#subOf(body);
-    if (typeof body.entity !== 'string' || body.id === undefined || body.id === null) {
-      this.#emitError({ code, message });
+    // Typed as the codes known here; a newer node's new code passes through.
+    const code = (typeof body.code === 'string' ? body.code : 'unknown') as EntitySyncError['code'];
+    const message = typeof body.message === 'string' ? body.message : '';
+    const key = keyFields(body);
+    if (!key) {
+      this.#emitError(new EntitySyncError(code, message));
       return;
     }
-    const error: EntitySyncError = { code, message, entity: body.entity, id: String(body.id) };
+    const error = new EntitySyncError(code, message, key);
+    const sub = this.#subs.get(keyOf(key.entity, key.id));
     if (sub && SUBSCRIPTION_ENDED.has(code)) {
       sub.state = 'failed';
       sub.awaitingSnapshot = false;
@@ -777,35 +1028,33 @@ export class EntitySyncClient {
       listener.onRows(rows, meta);
     } catch (err) {
       // One faulty listener must not starve the others or break the socket.
-      this.#emitError({
-        code: 'client_listener_failed',
-        message: errorText(err),
-        entity: meta.entity,
-        id: meta.id,
-      });
+      this.#emitError(
+        new EntitySyncError('client_listener_failed', errorText(err), {
+          entity: meta.entity,
+          id: meta.id,
+          cause: err,
+        }),
+      );
     }
   }
 
   #emitError(error: EntitySyncError): void {
-    for (const listener of [...this.#errorListeners]) {
-      try {
-        listener(error);
-      } catch {
-        // An error listener that throws has nowhere to report to.
-      }
-    }
+    this.#emit('error', error);
   }
 
   #setState(state: ConnectionState, info: StateInfo): void {
     this.#state = state;
-    for (const listener of [...this.#stateListeners]) {
-      try {
-        listener(state, info);
-      } catch (err) {
-        this.#emitError({ code: 'client_listener_failed', message: errorText(err) });
-      }
-    }
+    this.#emit('state', state, info);
   }
+}
+
+/** The key a frame's body names, if it names one. */
+function keyFields(body: KeyBody): { entity: string; id: string } | undefined {
+  if (typeof body.entity !== 'string') return undefined;
+  // The node sends ids as strings; a number is taken as its decimal string.
+  if (typeof body.id === 'string') return { entity: body.entity, id: body.id };
+  if (typeof body.id === 'number') return { entity: body.entity, id: String(body.id) };
+  return undefined;
 }
 
 function clearRetry(sub: Subscription): void {

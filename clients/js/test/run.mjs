@@ -6,5 +6,9 @@ import { spawnSync } from 'node:child_process';
 
 const major = Number(process.versions.node.split('.')[0]);
 const flags = major < 22 ? ['--experimental-websocket'] : [];
-const { status, signal } = spawnSync(process.execPath, [...flags, '--test', ...process.argv.slice(2)], { stdio: 'inherit' });
+const { status, signal } = spawnSync(
+  process.execPath,
+  [...flags, '--test', ...process.argv.slice(2)],
+  { stdio: 'inherit' },
+);
 process.exit(status ?? (signal ? 1 : 0));

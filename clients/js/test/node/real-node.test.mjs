@@ -6,7 +6,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { EntitySyncClient } from '../../dist/entity-sync.js';
+import { EntitySyncClient, EntitySyncError } from '../../dist/entity-sync.js';
 import { NodeProcess, Resolver, freePorts, metric, recorder, until } from '../support/harness.mjs';
 
 /** Fast reconnects, so a restart is recovered from quickly. */
@@ -48,7 +48,10 @@ test('subscribe gets the snapshot; a notify pushes the fresh rows; listeners of 
   const [snapshot] = rec.of('items/1');
   assert.deepEqual(snapshot.rows, [{ id: 1, name: 'milk', qty: 2 }]);
   assert.equal(snapshot.snapshot, true);
-  assert.ok(Number.isSafeInteger(snapshot.version) && snapshot.version > 0, `version ${snapshot.version}`);
+  assert.ok(
+    Number.isSafeInteger(snapshot.version) && snapshot.version > 0,
+    `version ${snapshot.version}`,
+  );
   assert.deepEqual(
     rec.seen.frames.map((f) => f.action),
     ['subscribed', 'push'],
@@ -56,7 +59,9 @@ test('subscribe gets the snapshot; a notify pushes the fresh rows; listeners of 
   );
   assert.equal((await resolver.requestsFor('subscribe', 'items', '1')).length, 1);
 
-  await resolver.set('items', '1', { rows: [{ id: 1, name: 'milk', qty: 5 }, { note: 'second row' }] });
+  await resolver.set('items', '1', {
+    rows: [{ id: 1, name: 'milk', qty: 5 }, { note: 'second row' }],
+  });
   const [sequence] = await resolver.notify(['items', '1']);
   await until(() => rec.of('items/1').length === 2, 'the push');
   const pushed = rec.of('items/1')[1];
@@ -90,9 +95,15 @@ test('typed stores and async iteration follow the same key', async () => {
   await resolver.set('items', '2', { rows: [{ id: 2, qty: 3 }] });
   await resolver.notify(['items', '2']);
   await loop;
-  assert.deepEqual(seen, [[1, true], [3, false]]);
+  assert.deepEqual(seen, [
+    [1, true],
+    [3, false],
+  ]);
   await until(() => store.get().rows[0]?.qty === 3, 'the store to follow');
-  assert.deepEqual(values.map((v) => v.status), ['loading', 'live', 'live']);
+  assert.deepEqual(
+    values.map((v) => v.status),
+    ['loading', 'live', 'live'],
+  );
   off();
 });
 
@@ -103,7 +114,10 @@ test('after the node is killed and restarted on its ports, every key is resubscr
   const c = client({ ...rec.options, secret: 'member-secret' });
   c.subscribe('items', '10', rec.listener);
   c.subscribe('lists', '10', rec.listener);
-  await until(() => rec.of('items/10').length === 1 && rec.of('lists/10').length === 1, 'both snapshots');
+  await until(
+    () => rec.of('items/10').length === 1 && rec.of('lists/10').length === 1,
+    'both snapshots',
+  );
   const before = { items: rec.of('items/10')[0].version, lists: rec.of('lists/10')[0].version };
   const oldNode = resolver.nodeId;
   const requestsBefore = (await resolver.requests()).length;
@@ -118,7 +132,10 @@ test('after the node is killed and restarted on its ports, every key is resubscr
   await node.start();
   await resolver.waitRegistered(oldNode);
 
-  await until(() => rec.of('items/10').length === 2 && rec.of('lists/10').length === 2, 'fresh snapshots');
+  await until(
+    () => rec.of('items/10').length === 2 && rec.of('lists/10').length === 2,
+    'fresh snapshots',
+  );
   for (const key of ['items/10', 'lists/10']) {
     const fresh = rec.of(key)[1];
     assert.equal(fresh.snapshot, true, key);
@@ -130,20 +147,110 @@ test('after the node is killed and restarted on its ports, every key is resubscr
   // Until the resolver registered again the node may have said no_resolver
   // (the client retries that); nothing else.
   const errors = rec.seen.errors.slice(errorsBefore).map((e) => e.code);
-  assert.ok(errors.every((code) => code === 'no_resolver'), errors.join());
+  assert.ok(
+    errors.every((code) => code === 'no_resolver'),
+    errors.join(),
+  );
   // The new node was asked once per key, with the secret (lists/10 is
   // forbidden without it), and the new socket carried one snapshot per key.
   // (Other tests' clients resubscribe their own keys too.)
-  const asked = (await resolver.requests()).slice(requestsBefore).filter((r) => r.ids.includes('10'));
+  const asked = (await resolver.requests())
+    .slice(requestsBefore)
+    .filter((r) => r.ids.includes('10'));
   assert.deepEqual(
     asked.map((r) => [r.reason, r.entity, r.ids, r.secret === 'member-secret']).sort(),
-    [['subscribe', 'items', ['10'], true], ['subscribe', 'lists', ['10'], true]],
+    [
+      ['subscribe', 'items', ['10'], true],
+      ['subscribe', 'lists', ['10'], true],
+    ],
   );
   const pushes = rec.seen.frames.slice(framesBefore).filter((f) => f.action === 'push');
-  assert.deepEqual(pushes.map((f) => `${f.body.entity}/${f.body.id}`).sort(), ['items/10', 'lists/10']);
+  assert.deepEqual(pushes.map((f) => `${f.body.entity}/${f.body.id}`).sort(), [
+    'items/10',
+    'lists/10',
+  ]);
   const states = rec.seen.states.map(([state]) => state);
   assert.ok(states.indexOf('reconnecting') < states.lastIndexOf('open'));
   assert.equal(rec.seen.states.find(([state]) => state === 'reconnecting')[1].attempt, 1);
+});
+
+test('disconnect() drops the socket and keeps the keys; connect() resubscribes them, with the secret, and gets the latest rows', async () => {
+  await resolver.set('items', '50', { rows: [{ id: 50, v: 'before' }] });
+  await resolver.set('lists', '50', {
+    rows: [{ list: 50, v: 'before' }],
+    forbidden_secrets: [''],
+  });
+  const rec = recorder();
+  const c = client({ ...rec.options, secret: 'member-secret', autoConnect: false });
+  c.subscribe('items', '50', rec.listener);
+  c.subscribe('lists', '50', rec.listener);
+  assert.equal(c.state, 'disconnected');
+  assert.equal(rec.seen.sockets, 0, 'autoConnect: false opens no socket');
+  c.connect();
+  await until(
+    () => rec.of('items/50').length === 1 && rec.of('lists/50').length === 1,
+    'both snapshots',
+  );
+  const before = { items: rec.of('items/50')[0].version, lists: rec.of('lists/50')[0].version };
+  const requestsBefore = (await resolver.requests()).length;
+
+  c.disconnect();
+  assert.equal(c.state, 'disconnected');
+  // Changed while disconnected: notified, but nobody of this client listens.
+  await resolver.set('items', '50', { rows: [{ id: 50, v: 'latest' }] });
+  await resolver.set('lists', '50', { rows: [{ list: 50, v: 'latest' }], forbidden_secrets: [''] });
+  await resolver.notify(['items', '50'], ['lists', '50']);
+  // Longer than the largest reconnect delay: nothing reconnects by itself.
+  await new Promise((resolve) => setTimeout(resolve, FAST.maxDelayMs + 200));
+  assert.equal(rec.seen.sockets, 1, 'no reconnect after disconnect()');
+  assert.equal(rec.of('items/50').length, 1);
+  assert.deepEqual(c.current('items', '50').rows, [{ id: 50, v: 'before' }], 'rows held are kept');
+  // A key added while disconnected waits for connect().
+  await resolver.set('items', '51', { rows: [{ id: 51 }] });
+  c.subscribe('items', '51', rec.listener);
+
+  c.connect();
+  await until(
+    () =>
+      rec.of('items/50').length === 2 &&
+      rec.of('lists/50').length === 2 &&
+      rec.of('items/51').length === 1,
+    'fresh snapshots after connect()',
+  );
+  for (const key of ['items/50', 'lists/50']) {
+    const fresh = rec.of(key)[1];
+    assert.equal(fresh.snapshot, true, key);
+    assert.equal(fresh.rows[0].v, 'latest', `${key}: the latest rows`);
+  }
+  assert.ok(rec.of('items/50')[1].version > before.items);
+  assert.ok(rec.of('lists/50')[1].version > before.lists);
+  assert.deepEqual(rec.of('items/51')[0].rows, [{ id: 51 }]);
+  assert.equal(rec.seen.sockets, 2);
+  assert.deepEqual(rec.seen.errors, []);
+  // Asked once per key on the new socket, with the secret (lists/50 is
+  // forbidden without it).
+  const asked = (await resolver.requests())
+    .slice(requestsBefore)
+    .filter((r) => r.ids.includes('50') || r.ids.includes('51'));
+  assert.deepEqual(
+    asked.map((r) => [r.reason, r.entity, r.ids, r.secret === 'member-secret']).sort(),
+    [
+      ['subscribe', 'items', ['50'], true],
+      ['subscribe', 'items', ['51'], true],
+      ['subscribe', 'lists', ['50'], true],
+    ],
+  );
+  assert.deepEqual(
+    rec.seen.states.map(([state]) => state),
+    ['connecting', 'open', 'disconnected', 'connecting', 'open'],
+  );
+
+  // Live again: a change is pushed.
+  await resolver.set('items', '50', { rows: [{ id: 50, v: 'pushed' }] });
+  await resolver.notify(['items', '50']);
+  await until(() => rec.of('items/50').length === 3, 'the push after connect()');
+  assert.equal(rec.of('items/50')[2].snapshot, false);
+  assert.deepEqual(rec.of('items/50')[2].rows, [{ id: 50, v: 'pushed' }]);
 });
 
 test('a push older than the rows held never reaches a listener', async () => {
@@ -158,12 +265,22 @@ test('a push older than the rows held never reaches a listener', async () => {
 
   await resolver.set('items', '20', { rows: [{ v: 'B, older' }], version: 500 });
   await resolver.notify(['items', '20']);
-  await until(async () => metric(await node.metrics(), 'entity_sync_pushes_skipped_stale_total') === staleBefore + 1, 'the stale push to be skipped');
+  await until(
+    async () =>
+      metric(await node.metrics(), 'entity_sync_pushes_skipped_stale_total') === staleBefore + 1,
+    'the stale push to be skipped',
+  );
   await resolver.set('items', '20', { rows: [{ v: 'C' }], version: 2000 });
   await resolver.notify(['items', '20']);
   await until(() => rec.of('items/20').length === 2, 'the newer push');
 
-  assert.deepEqual(rec.of('items/20').map((r) => [r.version, r.rows[0].v]), [[1000, 'A'], [2000, 'C']]);
+  assert.deepEqual(
+    rec.of('items/20').map((r) => [r.version, r.rows[0].v]),
+    [
+      [1000, 'A'],
+      [2000, 'C'],
+    ],
+  );
   // The node dropped the older one before the socket: the client never had to.
   assert.deepEqual(
     rec.seen.frames.filter((f) => f.action === 'push').map((f) => f.body.version),
@@ -180,19 +297,28 @@ test('forbidden ends the key with its code until a secret opens it', async () =>
   const keyErrors = [];
   c.subscribe('lists', '30', rec.listener, { onError: (error) => keyErrors.push(error) });
   await until(() => keyErrors.length === 1, 'the error');
-  assert.deepEqual(keyErrors, [{ code: 'forbidden', message: 'forbidden for this secret', entity: 'lists', id: '30' }]);
+  assert.deepEqual(keyErrors, [
+    new EntitySyncError('forbidden', 'forbidden for this secret', { entity: 'lists', id: '30' }),
+  ]);
   assert.deepEqual(rec.seen.errors, keyErrors);
   assert.deepEqual(rec.of('lists/30'), []);
   // Another key after it, answered in order: by then a retry would have gone out.
   c.subscribe('items', '30', rec.listener);
   await until(() => rec.of('items/30').length === 1, 'the other key');
-  assert.equal((await resolver.requestsFor('subscribe', 'lists', '30')).length, 1, 'forbidden is not retried by itself');
+  assert.equal(
+    (await resolver.requestsFor('subscribe', 'lists', '30')).length,
+    1,
+    'forbidden is not retried by itself',
+  );
 
   c.setSecret('member');
   await until(() => rec.of('lists/30').length === 1, 'the list under the new secret');
   assert.deepEqual(rec.of('lists/30')[0].rows, [{ list: 30 }]);
   const asked = await resolver.requestsFor('subscribe', 'lists', '30');
-  assert.deepEqual(asked.map((r) => r.secret === 'member'), [false, true]);
+  assert.deepEqual(
+    asked.map((r) => r.secret === 'member'),
+    [false, true],
+  );
   assert.equal(rec.seen.errors.length, 1);
 });
 
@@ -203,7 +329,18 @@ test('a key the backend does not have is not_found, and a store of it fails with
   await until(() => store.get().status === 'failed', 'the store to fail');
   const { error, ...rest } = store.get();
   assert.deepEqual(rest, { status: 'failed', rows: [], version: null });
-  assert.deepEqual({ ...error, message: typeof error.message }, { code: 'not_found', message: 'string', entity: 'items', id: '404' });
+  assert.ok(error instanceof EntitySyncError);
+  assert.deepEqual(
+    { ...error.toJSON(), message: typeof error.message },
+    {
+      name: 'EntitySyncError',
+      code: 'not_found',
+      message: 'string',
+      entity: 'items',
+      id: '404',
+      retryable: false,
+    },
+  );
   off();
 });
 
@@ -213,7 +350,10 @@ test('passing failures are retried until they pass: resolver_error, then no_reso
   const c = client(rec.options);
   c.subscribe('items', '40', rec.listener);
   await until(() => rec.seen.errors.length === 1, 'the resolver error');
-  assert.deepEqual(rec.seen.errors, [{ code: 'resolver_error', message: 'database restarting', entity: 'items', id: '40' }]);
+  assert.deepEqual(rec.seen.errors, [
+    new EntitySyncError('resolver_error', 'database restarting', { entity: 'items', id: '40' }),
+  ]);
+  assert.equal(rec.seen.errors[0].retryable, true);
   await resolver.set('items', '40', { rows: [{ id: 40 }] });
   await until(() => rec.of('items/40').length === 1, 'the retried subscribe');
   const attempts = (await resolver.requestsFor('subscribe', 'items', '40')).length;
@@ -223,19 +363,24 @@ test('passing failures are retried until they pass: resolver_error, then no_reso
   c.subscribe('orders', '1', rec.listener);
   await until(() => rec.seen.errors.some((e) => e.code === 'no_resolver'), 'no_resolver');
   assert.deepEqual(rec.seen.errors.find((e) => e.code === 'no_resolver').entity, 'orders');
-  const late = await Resolver.start(node.grpcUrl, { entities: { orders: 'shared' }, name: 'orders-resolver' });
+  const late = await Resolver.start(node.grpcUrl, {
+    entities: { orders: 'shared' },
+    name: 'orders-resolver',
+  });
   try {
     await late.set('orders', '1', { rows: [{ order: 1 }] });
     await until(() => rec.of('orders/1').length === 1, 'the order once a backend serves it');
     assert.deepEqual(rec.of('orders/1')[0].rows, [{ order: 1 }]);
-    assert.ok(rec.seen.errors.every((e) => e.code === 'resolver_error' || e.code === 'no_resolver'));
+    assert.ok(
+      rec.seen.errors.every((e) => e.code === 'resolver_error' || e.code === 'no_resolver'),
+    );
   } finally {
     c.close();
     await late.stop();
   }
 });
 
-test('send() passes a message through to the backend with the connection\'s secret', async () => {
+test("send() passes a message through to the backend with the connection's secret", async () => {
   const c = client({ secret: 'typing-secret' });
   await until(() => c.state === 'open', 'the connection');
   const before = (await resolver.passThroughs()).length;

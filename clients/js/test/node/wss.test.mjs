@@ -9,7 +9,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 
-import { DEADLINE_MS, NodeProcess, Resolver, freePorts, makeCerts, packageRoot } from '../support/harness.mjs';
+import {
+  DEADLINE_MS,
+  NodeProcess,
+  Resolver,
+  freePorts,
+  makeCerts,
+  packageRoot,
+} from '../support/harness.mjs';
 
 let dir;
 let certs;
@@ -20,9 +27,21 @@ before(async () => {
   dir = mkdtempSync(join(tmpdir(), 'entity-sync-client-tls-'));
   certs = await makeCerts(dir);
   const [wsPort, grpcPort] = await freePorts(2);
-  node = await new NodeProcess({ wsPort, grpcPort, tls: certs, args: ['--ws-path', '/live/sync/'], name: 'node-tls' }).start();
-  resolver = await Resolver.start(node.grpcUrl, { entities: { lists: 'per_subscriber' }, name: 'resolver-tls' });
-  await resolver.set('lists', '1', { rows: [{ list: 1, name: 'groceries' }], forbidden_secrets: [''] });
+  node = await new NodeProcess({
+    wsPort,
+    grpcPort,
+    tls: certs,
+    args: ['--ws-path', '/live/sync/'],
+    name: 'node-tls',
+  }).start();
+  resolver = await Resolver.start(node.grpcUrl, {
+    entities: { lists: 'per_subscriber' },
+    name: 'resolver-tls',
+  });
+  await resolver.set('lists', '1', {
+    rows: [{ list: 1, name: 'groceries' }],
+    forbidden_secrets: [''],
+  });
 });
 
 after(async () => {
@@ -33,17 +52,26 @@ after(async () => {
 
 /** Runs wss-child.mjs with `env`; its events, once it exits. */
 function runChild(args, env) {
-  const flags = Number(process.versions.node.split('.')[0]) < 22 ? ['--experimental-websocket'] : [];
-  const child = spawn(process.execPath, [...flags, join(packageRoot, 'test', 'support', 'wss-child.mjs'), ...args], {
-    env: { ...process.env, NODE_EXTRA_CA_CERTS: '', ...env },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
+  const flags =
+    Number(process.versions.node.split('.')[0]) < 22 ? ['--experimental-websocket'] : [];
+  const child = spawn(
+    process.execPath,
+    [...flags, join(packageRoot, 'test', 'support', 'wss-child.mjs'), ...args],
+    {
+      env: { ...process.env, NODE_EXTRA_CA_CERTS: '', ...env },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    },
+  );
   const events = [];
   createInterface({ input: child.stdout }).on('line', (line) => events.push(JSON.parse(line)));
   return new Promise((done, fail) => {
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
-      fail(new Error(`the client process did not finish within ${DEADLINE_MS} ms: ${JSON.stringify(events)}`));
+      fail(
+        new Error(
+          `the client process did not finish within ${DEADLINE_MS} ms: ${JSON.stringify(events)}`,
+        ),
+      );
     }, DEADLINE_MS);
     child.once('exit', (code) => {
       clearTimeout(timer);
@@ -72,7 +100,14 @@ test('over wss:// with the CA trusted, on a custom path, the secret opens a priv
 test('over wss:// without trusting the CA, the connection fails and nothing is received', async () => {
   const before = (await resolver.requests()).length;
   const events = await runChild(
-    [`wss://127.0.0.1:${node.wsPort}/live/sync/`, '/live/sync/', 'lists', '1', 'member', 'until-failure'],
+    [
+      `wss://127.0.0.1:${node.wsPort}/live/sync/`,
+      '/live/sync/',
+      'lists',
+      '1',
+      'member',
+      'until-failure',
+    ],
     {},
   );
   assert.deepEqual(events, [

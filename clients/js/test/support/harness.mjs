@@ -36,11 +36,15 @@ export const demoBinary = () => binary('entity-sync-demo', 'ENTITY_SYNC_DEMO_BIN
 /** `n` distinct free loopback ports: bound together, released together. */
 export async function freePorts(n) {
   const servers = await Promise.all(
-    Array.from({ length: n }, () => new Promise((done, fail) => {
-      const server = createServer();
-      server.once('error', fail);
-      server.listen(0, '127.0.0.1', () => done(server));
-    })),
+    Array.from(
+      { length: n },
+      () =>
+        new Promise((done, fail) => {
+          const server = createServer();
+          server.once('error', fail);
+          server.listen(0, '127.0.0.1', () => done(server));
+        }),
+    ),
   );
   const ports = servers.map((server) => server.address().port);
   await Promise.all(servers.map((server) => new Promise((done) => server.close(done))));
@@ -61,12 +65,18 @@ export async function until(predicate, what, ms = DEADLINE_MS) {
 /** GET over http or https (trusting `ca` when given): `{status, body}`, or null if nothing answers. */
 export function httpGet(url, { ca } = {}) {
   return new Promise((done) => {
-    const request = (url.startsWith('https:') ? httpsRequest : httpRequest)(url, { ca, timeout: 2000 }, (response) => {
-      let body = '';
-      response.setEncoding('utf8');
-      response.on('data', (chunk) => { body += chunk; });
-      response.on('end', () => done({ status: response.statusCode, body }));
-    });
+    const request = (url.startsWith('https:') ? httpsRequest : httpRequest)(
+      url,
+      { ca, timeout: 2000 },
+      (response) => {
+        let body = '';
+        response.setEncoding('utf8');
+        response.on('data', (chunk) => {
+          body += chunk;
+        });
+        response.on('end', () => done({ status: response.statusCode, body }));
+      },
+    );
     request.on('error', () => done(null));
     request.on('timeout', () => request.destroy());
     request.end();
@@ -98,9 +108,13 @@ class Child {
     // With stdin piped, stdout is the program's answers: the caller reads it.
     if (stdin !== 'pipe') this.process.stdout.pipe(log, { end: false });
     this.process.stderr.pipe(log, { end: false });
-    this.exited = new Promise((done) => this.process.once('exit', (code, signal) => done({ code, signal })));
+    this.exited = new Promise((done) =>
+      this.process.once('exit', (code, signal) => done({ code, signal })),
+    );
     this.alive = true;
-    this.exited.then(() => { this.alive = false; });
+    this.exited.then(() => {
+      this.alive = false;
+    });
   }
 
   /** Signals the process and waits until it is gone (SIGKILL after 5 s). */
@@ -137,12 +151,21 @@ export class NodeProcess {
   }
 
   async start() {
-    const args = ['--ws-addr', `127.0.0.1:${this.wsPort}`, '--grpc-addr', `127.0.0.1:${this.grpcPort}`, '--resolve-timeout', '2s', ...this.args];
+    const args = [
+      '--ws-addr',
+      `127.0.0.1:${this.wsPort}`,
+      '--grpc-addr',
+      `127.0.0.1:${this.grpcPort}`,
+      '--resolve-timeout',
+      '2s',
+      ...this.args,
+    ];
     if (this.tls) args.push('--ws-tls-cert', this.tls.cert, '--ws-tls-key', this.tls.key);
     const child = new Child(this.name, nodeBinary(), args);
     this.child = child;
     await until(async () => {
-      if (!child.alive) throw new Error(`${this.name} exited; see test-output/logs/${this.name}.log`);
+      if (!child.alive)
+        throw new Error(`${this.name} exited; see test-output/logs/${this.name}.log`);
       const answer = await httpGet(`${this.httpUrl}/readyz`, { ca: this.tls?.caPem });
       return answer?.status === 200;
     }, `${this.name} /readyz`);
@@ -172,7 +195,8 @@ export class NodeProcess {
 export class Resolver {
   static async start(grpcUrl, { entities, passThrough = false, name = 'resolver' }) {
     const args = ['resolver', '--node', grpcUrl, '--name', name];
-    for (const [entity, mode] of Object.entries(entities)) args.push('--entity', `${entity}=${mode}`);
+    for (const [entity, mode] of Object.entries(entities))
+      args.push('--entity', `${entity}=${mode}`);
     if (passThrough) args.push('--pass-through');
     const resolver = new Resolver(new Child(name, testkitBinary(), args, { stdin: 'pipe' }));
     const ready = await resolver.#next();
@@ -192,7 +216,8 @@ export class Resolver {
       else this.lines.push(value);
     });
     child.exited.then(({ code }) => {
-      for (const waiter of this.waiting.splice(0)) waiter({ ok: false, error: `resolver exited (${code})` });
+      for (const waiter of this.waiting.splice(0))
+        waiter({ ok: false, error: `resolver exited (${code})` });
     });
   }
 
@@ -200,7 +225,10 @@ export class Resolver {
     if (this.lines.length > 0) return Promise.resolve(this.lines.shift());
     if (!this.child.alive) return Promise.resolve({ ok: false, error: 'resolver exited' });
     return new Promise((done, fail) => {
-      const timer = setTimeout(() => fail(new Error('the resolver did not answer in time')), DEADLINE_MS + 5000);
+      const timer = setTimeout(
+        () => fail(new Error('the resolver did not answer in time')),
+        DEADLINE_MS + 5000,
+      );
       this.waiting.push((value) => {
         clearTimeout(timer);
         done(value);
@@ -222,7 +250,9 @@ export class Resolver {
 
   /** `Notify(keys)`; the keys' bus sequences. */
   async notify(...keys) {
-    return (await this.command({ op: 'notify', keys: keys.map(([entity, id]) => [entity, String(id)]) })).sequences;
+    return (
+      await this.command({ op: 'notify', keys: keys.map(([entity, id]) => [entity, String(id)]) })
+    ).sequences;
   }
 
   async requests() {
@@ -231,7 +261,9 @@ export class Resolver {
 
   /** Requests of `reason` that include `entity/id`. */
   async requestsFor(reason, entity, id) {
-    return (await this.requests()).filter((r) => r.reason === reason && r.entity === entity && r.ids.includes(String(id)));
+    return (await this.requests()).filter(
+      (r) => r.reason === reason && r.entity === entity && r.ids.includes(String(id)),
+    );
   }
 
   async passThroughs() {
@@ -240,7 +272,11 @@ export class Resolver {
 
   /** Waits until registered on a node other than `except` (a restarted node). */
   async waitRegistered(except) {
-    const { node_id: nodeId } = await this.command({ op: 'wait_registered', except, timeout_ms: DEADLINE_MS });
+    const { node_id: nodeId } = await this.command({
+      op: 'wait_registered',
+      except,
+      timeout_ms: DEADLINE_MS,
+    });
     this.nodeId = nodeId;
     return nodeId;
   }
@@ -273,15 +309,16 @@ export function spawnChild(name, file, args, options) {
 }
 
 /**
- * Records what one client sees: deliveries per key, errors and states, and
- * every frame its socket received (a tap on the real WebSocket, which the
- * client still drives).
+ * Records what one client sees: deliveries per key, errors and states, how
+ * many sockets it opened, and every frame its sockets received (a tap on the
+ * real WebSocket, which the client still drives).
  */
 export function recorder() {
-  const seen = { rows: [], errors: [], states: [], frames: [] };
+  const seen = { rows: [], errors: [], states: [], frames: [], sockets: 0 };
   class TappedWebSocket extends globalThis.WebSocket {
     constructor(url) {
       super(url);
+      seen.sockets += 1;
       this.addEventListener('message', (event) => seen.frames.push(JSON.parse(String(event.data))));
     }
   }
@@ -292,7 +329,13 @@ export function recorder() {
       onError: (error) => seen.errors.push(error),
       onState: (state, info) => seen.states.push([state, info]),
     },
-    listener: (rows, meta) => seen.rows.push({ key: `${meta.entity}/${meta.id}`, rows, version: meta.version, snapshot: meta.snapshot }),
+    listener: (rows, meta) =>
+      seen.rows.push({
+        key: `${meta.entity}/${meta.id}`,
+        rows,
+        version: meta.version,
+        snapshot: meta.snapshot,
+      }),
     of: (key) => seen.rows.filter((r) => r.key === key),
   };
 }

@@ -4,9 +4,10 @@
 
 import {
   EntitySyncClient,
+  EntitySyncError,
   ERROR_CODES,
+  type ClientErrorCode,
   type ConnectionState,
-  type EntitySyncError,
   type ErrorCode,
   type KeyValue,
   type PushMeta,
@@ -73,3 +74,48 @@ void loop;
 client.send({ type: 'typing' });
 // @ts-expect-error a pass-through message is an object
 client.send('text');
+
+// Lifecycle: chaining, autoConnect, a state union that includes 'disconnected'.
+const later: EntitySyncClient = new EntitySyncClient('ws://127.0.0.1:8080', {
+  autoConnect: false,
+}).connect();
+later.disconnect().connect();
+later.close();
+const idle: ConnectionState = 'disconnected';
+void idle;
+// @ts-expect-error autoConnect is a boolean
+new EntitySyncClient('ws://h', { autoConnect: 'yes' });
+
+// Events: once/off take the same typed listeners as on.
+const onState = (state: ConnectionState): void => {
+  void state;
+};
+const stopOnce: () => void = client.once('state', onState);
+stopOnce();
+const same: EntitySyncClient = client.off('state', onState).off('error');
+void same;
+client.once('error', (error) => {
+  const retryable: boolean = error.retryable;
+  const entity: string | undefined = error.entity;
+  void retryable;
+  void entity;
+});
+// @ts-expect-error not an event of the client
+client.on('message', () => {});
+// @ts-expect-error an error listener gets an EntitySyncError, not a state
+client.once('error', (state: ConnectionState) => state);
+// @ts-expect-error off takes the event's listener type
+client.off('state', (error: EntitySyncError) => error);
+
+// Errors: a class, so instanceof narrows an unknown.
+function describe(err: unknown): string {
+  if (err instanceof EntitySyncError) {
+    const code: ErrorCode | ClientErrorCode = err.code;
+    const name: 'EntitySyncError' = err.name;
+    return `${name} ${code} ${err.message}`;
+  }
+  return String(err);
+}
+void describe(new EntitySyncError('forbidden', 'no', { entity: 'lists', id: '1' }));
+// @ts-expect-error the code is one of the known codes
+new EntitySyncError('nope', 'x');

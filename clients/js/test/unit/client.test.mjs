@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 
 import {
   EntitySyncClient,
+  EntitySyncError,
   backoffDelay,
   encodeSecret,
   encodeSubscribe,
@@ -94,14 +95,29 @@ async function until(predicate, what) {
   }
 }
 
+/** The error the client makes of an error frame's body. */
+const errorOf = ({ code, message, ...key }) => new EntitySyncError(code, message, key);
+
 const subscribed = (entity, id) => ({ action: 'subscribed', body: { entity, id } });
-const push = (entity, id, version, rows) => ({ action: 'push', body: { entity, id, version, rows } });
+const push = (entity, id, version, rows) => ({
+  action: 'push',
+  body: { entity, id, version, rows },
+});
 
 test('frames are encoded exactly as the protocol spells them', () => {
-  assert.equal(encodeSubscribe('items', '100'), '{"action":"subscribe","body":{"entity":"items","id":"100"}}');
+  assert.equal(
+    encodeSubscribe('items', '100'),
+    '{"action":"subscribe","body":{"entity":"items","id":"100"}}',
+  );
   // Numeric ids are sent as their decimal string, as the node would turn them.
-  assert.equal(encodeSubscribe('items', 100), '{"action":"subscribe","body":{"entity":"items","id":"100"}}');
-  assert.equal(encodeUnsubscribe('lists', 7), '{"action":"unsubscribe","body":{"entity":"lists","id":"7"}}');
+  assert.equal(
+    encodeSubscribe('items', 100),
+    '{"action":"subscribe","body":{"entity":"items","id":"100"}}',
+  );
+  assert.equal(
+    encodeUnsubscribe('lists', 7),
+    '{"action":"unsubscribe","body":{"entity":"lists","id":"7"}}',
+  );
   assert.equal(encodeSecret('s3cret "x"'), '{"action":"secret","body":"s3cret \\"x\\""}');
 });
 
@@ -132,9 +148,17 @@ test('the last listener of a key sends the unsubscribe', () => {
   socket().push(subscribed('items', '1'));
   offA();
   offA(); // twice is once
-  assert.equal(socket().frames().filter((f) => f.action === 'unsubscribe').length, 0);
+  assert.equal(
+    socket()
+      .frames()
+      .filter((f) => f.action === 'unsubscribe').length,
+    0,
+  );
   offB();
-  assert.deepEqual(socket().frames().at(-1), { action: 'unsubscribe', body: { entity: 'items', id: '1' } });
+  assert.deepEqual(socket().frames().at(-1), {
+    action: 'unsubscribe',
+    body: { entity: 'items', id: '1' },
+  });
   client.close();
 });
 
@@ -171,7 +195,9 @@ test('after a drop it reconnects, resubscribes and takes the fresh snapshot', as
   const first = socket();
   first.accept();
   const seen = [];
-  client.subscribe('lists', '1', (rows, meta) => seen.push([meta.version, meta.snapshot, rows[0].name]));
+  client.subscribe('lists', '1', (rows, meta) =>
+    seen.push([meta.version, meta.snapshot, rows[0].name]),
+  );
   first.push(subscribed('lists', '1'));
   first.push(push('lists', '1', 40, [{ name: 'before' }]));
   first.push(push('lists', '1', 41, [{ name: 'changed' }]));
@@ -254,11 +280,26 @@ test('reconnect attempts back off, capped, and each tells its delay and attempt'
 });
 
 test('backoffDelay grows exponentially, is capped and jittered', () => {
-  assert.equal(backoffDelay(0, 100, 1000, () => 0), 50);
-  assert.equal(backoffDelay(0, 100, 1000, () => 1), 100);
-  assert.equal(backoffDelay(3, 100, 1000, () => 1), 800);
-  assert.equal(backoffDelay(4, 100, 1000, () => 1), 1000);
-  assert.equal(backoffDelay(400, 100, 1000, () => 0), 500);
+  assert.equal(
+    backoffDelay(0, 100, 1000, () => 0),
+    50,
+  );
+  assert.equal(
+    backoffDelay(0, 100, 1000, () => 1),
+    100,
+  );
+  assert.equal(
+    backoffDelay(3, 100, 1000, () => 1),
+    800,
+  );
+  assert.equal(
+    backoffDelay(4, 100, 1000, () => 1),
+    1000,
+  );
+  assert.equal(
+    backoffDelay(400, 100, 1000, () => 0),
+    500,
+  );
 });
 
 test('error frames reach onError; a passing failure is retried, forbidden waits for a new secret', async () => {
@@ -267,20 +308,32 @@ test('error frames reach onError; a passing failure is retried, forbidden waits 
   client.subscribe('lists', '1', () => {});
   client.subscribe('items', '5', () => {});
 
-  socket().push({ action: 'error', body: { code: 'forbidden', message: 'private list', entity: 'lists', id: '1' } });
-  socket().push({ action: 'error', body: { code: 'no_resolver', message: 'none yet', entity: 'items', id: '5' } });
+  socket().push({
+    action: 'error',
+    body: { code: 'forbidden', message: 'private list', entity: 'lists', id: '1' },
+  });
+  socket().push({
+    action: 'error',
+    body: { code: 'no_resolver', message: 'none yet', entity: 'items', id: '5' },
+  });
   socket().push({ action: 'error', body: { code: 'invalid_json', message: 'bad frame' } });
   socket().push('not json at all');
 
   assert.deepEqual(errors.slice(0, 3), [
-    { code: 'forbidden', message: 'private list', entity: 'lists', id: '1' },
-    { code: 'no_resolver', message: 'none yet', entity: 'items', id: '5' },
-    { code: 'invalid_json', message: 'bad frame' },
+    errorOf({ code: 'forbidden', message: 'private list', entity: 'lists', id: '1' }),
+    errorOf({ code: 'no_resolver', message: 'none yet', entity: 'items', id: '5' }),
+    errorOf({ code: 'invalid_json', message: 'bad frame' }),
   ]);
+  assert.deepEqual(
+    errors.slice(0, 3).map((error) => error.retryable),
+    [false, true, false],
+  );
   assert.equal(errors[3].code, 'client_invalid_frame');
 
   const subscribesOf = (entity) =>
-    socket().frames().filter((f) => f.action === 'subscribe' && f.body.entity === entity).length;
+    socket()
+      .frames()
+      .filter((f) => f.action === 'subscribe' && f.body.entity === entity).length;
   await until(() => subscribesOf('items') === 2, 'the no_resolver key to be retried');
   assert.equal(subscribesOf('lists'), 1, 'forbidden is not retried by itself');
 
@@ -301,7 +354,10 @@ test('a new secret resubscribes only the keys the node does not hold', () => {
   client.subscribe('lists', '1', () => {});
   socket().push(subscribed('items', '1'));
   socket().push(push('items', '1', 3, [{ id: 1 }]));
-  socket().push({ action: 'error', body: { code: 'forbidden', message: 'private list', entity: 'lists', id: '1' } });
+  socket().push({
+    action: 'error',
+    body: { code: 'forbidden', message: 'private list', entity: 'lists', id: '1' },
+  });
   const before = socket().frames().length;
   client.setSecret('other');
   // The node re-checks items/1 itself; lists/1 it refused, so it is asked again.
@@ -316,9 +372,17 @@ test('unsubscribing a key the node refused sends nothing', () => {
   const { client, socket } = makeClient();
   socket().accept();
   const off = client.subscribe('lists', '2', () => {});
-  socket().push({ action: 'error', body: { code: 'not_found', message: 'no such list', entity: 'lists', id: '2' } });
+  socket().push({
+    action: 'error',
+    body: { code: 'not_found', message: 'no such list', entity: 'lists', id: '2' },
+  });
   off();
-  assert.equal(socket().frames().filter((f) => f.action === 'unsubscribe').length, 0);
+  assert.equal(
+    socket()
+      .frames()
+      .filter((f) => f.action === 'unsubscribe').length,
+    0,
+  );
   client.close();
 });
 
@@ -332,7 +396,12 @@ test('a late listener gets the rows already held', async () => {
   client.subscribe('items', '1', (rows, meta) => late.push([meta.version, rows]));
   await until(() => late.length === 1, 'the late listener');
   assert.deepEqual(late, [[12, [{ id: 1 }]]]);
-  assert.equal(socket().frames().filter((f) => f.action === 'subscribe').length, 1);
+  assert.equal(
+    socket()
+      .frames()
+      .filter((f) => f.action === 'subscribe').length,
+    1,
+  );
   client.close();
 });
 
@@ -366,20 +435,24 @@ test('the URL: http(s) becomes ws(s), a bare host gets the default path, a path 
   assert.throws(() => websocketUrl('ftp://h/'), TypeError);
   const { client, socket } = makeClient();
   client.close();
-  const custom = new EntitySyncClient('https://node.test', { WebSocket: FakeSocket, path: '/live/' });
+  const custom = new EntitySyncClient('https://node.test', {
+    WebSocket: FakeSocket,
+    path: '/live/',
+  });
   assert.equal(custom.url, 'wss://node.test/live/');
   assert.equal(socket().url, 'wss://node.test/live/');
   custom.close();
 });
 
 test('the code lists: node codes and client codes are distinct, and only passing failures are retryable', () => {
-  assert.equal(ERROR_CODES.length, 15);
+  assert.equal(ERROR_CODES.length, 16);
   assert.ok(CLIENT_ERROR_CODES.every((code) => code.startsWith('client_')));
   assert.ok(ERROR_CODES.every((code) => !code.startsWith('client_')));
-  assert.deepEqual(
-    ERROR_CODES.filter(isRetryable),
-    ['no_resolver', 'resolver_error', 'resolver_timeout'],
-  );
+  assert.deepEqual(ERROR_CODES.filter(isRetryable), [
+    'no_resolver',
+    'resolver_error',
+    'resolver_timeout',
+  ]);
   assert.throws(() => ERROR_CODES.push('x'), TypeError, 'frozen');
 });
 
@@ -392,7 +465,10 @@ test('on() adds and removes state and error listeners; a reconnect tells the clo
   socket().accept();
   socket().push({ action: 'error', body: { code: 'rate_limited', message: 'slow down' } });
   socket().drop(1001);
-  assert.deepEqual(seen, [['open', null], ['reconnecting', 1001]]);
+  assert.deepEqual(seen, [
+    ['open', null],
+    ['reconnecting', 1001],
+  ]);
   assert.deepEqual(errors, ['rate_limited']);
   offState();
   offError();
@@ -404,7 +480,7 @@ test('on() adds and removes state and error listeners; a reconnect tells the clo
   client.close();
 });
 
-test('a key error reaches that key\'s onError and the client\'s error listeners', () => {
+test("a key error reaches that key's onError and the client's error listeners", () => {
   const { client, socket, errors } = makeClient();
   socket().accept();
   const mine = [];
@@ -413,9 +489,10 @@ test('a key error reaches that key\'s onError and the client\'s error listeners'
   client.subscribe('lists', '3', () => {}, { onError: (error) => other.push(error) });
   const body = { code: 'forbidden', message: 'private list', entity: 'lists', id: '2' };
   socket().push({ action: 'error', body });
-  assert.deepEqual(mine, [body]);
+  assert.deepEqual(mine, [errorOf(body)]);
   assert.deepEqual(other, []);
-  assert.deepEqual(errors, [body]);
+  assert.deepEqual(errors, [errorOf(body)]);
+  assert.equal(mine[0], errors[0], 'one error object for both');
   client.close();
 });
 
@@ -429,23 +506,44 @@ test('a store subscribes while it has listeners, starts loading, goes live and f
   const b = [];
   const offA = store.subscribe((value) => a.push(value));
   const offB = store.subscribe((value) => b.push(value.status));
-  assert.deepEqual(socket().frames(), [{ action: 'subscribe', body: { entity: 'lists', id: '1' } }]);
+  assert.deepEqual(socket().frames(), [
+    { action: 'subscribe', body: { entity: 'lists', id: '1' } },
+  ]);
   const before = store.get();
   assert.equal(store.get(), before, 'the same object until it changes');
   socket().push(subscribed('lists', '1'));
   socket().push(push('lists', '1', 9, [{ name: 'milk' }]));
   assert.notEqual(store.get(), before);
-  assert.deepEqual(store.get(), { status: 'live', rows: [{ name: 'milk' }], version: 9, error: null });
+  assert.deepEqual(store.get(), {
+    status: 'live',
+    rows: [{ name: 'milk' }],
+    version: 9,
+    error: null,
+  });
   const forbidden = { code: 'forbidden', message: 'no', entity: 'lists', id: '1' };
   socket().push({ action: 'error', body: forbidden });
-  assert.deepEqual(store.get(), { status: 'failed', rows: [{ name: 'milk' }], version: 9, error: forbidden });
-  assert.deepEqual(a.map((value) => value.status), ['loading', 'live', 'failed']);
+  assert.deepEqual(store.get(), {
+    status: 'failed',
+    rows: [{ name: 'milk' }],
+    version: 9,
+    error: errorOf(forbidden),
+  });
+  assert.ok(store.get().error instanceof EntitySyncError);
+  assert.deepEqual(
+    a.map((value) => value.status),
+    ['loading', 'live', 'failed'],
+  );
   assert.deepEqual(b, ['loading', 'live', 'failed']);
   offA();
   assert.equal(socket().frames().length, 1, 'one listener left');
   offB();
   // The node no longer held the key (forbidden), so nothing is unsubscribed.
-  assert.equal(socket().frames().filter((f) => f.action === 'unsubscribe').length, 0);
+  assert.equal(
+    socket()
+      .frames()
+      .filter((f) => f.action === 'unsubscribe').length,
+    0,
+  );
   client.close();
 });
 
@@ -458,7 +556,10 @@ test('updates() yields pushes, keeps only the latest while the loop is busy, and
   socket().push(push('items', '7', 2, [{ qty: 2 }]));
   socket().push(push('items', '7', 3, [{ qty: 3 }]));
   const first = await iterator.next();
-  assert.deepEqual(first, { done: false, value: { rows: [{ qty: 3 }], meta: { entity: 'items', id: '7', version: 3, snapshot: false } } });
+  assert.deepEqual(first, {
+    done: false,
+    value: { rows: [{ qty: 3 }], meta: { entity: 'items', id: '7', version: 3, snapshot: false } },
+  });
   const waiting = iterator.next();
   socket().push(push('items', '7', 4, [{ qty: 4 }]));
   assert.deepEqual((await waiting).value.rows, [{ qty: 4 }]);
@@ -469,7 +570,10 @@ test('updates() yields pushes, keeps only the latest while the loop is busy, and
     break;
   }
   assert.deepEqual(seen, [5]);
-  assert.deepEqual(socket().frames().at(-1), { action: 'unsubscribe', body: { entity: 'items', id: '7' } });
+  assert.deepEqual(socket().frames().at(-1), {
+    action: 'unsubscribe',
+    body: { entity: 'items', id: '7' },
+  });
   assert.deepEqual(await iterator.next(), { done: true, value: undefined });
   client.close();
 });
@@ -499,7 +603,18 @@ test('a listener that throws is reported and does not starve the others', () => 
   socket().push(subscribed('items', '1'));
   socket().push(push('items', '1', 1, [{ id: 1 }]));
   assert.deepEqual(seen, [[{ id: 1 }]]);
-  assert.deepEqual(errors, [{ code: 'client_listener_failed', message: 'render failed', entity: 'items', id: '1' }]);
+  assert.equal(errors.length, 1);
+  assert.ok(errors[0] instanceof EntitySyncError);
+  assert.deepEqual(errors[0].toJSON(), {
+    name: 'EntitySyncError',
+    code: 'client_listener_failed',
+    message: 'render failed',
+    entity: 'items',
+    id: '1',
+    retryable: false,
+  });
+  assert.ok(errors[0].cause instanceof Error, "the listener's exception is the cause");
+  assert.equal(errors[0].cause.message, 'render failed');
   client.close();
 });
 
@@ -517,4 +632,290 @@ test('the secret is never in an error or a state event', async () => {
     assert.ok(!text.includes(secret), text);
   }
   client.close();
+});
+
+// --- connect() / disconnect() / autoConnect ---------------------------------
+
+test('with autoConnect: false nothing connects until connect(); keys registered before are sent then', () => {
+  const { client, states } = makeClient({ autoConnect: false, secret: 's' });
+  assert.equal(FakeSocket.made.length, 0);
+  assert.equal(client.state, 'disconnected');
+  const seen = [];
+  client.subscribe('items', '1', (rows) => seen.push(rows));
+  assert.equal(client.send({ type: 'typing' }), false);
+
+  assert.equal(client.connect(), client, 'connect() returns the client');
+  assert.equal(client.connect(), client);
+  assert.equal(FakeSocket.made.length, 1, 'a second connect() is a no-op');
+  assert.equal(client.state, 'connecting');
+  const socket = FakeSocket.made[0];
+  socket.accept();
+  assert.deepEqual(socket.frames(), [
+    { action: 'secret', body: 's' },
+    { action: 'subscribe', body: { entity: 'items', id: '1' } },
+  ]);
+  socket.push(subscribed('items', '1'));
+  socket.push(push('items', '1', 3, [{ id: 1 }]));
+  assert.deepEqual(seen, [[{ id: 1 }]]);
+  assert.deepEqual(states, ['connecting', 'open']);
+  client.close();
+});
+
+test('disconnect() closes the socket, stops reconnecting and keeps the keys; connect() resubscribes them', async () => {
+  const { client, socket, states } = makeClient({ secret: 's' });
+  const first = socket();
+  first.accept();
+  const seen = [];
+  client.subscribe('lists', '1', (rows, meta) => seen.push([meta.version, meta.snapshot, rows]));
+  const offItem = client.subscribe('items', '9', () => {});
+  first.push(subscribed('lists', '1'));
+  first.push(subscribed('items', '9'));
+  first.push(push('lists', '1', 40, [{ name: 'before' }]));
+
+  assert.equal(client.disconnect(), client, 'disconnect() returns the client');
+  assert.deepEqual(first.closedByClient, { code: 1000, reason: 'client disconnected' });
+  assert.equal(client.state, 'disconnected');
+  client.disconnect(); // idempotent: no second state event
+  assert.deepEqual(states, ['connecting', 'open', 'disconnected']);
+  await new Promise((resolve) => setTimeout(resolve, 30));
+  assert.equal(FakeSocket.made.length, 1, 'no reconnect after disconnect()');
+  // Events of the old socket no longer count.
+  first.push(push('lists', '1', 99, [{ name: 'ghost' }]));
+  assert.equal(seen.length, 1);
+  // The rows held are kept; keys change while disconnected, locally.
+  assert.deepEqual(client.current('lists', '1'), { rows: [{ name: 'before' }], version: 40 });
+  assert.equal(client.send({ type: 'typing' }), false);
+  offItem();
+  client.subscribe('orders', '2', () => {});
+  client.setSecret('s2');
+
+  client.connect();
+  const second = socket();
+  assert.notEqual(second, first);
+  second.accept();
+  assert.deepEqual(second.frames(), [
+    { action: 'secret', body: 's2' },
+    { action: 'subscribe', body: { entity: 'lists', id: '1' } },
+    { action: 'subscribe', body: { entity: 'orders', id: '2' } },
+  ]);
+  // The fresh snapshot is taken even with a lower version (a restarted bus).
+  second.push(subscribed('lists', '1'));
+  second.push(push('lists', '1', 3, [{ name: 'latest' }]));
+  assert.deepEqual(seen, [
+    [40, true, [{ name: 'before' }]],
+    [3, true, [{ name: 'latest' }]],
+  ]);
+  assert.deepEqual(states, ['connecting', 'open', 'disconnected', 'connecting', 'open']);
+  client.close();
+});
+
+test('disconnect() while reconnecting cancels the reconnect; connect() starts again from the first delay', async () => {
+  const infos = [];
+  const { client, socket } = makeClient({
+    minDelayMs: 20,
+    maxDelayMs: 80,
+    onState: (state, info) => state === 'reconnecting' && infos.push(info),
+  });
+  socket().drop(1006);
+  assert.equal(client.state, 'reconnecting');
+  client.disconnect();
+  assert.equal(client.state, 'disconnected');
+  await new Promise((resolve) => setTimeout(resolve, 60));
+  assert.equal(FakeSocket.made.length, 1, 'the scheduled reconnect was cancelled');
+
+  client.connect();
+  assert.equal(FakeSocket.made.length, 2);
+  socket().drop(1006);
+  assert.deepEqual(
+    infos.map((info) => info.attempt),
+    [1, 1],
+    'the backoff starts over after connect()',
+  );
+  client.close();
+  await new Promise((resolve) => setTimeout(resolve, 40));
+  assert.equal(FakeSocket.made.length, 2);
+});
+
+test('disconnect() cancels the retry of a refused key: a connect() after it subscribes it once', async () => {
+  const { client, socket } = makeClient({ minDelayMs: 40, maxDelayMs: 40 });
+  socket().accept();
+  client.subscribe('items', '5', () => {});
+  socket().push({
+    action: 'error',
+    body: { code: 'no_resolver', message: 'none yet', entity: 'items', id: '5' },
+  });
+  client.disconnect();
+  client.connect();
+  socket().accept();
+  await new Promise((resolve) => setTimeout(resolve, 80));
+  assert.deepEqual(socket().frames(), [
+    { action: 'subscribe', body: { entity: 'items', id: '5' } },
+  ]);
+  client.close();
+});
+
+test('disconnect() keeps updates() iterating; close() is final and connect() after it throws', async () => {
+  const { client, socket, states } = makeClient();
+  socket().accept();
+  const iterator = client.updates('items', '7');
+  socket().push(subscribed('items', '7'));
+  socket().push(push('items', '7', 1, [{ qty: 1 }]));
+  assert.equal((await iterator.next()).value.meta.version, 1);
+  client.disconnect();
+  const waiting = iterator.next();
+  client.connect();
+  socket().accept();
+  socket().push(subscribed('items', '7'));
+  socket().push(push('items', '7', 2, [{ qty: 2 }]));
+  assert.deepEqual((await waiting).value.rows, [{ qty: 2 }]);
+
+  client.disconnect();
+  client.close();
+  assert.equal(client.state, 'closed');
+  assert.deepEqual(await iterator.next(), { done: true, value: undefined });
+  assert.throws(() => client.connect(), /close\(\) is final/);
+  client.close();
+  client.disconnect();
+  assert.deepEqual(states.slice(-2), ['disconnected', 'closed']);
+});
+
+// --- on() / once() / off() ----------------------------------------------------
+
+test('once() listens to one emission; off() stops on() and once() listeners', async () => {
+  const { client, socket } = makeClient({ onState: undefined, onError: undefined });
+  const onceStates = [];
+  const allStates = [];
+  client.once('state', (state) => onceStates.push(state));
+  const stopAll = client.on('state', (state) => allStates.push(state));
+  const errorsSeen = [];
+  const onError = (error) => errorsSeen.push(error.code);
+  client.once('error', onError);
+  client.off('error', onError); // stopped before it fired
+  const stopOnce = client.once('error', (error) => errorsSeen.push(`stopped ${error.code}`));
+  stopOnce();
+
+  socket().accept();
+  socket().push({ action: 'error', body: { code: 'rate_limited', message: 'slow down' } });
+  socket().drop(1006);
+  assert.deepEqual(onceStates, ['open']);
+  assert.deepEqual(allStates, ['open', 'reconnecting']);
+  assert.deepEqual(errorsSeen, []);
+
+  assert.equal(
+    client.off('state', () => {}),
+    client,
+    'off() returns the client',
+  );
+  stopAll();
+  await until(() => FakeSocket.made.length === 2, 'a second socket');
+  assert.deepEqual(allStates, ['open', 'reconnecting']);
+
+  // on() after once() with the same function makes it a lasting listener.
+  const both = [];
+  const listener = (error) => both.push(error.code);
+  client.once('error', listener);
+  client.on('error', listener);
+  client.on('error', listener); // registered once per event
+  socket().accept();
+  socket().push({ action: 'error', body: { code: 'rate_limited', message: 'a' } });
+  socket().push({ action: 'error', body: { code: 'overloaded', message: 'b' } });
+  assert.deepEqual(both, ['rate_limited', 'overloaded']);
+  // off(event) without a listener stops every listener of the event.
+  client.off('error');
+  socket().push({ action: 'error', body: { code: 'rate_limited', message: 'c' } });
+  assert.deepEqual(both, ['rate_limited', 'overloaded']);
+  client.close();
+});
+
+test('a listener stopped by another during one emission is not called; a throwing state listener is reported', () => {
+  const { client, socket, errors } = makeClient();
+  const calls = [];
+  const second = () => calls.push('second');
+  client.on('state', () => {
+    calls.push('first');
+    client.off('state', second);
+  });
+  client.on('state', second);
+  client.on('state', () => {
+    throw new Error('state view failed');
+  });
+  socket().accept();
+  assert.deepEqual(calls, ['first']);
+  assert.equal(errors.length, 1);
+  assert.ok(errors[0] instanceof EntitySyncError);
+  assert.equal(errors[0].code, 'client_listener_failed');
+  assert.equal(errors[0].message, 'state view failed');
+  assert.equal('entity' in errors[0], false);
+  client.close();
+});
+
+test('an unknown event name is a TypeError (for callers in plain JavaScript)', () => {
+  const { client } = makeClient();
+  assert.throws(() => client.on('message', () => {}), TypeError);
+  assert.throws(() => client.once('open', () => {}), TypeError);
+  assert.throws(() => client.off('close'), TypeError);
+  client.close();
+});
+
+// --- EntitySyncError -------------------------------------------------------------
+
+test('EntitySyncError is an Error: instanceof, name, code, key, retryable, cause and JSON', () => {
+  const keyed = new EntitySyncError('resolver_timeout', 'slow backend', {
+    entity: 'items',
+    id: '3',
+  });
+  assert.ok(keyed instanceof EntitySyncError);
+  assert.ok(keyed instanceof Error);
+  assert.equal(keyed.name, 'EntitySyncError');
+  assert.equal(String(keyed), 'EntitySyncError: slow backend');
+  assert.match(keyed.stack, /^EntitySyncError: slow backend\n/);
+  assert.equal(keyed.code, 'resolver_timeout');
+  assert.equal(keyed.entity, 'items');
+  assert.equal(keyed.id, '3');
+  assert.equal(keyed.retryable, true);
+  assert.deepEqual(Object.keys(keyed), ['code', 'entity', 'id', 'retryable']);
+  assert.equal(
+    JSON.stringify(keyed),
+    '{"name":"EntitySyncError","code":"resolver_timeout","message":"slow backend","entity":"items","id":"3","retryable":true}',
+  );
+
+  const cause = new TypeError('bad URL');
+  const keyless = new EntitySyncError('client_connect_failed', 'bad URL', { cause });
+  assert.equal('entity' in keyless, false);
+  assert.equal('id' in keyless, false);
+  assert.equal(keyless.retryable, false);
+  assert.equal(keyless.cause, cause);
+  assert.deepEqual(keyless.toJSON(), {
+    name: 'EntitySyncError',
+    code: 'client_connect_failed',
+    message: 'bad URL',
+    retryable: false,
+  });
+});
+
+test('every error the client emits is an EntitySyncError: frames, invalid frames, a failed connect', () => {
+  class Refusing {
+    constructor() {
+      throw new TypeError('refused');
+    }
+  }
+  const seen = [];
+  const refused = new EntitySyncClient('ws://node.test/', {
+    WebSocket: Refusing,
+    minDelayMs: 1000,
+    onError: (error) => seen.push(error),
+  });
+  refused.close();
+  const { client, socket, errors } = makeClient();
+  socket().accept();
+  socket().push('not json');
+  socket().push({ action: 'error', body: { code: 'invalid_body', message: 'no' } });
+  client.close();
+  const all = [...seen, ...errors];
+  assert.deepEqual(
+    all.map((error) => error.code),
+    ['client_connect_failed', 'client_invalid_frame', 'invalid_body'],
+  );
+  assert.ok(all.every((error) => error instanceof EntitySyncError));
+  assert.ok(seen[0].cause instanceof TypeError);
 });
