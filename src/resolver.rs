@@ -237,7 +237,6 @@ struct InFlight {
     resolver: ResolverId,
     entity: Arc<str>,
     jobs: Vec<Job>,
-    deadline: Instant,
     /// A subscribe request listed in `State::joinable` (for its ids and secret).
     joinable: bool,
 }
@@ -265,6 +264,11 @@ struct State {
     resolvers: HashMap<ResolverId, Slot>,
     entities: HashMap<Arc<str>, EntityQueue>,
     in_flight: HashMap<u64, InFlight>,
+    /// Requests sent, by deadline: every request gets the same timeout, so
+    /// the order they were sent in is the order they expire in, and
+    /// [`ResolverPool::expire`] looks only at the front. Entries of requests
+    /// answered meanwhile are dropped when they reach the front.
+    deadlines: VecDeque<(Instant, u64)>,
     /// Subscribe requests in flight that a local subscribe of the same key
     /// and secret may join: per key, `(secret, request id)`. A key's entries
     /// go when a change of it is seen, so a joiner never gets rows read
@@ -627,6 +631,7 @@ impl ResolverPool {
                 resolvers,
                 entities,
                 in_flight,
+                deadlines,
                 joinable,
                 ..
             } = &mut *state;
@@ -714,16 +719,17 @@ impl ResolverPool {
                                 .push((secret.clone(), request_id));
                         }
                     }
+                    let deadline = Instant::now() + self.inner.config.timeout;
                     in_flight.insert(
                         request_id,
                         InFlight {
                             resolver: resolver_id,
                             entity: entity.clone(),
                             jobs,
-                            deadline: Instant::now() + self.inner.config.timeout,
                             joinable: is_joinable,
                         },
                     );
+                    deadlines.push_back((deadline, request_id));
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // Can't happen while pass-through leaves room for
@@ -805,12 +811,17 @@ impl ResolverPool {
                 let _ = job.reply.send(Err(ResolveError::Timeout));
             }
         }
-        let expired: Vec<u64> = state
-            .in_flight
-            .iter()
-            .filter(|(_, f)| f.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
+        let mut expired: Vec<u64> = Vec::new();
+        while let Some(&(deadline, request_id)) = state.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            state.deadlines.pop_front();
+            // Answered (or moved to another stream) meanwhile: nothing to do.
+            if state.in_flight.contains_key(&request_id) {
+                expired.push(request_id);
+            }
+        }
         let mut touched: Vec<Arc<str>> = Vec::new();
         for request_id in expired {
             let flight = state.in_flight.remove(&request_id).expect("listed above");
@@ -929,6 +940,7 @@ impl ResolverPool {
             }
         }
         state.joinable.clear();
+        state.deadlines.clear();
         for (_, flight) in state.in_flight.drain() {
             for job in flight.jobs {
                 let _ = job.reply.send(Err(ResolveError::Closed));
@@ -1546,6 +1558,48 @@ mod tests {
         assert!(read_key_result(result(MAX_VERSION)).is_ok());
         let err = read_key_result(result(MAX_VERSION + 1)).unwrap_err();
         assert_eq!(err.kind(), ResolveErrorKind::InvalidAnswer);
+    }
+
+    /// Deadlines are kept in the order requests were sent: an expiry looks
+    /// at the front only, and answered requests leave no trace behind it.
+    #[tokio::test]
+    async fn only_unanswered_requests_expire_and_answered_ones_leave_the_deadlines() {
+        let pool = pool(1);
+        // Room for three requests at once, one id each (batch size 1).
+        let reg = Register {
+            name: "svc".into(),
+            entities: vec![EntityRegistration {
+                entity: "items".into(),
+                fetch_mode: FetchMode::Shared as i32,
+            }],
+            pass_through: false,
+            max_in_flight: 3,
+        };
+        let (tx, mut rx) = mpsc::channel(pool.channel_capacity(&reg));
+        let rid = pool.allocate_id();
+        pool.register(rid, &reg, tx).unwrap();
+        let tasks = spawn_resolves(&pool, &[("1", true), ("2", true), ("3", true)]).await;
+        let sent: Vec<ResolveRequest> = (0..3).map(|_| request(&mut rx)).collect();
+        assert_eq!(pool.inner.state.lock().unwrap().deadlines.len(), 3);
+        // The first two are answered; the third is not.
+        for request in &sent[..2] {
+            let id = request.ids[0].clone();
+            pool.complete(rid, request.request_id, HashMap::from([(id, ok(&["1"]))]));
+        }
+        // Not yet due: nothing expires, nothing is dropped.
+        pool.expire(Instant::now());
+        assert_eq!(pool.inner.state.lock().unwrap().deadlines.len(), 3);
+        // Due: the third is retried (sent again), the answered ones are gone.
+        pool.expire(Instant::now() + Duration::from_secs(5) + Duration::from_millis(1));
+        let retried = request(&mut rx);
+        assert_eq!(retried.ids, ["3"]);
+        let state = pool.inner.state.lock().unwrap();
+        assert_eq!(state.deadlines.len(), 1, "only the retry's deadline");
+        assert_eq!(state.deadlines[0].1, retried.request_id);
+        drop(state);
+        for task in tasks {
+            task.abort();
+        }
     }
 
     #[tokio::test]
