@@ -26,7 +26,7 @@
 //! - `key`: `ChangeKey`, the `(entity, id)` pair, and its validation rules.
 //! - `outbox`: a connection's outbound queue: latest push per key, bounded bytes.
 //! - `registry`: sharded map of key → subscribed connections.
-//! - `dispatcher`: consumes the bus, coalesces per key, resolves, fans out.
+//! - `dispatcher`: the change flow (consumes the bus, coalesces per key, resolves, fans out); `dispatcher::subscribe`, the subscribe flow (snapshot, activation or error frame).
 //! - `resolve`: where a key is resolved: the local pool, or another node over NATS.
 //! - `resolver`: the local pool of backend `Resolve` streams: batching, in-flight caps, retries.
 //! - `cluster`: the NATS request-reply link to other nodes' resolvers, both sides.

@@ -1,0 +1,256 @@
+//! The subscribe flow: a subscription's snapshot resolve, its activation, or its error frame.
+//!
+//! It shares the dispatcher's state because it must agree with the change
+//! flow on versions and missed changes: a snapshot's version is read from the
+//! bus before it is resolved, and a change consumed while it was resolving
+//! makes the change flow resolve the key again for it.
+
+use std::{borrow::Cow, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use super::Dispatcher;
+use crate::{
+    key::ChangeKey,
+    protocol::{ErrorCode, PushFrame, error_frame, subscribed_frame},
+    registry::{Activation, Connection},
+    resolve::{ResolveError, ResolveErrorKind, Rows},
+    trace::ChangeMeta,
+};
+
+/// Longest a subscribe waits for this node's bus consumer to catch up, so
+/// that it may join a snapshot resolve of its key already in flight.
+const JOIN_WAIT: Duration = Duration::from_millis(20);
+/// After such a wait ran out, subscribes do not wait for this long: a
+/// consumer that far behind would only add the wait to every subscribe.
+const JOIN_WAIT_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Dispatcher {
+    /// Whether a subscribe may wait for the bus consumer to join a resolve:
+    /// not within [`JOIN_WAIT_BACKOFF`] of a wait that ran out.
+    fn may_wait_to_join(&self) -> bool {
+        let expired = self.inner.join_wait_expired_ms.load(Ordering::Relaxed);
+        expired == 0
+            || self.inner.started.elapsed().as_millis() as u64
+                >= expired + JOIN_WAIT_BACKOFF.as_millis() as u64
+    }
+
+    /// Resolves the snapshot of a subscription that the session has added to
+    /// the registry as pending (a subscribe, or the re-check of a held key
+    /// after a new secret), with the connection's `secret` of `epoch` as it
+    /// was when the session took the message. Then activates it, or ends it
+    /// with an error frame; either only while `epoch` is still the
+    /// connection's (else a newer re-check decides). Dropping the future
+    /// (the connection closed) is fine.
+    pub(crate) async fn subscribe(
+        &self,
+        conn: Arc<Connection>,
+        key: ChangeKey,
+        secret: Arc<str>,
+        epoch: u64,
+    ) {
+        let superseded = conn.clone();
+        tokio::select! {
+            // Checked first: a re-check a newer secret made moot does no
+            // work at all, not even a read of the bus head.
+            biased;
+            () = superseded.superseded(epoch) => {}
+            () = self.snapshot(conn, key, secret, epoch) => {}
+        }
+    }
+
+    /// [`Self::subscribe`] while `epoch` is current: waits for one of the
+    /// node's `--max-snapshot-resolves` (in order of arrival, so a
+    /// connection with many keys cannot starve others), then resolves.
+    async fn snapshot(&self, conn: Arc<Connection>, key: ChangeKey, secret: Arc<str>, epoch: u64) {
+        let Ok(_permit) = self.inner.snapshot_permits.acquire().await else {
+            return;
+        };
+        // Read before resolving: the snapshot reflects every change up to it.
+        let base = self.inner.bus.snapshot_version().await.max(self.applied());
+        // Joining a snapshot resolve already in flight for this key and
+        // secret is right only if every change up to `base` has been
+        // scheduled (and so has stopped joins of requests sent before it);
+        // later changes are this subscription's missed ones, which the
+        // registry notes.
+        let mut may_join = self.applied() >= base;
+        if !may_join && self.may_wait_to_join() && self.inner.resolvers.can_join(&key, &secret) {
+            // A resolve of this key and secret is in flight: worth waiting
+            // a moment for this node to consume the changes up to `base`
+            // (it is usually a few milliseconds behind the bus's head), not
+            // longer than a resolve of its own would take.
+            let mut applied = self.inner.applied_watch.subscribe();
+            let caught_up = applied.wait_for(|applied| *applied >= base);
+            may_join = matches!(tokio::time::timeout(JOIN_WAIT, caught_up).await, Ok(Ok(_)));
+            if !may_join {
+                let now = self.inner.started.elapsed().as_millis() as u64;
+                self.inner
+                    .join_wait_expired_ms
+                    .store(now.max(1), Ordering::Relaxed);
+            }
+        }
+        let result = self
+            .inner
+            .resolvers
+            .resolve_subscribe(&key, secret, may_join)
+            .await;
+        let err = match result {
+            Ok(Rows { rows, version }) => {
+                let version = if version != 0 { version } else { base };
+                let frame = PushFrame::build(&key, version, &rows, self.inner.bare_rows);
+                let ack = (!self.inner.bare_rows).then(|| subscribed_frame(&key));
+                let activation = self
+                    .inner
+                    .registry
+                    .activate(&key, conn.id, epoch, ack, &frame);
+                if activation == (Activation::Active { missed: true }) {
+                    // A change came in while the snapshot was being resolved;
+                    // the snapshot may predate it.
+                    self.schedule(key, self.applied(), ChangeMeta::default());
+                }
+                return;
+            }
+            Err(err) => err,
+        };
+        let (code, message) = subscribe_error(&key, &err);
+        let error = error_frame(code, &message, Some(&key));
+        if self.inner.registry.reject(&key, &conn, epoch, error) {
+            self.inner.metrics.client_error(code);
+        }
+    }
+}
+
+/// The code and message of the error frame for a subscribe whose snapshot
+/// resolve failed. Only a resolver's own message reaches the client; every
+/// other failure gets a fixed message here, and its detail goes to the log.
+pub(crate) fn subscribe_error<'a>(
+    key: &ChangeKey,
+    err: &'a ResolveError,
+) -> (ErrorCode, Cow<'a, str>) {
+    let own = |default: &'static str| Cow::Borrowed(err.resolver_message().unwrap_or(default));
+    match err.kind() {
+        ResolveErrorKind::NotFound => (ErrorCode::NotFound, own("no such key")),
+        ResolveErrorKind::Forbidden => (ErrorCode::Forbidden, own("access denied")),
+        ResolveErrorKind::Failed => (ErrorCode::ResolverError, own("the resolver failed")),
+        ResolveErrorKind::InvalidAnswer => {
+            tracing::warn!(key = %key, %err, "snapshot resolve failed");
+            (
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer".into(),
+            )
+        }
+        ResolveErrorKind::Timeout => {
+            tracing::info!(key = %key, %err, "snapshot resolve failed");
+            (
+                ErrorCode::ResolverTimeout,
+                "no resolver answered in time".into(),
+            )
+        }
+        ResolveErrorKind::NoResolver => {
+            tracing::debug!(key = %key, %err, "snapshot resolve failed");
+            (
+                ErrorCode::NoResolver,
+                format!("no resolver serves entity {:?}", &*key.entity).into(),
+            )
+        }
+        ResolveErrorKind::Closed => (ErrorCode::NoResolver, "the node is shutting down".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::{proto::internal::v1::ClusterResolveReply, protocol::RowError};
+
+    fn key() -> ChangeKey {
+        ChangeKey::new("items", "1").unwrap()
+    }
+
+    #[test]
+    fn internal_failures_get_a_fixed_client_message() {
+        let not_json = serde_json::from_slice::<serde_json::Value>(b"{oops").unwrap_err();
+        let internal = [
+            (
+                ResolveError::InvalidRow(RowError::NotJson(Arc::new(not_json))),
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer",
+            ),
+            (
+                ResolveError::UnknownStatus(42),
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer",
+            ),
+            (
+                ResolveError::MissingResult(Arc::from("1")),
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer",
+            ),
+            (
+                ResolveError::BadClusterReply(
+                    ClusterResolveReply::decode(&b"\xff\xff"[..]).unwrap_err(),
+                ),
+                ErrorCode::ResolverError,
+                "the resolver sent an invalid answer",
+            ),
+            (
+                ResolveError::Timeout,
+                ErrorCode::ResolverTimeout,
+                "no resolver answered in time",
+            ),
+            (
+                ResolveError::NoResolver,
+                ErrorCode::NoResolver,
+                "no resolver serves entity \"items\"",
+            ),
+            (
+                ResolveError::Closed,
+                ErrorCode::NoResolver,
+                "the node is shutting down",
+            ),
+        ];
+        for (err, code, message) in internal {
+            let (got_code, got_message) = subscribe_error(&key(), &err);
+            assert_eq!((got_code, &*got_message), (code, message), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn a_resolvers_own_message_reaches_the_client() {
+        let cases = [
+            (
+                ResolveError::NotFound("gone".into()),
+                ErrorCode::NotFound,
+                "gone",
+            ),
+            (
+                ResolveError::NotFound(String::new()),
+                ErrorCode::NotFound,
+                "no such key",
+            ),
+            (
+                ResolveError::Forbidden("not yours".into()),
+                ErrorCode::Forbidden,
+                "not yours",
+            ),
+            (
+                ResolveError::Forbidden(String::new()),
+                ErrorCode::Forbidden,
+                "access denied",
+            ),
+            (
+                ResolveError::Failed("db down".into()),
+                ErrorCode::ResolverError,
+                "db down",
+            ),
+            (
+                ResolveError::Failed(String::new()),
+                ErrorCode::ResolverError,
+                "the resolver failed",
+            ),
+        ];
+        for (err, code, message) in cases {
+            let (got_code, got_message) = subscribe_error(&key(), &err);
+            assert_eq!((got_code, &*got_message), (code, message), "{err:?}");
+        }
+    }
+}
