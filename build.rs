@@ -1,32 +1,22 @@
-//! Generates the gRPC code from `proto/` with `protox` (no system `protoc`),
-//! and writes the encoded descriptor set used by server reflection.
-//!
-//! Two packages: `entitysync.v1`, the public API backends speak, and
-//! `entitysync.internal.v1`, what nodes say to each other over NATS. Only the
-//! public one is offered through reflection.
+//! Generates the node's internal messages (`entitysync.internal.v1`, what
+//! nodes say to each other over NATS) from `src/cluster.proto` with `protox`
+//! (no system `protoc`). The public API they import, `entitysync.v1`, is the
+//! `entity-sync-proto` crate's: its `.proto` files come from that crate
+//! (`DEP_ENTITYSYNC_PROTO_INCLUDE`), its types are used, not generated again.
 
-use std::{env, fs, path::PathBuf};
+use std::{env, path::PathBuf};
 
-use prost::Message;
-
-const PUBLIC: &str = "entitysync/v1/entitysync.proto";
-const INTERNAL: &str = "entitysync/internal/v1/cluster.proto";
+const INTERNAL: &str = "cluster.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile([PUBLIC, INTERNAL], ["proto"])?;
-    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    let mut public = fds.clone();
-    public.file.retain(|file| file.name() != INTERNAL);
-    fs::write(
-        out_dir.join("entitysync_descriptor.bin"),
-        public.encode_to_vec(),
-    )?;
-    // Clients are the backend SDK's (`entity-sync-backend`); the node only serves.
+    println!("cargo:rerun-if-changed=src/{INTERNAL}");
+    let api = PathBuf::from(env::var("DEP_ENTITYSYNC_PROTO_INCLUDE")?);
+    let mut fds = protox::compile([INTERNAL], [PathBuf::from("src"), api])?;
+    fds.file.retain(|file| file.name() == INTERNAL);
     tonic_prost_build::configure()
         .build_client(false)
-        .bytes(".entitysync.v1.KeyResult.rows")
-        .bytes(".entitysync.v1.PassThrough.payload")
+        .build_server(false)
+        .extern_path(".entitysync.v1", "::entity_sync_proto::v1")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -66,11 +66,9 @@ pub mod trace;
 
 /// Generated gRPC code.
 pub mod proto {
-    /// Package `entitysync.v1`: the public API backends speak.
-    pub mod v1 {
-        #![allow(clippy::all, missing_docs)]
-        tonic::include_proto!("entitysync.v1");
-    }
+    /// Package `entitysync.v1`: the public API backends speak (the
+    /// `entity-sync-proto` crate's, shared with the SDK).
+    pub use entity_sync_proto::v1;
     /// Package `entitysync.internal.v1`: node-to-node messages over NATS.
     pub(crate) mod internal {
         pub(crate) mod v1 {

@@ -25,7 +25,7 @@ pub use crate::auth::TokensFileError;
 pub use crate::tls::TlsError;
 
 /// Encoded descriptors of `proto/`, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("entitysync_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] = entity_sync_proto::FILE_DESCRIPTOR_SET;
 
 /// The two listeners a node serves on (bind them to port 0 in tests).
 pub struct Listeners {

@@ -70,11 +70,8 @@ pub use request::{Answer, Answers, PassThrough, ResolveRequest, Secret};
 #[cfg(feature = "tls")]
 pub use tls::Tls;
 
-/// Generated gRPC code of the node's public API.
+/// Generated gRPC code of the node's public API (the `entity-sync-proto`
+/// crate's, the same types the node uses).
 pub mod proto {
-    /// Package `entitysync.v1`.
-    pub mod v1 {
-        #![allow(clippy::all, missing_docs)]
-        tonic::include_proto!("entitysync.v1");
-    }
+    pub use entity_sync_proto::v1;
 }
