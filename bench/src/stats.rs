@@ -1,5 +1,7 @@
 //! Small pure helpers of the bench: a seeded PRNG, the cheap push-frame scanner, percentiles.
 
+use entity_sync_testkit::stats::percentile;
+
 /// A xorshift64 generator: deterministic for a seed, no dependency, good
 /// enough to pick keys (the runs must be reproducible, not cryptographic).
 #[derive(Debug, Clone)]
@@ -105,17 +107,6 @@ pub struct Percentiles {
     pub samples: usize,
 }
 
-/// Nearest-rank percentile of an ascending slice (`p` in 0..=100); `None` if empty.
-pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    // The epsilon keeps float error (99.9 / 100 * 1000 = 999.0000000000001)
-    // from pushing an exact rank up by one.
-    let rank = (p * sorted.len() as f64 / 100.0 - 1e-9).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
 /// Sorts `samples` and takes p50/p99/p99.9/max; `None` if there are none.
 pub fn percentiles(samples: &mut [u64]) -> Option<Percentiles> {
     samples.sort_unstable();
@@ -200,19 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn nearest_rank_percentiles() {
-        assert_eq!(percentile(&[], 50.0), None);
-        let one = [7];
-        assert_eq!(percentile(&one, 0.0), Some(7));
-        assert_eq!(percentile(&one, 99.9), Some(7));
-        let hundred: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&hundred, 50.0), Some(50));
-        assert_eq!(percentile(&hundred, 99.0), Some(99));
-        assert_eq!(percentile(&hundred, 99.9), Some(100));
-        assert_eq!(percentile(&hundred, 100.0), Some(100));
-        let thousand: Vec<u64> = (1..=1000).collect();
-        assert_eq!(percentile(&thousand, 99.9), Some(999));
-
+    fn percentiles_of_unsorted_samples() {
         let mut shuffled = vec![5, 1, 4, 2, 3];
         let p = percentiles(&mut shuffled).unwrap();
         assert_eq!((p.p50, p.p99, p.p999, p.max, p.samples), (3, 5, 5, 5, 5));

@@ -420,15 +420,6 @@ impl Fleet {
     }
 }
 
-/// The `q` quantile (0..=1) of sorted `samples`; 0 when there are none.
-pub fn quantile(samples: &[u64], q: f64) -> u64 {
-    if samples.is_empty() {
-        return 0;
-    }
-    let i = ((samples.len() - 1) as f64 * q).round() as usize;
-    samples[i.min(samples.len() - 1)]
-}
-
 /// How a session ended.
 enum End {
     Stopped,
@@ -655,15 +646,6 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantiles_of_sorted_samples() {
-        let samples: Vec<u64> = (1..=100).collect();
-        assert_eq!(quantile(&samples, 0.5), 51);
-        assert_eq!(quantile(&samples, 0.99), 99);
-        assert_eq!(quantile(&samples, 1.0), 100);
-        assert_eq!(quantile(&[], 0.99), 0);
-    }
 
     fn client(keys: &[(&str, &str)]) -> (FleetConfig, Mutex<ClientState>, Shared) {
         let keys: Vec<Key> = keys
