@@ -20,7 +20,7 @@
 //! - `load.rs`: the resolver (on `entity-sync-backend`, in a process of its own), the notifier
 //!   and the websocket clients.
 //! - `slots.rs`: the `u64` atomics the bench shares with its resolver process (a mapped file).
-//! - `stats.rs`: the seeded PRNG, the push-frame scanner, percentiles (on the
+//! - `stats.rs`: distinct seeded draws, the push-frame scanner, percentiles (on the
 //!   testkit's `percentile`), medians.
 //!
 //! Node and nats-server processes, readiness, `/metrics`, `/proc` (CPU and
@@ -66,7 +66,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     load::{ClientOutcome, ClientSpec, Shared},
-    stats::{Percentiles, XorShift64, median, percentiles},
+    stats::{Percentiles, distinct, median, percentiles},
 };
 
 const RESOLVES_CHANGE: &str = "entity_sync_resolve_requests_total{reason=\"change\"}";
@@ -555,10 +555,13 @@ fn push_shape(cli: &Cli, scenario: Scenario) -> (&'static str, usize, u32, usize
 }
 
 /// Every client's keys, from the seed: the same for a run and its ceiling run.
-fn plan_client_keys(rng: &mut XorShift64, clients: usize, kpc: usize, keys: u32) -> Vec<Vec<u32>> {
-    (0..clients)
-        .map(|_| rng.distinct(kpc, u64::from(keys)))
-        .collect()
+fn plan_client_keys(
+    rng: &mut fastrand::Rng,
+    clients: usize,
+    kpc: usize,
+    keys: u32,
+) -> Vec<Vec<u32>> {
+    (0..clients).map(|_| distinct(rng, kpc, keys)).collect()
 }
 
 /// `--runs` runs (each after its ceiling run with `--ceiling`), then the medians.
@@ -658,11 +661,9 @@ async fn push_scenario(
     let mut env = Env::start(cli, nodes, nats, log_dir, deadline).await?;
 
     // The plan: every client's keys and the update sequence, from one seed.
-    let mut rng = XorShift64::new(cli.seed);
+    let mut rng = fastrand::Rng::with_seed(cli.seed);
     let client_keys = plan_client_keys(&mut rng, clients, kpc, keys);
-    let seq: Vec<u32> = (0..updates)
-        .map(|_| rng.below(u64::from(keys)) as u32)
-        .collect();
+    let seq: Vec<u32> = (0..updates).map(|_| rng.u32(..keys)).collect();
     let shared = Arc::new(Shared::new(keys as usize, &seq, cli.rate.is_some())?);
     let cancel = CancellationToken::new();
     let fetch_mode = match cli.fetch_mode {
@@ -875,7 +876,7 @@ async fn ceiling_run(
     deadline: Instant,
 ) -> anyhow::Result<CeilingReport> {
     let (_, clients, keys, kpc, _) = push_shape(cli, scenario);
-    let mut rng = XorShift64::new(cli.seed);
+    let mut rng = fastrand::Rng::with_seed(cli.seed);
     let client_keys = plan_client_keys(&mut rng, clients, kpc, keys);
     let per_update = (clients * kpc) as f64 / f64::from(keys);
     let offered = if cli.smoke {
@@ -886,9 +887,7 @@ async fn ceiling_run(
     let rate = (offered / per_update.max(1e-9)).max(1.0);
     let secs = if cli.smoke { 0.2 } else { cli.ceiling_secs };
     let updates = ((rate * secs) as usize).max(1);
-    let seq: Vec<u32> = (0..updates)
-        .map(|_| rng.below(u64::from(keys)) as u32)
-        .collect();
+    let seq: Vec<u32> = (0..updates).map(|_| rng.u32(..keys)).collect();
     let shared = Arc::new(Shared::new(keys as usize, &seq, true)?);
     let cancel = CancellationToken::new();
     let server =
