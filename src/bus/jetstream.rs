@@ -97,10 +97,13 @@ async fn at_startup<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
             Ok(value) => return Ok(Ok(value)),
             Err(err) => err,
         };
-        let pause = backoff.next_delay();
-        if !retryable(&err) || tokio::time::Instant::now() + pause >= deadline {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !retryable(&err) || left.is_zero() {
             return Ok(Err(err));
         }
+        // The last pause ends with the window and one more attempt is made
+        // then: the jittered pauses would otherwise give up to half of it away.
+        let pause = backoff.next_delay().min(left);
         tracing::warn!(error = %err, retry_in = ?pause, "{what} failed; retrying");
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
