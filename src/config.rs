@@ -888,21 +888,18 @@ fn parse_ws_path(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+/// Parses a duration flag: `250ms`, `5s`, `2m`, `1h`, or anything else
+/// [`humantime::parse_duration`] reads (`1h 30m`, `2min`).
+///
+/// A bare number is seconds: humantime wants a unit, but the flags took
+/// `--shutdown-grace=7` before and deployments may still say so.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 2m or 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
     }
+    humantime::parse_duration(s)
+        .map_err(|err| format!("{s:?} is not a duration like 500ms, 5s, 2m or 1h ({err})"))
 }
 
 #[cfg(test)]
@@ -1164,7 +1161,15 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration(" 30m "), Ok(Duration::from_secs(1800)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("s").is_err());
+        assert!(parse_duration("").is_err());
+        let err = parse_duration("5 parsecs").unwrap_err();
+        assert!(
+            err.starts_with(r#""5 parsecs" is not a duration like 500ms, 5s, 2m or 1h"#),
+            "{err}"
+        );
     }
 }

@@ -7,8 +7,6 @@
 
 use std::{
     fmt,
-    hash::{BuildHasher, RandomState},
-    sync::atomic::{AtomicU64, Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -33,13 +31,13 @@ impl TraceId {
 
     /// A fresh random id.
     pub fn generate() -> TraceId {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        // Two independent keyed hashes of a per-process counter: unique in
-        // the process, unpredictable across processes; not a secret.
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let hi = RandomState::new().hash_one((n, SystemTime::now()));
-        let lo = RandomState::new().hash_one(n);
-        TraceId((u128::from(hi) << 64 | u128::from(lo)).max(1))
+        // 128 bits from fastrand's per-thread generator, seeded randomly per
+        // thread: collisions are out of reach and ids cannot be guessed
+        // without effort, which is all tracing needs. A trace id is not a
+        // secret (it is logged and returned to callers); the generator is
+        // not cryptographic and must not be used for one. Zero means none,
+        // so it is never drawn.
+        TraceId(fastrand::u128(1..))
     }
 
     /// Parses 32 hex digits (either case), not all zero.

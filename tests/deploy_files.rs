@@ -9,20 +9,16 @@
 //! under `RuntimeDefault` seccomp as the image's user, and a production image
 //! (the Dockerfile's last stage, read stage by stage) with the node binary only.
 //!
-//! No YAML crate is a dependency, so the files are read with a small parser
-//! for the YAML subset they use (block mappings and sequences, plain and
-//! quoted scalars, flow sequences, anchors, aliases and `<<` merge keys);
-//! anything outside that subset fails loudly. When python3 with PyYAML is
-//! installed, every file is also parsed by PyYAML and must give the same
-//! value, which checks both the files' validity and this parser.
+//! The YAML files are read with `serde_norway` (a maintained `serde_yaml`),
+//! merge keys applied, into `serde_json` values the checks walk.
 
 use std::{
     collections::{BTreeSet, HashMap},
     fs,
     path::{Path, PathBuf},
-    process::Command,
 };
 
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 fn root() -> PathBuf {
@@ -34,299 +30,29 @@ fn read(path: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// YAML subset
+// YAML
 // ---------------------------------------------------------------------------
 
-struct Line {
-    indent: usize,
-    text: String,
-    number: usize,
-}
-
-/// Parses every document of `text` (documents separated by `---`).
-fn parse_yaml(text: &str) -> Vec<Value> {
-    let mut documents = Vec::new();
-    let mut current = Vec::new();
-    for (index, raw) in text.lines().enumerate() {
-        assert!(!raw.contains('\t'), "line {}: tab in YAML", index + 1);
-        if raw.trim_end() == "---" {
-            documents.push(std::mem::take(&mut current));
-            continue;
-        }
-        let content = strip_comment(raw);
-        if content.trim().is_empty() {
-            continue;
-        }
-        let indent = content.len() - content.trim_start().len();
-        current.push(Line {
-            indent,
-            text: content.trim().to_owned(),
-            number: index + 1,
-        });
-    }
-    documents.push(current);
-    documents
-        .into_iter()
-        .filter(|lines| !lines.is_empty())
-        .map(|mut lines| {
-            let mut parser = Parser {
-                anchors: HashMap::new(),
-            };
-            let mut i = 0;
-            let indent = lines[0].indent;
-            let value = parser.block(&mut lines, &mut i, indent);
-            assert_eq!(
-                i,
-                lines.len(),
-                "line {}: unexpected indentation",
-                lines[i.min(lines.len() - 1)].number
-            );
-            value
+/// Every document of `text` (documents separated by `---`) as JSON values,
+/// with `<<` merge keys applied (compose's `x-` anchors rely on them);
+/// `what` names the text in failure messages.
+fn parse_yaml(text: &str, what: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
+        .enumerate()
+        .map(|(index, document)| {
+            let mut yaml = serde_norway::Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{what}, document {index}: not YAML: {e}"));
+            yaml.apply_merge()
+                .unwrap_or_else(|e| panic!("{what}, document {index}: merge keys: {e}"));
+            serde_json::to_value(yaml)
+                .unwrap_or_else(|e| panic!("{what}, document {index}: not JSON-like: {e}"))
         })
         .collect()
 }
 
-/// The line without its comment (a `#` at the start or after a space,
-/// outside quotes).
-fn strip_comment(line: &str) -> &str {
-    let mut quote = None;
-    let mut previous = ' ';
-    for (i, c) in line.char_indices() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None if c == '#' && previous == ' ' => return line[..i].trim_end(),
-            None => {}
-        }
-        previous = c;
-    }
-    line.trim_end()
-}
-
-struct Parser {
-    anchors: HashMap<String, Value>,
-}
-
-impl Parser {
-    fn block(&mut self, lines: &mut [Line], i: &mut usize, indent: usize) -> Value {
-        if is_item(&lines[*i].text) {
-            self.sequence(lines, i, indent)
-        } else {
-            self.mapping(lines, i, indent)
-        }
-    }
-
-    fn sequence(&mut self, lines: &mut [Line], i: &mut usize, indent: usize) -> Value {
-        let mut items = Vec::new();
-        while *i < lines.len() && lines[*i].indent == indent && is_item(&lines[*i].text) {
-            let rest = lines[*i].text[1..].trim_start().to_owned();
-            if rest.is_empty() {
-                *i += 1;
-                let child = lines[*i].indent;
-                assert!(
-                    child > indent,
-                    "line {}: empty sequence item",
-                    lines[*i].number
-                );
-                items.push(self.block(lines, i, child));
-            } else if split_key(&rest).is_some() && !rest.starts_with(['"', '\'', '[', '{']) {
-                // "- key: value": a mapping whose first line is the item's rest.
-                let child = indent + (lines[*i].text.len() - rest.len());
-                lines[*i].indent = child;
-                lines[*i].text = rest;
-                items.push(self.mapping(lines, i, child));
-            } else {
-                let number = lines[*i].number;
-                items.push(self.inline(&rest, number));
-                *i += 1;
-            }
-        }
-        Value::Array(items)
-    }
-
-    fn mapping(&mut self, lines: &mut [Line], i: &mut usize, indent: usize) -> Value {
-        let mut map = Map::new();
-        let mut merged = Vec::new();
-        while *i < lines.len() && lines[*i].indent == indent && !is_item(&lines[*i].text) {
-            let number = lines[*i].number;
-            let (key, rest) = split_key(&lines[*i].text)
-                .unwrap_or_else(|| panic!("line {number}: expected `key: value`"));
-            let key = match key.strip_prefix(['"', '\'']) {
-                Some(quoted) => quoted[..quoted.len() - 1].to_owned(),
-                None => key,
-            };
-            *i += 1;
-            let (anchor, rest) = match rest.strip_prefix('&') {
-                Some(anchored) => {
-                    let (name, rest) = anchored.split_once(' ').unwrap_or((anchored, ""));
-                    (Some(name.to_owned()), rest.trim().to_owned())
-                }
-                None => (None, rest),
-            };
-            let value = if !rest.is_empty() {
-                self.inline(&rest, number)
-            } else if *i < lines.len() && lines[*i].indent > indent {
-                let child = lines[*i].indent;
-                self.block(lines, i, child)
-            } else if *i < lines.len() && lines[*i].indent == indent && is_item(&lines[*i].text) {
-                // A sequence may sit at its key's indentation.
-                self.sequence(lines, i, indent)
-            } else {
-                Value::Null
-            };
-            if let Some(anchor) = anchor {
-                self.anchors.insert(anchor, value.clone());
-            }
-            if key == "<<" {
-                merged.push(value);
-            } else {
-                assert!(
-                    !map.contains_key(&key),
-                    "line {number}: duplicate key {key:?}"
-                );
-                map.insert(key, value);
-            }
-        }
-        // Merge keys: explicit keys win over merged ones.
-        for value in merged {
-            let Value::Object(entries) = value else {
-                panic!("`<<` must merge a mapping")
-            };
-            for (key, value) in entries {
-                map.entry(key).or_insert(value);
-            }
-        }
-        Value::Object(map)
-    }
-
-    /// A value on the same line as its key or dash.
-    fn inline(&self, text: &str, number: usize) -> Value {
-        if let Some(alias) = text.strip_prefix('*') {
-            return self
-                .anchors
-                .get(alias)
-                .unwrap_or_else(|| panic!("line {number}: unknown alias {alias}"))
-                .clone();
-        }
-        if let Some(inner) = text.strip_prefix('[') {
-            let inner = inner
-                .strip_suffix(']')
-                .unwrap_or_else(|| panic!("line {number}: multi-line flow sequence"));
-            if inner.trim().is_empty() {
-                return json!([]);
-            }
-            return Value::Array(
-                inner
-                    .split(',')
-                    .map(|item| scalar(item.trim(), number))
-                    .collect(),
-            );
-        }
-        if text == "{}" {
-            return json!({});
-        }
-        assert!(
-            !text.starts_with(['{', '|', '>', '!', '&']),
-            "line {number}: unsupported YAML construct {text:?}"
-        );
-        scalar(text, number)
-    }
-}
-
-fn is_item(text: &str) -> bool {
-    text == "-" || text.starts_with("- ")
-}
-
-/// `key: rest` (rest possibly empty), if the line is a mapping entry.
-fn split_key(text: &str) -> Option<(String, String)> {
-    let mut quote = None;
-    for (i, c) in text.char_indices() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == '"' || c == '\'' => quote = Some(c),
-            None if c == ':' && (i + 1 == text.len() || text[i + 1..].starts_with(' ')) => {
-                return Some((text[..i].to_owned(), text[i + 1..].trim().to_owned()));
-            }
-            None if c == '[' || c == '{' => return None,
-            None => {}
-        }
-    }
-    None
-}
-
-fn scalar(text: &str, number: usize) -> Value {
-    if let Some(inner) = text.strip_prefix('"') {
-        let inner = inner
-            .strip_suffix('"')
-            .unwrap_or_else(|| panic!("line {number}: unterminated string"));
-        assert!(
-            !inner.contains('\\'),
-            "line {number}: escapes are not supported"
-        );
-        return Value::String(inner.to_owned());
-    }
-    if let Some(inner) = text.strip_prefix('\'') {
-        let inner = inner
-            .strip_suffix('\'')
-            .unwrap_or_else(|| panic!("line {number}: unterminated string"));
-        return Value::String(inner.replace("''", "'"));
-    }
-    match text {
-        "true" => return json!(true),
-        "false" => return json!(false),
-        "null" | "~" => return Value::Null,
-        _ => {}
-    }
-    if let Ok(n) = text.parse::<i64>() {
-        return json!(n);
-    }
-    // YAML 1.1 readers take "8080:80" as a base-60 number: such values must be quoted.
-    assert!(
-        !text
-            .split(':')
-            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit())),
-        "line {number}: quote {text:?} (YAML 1.1 reads it as a number)"
-    );
-    Value::String(text.to_owned())
-}
-
-/// The documents as PyYAML reads them, or `None` (with the reason printed)
-/// when python3 or PyYAML is not installed.
-fn pyyaml(path: &Path) -> Option<Vec<Value>> {
-    let script = "import json, sys, yaml\n\
-                  print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))";
-    let output = match Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(path)
-        .output()
-    {
-        Ok(output) => output,
-        Err(err) => {
-            eprintln!("PyYAML cross-check skipped: cannot run python3 ({err})");
-            return None;
-        }
-    };
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        if stderr.contains("No module named 'yaml'") {
-            eprintln!("PyYAML cross-check skipped: python3 has no yaml module");
-            return None;
-        }
-        panic!("PyYAML cannot read {}:\n{stderr}", path.display());
-    }
-    Some(serde_json::from_slice(&output.stdout).expect("PyYAML output is JSON"))
-}
-
-/// Parses `path` (relative to the crate), cross-checked with PyYAML.
+/// Parses `path` (relative to the crate).
 fn load(path: &str) -> Vec<Value> {
-    let ours = parse_yaml(&read(path));
-    if let Some(theirs) = pyyaml(&root().join(path)) {
-        assert_eq!(ours, theirs, "{path}: this parser and PyYAML disagree");
-    }
-    ours
+    parse_yaml(&read(path), path)
 }
 
 // ---------------------------------------------------------------------------
@@ -732,9 +458,10 @@ fn production_chain(stages: &[Stage]) -> (Vec<&Stage>, String) {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn yaml_subset_parser_reads_what_the_files_use() {
+fn yaml_loader_reads_what_the_files_use() {
     let docs = parse_yaml(
         "a: &base\n  x: 1\n  y: \"two\"\nb:\n  <<: *base\n  y: 3\nlist:\n- k: v\n  n: [\"p\", 'q']\n- plain # comment\n---\nkind: X\n",
+        "the sample",
     );
     assert_eq!(
         docs,

@@ -48,7 +48,8 @@
 //! - module `connect`: the node endpoint both clients are built from.
 //! - [`Tls`] (module `tls`, feature `tls`, on by default): the CA, client
 //!   certificate and name of a TLS connection to a node (`https://` URLs).
-//! - module `backoff`: jittered exponential delays between attempts.
+//! - [`Backoff`] (module `backoff`): jittered exponential delays between attempts,
+//!   the SDK's own retries' and a utility for callers' retry loops.
 //! - [`proto`]: the generated `entitysync.v1` client and messages.
 
 mod backend;
@@ -62,6 +63,7 @@ mod request;
 mod tls;
 
 pub use backend::{Backend, BackendBuilder, BackendState};
+pub use backoff::Backoff;
 pub use error::{Error, ErrorKind};
 pub use handler::{BoxError, Handler, IntoAnswers, PassThroughHandler, each_id};
 pub use notifier::{Key, Notifier, NotifierBuilder, Receipt};

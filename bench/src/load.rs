@@ -516,13 +516,13 @@ pub async fn notify_throughput(
         let client = clients[w % clients.len()].clone();
         let cursor = cursor.clone();
         let shared = shared.clone();
-        let mut rng = crate::stats::XorShift64::new(seed ^ (w as u64 + 1).wrapping_mul(0x9E37));
+        let mut rng = fastrand::Rng::with_seed(seed ^ (w as u64 + 1).wrapping_mul(0x9E37));
         workers.spawn(async move {
             let mut out = NotifyOutcome::default();
             while cursor.fetch_add(1, Relaxed) < calls && Instant::now() < deadline {
                 let request: Vec<Key> = (0..batch)
                     .map(|_| {
-                        let key = rng.below(u64::from(keys)) as u32;
+                        let key = rng.u32(..keys);
                         shared.touch(key);
                         key_of(key)
                     })

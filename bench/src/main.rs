@@ -17,12 +17,14 @@
 //!
 //! # Layout
 //! - `main.rs`: command line, the scenarios, the reports.
-//! - `procs.rs`: `/proc` CPU and RSS, RLIMIT_NOFILE. (Node and nats-server
-//!   processes, readiness and `/metrics` come from `entity-sync-testkit`.)
 //! - `load.rs`: the resolver (on `entity-sync-backend`, in a process of its own), the notifier
 //!   and the websocket clients.
 //! - `slots.rs`: the `u64` atomics the bench shares with its resolver process (a mapped file).
-//! - `stats.rs`: the seeded PRNG, the push-frame scanner, percentiles, medians.
+//! - `stats.rs`: distinct seeded draws, the push-frame scanner, percentiles (on the
+//!   testkit's `percentile`), medians.
+//!
+//! Node and nats-server processes, readiness, `/metrics`, `/proc` (CPU and
+//! RSS) and RLIMIT_NOFILE come from `entity-sync-testkit`.
 //! - `ceiling.rs`: the bare websocket server that measures the machine's ceiling.
 //!
 //! Every run is bounded: a global `--timeout` caps each wait (a convergence
@@ -32,7 +34,6 @@
 
 mod ceiling;
 mod load;
-mod procs;
 mod slots;
 mod stats;
 
@@ -50,7 +51,11 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use entity_sync_backend::{FetchMode, Notifier};
-use entity_sync_testkit::{NodeProcess, nats::NatsServer};
+use entity_sync_testkit::{
+    NodeProcess,
+    nats::NatsServer,
+    procstat::{cpu_seconds, cpu_split, raise_nofile, rss_kib},
+};
 use serde::Serialize;
 use tokio::{
     sync::Semaphore,
@@ -61,8 +66,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     load::{ClientOutcome, ClientSpec, Shared},
-    procs::{cpu_seconds, cpu_split, rss_kb},
-    stats::{Percentiles, XorShift64, median, percentiles},
+    stats::{Percentiles, distinct, median, percentiles},
 };
 
 const RESOLVES_CHANGE: &str = "entity_sync_resolve_requests_total{reason=\"change\"}";
@@ -230,7 +234,7 @@ fn main() -> ExitCode {
         return resolver_process(&cli);
     }
     // Before any child exists, so the nodes inherit it.
-    let nofile = procs::raise_nofile();
+    let nofile = raise_nofile();
     // The last line of defence of "stops by itself": children die with us (PDEATHSIG).
     // Each run (and its ceiling run) has its own --timeout.
     let runs = cli.runs.max(1) as u32 * if cli.ceiling { 2 } else { 1 };
@@ -417,7 +421,10 @@ impl Env {
     }
 
     fn rss(&self) -> Vec<u64> {
-        self.nodes.iter().map(|n| rss_kb(n.pid())).collect()
+        self.nodes
+            .iter()
+            .map(|n| rss_kib(n.pid()).unwrap_or(0))
+            .collect()
     }
 
     async fn metric(&self, name: &str) -> anyhow::Result<Vec<u64>> {
@@ -548,10 +555,13 @@ fn push_shape(cli: &Cli, scenario: Scenario) -> (&'static str, usize, u32, usize
 }
 
 /// Every client's keys, from the seed: the same for a run and its ceiling run.
-fn plan_client_keys(rng: &mut XorShift64, clients: usize, kpc: usize, keys: u32) -> Vec<Vec<u32>> {
-    (0..clients)
-        .map(|_| rng.distinct(kpc, u64::from(keys)))
-        .collect()
+fn plan_client_keys(
+    rng: &mut fastrand::Rng,
+    clients: usize,
+    kpc: usize,
+    keys: u32,
+) -> Vec<Vec<u32>> {
+    (0..clients).map(|_| distinct(rng, kpc, keys)).collect()
 }
 
 /// `--runs` runs (each after its ceiling run with `--ceiling`), then the medians.
@@ -651,11 +661,9 @@ async fn push_scenario(
     let mut env = Env::start(cli, nodes, nats, log_dir, deadline).await?;
 
     // The plan: every client's keys and the update sequence, from one seed.
-    let mut rng = XorShift64::new(cli.seed);
+    let mut rng = fastrand::Rng::with_seed(cli.seed);
     let client_keys = plan_client_keys(&mut rng, clients, kpc, keys);
-    let seq: Vec<u32> = (0..updates)
-        .map(|_| rng.below(u64::from(keys)) as u32)
-        .collect();
+    let seq: Vec<u32> = (0..updates).map(|_| rng.u32(..keys)).collect();
     let shared = Arc::new(Shared::new(keys as usize, &seq, cli.rate.is_some())?);
     let cancel = CancellationToken::new();
     let fetch_mode = match cli.fetch_mode {
@@ -868,7 +876,7 @@ async fn ceiling_run(
     deadline: Instant,
 ) -> anyhow::Result<CeilingReport> {
     let (_, clients, keys, kpc, _) = push_shape(cli, scenario);
-    let mut rng = XorShift64::new(cli.seed);
+    let mut rng = fastrand::Rng::with_seed(cli.seed);
     let client_keys = plan_client_keys(&mut rng, clients, kpc, keys);
     let per_update = (clients * kpc) as f64 / f64::from(keys);
     let offered = if cli.smoke {
@@ -879,9 +887,7 @@ async fn ceiling_run(
     let rate = (offered / per_update.max(1e-9)).max(1.0);
     let secs = if cli.smoke { 0.2 } else { cli.ceiling_secs };
     let updates = ((rate * secs) as usize).max(1);
-    let seq: Vec<u32> = (0..updates)
-        .map(|_| rng.below(u64::from(keys)) as u32)
-        .collect();
+    let seq: Vec<u32> = (0..updates).map(|_| rng.u32(..keys)).collect();
     let shared = Arc::new(Shared::new(keys as usize, &seq, true)?);
     let cancel = CancellationToken::new();
     let server =
@@ -1118,7 +1124,7 @@ async fn idle_scenario(
         cancel.clone(),
     )
     .await?;
-    let base = rss_kb(env.nodes[0].pid());
+    let base = rss_kib(env.nodes[0].pid()).unwrap_or(0);
     let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
     let stop = Arc::new(AtomicBool::new(false));
     let sources = source_count(cli, max);
@@ -1152,7 +1158,7 @@ async fn idle_scenario(
         let connect_s = started.elapsed().as_secs_f64();
         let held = shared.ready.load(Ordering::Acquire);
         let failed = shared.failed.load(Ordering::Acquire);
-        let rss = rss_kb(env.nodes[0].pid());
+        let rss = rss_kib(env.nodes[0].pid()).unwrap_or(0);
         let report = IdleReport {
             scenario: "idle",
             conns: target,

@@ -1,49 +1,23 @@
-//! Small pure helpers of the bench: a seeded PRNG, the cheap push-frame scanner, percentiles.
+//! Small pure helpers of the bench: distinct seeded draws, the cheap push-frame scanner, percentiles.
 
-/// A xorshift64 generator: deterministic for a seed, no dependency, good
-/// enough to pick keys (the runs must be reproducible, not cryptographic).
-#[derive(Debug, Clone)]
-pub struct XorShift64(u64);
+use entity_sync_testkit::stats::percentile;
 
-impl XorShift64 {
-    pub fn new(seed: u64) -> Self {
-        // Zero is xorshift's one fixed point: it would only ever yield zero.
-        Self(if seed == 0 {
-            0x9E37_79B9_7F4A_7C15
-        } else {
-            seed
-        })
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// Uniform in `0..n` (multiply-shift, no modulo bias worth the name). `n > 0`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
-    /// `count` distinct values of `0..n`, in draw order. `count <= n`.
-    pub fn distinct(&mut self, count: usize, n: u64) -> Vec<u32> {
-        assert!(
-            count as u64 <= n,
-            "cannot draw {count} distinct values of {n}"
-        );
-        let mut out: Vec<u32> = Vec::with_capacity(count);
-        while out.len() < count {
-            let v = self.below(n) as u32;
-            if !out.contains(&v) {
-                out.push(v);
-            }
+/// `count` distinct values of `0..n` drawn from `rng`, in draw order.
+/// `count <= n`. The bench seeds its generator (`--seed`), so a run and its
+/// ceiling run pick the same keys.
+pub fn distinct(rng: &mut fastrand::Rng, count: usize, n: u32) -> Vec<u32> {
+    assert!(
+        count as u64 <= u64::from(n),
+        "cannot draw {count} distinct values of {n}"
+    );
+    let mut out: Vec<u32> = Vec::with_capacity(count);
+    while out.len() < count {
+        let v = rng.u32(..n);
+        if !out.contains(&v) {
+            out.push(v);
         }
-        out
     }
+    out
 }
 
 /// What the bench needs of a push frame: the key's id and the `"v"` of its first row.
@@ -105,17 +79,6 @@ pub struct Percentiles {
     pub samples: usize,
 }
 
-/// Nearest-rank percentile of an ascending slice (`p` in 0..=100); `None` if empty.
-pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    // The epsilon keeps float error (99.9 / 100 * 1000 = 999.0000000000001)
-    // from pushing an exact rank up by one.
-    let rank = (p * sorted.len() as f64 / 100.0 - 1e-9).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
 /// Sorts `samples` and takes p50/p99/p99.9/max; `None` if there are none.
 pub fn percentiles(samples: &mut [u64]) -> Option<Percentiles> {
     samples.sort_unstable();
@@ -133,39 +96,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn xorshift_is_deterministic_and_spread() {
-        let mut a = XorShift64::new(42);
-        let mut b = XorShift64::new(42);
-        let xs: Vec<u64> = (0..100).map(|_| a.next_u64()).collect();
-        let ys: Vec<u64> = (0..100).map(|_| b.next_u64()).collect();
-        assert_eq!(xs, ys);
-        assert_ne!(
-            XorShift64::new(0).next_u64(),
-            0,
-            "seed 0 must not stick at 0"
-        );
-
-        let mut r = XorShift64::new(7);
-        let mut hits = [0u32; 10];
-        for _ in 0..10_000 {
-            hits[r.below(10) as usize] += 1;
-        }
-        assert!(hits.iter().all(|&h| (800..1200).contains(&h)), "{hits:?}");
-    }
-
-    #[test]
     fn distinct_draws_are_distinct_and_in_range() {
-        let mut r = XorShift64::new(1);
+        let mut r = fastrand::Rng::with_seed(1);
         for _ in 0..100 {
-            let mut d = r.distinct(5, 1000);
+            let mut d = distinct(&mut r, 5, 1000);
             assert!(d.iter().all(|&v| v < 1000));
             d.sort_unstable();
             d.dedup();
             assert_eq!(d.len(), 5);
         }
-        let mut all = r.distinct(4, 4);
+        let mut all = distinct(&mut r, 4, 4);
         all.sort_unstable();
         assert_eq!(all, [0, 1, 2, 3]);
+        // The same seed, the same draws.
+        let (mut a, mut b) = (fastrand::Rng::with_seed(42), fastrand::Rng::with_seed(42));
+        assert_eq!(distinct(&mut a, 50, 1000), distinct(&mut b, 50, 1000));
     }
 
     #[test]
@@ -200,19 +145,7 @@ mod tests {
     }
 
     #[test]
-    fn nearest_rank_percentiles() {
-        assert_eq!(percentile(&[], 50.0), None);
-        let one = [7];
-        assert_eq!(percentile(&one, 0.0), Some(7));
-        assert_eq!(percentile(&one, 99.9), Some(7));
-        let hundred: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&hundred, 50.0), Some(50));
-        assert_eq!(percentile(&hundred, 99.0), Some(99));
-        assert_eq!(percentile(&hundred, 99.9), Some(100));
-        assert_eq!(percentile(&hundred, 100.0), Some(100));
-        let thousand: Vec<u64> = (1..=1000).collect();
-        assert_eq!(percentile(&thousand, 99.9), Some(999));
-
+    fn percentiles_of_unsorted_samples() {
         let mut shuffled = vec![5, 1, 4, 2, 3];
         let p = percentiles(&mut shuffled).unwrap();
         assert_eq!((p.p50, p.p99, p.p999, p.max, p.samples), (3, 5, 5, 5, 5));

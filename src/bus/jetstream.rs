@@ -25,6 +25,7 @@ use async_nats::{
         stream,
     },
 };
+use entity_sync_backend::Backoff;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -61,14 +62,17 @@ const STALL_CHECKS: u32 = 3;
 /// without this it waits out the connection's 10 s request timeout before
 /// the next attempt. Publish acks keep their own wait.
 const API_TIMEOUT: Duration = Duration::from_secs(2);
-/// First and longest pause before recreating a consumer that failed.
+/// First and longest pause before recreating a consumer that failed (steps
+/// of a jittered [`Backoff`]: nodes that lost the same server do not all
+/// recreate their consumers at the same instant).
 const RECREATE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
 /// Oldest nats-server accepted (major, minor).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
 
 /// How long one connection attempt to NATS may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// First and longest pause between startup attempts.
+/// First and longest pause between startup attempts (steps of a jittered
+/// [`Backoff`]).
 const STARTUP_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
 /// How often the client pings its server. async-nats' default (a minute)
 /// leaves a half-open link (a peer that vanished without a FIN) unnoticed
@@ -87,21 +91,24 @@ async fn at_startup<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     mut attempt: impl FnMut() -> F,
 ) -> Result<Result<T, E>, BusError> {
     let deadline = tokio::time::Instant::now() + window;
-    let mut pause = STARTUP_BACKOFF.0;
+    let mut backoff = Backoff::new(STARTUP_BACKOFF.0, STARTUP_BACKOFF.1);
     loop {
         let err = match attempt().await {
             Ok(value) => return Ok(Ok(value)),
             Err(err) => err,
         };
-        if !retryable(&err) || tokio::time::Instant::now() + pause >= deadline {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !retryable(&err) || left.is_zero() {
             return Ok(Err(err));
         }
+        // The last pause ends with the window and one more attempt is made
+        // then: the jittered pauses would otherwise give up to half of it away.
+        let pause = backoff.next_delay().min(left);
         tracing::warn!(error = %err, retry_in = ?pause, "{what} failed; retrying");
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             () = cancel.cancelled() => return Err(BusError::Closed),
         }
-        pause = (pause * 2).min(STARTUP_BACKOFF.1);
     }
 }
 
@@ -497,7 +504,7 @@ struct Consumer {
 
 impl Consumer {
     async fn run(mut self) {
-        let mut failures: u32 = 0;
+        let mut backoff = Backoff::new(RECREATE_BACKOFF.0, RECREATE_BACKOFF.1);
         while !self.cancel.is_cancelled() {
             let started_at = self.last;
             match self.consume().await {
@@ -506,15 +513,10 @@ impl Consumer {
                     // A consumer that delivered something worked: the
                     // backoff starts over (a cluster that lost a server
                     // once is not made to wait for earlier failures).
-                    failures = if self.last > started_at {
-                        1
-                    } else {
-                        failures + 1
-                    };
-                    let delay = RECREATE_BACKOFF
-                        .0
-                        .saturating_mul(1 << (failures - 1).min(16))
-                        .min(RECREATE_BACKOFF.1);
+                    if self.last > started_at {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
                     tracing::warn!(%err, last_seq = self.last, ?delay, "change consumer stopped; recreating");
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,

@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use entity_sync_backend::Backoff;
 use futures_util::future::join_all;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::Instrument;
@@ -38,7 +39,8 @@ use crate::{
     trace::{ChangeMeta, TraceId},
 };
 
-/// First retry delay of a failed change resolve; doubles up to [`RETRY_MAX`].
+/// First retry delay of a failed change resolve (jittered, see
+/// [`Backoff`]); doubles up to [`RETRY_MAX`].
 const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 struct Flight {
@@ -226,6 +228,7 @@ impl Dispatcher {
 
     async fn resolve_loop(&self, key: ChangeKey, mut seq: u64, mut meta: ChangeMeta) {
         let mut failures: u32 = 0;
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
         loop {
             if self.inner.tasks.is_cancelled() {
                 self.land(&key);
@@ -238,9 +241,7 @@ impl Dispatcher {
                     return;
                 }
                 Metrics::inc(&self.inner.metrics.resolve_retries_total);
-                let delay = RETRY_BASE
-                    .saturating_mul(1 << failures.min(16))
-                    .min(RETRY_MAX);
+                let delay = backoff.next_delay();
                 tracing::debug!(failures, ?delay, "change resolve failed, retrying");
                 tokio::select! {
                     _ = self.inner.tasks.cancelled() => {
@@ -257,6 +258,7 @@ impl Dispatcher {
                 continue;
             }
             failures = 0;
+            backoff.reset();
             // Done: run once more if changes came in meanwhile, else land.
             let mut flights = self.inner.flights.lock().unwrap();
             match flights.get_mut(&key).and_then(|f| f.pending.take()) {

@@ -33,6 +33,8 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite::Message;
 
+use entity_sync_backend::Backoff;
+
 use crate::ws::{ConnectOptions, Ws, connect};
 
 /// A subscribed key: `(entity, id)`.
@@ -418,34 +420,6 @@ impl Fleet {
     }
 }
 
-/// The `q` quantile (0..=1) of sorted `samples`; 0 when there are none.
-pub fn quantile(samples: &[u64], q: f64) -> u64 {
-    if samples.is_empty() {
-        return 0;
-    }
-    let i = ((samples.len() - 1) as f64 * q).round() as usize;
-    samples[i.min(samples.len() - 1)]
-}
-
-/// Delay before reconnect (or resubscribe) number `attempt` (0-based):
-/// doubling from `min` to `max`, drawn from the upper half of its step.
-fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
-    let step = min.saturating_mul(1 << attempt.min(16)).min(max);
-    step / 2 + step.mul_f64(fastrand_f64() / 2.0)
-}
-
-/// A uniform float in [0, 1) from a process-wide xorshift (good enough for
-/// jitter; no dependency).
-fn fastrand_f64() -> f64 {
-    static STATE: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
-    let mut x = STATE.load(Relaxed);
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    STATE.store(x, Relaxed);
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// How a session ended.
 enum End {
     Stopped,
@@ -467,7 +441,7 @@ async fn run_client(
         ..ConnectOptions::default()
     };
     let mut url_index = config.placement[index] % config.urls.len();
-    let mut attempt: u32 = 0;
+    let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
     let mut delay = first_delay;
     loop {
         tokio::select! {
@@ -483,8 +457,7 @@ async fn run_client(
             Ok(Ok(ws)) => ws,
             _ => {
                 counters.connect_failures.fetch_add(1, Relaxed);
-                delay = backoff(attempt, config.backoff_min, config.backoff_max);
-                attempt = attempt.saturating_add(1);
+                delay = backoff.next_delay();
                 url_index = (url_index + 1) % config.urls.len();
                 continue;
             }
@@ -502,10 +475,9 @@ async fn run_client(
             End::Abnormal => counters.abnormal_ends.fetch_add(1, Relaxed),
         };
         if started.elapsed() >= STABLE_SESSION {
-            attempt = 0;
+            backoff.reset();
         }
-        delay = backoff(attempt, config.backoff_min, config.backoff_max);
-        attempt = attempt.saturating_add(1);
+        delay = backoff.next_delay();
         // The load balancer sends the next connection elsewhere.
         url_index = (url_index + 1) % config.urls.len();
     }
@@ -550,7 +522,7 @@ async fn session(
     }
     // Keys to subscribe again after a retryable error: (when, key).
     let mut retries: Vec<(Instant, Key)> = Vec::new();
-    let mut attempts: HashMap<Key, u32> = HashMap::new();
+    let mut backoffs: HashMap<Key, Backoff> = HashMap::new();
     loop {
         let next_retry = retries.iter().map(|r| r.0).min();
         let retry_due = async {
@@ -590,9 +562,10 @@ async fn session(
                     if let Some((key, code)) = apply(&frame, config, state, shared)
                         && RETRYABLE.contains(&code.as_str())
                     {
-                        let n = attempts.entry(key.clone()).or_insert(0);
-                        let at = Instant::now() + backoff(*n, config.backoff_min, config.backoff_max);
-                        *n = n.saturating_add(1);
+                        let backoff = backoffs
+                            .entry(key.clone())
+                            .or_insert_with(|| Backoff::new(config.backoff_min, config.backoff_max));
+                        let at = Instant::now() + backoff.next_delay();
                         retries.push((at, key));
                     }
                 }
@@ -673,25 +646,6 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_ceiling_with_jitter() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_millis(700));
-        for (attempt, step) in [(0, 100), (1, 200), (2, 400), (3, 700), (9, 700)] {
-            let step = Duration::from_millis(step);
-            let d = backoff(attempt, min, max);
-            assert!(d >= step / 2 && d <= step, "{d:?} for attempt {attempt}");
-        }
-    }
-
-    #[test]
-    fn quantiles_of_sorted_samples() {
-        let samples: Vec<u64> = (1..=100).collect();
-        assert_eq!(quantile(&samples, 0.5), 51);
-        assert_eq!(quantile(&samples, 0.99), 99);
-        assert_eq!(quantile(&samples, 1.0), 100);
-        assert_eq!(quantile(&[], 0.99), 0);
-    }
 
     fn client(keys: &[(&str, &str)]) -> (FleetConfig, Mutex<ClientState>, Shared) {
         let keys: Vec<Key> = keys

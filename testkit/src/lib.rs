@@ -20,7 +20,8 @@
 //! - [`http`]: a plain or TLS GET and Prometheus text reading.
 //! - [`tls`]: a CA and certificates for tests ([`TlsFiles`]), and the TLS clients' config.
 //! - [`process`]: child processes killed on drop, temp dirs, free ports.
-//! - [`procstat`]: a process's RSS and open file descriptors, the open-file limit.
+//! - [`procstat`]: a process's RSS, CPU time and open file descriptors, the open-file limit.
+//! - [`stats`]: percentiles of latency samples.
 //! - [`fleet`]: hundreds of browser-like websocket clients that reconnect,
 //!   resubscribe and drop stale pushes, checked against an expected state.
 //!
@@ -35,6 +36,7 @@ pub mod notify;
 pub mod process;
 pub mod procstat;
 pub mod resolver;
+pub mod stats;
 pub mod tls;
 pub mod ws;
 

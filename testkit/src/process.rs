@@ -7,8 +7,7 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 /// `n` distinct free loopback ports. All are bound at once (so they differ)
@@ -24,33 +23,26 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// A fresh directory under the system temp dir, removed by [`TempDir`]'s drop.
-pub struct TempDir(PathBuf);
+/// A fresh directory under the system temp dir (`entity-sync-{tag}-…`, the
+/// tag telling whose it is when a test leaves one behind), removed with
+/// everything in it when dropped: a [`tempfile::TempDir`] named for the
+/// project.
+#[derive(Debug)]
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
+    /// Creates the directory; panics if it cannot (a test cannot go on).
     pub fn new(tag: &str) -> TempDir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "entity-sync-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).expect("create temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("entity-sync-{tag}-"))
+            .tempdir()
+            .expect("create temp dir");
         TempDir(dir)
     }
 
+    /// The directory.
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
