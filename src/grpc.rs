@@ -320,13 +320,24 @@ impl From<RegisterError> for Status {
     }
 }
 
+impl EntitySyncService {
+    /// The credential the gate checked for this call, or (a call that did
+    /// not pass the gate) the check made now.
+    fn granted<T>(&self, request: &Request<T>, role: Role) -> Result<Granted, Status> {
+        match request.extensions().get::<gate::Checked>() {
+            Some(gate::Checked(granted)) => Ok(granted.clone()),
+            None => self.auth.check(request.metadata(), role),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl EntitySync for EntitySyncService {
     async fn notify(
         &self,
         request: Request<NotifyRequest>,
     ) -> Result<Response<NotifyResponse>, Status> {
-        let granted = self.auth.check(request.metadata(), Role::Notifier)?;
+        let granted = self.granted(&request, Role::Notifier)?;
         let (trace, junk) = TraceId::from_metadata(request.metadata());
         let deadline = call_deadline(request.metadata());
         if junk {
@@ -430,7 +441,7 @@ impl EntitySync for EntitySyncService {
         &self,
         request: Request<Streaming<ResolverMessage>>,
     ) -> Result<Response<Self::ResolveStream>, Status> {
-        let granted = self.auth.check(request.metadata(), Role::Resolver)?;
+        let granted = self.granted(&request, Role::Resolver)?;
         // Reloads are followed from the stream's first byte: a credential
         // removed while the stream waits for its Register never registers.
         let mut revocations = self.auth.watch();

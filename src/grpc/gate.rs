@@ -19,7 +19,12 @@ use tonic::{
     server::NamedService,
 };
 
-use crate::auth::{Auth, Role};
+use crate::auth::{Auth, Granted, Role};
+
+/// What the gate granted a call (in its extensions), so that the handler
+/// does not hash and compare the token again.
+#[derive(Clone)]
+pub(crate) struct Checked(pub(crate) Granted);
 
 /// A service (the generated `EntitySyncServer`) behind the credential check.
 #[derive(Clone)]
@@ -72,11 +77,16 @@ where
             Some("Resolve") => Some(Role::Resolver),
             _ => None,
         };
-        if let Some(role) = role
-            && let Err(status) = self.auth.check_headers(request.headers(), role)
-        {
-            // Answered from the headers; the body is dropped unread.
-            return Box::pin(std::future::ready(Ok(status.into_http())));
+        let mut request = request;
+        if let Some(role) = role {
+            match self.auth.check_headers(request.headers(), role) {
+                // The handler takes the credential from here: one check per call.
+                Ok(granted) => {
+                    request.extensions_mut().insert(Checked(granted));
+                }
+                // Answered from the headers; the body is dropped unread.
+                Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
+            }
         }
         match role {
             Some(Role::Notifier) => Box::pin(self.notify.call(request)),
