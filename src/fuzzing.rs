@@ -13,22 +13,22 @@ use tokio::sync::mpsc;
 use crate::{
     config::ResolveConfig,
     key::{ChangeKey, validate_part},
-    metrics::Metrics,
+    ops::metrics::Metrics,
     proto::v1::{FetchMode, KeyResult, Register},
-    protocol::{self, ClientMessage, ErrorCode, Payload, PushFrame},
-    resolver::{self, RegisterError, ResolveError, ResolveErrorKind, ResolverPool},
+    resolving::pool::{self, RegisterError, ResolveError, ResolveErrorKind, ResolverPool},
+    websocket::protocol::{self, ClientMessage, ErrorCode, Payload, PushFrame},
 };
 
 /// Most entities one `Register` may name (`resolver`'s rule).
-pub const MAX_ENTITIES_PER_STREAM: usize = crate::resolver::MAX_ENTITIES_PER_STREAM;
+pub const MAX_ENTITIES_PER_STREAM: usize = crate::resolving::pool::MAX_ENTITIES_PER_STREAM;
 /// Largest resolver version accepted: 2^53 (`resolver`'s rule).
-pub const MAX_VERSION: u64 = crate::resolver::MAX_VERSION;
+pub const MAX_VERSION: u64 = crate::resolving::pool::MAX_VERSION;
 /// Longest entity name or id accepted, in bytes (`key`'s rule).
 pub const MAX_KEY_PART_BYTES: usize = crate::key::MAX_KEY_PART_BYTES;
 /// Upper bound on a resolver's `max_in_flight` (`resolver`'s rule).
-pub const MAX_IN_FLIGHT_CAP: u32 = crate::resolver::MAX_IN_FLIGHT_CAP;
+pub const MAX_IN_FLIGHT_CAP: u32 = crate::resolving::pool::MAX_IN_FLIGHT_CAP;
 /// Channel room a resolver stream gets beyond its `max_in_flight`.
-pub const PASS_THROUGH_HEADROOM: usize = crate::resolver::PASS_THROUGH_HEADROOM;
+pub const PASS_THROUGH_HEADROOM: usize = crate::resolving::pool::PASS_THROUGH_HEADROOM;
 
 /// A decoded websocket message, with the key as plain strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +147,7 @@ pub enum FailureKind {
     Other,
 }
 
-/// `resolver::read_key_result`, as a subscribe of `(entity, id)` handles it:
+/// `pool::read_key_result`, as a subscribe of `(entity, id)` handles it:
 /// the rows and version, or the failure and its error frame's code and
 /// message. Panics on an invalid key.
 pub fn read_key_result(
@@ -155,7 +155,7 @@ pub fn read_key_result(
     id: &str,
     result: KeyResult,
 ) -> Result<(Vec<Bytes>, u64), Failure> {
-    let err = match resolver::read_key_result(result) {
+    let err = match pool::read_key_result(result) {
         Ok(rows) => return Ok((rows.rows, rows.version)),
         Err(err) => err,
     };
@@ -168,7 +168,7 @@ pub fn read_key_result(
         (_, ResolveErrorKind::Failed) => FailureKind::Failed,
         _ => FailureKind::Other,
     };
-    let (code, message) = crate::dispatcher::subscribe_error(&key(entity, id), &err);
+    let (code, message) = crate::dispatcher::subscribe::subscribe_error(&key(entity, id), &err);
     Err(Failure {
         kind,
         resolver_message: err.resolver_message().map(str::to_string),
@@ -178,10 +178,10 @@ pub fn read_key_result(
     })
 }
 
-/// `resolver::key_result(read_key_result(result), id)`: a node's answer to
+/// `pool::key_result(read_key_result(result), id)`: a node's answer to
 /// another node, which reads it back with `read_key_result`.
 pub fn relay_key_result(result: KeyResult, id: &str) -> KeyResult {
-    resolver::key_result(resolver::read_key_result(result), id)
+    pool::key_result(pool::read_key_result(result), id)
 }
 
 /// Why a `Register` was refused (`RegisterError`'s variant).
@@ -198,7 +198,7 @@ pub enum RefusedRegister {
 pub struct Pool {
     pool: ResolverPool,
     next_id: u64,
-    receivers: Vec<mpsc::Receiver<resolver::StreamItem>>,
+    receivers: Vec<mpsc::Receiver<pool::StreamItem>>,
 }
 
 impl Default for Pool {

@@ -7,62 +7,56 @@
 //!
 //! # Layout
 //!
-//! Public, for the binary and for tests that run nodes:
+//! The folders follow a change from `Notify` to the browser, and a client
+//! from accept to its first push:
 //!
 //! - [`config`]: flags and `ENTITY_SYNC_*` environment variables, one section per component.
 //! - [`node`]: starts each component from its section; `Node::start` / `node::run`, graceful shutdown.
-//! - [`metrics`]: Prometheus counters, gauges and histograms through `prometheus-client` (`Stats`, the live counts, is public).
-//! - [`protocol`]: websocket JSON messages in, frames out, built once and shared (`ErrorCode` is public).
-//! - [`session`]: one websocket connection's task: read, write batches, ping (close codes are public).
-//! - [`trace`]: trace ids: from `Notify` metadata (`x-trace-id`, `traceparent`) or fresh, carried with each change to its push.
-//! - [`bus`]: carries change keys from `Notify` to dispatchers, in-process or NATS JetStream (`BusError` is public).
+//! - `key`: the key, `(entity, id)`, and its validation rules: the one type every room shares.
+//! - [`websocket`]: the websocket side. `admission` (connections counted from
+//!   accept, capped per address, deadlined until they are websockets), `http`
+//!   (the upgrade, `/healthz`, `/readyz`, `/metrics`), [`websocket::session`]
+//!   (one connection's task: read, write batches, ping), `outbox` (a
+//!   connection's outbound queue: latest push per key, bounded bytes),
+//!   [`websocket::protocol`] (the JSON messages in, frames out).
+//! - `grpc`: the gRPC side. The `entitysync.v1.EntitySync` service (`Notify`,
+//!   `Resolve`), health, reflection; `grpc::listener` caps the port's
+//!   connections and handshakes, `grpc::gate` checks a call's credentials
+//!   from its headers before its body is read, `grpc::auth` holds the
+//!   backend credentials (tokens file, roles, entity lists).
+//! - [`bus`]: carries change keys from `Notify` to every node's dispatcher,
+//!   in-process or over NATS JetStream (`BusError` is public).
+//! - `dispatcher`: dispatch. The change flow (consumes the bus, coalesces per
+//!   key, resolves, fans out), `dispatcher::subscribe` (the subscribe flow:
+//!   snapshot, activation or error frame) and `dispatcher::registry` (the
+//!   sharded map of key → subscribed connections).
+//! - `resolving`: where a key's rows come from. The route (`Resolvers`: the
+//!   local pool, or another node), `resolving::pool` (the local backends'
+//!   `Resolve` streams: batching, in-flight caps, deadlines) and
+//!   `resolving::cluster` (the NATS request-reply link to other nodes'
+//!   pools, both sides).
+//! - [`ops`]: operations. The task tracker and its shutdown path, readiness,
+//!   Prometheus metrics, trace ids, TLS of both ports.
 //! - [`proto`]: code generated from `proto/`.
-//! - `fuzzing` (hidden, not API): thin wrappers over the decoder, resolver answers and `Register`, for `fuzz/` and `tests/fuzz_properties.rs`.
+//! - `fuzzing` (hidden, not API): thin wrappers over the decoder, resolver
+//!   answers and `Register`, for `fuzz/` and `tests/fuzz_properties.rs`.
 //!
-//! Internal:
-//!
-//! - `tasks`: the node's task tracker and cancellation token, one shutdown path.
-//! - `auth`: backend credentials: the tokens file, roles, entity lists, the check on each call.
-//! - `key`: `ChangeKey`, the `(entity, id)` pair, and its validation rules.
-//! - `outbox`: a connection's outbound queue: latest push per key, bounded bytes.
-//! - `registry`: sharded map of key → subscribed connections.
-//! - `dispatcher`: the change flow (consumes the bus, coalesces per key, resolves, fans out); `dispatcher::subscribe`, the subscribe flow (snapshot, activation or error frame).
-//! - `resolve`: where a key is resolved: the local pool, or another node over NATS.
-//! - `resolver`: the local pool of backend `Resolve` streams: batching, in-flight caps, retries.
-//! - `cluster`: the NATS request-reply link to other nodes' resolvers, both sides.
-//! - `grpc`: the `entitysync.v1.EntitySync` service (`Notify`, `Resolve`), health, reflection; `grpc::gate` checks a call's credentials from its headers before its body is read, `grpc::listener` caps the port's connections and handshakes.
-//! - `http`: the websocket upgrade, `/healthz`, `/readyz`, `/metrics`.
-//! - `health`: readiness and why not (draining, bus down), for `/readyz`, gRPC health and metrics.
-//! - `admission`: the websocket port's connections: counted from accept (`--max-connections`), capped per address, deadlined until they are websockets, their partly read messages budgeted.
-//! - `tls`: TLS of both ports: PEM files checked at start, the websocket port's TLS listener, the gRPC port's acceptor.
-//!
-//! Dependencies go one way: `session`/`dispatcher` → `resolve` →
-//! {`resolver`, `cluster`}, and `cluster` → `resolver` (it answers other
-//! nodes from the local pool); `grpc` feeds backends' streams into `resolver`.
+//! Dependencies go one way: `websocket::session` and `dispatcher` →
+//! `resolving` → {`resolving::pool`, `resolving::cluster`}, and
+//! `resolving::cluster` → `resolving::pool` (it answers other nodes from the
+//! local pool); `grpc` feeds backends' streams into `resolving::pool`.
 
-pub(crate) mod admission;
-pub(crate) mod auth;
 pub mod bus;
-pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod dispatcher;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod grpc;
-pub(crate) mod health;
-pub(crate) mod http;
 pub(crate) mod key;
-pub mod metrics;
 pub mod node;
-pub(crate) mod outbox;
-pub mod protocol;
-pub(crate) mod registry;
-pub(crate) mod resolve;
-pub(crate) mod resolver;
-pub mod session;
-pub(crate) mod tasks;
-pub(crate) mod tls;
-pub mod trace;
+pub mod ops;
+pub(crate) mod resolving;
+pub mod websocket;
 
 /// Generated gRPC code.
 pub mod proto {

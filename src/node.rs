@@ -5,24 +5,24 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 
 use crate::{
-    auth::Auth,
     bus::{Bus, BusError},
-    cluster::ClusterLink,
     config::{Config, ConfigError},
     dispatcher::Dispatcher,
+    dispatcher::registry::Registry,
+    grpc::auth::Auth,
     grpc::{self, EntitySyncService},
-    http::{self, HttpState},
-    metrics::{Metrics, Stats},
-    registry::Registry,
-    resolve::Resolvers,
-    resolver::ResolverPool,
-    session::SessionContext,
-    tasks::Tasks,
-    tls,
+    ops::metrics::{Metrics, Stats},
+    ops::tasks::Tasks,
+    ops::tls,
+    resolving::Resolvers,
+    resolving::cluster::ClusterLink,
+    resolving::pool::ResolverPool,
+    websocket::http::{self, HttpState},
+    websocket::session::SessionContext,
 };
 
-pub use crate::auth::TokensFileError;
-pub use crate::tls::TlsError;
+pub use crate::grpc::auth::TokensFileError;
+pub use crate::ops::tls::TlsError;
 
 /// Encoded descriptors of `proto/`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = entity_sync_proto::FILE_DESCRIPTOR_SET;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use entity_sync::protocol::ErrorCode;
+use entity_sync::websocket::protocol::ErrorCode;
 
 const SOURCE: (&str, &str) = (
     "clients/js/src/entity-sync.ts",

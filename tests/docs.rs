@@ -10,7 +10,7 @@ use std::{
     process::Command,
 };
 
-use entity_sync::protocol::ErrorCode;
+use entity_sync::websocket::protocol::ErrorCode;
 use entity_sync_testkit::TestNode;
 
 const BIN: &str = env!("CARGO_BIN_EXE_entity-sync");

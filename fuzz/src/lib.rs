@@ -13,7 +13,7 @@ use entity_sync::{
         MAX_VERSION, PASS_THROUGH_HEADROOM, Pool, RefusedRegister,
     },
     proto::v1::{EntityRegistration, FetchMode, KeyResult, Register},
-    protocol::ErrorCode,
+    websocket::protocol::ErrorCode,
 };
 use serde_json::Value;
 

@@ -34,9 +34,9 @@ use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt, head::HeadRe
 use crate::{
     config::{NatsConfig, scrub_urls},
     key::ChangeKey,
-    metrics::Metrics,
-    tasks::Tasks,
-    trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
+    ops::metrics::Metrics,
+    ops::tasks::Tasks,
+    ops::trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
 };
 
 /// PubAck futures awaited together; well under async-nats's in-flight limit.

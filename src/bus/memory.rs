@@ -12,7 +12,7 @@ use std::{
 use tokio::sync::mpsc;
 
 use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
-use crate::{key::ChangeKey, trace::ChangeMeta};
+use crate::{key::ChangeKey, ops::trace::ChangeMeta};
 
 /// How long an idempotency key is remembered (JetStream's default duplicate window).
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
@@ -168,7 +168,7 @@ mod tests {
 
     fn meta() -> ChangeMeta {
         ChangeMeta {
-            trace: crate::trace::TraceId::parse("0123456789abcdef0123456789abcdef").unwrap(),
+            trace: crate::ops::trace::TraceId::parse("0123456789abcdef0123456789abcdef").unwrap(),
             notified_at_us: 42,
         }
     }

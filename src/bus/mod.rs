@@ -15,7 +15,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::{
-    config::NatsConfig, key::ChangeKey, metrics::Metrics, tasks::Tasks, trace::ChangeMeta,
+    config::NatsConfig, key::ChangeKey, ops::metrics::Metrics, ops::tasks::Tasks,
+    ops::trace::ChangeMeta,
 };
 
 use jetstream::JetStreamBus;

@@ -8,9 +8,8 @@
 //! `subscribe`: it shares this state, to agree with the change flow on
 //! versions and missed changes.
 
-mod subscribe;
-
-pub(crate) use subscribe::subscribe_error;
+pub(crate) mod registry;
+pub(crate) mod subscribe;
 
 use std::{
     collections::{HashMap, hash_map::Entry},
@@ -29,14 +28,14 @@ use tracing::Instrument;
 use crate::{
     bus::{Bus, BusEvent},
     config::WsConfig,
+    dispatcher::registry::{Audience, Registry},
     key::ChangeKey,
-    metrics::Metrics,
+    ops::metrics::Metrics,
+    ops::tasks::Tasks,
+    ops::trace::{ChangeMeta, TraceId},
     proto::v1::{FetchMode, Reason},
-    protocol::{ErrorCode, PushFrame, error_frame},
-    registry::{Audience, Registry},
-    resolve::{ResolveErrorKind, Resolved, Resolvers, Rows},
-    tasks::Tasks,
-    trace::{ChangeMeta, TraceId},
+    resolving::{ResolveErrorKind, Resolved, Resolvers, Rows},
+    websocket::protocol::{ErrorCode, PushFrame, error_frame},
 };
 
 /// First retry delay of a failed change resolve (jittered, see
@@ -326,7 +325,7 @@ impl Dispatcher {
             key = %key,
             seq,
             trace_id = %meta.trace,
-            status = crate::resolve::status_label(&result),
+            status = crate::resolving::status_label(&result),
             "change resolved"
         );
         let err = match result {
@@ -434,9 +433,9 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         config::{NatsConfig, ResolveConfig},
-        outbox::CloseReason,
-        registry::Connection,
-        resolver::ResolverPool,
+        dispatcher::registry::Connection,
+        resolving::pool::ResolverPool,
+        websocket::outbox::CloseReason,
     };
 
     fn key() -> ChangeKey {
@@ -491,7 +490,7 @@ pub(crate) mod tests {
         // 3 replaces 2, 4 replaces 3.
         assert_eq!(metrics.outbox_replaced_total.load(Relaxed), 2);
         assert_eq!(metrics.pushes_total.load(Relaxed), 3);
-        let text = metrics.render(crate::metrics::Live::default());
+        let text = metrics.render(crate::ops::metrics::Live::default());
         assert!(
             text.contains("entity_sync_notify_to_push_seconds_count 3\n"),
             "{text}"
@@ -503,7 +502,7 @@ pub(crate) mod tests {
             Audience::All,
             ChangeMeta::default(),
         );
-        let text = metrics.render(crate::metrics::Live::default());
+        let text = metrics.render(crate::ops::metrics::Live::default());
         assert!(
             text.contains("entity_sync_notify_to_push_seconds_count 3\n"),
             "{text}"

@@ -9,11 +9,11 @@ use std::{borrow::Cow, sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use super::Dispatcher;
 use crate::{
+    dispatcher::registry::{Activation, Connection},
     key::ChangeKey,
-    protocol::{ErrorCode, PushFrame, error_frame, subscribed_frame},
-    registry::{Activation, Connection},
-    resolve::{ResolveError, ResolveErrorKind, Rows},
-    trace::ChangeMeta,
+    ops::trace::ChangeMeta,
+    resolving::{ResolveError, ResolveErrorKind, Rows},
+    websocket::protocol::{ErrorCode, PushFrame, error_frame, subscribed_frame},
 };
 
 /// Longest a subscribe waits for this node's bus consumer to catch up, so
@@ -160,7 +160,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::{proto::internal::v1::ClusterResolveReply, protocol::RowError};
+    use crate::{proto::internal::v1::ClusterResolveReply, websocket::protocol::RowError};
 
     fn key() -> ChangeKey {
         ChangeKey::new("items", "1").unwrap()

@@ -19,7 +19,7 @@ use tonic::{
     server::NamedService,
 };
 
-use crate::auth::{Auth, Granted, Role};
+use crate::grpc::auth::{Auth, Granted, Role};
 
 /// What the gate granted a call (in its extensions), so that the handler
 /// does not hash and compare the token again.

@@ -30,7 +30,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::{config::GrpcConfig, tasks::Tasks};
+use crate::{config::GrpcConfig, ops::tasks::Tasks};
 
 /// Length of the HTTP/2 connection preface (`PRI * HTTP/2.0...`).
 const PREFACE_BYTES: usize = 24;

@@ -25,8 +25,8 @@ use tokio::sync::Notify;
 
 use crate::{
     key::ChangeKey,
-    outbox::{Outbox, Queued},
-    protocol::{FrameText, PushFrame},
+    websocket::outbox::{Outbox, Queued},
+    websocket::protocol::{FrameText, PushFrame},
 };
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use futures_util::task::AtomicWaker;
 
 use crate::{
     key::ChangeKey,
-    protocol::{FrameText, Payload, PushFrame},
+    websocket::protocol::{FrameText, Payload, PushFrame},
 };
 
 /// Why a queue stopped accepting frames.

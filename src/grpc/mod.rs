@@ -1,5 +1,6 @@
 //! The gRPC service `entitysync.v1.EntitySync`: `Notify` from backends, and their `Resolve` streams; the port's limits.
 
+pub(crate) mod auth;
 mod gate;
 mod listener;
 
@@ -21,19 +22,19 @@ use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 use tracing::Instrument;
 
 use crate::{
-    auth::{Auth, Entities, Granted, Role, TokenSet, certificate_id, scoped_idempotency_key},
     bus::{Bus, BusError},
     config::GrpcConfig,
+    grpc::auth::{Auth, Entities, Granted, Role, TokenSet, certificate_id, scoped_idempotency_key},
     key::{ChangeKey, MAX_KEY_PART_BYTES},
-    metrics::Metrics,
+    ops::metrics::Metrics,
+    ops::tasks::Tasks,
+    ops::trace::{ChangeMeta, TRACE_ID_HEADER, TraceId},
     proto::v1::{
         NodeMessage, NotifyRequest, NotifyResponse, Registered, ResolverMessage,
         entity_sync_server::{EntitySync, EntitySyncServer},
         node_message, resolver_message,
     },
-    resolver::{RegisterError, Resolved, ResolverPool, read_key_result},
-    tasks::Tasks,
-    trace::{ChangeMeta, TRACE_ID_HEADER, TraceId},
+    resolving::pool::{RegisterError, Resolved, ResolverPool, read_key_result},
 };
 
 /// Longest idempotency key accepted, in bytes.
@@ -149,7 +150,7 @@ pub(crate) async fn serve<R: ServerReflection>(
     health
         .set_serving::<EntitySyncServer<EntitySyncService>>()
         .await;
-    crate::health::follow_readiness(
+    crate::ops::health::follow_readiness(
         health,
         &[<EntitySyncServer<EntitySyncService> as tonic::server::NamedService>::NAME],
         service.bus.clone(),

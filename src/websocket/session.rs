@@ -13,18 +13,18 @@ use futures_util::{FutureExt, SinkExt, StreamExt, stream::FuturesUnordered};
 use tokio::time::{Instant, timeout};
 
 use crate::{
-    admission::ConnState,
     config::WsConfig,
     dispatcher::Dispatcher,
+    dispatcher::registry::{AddPending, ConnId, Connection, Registry},
     key::ChangeKey,
-    metrics::Metrics,
-    outbox::CloseReason,
-    protocol::{
+    ops::metrics::Metrics,
+    ops::tasks::Tasks,
+    resolving::Resolvers,
+    websocket::admission::ConnState,
+    websocket::outbox::CloseReason,
+    websocket::protocol::{
         self, ClientMessage, ErrorCode, FrameText, ProtocolError, error_frame, unsubscribed_frame,
     },
-    registry::{AddPending, ConnId, Connection, Registry},
-    resolve::Resolvers,
-    tasks::Tasks,
 };
 
 /// Close code sent on node shutdown ("going away": reconnect elsewhere).
@@ -649,9 +649,9 @@ mod tests {
 
     use super::*;
     use crate::{
+        dispatcher::registry::{Audience, Connection},
         key::ChangeKey,
-        protocol::PushFrame,
-        registry::{Audience, Connection},
+        websocket::protocol::PushFrame,
     };
 
     /// The size of the future `serve` returns over a real websocket.
@@ -797,7 +797,7 @@ mod tests {
             idle_timeout: Duration::from_secs(3600),
             ..WsConfig::default()
         };
-        let pool = crate::resolver::ResolverPool::new(
+        let pool = crate::resolving::pool::ResolverPool::new(
             &crate::config::ResolveConfig::default(),
             metrics.clone(),
         );
@@ -817,12 +817,13 @@ mod tests {
             written: written.clone(),
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], 9));
-        let admission = crate::admission::Admission::new(crate::admission::Limits {
-            max_connections: 0,
-            max_pending_per_address: 0,
-            deadline: Duration::from_secs(10),
-            max_reading_bytes: 0,
-        });
+        let admission =
+            crate::websocket::admission::Admission::new(crate::websocket::admission::Limits {
+                max_connections: 0,
+                max_pending_per_address: 0,
+                deadline: Duration::from_secs(10),
+                max_reading_bytes: 0,
+            });
         let admitted = admission.admit(addr).expect("no limits");
         let session = tokio::spawn(serve(peer, ctx, 1, addr, admitted));
         // Three pings fill the peer; the fourth waits on it.

@@ -4,7 +4,7 @@ use std::{fmt, time::Duration};
 
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{bus::Bus, tasks::Tasks};
+use crate::{bus::Bus, ops::tasks::Tasks};
 
 /// How often the gRPC health status is brought in line with readiness.
 /// (The bus state is an atomic read; `/readyz` reads it on every request.)

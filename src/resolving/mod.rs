@@ -1,8 +1,11 @@
 //! Where a key is resolved: on the local resolver pool, or, when no local resolver serves its entity, on another node over NATS.
 //!
 //! [`Resolvers`] is what the dispatcher and the sessions ask; it is the only
-//! module that knows both the local pool ([`crate::resolver`]) and the
-//! cluster link ([`crate::cluster`]), and neither of those knows it.
+//! module that knows both the local pool ([`crate::resolving::pool`]) and the
+//! cluster link ([`crate::resolving::cluster`]), and neither of those knows it.
+
+pub(crate) mod cluster;
+pub(crate) mod pool;
 
 use std::{
     collections::HashMap,
@@ -12,14 +15,14 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
-    cluster::ClusterLink,
     key::ChangeKey,
-    metrics::Metrics,
+    ops::metrics::Metrics,
     proto::v1::{FetchMode, Reason},
-    resolver::ResolverPool,
+    resolving::cluster::ClusterLink,
+    resolving::pool::ResolverPool,
 };
 
-pub(crate) use crate::resolver::{ResolveError, ResolveErrorKind, Resolved, Rows};
+pub(crate) use crate::resolving::pool::{ResolveError, ResolveErrorKind, Resolved, Rows};
 
 /// The `status` label of a resolve's outcome, in metrics and logs.
 pub(crate) fn status_label(outcome: &Resolved) -> &'static str {

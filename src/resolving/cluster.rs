@@ -17,15 +17,15 @@ use tracing::Instrument;
 
 use crate::{
     key::ChangeKey,
+    ops::tasks::Tasks,
     proto::{
         internal::v1::ClusterResolveReply,
         v1::{FetchMode, Reason, ResolveRequest},
     },
-    resolver::{
+    resolving::pool::{
         MAX_ATTEMPTS, ResolveError, ResolveErrorKind, Resolved, ResolverPool, key_result,
         read_key_result,
     },
-    tasks::Tasks,
 };
 
 /// Pause before asking again when no node answered (first retry; grows linearly).
@@ -320,9 +320,9 @@ mod tests {
     use super::*;
     use crate::{
         config::ResolveConfig,
-        metrics::Metrics,
+        ops::metrics::Metrics,
         proto::v1::{EntityRegistration, Register, Status, node_message},
-        resolver::StreamItem,
+        resolving::pool::StreamItem,
     };
     use tokio::sync::mpsc;
 

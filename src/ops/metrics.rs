@@ -28,7 +28,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{proto::v1::Reason, protocol::ErrorCode};
+use crate::{proto::v1::Reason, websocket::protocol::ErrorCode};
 
 /// Most distinct entity label values; further entities count as `other`.
 /// Only entities a resolver answered for get one (see [`answered`]): a
@@ -243,7 +243,7 @@ impl Metrics {
 }
 
 /// Whether a resolve that ended with `status` (a
-/// [`crate::resolve::status_label`]) was answered by a resolver, here or on
+/// [`crate::resolving::status_label`]) was answered by a resolver, here or on
 /// another node: then the entity is one a backend registered. A resolve of
 /// an entity nobody serves ends `no_resolver` (or `timeout`, `closed` while
 /// the bus or the node is in trouble), never with an answer.

@@ -23,14 +23,14 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::{
-    admission::{self, Admission, Admitting, ConnInfo},
     bus::Bus,
     config::WsConfig,
-    health,
-    metrics::{self, Live, Stats},
-    session,
-    tasks::Tasks,
-    tls::TlsListener,
+    ops::health,
+    ops::metrics::{self, Live, Stats},
+    ops::tasks::Tasks,
+    ops::tls::TlsListener,
+    websocket::admission::{self, Admission, Admitting, ConnInfo},
+    websocket::session,
 };
 
 /// Read buffer of each websocket, in bytes. tungstenite allocates it up front

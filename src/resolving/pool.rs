@@ -32,13 +32,13 @@ use tonic::Status;
 use crate::{
     config::ResolveConfig,
     key::{ChangeKey, validate_part},
-    metrics::Metrics,
+    ops::metrics::Metrics,
+    ops::tasks::Tasks,
     proto::v1::{
         FetchMode, KeyResult, NodeMessage, PassThrough, Reason, Register, ResolveRequest,
         node_message,
     },
-    protocol::{RowError, validate_row},
-    tasks::Tasks,
+    websocket::protocol::{RowError, validate_row},
 };
 
 /// Identifies one `Resolve` stream within a node.

@@ -41,7 +41,7 @@ use std::{
 
 use axum::{extract::connect_info::Connected, serve::IncomingStream, serve::Listener};
 
-use crate::tls::TlsListener;
+use crate::ops::tls::TlsListener;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
