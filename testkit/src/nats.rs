@@ -875,7 +875,27 @@ impl Drop for TcpProxy {
 
 #[cfg(test)]
 mod tests {
-    use super::client_op;
+    use super::{Ports, client_op};
+
+    /// What nats-server 2.15 writes with `--ports_file_dir`.
+    #[test]
+    fn ports_files_are_read() {
+        let file = r#"{"nats":["nats://127.0.0.1:36817"],"monitoring":["http://127.0.0.1:43041"],"cluster":["nats://127.0.0.1:32949"]}"#;
+        let ports = Ports {
+            client: 36817,
+            route: 32949,
+            monitor: 43041,
+        };
+        assert_eq!(Ports::parse(file), Some(ports));
+        let single = r#"{"nats":["nats://127.0.0.1:36021"]}"#;
+        let client_only = Ports {
+            client: 36021,
+            ..Ports::default()
+        };
+        assert_eq!(Ports::parse(single), Some(client_only));
+        // Half written: not yet.
+        assert_eq!(Ports::parse(r#"{"nats":["nats://127.0"#), None);
+    }
 
     #[test]
     fn client_operations_are_split_whole() {
