@@ -106,6 +106,16 @@ impl Node {
         let ws_addr = listeners.ws.local_addr()?;
         let grpc_addr = listeners.grpc.local_addr()?;
         config.grpc.check_exposure(grpc_addr)?;
+        // The addresses actually bound (port 0 gets one from the system), before
+        // anything that waits: what a parent process reads. Its own target, so
+        // that a filter can let this one line through.
+        tracing::info!(
+            target: "entity_sync::node::listening",
+            %ws_addr,
+            %grpc_addr,
+            metrics_addr = metrics_addr.map(tracing::field::display),
+            "listening"
+        );
         let auth = match &config.grpc.tokens_file {
             Some(path) => Auth::from_file(path)?,
             None => Auth::open(),

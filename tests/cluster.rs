@@ -931,7 +931,8 @@ async fn a_node_started_before_nats_waits_for_it() {
 /// fails with the connection error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_gives_up_on_an_unreachable_nats_after_the_startup_timeout() {
-    let port = common::process::free_ports(1)[0];
+    let closed = common::process::ClosedPort::new();
+    let port = closed.port();
     let mut config = TestNode::test_config();
     config.nats.url = Some(format!("nats://127.0.0.1:{port}"));
     config.nats.startup_timeout = Duration::from_secs(1);

@@ -277,7 +277,7 @@ mod frame_costs {
     use entity_sync_backend::{FetchMode, Reason};
     use entity_sync_testkit::{
         Entry, ResolverOptions, TestNode, TestResolver, http::http_get, nats::NatsServer,
-        nats::nats_server_bin, process::free_ports,
+        nats::nats_server_bin,
     };
     use serde_json::{Value, json};
 
@@ -396,13 +396,12 @@ mod frame_costs {
     async fn a_burst_of_new_secrets_costs_bounded_bus_reads_and_resolves() {
         const KEYS: usize = 256;
         const SECRETS: usize = 100;
-        let monitor = free_ports(1)[0];
         let nats = NatsServer::start_binary(
             &nats_server_bin(),
-            Some(&format!("jetstream {{}}\nhttp: 127.0.0.1:{monitor}\n")),
+            Some("jetstream {}\nhttp: 127.0.0.1:-1\n"),
         )
         .await;
-        let monitor = SocketAddr::from(([127, 0, 0, 1], monitor));
+        let monitor = nats.monitor_addr().expect("a monitoring port");
         let (mut node, resolver, data) = TestNode::start_with_resolver(
             |c| c.nats.url = Some(nats.url()),
             ResolverOptions::new("backend").entity("docs", FetchMode::PerSubscriber),

@@ -1,5 +1,5 @@
 """The PostgreSQL example end to end: its own PostgreSQL server (initdb on a
-temp dir, a free port), the node binary, backend.py as a process, websocket
+temp dir, its Unix socket only), the node binary, backend.py as a process, websocket
 clients; writes with plain SQL from another connection, and the pushes they
 cause. Also measures notify -> push latency (printed, never asserted)."""
 
@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from entity_sync.testing import DEADLINE, NodeProcess, WsClient, free_ports
+from entity_sync.testing import DEADLINE, NodeProcess, WsClient
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -42,20 +42,26 @@ def pg_bin() -> Path:
 
 
 class Postgres:
-    """A PostgreSQL server of the test's own: a temp data dir and a free port
-    on 127.0.0.1, stopped and removed at the end. As root (CI), it runs as
-    the `postgres` user, because initdb refuses root."""
+    """A PostgreSQL server of the test's own: a temp data dir, stopped and
+    removed at the end. As root (CI), it runs as the `postgres` user, because
+    initdb refuses root.
+
+    It listens on its Unix socket only, in that temp dir: PostgreSQL cannot
+    bind TCP port 0 and report the port it got, and a port picked for it in
+    advance could be taken before it binds. In a directory of its own, the
+    port number only names the socket file, so the default one is free."""
+
+    port = 5432
 
     def __init__(self) -> None:
         self.bin = pg_bin()
         self.dir = Path(tempfile.mkdtemp(prefix="entity-sync-pg-"))
         self.data = self.dir / "data"
-        (self.port,) = free_ports(1)
         self.as_user: list[str] = []
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
             self.as_user = ["runuser", "-u", "postgres", "--"]
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.url = f"postgresql://postgres@/postgres?host={self.dir}&port={self.port}"
 
     def run(self, *args: str) -> None:
         subprocess.run([*self.as_user, *args], check=True, stdout=subprocess.DEVNULL, timeout=120)
@@ -63,7 +69,7 @@ class Postgres:
     def start(self) -> None:
         self.run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
                  "postgres", "--no-sync", "-E", "UTF8")  # fmt: skip
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses= -c fsync=off"
         self.run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
                  "-l", str(self.dir / "postgres.log"), "-w", "-t", "60", "start")  # fmt: skip
 
@@ -122,7 +128,7 @@ READY = ("registered (node", "listening on entity_sync")
 async def backend(postgres: Postgres, node: NodeProcess) -> AsyncIterator[Path]:
     """backend.py as its own process, ready once it logged that it registered
     and LISTENs (its output is read as it comes, and kept in a log file)."""
-    log = postgres.dir.parent / f"entity-sync-pg-backend-{postgres.port}.log"
+    log = postgres.dir.parent / f"{postgres.dir.name}-backend.log"
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(HERE / "backend.py"), "--database-url", postgres.url,
         "--node", node.grpc_url,

@@ -1,6 +1,7 @@
 //! What entity-sync's tests and its bench share, each written once: a node
-//! in-process on port 0 or the real binary as a child process, real
-//! `nats-server`s on dynamic ports with their own store dirs, websocket
+//! in-process on port 0 or the real binary as a child process (on ports it
+//! binds itself and reports), real `nats-server`s on ports they pick and
+//! report, with their own store dirs, websocket
 //! clients that assert exact frames, a resolver built on
 //! `entity-sync-backend`, notifies, and HTTP/metrics reads.
 //!
@@ -19,7 +20,7 @@
 //! - [`notify`]: `Notify` through the SDK's notifier, without retries.
 //! - [`http`]: a plain or TLS GET and Prometheus text reading.
 //! - [`tls`]: a CA and certificates for tests ([`TlsFiles`]), and the TLS clients' config.
-//! - [`process`]: child processes killed on drop, temp dirs, free ports.
+//! - [`process`]: child processes killed on drop, temp dirs, closed ports.
 //! - [`procstat`]: a process's RSS, CPU time and open file descriptors, the open-file limit.
 //! - [`stats`]: percentiles of latency samples.
 //! - [`fleet`]: hundreds of browser-like websocket clients that reconnect,

@@ -1,6 +1,7 @@
 //! Real `nats-server` processes for the multi-node tests and the bench: one server or a
-//! three-server JetStream cluster on loopback, each on dynamic ports with its
-//! own store directory, killed (and the directory removed) on `Drop`; plus a
+//! three-server JetStream cluster on loopback, each on ports it picks itself
+//! and reports in its ports file (`--ports_file_dir`), with its own store
+//! directory, killed (and the directory removed) on `Drop`; plus a
 //! TCP proxy that cuts one node's NATS connection while the others keep theirs.
 //!
 //! The binary is `$NATS_SERVER_BIN`, else `nats-server` on the PATH when it
@@ -30,7 +31,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::process::{TempDir, free_ports, log_tail};
+use crate::process::{ClosedPort, TempDir, log_tail};
 
 /// JetStream acknowledges only what it has written to disk (docs/cluster.md, Durability).
 const SYNC_ALWAYS: &str = "jetstream {\n  sync_interval: always\n}\n";
@@ -70,33 +71,85 @@ pub fn server_version(bin: &Path) -> Option<(u64, u64)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// How a server start failed.
-enum StartError {
-    /// The process exited (e.g. one of its ports was taken between
-    /// [`free_ports`] releasing it and the server binding it): worth a retry
-    /// on fresh ports.
-    Exited(String),
+/// The ports a server reported in its ports file (`--ports_file_dir`):
+/// `0` for a listener it does not have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Ports {
+    client: u16,
+    route: u16,
+    monitor: u16,
 }
 
-/// Polls until `addr` accepts TCP connections. Panics after `deadline`;
-/// returns an error if the process exited first.
-async fn wait_accepting(
-    addr: SocketAddr,
-    child: &mut Child,
-    dir: &Path,
-    deadline: Duration,
-) -> Result<(), StartError> {
+impl Ports {
+    /// Parses a ports file: `{"nats":["nats://127.0.0.1:4222"],
+    /// "monitoring":["http://127.0.0.1:8222"],"cluster":["nats://…"]}`.
+    fn parse(text: &str) -> Option<Ports> {
+        let json: serde_json::Value = serde_json::from_str(text).ok()?;
+        let port = |key: &str| -> Option<u16> {
+            let url = json.get(key)?.as_array()?.first()?.as_str()?;
+            url.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+        };
+        Some(Ports {
+            client: port("nats")?,
+            route: port("cluster").unwrap_or(0),
+            monitor: port("monitoring").unwrap_or(0),
+        })
+    }
+}
+
+/// `port`, or `-1` (a random one) for 0, as nats-server takes it.
+fn port_arg(port: u16) -> String {
+    match port {
+        0 => "-1".to_owned(),
+        port => port.to_string(),
+    }
+}
+
+/// Waits until the server `child` wrote its ports file into `dir`
+/// (`<executable>_<pid>.ports`, once every listener is up), then until its
+/// client port accepts. An error with the logs if it exits first; panics
+/// after `deadline`.
+async fn wait_started(child: &mut Child, dir: &Path, deadline: Duration) -> Result<Ports, String> {
     let end = Instant::now() + deadline;
-    loop {
-        if TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
+    let suffix = format!("_{}.ports", child.id());
+    let exited = |status: std::process::ExitStatus| {
+        format!(
+            "nats-server in {} exited with {status} before it was up:\n{}\n{}",
+            dir.display(),
+            tail(&dir.join("nats.log"), 20),
+            tail(&dir.join("stderr.log"), 20)
+        )
+    };
+    let ports = loop {
+        let reported = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|entry| entry.file_name().to_string_lossy().ends_with(&suffix))
+            .and_then(|entry| fs::read_to_string(entry.path()).ok())
+            .and_then(|text| Ports::parse(&text));
+        if let Some(ports) = reported {
+            break ports;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(StartError::Exited(format!(
-                "nats-server for {addr} exited with {status} before accepting:\n{}\n{}",
-                tail(&dir.join("nats.log"), 20),
-                tail(&dir.join("stderr.log"), 20)
-            )));
+            return Err(exited(status));
+        }
+        if Instant::now() >= end {
+            panic!(
+                "nats-server in {} reported no ports within {deadline:?}:\n{}",
+                dir.display(),
+                tail(&dir.join("nats.log"), 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], ports.client));
+    loop {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(ports);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(exited(status));
         }
         if Instant::now() >= end {
             panic!(
@@ -108,9 +161,6 @@ async fn wait_accepting(
     }
 }
 
-/// Attempts at starting a server (or cluster) on fresh ports.
-const START_ATTEMPTS: usize = 3;
-
 /// stderr of a server, kept in its directory (startup errors land there).
 fn stderr_file(dir: &Path) -> Stdio {
     fs::File::create(dir.join("stderr.log"))
@@ -119,7 +169,8 @@ fn stderr_file(dir: &Path) -> Stdio {
 }
 
 /// The last `lines` lines of a server log. Route reconnect attempts to a
-/// killed member are left out: they would fill it.
+/// killed member (or to a cluster's [`ClosedPort`]) are left out: they
+/// would fill it.
 fn tail(log: &Path, lines: usize) -> String {
     log_tail(log, lines, &["Error trying to connect to route"])
 }
@@ -137,10 +188,13 @@ fn kill(child: &mut Option<Child>) {
 // One server
 // ---------------------------------------------------------------------------
 
-/// One real nats-server with JetStream, on a dynamic loopback port.
+/// One real nats-server with JetStream, on a loopback port it picks itself
+/// and reports in its ports file.
 pub struct NatsServer {
     bin: PathBuf,
-    port: u16,
+    /// What the server reported (zeros before it first started): a restart
+    /// binds the same ports again.
+    ports: Ports,
     dir: TempDir,
     /// Whether the server gets the config file with `sync_interval: always`
     /// (not given to a 2.9 server started only to be refused).
@@ -162,7 +216,9 @@ impl NatsServer {
     }
 
     /// Starts `bin` with `-js`, and `config` (a nats.conf text) if given: an
-    /// old server started only to be refused gets none.
+    /// old server started only to be refused gets none. The client port is
+    /// random; a monitoring port the config asks for may be too
+    /// (`http: 127.0.0.1:-1`): see [`monitor_addr`](Self::monitor_addr).
     pub async fn start_binary(bin: &Path, config: Option<&str>) -> NatsServer {
         let dir = TempDir::new("nats");
         if let Some(config) = config {
@@ -174,63 +230,68 @@ impl NatsServer {
         }
         let mut server = NatsServer {
             bin: bin.to_owned(),
-            port: 0,
+            ports: Ports::default(),
             dir,
             with_config: config.is_some(),
             child: None,
         };
-        for attempt in 1..=START_ATTEMPTS {
-            server.port = free_ports(1)[0];
-            match server.spawn().await {
-                Ok(()) => return server,
-                Err(StartError::Exited(why)) if attempt < START_ATTEMPTS => {
-                    eprintln!("retrying on another port: {why}");
-                    server.child = None;
-                }
-                Err(StartError::Exited(why)) => panic!("{why}"),
-            }
+        if let Err(why) = server.spawn().await {
+            panic!("{why}");
         }
-        unreachable!("the last attempt panics")
+        server
     }
 
-    async fn spawn(&mut self) -> Result<(), StartError> {
+    /// Starts the process on the known ports (random ones the first time)
+    /// and records the ports it reports.
+    async fn spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "nats-server already running");
         let mut command = Command::new(&self.bin);
         command
             .arg("-a")
             .arg("127.0.0.1")
             .arg("-p")
-            .arg(self.port.to_string())
+            .arg(port_arg(self.ports.client))
             .arg("-js")
             .arg("-sd")
             .arg(self.dir.path().join("store"))
             .arg("-l")
             .arg(self.dir.path().join("nats.log"))
+            .arg("--ports_file_dir")
+            .arg(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr_file(self.dir.path()));
         if self.with_config {
             command.arg("-c").arg(self.dir.path().join("nats.conf"));
         }
+        if self.ports.monitor != 0 {
+            command.arg("-m").arg(self.ports.monitor.to_string());
+        }
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
-        let addr = self.addr();
         let child = self.child.insert(child);
-        wait_accepting(addr, child, self.dir.path(), START_DEADLINE).await
+        self.ports = wait_started(child, self.dir.path(), START_DEADLINE).await?;
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.ports.client
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from(([127, 0, 0, 1], self.ports.client))
     }
 
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://127.0.0.1:{}", self.ports.client)
+    }
+
+    /// The monitoring endpoint (`/jsz`, `/varz`…), when the config asked for
+    /// one (`http: 127.0.0.1:-1`).
+    pub fn monitor_addr(&self) -> Option<SocketAddr> {
+        (self.ports.monitor != 0).then(|| SocketAddr::from(([127, 0, 0, 1], self.ports.monitor)))
     }
 
     /// Kills the server (SIGKILL); the store directory is kept.
@@ -238,10 +299,10 @@ impl NatsServer {
         kill(&mut self.child);
     }
 
-    /// Starts the server again on the same port with the same store.
+    /// Starts the server again on the same ports with the same store.
     pub async fn restart(&mut self) {
         self.stop();
-        if let Err(StartError::Exited(why)) = self.spawn().await {
+        if let Err(why) = self.spawn().await {
             panic!("restart on the same port failed: {why}");
         }
     }
@@ -257,7 +318,7 @@ impl Drop for NatsServer {
         if std::thread::panicking() {
             eprintln!(
                 "--- nats-server :{} log (last lines) ---\n{}",
-                self.port,
+                self.ports.client,
                 self.log_tail(30)
             );
         }
@@ -271,7 +332,9 @@ impl Drop for NatsServer {
 
 struct Member {
     name: String,
-    port: u16,
+    /// What the member reported (zeros before it first started): a restart
+    /// binds the same ports again.
+    ports: Ports,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -281,12 +344,18 @@ pub struct NatsCluster {
     bin: PathBuf,
     members: Vec<Member>,
     no_advertise: bool,
+    /// The first member's configured route: clustered JetStream refuses to
+    /// start without one, and no other member's route port is known yet.
+    /// Nothing answers there, and no other server can take the port (and
+    /// route member 0 into a cluster of its own) while the cluster lives.
+    seed: ClosedPort,
 }
 
 impl NatsCluster {
-    /// Starts `n` servers (client, route and monitoring ports dynamic, one
-    /// store dir each), routes them to each other, and waits until JetStream
-    /// can place a stream with `n` replicas.
+    /// Starts `n` servers (client, route and monitoring ports random, each
+    /// reported by its server; one store dir each), routes each to those
+    /// started before it, and waits until JetStream can place a stream with
+    /// `n` replicas.
     pub async fn start(n: usize) -> NatsCluster {
         Self::start_with(n, false).await
     }
@@ -300,7 +369,7 @@ impl NatsCluster {
         let members = (0..n)
             .map(|i| Member {
                 name: format!("n{i}"),
-                port: 0,
+                ports: Ports::default(),
                 dir: TempDir::new(&format!("nats-cluster-{i}")),
                 child: None,
             })
@@ -309,75 +378,67 @@ impl NatsCluster {
             bin,
             members,
             no_advertise,
+            seed: ClosedPort::new(),
         };
-        for attempt in 1..=START_ATTEMPTS {
-            cluster.configure();
-            for i in 0..n {
-                cluster.spawn_member(i);
-            }
-            let mut failed = None;
-            for i in 0..n {
-                if let Err(StartError::Exited(why)) = cluster.wait_member(i).await {
-                    failed = Some(why);
-                    break;
-                }
-            }
-            match failed {
-                None => {
-                    cluster.wait_jetstream(n).await;
-                    return cluster;
-                }
-                Some(why) if attempt < START_ATTEMPTS => {
-                    eprintln!("retrying the cluster on other ports: {why}");
-                    for i in 0..n {
-                        cluster.kill(i);
-                        let _ = fs::remove_dir_all(cluster.members[i].dir.path().join("store"));
-                    }
-                }
-                Some(why) => panic!("{why}"),
+        // One after the other: each needs the route ports of those before it.
+        for i in 0..n {
+            if let Err(why) = cluster.spawn_member(i).await {
+                panic!("{why}");
             }
         }
-        unreachable!("the last attempt panics")
+        cluster.wait_jetstream(n).await;
+        cluster
     }
 
-    /// Picks fresh ports and writes every member's config file.
-    fn configure(&mut self) {
-        let n = self.members.len();
-        let ports = free_ports(3 * n);
-        let (client_ports, rest) = ports.split_at(n);
-        let (route_ports, monitor_ports) = rest.split_at(n);
-        for (i, member) in self.members.iter_mut().enumerate() {
-            let routes: Vec<String> = (0..n)
-                .filter(|&j| j != i)
-                .map(|j| format!("    nats-route://127.0.0.1:{}", route_ports[j]))
-                .collect();
-            let config = format!(
-                "# Written by entity-sync-testkit.\n\
-                 server_name: {name}\n\
-                 listen: 127.0.0.1:{client}\n\
-                 http: 127.0.0.1:{monitor}\n\
-                 jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n\
-                 cluster {{\n  name: es-test\n  listen: 127.0.0.1:{route}\n{advertise}  routes: [\n{routes}\n  ]\n}}\n",
-                name = member.name,
-                client = client_ports[i],
-                monitor = monitor_ports[i],
-                store = member.dir.path().join("store").display().to_string(),
-                route = route_ports[i],
-                routes = routes.join("\n"),
-                advertise = if self.no_advertise {
-                    "  no_advertise: true\n"
-                } else {
-                    ""
-                },
-            );
-            fs::write(member.dir.path().join("nats.conf"), config).expect("write nats.conf");
-            member.port = client_ports[i];
+    /// Writes member `i`'s config: its known ports (random ones the first
+    /// time), and routes to every other member whose route port is known
+    /// (none known: the [`seed`](Self::seed)).
+    fn configure(&self, i: usize) {
+        let member = &self.members[i];
+        let mut routes: Vec<u16> = (0..self.members.len())
+            .filter(|&j| j != i)
+            .map(|j| self.members[j].ports.route)
+            .filter(|&port| port != 0)
+            .collect();
+        if routes.is_empty() {
+            routes.push(self.seed.port());
         }
+        let routes: Vec<String> = routes
+            .iter()
+            .map(|port| format!("    nats-route://127.0.0.1:{port}"))
+            .collect();
+        let config = format!(
+            "# Written by entity-sync-testkit.\n\
+             server_name: {name}\n\
+             listen: 127.0.0.1:{client}\n\
+             http: 127.0.0.1:{monitor}\n\
+             ports_file_dir: {dir:?}\n\
+             jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n\
+             cluster {{\n  name: es-test\n  listen: 127.0.0.1:{route}\n{advertise}  routes: [\n{routes}\n  ]\n}}\n",
+            name = member.name,
+            client = port_arg(member.ports.client),
+            monitor = port_arg(member.ports.monitor),
+            dir = member.dir.path().display().to_string(),
+            store = member.dir.path().join("store").display().to_string(),
+            route = port_arg(member.ports.route),
+            routes = routes.join("\n"),
+            advertise = if self.no_advertise {
+                "  no_advertise: true\n"
+            } else {
+                ""
+            },
+        );
+        fs::write(member.dir.path().join("nats.conf"), config).expect("write nats.conf");
     }
 
-    fn spawn_member(&mut self, i: usize) {
+    /// Starts member `i` (configured anew) and records the ports it reports.
+    async fn spawn_member(&mut self, i: usize) -> Result<(), String> {
+        assert!(
+            self.members[i].child.is_none(),
+            "member {i} already running"
+        );
+        self.configure(i);
         let member = &mut self.members[i];
-        assert!(member.child.is_none(), "member {i} already running");
         let child = Command::new(&self.bin)
             .arg("-c")
             .arg(member.dir.path().join("nats.conf"))
@@ -388,14 +449,9 @@ impl NatsCluster {
             .stderr(stderr_file(member.dir.path()))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
-        member.child = Some(child);
-    }
-
-    async fn wait_member(&mut self, i: usize) -> Result<(), StartError> {
-        let member = &mut self.members[i];
-        let addr = SocketAddr::from(([127, 0, 0, 1], member.port));
-        let child = member.child.as_mut().expect("member running");
-        wait_accepting(addr, child, member.dir.path(), START_DEADLINE).await
+        let child = member.child.insert(child);
+        member.ports = wait_started(child, member.dir.path(), START_DEADLINE).await?;
+        Ok(())
     }
 
     /// Polls until a stream with `replicas` replicas can be created (the
@@ -436,7 +492,7 @@ impl NatsCluster {
 
     /// `nats://127.0.0.1:PORT` of member `i`.
     pub fn url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.members[i].port)
+        format!("nats://127.0.0.1:{}", self.members[i].ports.client)
     }
 
     /// Every member's URL, comma-separated, starting with member `first`
@@ -481,14 +537,14 @@ impl NatsCluster {
 
     /// The client address of member `i` (what a [`TcpProxy`] forwards to).
     pub fn addr(&self, i: usize) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.members[i].port))
+        SocketAddr::from(([127, 0, 0, 1], self.members[i].ports.client))
     }
 
-    /// Starts member `i` again with the same ports and store.
+    /// Starts member `i` again with the same ports and store, routed to
+    /// every other member.
     pub async fn restart(&mut self, i: usize) {
         self.kill(i);
-        self.spawn_member(i);
-        if let Err(StartError::Exited(why)) = self.wait_member(i).await {
+        if let Err(why) = self.spawn_member(i).await {
             panic!("restart of member {i} on the same ports failed: {why}");
         }
     }
@@ -507,7 +563,7 @@ impl Drop for NatsCluster {
                 eprintln!(
                     "--- nats-server {} (:{}) log (last lines) ---\n{}",
                     member.name,
-                    member.port,
+                    member.ports.client,
                     tail(&member.dir.path().join("nats.log"), 30)
                 );
             }
@@ -819,7 +875,27 @@ impl Drop for TcpProxy {
 
 #[cfg(test)]
 mod tests {
-    use super::client_op;
+    use super::{Ports, client_op};
+
+    /// What nats-server 2.15 writes with `--ports_file_dir`.
+    #[test]
+    fn ports_files_are_read() {
+        let file = r#"{"nats":["nats://127.0.0.1:36817"],"monitoring":["http://127.0.0.1:43041"],"cluster":["nats://127.0.0.1:32949"]}"#;
+        let ports = Ports {
+            client: 36817,
+            route: 32949,
+            monitor: 43041,
+        };
+        assert_eq!(Ports::parse(file), Some(ports));
+        let single = r#"{"nats":["nats://127.0.0.1:36021"]}"#;
+        let client_only = Ports {
+            client: 36021,
+            ..Ports::default()
+        };
+        assert_eq!(Ports::parse(single), Some(client_only));
+        // Half written: not yet.
+        assert_eq!(Ports::parse(r#"{"nats":["nats://127.0"#), None);
+    }
 
     #[test]
     fn client_operations_are_split_whole() {

@@ -17,7 +17,7 @@ use tokio::{net::TcpListener, time::Instant};
 use crate::{
     DEADLINE, WsClient,
     http::{http_get, metric_value},
-    process::{ChildGuard, TempDir, free_ports},
+    process::{ChildGuard, TempDir, log_tail},
     resolver::{ResolverData, ResolverOptions, TestResolver},
 };
 
@@ -206,7 +206,24 @@ pub struct StatsView {
     pub resolvers: usize,
 }
 
-/// The `entity-sync` binary as a child process, on loopback ports of its own.
+/// The target of the node's `listening` line: its own, so that whatever
+/// `RUST_LOG` a test gives, one more directive lets the line through.
+const LISTENING_TARGET: &str = "entity_sync::node::listening";
+
+/// How long a spawned node may take to bind its ports and log them.
+const LISTEN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The `entity-sync` binary as a child process, on loopback ports it binds
+/// itself (port 0) and reports in its log: the `listening` line, logged at
+/// info level once both ports are bound, before the node connects to
+/// anything:
+///
+/// ```text
+/// 2026-01-01T00:00:00.000000Z  INFO entity_sync::node::listening: listening ws_addr=127.0.0.1:40123 grpc_addr=127.0.0.1:40124
+/// ```
+///
+/// (`metrics_addr=…` too with `--metrics-addr`; with `--log-format json` the
+/// same fields under `"fields"`.)
 pub struct NodeProcess {
     guard: ChildGuard,
     bin: PathBuf,
@@ -215,27 +232,91 @@ pub struct NodeProcess {
     log: PathBuf,
     pub ws: SocketAddr,
     pub grpc: SocketAddr,
+    /// Where `/metrics` is served, when `args` set `--metrics-addr`.
+    pub metrics: Option<SocketAddr>,
     ws_path: String,
     _dir: Option<TempDir>,
 }
 
+/// The addresses of a node's `listening` log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listening {
+    pub ws: SocketAddr,
+    pub grpc: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Listening {
+    /// Parses a `listening` line of the node's log, text or JSON; `None` for
+    /// any other line.
+    pub fn parse(line: &str) -> Option<Listening> {
+        if !line.contains(LISTENING_TARGET) {
+            return None;
+        }
+        Some(Listening {
+            ws: log_field(line, "ws_addr")?,
+            grpc: log_field(line, "grpc_addr")?,
+            metrics: log_field(line, "metrics_addr"),
+        })
+    }
+}
+
+/// The address in field `key` of a log line: `key=ADDR` (text) or
+/// `"key":"ADDR"` (JSON).
+fn log_field(line: &str, key: &str) -> Option<SocketAddr> {
+    let json = format!("\"{key}\":\"");
+    if let Some(at) = line.find(&json) {
+        let rest = &line[at + json.len()..];
+        return rest[..rest.find('"')?].parse().ok();
+    }
+    let text = format!("{key}=");
+    line.match_indices(&text)
+        .filter(|(at, _)| line[..*at].ends_with(char::is_whitespace))
+        .find_map(|(at, _)| {
+            let rest = &line[at + text.len()..];
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        })
+}
+
+/// Replaces the value of `--flag=VALUE` or `--flag VALUE` in `args`.
+fn set_flag(args: &mut [String], flag: &str, value: &str) {
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == flag && i + 1 < args.len() {
+            args[i + 1] = value.to_owned();
+            i += 1;
+        } else if args[i]
+            .strip_prefix(flag)
+            .is_some_and(|rest| rest.starts_with('='))
+        {
+            args[i] = format!("{flag}={value}");
+        }
+        i += 1;
+    }
+}
+
 impl NodeProcess {
-    /// Spawns `bin` on two fresh loopback ports with `args` appended and
-    /// `RUST_LOG=rust_log`; its log goes to `log` (or a temp dir when `None`).
-    /// Returns at once: see [`wait_ready`](Self::wait_ready).
+    /// Spawns `bin` on loopback port 0 (both listeners) with `args` appended
+    /// and `RUST_LOG=rust_log`; its log goes to `log` (or a temp dir when
+    /// `None`). Returns once the node logged the ports it bound (see
+    /// [`spawn_on`](Self::spawn_on)); then see [`wait_ready`](Self::wait_ready).
     pub fn spawn(
         bin: &Path,
         args: &[String],
         log: Option<&Path>,
         rust_log: &str,
     ) -> std::io::Result<NodeProcess> {
-        let ports = free_ports(2);
-        let ws = SocketAddr::from(([127, 0, 0, 1], ports[0]));
-        let grpc = SocketAddr::from(([127, 0, 0, 1], ports[1]));
-        Self::spawn_on(bin, ws, grpc, args, log, rust_log)
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::spawn_on(bin, any, any, args, log, rust_log)
     }
 
-    /// Spawns `bin` on the given addresses.
+    /// Spawns `bin` on the given addresses (port 0: one the node picks; a
+    /// port reported before: a restart on the same one), and reads the
+    /// addresses it bound from its `listening` log line. Blocks the calling
+    /// thread until then (milliseconds: the node binds before it connects to
+    /// anything, so it waits for nothing of the caller's), at most 30 s; an
+    /// error with the log's tail if the node exits first.
     pub fn spawn_on(
         bin: &Path,
         ws: SocketAddr,
@@ -262,15 +343,25 @@ impl NodeProcess {
             0..0,
             [format!("--ws-addr={ws}"), format!("--grpc-addr={grpc}")],
         );
-        let guard = Self::launch(bin, &args, &log, rust_log)?;
+        // Only what this start logs: the file may hold an earlier run's lines.
+        let from = std::fs::metadata(&log).map_or(0, |m| m.len());
+        let mut guard = Self::launch(bin, &args, &log, rust_log)?;
+        let listening = wait_listening(&mut guard, &log, from)?;
+        // A restart binds the same addresses again.
+        set_flag(&mut args, "--ws-addr", &listening.ws.to_string());
+        set_flag(&mut args, "--grpc-addr", &listening.grpc.to_string());
+        if let Some(metrics) = listening.metrics {
+            set_flag(&mut args, "--metrics-addr", &metrics.to_string());
+        }
         Ok(NodeProcess {
             guard,
             bin: bin.to_owned(),
             rust_log: rust_log.to_owned(),
             args,
             log,
-            ws,
-            grpc,
+            ws: listening.ws,
+            grpc: listening.grpc,
+            metrics: listening.metrics,
             ws_path,
             _dir: dir,
         })
@@ -282,8 +373,13 @@ impl NodeProcess {
         log: &Path,
         rust_log: &str,
     ) -> std::io::Result<ChildGuard> {
+        // The `listening` line passes whatever else the filter holds back.
+        let filter = match rust_log.trim() {
+            "" => "info".to_owned(),
+            rust_log => format!("{rust_log},{LISTENING_TARGET}=info"),
+        };
         let mut cmd = Command::new(bin);
-        cmd.args(args).env("RUST_LOG", rust_log);
+        cmd.args(args).env("RUST_LOG", filter);
         ChildGuard::spawn_tied("entity-sync node", cmd, log)
     }
 
@@ -308,7 +404,8 @@ impl NodeProcess {
         self.guard.kill();
     }
 
-    /// Starts the binary again with the same ports and flags (after [`kill`](Self::kill)).
+    /// Starts the binary again with the same ports (those it reported) and
+    /// flags (after [`kill`](Self::kill)).
     pub fn restart(&mut self) -> std::io::Result<()> {
         self.guard.kill();
         self.guard = Self::launch(&self.bin, &self.args, &self.log, &self.rust_log)?;
@@ -349,5 +446,97 @@ impl NodeProcess {
             return Err(format!("/metrics answered {status}"));
         }
         metric_value(&body, name).ok_or_else(|| format!("no metric {name} in /metrics"))
+    }
+}
+
+/// Polls `log` (from byte `from` on) until the node's `listening` line
+/// appears; an error if the process exits first or [`LISTEN_DEADLINE`] passes.
+fn wait_listening(guard: &mut ChildGuard, log: &Path, from: u64) -> std::io::Result<Listening> {
+    use std::io::{Read, Seek, SeekFrom};
+    let deadline = std::time::Instant::now() + LISTEN_DEADLINE;
+    let mut text = String::new();
+    loop {
+        // Read before checking the process: a node that logged the line and
+        // then exited still reported its ports.
+        if let Ok(mut file) = std::fs::File::open(log) {
+            text.clear();
+            file.seek(SeekFrom::Start(from))?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)?;
+            text.push_str(&String::from_utf8_lossy(&bytes));
+            // Complete lines only: the last one may be half written.
+            let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+            if let Some(listening) = complete.lines().find_map(Listening::parse) {
+                return Ok(listening);
+            }
+        }
+        guard.check_alive().map_err(std::io::Error::other)?;
+        if std::time::Instant::now() >= deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the node logged no `listening` line within {LISTEN_DEADLINE:?}; last log lines:\n{}",
+                    log_tail(log, 20, &[])
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Listening, set_flag};
+
+    /// The node's `listening` line as it logs it (`--log-format text`, then
+    /// `json`): the addresses it bound, as fields.
+    #[test]
+    fn the_listening_line_is_read_in_both_log_formats() {
+        let text = "2026-12-07T11:30:00.123456Z  INFO entity_sync::node::listening: listening \
+                    ws_addr=127.0.0.1:40123 grpc_addr=127.0.0.1:40124";
+        let expected = Listening {
+            ws: "127.0.0.1:40123".parse().unwrap(),
+            grpc: "127.0.0.1:40124".parse().unwrap(),
+            metrics: None,
+        };
+        assert_eq!(Listening::parse(text), Some(expected));
+        let json = r#"{"timestamp":"2026-12-07T11:30:00.123456Z","level":"INFO","fields":{"message":"listening","ws_addr":"127.0.0.1:40123","grpc_addr":"127.0.0.1:40124","metrics_addr":"127.0.0.1:40125"},"target":"entity_sync::node::listening"}"#;
+        let with_metrics = Listening {
+            metrics: Some("127.0.0.1:40125".parse().unwrap()),
+            ..expected
+        };
+        assert_eq!(Listening::parse(json), Some(with_metrics));
+        let text = format!("{} metrics_addr=127.0.0.1:40125", text);
+        assert_eq!(Listening::parse(&text), Some(with_metrics));
+        // Other lines, and addresses of other fields, are not it.
+        assert_eq!(
+            Listening::parse(
+                "INFO entity_sync::node: node started ws_addr=127.0.0.1:1 grpc_addr=127.0.0.1:2"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn flags_are_set_in_either_spelling() {
+        let mut args: Vec<String> = [
+            "--ws-addr=127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--ws-addrx=1",
+        ]
+        .map(String::from)
+        .to_vec();
+        set_flag(&mut args, "--ws-addr", "127.0.0.1:1");
+        set_flag(&mut args, "--metrics-addr", "127.0.0.1:2");
+        assert_eq!(
+            args,
+            [
+                "--ws-addr=127.0.0.1:1",
+                "--metrics-addr",
+                "127.0.0.1:2",
+                "--ws-addrx=1"
+            ]
+        );
     }
 }

@@ -1,26 +1,52 @@
-//! Child processes killed on drop, temp dirs, free ports, log tails.
+//! Child processes killed on drop, temp dirs, closed ports, log tails.
+//!
+//! A child that serves on a port binds port 0 itself and reports the port it
+//! got (the node in its log, nats-server in its ports file): a port picked
+//! here and released for the child to bind could be taken in between.
 
 use std::{
     fs,
     io::{BufRead, BufReader},
-    net::TcpListener,
+    net::SocketAddr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-/// `n` distinct free loopback ports. All are bound at once (so they differ)
-/// and released together; the caller's servers then bind them. A restarted
-/// server binds the same port again.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+/// A loopback port that refuses connections and that nothing else can bind
+/// while this value lives: a socket bound to it that never listens. For
+/// "nothing answers there" without a port that another process could take.
+#[derive(Debug)]
+pub struct ClosedPort {
+    socket: tokio::net::TcpSocket,
+}
+
+impl ClosedPort {
+    /// Binds 127.0.0.1:0 without listening; panics if it cannot.
+    pub fn new() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("create a socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind 127.0.0.1:0");
+        ClosedPort { socket }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.addr().port()
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> SocketAddr {
+        self.socket.local_addr().expect("local addr")
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> ClosedPort {
+        ClosedPort::new()
+    }
 }
 
 /// A fresh directory under the system temp dir (`entity-sync-{tag}-…`, the

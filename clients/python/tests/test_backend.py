@@ -30,7 +30,7 @@ from entity_sync import (
     ResolveRequest,
     each_id,
 )
-from entity_sync.testing import DEADLINE, NodeProcess, WsClient, free_ports
+from entity_sync.testing import DEADLINE, NodeProcess, WsClient
 
 
 async def item(req: ResolveRequest) -> Answers:
@@ -365,13 +365,16 @@ async def test_pass_through_messages_reach_the_handler_with_connection_and_secre
 async def test_notify_retries_until_the_node_is_up_and_refusals_are_not_retried(
     node_bin: Path,
 ) -> None:
-    ws_port, grpc_port = free_ports(2)
-    notifier = Notifier(f"http://127.0.0.1:{grpc_port}", retry_for=20)
+    # A first start tells the ports the node binds; it comes back on them.
+    node = NodeProcess(node_bin)
+    async with node:
+        pass
+    notifier = Notifier(node.grpc_url, retry_for=20)
     # Nothing listens yet: the first attempts fail, then the node comes up.
     call = asyncio.create_task(notifier.notify([("items", "1")]))
     await asyncio.sleep(0.3)
     assert not call.done()
-    async with NodeProcess(node_bin, ws_port=ws_port, grpc_port=grpc_port):
+    async with NodeProcess(node_bin, ws_port=node.ws_port, grpc_port=node.grpc_port):
         async with asyncio.timeout(DEADLINE * 3):
             receipt = await call
         assert receipt.attempts > 1, receipt

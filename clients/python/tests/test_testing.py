@@ -1,10 +1,11 @@
-"""The testing helper: the node process on asyncio, its readiness by the
-ports, its failures told at once; importable without the test extra; the
-pytest plugin's fixture."""
+"""The testing helper: the node process on asyncio, on the ports it binds
+and reports in its log, its readiness by the ports, its failures told at
+once; importable without the test extra; the pytest plugin's fixture."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 import subprocess
 import sys
@@ -45,6 +46,31 @@ async def test_stop_ends_the_node_with_its_exit_code_and_start_reuses_the_ports(
     assert await node.stop() is None  # stopping twice is harmless
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_the_node_binds_port_0_and_its_listening_line_tells_the_ports(
+    node_bin: Path, log_format: str
+) -> None:
+    """One info line once the ports are bound, in either log format, whatever
+    RUST_LOG holds back: the addresses the node got."""
+    args = ["--log-format", log_format, "--metrics-addr", "127.0.0.1:0"]
+    node = NodeProcess(node_bin, args, env={**os.environ, "RUST_LOG": "warn"})
+    assert (node.ws_port, node.grpc_port, node.metrics_port) == (0, 0, None)
+    async with node:
+        ports = (node.ws_port, node.grpc_port, node.metrics_port)
+        assert 0 not in ports and None not in ports and len(set(ports)) == 3, ports
+        (line,) = [
+            line for line in node.log_text().splitlines() if "entity_sync::node::listening" in line
+        ]
+        for field, port in zip(("ws_addr", "grpc_addr", "metrics_addr"), ports, strict=True):
+            text = f" {field}=127.0.0.1:{port}"
+            written = f'"{field}":"127.0.0.1:{port}"' if log_format == "json" else text
+            assert written in line, line
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert (await reader.readline()).split()[1] == b"200"
+        writer.close()
+
+
 async def test_a_node_that_exits_at_start_is_reported_at_once_with_its_log(
     node_bin: Path,
 ) -> None:
@@ -77,7 +103,7 @@ def test_the_helper_imports_without_the_test_extra() -> None:
         for name in ("websockets", "pytest", "pytest_asyncio"):
             sys.modules[name] = None  # any import of it fails
         import entity_sync.testing as testing
-        assert testing.NodeProcess and testing.free_ports(1)
+        assert testing.NodeProcess and testing.WsClient
         try:
             import asyncio
             asyncio.run(testing.WsClient.connect("ws://127.0.0.1:1/"))

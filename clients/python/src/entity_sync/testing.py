@@ -1,5 +1,6 @@
-"""Integration-test helpers: a real ``entity-sync`` node process on free
-loopback ports, and a websocket client that speaks its protocol.
+"""Integration-test helpers: a real ``entity-sync`` node process on loopback
+ports it binds itself and reports, and a websocket client that speaks its
+protocol.
 
 Importable with the runtime dependencies alone: :class:`NodeProcess` runs on
 asyncio's subprocesses; :class:`WsClient` needs ``websockets`` (the ``test``
@@ -14,8 +15,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
-import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,26 +35,39 @@ _RETRY_CONNECT = 0.02
 refused connect returns at once); the wait ends early if the node exits."""
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (bound at once, released together)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+_LISTENING = "entity_sync::node::listening"
+"""The target of the node's ``listening`` log line (its own, so that one
+more ``RUST_LOG`` directive lets it through whatever else is filtered)."""
+
+
+def _log_port(line: str, field: str) -> int | None:
+    """The port of address field ``field`` of a log line: ``field=ADDR``
+    (text) or ``"field":"ADDR"`` (JSON)."""
+    found = re.search(rf'"{field}":"([^"]+)"|(?:^|\s){field}=(\S+)', line)
+    if found is None:
+        return None
+    address = found.group(1) or found.group(2)
+    return int(address.rsplit(":", 1)[1])
 
 
 class NodeProcess:
     """The ``entity-sync`` binary on loopback ports, its log in a temp file.
 
-    ``await node.start()`` waits until the gRPC port accepts connections and
-    ``/readyz`` on the websocket port answers 200 (raising if the node exits
-    first, or is not ready within :data:`DEADLINE`); ``await node.stop()``
-    sends SIGTERM (then SIGKILL); ``start`` again reuses the same ports. Use
-    it as an async context manager to stop it whatever happens.
+    The node binds port 0 (unless ``ws_port``/``grpc_port`` are given) and
+    logs the addresses it got once both ports are bound, at info level, in
+    one line (``--log-format text``, here on two, or the same fields in JSON)::
+
+        2026-01-01T00:00:00.000000Z  INFO entity_sync::node::listening: listening
+            ws_addr=127.0.0.1:40123 grpc_addr=127.0.0.1:40124
+
+    (``metrics_addr=...`` too with ``--metrics-addr``). ``await node.start()``
+    reads that line into :attr:`ws_port`, :attr:`grpc_port` and
+    :attr:`metrics_port`, then waits until the gRPC port accepts connections
+    and ``/readyz`` on the websocket port answers 200 (raising if the node
+    exits first, or is not ready within :data:`DEADLINE`); ``await
+    node.stop()`` sends SIGTERM (then SIGKILL); ``start`` again reuses the
+    same ports. Use it as an async context manager to stop it whatever
+    happens.
     """
 
     def __init__(
@@ -66,12 +80,14 @@ class NodeProcess:
         grpc_tls: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:
-        if ws_port is None or grpc_port is None:
-            ws_port, grpc_port = free_ports(2)
         self.binary = Path(binary)
         self.args = list(args)
-        self.ws_port = ws_port
-        self.grpc_port = grpc_port
+        self.ws_port = ws_port or 0
+        """The websocket port (0 until the node first reported it)."""
+        self.grpc_port = grpc_port or 0
+        """The gRPC port (0 until the node first reported it)."""
+        self.metrics_port: int | None = None
+        """The ``/metrics`` port, when the args set ``--metrics-addr``."""
         self.grpc_tls = grpc_tls
         self.env = env
         self._dir = tempfile.TemporaryDirectory(prefix="entity-sync-node-")
@@ -102,7 +118,10 @@ class NodeProcess:
         if self._process is not None and self._process.returncode is None:
             raise RuntimeError("the node is running already")
         env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("RUST_LOG", "info")
+        rust_log = env.get("RUST_LOG", "").strip()
+        env["RUST_LOG"] = f"{rust_log},{_LISTENING}=info" if rust_log else "info"
+        # Only what this start logs: the file holds an earlier start's lines.
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self._process = await asyncio.create_subprocess_exec(
                 self.binary,
@@ -121,6 +140,7 @@ class NodeProcess:
         self._exited = asyncio.create_task(self._process.wait())
         try:
             async with asyncio.timeout(DEADLINE):
+                await self._listening(offset)
                 await self._accepting(self.grpc_port)
                 while not await _readyz(self.ws_port):
                     await self._unless_exited(_RETRY_CONNECT)
@@ -133,6 +153,24 @@ class NodeProcess:
             await self.stop()
             raise
         return self
+
+    async def _listening(self, offset: int) -> None:
+        """Waits for the node's ``listening`` line (after byte ``offset`` of
+        the log) and takes the ports from it."""
+        while True:
+            with open(self.log, "rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
+            # Complete lines only: the last one may be half written.
+            for line in text[: text.rfind("\n") + 1].splitlines():
+                if _LISTENING not in line:
+                    continue
+                ws, grpc = _log_port(line, "ws_addr"), _log_port(line, "grpc_addr")
+                if ws is not None and grpc is not None:
+                    self.ws_port, self.grpc_port = ws, grpc
+                    self.metrics_port = _log_port(line, "metrics_addr")
+                    return
+            await self._unless_exited(_RETRY_CONNECT)
 
     async def _accepting(self, port: int) -> None:
         """Returns once ``port`` accepts a connection."""
