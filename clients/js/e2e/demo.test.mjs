@@ -16,7 +16,6 @@ import {
   DEADLINE_MS,
   NodeProcess,
   demoBinary,
-  freePorts,
   httpGet,
   outputDir,
   packageRoot,
@@ -44,19 +43,22 @@ let pageUrl;
 
 before(async () => {
   mkdirSync(shots, { recursive: true });
-  const [wsPort, grpcPort, httpPort] = await freePorts(3);
-  node = await new NodeProcess({ wsPort, grpcPort, name: 'e2e-node' }).start();
+  node = await new NodeProcess({ name: 'e2e-node' }).start();
   demo = spawnChild('e2e-demo', demoBinary(), [
     '--node',
     node.grpcUrl,
     '--ws-addr',
-    `127.0.0.1:${wsPort}`,
+    `127.0.0.1:${node.wsPort}`,
     '--http-addr',
-    `127.0.0.1:${httpPort}`,
+    '127.0.0.1:0',
     '--auto-edit',
     '0',
   ]);
-  pageUrl = `http://127.0.0.1:${httpPort}/`;
+  // The demo binds its page port itself and prints the page's address.
+  pageUrl = await demo.firstLine(
+    (line) => line.match(/Open the demo page:\s+(http:\/\/127\.0\.0\.1:\d+\/)/)?.[1],
+    "the demo page's address",
+  );
   await until(async () => {
     if (!demo.alive) throw new Error('the demo exited; see test-output/logs/e2e-demo.log');
     return (await httpGet(`${pageUrl}api/config`))?.status === 200;

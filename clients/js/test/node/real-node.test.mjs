@@ -7,7 +7,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { EntitySyncClient, EntitySyncError } from '../../dist/entity-sync.js';
-import { NodeProcess, Resolver, freePorts, metric, recorder, until } from '../support/harness.mjs';
+import { NodeProcess, Resolver, metric, recorder, until } from '../support/harness.mjs';
 
 /** Fast reconnects, so a restart is recovered from quickly. */
 const FAST = { minDelayMs: 100, maxDelayMs: 400 };
@@ -23,8 +23,7 @@ function client(options = {}) {
 }
 
 before(async () => {
-  const [wsPort, grpcPort] = await freePorts(2);
-  node = await new NodeProcess({ wsPort, grpcPort }).start();
+  node = await new NodeProcess().start();
   resolver = await Resolver.start(node.grpcUrl, {
     entities: { items: 'shared', lists: 'per_subscriber' },
     passThrough: true,

@@ -9,14 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 
-import {
-  DEADLINE_MS,
-  NodeProcess,
-  Resolver,
-  freePorts,
-  makeCerts,
-  packageRoot,
-} from '../support/harness.mjs';
+import { DEADLINE_MS, NodeProcess, Resolver, makeCerts, packageRoot } from '../support/harness.mjs';
 
 let dir;
 let certs;
@@ -26,10 +19,7 @@ let resolver;
 before(async () => {
   dir = mkdtempSync(join(tmpdir(), 'entity-sync-client-tls-'));
   certs = await makeCerts(dir);
-  const [wsPort, grpcPort] = await freePorts(2);
   node = await new NodeProcess({
-    wsPort,
-    grpcPort,
     tls: certs,
     args: ['--ws-path', '/live/sync/'],
     name: 'node-tls',

@@ -1,13 +1,15 @@
 // Real processes for the client's tests: the node binary, the testkit's
 // resolver (a backend on entity-sync-backend, driven over stdin), the demo.
-// Everything listens on 127.0.0.1 ports picked free; readiness is polled
-// (never a fixed sleep) and every wait has a deadline.
+// Everything listens on 127.0.0.1: each program binds port 0 and reports the
+// port it got (the node in its `listening` log line, the demo in the page
+// address it prints), so no port is picked here and taken by another process
+// meanwhile. Readiness is polled (never a fixed sleep) and every wait has a
+// deadline.
 
 import { spawn } from 'node:child_process';
 import { createWriteStream, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
-import { createServer } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -32,24 +34,6 @@ export function binary(name, envVar) {
 export const nodeBinary = () => binary('entity-sync', 'ENTITY_SYNC_BIN');
 export const testkitBinary = () => binary('entity-sync-testkit', 'ENTITY_SYNC_TESTKIT_BIN');
 export const demoBinary = () => binary('entity-sync-demo', 'ENTITY_SYNC_DEMO_BIN');
-
-/** `n` distinct free loopback ports: bound together, released together. */
-export async function freePorts(n) {
-  const servers = await Promise.all(
-    Array.from(
-      { length: n },
-      () =>
-        new Promise((done, fail) => {
-          const server = createServer();
-          server.once('error', fail);
-          server.listen(0, '127.0.0.1', () => done(server));
-        }),
-    ),
-  );
-  const ports = servers.map((server) => server.address().port);
-  await Promise.all(servers.map((server) => new Promise((done) => server.close(done))));
-  return ports;
-}
 
 /** Resolves once `predicate()` is truthy (polled); fails after `ms` with `what`. */
 export async function until(predicate, what, ms = DEADLINE_MS) {
@@ -115,6 +99,38 @@ class Child {
     this.exited.then(() => {
       this.alive = false;
     });
+    // Every output line goes by `#watchers`, for `firstLine`.
+    this.watchers = [];
+    const streams =
+      stdin === 'pipe' ? [this.process.stderr] : [this.process.stdout, this.process.stderr];
+    for (const stream of streams) {
+      createInterface({ input: stream }).on('line', (line) => {
+        this.watchers = this.watchers.filter((watch) => !watch(line));
+      });
+    }
+  }
+
+  /**
+   * The first value `parse(line)` gives for a line printed from now on;
+   * fails if the process exits first or after `DEADLINE_MS`.
+   */
+  firstLine(parse, what) {
+    return new Promise((done, fail) => {
+      const timer = setTimeout(() => fail(new Error(`timed out waiting for ${what}`)), DEADLINE_MS);
+      this.exited.then(() => {
+        clearTimeout(timer);
+        fail(
+          new Error(`${this.name} exited before ${what}; see test-output/logs/${this.name}.log`),
+        );
+      });
+      this.watchers.push((line) => {
+        const value = parse(line);
+        if (value === undefined) return false;
+        clearTimeout(timer);
+        done(value);
+        return true;
+      });
+    });
   }
 
   /** Signals the process and waits until it is gone (SIGKILL after 5 s). */
@@ -127,15 +143,26 @@ class Child {
   }
 }
 
+/** The log target of the node's `listening` line (the addresses it bound). */
+const LISTENING_TARGET = 'entity_sync::node::listening';
+
+/** The port in field `key` of a node log line, text (`key=ADDR`) or JSON. */
+function logPort(line, key) {
+  const match = line.match(new RegExp(`(?:\\s|")${key}(?:=|":")[^\\s"]*:(\\d+)`));
+  return match ? Number(match[1]) : undefined;
+}
+
 /**
- * The node binary on `wsPort`/`grpcPort` (embedded bus). `start()` returns
- * once `/readyz` answers 200; `kill()` is SIGKILL (nothing flushed or closed
- * politely); a node started again on the same ports is the "restart".
+ * The node binary (embedded bus). The first `start()` binds port 0 for both
+ * listeners and learns the ports from the node's `listening` log line; it
+ * returns once `/readyz` answers 200. `kill()` is SIGKILL (nothing flushed
+ * or closed politely); a node started again binds the same ports: the
+ * "restart".
  */
 export class NodeProcess {
-  constructor({ wsPort, grpcPort, args = [], tls = null, name = 'node' }) {
-    this.wsPort = wsPort;
-    this.grpcPort = grpcPort;
+  constructor({ args = [], tls = null, name = 'node' } = {}) {
+    this.wsPort = 0;
+    this.grpcPort = 0;
     this.args = args;
     this.tls = tls;
     this.name = name;
@@ -161,8 +188,17 @@ export class NodeProcess {
       ...this.args,
     ];
     if (this.tls) args.push('--ws-tls-cert', this.tls.cert, '--ws-tls-key', this.tls.key);
-    const child = new Child(this.name, nodeBinary(), args);
+    const rustLog = `${process.env.RUST_LOG ?? 'info'},${LISTENING_TARGET}=info`;
+    const child = new Child(this.name, nodeBinary(), args, { env: { RUST_LOG: rustLog } });
     this.child = child;
+    const ports = await child.firstLine((line) => {
+      if (!line.includes(LISTENING_TARGET)) return undefined;
+      const ws = logPort(line, 'ws_addr');
+      const grpc = logPort(line, 'grpc_addr');
+      return ws && grpc ? { ws, grpc } : undefined;
+    }, `${this.name}'s listening line`);
+    this.wsPort = ports.ws;
+    this.grpcPort = ports.grpc;
     await until(async () => {
       if (!child.alive)
         throw new Error(`${this.name} exited; see test-output/logs/${this.name}.log`);

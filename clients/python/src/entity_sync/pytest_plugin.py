@@ -4,7 +4,7 @@ Loaded by pytest once the package is installed (the ``pytest11`` entry
 point). The fixtures:
 
 - ``entity_sync_node``: a started :class:`~entity_sync.testing.NodeProcess`
-  (stopped after the test), on free loopback ports. Async: it needs
+  (stopped after the test), on loopback ports it binds itself. Async: it needs
   pytest-asyncio (the ``test`` extra).
 - ``entity_sync_node_args``: extra command-line arguments of that node (none
   unless a ``conftest.py`` overrides it, e.g. ``["--push-unchanged-rows"]``).
@@ -78,7 +78,7 @@ def entity_sync_node_args() -> list[str]:
 async def _entity_sync_node(
     entity_sync_bin: Path, entity_sync_node_args: list[str]
 ) -> AsyncIterator[NodeProcess]:
-    """A node on free loopback ports, ready; stopped after the test (or
+    """A node on loopback ports it binds itself, ready; stopped after the test (or
     the scope's last test)."""
     async with NodeProcess(entity_sync_bin, entity_sync_node_args) as node:
         yield node
