@@ -20,6 +20,7 @@
 //! timer. The pool knows nothing of other nodes: reaching their resolvers is
 //! `resolve`'s choice, and `cluster` answers them from this pool.
 
+mod effects;
 mod error;
 mod joins;
 mod register;
@@ -40,14 +41,16 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::Status;
 
-use self::state::{
-    Completion, Effect, Expiry, NewJob, NewStream, PoolState, SendFailure, Submitted, Waiter,
-};
 pub(crate) use self::{
+    effects::ResolverId,
     error::{RegisterError, ResolveError, ResolveErrorKind},
     register::{MAX_ENTITIES_PER_STREAM, MAX_IN_FLIGHT_CAP, PASS_THROUGH_HEADROOM},
-    state::{MAX_ATTEMPTS, ResolverId},
+    state::MAX_ATTEMPTS,
     wire::{MAX_VERSION, Resolved, Rows, key_result, read_key_result},
+};
+use self::{
+    effects::{Completion, Effect, Expiry, NewJob, NewStream, SendFailure, Submitted, Waiter},
+    state::PoolState,
 };
 use crate::{
     config::ResolveConfig,
@@ -181,7 +184,10 @@ impl ResolverPool {
             self.inner.rearm.notify_one();
         }
     }
+}
 
+/// Streams: registration and what they serve.
+impl ResolverPool {
     /// Follows the set of entities served by local resolvers.
     pub(crate) fn watch_entities(&self) -> watch::Receiver<Vec<(Arc<str>, FetchMode)>> {
         self.inner.entities.subscribe()
@@ -256,7 +262,10 @@ impl ResolverPool {
     pub(crate) fn fetch_mode(&self, entity: &str) -> Option<FetchMode> {
         self.lock().state.fetch_mode(entity)
     }
+}
 
+/// Jobs: resolves, joins and answers.
+impl ResolverPool {
     /// Resolves `key` for `secret` on a local resolver; waits for the
     /// answer (or its failure). `shared`: a SHARED change resolve, whose rows
     /// go to every subscriber (sent as `ResolveRequest.shared`).
@@ -361,7 +370,10 @@ impl ResolverPool {
             ),
         }
     }
+}
 
+/// Deadlines, pass-through, counts and shutdown.
+impl ResolverPool {
     /// Re-queues (or fails, after [`MAX_ATTEMPTS`]) requests past their
     /// deadline, and fails queued jobs that waited too long.
     pub(crate) fn expire(&self, now: Instant) {

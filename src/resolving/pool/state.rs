@@ -15,6 +15,10 @@ use std::{
 };
 
 use super::{
+    effects::{
+        Completion, Effect, Expiry, NewJob, NewStream, Replica, ResolverId, SendFailure, Submitted,
+        Waiter,
+    },
     error::{RegisterError, ResolveError},
     joins::Joinable,
     timers::{Timer, Timers},
@@ -26,107 +30,10 @@ use crate::{
     proto::v1::{FetchMode, Reason, ResolveRequest},
 };
 
-/// Identifies one `Resolve` stream within a node.
-pub(crate) type ResolverId = u64;
-
 /// Attempts of one job (deadline passes) before it fails with `Timeout`.
 pub(crate) const MAX_ATTEMPTS: u32 = 3;
 /// Queued jobs examined for companions when building one request.
 const BATCH_SCAN_LIMIT: usize = 1024;
-
-/// Whoever waits for a job's outcome.
-pub(crate) trait Waiter {
-    /// Nobody waits any more (the caller went away): the job is dropped
-    /// instead of sent.
-    fn is_gone(&self) -> bool;
-}
-
-/// What the state asks its driver to do, in order.
-#[derive(Debug)]
-pub(crate) enum Effect<W> {
-    /// Send `request` on stream `to`. If it cannot be sent, the driver
-    /// reports it with [`PoolState::send_failed`] before polling again.
-    Send {
-        to: ResolverId,
-        request: ResolveRequest,
-    },
-    /// Hand `outcome` to `waiter`.
-    Complete { waiter: W, outcome: Resolved },
-    /// Something timed out (counted; its jobs' outcomes follow).
-    Expired(Expiry),
-}
-
-/// What timed out.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Expiry {
-    /// A queued job waited as long as it may and fails with `Timeout`.
-    Queued,
-    /// A request in flight passed its deadline: its jobs are retried.
-    Request {
-        resolver: ResolverId,
-        request_id: u64,
-        entity: Arc<str>,
-    },
-}
-
-/// Why a [`Effect::Send`] could not be sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SendFailure {
-    /// The stream's channel is full: the entity's jobs wait for the next
-    /// completion or job.
-    Full,
-    /// The stream is ending: it gets no more requests until it deregisters.
-    Closed,
-}
-
-/// What became of a submitted job.
-#[derive(Debug)]
-pub(crate) enum Submitted {
-    /// It joined a subscribe request already in flight.
-    Joined,
-    /// It waits in its entity's queue (or is being sent).
-    Queued,
-    /// It was refused at once.
-    Refused(ResolveError),
-}
-
-/// What an answer was to.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Completion {
-    /// A request of the stream in flight: its jobs are answered.
-    Done,
-    /// An unknown request, or one that expired or moved meanwhile.
-    Unknown,
-    /// A request of another stream (ignored).
-    OtherStream,
-}
-
-/// A job to submit: resolve `key` for `secret`.
-pub(crate) struct NewJob {
-    pub(crate) key: ChangeKey,
-    pub(crate) secret: Arc<str>,
-    pub(crate) reason: Reason,
-    /// A SHARED change resolve (`ResolveRequest.shared`).
-    pub(crate) shared: bool,
-    /// May join a subscribe request of the same key and secret in flight.
-    pub(crate) may_join: bool,
-}
-
-/// A stream to register (its `Register`, checked).
-pub(crate) struct NewStream {
-    pub(crate) name: Arc<str>,
-    pub(crate) entities: Vec<(Arc<str>, FetchMode)>,
-    pub(crate) max_in_flight: u32,
-    pub(crate) pass_through: bool,
-}
-
-/// A stream that may get a pass-through message, and how much of its
-/// channel must stay free for the requests it may still be sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Replica {
-    pub(crate) id: ResolverId,
-    pub(crate) reserved: usize,
-}
 
 struct Job<W> {
     id: Arc<str>,
@@ -223,6 +130,7 @@ pub(crate) struct PoolState<W> {
     closed: bool,
 }
 
+/// Jobs in, requests out.
 impl<W: Waiter> PoolState<W> {
     pub(crate) fn new(config: &ResolveConfig) -> Self {
         Self {
@@ -403,7 +311,10 @@ impl<W: Waiter> PoolState<W> {
             },
         })
     }
+}
 
+/// Answers, unsent requests and deadlines.
+impl<W: Waiter> PoolState<W> {
     /// Takes request `request_id` out of the flight: its timer, its joins,
     /// its place on its stream.
     fn land(&mut self, request_id: u64) -> Option<InFlight<W>> {
@@ -538,6 +449,7 @@ impl<W: Waiter> PoolState<W> {
     }
 }
 
+/// Streams coming and going.
 impl<W: Waiter> PoolState<W> {
     /// Adds stream `id`, unless the pool is closed or full, or one of its
     /// entities is already served with another fetch mode.
@@ -670,7 +582,10 @@ impl<W: Waiter> PoolState<W> {
             }
         }
     }
+}
 
+/// Single-flight joins, and what the shell reads.
+impl<W: Waiter> PoolState<W> {
     /// A change of `key` was seen: no later subscribe joins a request of
     /// it already in flight.
     pub(crate) fn note_change(&mut self, key: &ChangeKey) {
@@ -755,5 +670,592 @@ impl<W> PoolState<W> {
 
     pub(crate) fn requests_in_flight(&self) -> usize {
         self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::Cell, rc::Rc};
+
+    use super::*;
+    use crate::resolving::pool::wire::Rows;
+
+    /// A caller: a number to tell it by, and whether it went away.
+    #[derive(Debug, Clone, Default)]
+    struct Caller(u32, Rc<Cell<bool>>);
+
+    impl Waiter for Caller {
+        fn is_gone(&self) -> bool {
+            self.1.get()
+        }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    const SUB: Reason = Reason::Subscribe;
+    const CHANGE: Reason = Reason::Change;
+
+    /// What one round of polling asked for.
+    #[derive(Debug, Default)]
+    struct Out {
+        sent: Vec<(ResolverId, ResolveRequest)>,
+        done: Vec<(u32, Resolved)>,
+        expired: Vec<Expiry>,
+    }
+
+    impl Out {
+        fn ids(&self) -> Vec<Vec<String>> {
+            self.sent.iter().map(|(_, r)| r.ids.clone()).collect()
+        }
+
+        fn done(&self) -> Vec<u32> {
+            self.done.iter().map(|(n, _)| *n).collect()
+        }
+    }
+
+    fn state(batch_size: usize) -> PoolState<Caller> {
+        PoolState::new(&ResolveConfig {
+            batch_size,
+            timeout: TIMEOUT,
+            default_max_in_flight: 1,
+            max_resolver_streams: 4,
+        })
+    }
+
+    fn stream(max_in_flight: u32) -> NewStream {
+        NewStream {
+            name: Arc::from("svc"),
+            entities: vec![(Arc::from("items"), FetchMode::Shared)],
+            max_in_flight,
+            pass_through: false,
+        }
+    }
+
+    fn key(id: &str) -> ChangeKey {
+        ChangeKey::new("items", id).unwrap()
+    }
+
+    fn job(id: &str, secret: &str, reason: Reason, may_join: bool) -> NewJob {
+        NewJob {
+            key: key(id),
+            secret: Arc::from(secret),
+            reason,
+            shared: false,
+            may_join,
+        }
+    }
+
+    /// Polls until nothing is left; every send succeeds.
+    fn run(state: &mut PoolState<Caller>, now: Instant) -> Out {
+        let mut out = Out::default();
+        while let Some(effect) = state.poll(now) {
+            match effect {
+                Effect::Send { to, request } => out.sent.push((to, request)),
+                Effect::Complete { waiter, outcome } => out.done.push((waiter.0, outcome)),
+                Effect::Expired(expiry) => out.expired.push(expiry),
+            }
+        }
+        out
+    }
+
+    /// Submits `new` for caller `n` and polls, as the shell does.
+    fn push(state: &mut PoolState<Caller>, new: NewJob, caller: Caller, now: Instant) -> Out {
+        state.submit(new, caller, now);
+        run(state, now)
+    }
+
+    fn rows() -> Resolved {
+        Ok(Rows {
+            rows: Vec::new(),
+            version: 0,
+        })
+    }
+
+    /// Every id of `request` answered with no rows.
+    fn answer(state: &mut PoolState<Caller>, from: ResolverId, request: &ResolveRequest) {
+        let results = request.ids.iter().map(|id| (id.clone(), rows())).collect();
+        assert_eq!(
+            state.complete(from, request.request_id, &results),
+            Completion::Done
+        );
+    }
+
+    #[test]
+    fn jobs_wait_for_capacity_and_then_batch() {
+        let t0 = Instant::now();
+        let mut state = state(10);
+        state.register(1, stream(1)).unwrap();
+        let mut out = Out::default();
+        for (n, id) in ["1", "2", "3", "2"].into_iter().enumerate() {
+            let caller = Caller(n as u32, Rc::default());
+            out.sent
+                .extend(push(&mut state, job(id, "", CHANGE, false), caller, t0).sent);
+        }
+        assert_eq!(out.ids(), [["1"]], "max_in_flight 1 holds the rest back");
+        assert_eq!(state.queued("items"), 3);
+        answer(&mut state, 1, &out.sent[0].1);
+        let out = run(&mut state, t0);
+        assert_eq!(out.done(), [0]);
+        assert_eq!(
+            out.ids(),
+            [["2", "3"]],
+            "queued jobs share one request, ids once"
+        );
+        answer(&mut state, 1, &out.sent[0].1);
+        assert_eq!(run(&mut state, t0).done(), [1, 2, 3]);
+        assert_eq!(state.timer_count(), 0, "nothing waits, no timer left");
+    }
+
+    #[test]
+    fn a_request_carries_one_secret_reason_and_shared_flag_up_to_the_batch_size() {
+        let t0 = Instant::now();
+        let mut state = state(2);
+        state.register(1, stream(1)).unwrap();
+        let jobs = [
+            ("0", "a", CHANGE, false),
+            ("1", "a", CHANGE, false),
+            ("2", "b", CHANGE, false),
+            ("3", "a", SUB, false),
+            ("4", "a", CHANGE, true),
+            ("5", "a", CHANGE, false),
+            ("6", "a", CHANGE, false),
+        ];
+        // The first is sent alone; the others queue behind it.
+        let mut out = Out::default();
+        for (n, (id, secret, reason, shared)) in jobs.into_iter().enumerate() {
+            let mut new = job(id, secret, reason, false);
+            new.shared = shared;
+            let caller = Caller(n as u32, Rc::default());
+            out.sent.extend(push(&mut state, new, caller, t0).sent);
+        }
+        let mut batches = Vec::new();
+        while let Some((to, request)) = out.sent.pop() {
+            batches.push((request.ids.clone(), request.secret.clone(), request.shared));
+            answer(&mut state, to, &request);
+            out = run(&mut state, t0);
+        }
+        let ids = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            batches,
+            [
+                (ids(&["0"]), "a".to_string(), false),
+                (ids(&["1", "5"]), "a".to_string(), false),
+                (ids(&["2"]), "b".to_string(), false),
+                (ids(&["3"]), "a".to_string(), false),
+                (ids(&["4"]), "a".to_string(), true),
+                (ids(&["6"]), "a".to_string(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn resolvers_take_turns_under_their_caps_and_a_draining_one_gets_nothing() {
+        let t0 = Instant::now();
+        let mut state = state(1);
+        state.register(1, stream(1)).unwrap();
+        state.register(2, stream(2)).unwrap();
+        for n in 0..5 {
+            state.submit(
+                job(&n.to_string(), "", CHANGE, false),
+                Caller(n, Rc::default()),
+                t0,
+            );
+        }
+        let out = run(&mut state, t0);
+        let to: Vec<ResolverId> = out.sent.iter().map(|(to, _)| *to).collect();
+        assert_eq!(to, [1, 2, 2], "in turn, while each has room");
+        assert_eq!(state.queued("items"), 2);
+        state.drain(2);
+        answer(&mut state, 2, &out.sent[1].1);
+        assert!(run(&mut state, t0).sent.is_empty(), "1 is full, 2 drains");
+        answer(&mut state, 1, &out.sent[0].1);
+        let next = run(&mut state, t0);
+        assert_eq!(next.sent.len(), 1);
+        assert_eq!(next.sent[0].0, 1);
+        // The draining stream still answers what it holds.
+        answer(&mut state, 2, &out.sent[2].1);
+    }
+
+    #[test]
+    fn subscribes_join_a_request_in_flight_until_a_change_is_seen() {
+        let t0 = Instant::now();
+        let mut state = state(10);
+        state.register(1, stream(8)).unwrap();
+        let submit = |state: &mut PoolState<Caller>, n, new| {
+            let submitted = state.submit(new, Caller(n, Rc::default()), t0);
+            matches!(submitted, Submitted::Joined)
+        };
+        assert!(!submit(&mut state, 0, job("1", "s", SUB, true)));
+        let first = run(&mut state, t0);
+        assert!(state.can_join(&key("1"), "s"));
+        assert!(submit(&mut state, 1, job("1", "s", SUB, true)));
+        // Another secret, no leave to join (as every change resolve): no join.
+        assert!(!submit(&mut state, 2, job("1", "other", SUB, true)));
+        assert!(!submit(&mut state, 3, job("1", "s", SUB, false)));
+        assert!(!submit(&mut state, 4, job("1", "s", CHANGE, false)));
+        let others = run(&mut state, t0);
+        assert_eq!(others.sent.len(), 3);
+        // A change of another key changes nothing; of the key, ends the joins.
+        state.note_change(&key("2"));
+        assert!(submit(&mut state, 5, job("1", "s", SUB, true)));
+        state.note_change(&key("1"));
+        assert!(!state.can_join(&key("1"), "s"));
+        assert!(!submit(&mut state, 6, job("1", "s", SUB, true)));
+        let fresh = run(&mut state, t0);
+        assert_eq!(fresh.sent.len(), 1);
+        assert!(
+            submit(&mut state, 7, job("1", "s", SUB, true)),
+            "joins the fresh one"
+        );
+        state.note_all_changed();
+        assert!(!submit(&mut state, 8, job("1", "s", SUB, true)));
+        let last = run(&mut state, t0);
+        assert_eq!(last.sent.len(), 1);
+
+        answer(&mut state, 1, &first.sent[0].1);
+        assert_eq!(run(&mut state, t0).done(), [0, 1, 5]);
+        answer(&mut state, 1, &fresh.sent[0].1);
+        let out = run(&mut state, t0);
+        assert_eq!(out.done(), [6, 7]);
+        for (to, request) in others.sent.iter().chain(&out.sent).chain(&last.sent) {
+            answer(&mut state, *to, request);
+        }
+        run(&mut state, t0);
+        assert!(state.no_joins());
+        assert_eq!(state.requests_in_flight(), 0);
+    }
+
+    #[test]
+    fn deadlines_expire_only_unanswered_requests_and_retry_them() {
+        let t0 = Instant::now();
+        let mut state = state(1);
+        state.register(1, stream(3)).unwrap();
+        for n in 0..3 {
+            state.submit(
+                job(&n.to_string(), "", CHANGE, false),
+                Caller(n, Rc::default()),
+                t0,
+            );
+        }
+        let sent = run(&mut state, t0).sent;
+        assert_eq!(state.next_deadline(), Some(t0 + TIMEOUT));
+        for (to, request) in &sent[..2] {
+            answer(&mut state, *to, request);
+        }
+        assert_eq!(state.timer_count(), 1, "answered requests leave the timer");
+        state.expire(t0 + TIMEOUT - Duration::from_millis(1));
+        assert!(run(&mut state, t0).expired.is_empty(), "not yet due");
+        // Attempts 1 and 2 are retried, on the same stream (it has room).
+        let mut now = t0;
+        for attempt in 1..MAX_ATTEMPTS {
+            now += TIMEOUT;
+            state.expire(now);
+            let out = run(&mut state, now);
+            assert_eq!(out.expired.len(), 1, "attempt {attempt}");
+            assert_eq!(out.ids(), [["2"]]);
+            assert_eq!(state.next_deadline(), Some(now + TIMEOUT));
+        }
+        // The last attempt fails the job.
+        now += TIMEOUT;
+        state.expire(now);
+        let out = run(&mut state, now);
+        assert!(out.sent.is_empty());
+        assert!(matches!(out.done[..], [(2, Err(ResolveError::Timeout))]));
+        assert_eq!(state.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_queued_job_gives_up_at_its_own_deadline() {
+        let t0 = Instant::now();
+        let mut state = state(10);
+        state.register(1, stream(1)).unwrap();
+        let sent = push(
+            &mut state,
+            job("1", "", CHANGE, false),
+            Caller::default(),
+            t0,
+        )
+        .sent;
+        let t1 = t0 + Duration::from_secs(1);
+        // Another secret: never batched with the first's retries.
+        push(
+            &mut state,
+            job("2", "other", CHANGE, false),
+            Caller(1, Rc::default()),
+            t1,
+        );
+        assert_eq!(sent.len(), 1);
+        assert_eq!(state.timer_count(), 2, "the request's and the queued job's");
+        // Retries of the first keep the second queued behind max_in_flight.
+        let give_up = t1 + TIMEOUT * MAX_ATTEMPTS;
+        let before = give_up - Duration::from_millis(1);
+        state.expire(before);
+        let out = run(&mut state, before);
+        assert!(out.done.is_empty(), "not the second yet");
+        assert_eq!(out.ids(), [["1"]], "the first is retried");
+        assert_eq!(state.queued("items"), 1);
+        state.expire(give_up);
+        let out = run(&mut state, give_up);
+        assert_eq!(out.expired, [Expiry::Queued]);
+        assert!(matches!(out.done[..], [(1, Err(ResolveError::Timeout))]));
+        assert_eq!(state.queued("items"), 0);
+    }
+
+    #[test]
+    fn a_dead_stream_hands_its_requests_and_joiners_to_another() {
+        let t0 = Instant::now();
+        let mut state = state(10);
+        let mut per_subscriber = stream(2);
+        per_subscriber.entities[0].1 = FetchMode::PerSubscriber;
+        state.register(1, per_subscriber).unwrap();
+        state.submit(job("1", "s", SUB, true), Caller(0, Rc::default()), t0);
+        state.submit(job("2", "t", SUB, true), Caller(1, Rc::default()), t0);
+        assert_eq!(run(&mut state, t0).sent.len(), 2);
+        assert!(matches!(
+            state.submit(job("1", "s", SUB, true), Caller(2, Rc::default()), t0),
+            Submitted::Joined
+        ));
+        let mut other = stream(1);
+        other.entities[0].1 = FetchMode::PerSubscriber;
+        state.register(2, other).unwrap();
+        assert!(state.deregister(1));
+        assert!(!state.deregister(1), "once");
+        assert!(!state.can_join(&key("1"), "s"), "moved requests start over");
+        // The oldest request first; the joiner rides with it, its id once.
+        let out = run(&mut state, t0);
+        assert_eq!(out.ids(), [["1"]]);
+        assert_eq!(out.sent[0].0, 2);
+        answer(&mut state, 2, &out.sent[0].1);
+        let out = run(&mut state, t0);
+        assert_eq!(out.done(), [0, 2]);
+        assert_eq!(out.ids(), [["2"]]);
+        // The last resolver goes: what waits fails with NoResolver.
+        state.submit(job("3", "s", SUB, false), Caller(3, Rc::default()), t0);
+        assert!(state.deregister(2));
+        let out = run(&mut state, t0);
+        let failed: Vec<_> = out
+            .done
+            .iter()
+            .map(|(n, r)| (*n, r.as_ref().err().map(|e| e.kind())))
+            .collect();
+        use crate::resolving::pool::error::ResolveErrorKind::NoResolver;
+        assert_eq!(failed, [(1, Some(NoResolver)), (3, Some(NoResolver))]);
+        assert_eq!(state.fetch_mode("items"), None);
+        assert_eq!(state.timer_count(), 0);
+        assert!(matches!(
+            state.submit(job("1", "s", SUB, false), Caller(4, Rc::default()), t0),
+            Submitted::Refused(ResolveError::NoResolver)
+        ));
+    }
+
+    #[test]
+    fn unsent_requests_go_back_in_front() {
+        let t0 = Instant::now();
+        let mut state = state(1);
+        state.register(1, stream(2)).unwrap();
+        state.register(2, stream(2)).unwrap();
+        for n in 0..2 {
+            state.submit(
+                job(&n.to_string(), "", CHANGE, false),
+                Caller(n, Rc::default()),
+                t0,
+            );
+        }
+        // A full channel: the entity waits for the next event.
+        let Some(Effect::Send { to: 1, request }) = state.poll(t0) else {
+            panic!("a request to 1 expected");
+        };
+        state.send_failed(request.request_id, SendFailure::Full);
+        assert!(state.poll(t0).is_none());
+        assert_eq!(state.queued("items"), 2);
+        assert_eq!(state.timer_count(), 2, "both queued, both timed");
+        // A closed channel: the next resolver is tried at once.
+        state.submit(job("2", "", CHANGE, false), Caller(2, Rc::default()), t0);
+        let Some(Effect::Send { to: 2, request }) = state.poll(t0) else {
+            panic!("a request to 2 expected");
+        };
+        assert_eq!(request.ids, ["0"]);
+        state.send_failed(request.request_id, SendFailure::Closed);
+        let out = run(&mut state, t0);
+        let sent: Vec<_> = out
+            .sent
+            .iter()
+            .map(|(to, r)| (*to, r.ids[0].as_str()))
+            .collect();
+        assert_eq!(sent, [(1, "0"), (1, "1")], "in order, never to 2 again");
+        assert_eq!(state.queued("items"), 1);
+    }
+
+    #[test]
+    fn callers_that_went_away_are_not_sent() {
+        let t0 = Instant::now();
+        let mut state = state(10);
+        state.register(1, stream(1)).unwrap();
+        let gone = Rc::new(Cell::new(false));
+        let first = push(
+            &mut state,
+            job("0", "", CHANGE, false),
+            Caller::default(),
+            t0,
+        );
+        push(
+            &mut state,
+            job("1", "", CHANGE, false),
+            Caller(1, gone.clone()),
+            t0,
+        );
+        push(
+            &mut state,
+            job("2", "", CHANGE, false),
+            Caller(2, gone.clone()),
+            t0,
+        );
+        push(
+            &mut state,
+            job("3", "", CHANGE, false),
+            Caller(3, Rc::default()),
+            t0,
+        );
+        gone.set(true);
+        answer(&mut state, 1, &first.sent[0].1);
+        let out = run(&mut state, t0);
+        assert_eq!(out.ids(), [["3"]]);
+        assert_eq!(state.queued("items"), 0);
+        assert_eq!(state.timer_count(), 1, "only the request's");
+    }
+
+    #[test]
+    fn answers_from_elsewhere_and_missing_results() {
+        let t0 = Instant::now();
+        let mut state = state(10);
+        state.register(1, stream(1)).unwrap();
+        state.register(2, stream(1)).unwrap();
+        state.submit(job("1", "", CHANGE, false), Caller(0, Rc::default()), t0);
+        let out = run(&mut state, t0);
+        let (to, request) = &out.sent[0];
+        let none = HashMap::new();
+        assert_eq!(
+            state.complete(3 - to, request.request_id, &none),
+            Completion::OtherStream
+        );
+        assert_eq!(state.complete(*to, 999, &none), Completion::Unknown);
+        assert_eq!(
+            state.complete(*to, request.request_id, &none),
+            Completion::Done
+        );
+        assert_eq!(
+            state.complete(*to, request.request_id, &none),
+            Completion::Unknown
+        );
+        let out = run(&mut state, t0);
+        assert!(
+            matches!(&out.done[..], [(0, Err(ResolveError::MissingResult(id)))] if &**id == "1")
+        );
+    }
+
+    #[test]
+    fn registers_are_refused_when_full_conflicting_or_closed() {
+        let mut state = state(10);
+        state.register(1, stream(1)).unwrap();
+        let mut conflict = stream(1);
+        conflict.entities[0].1 = FetchMode::PerSubscriber;
+        let Err(RegisterError::Conflict(m)) = state.register(2, conflict) else {
+            panic!("a conflict expected");
+        };
+        assert_eq!(
+            m,
+            "entity \"items\" is already served with fetch mode FETCH_MODE_SHARED, not FETCH_MODE_PER_SUBSCRIBER"
+        );
+        for id in 2..5 {
+            state.register(id, stream(1)).unwrap();
+        }
+        let Err(RegisterError::Full(m)) = state.register(5, stream(1)) else {
+            panic!("full expected");
+        };
+        assert_eq!(
+            m,
+            "this node holds its maximum of 4 resolver streams (--max-resolver-streams)"
+        );
+        assert_eq!(state.served(), [(Arc::from("items"), FetchMode::Shared)]);
+        assert_eq!(state.streams_by_name(), [(Arc::from("svc"), 4)]);
+        state.close();
+        assert_eq!(state.resolver_count(), 0);
+        assert!(matches!(
+            state.register(6, stream(1)),
+            Err(RegisterError::Closed)
+        ));
+    }
+
+    #[test]
+    fn close_fails_queued_and_in_flight_jobs() {
+        let t0 = Instant::now();
+        let mut state = state(10);
+        state.register(1, stream(1)).unwrap();
+        state.submit(job("1", "", CHANGE, false), Caller(0, Rc::default()), t0);
+        state.submit(job("2", "", CHANGE, false), Caller(1, Rc::default()), t0);
+        run(&mut state, t0);
+        state.close();
+        let out = run(&mut state, t0);
+        let mut done = out.done();
+        done.sort();
+        assert_eq!(done, [0, 1]);
+        assert!(
+            out.done
+                .iter()
+                .all(|(_, r)| matches!(r, Err(ResolveError::Closed)))
+        );
+        assert_eq!(state.next_deadline(), None);
+        assert!(matches!(
+            state.submit(job("1", "", CHANGE, false), Caller(2, Rc::default()), t0),
+            Submitted::Refused(ResolveError::Closed)
+        ));
+    }
+
+    #[test]
+    fn pass_through_goes_to_each_name_with_room_reserved_for_requests() {
+        let t0 = Instant::now();
+        let mut state = state(10);
+        let with = |name: &str, pass_through| NewStream {
+            name: Arc::from(name),
+            entities: vec![(Arc::from("items"), FetchMode::Shared)],
+            max_in_flight: 2,
+            pass_through,
+        };
+        state.register(1, with("a", true)).unwrap();
+        state.register(2, with("a", true)).unwrap();
+        state.register(3, with("b", true)).unwrap();
+        state.register(4, with("c", false)).unwrap();
+        assert!(state.has_pass_through());
+        state.submit(job("1", "", CHANGE, false), Caller(0, Rc::default()), t0);
+        let to = run(&mut state, t0).sent[0].0;
+        let (turn, mut groups) = state.pass_through_targets();
+        assert_eq!(state.pass_through_targets().0, turn.wrapping_add(1));
+        for group in &mut groups {
+            group.sort_by_key(|r| r.id);
+        }
+        groups.sort_by_key(|g| g[0].id);
+        let reserved = |id| if id == to { 1 } else { 2 };
+        assert_eq!(
+            groups,
+            [
+                vec![
+                    Replica {
+                        id: 1,
+                        reserved: reserved(1)
+                    },
+                    Replica {
+                        id: 2,
+                        reserved: reserved(2)
+                    }
+                ],
+                vec![Replica {
+                    id: 3,
+                    reserved: reserved(3)
+                }],
+            ]
+        );
+        for id in 1..=3 {
+            state.drain(id);
+        }
+        assert!(!state.has_pass_through(), "a draining stream gets none");
     }
 }
