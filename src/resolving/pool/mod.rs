@@ -23,6 +23,7 @@
 mod effects;
 mod error;
 mod joins;
+mod queues;
 mod register;
 mod state;
 mod timers;

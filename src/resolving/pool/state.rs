@@ -21,6 +21,7 @@ use super::{
     },
     error::{RegisterError, ResolveError},
     joins::Joinable,
+    queues::{EntityQueue, InFlight, Job, Slot, give_up_timer},
     timers::{Timer, Timers},
     wire::Resolved,
 };
@@ -34,79 +35,6 @@ use crate::{
 pub(crate) const MAX_ATTEMPTS: u32 = 3;
 /// Queued jobs examined for companions when building one request.
 const BATCH_SCAN_LIMIT: usize = 1024;
-
-struct Job<W> {
-    id: Arc<str>,
-    secret: Arc<str>,
-    reason: Reason,
-    shared: bool,
-    waiter: W,
-    attempts: u32,
-    /// A job waiting this long (queued or in flight, over its attempts)
-    /// fails with `Timeout`: a queue whose resolvers never have room does
-    /// not hold callers forever.
-    give_up: Instant,
-    /// Names the job's give-up timer.
-    serial: u64,
-}
-
-struct InFlight<W> {
-    resolver: ResolverId,
-    entity: Arc<str>,
-    jobs: Vec<Job<W>>,
-    /// A subscribe request listed in `joinable` (for its ids and secret).
-    joinable: bool,
-    deadline: Instant,
-}
-
-struct Slot {
-    name: Arc<str>,
-    in_flight: u32,
-    max_in_flight: u32,
-    pass_through: bool,
-    entities: Vec<Arc<str>>,
-    /// The backend sent `Drain`: it answers what it holds, gets nothing new.
-    draining: bool,
-    /// Its requests in flight.
-    requests: BTreeSet<u64>,
-}
-
-struct EntityQueue<W> {
-    mode: FetchMode,
-    resolvers: Vec<ResolverId>,
-    next: usize,
-    queue: VecDeque<Job<W>>,
-}
-
-fn give_up_timer<W>(entity: &Arc<str>, job: &Job<W>) -> Timer {
-    Timer::GiveUp {
-        entity: entity.clone(),
-        job: job.serial,
-    }
-}
-
-impl<W> EntityQueue<W> {
-    /// Queues `job` last; its give-up timer runs while it waits.
-    fn push_back(&mut self, entity: &Arc<str>, job: Job<W>, timers: &mut Timers) {
-        timers.insert(job.give_up, give_up_timer(entity, &job));
-        self.queue.push_back(job);
-    }
-
-    /// Puts `jobs` back in front, in their order.
-    fn push_front(&mut self, entity: &Arc<str>, jobs: Vec<Job<W>>, timers: &mut Timers) {
-        for job in jobs.into_iter().rev() {
-            timers.insert(job.give_up, give_up_timer(entity, &job));
-            self.queue.push_front(job);
-        }
-    }
-
-    /// Takes the job at `index` out of the queue (and its timer).
-    fn take(&mut self, index: usize, entity: &Arc<str>, timers: &mut Timers) -> Option<Job<W>> {
-        let job = self.queue.remove(index)?;
-        timers.remove(job.give_up, give_up_timer(entity, &job));
-        Some(job)
-    }
-}
 
 /// The pool's state: see the module's documentation.
 pub(crate) struct PoolState<W> {
