@@ -8,10 +8,8 @@ use std::{
 
 use clap::Args;
 
-use super::{
-    error::ConfigError,
-    values::{defaults, parse_duration},
-};
+use crate::config::error::ConfigError;
+use crate::config::values::{defaults, parse_duration};
 
 /// The gRPC port: `Notify` and the backends' `Resolve` streams.
 #[derive(Debug, Clone, Args)]
@@ -176,13 +174,13 @@ pub struct GrpcConfig {
 }
 
 impl GrpcConfig {
-    /// `(cert, key)` when the port speaks TLS (after [`Config::validate`](crate::config::Config::validate)).
+    /// `(cert, key)` when the port speaks TLS (after `Config::validate`).
     pub fn tls_identity(&self) -> Option<(&Path, &Path)> {
         Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
     }
 
     /// Whether every gRPC client must present a certificate signed by
-    /// --grpc-tls-client-ca (mutual TLS). Valid once [`Config::validate`](crate::config::Config::validate)
+    /// --grpc-tls-client-ca (mutual TLS). Valid once `Config::validate`
     /// passed, which refuses a client CA without a server certificate.
     pub fn verifies_client_certs(&self) -> bool {
         self.tls_client_ca.is_some() && self.tls_identity().is_some()

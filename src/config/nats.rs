@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use super::values::{Secret, defaults, parse_duration};
+use crate::config::values::{Secret, defaults, parse_duration};
 
 /// The NATS JetStream bus (and the cluster resolves over the same connection).
 #[derive(Debug, Clone, Args)]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::values::{defaults, parse_duration};
+use crate::config::values::{defaults, parse_duration};
 
 /// Resolve requests to backend resolvers: deadlines, batching, in-flight caps.
 #[derive(Debug, Clone, Args)]

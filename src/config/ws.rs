@@ -8,7 +8,7 @@ use std::{
 
 use clap::Args;
 
-use super::values::{defaults, parse_duration, parse_ws_path};
+use crate::config::values::{defaults, parse_duration, parse_ws_path};
 
 /// The websocket + HTTP port, the frames sent, and the limits of each
 /// websocket connection.
@@ -154,7 +154,7 @@ pub struct WsConfig {
 }
 
 impl WsConfig {
-    /// `(cert, key)` when the port serves TLS (after [`Config::validate`](crate::config::Config::validate)).
+    /// `(cert, key)` when the port serves TLS (after `Config::validate`).
     pub fn tls_identity(&self) -> Option<(&Path, &Path)> {
         Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
     }

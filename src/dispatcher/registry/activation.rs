@@ -7,11 +7,9 @@ use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
 };
 
-use super::{
-    Activation, AddPending, Registry,
-    connection::{ConnId, Connection},
-    subscribers::{KeySubscribers, State, Subscriber},
-};
+use super::{Activation, AddPending, Registry};
+use crate::dispatcher::registry::connection::{ConnId, Connection};
+use crate::dispatcher::registry::subscribers::{KeySubscribers, State, Subscriber};
 use crate::{
     key::ChangeKey,
     websocket::protocol::{FrameText, PushFrame},

@@ -3,10 +3,8 @@
 
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
-use super::{
-    FanOut, Registry,
-    subscribers::{Audience, Groups, KeySubscribers, State},
-};
+use super::{FanOut, Registry};
+use crate::dispatcher::registry::subscribers::{Audience, Groups, KeySubscribers, State};
 use crate::{
     key::ChangeKey,
     websocket::{

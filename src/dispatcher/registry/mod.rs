@@ -2,7 +2,7 @@
 //!
 //! Each key lives in one of [`SHARDS`] shards chosen by its hash; a shard is a
 //! std `Mutex<HashMap>` held only for in-memory work (never across `.await`).
-//! Fan-out queues a shared frame into each subscriber's [`Outbox`](crate::websocket::outbox::Outbox) while the
+//! Fan-out queues a shared frame into each subscriber's `Outbox` while the
 //! shard is locked: that is a few pointer moves per subscriber, and it keeps
 //! "who is subscribed" and "who got the frame" consistent.
 //!

@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::connection::{ConnId, Connection};
+use crate::dispatcher::registry::connection::{ConnId, Connection};
 
 #[cfg(test)]
 thread_local! {
@@ -43,7 +43,7 @@ pub(super) struct Subscriber {
     pub(super) state: State,
     /// Highest version queued to this subscriber; older pushes are skipped.
     pub(super) delivered: u64,
-    /// [`PushFrame::rows_digest`](crate::websocket::protocol::PushFrame::rows_digest) of the last push queued to this subscriber.
+    /// `PushFrame::rows_digest` of the last push queued to this subscriber.
     pub(super) rows_digest: u64,
 }
 
@@ -58,7 +58,7 @@ pub(super) struct KeySubscribers {
 ///
 /// Invariant: the subscribers in the groups are exactly the active ones in
 /// [`KeySubscribers::by_conn`]; only [`KeySubscribers`]'s methods (and
-/// [`Registry::revoke`](crate::dispatcher::registry::Registry::revoke), which empties whole groups) change either.
+/// `Registry::revoke`, which empties whole groups) change either.
 pub(super) enum Groups {
     /// No active subscriber.
     None,

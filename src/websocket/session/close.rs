@@ -1,7 +1,7 @@
 //! How a session ends: the close codes, and the close (code and reason)
 //! for a closed queue or a stalled write, counted and logged once.
 
-use super::context::SessionContext;
+use crate::websocket::session::context::SessionContext;
 use crate::{
     dispatcher::registry::Connection, ops::metrics::Metrics, websocket::outbox::CloseReason,
 };

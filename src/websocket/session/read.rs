@@ -8,10 +8,8 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{
-    context::SessionContext,
-    snapshots::{Waiting, waiting},
-};
+use crate::websocket::session::context::SessionContext;
+use crate::websocket::session::snapshots::{Waiting, waiting};
 use crate::{
     dispatcher::registry::{AddPending, Connection},
     key::ChangeKey,

@@ -6,7 +6,7 @@ use std::{collections::VecDeque, sync::Arc};
 
 use futures_util::stream::FuturesUnordered;
 
-use super::context::SessionContext;
+use crate::websocket::session::context::SessionContext;
 use crate::{dispatcher::registry::Connection, key::ChangeKey};
 
 /// Snapshot resolves (subscribes and re-checks) one connection runs at once;

@@ -6,10 +6,8 @@ use std::time::Duration;
 use axum::extract::ws::Message;
 use futures_util::{FutureExt, SinkExt};
 
-use super::{
-    close::{closed_by, stalled},
-    context::SessionContext,
-};
+use crate::websocket::session::close::{closed_by, stalled};
+use crate::websocket::session::context::SessionContext;
 use crate::{
     dispatcher::registry::Connection,
     websocket::{outbox::CloseReason, protocol::FrameText},
