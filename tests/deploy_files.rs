@@ -88,7 +88,17 @@ fn items<'a>(value: &'a Value, path: &[&str]) -> &'a Vec<Value> {
 /// Every `ENTITY_SYNC_*` variable the node or its CLI reads.
 fn known_env_vars() -> BTreeSet<String> {
     let mut vars = BTreeSet::new();
-    for file in ["src/config.rs", "src/main.rs"] {
+    let mut files: Vec<String> = fs::read_dir(root().join("src/config"))
+        .expect("read src/config")
+        .map(|entry| {
+            format!(
+                "src/config/{}",
+                entry.unwrap().file_name().to_string_lossy()
+            )
+        })
+        .collect();
+    files.push("src/main.rs".to_owned());
+    for file in &files {
         let source = read(file);
         for part in source.split("env = \"").skip(1) {
             if let Some(name) = part.split('"').next() {

@@ -1,0 +1,125 @@
+//! The change flow's side of the registry: changes noted, the secrets to
+//! resolve for, pushes fanned out to a key's subscribers, revocations.
+
+use std::sync::{Arc, atomic::Ordering::Relaxed};
+
+use super::{FanOut, Registry};
+use crate::dispatcher::registry::subscribers::{Audience, Groups, KeySubscribers, State};
+use crate::{
+    key::ChangeKey,
+    websocket::{
+        outbox::Queued,
+        protocol::{FrameText, PushFrame},
+    },
+};
+
+impl Registry {
+    /// Records a change of `key`: pending subscribers are marked as having
+    /// missed it. Returns whether the key has active subscribers to resolve for.
+    pub(crate) fn note_change(&self, key: &ChangeKey) -> bool {
+        let mut shard = self.shard(key).lock().unwrap();
+        let Some(subs) = shard.get_mut(key) else {
+            return false;
+        };
+        for sub in subs.by_conn.values_mut() {
+            if let State::Pending { missed } = &mut sub.state {
+                *missed = true;
+            }
+        }
+        subs.has_active()
+    }
+
+    /// Whether `key` has any active subscriber.
+    pub(crate) fn has_active(&self, key: &ChangeKey) -> bool {
+        let shard = self.shard(key).lock().unwrap();
+        shard.get(key).is_some_and(KeySubscribers::has_active)
+    }
+
+    /// Distinct secrets among the active subscribers of `key` (the ones
+    /// their subscriptions were activated with): its groups, no comparison.
+    pub(crate) fn active_secrets(&self, key: &ChangeKey) -> Vec<Arc<str>> {
+        let shard = self.shard(key).lock().unwrap();
+        match shard.get(key).map(|subs| &subs.groups) {
+            None | Some(Groups::None) => Vec::new(),
+            Some(Groups::One { secret, .. }) => vec![secret.clone()],
+            Some(Groups::Many(groups)) => groups.keys().cloned().collect(),
+        }
+    }
+
+    /// Queues `frame` to the active subscribers of `key` in `audience`,
+    /// skipping those that already hold a newer version, and (unless
+    /// `--push-unchanged-rows`) those whose last push of the key had the same
+    /// rows: their version is recorded, so a later, older push is still
+    /// recognized as stale.
+    pub(crate) fn fan_out(
+        &self,
+        key: &ChangeKey,
+        frame: &PushFrame,
+        audience: Audience<'_>,
+    ) -> FanOut {
+        let mut result = FanOut::default();
+        let mut shard = self.shard(key).lock().unwrap();
+        let Some(subs) = shard.get_mut(key) else {
+            return result;
+        };
+        let push_unchanged = self.inner.push_unchanged_rows;
+        subs.for_each_in(audience, |_, sub| {
+            if frame.version < sub.delivered {
+                result.stale += 1;
+                return;
+            }
+            sub.delivered = frame.version;
+            if !push_unchanged && frame.rows_digest == sub.rows_digest {
+                result.unchanged += 1;
+                return;
+            }
+            sub.rows_digest = frame.rows_digest;
+            match sub.conn.outbox.push(key, frame) {
+                Queued::Appended => result.delivered += 1,
+                Queued::Replaced => {
+                    result.delivered += 1;
+                    result.replaced += 1;
+                }
+                Queued::Stale => result.stale += 1,
+                Queued::Overflow => result.overflowed += 1,
+                Queued::Closed => {}
+            }
+        });
+        result
+    }
+
+    /// Ends the active subscriptions of `key` in `audience` (revocation):
+    /// each gets `error` queued and loses the key. Returns how many.
+    pub(crate) fn revoke(
+        &self,
+        key: &ChangeKey,
+        audience: Audience<'_>,
+        error: &FrameText,
+    ) -> usize {
+        let mut shard = self.shard(key).lock().unwrap();
+        let Some(subs) = shard.get_mut(key) else {
+            return 0;
+        };
+        let mut ids = Vec::new();
+        subs.for_each_in(audience, |id, _| ids.push(id));
+        for id in &ids {
+            // Out of `by_conn` here; out of the groups all at once below.
+            let sub = subs.by_conn.remove(id).expect("found above");
+            sub.conn.outbox.forget(key);
+            sub.conn.outbox.control(Some(key), error.clone());
+            // Lock order: shard, then the connection's key set.
+            sub.conn.keys.lock().unwrap().retain(|k| k != key);
+        }
+        match audience {
+            Audience::All => subs.groups = Groups::None,
+            Audience::Secret(secret) => subs.groups.leave_all(secret, &ids),
+        }
+        let revoked = ids.len();
+        self.inner.subscriptions.fetch_sub(revoked, Relaxed);
+        if subs.by_conn.is_empty() {
+            shard.remove(key);
+            self.inner.keys.fetch_sub(1, Relaxed);
+        }
+        revoked
+    }
+}
