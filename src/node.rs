@@ -42,13 +42,22 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(#[source] tonic_reflection::server::Error),
-    #[error(transparent)]
-    Bus(#[from] BusError),
+    /// Its message already includes its causes (see [`BusError::kind`] to
+    /// match on it): the error chain stops here, so that printing the chain
+    /// does not repeat them.
+    #[error("{0}")]
+    Bus(BusError),
     #[error(transparent)]
     Credentials(#[from] TokensFileError),
     /// A `--grpc-tls-*` or `--ws-tls-*` file is unreadable or unusable.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+}
+
+impl From<BusError> for NodeError {
+    fn from(err: BusError) -> Self {
+        NodeError::Bus(err)
+    }
 }
 
 /// A running node. [`Node::shutdown`] stops it gracefully; dropping it

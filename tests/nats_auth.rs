@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use entity_sync::node::NodeError;
+use entity_sync::{bus::BusErrorKind, node::NodeError};
 use entity_sync_backend::FetchMode;
 use entity_sync_testkit::{
     ResolverData, ResolverOptions, TestNode, TestResolver,
@@ -121,7 +121,10 @@ async fn a_wrong_password_is_refused_without_the_password_in_the_error() {
     let mut config = TestNode::test_config();
     config.nats.url = Some(url(&nats, "wrong-password-1234"));
     let err = match TestNode::try_start(config).await {
-        Err(err @ NodeError::Bus(_)) => err.to_string(),
+        Err(NodeError::Bus(err)) => {
+            assert_eq!(err.kind(), BusErrorKind::Auth, "{err}");
+            err.to_string()
+        }
         Err(other) => panic!("expected a bus error, got {other}"),
         Ok(_) => panic!("the node connected with a wrong password"),
     };

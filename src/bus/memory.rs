@@ -11,7 +11,10 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::{BusError, BusEvent, ChangeEvent, EVENT_BUFFER, Receipt};
+use crate::bus::{
+    error::BusError,
+    event::{BusEvent, ChangeEvent, EVENT_BUFFER, Receipt},
+};
 use crate::{key::ChangeKey, ops::trace::ChangeMeta};
 
 /// How long an idempotency key is remembered (JetStream's default duplicate window).

@@ -6,6 +6,8 @@
 //! in-process bus serves a single node; the JetStream bus a cluster. Both
 //! number changes with comparable sequences and honour idempotency keys.
 
+mod error;
+mod event;
 mod head;
 mod jetstream;
 mod memory;
@@ -19,57 +21,10 @@ use crate::{
     ops::trace::ChangeMeta,
 };
 
+pub use error::{BusError, BusErrorKind, ConnectError, PublishError, StreamError};
+pub(crate) use event::{BusEvent, Receipt};
 use jetstream::JetStreamBus;
 use memory::MemoryBus;
-
-/// Batches buffered between the bus and the dispatcher; producers wait when full.
-const EVENT_BUFFER: usize = 1024;
-
-/// One change key with the bus sequence it was stored under.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ChangeEvent {
-    pub(crate) key: ChangeKey,
-    pub(crate) seq: u64,
-    /// The change's trace id and accept time, as its `Notify` gave them.
-    pub(crate) meta: ChangeMeta,
-}
-
-/// What the dispatcher consumes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum BusEvent {
-    /// Changes, in sequence order.
-    Changes(Vec<ChangeEvent>),
-    /// Changes were lost (they left the stream's retention while this node
-    /// was away): every subscribed key must be resolved again. `seq` is the
-    /// sequence just before the first one still available.
-    Resync { seq: u64 },
-}
-
-/// What `publish` reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Receipt {
-    /// Sequence of each key, in request order.
-    pub(crate) sequences: Vec<u64>,
-    /// The idempotency key was seen within the window: nothing was applied.
-    pub(crate) duplicate: bool,
-}
-
-/// Bus failures. `Notify` maps them to `UNAVAILABLE`.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("the bus is shut down")]
-    Closed,
-    #[error("NATS did not acknowledge the publish: {0}")]
-    Unavailable(String),
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Connect { url: String, reason: String },
-    #[error(
-        "nats-server {version} is too old: entity-sync needs 2.10 or newer (older servers silently ignore consumer and stream options it relies on)"
-    )]
-    ServerTooOld { version: String },
-    #[error("JetStream stream {stream}: {reason}")]
-    Stream { stream: String, reason: String },
-}
 
 /// The bus of a node.
 #[derive(Clone)]
