@@ -54,12 +54,12 @@ echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
 
-# The bounded fuzz run of every test run is tests/fuzz_properties.rs (above:
-# the fuzz targets' properties on generated cases, seconds). libFuzzer on the
-# targets (fuzz/) runs too with FUZZ_SECONDS=N, when cargo-fuzz and a nightly
-# toolchain are installed (the first build of the targets takes minutes, so
-# it is not the default). New inputs go to a temp dir, never into the
-# committed seeds; a crash fails the run.
+# The bounded fuzz run of every test run is the node's unit tests in
+# src/fuzzing.rs (above: the fuzz targets' properties on generated cases,
+# seconds). libFuzzer on the targets (fuzz/) runs too with FUZZ_SECONDS=N,
+# when cargo-fuzz and a nightly toolchain are installed (the first build of
+# the targets takes minutes, so it is not the default). New inputs go to a
+# temp dir, never into the committed seeds; a crash fails the run.
 if [ -z "${FUZZ_SECONDS:-}" ]; then
   echo "note: libFuzzer run skipped (set FUZZ_SECONDS=N to run each fuzz/ target N seconds)"
 elif cargo fuzz --version >/dev/null 2>&1 && cargo +nightly --version >/dev/null 2>&1; then

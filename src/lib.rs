@@ -38,8 +38,9 @@
 //! - [`ops`]: operations. The task tracker and its shutdown path, readiness,
 //!   Prometheus metrics, trace ids, TLS of both ports.
 //! - [`proto`]: code generated from `proto/`.
-//! - `fuzzing` (hidden, not API): thin wrappers over the decoder, resolver
-//!   answers and `Register`, for `fuzz/` and `tests/fuzz_properties.rs`.
+//! - `fuzzing` (unit tests and `--cfg fuzzing` builds only): the properties
+//!   the fuzz targets (`fuzz/`) check on the decoder, resolver answers and
+//!   `Register`, run as property tests by `cargo test`.
 //!
 //! Dependencies go one way: `websocket::session` and `dispatcher` →
 //! `resolving` → {`resolving::pool`, `resolving::cluster`}, and
@@ -49,7 +50,7 @@
 pub mod bus;
 pub mod config;
 pub(crate) mod dispatcher;
-#[doc(hidden)]
+#[cfg(any(test, fuzzing))]
 pub mod fuzzing;
 pub(crate) mod grpc;
 pub(crate) mod key;

@@ -3,4 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| entity_sync_fuzz::check_decode(data));
+fuzz_target!(|data: &[u8]| entity_sync::fuzzing::check_decode(data));

@@ -33,11 +33,6 @@ impl FrameText {
         self.0.len()
     }
 
-    /// The UTF-8 bytes, without a copy.
-    pub(crate) fn into_bytes(self) -> Bytes {
-        self.0.into()
-    }
-
     /// The text message's payload, without a copy or a check.
     pub(crate) fn into_utf8(self) -> Utf8Bytes {
         self.0
@@ -388,7 +383,7 @@ pub(crate) const MAX_ROW_DEPTH: usize = 124;
 /// Not `IgnoredAny`: serde_json skips what it ignores without a nesting
 /// limit and without decoding strings' escapes, so it accepted rows whose
 /// push frame serde_json itself then refused (found by the `key_result`
-/// fuzz property, `tests/fuzz_properties.rs`). One pass, and no allocation
+/// fuzz property, `src/fuzzing.rs`). One pass, and no allocation
 /// unless a string has escapes.
 pub(crate) fn validate_row(row: &[u8]) -> Result<(), RowError> {
     use serde::de::DeserializeSeed;

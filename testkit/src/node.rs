@@ -36,7 +36,7 @@ impl TestNode {
         config.shutdown_grace = Duration::from_secs(3);
         // Most tests notify without changing rows and expect a push for each
         // change; the node's default (no push of unchanged rows) is tested
-        // by tests/unchanged_rows.rs, which turns this back off.
+        // by tests/node/unchanged_rows.rs, which turns this back off.
         config.ws.push_unchanged_rows = true;
         config
     }

@@ -256,7 +256,7 @@ async fn a_slow_client_and_a_reconnect_storm_leave_the_others_in_sync() {
         "{ids} ids resolved for {subscriptions} subscriptions"
     );
     // Single-flight: subscribes of a key whose snapshot resolve is in flight
-    // join it (tests/resolve.rs checks the rule exactly). The clients come
+    // join it (tests/node/resolve.rs checks the rule exactly). The clients come
     // back over seconds (jittered backoff), so a key is still resolved
     // again for later arrivals: 45–72% of the subscriptions' ids reached the
     // resolver in nine runs (more when the machine is slower and the clients

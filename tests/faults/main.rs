@@ -20,15 +20,9 @@
 //! - `clients`: a client that stops reading, and a reconnect storm.
 //! - `soak`: RSS and file descriptors back to their baseline after clients leave.
 
-#[path = "faults/bus.rs"]
 mod bus;
-#[path = "faults/clients.rs"]
 mod clients;
-#[path = "faults/harness.rs"]
 mod harness;
-#[path = "faults/nodes.rs"]
 mod nodes;
-#[path = "faults/resolvers.rs"]
 mod resolvers;
-#[path = "faults/soak.rs"]
 mod soak;

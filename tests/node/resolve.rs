@@ -302,7 +302,7 @@ async fn resolver_version_is_used_when_given() {
 }
 
 /// A new secret applies to later resolves; the keys already held are
-/// re-checked with it at once (more in `tests/secrets.rs`).
+/// re-checked with it at once (more in `tests/node/secrets.rs`).
 #[tokio::test]
 async fn a_new_secret_applies_to_later_resolves() {
     let (node, resolver, data) = TestNode::with_resolver("docs", FetchMode::PerSubscriber).await;

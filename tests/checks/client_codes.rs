@@ -8,11 +8,11 @@ use entity_sync::websocket::protocol::ErrorCode;
 
 const SOURCE: (&str, &str) = (
     "clients/js/src/entity-sync.ts",
-    include_str!("../clients/js/src/entity-sync.ts"),
+    include_str!("../../clients/js/src/entity-sync.ts"),
 );
 const BUILD: (&str, &str) = (
     "clients/js/dist/entity-sync.js",
-    include_str!("../clients/js/dist/entity-sync.js"),
+    include_str!("../../clients/js/dist/entity-sync.js"),
 );
 
 /// The quoted strings of the array or set literal that follows `marker`.
