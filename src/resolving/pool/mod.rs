@@ -45,9 +45,15 @@ use tonic::Status;
 pub(crate) use self::{
     effects::ResolverId,
     error::{RegisterError, ResolveError, ResolveErrorKind},
-    register::{MAX_ENTITIES_PER_STREAM, MAX_IN_FLIGHT_CAP, PASS_THROUGH_HEADROOM},
+    register::PASS_THROUGH_HEADROOM,
     state::MAX_ATTEMPTS,
-    wire::{MAX_VERSION, Resolved, Rows, key_result, read_key_result},
+    wire::{Resolved, Rows, key_result, read_key_result},
+};
+// The bounds the fuzz properties check answers and registrations against.
+#[cfg(any(test, fuzzing))]
+pub(crate) use self::{
+    register::{MAX_ENTITIES_PER_STREAM, MAX_IN_FLIGHT_CAP},
+    wire::MAX_VERSION,
 };
 use self::{
     effects::{Completion, Effect, Expiry, NewJob, NewStream, SendFailure, Submitted, Waiter},
