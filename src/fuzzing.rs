@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::{
     config::ResolveConfig,
     dispatcher::subscribe::subscribe_error,
-    key::{ChangeKey, MAX_KEY_PART_BYTES},
+    key::{Key, MAX_KEY_PART_BYTES},
     ops::metrics::Metrics,
     proto::v1::{EntityRegistration, FetchMode, KeyResult, Register},
     resolving::pool::{
@@ -41,7 +41,7 @@ fn parse(frame: &str) -> Value {
     serde_json::from_str(frame).unwrap_or_else(|err| panic!("frame is not JSON ({err}): {frame}"))
 }
 
-fn assert_key_body(frame: &Value, action: &str, key: &ChangeKey) {
+fn assert_key_body(frame: &Value, action: &str, key: &Key) {
     assert_eq!(frame["action"], action, "{frame}");
     assert_eq!(frame["body"]["entity"], &*key.entity, "{frame}");
     assert_eq!(frame["body"]["id"], &*key.id, "{frame}");
@@ -49,7 +49,7 @@ fn assert_key_body(frame: &Value, action: &str, key: &ChangeKey) {
 
 /// `protocol::error_frame`, checked: JSON with the code (one of
 /// `ErrorCode::ALL`), the message and the key, if any.
-fn check_error_frame(code: ErrorCode, message: &str, key: Option<&ChangeKey>) {
+fn check_error_frame(code: ErrorCode, message: &str, key: Option<&Key>) {
     assert!(
         ErrorCode::ALL.contains(&code),
         "{code:?} is not in ErrorCode::ALL"
@@ -65,7 +65,7 @@ fn check_error_frame(code: ErrorCode, message: &str, key: Option<&ChangeKey>) {
 }
 
 /// `PushFrame::build`'s frames as text: the envelope, or one per row when `bare_rows`.
-fn push_frames(key: &ChangeKey, version: u64, rows: &[Bytes], bare_rows: bool) -> Vec<String> {
+fn push_frames(key: &Key, version: u64, rows: &[Bytes], bare_rows: bool) -> Vec<String> {
     match PushFrame::build(key, version, rows, bare_rows).payload {
         Payload::One(frame) => vec![text(frame)],
         Payload::Many(frames) => frames.iter().cloned().map(text).collect(),
@@ -125,15 +125,11 @@ pub fn check_decode(data: &[u8]) {
 
 /// A decoded (un)subscribe names the key the message's body named, the key
 /// is valid, and the message the node would expect for it decodes the same.
-fn check_decoded_key(
-    object: Option<&serde_json::Map<String, Value>>,
-    action: &str,
-    key: &ChangeKey,
-) {
+fn check_decoded_key(object: Option<&serde_json::Map<String, Value>>, action: &str, key: &Key) {
     let (entity, id) = (&*key.entity, &*key.id);
     let object = object.expect("a decoded key came from a JSON object");
     assert_eq!(object["action"], action);
-    assert!(ChangeKey::new(entity, id).is_ok(), "{entity:?}/{id:?}");
+    assert!(Key::new(entity, id).is_ok(), "{entity:?}/{id:?}");
     assert!(entity.len() <= MAX_KEY_PART_BYTES && id.len() <= MAX_KEY_PART_BYTES);
     let body = &object["body"];
     assert_eq!(body["entity"], entity);
@@ -185,8 +181,8 @@ const INVALID_ANSWER: &str = "the resolver sent an invalid answer";
 /// relay of the answer to another node (`pool::key_result`) reads back the
 /// same.
 pub fn check_key_result(answer: &Answer) {
-    let key = ChangeKey::new("items", &answer.id)
-        .or_else(|_| ChangeKey::new("items", "1"))
+    let key = Key::new("items", &answer.id)
+        .or_else(|_| Key::new("items", "1"))
         .expect("a valid key");
     // The rule, as a client sees it: each row is one JSON value (in
     // UTF-8) that serde_json, strict and with its default nesting limit of
@@ -262,7 +258,7 @@ pub fn check_key_result(answer: &Answer) {
 
 /// The error frame a subscriber of `key` gets for `err` (the subscribe
 /// flow's mapping): `code` and `message`, as JSON.
-fn check_failure(key: &ChangeKey, err: &ResolveError, code: ErrorCode, message: &str) {
+fn check_failure(key: &Key, err: &ResolveError, code: ErrorCode, message: &str) {
     let (got_code, got_message) = subscribe_error(key, err);
     assert_eq!(got_code, code, "{err:?}");
     assert_eq!(got_message, message, "{err:?}");
@@ -271,7 +267,7 @@ fn check_failure(key: &ChangeKey, err: &ResolveError, code: ErrorCode, message: 
 
 /// The push frames built from accepted rows: the envelope is JSON with the
 /// key, the version and the rows in order; bare frames are the rows verbatim.
-fn check_push_frames(key: &ChangeKey, version: u64, rows: &[Bytes]) {
+fn check_push_frames(key: &Key, version: u64, rows: &[Bytes]) {
     let frames = push_frames(key, version, rows, false);
     assert_eq!(frames.len(), 1);
     let frame = parse(&frames[0]);

@@ -1,4 +1,4 @@
-//! `ChangeKey`, the `(entity, id)` pair every subscription and notify names, and its validation rules.
+//! `Key`, the `(entity, id)` pair every subscription and notify names, and its validation rules.
 
 use std::{fmt, sync::Arc};
 
@@ -10,7 +10,7 @@ pub(crate) const MAX_KEY_PART_BYTES: usize = 128;
 /// Both parts are `Arc<str>` so that the registry, the outbound queues and the
 /// dispatcher can hold the same key without copying the strings.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct ChangeKey {
+pub(crate) struct Key {
     pub(crate) entity: Arc<str>,
     pub(crate) id: Arc<str>,
 }
@@ -26,7 +26,7 @@ pub(crate) enum KeyError {
     BadChar(&'static str),
 }
 
-impl ChangeKey {
+impl Key {
     /// Validates both parts and builds the key.
     ///
     /// The character rules keep every key usable as NATS subject tokens
@@ -59,15 +59,15 @@ pub(crate) fn validate_part(what: &'static str, value: &str) -> Result<(), KeyEr
     Ok(())
 }
 
-impl fmt::Display for ChangeKey {
+impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.entity, self.id)
     }
 }
 
-impl fmt::Debug for ChangeKey {
+impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ChangeKey({self})")
+        write!(f, "Key({self})")
     }
 }
 
@@ -77,23 +77,20 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_keys() {
-        let key = ChangeKey::new("items", "100").unwrap();
+        let key = Key::new("items", "100").unwrap();
         assert_eq!(key.to_string(), "items/100");
-        assert!(ChangeKey::new("user-profiles", "3f2a_b:c").is_ok());
+        assert!(Key::new("user-profiles", "3f2a_b:c").is_ok());
     }
 
     #[test]
     fn refuses_bad_parts() {
-        assert_eq!(ChangeKey::new("", "1"), Err(KeyError::Empty("entity")));
-        assert_eq!(ChangeKey::new("items", ""), Err(KeyError::Empty("id")));
-        assert_eq!(ChangeKey::new("a.b", "1"), Err(KeyError::BadChar("entity")));
-        assert_eq!(ChangeKey::new("items", "1 2"), Err(KeyError::BadChar("id")));
-        assert_eq!(ChangeKey::new("items", ">"), Err(KeyError::BadChar("id")));
-        assert_eq!(
-            ChangeKey::new("items", "\u{7}"),
-            Err(KeyError::BadChar("id"))
-        );
+        assert_eq!(Key::new("", "1"), Err(KeyError::Empty("entity")));
+        assert_eq!(Key::new("items", ""), Err(KeyError::Empty("id")));
+        assert_eq!(Key::new("a.b", "1"), Err(KeyError::BadChar("entity")));
+        assert_eq!(Key::new("items", "1 2"), Err(KeyError::BadChar("id")));
+        assert_eq!(Key::new("items", ">"), Err(KeyError::BadChar("id")));
+        assert_eq!(Key::new("items", "\u{7}"), Err(KeyError::BadChar("id")));
         let long = "x".repeat(MAX_KEY_PART_BYTES + 1);
-        assert_eq!(ChangeKey::new(&long, "1"), Err(KeyError::TooLong("entity")));
+        assert_eq!(Key::new(&long, "1"), Err(KeyError::TooLong("entity")));
     }
 }

@@ -1,15 +1,15 @@
 //! What the bus hands the dispatcher, and what `publish` reports.
 
-use crate::{key::ChangeKey, ops::trace::ChangeMeta};
+use crate::{key::Key, ops::trace::ChangeMeta};
 
 /// Batches buffered between the bus and the dispatcher; producers wait when full.
 pub(crate) const EVENT_BUFFER: usize = 1024;
 
 /// One change key with the bus sequence it was stored under.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ChangeEvent {
-    pub(crate) key: ChangeKey,
-    pub(crate) seq: u64,
+pub(crate) struct Change {
+    pub(crate) key: Key,
+    pub(crate) version: u64,
     /// The change's trace id and accept time, as its `Notify` gave them.
     pub(crate) meta: ChangeMeta,
 }
@@ -18,11 +18,11 @@ pub(crate) struct ChangeEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum BusEvent {
     /// Changes, in sequence order.
-    Changes(Vec<ChangeEvent>),
+    Changes(Vec<Change>),
     /// Changes were lost (they left the stream's retention while this node
-    /// was away): every subscribed key must be resolved again. `seq` is the
+    /// was away): every subscribed key must be resolved again. `version` is the
     /// sequence just before the first one still available.
-    Resync { seq: u64 },
+    Resync { version: u64 },
 }
 
 /// What `publish` reports.

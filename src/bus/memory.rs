@@ -13,9 +13,9 @@ use tokio::sync::mpsc;
 
 use crate::bus::{
     error::BusError,
-    event::{BusEvent, ChangeEvent, EVENT_BUFFER, Receipt},
+    event::{BusEvent, Change, EVENT_BUFFER, Receipt},
 };
-use crate::{key::ChangeKey, ops::trace::ChangeMeta};
+use crate::{key::Key, ops::trace::ChangeMeta};
 
 /// How long an idempotency key is remembered (JetStream's default duplicate window).
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
@@ -81,7 +81,7 @@ impl MemoryBus {
 
     pub(super) async fn publish(
         &self,
-        keys: Vec<ChangeKey>,
+        keys: Vec<Key>,
         idempotency_key: &str,
         meta: ChangeMeta,
     ) -> Result<Receipt, BusError> {
@@ -99,16 +99,16 @@ impl MemoryBus {
             return Err(BusError::Closed);
         };
         let first = publisher.next_seq;
-        let events: Vec<ChangeEvent> = keys
+        let events: Vec<Change> = keys
             .into_iter()
             .enumerate()
-            .map(|(i, key)| ChangeEvent {
+            .map(|(i, key)| Change {
                 key,
-                seq: first + i as u64,
+                version: first + i as u64,
                 meta,
             })
             .collect();
-        let sequences: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        let sequences: Vec<u64> = events.iter().map(|e| e.version).collect();
         let last = first + events.len() as u64 - 1;
         tx.send(BusEvent::Changes(events))
             .await
@@ -165,8 +165,8 @@ mod tests {
     use super::*;
     use crate::bus::Bus;
 
-    fn key(id: &str) -> ChangeKey {
-        ChangeKey::new("items", id).unwrap()
+    fn key(id: &str) -> Key {
+        Key::new("items", id).unwrap()
     }
 
     fn meta() -> ChangeMeta {
@@ -192,23 +192,23 @@ mod tests {
         assert_eq!(
             batch,
             BusEvent::Changes(vec![
-                ChangeEvent {
+                Change {
                     key: key("1"),
-                    seq: 1,
+                    version: 1,
                     meta: meta(),
                 },
-                ChangeEvent {
+                Change {
                     key: key("2"),
-                    seq: 2,
+                    version: 2,
                     meta: meta(),
                 }
             ])
         );
         assert_eq!(
             rx.recv().await.unwrap(),
-            BusEvent::Changes(vec![ChangeEvent {
+            BusEvent::Changes(vec![Change {
                 key: key("1"),
-                seq: 3,
+                version: 3,
                 meta: meta(),
             }])
         );

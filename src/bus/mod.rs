@@ -17,8 +17,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::{
-    config::NatsConfig, key::ChangeKey, ops::metrics::Metrics, ops::tasks::Tasks,
-    ops::trace::ChangeMeta,
+    config::NatsConfig, key::Key, ops::metrics::Metrics, ops::tasks::Tasks, ops::trace::ChangeMeta,
 };
 
 pub use error::{BusError, BusErrorKind, ConnectError, PublishError, StreamError};
@@ -65,7 +64,7 @@ impl Bus {
     /// key is stored.
     pub(crate) async fn publish(
         &self,
-        keys: Vec<ChangeKey>,
+        keys: Vec<Key>,
         idempotency_key: &str,
         meta: ChangeMeta,
     ) -> Result<Receipt, BusError> {

@@ -13,7 +13,7 @@ use futures_util::future::join_all;
 use super::Dispatcher;
 use crate::{
     dispatcher::registry::Audience,
-    key::ChangeKey,
+    key::Key,
     ops::metrics::Metrics,
     ops::trace::ChangeMeta,
     proto::v1::{FetchMode, Reason},
@@ -34,7 +34,7 @@ enum Attempt {
 }
 
 impl Dispatcher {
-    pub(super) async fn resolve_loop(&self, key: ChangeKey, mut seq: u64, mut meta: ChangeMeta) {
+    pub(super) async fn resolve_loop(&self, key: Key, mut version: u64, mut meta: ChangeMeta) {
         let mut failures: u32 = 0;
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
         loop {
@@ -42,7 +42,7 @@ impl Dispatcher {
                 self.land(&key);
                 return;
             }
-            if self.resolve_change(&key, seq, meta).await == Attempt::Retry {
+            if self.resolve_change(&key, version, meta).await == Attempt::Retry {
                 failures += 1;
                 if !self.inner.registry.has_active(&key) {
                     self.land(&key);
@@ -59,9 +59,9 @@ impl Dispatcher {
                     _ = tokio::time::sleep(delay) => {}
                 }
                 if let Some((pending, pending_meta)) = self.take_pending(&key)
-                    && pending >= seq
+                    && pending >= version
                 {
-                    (seq, meta) = (pending, pending_meta);
+                    (version, meta) = (pending, pending_meta);
                 }
                 continue;
             }
@@ -70,7 +70,7 @@ impl Dispatcher {
             // Done: run once more if changes came in meanwhile, else land.
             let mut flights = self.inner.flights.lock().unwrap();
             match flights.get_mut(&key).and_then(|f| f.pending.take()) {
-                Some((pending, pending_meta)) => (seq, meta) = (pending, pending_meta),
+                Some((pending, pending_meta)) => (version, meta) = (pending, pending_meta),
                 None => {
                     flights.remove(&key);
                     return;
@@ -79,16 +79,16 @@ impl Dispatcher {
         }
     }
 
-    fn take_pending(&self, key: &ChangeKey) -> Option<(u64, ChangeMeta)> {
+    fn take_pending(&self, key: &Key) -> Option<(u64, ChangeMeta)> {
         let mut flights = self.inner.flights.lock().unwrap();
         flights.get_mut(key).and_then(|f| f.pending.take())
     }
 
-    fn land(&self, key: &ChangeKey) {
+    fn land(&self, key: &Key) {
         self.inner.flights.lock().unwrap().remove(key);
     }
 
-    async fn resolve_change(&self, key: &ChangeKey, seq: u64, meta: ChangeMeta) -> Attempt {
+    async fn resolve_change(&self, key: &Key, version: u64, meta: ChangeMeta) -> Attempt {
         let Some(mode) = self.inner.resolvers.fetch_mode(&key.entity) else {
             return Attempt::Retry;
         };
@@ -99,7 +99,7 @@ impl Dispatcher {
                     .resolvers
                     .resolve(key, Arc::from(""), Reason::Change, true)
                     .await;
-                self.apply(key, seq, meta, result, Audience::All)
+                self.apply(key, version, meta, result, Audience::All)
             }
             _ => {
                 let secrets = self.inner.registry.active_secrets(key);
@@ -111,7 +111,7 @@ impl Dispatcher {
                 .await;
                 let mut attempt = Attempt::Done;
                 for (secret, result) in secrets.iter().zip(results) {
-                    if self.apply(key, seq, meta, result, Audience::Secret(secret))
+                    if self.apply(key, version, meta, result, Audience::Secret(secret))
                         == Attempt::Retry
                     {
                         attempt = Attempt::Retry;
@@ -124,22 +124,25 @@ impl Dispatcher {
 
     fn apply(
         &self,
-        key: &ChangeKey,
-        seq: u64,
+        key: &Key,
+        version: u64,
         meta: ChangeMeta,
         result: Resolved,
         audience: Audience<'_>,
     ) -> Attempt {
         tracing::debug!(
             key = %key,
-            seq,
+            version,
             trace_id = %meta.trace,
             status = crate::resolving::status_label(&result),
             "change resolved"
         );
         let err = match result {
-            Ok(Rows { rows, version }) => {
-                let version = if version != 0 { version } else { seq };
+            Ok(Rows {
+                rows,
+                version: answered,
+            }) => {
+                let version = if answered != 0 { answered } else { version };
                 self.fan_out(
                     key,
                     &PushFrame::build(key, version, &rows, self.inner.bare_rows),
@@ -156,7 +159,7 @@ impl Dispatcher {
             ResolveErrorKind::NotFound => {
                 self.fan_out(
                     key,
-                    &PushFrame::build(key, seq, &[], self.inner.bare_rows),
+                    &PushFrame::build(key, version, &[], self.inner.bare_rows),
                     audience,
                     meta,
                 );
@@ -186,13 +189,7 @@ impl Dispatcher {
         }
     }
 
-    fn fan_out(
-        &self,
-        key: &ChangeKey,
-        frame: &PushFrame,
-        audience: Audience<'_>,
-        meta: ChangeMeta,
-    ) {
+    fn fan_out(&self, key: &Key, frame: &PushFrame, audience: Audience<'_>, meta: ChangeMeta) {
         let fan = self.inner.registry.fan_out(key, frame, audience);
         let metrics = &self.inner.metrics;
         // Once per fan-out, not per subscriber.
@@ -244,13 +241,13 @@ mod tests {
             registry::{Audience, Connection},
             tests::in_memory_dispatcher,
         },
-        key::ChangeKey,
+        key::Key,
         ops::trace::{ChangeMeta, TraceId},
         websocket::{outbox::CloseReason, protocol::PushFrame},
     };
 
-    fn key() -> ChangeKey {
-        ChangeKey::new("items", "1").unwrap()
+    fn key() -> Key {
+        Key::new("items", "1").unwrap()
     }
 
     #[tokio::test]
@@ -266,7 +263,7 @@ mod tests {
             &PushFrame::build(&key(), 1, &[], false),
         );
         // The snapshot is written; what follows waits unwritten.
-        assert_eq!(conn.outbox.drain(&mut Vec::new()), None);
+        assert_eq!(conn.outbox.take_queued(&mut Vec::new()), None);
         let meta = ChangeMeta::accepted_now(TraceId::generate());
         for version in [2, 3, 4] {
             // Rows that change: unchanged rows would not be sent.
@@ -321,7 +318,7 @@ mod tests {
             ChangeMeta::default(),
         );
         assert_eq!(
-            conn.outbox.drain(&mut Vec::new()),
+            conn.outbox.take_queued(&mut Vec::new()),
             Some(CloseReason::Overflow)
         );
         assert_eq!(metrics.slow_client_closes_total.load(Relaxed), 0);

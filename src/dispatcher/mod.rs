@@ -30,7 +30,7 @@ use crate::{
     bus::{Bus, BusEvent},
     config::WsConfig,
     dispatcher::registry::Registry,
-    key::ChangeKey,
+    key::Key,
     ops::metrics::Metrics,
     ops::tasks::Tasks,
     ops::trace::{ChangeMeta, TraceId},
@@ -57,7 +57,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Keys with a change resolve running. A std `Mutex`: touched once per
     /// consumed change and once per finished resolve, never across `.await`.
-    flights: Mutex<HashMap<ChangeKey, Flight>>,
+    flights: Mutex<HashMap<Key, Flight>>,
     tasks: Tasks,
     /// `--compat-bare-rows`: the shape of push frames.
     bare_rows: bool,
@@ -136,20 +136,20 @@ impl Dispatcher {
                         // `applied` moves only after the change is scheduled:
                         // a subscribe that reads it may join a resolve in
                         // flight (see `subscribe`).
-                        let seq = change.seq;
-                        self.schedule(change.key, seq, change.meta);
-                        self.inner.applied.fetch_max(seq, Ordering::AcqRel);
+                        let version = change.version;
+                        self.schedule(change.key, version, change.meta);
+                        self.inner.applied.fetch_max(version, Ordering::AcqRel);
                     }
                     self.publish_applied();
                 }
-                Some(BusEvent::Resync { seq }) => self.resync(seq),
+                Some(BusEvent::Resync { version }) => self.resync(version),
             }
         }
     }
 
     /// Re-resolves every subscribed key: changes were lost on the bus, so
     /// any key may be stale.
-    fn resync(&self, seq: u64) {
+    fn resync(&self, version: u64) {
         // Any key may have changed, also keys nobody holds right now.
         self.inner.resolvers.note_all_changed();
         let keys = self.inner.registry.keys();
@@ -159,15 +159,15 @@ impl Dispatcher {
         };
         tracing::info!(
             keys = keys.len(),
-            seq,
+            version,
             trace_id = %meta.trace,
             "resync: re-resolving every subscribed key"
         );
         for key in keys {
-            self.schedule(key, seq, meta);
+            self.schedule(key, version, meta);
         }
         // After scheduling, as in `run`.
-        self.inner.applied.fetch_max(seq, Ordering::AcqRel);
+        self.inner.applied.fetch_max(version, Ordering::AcqRel);
         self.publish_applied();
     }
 
@@ -183,8 +183,8 @@ impl Dispatcher {
         self.inner.applied.load(Ordering::Acquire)
     }
 
-    /// Starts a change resolve of `key`, or folds `seq` into the running one.
-    fn schedule(&self, key: ChangeKey, seq: u64, meta: ChangeMeta) {
+    /// Starts a change resolve of `key`, or folds `version` into the running one.
+    fn schedule(&self, key: Key, version: u64, meta: ChangeMeta) {
         // First the pool, then the registry: a subscribe the registry does
         // not mark as having missed this change (it came after) must not
         // join a snapshot resolve sent before it either.
@@ -192,13 +192,13 @@ impl Dispatcher {
         if !self.inner.registry.note_change(&key) {
             return;
         }
-        tracing::debug!(key = %key, seq, trace_id = %meta.trace, "change dispatched");
+        tracing::debug!(key = %key, version, trace_id = %meta.trace, "change dispatched");
         let mut flights = self.inner.flights.lock().unwrap();
         match flights.entry(key) {
             Entry::Occupied(mut flight) => {
                 let pending = &mut flight.get_mut().pending;
-                if pending.is_none_or(|(p, _)| seq >= p) {
-                    *pending = Some((seq, meta));
+                if pending.is_none_or(|(p, _)| version >= p) {
+                    *pending = Some((version, meta));
                 }
             }
             Entry::Vacant(slot) => {
@@ -207,9 +207,9 @@ impl Dispatcher {
                 drop(flights);
                 let span = tracing::debug_span!("change", key = %key);
                 let this = self.clone();
-                self.inner
-                    .tasks
-                    .spawn(async move { this.resolve_loop(key, seq, meta).await }.instrument(span));
+                self.inner.tasks.spawn(
+                    async move { this.resolve_loop(key, version, meta).await }.instrument(span),
+                );
             }
         }
     }

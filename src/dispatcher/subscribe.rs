@@ -10,7 +10,7 @@ use std::{borrow::Cow, sync::Arc, sync::atomic::Ordering, time::Duration};
 use super::Dispatcher;
 use crate::{
     dispatcher::registry::{Activation, Connection},
-    key::ChangeKey,
+    key::Key,
     ops::trace::ChangeMeta,
     resolving::{ResolveError, ResolveErrorKind, Rows},
     websocket::protocol::{ErrorCode, PushFrame, error_frame, subscribed_frame},
@@ -43,7 +43,7 @@ impl Dispatcher {
     pub(crate) async fn subscribe(
         &self,
         conn: Arc<Connection>,
-        key: ChangeKey,
+        key: Key,
         secret: Arc<str>,
         epoch: u64,
     ) {
@@ -60,7 +60,7 @@ impl Dispatcher {
     /// [`Self::subscribe`] while `epoch` is current: waits for one of the
     /// node's `--max-snapshot-resolves` (in order of arrival, so a
     /// connection with many keys cannot starve others), then resolves.
-    async fn snapshot(&self, conn: Arc<Connection>, key: ChangeKey, secret: Arc<str>, epoch: u64) {
+    async fn snapshot(&self, conn: Arc<Connection>, key: Key, secret: Arc<str>, epoch: u64) {
         let Ok(_permit) = self.inner.snapshot_permits.acquire().await else {
             return;
         };
@@ -121,10 +121,7 @@ impl Dispatcher {
 /// The code and message of the error frame for a subscribe whose snapshot
 /// resolve failed. Only a resolver's own message reaches the client; every
 /// other failure gets a fixed message here, and its detail goes to the log.
-pub(crate) fn subscribe_error<'a>(
-    key: &ChangeKey,
-    err: &'a ResolveError,
-) -> (ErrorCode, Cow<'a, str>) {
+pub(crate) fn subscribe_error<'a>(key: &Key, err: &'a ResolveError) -> (ErrorCode, Cow<'a, str>) {
     let own = |default: &'static str| Cow::Borrowed(err.resolver_message().unwrap_or(default));
     match err.kind() {
         ResolveErrorKind::NotFound => (ErrorCode::NotFound, own("no such key")),
@@ -162,8 +159,8 @@ mod tests {
     use super::*;
     use crate::{proto::internal::v1::ClusterResolveReply, websocket::protocol::RowError};
 
-    fn key() -> ChangeKey {
-        ChangeKey::new("items", "1").unwrap()
+    fn key() -> Key {
+        Key::new("items", "1").unwrap()
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::{
         auth::{Role, scoped_idempotency_key},
         service::EntitySyncService,
     },
-    key::{ChangeKey, MAX_KEY_PART_BYTES},
+    key::{Key, MAX_KEY_PART_BYTES},
     ops::metrics::Metrics,
     ops::trace::{ChangeMeta, TRACE_ID_HEADER, TraceId},
     proto::v1::{NotifyRequest, NotifyResponse},
@@ -110,7 +110,7 @@ impl EntitySyncService {
             .iter()
             .enumerate()
             .map(|(i, k)| {
-                ChangeKey::new(&k.entity, &k.id)
+                Key::new(&k.entity, &k.id)
                     .map_err(|err| Status::invalid_argument(format!("keys[{i}]: {err}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -153,7 +153,7 @@ impl EntitySyncService {
         tracing::debug!(
             trace_id = %trace,
             keys = count,
-            first_seq = receipt.sequences.first().copied().unwrap_or(0),
+            first_version = receipt.sequences.first().copied().unwrap_or(0),
             duplicate = receipt.duplicate,
             "notify accepted"
         );

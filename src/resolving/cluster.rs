@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    key::ChangeKey,
+    key::Key,
     ops::tasks::Tasks,
     proto::{
         internal::v1::ClusterResolveReply,
@@ -83,7 +83,7 @@ impl ClusterLink {
     /// the answering node hands it on to its backend.
     pub(crate) async fn resolve(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         secret: &str,
         reason: Reason,
         shared: bool,
@@ -263,10 +263,10 @@ async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterR
         return Some(refuse_shared(mode, &request.ids));
     }
     let secret: Arc<str> = Arc::from(request.secret.as_str());
-    let keys: Vec<ChangeKey> = request
+    let keys: Vec<Key> = request
         .ids
         .iter()
-        .filter_map(|id| ChangeKey::new(&request.entity, id).ok())
+        .filter_map(|id| Key::new(&request.entity, id).ok())
         .collect();
     let outcomes = join_all(
         keys.iter()

@@ -15,7 +15,7 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
-    key::ChangeKey,
+    key::Key,
     ops::metrics::Metrics,
     proto::v1::{FetchMode, Reason},
     resolving::cluster::ClusterLink,
@@ -80,7 +80,7 @@ impl Resolvers {
     /// through another node.
     pub(crate) async fn resolve(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         secret: Arc<str>,
         reason: Reason,
         shared: bool,
@@ -102,7 +102,7 @@ impl Resolvers {
     /// through another node it is a request of its own.
     pub(crate) async fn resolve_subscribe(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         secret: Arc<str>,
         may_join: bool,
     ) -> Resolved {
@@ -118,13 +118,13 @@ impl Resolvers {
 
     /// A change of `key` was seen (before its subscribers are looked at):
     /// subscribe requests sent before it are no longer joined.
-    pub(crate) fn note_change(&self, key: &ChangeKey) {
+    pub(crate) fn note_change(&self, key: &Key) {
         self.inner.local.note_change(key);
     }
 
     /// Whether a subscribe of `key` for `secret` finds a local subscribe
     /// request to join (if it may).
-    pub(crate) fn can_join(&self, key: &ChangeKey, secret: &str) -> bool {
+    pub(crate) fn can_join(&self, key: &Key, secret: &str) -> bool {
         self.inner.local.can_join(key, secret)
     }
 
@@ -135,7 +135,7 @@ impl Resolvers {
 
     async fn resolve_anywhere(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         secret: Arc<str>,
         reason: Reason,
         shared: bool,
@@ -251,7 +251,7 @@ mod tests {
         );
         let resolvers = Resolvers::new(pool, None, metrics.clone());
         assert_eq!(resolvers.fetch_mode("items"), None);
-        let key = ChangeKey::new("items", "1").unwrap();
+        let key = Key::new("items", "1").unwrap();
         let outcome = resolvers
             .resolve(&key, Arc::from(""), Reason::Subscribe, false)
             .await;

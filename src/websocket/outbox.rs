@@ -1,7 +1,7 @@
 //! Per-connection outbound queue: at most the latest push per key, bounded in bytes.
 //!
 //! Producers (the dispatcher, subscribe completions, the session itself) put
-//! frames in; the connection's session drains everything queued in one go and
+//! frames in; the connection's session takes everything queued in one go and
 //! writes it with a single flush. A newer push for a key replaces the queued
 //! one in place, so a slow reader never sees intermediate states pile up; a
 //! reader so slow that the queue still passes its byte bound is closed.
@@ -19,7 +19,7 @@ use std::{
 use futures_util::task::AtomicWaker;
 
 use crate::{
-    key::ChangeKey,
+    key::Key,
     websocket::protocol::{FrameText, Payload, PushFrame},
 };
 
@@ -64,7 +64,7 @@ enum Kind {
 }
 
 struct Entry {
-    key: Option<ChangeKey>,
+    key: Option<Key>,
     kind: Kind,
     version: u64,
     payload: Payload,
@@ -85,19 +85,19 @@ struct State {
         clippy::box_collection,
         reason = "the box is what keeps an idle queue small"
     )]
-    index: Option<Box<HashMap<ChangeKey, u64>>>,
+    index: Option<Box<HashMap<Key, u64>>>,
     bytes: usize,
     closed: Option<CloseReason>,
 }
 
-fn same_key(a: &ChangeKey, b: &ChangeKey) -> bool {
+fn same_key(a: &Key, b: &Key) -> bool {
     (Arc::ptr_eq(&a.entity, &b.entity) && Arc::ptr_eq(&a.id, &b.id)) || a == b
 }
 
 impl State {
     /// Position in `queue` of the queued push of `key` that a newer push may
     /// replace, if any.
-    fn replaceable(&self, key: &ChangeKey) -> Option<usize> {
+    fn replaceable(&self, key: &Key) -> Option<usize> {
         if let Some(index) = &self.index {
             return index.get(key).map(|pos| (pos - self.head) as usize);
         }
@@ -189,7 +189,7 @@ impl Outbox {
     }
 
     /// Queues a push for `key`, replacing a queued older push of that key.
-    pub(crate) fn push(&self, key: &ChangeKey, frame: &PushFrame) -> Queued {
+    pub(crate) fn push(&self, key: &Key, frame: &PushFrame) -> Queued {
         let mut state = self.state.lock().unwrap();
         if state.closed.is_some() {
             return Queued::Closed;
@@ -227,7 +227,7 @@ impl Outbox {
     /// Queues a control frame (`subscribed`, `error`, …) in order. When it
     /// concerns a key, later pushes of that key queue behind it instead of
     /// replacing an earlier one.
-    pub(crate) fn control(&self, key: Option<&ChangeKey>, frame: FrameText) -> Queued {
+    pub(crate) fn control(&self, key: Option<&Key>, frame: FrameText) -> Queued {
         let mut state = self.state.lock().unwrap();
         if state.closed.is_some() {
             return Queued::Closed;
@@ -248,7 +248,7 @@ impl Outbox {
     }
 
     /// Drops a queued push of `key` (after an unsubscribe).
-    pub(crate) fn forget(&self, key: &ChangeKey) {
+    pub(crate) fn forget(&self, key: &Key) {
         let mut state = self.state.lock().unwrap();
         if let Some(i) = state.replaceable(key) {
             let entry = &mut state.queue[i];
@@ -265,7 +265,7 @@ impl Outbox {
     /// Drops every queued push of `key`, also those fenced by a control
     /// frame (after a new secret: none of them may reach the client).
     /// Control frames stay. O(queue), once per held key and new secret.
-    pub(crate) fn forget_all(&self, key: &ChangeKey) {
+    pub(crate) fn forget_all(&self, key: &Key) {
         let mut state = self.state.lock().unwrap();
         let mut freed = 0;
         for entry in state.queue.iter_mut() {
@@ -303,7 +303,7 @@ impl Outbox {
 
     /// Moves every queued frame into `out` (in order). Returns the close
     /// reason once the queue is closed.
-    pub(crate) fn drain(&self, out: &mut Vec<FrameText>) -> Option<CloseReason> {
+    pub(crate) fn take_queued(&self, out: &mut Vec<FrameText>) -> Option<CloseReason> {
         let mut state = self.state.lock().unwrap();
         if let Some(reason) = state.closed {
             return Some(reason);
@@ -385,8 +385,8 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn key(id: &str) -> ChangeKey {
-        ChangeKey::new("items", id).unwrap()
+    fn key(id: &str) -> Key {
+        Key::new("items", id).unwrap()
     }
 
     fn push(id: &str, version: u64) -> PushFrame {
@@ -446,9 +446,9 @@ mod tests {
         );
     }
 
-    fn drained(outbox: &Outbox) -> Vec<String> {
+    fn taken(outbox: &Outbox) -> Vec<String> {
         let mut out = Vec::new();
-        assert_eq!(outbox.drain(&mut out), None);
+        assert_eq!(outbox.take_queued(&mut out), None);
         out.iter().map(|f| f.as_str().to_string()).collect()
     }
 
@@ -459,12 +459,12 @@ mod tests {
         assert_eq!(outbox.push(&key("2"), &push("2", 2)), Queued::Appended);
         assert_eq!(outbox.push(&key("1"), &push("1", 3)), Queued::Replaced);
         assert_eq!(outbox.push(&key("1"), &push("1", 2)), Queued::Stale);
-        let frames = drained(&outbox);
+        let frames = taken(&outbox);
         assert_eq!(frames.len(), 2);
         assert!(frames[0].contains("\"id\":\"1\",\"version\":3"));
         assert!(frames[1].contains("\"id\":\"2\",\"version\":2"));
         assert_eq!(outbox.queued_bytes(), 0);
-        assert!(drained(&outbox).is_empty());
+        assert!(taken(&outbox).is_empty());
     }
 
     #[test]
@@ -473,7 +473,7 @@ mod tests {
         outbox.push(&key("1"), &push("1", 1));
         outbox.control(Some(&key("1")), FrameText::from_static("ack"));
         assert_eq!(outbox.push(&key("1"), &push("1", 2)), Queued::Appended);
-        let frames = drained(&outbox);
+        let frames = taken(&outbox);
         assert_eq!(frames.len(), 3);
         assert_eq!(frames[1], "ack");
         assert!(frames[2].contains("\"version\":2"));
@@ -485,7 +485,7 @@ mod tests {
         outbox.push(&key("1"), &push("1", 1));
         outbox.push(&key("2"), &push("2", 1));
         outbox.forget(&key("1"));
-        let frames = drained(&outbox);
+        let frames = taken(&outbox);
         assert_eq!(frames.len(), 1);
         assert!(frames[0].contains("\"id\":\"2\""));
     }
@@ -507,13 +507,13 @@ mod tests {
             outbox.forget_all(&key("1"));
             let one = push("1", 1).payload.len();
             assert_eq!(outbox.queued_bytes(), before - 2 * one);
-            let frames = drained(&outbox);
+            let frames = taken(&outbox);
             assert_eq!(frames.len(), filler + 2, "{frames:?}");
             assert_eq!(frames[filler], "ack");
             assert!(frames[filler + 1].contains("\"id\":\"2\""));
             // A push after it queues normally.
             assert_eq!(outbox.push(&key("1"), &push("1", 3)), Queued::Appended);
-            assert_eq!(drained(&outbox).len(), 1);
+            assert_eq!(taken(&outbox).len(), 1);
         }
     }
 
@@ -527,7 +527,7 @@ mod tests {
         assert_eq!(outbox.queued_bytes(), 0);
         assert_eq!(outbox.push(&key("4"), &push("4", 1)), Queued::Closed);
         let mut out = Vec::new();
-        assert_eq!(outbox.drain(&mut out), Some(CloseReason::Overflow));
+        assert_eq!(outbox.take_queued(&mut out), Some(CloseReason::Overflow));
     }
 
     #[test]
@@ -542,7 +542,7 @@ mod tests {
         outbox.control(Some(&key("8")), FrameText::from_static("ack"));
         assert_eq!(outbox.push(&key("8"), &push("8", 2)), Queued::Appended);
         outbox.forget(&key("9"));
-        let frames = drained(&outbox);
+        let frames = taken(&outbox);
         assert_eq!(frames.len(), 100 - 1 + 2);
         assert!(frames[7].contains("\"id\":\"7\",\"version\":2"));
         assert!(frames[8].contains("\"id\":\"8\",\"version\":1"));
@@ -558,6 +558,6 @@ mod tests {
         for v in 1..1000 {
             assert_ne!(outbox.push(&key("1"), &push("1", v)), Queued::Overflow);
         }
-        assert_eq!(drained(&outbox).len(), 1);
+        assert_eq!(taken(&outbox).len(), 1);
     }
 }

@@ -11,7 +11,7 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::key::{ChangeKey, KeyError, validate_part};
+use crate::key::{Key, KeyError, validate_part};
 
 /// The text of one outbound frame: UTF-8 (JSON) over [`Bytes`], so a clone
 /// is a reference count, and a frame built once is shared by every
@@ -68,8 +68,8 @@ impl fmt::Debug for FrameText {
 /// A decoded client message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ClientMessage {
-    Subscribe(ChangeKey),
-    Unsubscribe(ChangeKey),
+    Subscribe(Key),
+    Unsubscribe(Key),
     Secret(String),
     /// A JSON object without `action`: forwarded verbatim to pass-through resolvers.
     PassThrough,
@@ -224,7 +224,7 @@ pub(crate) fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
     }
 }
 
-fn decode_key(body: Option<&Value>) -> Result<ChangeKey, ProtocolError> {
+fn decode_key(body: Option<&Value>) -> Result<Key, ProtocolError> {
     let Some(Value::Object(body)) = body else {
         return Err(invalid_body(
             "body must be an object with entity and id, e.g. {\"entity\":\"items\",\"id\":\"100\"}",
@@ -247,7 +247,7 @@ fn decode_key(body: Option<&Value>) -> Result<ChangeKey, ProtocolError> {
     let to_body_error = |err: KeyError| invalid_body(format!("body.{err}"));
     validate_part("entity", entity).map_err(to_body_error)?;
     validate_part("id", id).map_err(to_body_error)?;
-    Ok(ChangeKey::new(entity, id).expect("validated above"))
+    Ok(Key::new(entity, id).expect("validated above"))
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -295,7 +295,7 @@ impl PushFrame {
     /// Builds the push for `key`. `rows` must each be valid JSON (see
     /// [`validate_row`]); they are copied into the frame verbatim, never
     /// parsed again.
-    pub(crate) fn build(key: &ChangeKey, version: u64, rows: &[Bytes], bare_rows: bool) -> Self {
+    pub(crate) fn build(key: &Key, version: u64, rows: &[Bytes], bare_rows: bool) -> Self {
         let payload = if bare_rows {
             let frames: Vec<FrameText> = rows.iter().map(row_frame).collect();
             Payload::Many(frames.into())
@@ -479,14 +479,14 @@ fn write_json_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Writes `"entity":…,"id":…` (JSON-escaped).
-fn write_key_fields(out: &mut Vec<u8>, key: &ChangeKey) {
+fn write_key_fields(out: &mut Vec<u8>, key: &Key) {
     out.extend_from_slice(b"\"entity\":");
     write_json_string(out, &key.entity);
     out.extend_from_slice(b",\"id\":");
     write_json_string(out, &key.id);
 }
 
-fn key_envelope(action: &str, key: &ChangeKey) -> FrameText {
+fn key_envelope(action: &str, key: &Key) -> FrameText {
     let mut out = Vec::with_capacity(48 + key.entity.len() + key.id.len());
     out.extend_from_slice(b"{\"action\":\"");
     out.extend_from_slice(action.as_bytes());
@@ -497,17 +497,17 @@ fn key_envelope(action: &str, key: &ChangeKey) -> FrameText {
 }
 
 /// `{"action":"subscribed","body":{"entity":…,"id":…}}`
-pub(crate) fn subscribed_frame(key: &ChangeKey) -> FrameText {
+pub(crate) fn subscribed_frame(key: &Key) -> FrameText {
     key_envelope("subscribed", key)
 }
 
 /// `{"action":"unsubscribed","body":{"entity":…,"id":…}}`
-pub(crate) fn unsubscribed_frame(key: &ChangeKey) -> FrameText {
+pub(crate) fn unsubscribed_frame(key: &Key) -> FrameText {
     key_envelope("unsubscribed", key)
 }
 
 /// `{"action":"error","body":{"code":…,"message":…[,"entity":…,"id":…]}}`
-pub(crate) fn error_frame(code: ErrorCode, message: &str, key: Option<&ChangeKey>) -> FrameText {
+pub(crate) fn error_frame(code: ErrorCode, message: &str, key: Option<&Key>) -> FrameText {
     let mut out = Vec::with_capacity(64 + message.len());
     out.extend_from_slice(b"{\"action\":\"error\",\"body\":{\"code\":\"");
     out.extend_from_slice(code.as_str().as_bytes());
@@ -525,8 +525,8 @@ pub(crate) fn error_frame(code: ErrorCode, message: &str, key: Option<&ChangeKey
 mod tests {
     use super::*;
 
-    fn key(entity: &str, id: &str) -> ChangeKey {
-        ChangeKey::new(entity, id).unwrap()
+    fn key(entity: &str, id: &str) -> Key {
+        Key::new(entity, id).unwrap()
     }
 
     fn code(text: &str) -> ErrorCode {

@@ -24,8 +24,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    bus::event::{BusEvent, ChangeEvent},
-    key::ChangeKey,
+    bus::event::{BusEvent, Change},
+    key::Key,
     ops::metrics::Metrics,
     ops::trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
 };
@@ -107,7 +107,7 @@ impl Consumer {
             .map_err(|e| e.to_string())?;
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
         let prefix_len = self.filter.len() - 1; // "{prefix}.changes."
-        let mut batch: Vec<ChangeEvent> = Vec::new();
+        let mut batch: Vec<Change> = Vec::new();
         let mut check = tokio::time::interval(CHECK_EVERY);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut progress = (self.last, 0u32);
@@ -130,26 +130,26 @@ impl Consumer {
                         tracing::debug!(%err, "ordered consumer error");
                     }
                     Some(Ok(message)) => {
-                        let seq = match message.info() {
+                        let version = match message.info() {
                             Ok(info) => info.stream_sequence,
                             Err(err) => {
                                 tracing::warn!(%err, "message without JetStream info, skipped");
                                 continue;
                             }
                         };
-                        if seq <= self.last {
+                        if version <= self.last {
                             continue;
                         }
-                        if seq > self.last + 1 {
+                        if version > self.last + 1 {
                             self.flush(&mut batch).await?;
-                            self.resync(seq).await?;
+                            self.resync(version).await?;
                         }
-                        self.last = seq;
+                        self.last = version;
                         let subject = message.subject.as_str();
                         match subject
                             .get(prefix_len..)
                             .and_then(|rest| rest.split_once('.'))
-                            .and_then(|(entity, id)| ChangeKey::new(entity, id).ok())
+                            .and_then(|(entity, id)| Key::new(entity, id).ok())
                         {
                             Some(key) => {
                                 let header = |name: &str| {
@@ -163,7 +163,7 @@ impl Consumer {
                                     header(BUS_TRACE_HEADER),
                                     header(BUS_NOTIFIED_HEADER),
                                 );
-                                batch.push(ChangeEvent { key, seq, meta });
+                                batch.push(Change { key, version, meta });
                             }
                             None => tracing::warn!(subject, "unparseable change subject, skipped"),
                         }
@@ -214,7 +214,7 @@ impl Consumer {
         Ok(())
     }
 
-    async fn flush(&mut self, batch: &mut Vec<ChangeEvent>) -> Result<(), String> {
+    async fn flush(&mut self, batch: &mut Vec<Change>) -> Result<(), String> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -234,7 +234,7 @@ impl Consumer {
         );
         self.last = first_available - 1;
         self.tx
-            .send(BusEvent::Resync { seq: self.last })
+            .send(BusEvent::Resync { version: self.last })
             .await
             .map_err(|_| "dispatcher gone".to_string())
     }

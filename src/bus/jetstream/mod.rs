@@ -28,7 +28,7 @@ use crate::{
         head::HeadReads,
     },
     config::NatsConfig,
-    key::ChangeKey,
+    key::Key,
     ops::metrics::Metrics,
     ops::tasks::Tasks,
     ops::trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
@@ -80,7 +80,7 @@ impl JetStreamBus {
         tracing::info!(
             stream = %setup::stream_name(&config.prefix),
             server.version = %version,
-            first_seq = info.state.first_sequence,
+            first_version = info.state.first_sequence,
             last_seq = start,
             replicas = info.config.num_replicas,
             "JetStream bus ready"
@@ -150,7 +150,7 @@ impl JetStreamBus {
 
     pub(super) async fn publish(
         &self,
-        keys: Vec<ChangeKey>,
+        keys: Vec<Key>,
         idempotency_key: &str,
         meta: ChangeMeta,
     ) -> Result<Receipt, BusError> {

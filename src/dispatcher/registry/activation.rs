@@ -11,7 +11,7 @@ use super::{Activation, AddPending, Registry};
 use crate::dispatcher::registry::connection::{ConnId, Connection};
 use crate::dispatcher::registry::subscribers::{KeySubscribers, State, Subscriber};
 use crate::{
-    key::ChangeKey,
+    key::Key,
     websocket::protocol::{FrameText, PushFrame},
 };
 
@@ -22,7 +22,7 @@ impl Registry {
     /// `limit` other keys.
     pub(crate) fn add_pending(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         conn: &Arc<Connection>,
         limit: usize,
     ) -> AddPending {
@@ -82,7 +82,7 @@ impl Registry {
     /// after a re-check started).
     pub(crate) fn activate(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         conn: ConnId,
         epoch: u64,
         subscribed: Option<FrameText>,
@@ -124,7 +124,7 @@ impl Registry {
     /// ended the subscription.
     pub(crate) fn reject(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         conn: &Connection,
         epoch: u64,
         error: FrameText,
@@ -171,7 +171,7 @@ impl Registry {
     ///   answered.
     ///
     /// Only the re-check of the current epoch can make the key active again.
-    pub(crate) fn recheck(&self, conn: &Connection) -> Vec<ChangeKey> {
+    pub(crate) fn recheck(&self, conn: &Connection) -> Vec<Key> {
         let keys = conn.keys.lock().unwrap().clone();
         for key in &keys {
             let mut shard = self.shard(key).lock().unwrap();
@@ -192,7 +192,7 @@ impl Registry {
     }
 
     /// Removes `(key, conn)`. Returns whether it existed.
-    pub(crate) fn remove(&self, key: &ChangeKey, conn: &Connection) -> bool {
+    pub(crate) fn remove(&self, key: &Key, conn: &Connection) -> bool {
         conn.keys.lock().unwrap().retain(|k| k != key);
         self.remove_entry(key, conn.id)
     }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::{key::ChangeKey, websocket::outbox::Outbox};
+use crate::{key::Key, websocket::outbox::Outbox};
 
 /// Identifies a websocket connection within a node.
 pub(crate) type ConnId = u64;
@@ -22,7 +22,7 @@ pub(crate) struct Connection {
     /// Keys this connection holds (pending or active). Locked after a shard
     /// lock when a revocation removes a key; never the other way round. A
     /// `Vec`: a handful of keys is the norm, and it costs 32 bytes a key.
-    pub(super) keys: Mutex<Vec<ChangeKey>>,
+    pub(super) keys: Mutex<Vec<Key>>,
     /// Woken when the secret changes, so snapshot resolves for an older
     /// secret stop waiting (see [`Connection::superseded`]).
     secret_changed: Notify,
@@ -110,7 +110,7 @@ impl Connection {
     }
 
     #[cfg(test)]
-    pub(crate) fn holds(&self, key: &ChangeKey) -> bool {
+    pub(crate) fn holds(&self, key: &Key) -> bool {
         self.keys.lock().unwrap().contains(key)
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, atomic::Ordering::Relaxed};
 use super::{FanOut, Registry};
 use crate::dispatcher::registry::subscribers::{Audience, Groups, KeySubscribers, State};
 use crate::{
-    key::ChangeKey,
+    key::Key,
     websocket::{
         outbox::Queued,
         protocol::{FrameText, PushFrame},
@@ -16,7 +16,7 @@ use crate::{
 impl Registry {
     /// Records a change of `key`: pending subscribers are marked as having
     /// missed it. Returns whether the key has active subscribers to resolve for.
-    pub(crate) fn note_change(&self, key: &ChangeKey) -> bool {
+    pub(crate) fn note_change(&self, key: &Key) -> bool {
         let mut shard = self.shard(key).lock().unwrap();
         let Some(subs) = shard.get_mut(key) else {
             return false;
@@ -30,14 +30,14 @@ impl Registry {
     }
 
     /// Whether `key` has any active subscriber.
-    pub(crate) fn has_active(&self, key: &ChangeKey) -> bool {
+    pub(crate) fn has_active(&self, key: &Key) -> bool {
         let shard = self.shard(key).lock().unwrap();
         shard.get(key).is_some_and(KeySubscribers::has_active)
     }
 
     /// Distinct secrets among the active subscribers of `key` (the ones
     /// their subscriptions were activated with): its groups, no comparison.
-    pub(crate) fn active_secrets(&self, key: &ChangeKey) -> Vec<Arc<str>> {
+    pub(crate) fn active_secrets(&self, key: &Key) -> Vec<Arc<str>> {
         let shard = self.shard(key).lock().unwrap();
         match shard.get(key).map(|subs| &subs.groups) {
             None | Some(Groups::None) => Vec::new(),
@@ -51,12 +51,7 @@ impl Registry {
     /// `--push-unchanged-rows`) those whose last push of the key had the same
     /// rows: their version is recorded, so a later, older push is still
     /// recognized as stale.
-    pub(crate) fn fan_out(
-        &self,
-        key: &ChangeKey,
-        frame: &PushFrame,
-        audience: Audience<'_>,
-    ) -> FanOut {
+    pub(crate) fn fan_out(&self, key: &Key, frame: &PushFrame, audience: Audience<'_>) -> FanOut {
         let mut result = FanOut::default();
         let mut shard = self.shard(key).lock().unwrap();
         let Some(subs) = shard.get_mut(key) else {
@@ -90,12 +85,7 @@ impl Registry {
 
     /// Ends the active subscriptions of `key` in `audience` (revocation):
     /// each gets `error` queued and loses the key. Returns how many.
-    pub(crate) fn revoke(
-        &self,
-        key: &ChangeKey,
-        audience: Audience<'_>,
-        error: &FrameText,
-    ) -> usize {
+    pub(crate) fn revoke(&self, key: &Key, audience: Audience<'_>, error: &FrameText) -> usize {
         let mut shard = self.shard(key).lock().unwrap();
         let Some(subs) = shard.get_mut(key) else {
             return 0;

@@ -31,7 +31,7 @@ use std::{
     },
 };
 
-use crate::key::ChangeKey;
+use crate::key::Key;
 
 pub(crate) use connection::{ConnId, Connection};
 pub(crate) use subscribers::Audience;
@@ -40,7 +40,7 @@ use subscribers::KeySubscribers;
 /// Number of registry shards (a power of two).
 const SHARDS: usize = 64;
 
-type Shard = HashMap<ChangeKey, KeySubscribers>;
+type Shard = HashMap<Key, KeySubscribers>;
 
 /// What [`Registry::add_pending`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +129,7 @@ impl Registry {
         }
     }
 
-    fn shard(&self, key: &ChangeKey) -> &Mutex<Shard> {
+    fn shard(&self, key: &Key) -> &Mutex<Shard> {
         let hash = self.inner.hasher.hash_one(key) as usize;
         &self.inner.shards[hash & (SHARDS - 1)]
     }
@@ -167,7 +167,7 @@ impl Registry {
         self.inner.connections.fetch_sub(1, Relaxed);
     }
 
-    fn remove_entry(&self, key: &ChangeKey, conn: ConnId) -> bool {
+    fn remove_entry(&self, key: &Key, conn: ConnId) -> bool {
         let mut shard = self.shard(key).lock().unwrap();
         let Some(subs) = shard.get_mut(key) else {
             return false;
@@ -184,7 +184,7 @@ impl Registry {
     }
 
     /// Every key with at least one subscriber (for resyncs).
-    pub(crate) fn keys(&self) -> Vec<ChangeKey> {
+    pub(crate) fn keys(&self) -> Vec<Key> {
         let mut keys = Vec::new();
         for shard in self.inner.shards.iter() {
             keys.extend(shard.lock().unwrap().keys().cloned());
@@ -215,8 +215,8 @@ mod tests {
     };
     use crate::websocket::protocol::{FrameText, PushFrame};
 
-    fn key(id: &str) -> ChangeKey {
-        ChangeKey::new("items", id).unwrap()
+    fn key(id: &str) -> Key {
+        Key::new("items", id).unwrap()
     }
 
     fn conn(id: ConnId) -> Arc<Connection> {
@@ -233,9 +233,9 @@ mod tests {
         )
     }
 
-    fn drain(conn: &Connection) -> Vec<String> {
+    fn queued(conn: &Connection) -> Vec<String> {
         let mut out = Vec::new();
-        conn.outbox.drain(&mut out);
+        conn.outbox.take_queued(&mut out);
         out.iter().map(|f| f.as_str().to_string()).collect()
     }
 
@@ -256,7 +256,7 @@ mod tests {
         );
         assert_eq!(act, Activation::Active { missed: true });
         assert!(registry.note_change(&key("1")));
-        let frames = drain(&a);
+        let frames = queued(&a);
         assert_eq!(frames[0], "ack");
         assert!(frames[1].contains("\"version\":4"));
     }
@@ -267,7 +267,7 @@ mod tests {
         let a = conn(1);
         registry.add_pending(&key("1"), &a, 10);
         registry.activate(&key("1"), 1, 0, None, &frame("1", 10));
-        drain(&a);
+        queued(&a);
         let fan = registry.fan_out(&key("1"), &frame("1", 9), Audience::All);
         assert_eq!(
             fan,
@@ -319,7 +319,7 @@ mod tests {
             registry.add_pending(&key(id), &a, 10);
             registry.activate(&key(id), 1, old, None, &frame(id, 1));
         }
-        drain(&a);
+        queued(&a);
         // Pushes resolved for the old secret, not yet written.
         registry.fan_out(&key("1"), &frame("1", 2), Audience::Secret("old"));
         registry.fan_out(&key("2"), &frame("2", 2), Audience::All);
@@ -331,7 +331,7 @@ mod tests {
         let mut keys = registry.recheck(&a);
         keys.sort_by(|x, y| x.id.cmp(&y.id));
         assert_eq!(keys, vec![key("1"), key("2")]);
-        assert!(drain(&a).is_empty(), "queued pushes are dropped");
+        assert!(queued(&a).is_empty(), "queued pushes are dropped");
 
         // Under re-check: no fan-out reaches the key, whatever the audience.
         for audience in [
@@ -355,7 +355,7 @@ mod tests {
         let old_snapshot = registry.activate(&key("1"), 1, old, None, &frame("1", 4));
         assert_eq!(old_snapshot, Activation::Superseded);
         assert!(!registry.reject(&key("2"), &a, old, FrameText::from_static("err")));
-        assert!(drain(&a).is_empty());
+        assert!(queued(&a).is_empty());
         assert_eq!(registry.subscriptions(), 2);
 
         // The re-checks answer: key 1 is active again (it missed a change), key 2 forbidden.
@@ -368,7 +368,7 @@ mod tests {
         );
         assert_eq!(act, Activation::Active { missed: true });
         assert!(registry.reject(&key("2"), &a, new, FrameText::from_static("err")));
-        let frames = drain(&a);
+        let frames = queued(&a);
         assert_eq!(frames.len(), 3, "{frames:?}");
         assert_eq!(frames[0], "ack");
         assert!(frames[1].contains("\"version\":4"));
@@ -402,7 +402,7 @@ mod tests {
                 let (_, epoch) = c.secret_epoch();
                 registry.add_pending(&key("1"), &c, 10);
                 registry.activate(&key("1"), c.id, epoch, None, &frame("1", 1));
-                drain(&c);
+                queued(&c);
                 c
             })
             .collect()
@@ -431,7 +431,7 @@ mod tests {
             let conns = distinct_secrets(&registry, n);
             let work = change_per_secret(&registry, 2);
             for c in &conns {
-                let frames = drain(c);
+                let frames = queued(c);
                 assert_eq!(frames.len(), 1, "each subscriber gets its push once");
                 assert!(frames[0].contains("\"version\":2"));
             }
@@ -511,7 +511,7 @@ mod tests {
                 })
                 .count();
             for c in &conns {
-                drain(c);
+                queued(c);
             }
             let k = key(&rng.usize(..3).to_string());
             for secret in secrets {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{error::ResolveError, wire::Resolved};
 use crate::{
-    key::ChangeKey,
+    key::Key,
     proto::v1::{FetchMode, Reason, ResolveRequest},
 };
 
@@ -81,7 +81,7 @@ pub(crate) enum Completion {
 
 /// A job to submit: resolve `key` for `secret`.
 pub(crate) struct NewJob {
-    pub(crate) key: ChangeKey,
+    pub(crate) key: Key,
     pub(crate) secret: Arc<str>,
     pub(crate) reason: Reason,
     /// A SHARED change resolve (`ResolveRequest.shared`).

@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::key::ChangeKey;
+use crate::key::Key;
 
 /// Subscribe requests in flight that a local subscribe of the same key and
 /// secret may join: per key, `(secret, request id)`. A key's entries go
@@ -10,12 +10,12 @@ use crate::key::ChangeKey;
 /// change it would otherwise miss.
 #[derive(Debug, Default)]
 pub(super) struct Joinable {
-    requests: HashMap<ChangeKey, Vec<(Arc<str>, u64)>>,
+    requests: HashMap<Key, Vec<(Arc<str>, u64)>>,
 }
 
 impl Joinable {
     /// Request `request` resolves `key` for `secret` and may be joined.
-    pub(super) fn add(&mut self, key: ChangeKey, secret: Arc<str>, request: u64) {
+    pub(super) fn add(&mut self, key: Key, secret: Arc<str>, request: u64) {
         self.requests
             .entry(key)
             .or_default()
@@ -23,7 +23,7 @@ impl Joinable {
     }
 
     /// A joinable request of `key` for `secret`.
-    pub(super) fn find(&self, key: &ChangeKey, secret: &str) -> Option<u64> {
+    pub(super) fn find(&self, key: &Key, secret: &str) -> Option<u64> {
         self.requests
             .get(key)
             .and_then(|requests| requests.iter().find(|(s, _)| **s == *secret))
@@ -38,7 +38,7 @@ impl Joinable {
         request: u64,
     ) {
         for id in ids {
-            let key = ChangeKey {
+            let key = Key {
                 entity: entity.clone(),
                 id: id.clone(),
             };
@@ -52,7 +52,7 @@ impl Joinable {
     }
 
     /// A change of `key` was seen: none of its requests may be joined.
-    pub(super) fn changed(&mut self, key: &ChangeKey) {
+    pub(super) fn changed(&mut self, key: &Key) {
         self.requests.remove(key);
     }
 

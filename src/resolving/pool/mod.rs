@@ -50,18 +50,18 @@ pub(crate) use self::{
     wire::{Resolved, Rows, key_result, read_key_result},
 };
 // The bounds the fuzz properties check answers and registrations against.
+use self::{
+    effects::{Completion, Effect, Expiry, NewJob, NewStream, SendFailure, Submitted, Waiter},
+    state::PoolState,
+};
 #[cfg(any(test, fuzzing))]
 pub(crate) use self::{
     register::{MAX_ENTITIES_PER_STREAM, MAX_IN_FLIGHT_CAP},
     wire::MAX_VERSION,
 };
-use self::{
-    effects::{Completion, Effect, Expiry, NewJob, NewStream, SendFailure, Submitted, Waiter},
-    state::PoolState,
-};
 use crate::{
     config::ResolveConfig,
-    key::ChangeKey,
+    key::Key,
     ops::metrics::Metrics,
     ops::tasks::Tasks,
     proto::v1::{FetchMode, NodeMessage, PassThrough, Reason, Register, node_message},
@@ -278,7 +278,7 @@ impl ResolverPool {
     /// go to every subscriber (sent as `ResolveRequest.shared`).
     pub(crate) async fn resolve(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         secret: Arc<str>,
         reason: Reason,
         shared: bool,
@@ -297,7 +297,7 @@ impl ResolverPool {
     /// invalidated read rows at least that new.
     pub(crate) async fn resolve_subscribe(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         secret: Arc<str>,
         may_join: bool,
     ) -> Resolved {
@@ -307,7 +307,7 @@ impl ResolverPool {
 
     async fn submit(
         &self,
-        key: &ChangeKey,
+        key: &Key,
         secret: Arc<str>,
         reason: Reason,
         shared: bool,
@@ -336,7 +336,7 @@ impl ResolverPool {
     /// A change of `key` was seen: subscribe requests of it already in
     /// flight may have read the rows before the change, so no later
     /// subscribe joins them.
-    pub(crate) fn note_change(&self, key: &ChangeKey) {
+    pub(crate) fn note_change(&self, key: &Key) {
         // Always under the lock, never skipped on a lock-free hint: the
         // request a joiner finds must be one this call has seen.
         self.lock().state.note_change(key);
@@ -344,7 +344,7 @@ impl ResolverPool {
 
     /// Whether a subscribe request of `key` for `secret` is in flight and
     /// joinable now.
-    pub(crate) fn can_join(&self, key: &ChangeKey, secret: &str) -> bool {
+    pub(crate) fn can_join(&self, key: &Key, secret: &str) -> bool {
         self.lock().state.can_join(key, secret)
     }
 
@@ -556,8 +556,8 @@ mod tests {
         })
     }
 
-    fn key(id: &str) -> ChangeKey {
-        ChangeKey::new("items", id).unwrap()
+    fn key(id: &str) -> Key {
+        Key::new("items", id).unwrap()
     }
 
     #[tokio::test]
@@ -866,7 +866,7 @@ mod tests {
         let pool = pool(10);
         assert!(matches!(
             pool.resolve(
-                &ChangeKey::new("nope", "1").unwrap(),
+                &Key::new("nope", "1").unwrap(),
                 Arc::from(""),
                 Reason::Subscribe,
                 false

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     config::ResolveConfig,
-    key::ChangeKey,
+    key::Key,
     proto::v1::{FetchMode, Reason, ResolveRequest},
 };
 
@@ -208,7 +208,7 @@ impl<W: Waiter> PoolState<W> {
                 if jobs[..i].iter().any(|j| j.id == job.id) {
                     continue;
                 }
-                let key = ChangeKey {
+                let key = Key {
                     entity: entity.clone(),
                     id: job.id.clone(),
                 };
@@ -516,7 +516,7 @@ impl<W: Waiter> PoolState<W> {
 impl<W: Waiter> PoolState<W> {
     /// A change of `key` was seen: no later subscribe joins a request of
     /// it already in flight.
-    pub(crate) fn note_change(&mut self, key: &ChangeKey) {
+    pub(crate) fn note_change(&mut self, key: &Key) {
         self.joinable.changed(key);
     }
 
@@ -526,7 +526,7 @@ impl<W: Waiter> PoolState<W> {
     }
 
     /// Whether a subscribe request of `key` for `secret` may be joined now.
-    pub(crate) fn can_join(&self, key: &ChangeKey, secret: &str) -> bool {
+    pub(crate) fn can_join(&self, key: &Key, secret: &str) -> bool {
         self.joinable.find(key, secret).is_some()
     }
 
@@ -658,8 +658,8 @@ mod tests {
         }
     }
 
-    fn key(id: &str) -> ChangeKey {
-        ChangeKey::new("items", id).unwrap()
+    fn key(id: &str) -> Key {
+        Key::new("items", id).unwrap()
     }
 
     fn job(id: &str, secret: &str, reason: Reason, may_join: bool) -> NewJob {

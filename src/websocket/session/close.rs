@@ -62,7 +62,7 @@ mod tests {
     use super::*;
     use crate::{
         dispatcher::registry::{Audience, Registry},
-        key::ChangeKey,
+        key::Key,
         websocket::protocol::PushFrame,
     };
 
@@ -71,7 +71,7 @@ mod tests {
         let metrics = Metrics::default();
         let registry = Registry::new();
         let conn = Arc::new(Connection::new(1, 1024));
-        let key = ChangeKey::new("items", "1").unwrap();
+        let key = Key::new("items", "1").unwrap();
         registry.add_pending(&key, &conn, 10);
         registry.activate(&key, 1, 0, None, &PushFrame::build(&key, 1, &[], false));
         let big = Bytes::from(format!("\"{}\"", "x".repeat(2048)));
@@ -83,7 +83,7 @@ mod tests {
         assert_eq!(fan.delivered, 0, "the queue overflowed");
         assert_eq!(metrics.slow_client_closes_total.load(Relaxed), 0);
         // What the session's loop does when it finds the queue closed.
-        let reason = conn.outbox.drain(&mut Vec::new());
+        let reason = conn.outbox.take_queued(&mut Vec::new());
         assert_eq!(reason, Some(CloseReason::Overflow));
         assert_eq!(slow_client(&metrics, &conn).0, CLOSE_SLOW_CLIENT);
         assert_eq!(metrics.slow_client_closes_total.load(Relaxed), 1);

@@ -80,7 +80,7 @@ pub(crate) fn serve(
             tokio::select! {
                 biased;
                 woken = conn.outbox.ready() => {
-                    if let Some(reason) = conn.outbox.drain(&mut frames) {
+                    if let Some(reason) = conn.outbox.take_queued(&mut frames) {
                         break Some(closed_by(reason, &ctx.metrics, &conn));
                     }
                     // A slow reader can block the write; the outbox closing (it

@@ -12,7 +12,7 @@ use crate::websocket::session::context::SessionContext;
 use crate::websocket::session::snapshots::{Waiting, waiting};
 use crate::{
     dispatcher::registry::{AddPending, Connection},
-    key::ChangeKey,
+    key::Key,
     websocket::protocol::{
         self, ClientMessage, ErrorCode, ProtocolError, error_frame, unsubscribed_frame,
     },
@@ -72,7 +72,7 @@ pub(super) enum Work {
         replace: bool,
     },
     /// The client unsubscribed: a resolve of the key still waiting is moot.
-    Forget(ChangeKey),
+    Forget(Key),
 }
 
 pub(super) fn reject(ctx: &SessionContext, conn: &Connection, err: ProtocolError) {

@@ -7,7 +7,7 @@ use std::{collections::VecDeque, sync::Arc};
 use futures_util::stream::FuturesUnordered;
 
 use crate::websocket::session::context::SessionContext;
-use crate::{dispatcher::registry::Connection, key::ChangeKey};
+use crate::{dispatcher::registry::Connection, key::Key};
 
 /// Snapshot resolves (subscribes and re-checks) one connection runs at once;
 /// more wait in its queue. So one connection holds at most this many of the
@@ -18,7 +18,7 @@ pub(crate) const SNAPSHOTS_PER_CONNECTION: usize = 64;
 /// epoch as they were when the session handled the message (so a `secret`
 /// message handled after it makes it outdated, see `Registry::recheck`).
 pub(crate) struct Waiting {
-    pub(super) key: ChangeKey,
+    pub(super) key: Key,
     pub(super) secret: Arc<str>,
     pub(super) epoch: u64,
 }
@@ -63,7 +63,7 @@ pub(super) fn snapshot(
 }
 
 /// `key` to resolve with the connection's secret as it is now.
-pub(super) fn waiting(conn: &Connection, key: ChangeKey) -> Waiting {
+pub(super) fn waiting(conn: &Connection, key: Key) -> Waiting {
     let (secret, epoch) = conn.secret_epoch();
     Waiting { key, secret, epoch }
 }
