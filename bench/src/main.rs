@@ -108,7 +108,7 @@ struct Cli {
     /// Distinct keys (fanout and cluster 1; manykeys and notify 1,000; idle 1,000).
     #[arg(long)]
     keys: Option<u32>,
-    /// Keys each client subscribes to (manykeys 5, else 1).
+    /// Keys each client subscribes to (manykeys 5, else 1; idle: distinct keys per connection).
     #[arg(long)]
     keys_per_client: Option<usize>,
     /// Updates (notifies) sent (fanout and cluster 200; manykeys 5,000).
@@ -1082,6 +1082,8 @@ fn print_kv(rows: &[(&str, String)]) {
 struct IdleReport {
     scenario: &'static str,
     conns: usize,
+    /// Keys each connection holds (`--keys-per-client`, default 1).
+    keys_per_conn: usize,
     /// Connections subscribed and open when measured.
     held: usize,
     /// The node's own gauge `entity_sync_connections` (null if /metrics did not answer,
@@ -1091,6 +1093,8 @@ struct IdleReport {
     node_rss_base_kb: u64,
     /// (RSS now − RSS with 0 connections) / held, in kB.
     rss_per_conn_kb: f64,
+    /// The same per held subscription: rss_per_conn_kb / keys_per_conn.
+    rss_per_subscription_kb: f64,
     connect_s: f64,
     node_cpu_s: f64,
     generator_cpu_s: f64,
@@ -1114,6 +1118,8 @@ async fn idle_scenario(
     targets.dedup();
     let max = targets.last().copied().unwrap_or(0);
     let keys = cli.keys.unwrap_or(1_000).max(1);
+    // Each connection holds `per_conn` distinct keys (of `keys`).
+    let per_conn = cli.keys_per_client.unwrap_or(1).clamp(1, keys as usize);
     let mut env = Env::start(cli, 1, cli.nats, log_dir, deadline).await?;
     let shared = Arc::new(Shared::new(keys as usize, &[], false)?);
     let cancel = CancellationToken::new();
@@ -1140,7 +1146,9 @@ async fn idle_scenario(
             let spec = ClientSpec {
                 url: url.clone(),
                 src: source_addr(spawned, sources),
-                keys: vec![(spawned % keys as usize) as u32],
+                keys: (0..per_conn)
+                    .map(|j| ((spawned * per_conn + j) % keys as usize) as u32)
+                    .collect(),
                 secret: None,
                 idle: true,
             };
@@ -1159,9 +1167,15 @@ async fn idle_scenario(
         let held = shared.ready.load(Ordering::Acquire);
         let failed = shared.failed.load(Ordering::Acquire);
         let rss = rss_kib(env.nodes[0].pid()).unwrap_or(0);
+        let per_held = if held > 0 {
+            rss.saturating_sub(base) as f64 / held as f64
+        } else {
+            0.0
+        };
         let report = IdleReport {
             scenario: "idle",
             conns: target,
+            keys_per_conn: per_conn,
             held,
             node_connections: env.nodes[0]
                 .metric("entity_sync_connections")
@@ -1170,11 +1184,8 @@ async fn idle_scenario(
                 .map(|v| v as u64),
             node_rss_kb: rss,
             node_rss_base_kb: base,
-            rss_per_conn_kb: if held > 0 {
-                round(rss.saturating_sub(base) as f64 / held as f64, 2)
-            } else {
-                0.0
-            },
+            rss_per_conn_kb: round(per_held, 2),
+            rss_per_subscription_kb: round(per_held / per_conn as f64, 3),
             connect_s: round(connect_s, 2),
             node_cpu_s: round(sub(&env.cpu(), &node_cpu_before), 2),
             generator_cpu_s: round(cpu_seconds(None) - gen_cpu_before, 2),
@@ -1195,16 +1206,27 @@ async fn idle_scenario(
     let _ = resolver.await;
     env.check_alive()?;
     println!(
-        "  {:>8} {:>8} {:>10} {:>12} {:>11} {:>10} {:>9} {:>8}",
-        "conns", "held", "rss kB", "kB per conn", "connect s", "node cpu", "gen cpu", "failed"
+        "  {:>8} {:>5} {:>8} {:>10} {:>12} {:>11} {:>11} {:>10} {:>9} {:>8}",
+        "conns",
+        "keys",
+        "held",
+        "rss kB",
+        "kB per conn",
+        "kB per sub",
+        "connect s",
+        "node cpu",
+        "gen cpu",
+        "failed"
     );
     for r in &reports {
         println!(
-            "  {:>8} {:>8} {:>10} {:>12} {:>11} {:>10} {:>9} {:>8}",
+            "  {:>8} {:>5} {:>8} {:>10} {:>12} {:>11} {:>11} {:>10} {:>9} {:>8}",
             r.conns,
+            r.keys_per_conn,
             r.held,
             r.node_rss_kb,
             r.rss_per_conn_kb,
+            r.rss_per_subscription_kb,
             r.connect_s,
             r.node_cpu_s,
             r.generator_cpu_s,
