@@ -495,6 +495,8 @@ fn bad_tls_flag_combinations_exit_1_with_a_message_naming_the_flags() {
         stderr.contains("TLS: --grpc-tls-cert /nonexistent/c.pem: cannot read: "),
         "{stderr}"
     );
+    // The cause is said once, not once per level of the error chain.
+    assert_eq!(stderr.matches("cannot read").count(), 1, "{stderr}");
 }
 
 #[tokio::test]
