@@ -120,44 +120,39 @@ async fn wait_started(child: &mut Child, dir: &Path, deadline: Duration) -> Resu
             tail(&dir.join("stderr.log"), 20)
         )
     };
-    let ports = loop {
-        let reported = fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .find(|entry| entry.file_name().to_string_lossy().ends_with(&suffix))
-            .and_then(|entry| fs::read_to_string(entry.path()).ok())
-            .and_then(|text| Ports::parse(&text));
+    // First the ports file, then the client port accepting.
+    let mut reported: Option<Ports> = None;
+    loop {
+        if reported.is_none() {
+            reported = fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .find(|entry| entry.file_name().to_string_lossy().ends_with(&suffix))
+                .and_then(|entry| fs::read_to_string(entry.path()).ok())
+                .and_then(|text| Ports::parse(&text));
+        }
         if let Some(ports) = reported {
-            break ports;
+            let addr = SocketAddr::from(([127, 0, 0, 1], ports.client));
+            if TcpStream::connect(addr).await.is_ok() {
+                return Ok(ports);
+            }
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(exited(status));
         }
         if Instant::now() >= end {
+            let what = match reported {
+                None => "reported no ports".to_owned(),
+                Some(ports) => format!("did not accept on 127.0.0.1:{}", ports.client),
+            };
             panic!(
-                "nats-server in {} reported no ports within {deadline:?}:\n{}",
+                "nats-server in {} {what} within {deadline:?}:\n{}",
                 dir.display(),
                 tail(&dir.join("nats.log"), 40)
             );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let addr = SocketAddr::from(([127, 0, 0, 1], ports.client));
-    loop {
-        if TcpStream::connect(addr).await.is_ok() {
-            return Ok(ports);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(exited(status));
-        }
-        if Instant::now() >= end {
-            panic!(
-                "nats-server did not accept on {addr} within {deadline:?}:\n{}",
-                tail(&dir.join("nats.log"), 40)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

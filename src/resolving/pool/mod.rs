@@ -482,6 +482,7 @@ mod tests {
 
     use super::*;
     use crate::proto::v1::{EntityRegistration, ResolveRequest};
+    use crate::resolving::pool::wire::ok;
 
     fn pool(batch_size: usize) -> ResolverPool {
         ResolverPool::new(
@@ -544,16 +545,6 @@ mod tests {
         while pool.lock().state.queued("items") < n {
             tokio::task::yield_now().await;
         }
-    }
-
-    fn ok(rows: &[&'static str]) -> Resolved {
-        Ok(Rows {
-            rows: rows
-                .iter()
-                .map(|r| Bytes::from_static(r.as_bytes()))
-                .collect(),
-            version: 0,
-        })
     }
 
     fn key(id: &str) -> Key {

@@ -74,20 +74,22 @@ pub(crate) fn key_result(outcome: Resolved, id: &str) -> KeyResult {
     }
 }
 
+/// A successful answer of `rows` without a version (for the pool's tests).
+#[cfg(test)]
+pub(super) fn ok(rows: &[&'static str]) -> Resolved {
+    Ok(Rows {
+        rows: rows
+            .iter()
+            .map(|r| Bytes::from_static(r.as_bytes()))
+            .collect(),
+        version: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::websocket::protocol::RowError;
-
-    fn ok(rows: &[&'static str]) -> Resolved {
-        Ok(Rows {
-            rows: rows
-                .iter()
-                .map(|r| Bytes::from_static(r.as_bytes()))
-                .collect(),
-            version: 0,
-        })
-    }
 
     #[test]
     fn invalid_rows_become_errors() {
