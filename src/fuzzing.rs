@@ -103,10 +103,23 @@ pub fn check_decode(data: &[u8]) {
             assert_eq!(object["action"], "secret");
             assert_eq!(object["body"], secret.as_str());
         }
-        Ok(ClientMessage::Subscribe(key)) => {
+        Ok(ClientMessage::Subscribe { key, version }) => {
             check_decoded_key(object, "subscribe", &key);
+            // The version is the body's, a non-negative integer exact in
+            // JavaScript, or absent.
+            let sent = object.and_then(|o| o["body"].get("version"));
+            match version {
+                Some(version) => {
+                    assert!(version <= protocol::MAX_CLIENT_VERSION);
+                    assert_eq!(sent.and_then(Value::as_u64), Some(version));
+                }
+                None => assert!(sent.is_none_or(Value::is_null), "{sent:?}"),
+            }
             let frame = parse(&text(protocol::subscribed_frame(&key)));
             assert_key_body(&frame, "subscribed", &key);
+            let frame = parse(&text(protocol::subscribed_current_frame(&key)));
+            assert_key_body(&frame, "subscribed", &key);
+            assert_eq!(frame["body"]["current"], true);
             // The snapshot push and a refusal for the key are JSON too.
             for rows in [&[][..], &[Bytes::from_static(b"{\"a\":[1,\"x\"]}")][..]] {
                 for frame in push_frames(&key, 7, rows, false) {
@@ -140,7 +153,10 @@ fn check_decoded_key(object: Option<&serde_json::Map<String, Value>>, action: &s
     }
     let again = serde_json::json!({"action": action, "body": {"entity": entity, "id": id}});
     let expected = match action {
-        "subscribe" => ClientMessage::Subscribe(key.clone()),
+        "subscribe" => ClientMessage::Subscribe {
+            key: key.clone(),
+            version: None,
+        },
         _ => ClientMessage::Unsubscribe(key.clone()),
     };
     assert_eq!(protocol::decode(&again.to_string()), Ok(expected));

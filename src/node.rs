@@ -155,7 +155,12 @@ impl Node {
                 &tasks,
             )
         });
-        let resolvers = Resolvers::new(pool.clone(), link, metrics.clone());
+        let resolvers = Resolvers::with_cache(
+            pool.clone(),
+            link,
+            config.resolve.cache_max_bytes,
+            metrics.clone(),
+        );
         let registry = Registry::with_push_unchanged_rows(config.ws.push_unchanged_rows);
         let dispatcher = Dispatcher::start(
             &config.ws,

@@ -33,3 +33,27 @@ pub(crate) struct Receipt {
     /// The idempotency key was seen within the window: nothing was applied.
     pub(crate) duplicate: bool,
 }
+
+/// What the bus can tell of a key's last change (see `Bus::last_change`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LastChange {
+    /// The key's last stored change has this version.
+    At(u64),
+    /// The bus keeps no change of the key; it keeps every change after this
+    /// version (older ones left its retention, or it never saw any).
+    NoneAfter(u64),
+    /// The bus could not answer (unreachable, or not in time).
+    Unknown,
+}
+
+impl LastChange {
+    /// Whether a client that holds the key at `version` holds its latest
+    /// state: no change of the key is stored after `version`.
+    pub(crate) fn unchanged_since(self, version: u64) -> bool {
+        match self {
+            LastChange::At(last) => last <= version,
+            LastChange::NoneAfter(floor) => floor <= version,
+            LastChange::Unknown => false,
+        }
+    }
+}

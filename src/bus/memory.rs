@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::bus::{
     error::BusError,
-    event::{BusEvent, Change, EVENT_BUFFER, Receipt},
+    event::{BusEvent, Change, EVENT_BUFFER, LastChange, Receipt},
 };
 use crate::{key::Key, ops::trace::ChangeMeta};
 
@@ -21,6 +21,11 @@ use crate::{key::Key, ops::trace::ChangeMeta};
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 /// Most idempotency keys remembered at once.
 pub const DEDUP_MAX_ENTRIES: usize = 100_000;
+
+/// Most keys whose last change the bus remembers: past it, it forgets them
+/// all and answers "no change after" the head it had then (as a stream that
+/// left older changes out of its retention would).
+pub const LAST_CHANGES_MAX_KEYS: usize = 100_000;
 
 /// The in-process bus: sequences from a counter, delivery by a bounded channel.
 #[derive(Clone)]
@@ -35,6 +40,16 @@ struct MemoryInner {
     publisher: tokio::sync::Mutex<Publisher>,
     /// Last sequence assigned.
     head: AtomicU64,
+    /// Each key's last change, for subscribes that resume. A std `Mutex`:
+    /// one map update per published key, never held across `.await`.
+    last: std::sync::Mutex<LastChanges>,
+}
+
+/// The last change of each key, at most [`LAST_CHANGES_MAX_KEYS`] keys.
+struct LastChanges {
+    by_key: HashMap<Key, u64>,
+    /// Every change after this version is in `by_key`.
+    floor: u64,
 }
 
 struct Publisher {
@@ -66,6 +81,10 @@ impl MemoryBus {
                     dedup: DedupWindow::default(),
                 }),
                 head: AtomicU64::new(first - 1),
+                last: std::sync::Mutex::new(LastChanges {
+                    by_key: HashMap::new(),
+                    floor: first - 1,
+                }),
             }),
         };
         (bus, rx)
@@ -77,6 +96,14 @@ impl MemoryBus {
 
     pub(super) async fn close(&self) {
         self.inner.publisher.lock().await.tx = None;
+    }
+
+    pub(super) fn last_change(&self, key: &Key) -> LastChange {
+        let last = self.inner.last.lock().unwrap();
+        match last.by_key.get(key) {
+            Some(version) => LastChange::At(*version),
+            None => LastChange::NoneAfter(last.floor),
+        }
     }
 
     pub(super) async fn publish(
@@ -110,6 +137,18 @@ impl MemoryBus {
             .collect();
         let sequences: Vec<u64> = events.iter().map(|e| e.version).collect();
         let last = first + events.len() as u64 - 1;
+        {
+            // Before delivery: a subscribe that reads it after the change
+            // reached the dispatcher must see it.
+            let mut changes = self.inner.last.lock().unwrap();
+            if changes.by_key.len() + events.len() > LAST_CHANGES_MAX_KEYS {
+                changes.by_key.clear();
+                changes.floor = first - 1;
+            }
+            for change in &events {
+                changes.by_key.insert(change.key.clone(), change.version);
+            }
+        }
         tx.send(BusEvent::Changes(events))
             .await
             .map_err(|_| BusError::Closed)?;
@@ -249,6 +288,44 @@ mod tests {
             bus.publish(vec![key("1")], "", meta()).await,
             Err(BusError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn the_last_change_of_each_key_is_known_within_a_bound() {
+        let (bus, _rx) = MemoryBus::starting_at(10);
+        assert_eq!(bus.last_change(&key("1")), LastChange::NoneAfter(9));
+        let bus = Bus::InProcess(bus);
+        bus.publish(vec![key("1"), key("2"), key("1")], "", meta())
+            .await
+            .unwrap();
+        let Bus::InProcess(memory) = &bus else {
+            unreachable!()
+        };
+        assert_eq!(memory.last_change(&key("1")), LastChange::At(12));
+        assert_eq!(memory.last_change(&key("2")), LastChange::At(11));
+        assert_eq!(memory.last_change(&key("3")), LastChange::NoneAfter(9));
+        // Past the bound, every key is forgotten: the floor moves up.
+        let many: Vec<Key> = (0..LAST_CHANGES_MAX_KEYS)
+            .map(|i| key(&format!("k{i}")))
+            .collect();
+        drop(_rx);
+        let (fresh, mut rx) = MemoryBus::starting_at(1);
+        let fresh_bus = Bus::InProcess(fresh.clone());
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        fresh_bus.publish(vec![key("1")], "", meta()).await.unwrap();
+        fresh_bus.publish(many, "", meta()).await.unwrap();
+        assert_eq!(fresh.last_change(&key("1")), LastChange::NoneAfter(1));
+        assert_eq!(
+            fresh.last_change(&key("k0")),
+            LastChange::At(2),
+            "the publish that overflowed is kept"
+        );
+        fresh_bus.close().await;
+        drain.await.unwrap();
+        assert!(LastChange::NoneAfter(1).unchanged_since(1));
+        assert!(!LastChange::At(5).unchanged_since(4));
+        assert!(LastChange::At(5).unchanged_since(5));
+        assert!(!LastChange::Unknown.unchanged_since(u64::MAX));
     }
 
     #[test]

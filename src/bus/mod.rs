@@ -21,7 +21,7 @@ use crate::{
 };
 
 pub use error::{BusError, BusErrorKind, ConnectError, PublishError, StreamError};
-pub(crate) use event::{BusEvent, Receipt};
+pub(crate) use event::{BusEvent, LastChange, Receipt};
 use jetstream::JetStreamBus;
 use memory::MemoryBus;
 
@@ -91,6 +91,17 @@ impl Bus {
         match self {
             Bus::InProcess(bus) => bus.head(),
             Bus::JetStream(bus) => bus.stream_head().await,
+        }
+    }
+
+    /// The version of `key`'s last stored change, for a subscribe that
+    /// resumes: a client holding the key at a version at or after it holds
+    /// its latest state. Asked of NATS on JetStream (within a short
+    /// deadline, else `Unknown`).
+    pub(crate) async fn last_change(&self, key: &Key) -> LastChange {
+        match self {
+            Bus::InProcess(bus) => bus.last_change(key),
+            Bus::JetStream(bus) => bus.last_change(key).await,
         }
     }
 

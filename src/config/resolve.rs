@@ -32,6 +32,13 @@ pub struct ResolveConfig {
     /// refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "ENTITY_SYNC_MAX_RESOLVER_STREAMS", default_value_t = 1024)]
     pub max_resolver_streams: usize,
+
+    /// Bound of the node cache, the latest rows and version of each SHARED
+    /// key with subscribers on this node (least recently used keys leave
+    /// first). It places resumed subscribes' versions without a bus request.
+    /// 0 turns it off.
+    #[arg(long, env = "ENTITY_SYNC_CACHE_MAX_BYTES", default_value_t = 64 << 20)]
+    pub cache_max_bytes: usize,
 }
 
 impl Default for ResolveConfig {

@@ -143,12 +143,15 @@ impl Dispatcher {
                 version: answered,
             }) => {
                 let version = if answered != 0 { answered } else { version };
-                self.fan_out(
-                    key,
-                    &PushFrame::build(key, version, &rows, self.inner.bare_rows),
-                    audience,
-                    meta,
-                );
+                let frame = PushFrame::build(key, version, &rows, self.inner.bare_rows);
+                if matches!(audience, Audience::All) {
+                    // SHARED: these rows are every subscriber's.
+                    self.inner
+                        .resolvers
+                        .cache()
+                        .store(key, &frame, answered == 0, self.applied());
+                }
+                self.fan_out(key, &frame, audience, meta);
                 return Attempt::Done;
             }
             Err(err) => err,

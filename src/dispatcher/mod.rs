@@ -37,6 +37,9 @@ use crate::{
     resolving::Resolvers,
 };
 
+/// How often what the node keeps for departed keys is dropped.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A key's change resolve in flight (see `change`).
 struct Flight {
     /// Highest sequence of a change that arrived while the resolve ran, and
@@ -88,6 +91,7 @@ impl Dispatcher {
     ) -> Self {
         let dispatcher = Self::new(config, registry, resolvers, bus, metrics, tasks);
         tasks.spawn(dispatcher.clone().run(events));
+        tasks.spawn(dispatcher.clone().sweep_departed());
         dispatcher
     }
 
@@ -152,6 +156,7 @@ impl Dispatcher {
     fn resync(&self, version: u64) {
         // Any key may have changed, also keys nobody holds right now.
         self.inner.resolvers.note_all_changed();
+        self.inner.resolvers.cache().note_all_changed(version);
         let keys = self.inner.registry.keys();
         let meta = ChangeMeta {
             trace: TraceId::generate(),
@@ -169,6 +174,22 @@ impl Dispatcher {
         // After scheduling, as in `run`.
         self.inner.applied.fetch_max(version, Ordering::AcqRel);
         self.publish_applied();
+    }
+
+    /// Drops what the node keeps for keys whose last subscriber left (their
+    /// cache entries), a few times a second.
+    async fn sweep_departed(self) {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.inner.tasks.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            for key in self.inner.registry.take_departed() {
+                self.inner.resolvers.cache().remove(&key);
+            }
+        }
     }
 
     /// Wakes subscribes waiting for `applied` (only when there are any).
@@ -189,6 +210,7 @@ impl Dispatcher {
         // not mark as having missed this change (it came after) must not
         // join a snapshot resolve sent before it either.
         self.inner.resolvers.note_change(&key);
+        self.inner.resolvers.cache().note_change(&key, version);
         if !self.inner.registry.note_change(&key) {
             return;
         }

@@ -11,9 +11,13 @@ use super::Dispatcher;
 use crate::{
     dispatcher::registry::{Activation, Connection},
     key::Key,
+    ops::metrics::Metrics,
     ops::trace::ChangeMeta,
-    resolving::{ResolveError, ResolveErrorKind, Rows},
-    websocket::protocol::{ErrorCode, PushFrame, error_frame, subscribed_frame},
+    proto::v1::FetchMode,
+    resolving::{ResolveError, ResolveErrorKind, Rows, cache::Placed},
+    websocket::protocol::{
+        ErrorCode, PushFrame, error_frame, subscribed_current_frame, subscribed_frame,
+    },
 };
 
 /// Longest a subscribe waits for this node's bus consumer to catch up, so
@@ -39,13 +43,16 @@ impl Dispatcher {
     /// was when the session took the message. Then activates it, or ends it
     /// with an error frame; either only while `epoch` is still the
     /// connection's (else a newer re-check decides). Dropping the future
-    /// (the connection closed) is fine.
+    /// (the connection closed) is fine. `resume`: the version the client
+    /// holds; when the key has not changed after it, the subscription
+    /// becomes active with `subscribed` `current: true` and no snapshot.
     pub(crate) async fn subscribe(
         &self,
         conn: Arc<Connection>,
         key: Key,
         secret: Arc<str>,
         epoch: u64,
+        resume: Option<u64>,
     ) {
         let superseded = conn.clone();
         tokio::select! {
@@ -53,14 +60,21 @@ impl Dispatcher {
             // work at all, not even a read of the bus head.
             biased;
             () = superseded.superseded(epoch) => {}
-            () = self.snapshot(conn, key, secret, epoch) => {}
+            () = self.snapshot(conn, key, secret, epoch, resume) => {}
         }
     }
 
     /// [`Self::subscribe`] while `epoch` is current: waits for one of the
     /// node's `--max-snapshot-resolves` (in order of arrival, so a
     /// connection with many keys cannot starve others), then resolves.
-    async fn snapshot(&self, conn: Arc<Connection>, key: Key, secret: Arc<str>, epoch: u64) {
+    async fn snapshot(
+        &self,
+        conn: Arc<Connection>,
+        key: Key,
+        secret: Arc<str>,
+        epoch: u64,
+        resume: Option<u64>,
+    ) {
         let Ok(_permit) = self.inner.snapshot_permits.acquire().await else {
             return;
         };
@@ -87,20 +101,61 @@ impl Dispatcher {
                     .store(now.max(1), Ordering::Relaxed);
             }
         }
-        let result = self
+        // Authorized as any subscribe (the resolve with the secret); a
+        // resume's version is placed meanwhile. The compatibility mode has
+        // no `subscribed` frame to say `current` with.
+        let resume = resume.filter(|_| !self.inner.bare_rows);
+        let resolving = self
             .inner
             .resolvers
-            .resolve_subscribe(&key, secret, may_join)
-            .await;
+            .resolve_subscribe(&key, secret, may_join);
+        let (result, unchanged) = match resume {
+            None => (resolving.await, false),
+            Some(held) => tokio::join!(resolving, self.unchanged_since(&key, held, base)),
+        };
         let err = match result {
             Ok(Rows { rows, version }) => {
-                let version = if version != 0 { version } else { base };
+                let answered = version;
+                let version = if answered != 0 { answered } else { base };
                 let frame = PushFrame::build(&key, version, &rows, self.inner.bare_rows);
-                let ack = (!self.inner.bare_rows).then(|| subscribed_frame(&key));
-                let activation = self
-                    .inner
-                    .registry
-                    .activate(&key, conn.id, epoch, ack, &frame);
+                if self.inner.resolvers.fetch_mode(&key.entity) == Some(FetchMode::Shared) {
+                    self.inner
+                        .resolvers
+                        .cache()
+                        .store(&key, &frame, answered == 0, self.applied());
+                }
+                // A resolver that sets versions says itself whether the
+                // client's is still the latest.
+                let current = resume.filter(|&held| {
+                    if answered != 0 {
+                        held == answered
+                    } else {
+                        unchanged
+                    }
+                });
+                let metrics = &self.inner.metrics;
+                let activation = match current {
+                    Some(held) => {
+                        Metrics::inc(&metrics.resumed_current_total);
+                        self.inner.registry.activate_held(
+                            &key,
+                            conn.id,
+                            epoch,
+                            subscribed_current_frame(&key),
+                            held,
+                            frame.rows_digest,
+                        )
+                    }
+                    None => {
+                        if resume.is_some() {
+                            Metrics::inc(&metrics.resumed_snapshot_total);
+                        }
+                        let ack = (!self.inner.bare_rows).then(|| subscribed_frame(&key));
+                        self.inner
+                            .registry
+                            .activate(&key, conn.id, epoch, ack, &frame)
+                    }
+                };
                 if activation == (Activation::Active { missed: true }) {
                     // A change came in while the snapshot was being resolved;
                     // the snapshot may predate it.
@@ -115,6 +170,24 @@ impl Dispatcher {
         if self.inner.registry.reject(&key, &conn, epoch, error) {
             self.inner.metrics.client_error(code);
         }
+    }
+}
+
+impl Dispatcher {
+    /// Whether `key` has not changed after `held`, a version a resuming
+    /// client holds, up to `base`, the bus head read for this subscribe. The
+    /// node cache answers when this node is caught up to `base`; else the
+    /// bus. A version above `base` (no node has pushed it yet) or one the bus
+    /// cannot place is not current.
+    async fn unchanged_since(&self, key: &Key, held: u64, base: u64) -> bool {
+        if held > base {
+            return false;
+        }
+        let caught_up = self.applied() >= base;
+        if self.inner.resolvers.cache().place(key, held, caught_up) == Placed::Current {
+            return true;
+        }
+        self.inner.bus.last_change(key).await.unchanged_since(held)
     }
 }
 

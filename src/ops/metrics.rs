@@ -106,6 +106,27 @@ pub(crate) struct Metrics {
     pub(crate) cluster_resolves_total: AtomicU64,
     pub(crate) pass_through_total: AtomicU64,
     pub(crate) client_errors: [AtomicU64; ErrorCode::ALL.len()],
+    // State at scale: the node cache, resumes, the cluster relay.
+    pub(crate) cache_hits_total: AtomicU64,
+    pub(crate) cache_misses_total: AtomicU64,
+    pub(crate) cache_evictions_total: AtomicU64,
+    /// Gauges, kept by the cache as it changes.
+    pub(crate) cache_bytes: AtomicU64,
+    pub(crate) cache_keys: AtomicU64,
+    /// Subscribes with a version answered `current` (no snapshot sent).
+    pub(crate) resumed_current_total: AtomicU64,
+    /// Subscribes with a version that got a snapshot (the key changed, or
+    /// the version could not be placed).
+    pub(crate) resumed_snapshot_total: AtomicU64,
+    /// Changes this node resolved for the whole cluster and published.
+    pub(crate) relay_published_total: AtomicU64,
+    /// Changes the relay skipped: no node holds the key.
+    pub(crate) relay_unheld_total: AtomicU64,
+    /// Rows received from the relay and pushed here.
+    pub(crate) relay_received_total: AtomicU64,
+    /// Changes this node resolved itself because the relay's rows did not
+    /// come in time.
+    pub(crate) relay_fallbacks_total: AtomicU64,
     /// Time of one key's resolve (local or through another node), by entity and outcome.
     resolve_duration: HistogramFamily<ResolveLabels>,
     /// From the `Notify` that accepted a change to the push of its rows into
@@ -141,6 +162,17 @@ impl Default for Metrics {
             cluster_resolves_total: AtomicU64::new(0),
             pass_through_total: AtomicU64::new(0),
             client_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            cache_hits_total: AtomicU64::new(0),
+            cache_misses_total: AtomicU64::new(0),
+            cache_evictions_total: AtomicU64::new(0),
+            cache_bytes: AtomicU64::new(0),
+            cache_keys: AtomicU64::new(0),
+            resumed_current_total: AtomicU64::new(0),
+            resumed_snapshot_total: AtomicU64::new(0),
+            relay_published_total: AtomicU64::new(0),
+            relay_unheld_total: AtomicU64::new(0),
+            relay_received_total: AtomicU64::new(0),
+            relay_fallbacks_total: AtomicU64::new(0),
             resolve_duration: Family::new_with_constructor(latency_histogram),
             notify_to_push: latency_histogram(),
             entity_labels: RwLock::new(HashSet::new()),
@@ -357,6 +389,18 @@ impl Collector for Scrape {
         )?;
         gauge(
             &mut enc,
+            "entity_sync_cache_bytes",
+            "Bytes held by the node cache (latest rows of SHARED keys with subscribers here).",
+            m.cache_bytes.load(Relaxed),
+        )?;
+        gauge(
+            &mut enc,
+            "entity_sync_cache_keys",
+            "Keys held by the node cache.",
+            m.cache_keys.load(Relaxed),
+        )?;
+        gauge(
+            &mut enc,
             "entity_sync_ready",
             "1 while /readyz answers 200 and gRPC health is SERVING.",
             u64::from(live.ready),
@@ -463,6 +507,51 @@ impl Collector for Scrape {
                 "entity_sync_pass_through",
                 "Pass-through messages forwarded to resolvers.",
                 &m.pass_through_total,
+            ),
+            (
+                "entity_sync_cache_hits",
+                "Resumed subscribes whose version the node cache placed (no bus request).",
+                &m.cache_hits_total,
+            ),
+            (
+                "entity_sync_cache_misses",
+                "Resumed subscribes whose version the node cache could not place (asked the bus).",
+                &m.cache_misses_total,
+            ),
+            (
+                "entity_sync_cache_evictions",
+                "Keys dropped from the node cache to stay within --cache-max-bytes.",
+                &m.cache_evictions_total,
+            ),
+            (
+                "entity_sync_resumed_current",
+                "Subscribes with a version answered current: true (no snapshot sent).",
+                &m.resumed_current_total,
+            ),
+            (
+                "entity_sync_resumed_snapshot",
+                "Subscribes with a version that got a snapshot (the key changed, or the version could not be placed).",
+                &m.resumed_snapshot_total,
+            ),
+            (
+                "entity_sync_relay_published",
+                "SHARED changes this node resolved once for the whole cluster and published.",
+                &m.relay_published_total,
+            ),
+            (
+                "entity_sync_relay_unheld",
+                "SHARED changes the relay skipped because no node holds their key.",
+                &m.relay_unheld_total,
+            ),
+            (
+                "entity_sync_relay_received",
+                "Rows received from the cluster relay and pushed to this node's subscribers.",
+                &m.relay_received_total,
+            ),
+            (
+                "entity_sync_relay_fallbacks",
+                "SHARED changes this node resolved itself because the relay's rows did not come in time.",
+                &m.relay_fallbacks_total,
             ),
         ];
         for (name, help, value) in counters {

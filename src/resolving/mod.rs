@@ -4,6 +4,7 @@
 //! module that knows both the local pool ([`crate::resolving::pool`]) and the
 //! cluster link ([`crate::resolving::cluster`]), and neither of those knows it.
 
+pub(crate) mod cache;
 pub(crate) mod cluster;
 pub(crate) mod pool;
 
@@ -18,6 +19,7 @@ use crate::{
     key::Key,
     ops::metrics::Metrics,
     proto::v1::{FetchMode, Reason},
+    resolving::cache::NodeCache,
     resolving::cluster::ClusterLink,
     resolving::pool::ResolverPool,
 };
@@ -54,13 +56,27 @@ struct Inner {
     /// them. A std `Mutex`: one map update per cluster resolve, never held
     /// across `.await`.
     remote_modes: Mutex<HashMap<Arc<str>, FetchMode>>,
+    /// The latest rows of the SHARED keys this node holds.
+    cache: NodeCache,
     metrics: Arc<Metrics>,
 }
 
 impl Resolvers {
+    #[cfg(test)]
     pub(crate) fn new(
         local: ResolverPool,
         remote: Option<ClusterLink>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let cache_max_bytes = crate::config::ResolveConfig::default().cache_max_bytes;
+        Self::with_cache(local, remote, cache_max_bytes, metrics)
+    }
+
+    /// With a node cache of at most `cache_max_bytes` (`--cache-max-bytes`).
+    pub(crate) fn with_cache(
+        local: ResolverPool,
+        remote: Option<ClusterLink>,
+        cache_max_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -68,9 +84,15 @@ impl Resolvers {
                 local,
                 remote,
                 remote_modes: Mutex::new(HashMap::new()),
+                cache: NodeCache::new(cache_max_bytes, metrics.clone()),
                 metrics,
             }),
         }
+    }
+
+    /// The node cache.
+    pub(crate) fn cache(&self) -> &NodeCache {
+        &self.inner.cache
     }
 
     /// Resolves `key` for `secret` on a local resolver or, when none serves

@@ -68,7 +68,12 @@ impl fmt::Debug for FrameText {
 /// A decoded client message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ClientMessage {
-    Subscribe(Key),
+    /// `version`: the version of the key the client holds (resume), if it
+    /// said one.
+    Subscribe {
+        key: Key,
+        version: Option<u64>,
+    },
     Unsubscribe(Key),
     Secret(String),
     /// A JSON object without `action`: forwarded verbatim to pass-through resolvers.
@@ -200,7 +205,12 @@ pub(crate) fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
         }
     };
     match action {
-        "subscribe" => decode_key(object.get("body")).map(ClientMessage::Subscribe),
+        "subscribe" => {
+            let body = object.get("body");
+            let key = decode_key(body)?;
+            let version = decode_version(body)?;
+            Ok(ClientMessage::Subscribe { key, version })
+        }
         "unsubscribe" => decode_key(object.get("body")).map(ClientMessage::Unsubscribe),
         "secret" => match object.remove("body") {
             Some(Value::String(secret)) if secret.len() > MAX_SECRET_BYTES => {
@@ -248,6 +258,27 @@ fn decode_key(body: Option<&Value>) -> Result<Key, ProtocolError> {
     validate_part("entity", entity).map_err(to_body_error)?;
     validate_part("id", id).map_err(to_body_error)?;
     Ok(Key::new(entity, id).expect("validated above"))
+}
+
+/// The largest version a client may send: versions are integers exact in
+/// JavaScript (2^53 - 1).
+pub const MAX_CLIENT_VERSION: u64 = (1 << 53) - 1;
+
+/// `body.version` of a subscribe: absent or `null` (no resume), else a
+/// non-negative integer a client can have received.
+fn decode_version(body: Option<&Value>) -> Result<Option<u64>, ProtocolError> {
+    match body.and_then(|body| body.get("version")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(version) if version <= MAX_CLIENT_VERSION => Ok(Some(version)),
+            _ => Err(invalid_body(
+                "body.version must be an integer from 0 to 2^53-1, the version of a push",
+            )),
+        },
+        Some(_) => Err(invalid_body(
+            "body.version must be an integer from 0 to 2^53-1, the version of a push",
+        )),
+    }
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -501,6 +532,17 @@ pub(crate) fn subscribed_frame(key: &Key) -> FrameText {
     key_envelope("subscribed", key)
 }
 
+/// `{"action":"subscribed","body":{"entity":…,"id":…,"current":true}}`: the
+/// answer to a subscribe whose `version` is still the key's latest; no
+/// snapshot follows.
+pub(crate) fn subscribed_current_frame(key: &Key) -> FrameText {
+    let mut out = Vec::with_capacity(64 + key.entity.len() + key.id.len());
+    out.extend_from_slice(b"{\"action\":\"subscribed\",\"body\":{");
+    write_key_fields(&mut out, key);
+    out.extend_from_slice(b",\"current\":true}}");
+    utf8(out)
+}
+
 /// `{"action":"unsubscribed","body":{"entity":…,"id":…}}`
 pub(crate) fn unsubscribed_frame(key: &Key) -> FrameText {
     key_envelope("unsubscribed", key)
@@ -537,7 +579,10 @@ mod tests {
     fn decodes_original_messages() {
         assert_eq!(
             decode(r#"{"action":"subscribe","body":{"entity":"items","id":"100"}}"#),
-            Ok(ClientMessage::Subscribe(key("items", "100")))
+            Ok(ClientMessage::Subscribe {
+                key: key("items", "100"),
+                version: None
+            })
         );
         assert_eq!(
             decode(r#"{"action":"unsubscribe","body":{"entity":"items","id":"100"}}"#),
@@ -554,10 +599,54 @@ mod tests {
     }
 
     #[test]
+    fn a_subscribe_may_carry_the_version_it_holds() {
+        let subscribe = |body: &str| decode(&format!(r#"{{"action":"subscribe","body":{body}}}"#));
+        assert_eq!(
+            subscribe(r#"{"entity":"items","id":"100","version":42}"#),
+            Ok(ClientMessage::Subscribe {
+                key: key("items", "100"),
+                version: Some(42)
+            })
+        );
+        assert_eq!(
+            subscribe(r#"{"entity":"items","id":"100","version":null}"#),
+            Ok(ClientMessage::Subscribe {
+                key: key("items", "100"),
+                version: None
+            })
+        );
+        assert_eq!(
+            subscribe(&format!(
+                r#"{{"entity":"items","id":"1","version":{MAX_CLIENT_VERSION}}}"#
+            )),
+            Ok(ClientMessage::Subscribe {
+                key: key("items", "1"),
+                version: Some(MAX_CLIENT_VERSION)
+            })
+        );
+        for bad in ["-1", "1.5", "\"42\"", "9007199254740992", "true", "{}"] {
+            let err = subscribe(&format!(r#"{{"entity":"items","id":"1","version":{bad}}}"#))
+                .unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidBody, "{bad}");
+            assert_eq!(
+                err.message,
+                "body.version must be an integer from 0 to 2^53-1, the version of a push"
+            );
+        }
+        assert_eq!(
+            subscribed_current_frame(&key("items", "100")).as_str(),
+            r#"{"action":"subscribed","body":{"entity":"items","id":"100","current":true}}"#
+        );
+    }
+
+    #[test]
     fn numeric_ids_become_strings() {
         assert_eq!(
             decode(r#"{"action":"subscribe","body":{"entity":"items","id":100}}"#),
-            Ok(ClientMessage::Subscribe(key("items", "100")))
+            Ok(ClientMessage::Subscribe {
+                key: key("items", "100"),
+                version: None
+            })
         );
     }
 

@@ -20,6 +20,7 @@ mod limits;
 mod notify;
 mod observability;
 mod resolve;
+mod resume;
 mod secrets;
 mod shutdown;
 mod tls;

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::{
     bus::{
         error::{BusError, PublishError},
-        event::{BusEvent, EVENT_BUFFER, Receipt},
+        event::{BusEvent, EVENT_BUFFER, LastChange, Receipt},
         head::HeadReads,
     },
     config::NatsConfig,
@@ -56,6 +56,8 @@ struct Inner {
     head: Arc<AtomicU64>,
     /// Snapshots' reads of the stream's head, batched.
     head_reads: HeadReads,
+    /// The stream's first sequence as last read (it only grows).
+    first: AtomicU64,
     closed: AtomicBool,
 }
 
@@ -95,6 +97,7 @@ impl JetStreamBus {
                 prefix: config.prefix.clone(),
                 head: head.clone(),
                 head_reads: HeadReads::default(),
+                first: AtomicU64::new(info.state.first_sequence),
                 closed: AtomicBool::new(false),
             }),
         };
@@ -133,10 +136,37 @@ impl JetStreamBus {
                     inner
                         .head
                         .fetch_max(info.state.last_sequence, Ordering::AcqRel);
+                    inner
+                        .first
+                        .fetch_max(info.state.first_sequence, Ordering::AcqRel);
                 }
             })
             .await;
         self.head()
+    }
+
+    /// The key's last change, asked of the stream's leader (one request;
+    /// when the stream holds none, a read of the stream's first sequence,
+    /// shared with snapshots' head reads).
+    pub(super) async fn last_change(&self, key: &Key) -> LastChange {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{}.changes.{}.{}", self.inner.prefix, key.entity, key.id);
+        let asked = self.inner.stream.get_last_raw_message_by_subject(&subject);
+        match tokio::time::timeout(HEAD_TIMEOUT, asked).await {
+            Ok(Ok(message)) => LastChange::At(message.sequence),
+            Ok(Err(err)) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                // Read after the answer: changes of the key before the
+                // stream's first sequence may have left it.
+                self.stream_head().await;
+                let first = self.inner.first.load(Ordering::Acquire);
+                LastChange::NoneAfter(first.saturating_sub(1))
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(key = %key, %err, "cannot read a key's last change");
+                LastChange::Unknown
+            }
+            Err(_) => LastChange::Unknown,
+        }
     }
 
     pub(super) fn is_connected(&self) -> bool {

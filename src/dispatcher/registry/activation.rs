@@ -88,6 +88,42 @@ impl Registry {
         subscribed: Option<FrameText>,
         snapshot: &PushFrame,
     ) -> Activation {
+        self.activate_as(key, conn, epoch, subscribed, Held::Sent(snapshot))
+    }
+
+    /// Like [`Self::activate`] for a subscribe whose client already holds
+    /// the key's latest state (a resume answered `current`): queues
+    /// `subscribed` and no snapshot. Later pushes are compared with `version`
+    /// and the rows of `rows_digest`.
+    pub(crate) fn activate_held(
+        &self,
+        key: &Key,
+        conn: ConnId,
+        epoch: u64,
+        subscribed: FrameText,
+        version: u64,
+        rows_digest: u64,
+    ) -> Activation {
+        self.activate_as(
+            key,
+            conn,
+            epoch,
+            Some(subscribed),
+            Held::Already {
+                version,
+                rows_digest,
+            },
+        )
+    }
+
+    fn activate_as(
+        &self,
+        key: &Key,
+        conn: ConnId,
+        epoch: u64,
+        subscribed: Option<FrameText>,
+        held: Held<'_>,
+    ) -> Activation {
         let mut shard = self.shard(key).lock().unwrap();
         let Some(subs) = shard.get_mut(key) else {
             return Activation::Gone;
@@ -111,9 +147,20 @@ impl Registry {
         // with (a version source that went back, or a resolver's bogus
         // version, is reset by resubscribing). Nothing newer can be queued:
         // a pending key gets no pushes.
-        sub.delivered = snapshot.version;
-        sub.rows_digest = snapshot.rows_digest;
-        sub.conn.outbox.push(key, snapshot);
+        match held {
+            Held::Sent(snapshot) => {
+                sub.delivered = snapshot.version;
+                sub.rows_digest = snapshot.rows_digest;
+                sub.conn.outbox.push(key, snapshot);
+            }
+            Held::Already {
+                version,
+                rows_digest,
+            } => {
+                sub.delivered = version;
+                sub.rows_digest = rows_digest;
+            }
+        }
         Activation::Active { missed }
     }
 
@@ -140,7 +187,7 @@ impl Registry {
         self.inner.subscriptions.fetch_sub(1, Relaxed);
         if subs.by_conn.is_empty() {
             shard.remove(key);
-            self.inner.keys.fetch_sub(1, Relaxed);
+            self.key_left(key);
         }
         conn.outbox.forget_all(key);
         conn.outbox.control(Some(key), error);
@@ -196,4 +243,12 @@ impl Registry {
         conn.keys.lock().unwrap().retain(|k| k != key);
         self.remove_entry(key, conn.id)
     }
+}
+
+/// What an activated subscriber holds of its key.
+enum Held<'a> {
+    /// The snapshot, queued now.
+    Sent(&'a PushFrame),
+    /// The client's own state, which is the latest (a resume): nothing queued.
+    Already { version: u64, rows_digest: u64 },
 }

@@ -108,7 +108,7 @@ impl Registry {
         self.inner.subscriptions.fetch_sub(revoked, Relaxed);
         if subs.by_conn.is_empty() {
             shard.remove(key);
-            self.inner.keys.fetch_sub(1, Relaxed);
+            self.key_left(key);
         }
         revoked
     }

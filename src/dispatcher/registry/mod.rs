@@ -97,6 +97,10 @@ struct Inner {
     connections: AtomicUsize,
     subscriptions: AtomicUsize,
     keys: AtomicUsize,
+    /// Keys whose last subscriber left, until the dispatcher takes them (to
+    /// drop what it keeps per held key: the cache entry, the relay's
+    /// subscription). A std `Mutex`: one push per departed key.
+    departed: Mutex<Vec<Key>>,
     /// `--push-unchanged-rows`: send a change push even when its rows are
     /// the ones the subscriber got last.
     push_unchanged_rows: bool,
@@ -125,6 +129,7 @@ impl Registry {
                 connections: AtomicUsize::new(0),
                 subscriptions: AtomicUsize::new(0),
                 keys: AtomicUsize::new(0),
+                departed: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -178,9 +183,25 @@ impl Registry {
         }
         if subs.by_conn.is_empty() {
             shard.remove(key);
-            self.inner.keys.fetch_sub(1, Relaxed);
+            self.key_left(key);
         }
         removed
+    }
+
+    /// `key`'s last subscriber left (called with its shard locked).
+    pub(super) fn key_left(&self, key: &Key) {
+        self.inner.keys.fetch_sub(1, Relaxed);
+        self.inner.departed.lock().unwrap().push(key.clone());
+    }
+
+    /// Keys whose last subscriber left since the last call, and that have
+    /// none now.
+    pub(crate) fn take_departed(&self) -> Vec<Key> {
+        let mut departed = std::mem::take(&mut *self.inner.departed.lock().unwrap());
+        departed.retain(|key| !self.shard(key).lock().unwrap().contains_key(key));
+        departed.sort_unstable();
+        departed.dedup();
+        departed
     }
 
     /// Every key with at least one subscriber (for resyncs).

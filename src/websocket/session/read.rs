@@ -113,7 +113,7 @@ pub(super) fn on_text(
         }
     };
     match message {
-        ClientMessage::Subscribe(key) => {
+        ClientMessage::Subscribe { key, version } => {
             let added = ctx
                 .registry
                 .add_pending(&key, conn, ctx.config.max_subscriptions);
@@ -132,8 +132,10 @@ pub(super) fn on_text(
                 );
                 return Work::Nothing;
             }
+            let mut waiting = waiting(conn, key);
+            waiting.resume = version;
             Work::Snapshots {
-                keys: vec![waiting(conn, key)],
+                keys: vec![waiting],
                 replace: false,
             }
         }
@@ -205,6 +207,7 @@ pub(super) fn on_text(
                         key,
                         secret: secret.clone(),
                         epoch,
+                        resume: None,
                     })
                     .collect(),
                 replace: true,

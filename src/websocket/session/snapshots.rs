@@ -21,6 +21,9 @@ pub(crate) struct Waiting {
     pub(super) key: Key,
     pub(super) secret: Arc<str>,
     pub(super) epoch: u64,
+    /// The version of the key the client said it holds (a subscribe's
+    /// `version`): resumed without a snapshot if the key has not changed since.
+    pub(super) resume: Option<u64>,
 }
 
 /// A connection's snapshot resolves: at most [`SNAPSHOTS_PER_CONNECTION`]
@@ -58,12 +61,22 @@ pub(super) fn snapshot(
 ) -> impl Future<Output = ()> + use<> {
     let dispatcher = ctx.dispatcher.clone();
     let conn = conn.clone();
-    let Waiting { key, secret, epoch } = waiting;
-    async move { dispatcher.subscribe(conn, key, secret, epoch).await }
+    let Waiting {
+        key,
+        secret,
+        epoch,
+        resume,
+    } = waiting;
+    async move { dispatcher.subscribe(conn, key, secret, epoch, resume).await }
 }
 
 /// `key` to resolve with the connection's secret as it is now.
 pub(super) fn waiting(conn: &Connection, key: Key) -> Waiting {
     let (secret, epoch) = conn.secret_epoch();
-    Waiting { key, secret, epoch }
+    Waiting {
+        key,
+        secret,
+        epoch,
+        resume: None,
+    }
 }
