@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .build_server(false)
         .extern_path(".entitysync.v1", "::entity_sync_proto::v1")
+        // Rows as `Bytes`, like the public API's, so relayed rows are not copied.
+        .bytes(".entitysync.internal.v1.RelayedRows.rows")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -17,6 +17,7 @@ use crate::{
     resolving::Resolvers,
     resolving::cluster::ClusterLink,
     resolving::pool::ResolverPool,
+    resolving::relay::Relay,
     websocket::http::{self, HttpState},
     websocket::session::SessionContext,
 };
@@ -146,6 +147,7 @@ impl Node {
             tasks: tasks.clone(),
             pool: pool.clone(),
         };
+        let nats_client = nats.clone();
         let link = nats.map(|client| {
             ClusterLink::start(
                 client,
@@ -161,6 +163,19 @@ impl Node {
             config.resolve.cache_max_bytes,
             metrics.clone(),
         );
+        if config.nats.cluster_relay
+            && let (Some(client), Some(feed)) = (&nats_client, bus.relay_feed(&tasks))
+        {
+            resolvers.set_relay(Relay::start(
+                client.clone(),
+                &config.nats.prefix,
+                config.nats.relay_timeout,
+                feed,
+                resolvers.clone(),
+                metrics.clone(),
+                &tasks,
+            ));
+        }
         let registry = Registry::with_push_unchanged_rows(config.ws.push_unchanged_rows);
         let dispatcher = Dispatcher::start(
             &config.ws,

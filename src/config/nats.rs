@@ -110,6 +110,26 @@ pub struct NatsConfig {
         default_value_t = false
     )]
     pub require_tls: bool,
+
+    /// Resolve each change of a SHARED key once for the whole cluster (one
+    /// node claims it from the stream, resolves it and publishes the rows to
+    /// the nodes that hold the key). Off: every node holding the key resolves
+    /// it itself.
+    #[arg(
+        id = "cluster_relay",
+        value_name = "BOOL",
+        long = "cluster-relay",
+        env = "ENTITY_SYNC_CLUSTER_RELAY",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub cluster_relay: bool,
+
+    /// How long a node waits for the relay's rows of a change to a key it
+    /// holds before it resolves the change itself (a relay node that died is
+    /// replaced sooner: its claim passes to another node after 3 s).
+    #[arg(id = "relay_timeout", value_name = "RELAY_TIMEOUT", long = "relay-timeout", env = "ENTITY_SYNC_RELAY_TIMEOUT", default_value = "6s", value_parser = parse_duration)]
+    pub relay_timeout: Duration,
 }
 
 impl Default for NatsConfig {

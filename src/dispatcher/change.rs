@@ -17,7 +17,7 @@ use crate::{
     ops::metrics::Metrics,
     ops::trace::ChangeMeta,
     proto::v1::{FetchMode, Reason},
-    resolving::{ResolveErrorKind, Resolved, Rows},
+    resolving::{ResolveErrorKind, Resolved, Rows, relay::Waited},
     websocket::protocol::{ErrorCode, PushFrame, error_frame},
 };
 
@@ -28,13 +28,21 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// How a resolve attempt ended.
 #[derive(Debug, PartialEq, Eq)]
-enum Attempt {
+pub(super) enum Attempt {
     Done,
     Retry,
 }
 
 impl Dispatcher {
-    pub(super) async fn resolve_loop(&self, key: Key, mut version: u64, mut meta: ChangeMeta) {
+    /// `local`: resolve here even when the cluster relay is on (the key's
+    /// rows subscription may have started after this change was relayed).
+    pub(super) async fn resolve_loop(
+        &self,
+        key: Key,
+        mut version: u64,
+        mut meta: ChangeMeta,
+        mut local: bool,
+    ) {
         let mut failures: u32 = 0;
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
         loop {
@@ -42,7 +50,9 @@ impl Dispatcher {
                 self.land(&key);
                 return;
             }
-            if self.resolve_change(&key, version, meta).await == Attempt::Retry {
+            let attempt = self.resolve_change(&key, version, meta, local).await;
+            local = false;
+            if attempt == Attempt::Retry {
                 failures += 1;
                 if !self.inner.registry.has_active(&key) {
                     self.land(&key);
@@ -88,18 +98,39 @@ impl Dispatcher {
         self.inner.flights.lock().unwrap().remove(key);
     }
 
-    async fn resolve_change(&self, key: &Key, version: u64, meta: ChangeMeta) -> Attempt {
+    async fn resolve_change(
+        &self,
+        key: &Key,
+        version: u64,
+        meta: ChangeMeta,
+        local: bool,
+    ) -> Attempt {
         let Some(mode) = self.inner.resolvers.fetch_mode(&key.entity) else {
             return Attempt::Retry;
         };
         match mode {
             FetchMode::Shared => {
+                if let Some(relay) = self.inner.resolvers.relay() {
+                    relay.hold(key);
+                    if !local {
+                        if relay.wait(key, version).await == Waited::Arrived {
+                            // Pushed when it came; again for subscribers
+                            // that were pending then (the others skip it).
+                            if let Some(frame) = relay.latest(key) {
+                                self.fan_out(key, &frame, Audience::All, meta);
+                            }
+                            return Attempt::Done;
+                        }
+                        Metrics::inc(&self.inner.metrics.relay_fallbacks_total);
+                        tracing::debug!(key = %key, version, "relayed rows did not come; resolving here");
+                    }
+                }
                 let result = self
                     .inner
                     .resolvers
                     .resolve(key, Arc::from(""), Reason::Change, true)
                     .await;
-                self.apply(key, version, meta, result, Audience::All)
+                self.apply(key, version, meta, result, Audience::All).0
             }
             _ => {
                 let secrets = self.inner.registry.active_secrets(key);
@@ -111,7 +142,9 @@ impl Dispatcher {
                 .await;
                 let mut attempt = Attempt::Done;
                 for (secret, result) in secrets.iter().zip(results) {
-                    if self.apply(key, version, meta, result, Audience::Secret(secret))
+                    if self
+                        .apply(key, version, meta, result, Audience::Secret(secret))
+                        .0
                         == Attempt::Retry
                     {
                         attempt = Attempt::Retry;
@@ -122,14 +155,15 @@ impl Dispatcher {
         }
     }
 
-    fn apply(
+    /// Applies a change resolve's outcome; returns the push it fanned out, if any.
+    pub(super) fn apply(
         &self,
         key: &Key,
         version: u64,
         meta: ChangeMeta,
         result: Resolved,
         audience: Audience<'_>,
-    ) -> Attempt {
+    ) -> (Attempt, Option<PushFrame>) {
         tracing::debug!(
             key = %key,
             version,
@@ -152,7 +186,7 @@ impl Dispatcher {
                         .store(key, &frame, answered == 0, self.applied());
                 }
                 self.fan_out(key, &frame, audience, meta);
-                return Attempt::Done;
+                return (Attempt::Done, Some(frame));
             }
             Err(err) => err,
         };
@@ -160,13 +194,9 @@ impl Dispatcher {
             // The row is gone: subscribers learn it from an empty push and
             // stay subscribed in case it comes back.
             ResolveErrorKind::NotFound => {
-                self.fan_out(
-                    key,
-                    &PushFrame::build(key, version, &[], self.inner.bare_rows),
-                    audience,
-                    meta,
-                );
-                Attempt::Done
+                let frame = PushFrame::build(key, version, &[], self.inner.bare_rows);
+                self.fan_out(key, &frame, audience, meta);
+                (Attempt::Done, Some(frame))
             }
             ResolveErrorKind::Forbidden => {
                 let message = err
@@ -181,14 +211,14 @@ impl Dispatcher {
                 metrics.client_errors[ErrorCode::Forbidden.index()]
                     .fetch_add(revoked as u64, Ordering::Relaxed);
                 tracing::info!(key = %key, revoked, trace_id = %meta.trace, "subscriptions revoked by resolver");
-                Attempt::Done
+                (Attempt::Done, None)
             }
             ResolveErrorKind::Failed | ResolveErrorKind::InvalidAnswer => {
                 tracing::warn!(key = %key, %err, trace_id = %meta.trace, "change resolve failed");
-                Attempt::Retry
+                (Attempt::Retry, None)
             }
-            ResolveErrorKind::Timeout | ResolveErrorKind::NoResolver => Attempt::Retry,
-            ResolveErrorKind::Closed => Attempt::Done,
+            ResolveErrorKind::Timeout | ResolveErrorKind::NoResolver => (Attempt::Retry, None),
+            ResolveErrorKind::Closed => (Attempt::Done, None),
         }
     }
 

@@ -29,12 +29,12 @@ use tracing::Instrument;
 use crate::{
     bus::{Bus, BusEvent},
     config::WsConfig,
-    dispatcher::registry::Registry,
+    dispatcher::registry::{Audience, Registry},
     key::Key,
     ops::metrics::Metrics,
     ops::tasks::Tasks,
     ops::trace::{ChangeMeta, TraceId},
-    resolving::Resolvers,
+    resolving::{Resolvers, relay},
 };
 
 /// How often what the node keeps for departed keys is dropped.
@@ -92,6 +92,14 @@ impl Dispatcher {
         let dispatcher = Self::new(config, registry, resolvers, bus, metrics, tasks);
         tasks.spawn(dispatcher.clone().run(events));
         tasks.spawn(dispatcher.clone().sweep_departed());
+        if let Some(received) = dispatcher
+            .inner
+            .resolvers
+            .relay()
+            .and_then(|relay| relay.take_received())
+        {
+            tasks.spawn(dispatcher.clone().receive_relayed(received));
+        }
         dispatcher
     }
 
@@ -188,7 +196,44 @@ impl Dispatcher {
             }
             for key in self.inner.registry.take_departed() {
                 self.inner.resolvers.cache().remove(&key);
+                if let Some(relay) = self.inner.resolvers.relay() {
+                    relay.release(&key);
+                }
             }
+        }
+    }
+
+    /// Pushes the rows the cluster relay delivers for keys held here.
+    async fn receive_relayed(self, mut received: mpsc::Receiver<relay::Received>) {
+        let Some(relay) = self.inner.resolvers.relay().cloned() else {
+            return;
+        };
+        loop {
+            let rows = tokio::select! {
+                _ = self.inner.tasks.cancelled() => return,
+                rows = received.recv() => rows,
+            };
+            let Some(rows) = rows else {
+                return;
+            };
+            let relay::Received {
+                key,
+                change_version,
+                outcome,
+                meta,
+            } = rows;
+            let Some(outcome) = outcome else {
+                relay.applied(&key, change_version, None, true);
+                continue;
+            };
+            Metrics::inc(&self.inner.metrics.relay_received_total);
+            let (attempt, frame) = self.apply(&key, change_version, meta, outcome, Audience::All);
+            relay.applied(
+                &key,
+                change_version,
+                frame,
+                attempt == change::Attempt::Retry,
+            );
         }
     }
 
@@ -206,6 +251,12 @@ impl Dispatcher {
 
     /// Starts a change resolve of `key`, or folds `version` into the running one.
     fn schedule(&self, key: Key, version: u64, meta: ChangeMeta) {
+        self.schedule_as(key, version, meta, false);
+    }
+
+    /// [`Self::schedule`]; `local`: a new resolve runs here, not through the
+    /// relay.
+    fn schedule_as(&self, key: Key, version: u64, meta: ChangeMeta, local: bool) {
         // First the pool, then the registry: a subscribe the registry does
         // not mark as having missed this change (it came after) must not
         // join a snapshot resolve sent before it either.
@@ -230,7 +281,8 @@ impl Dispatcher {
                 let span = tracing::debug_span!("change", key = %key);
                 let this = self.clone();
                 self.inner.tasks.spawn(
-                    async move { this.resolve_loop(key, version, meta).await }.instrument(span),
+                    async move { this.resolve_loop(key, version, meta, local).await }
+                        .instrument(span),
                 );
             }
         }

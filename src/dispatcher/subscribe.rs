@@ -123,6 +123,9 @@ impl Dispatcher {
                         .resolvers
                         .cache()
                         .store(&key, &frame, answered == 0, self.applied());
+                    if let Some(relay) = self.inner.resolvers.relay() {
+                        relay.hold(&key);
+                    }
                 }
                 // A resolver that sets versions says itself whether the
                 // client's is still the latest.
@@ -158,8 +161,9 @@ impl Dispatcher {
                 };
                 if activation == (Activation::Active { missed: true }) {
                     // A change came in while the snapshot was being resolved;
-                    // the snapshot may predate it.
-                    self.schedule(key, self.applied(), ChangeMeta::default());
+                    // the snapshot may predate it. Resolved here: the relay
+                    // may have found no holder of the key then.
+                    self.schedule_as(key, self.applied(), ChangeMeta::default(), true);
                 }
                 return;
             }

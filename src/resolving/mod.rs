@@ -7,6 +7,7 @@
 pub(crate) mod cache;
 pub(crate) mod cluster;
 pub(crate) mod pool;
+pub(crate) mod relay;
 
 use std::{
     collections::HashMap,
@@ -58,6 +59,8 @@ struct Inner {
     remote_modes: Mutex<HashMap<Arc<str>, FetchMode>>,
     /// The latest rows of the SHARED keys this node holds.
     cache: NodeCache,
+    /// The cluster relay, when on (JetStream, `--cluster-relay`).
+    relay: std::sync::OnceLock<relay::Relay>,
     metrics: Arc<Metrics>,
 }
 
@@ -85,6 +88,7 @@ impl Resolvers {
                 remote,
                 remote_modes: Mutex::new(HashMap::new()),
                 cache: NodeCache::new(cache_max_bytes, metrics.clone()),
+                relay: std::sync::OnceLock::new(),
                 metrics,
             }),
         }
@@ -93,6 +97,16 @@ impl Resolvers {
     /// The node cache.
     pub(crate) fn cache(&self) -> &NodeCache {
         &self.inner.cache
+    }
+
+    /// Routes SHARED change rows through `relay` (set once, at start).
+    pub(crate) fn set_relay(&self, relay: relay::Relay) {
+        let _ = self.inner.relay.set(relay);
+    }
+
+    /// The cluster relay, when on.
+    pub(crate) fn relay(&self) -> Option<&relay::Relay> {
+        self.inner.relay.get()
     }
 
     /// Resolves `key` for `secret` on a local resolver or, when none serves

@@ -259,9 +259,11 @@ async fn change_notified_on_one_node_reaches_clients_on_the_others() {
     assert_eq!(client_b.expect_push("items", "100").await, (seq, expected));
     client_a.silent().await;
     client_b.silent().await;
-    // SHARED: one CHANGE resolve per node with subscribers (C has none).
-    assert_eq!(resolver_a.change_count("items", "100"), 1);
-    assert_eq!(resolver_b.change_count("items", "100"), 1);
+    // SHARED: one CHANGE resolve for the cluster (the relay), on A or B.
+    assert_eq!(
+        resolver_a.change_count("items", "100") + resolver_b.change_count("items", "100"),
+        1
+    );
 
     a.shutdown().await;
     b.shutdown().await;

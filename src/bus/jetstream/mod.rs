@@ -8,6 +8,7 @@
 //! away, and the node re-resolves every subscribed key (resync).
 
 mod consumer;
+pub(crate) mod relay_feed;
 mod setup;
 
 use std::{
@@ -167,6 +168,17 @@ impl JetStreamBus {
             }
             Err(_) => LastChange::Unknown,
         }
+    }
+
+    /// Starts pulling the relay feed: changes this node claims to resolve
+    /// for the whole cluster.
+    pub(super) fn relay_feed(&self, tasks: &Tasks) -> mpsc::Receiver<relay_feed::Claim> {
+        relay_feed::start(
+            self.inner.stream.clone(),
+            &self.inner.prefix,
+            tasks.token().clone(),
+            tasks,
+        )
     }
 
     pub(super) fn is_connected(&self) -> bool {

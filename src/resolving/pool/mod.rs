@@ -27,7 +27,7 @@ mod queues;
 mod register;
 mod state;
 mod timers;
-mod wire;
+pub(crate) mod wire;
 
 use std::{
     collections::HashMap,
