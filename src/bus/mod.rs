@@ -23,7 +23,7 @@ use crate::{
 pub use error::{BusError, BusErrorKind, ConnectError, PublishError, StreamError};
 pub(crate) use event::{BusEvent, LastChange, Receipt};
 use jetstream::JetStreamBus;
-pub(crate) use jetstream::relay_feed::{Claim, PROGRESS_EVERY as RELAY_PROGRESS_EVERY};
+pub(crate) use jetstream::relay_feed::{Claim, PROGRESS_EVERY as RELAY_PROGRESS_EVERY, RelayFeed};
 use memory::MemoryBus;
 
 /// The bus of a node.
@@ -109,7 +109,7 @@ impl Bus {
     /// On JetStream, starts pulling the relay feed: each change to exactly
     /// one node of the cluster, which resolves it for all of them. `None`
     /// in process (one node resolves for itself).
-    pub(crate) fn relay_feed(&self, tasks: &Tasks) -> Option<mpsc::Receiver<Claim>> {
+    pub(crate) fn relay_feed(&self, tasks: &Tasks) -> Option<RelayFeed> {
         match self {
             Bus::InProcess(_) => None,
             Bus::JetStream(bus) => Some(bus.relay_feed(tasks)),

@@ -117,7 +117,11 @@ impl Dispatcher {
                             // Pushed when it came; again for subscribers
                             // that were pending then (the others skip it).
                             if let Some(frame) = relay.latest(key) {
-                                self.fan_out(key, &frame, Audience::All, meta);
+                                let fan = self.inner.registry.catch_up(key, &frame, Audience::All);
+                                self.inner
+                                    .metrics
+                                    .pushes_total
+                                    .fetch_add(fan.delivered as u64, Ordering::Relaxed);
                             }
                             return Attempt::Done;
                         }

@@ -38,7 +38,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    bus::Claim,
+    bus::{Claim, RelayFeed},
     key::Key,
     ops::metrics::Metrics,
     ops::tasks::Tasks,
@@ -77,6 +77,8 @@ struct Inner {
     /// relay's rows before this node resolves it itself.
     timeout: Duration,
     tasks: Tasks,
+    /// The first change version the relay feed covers (see [`RelayFeed`]).
+    covers_from: Arc<std::sync::atomic::AtomicU64>,
     /// Held keys: their rows subscription and what arrived. A std `Mutex`:
     /// map operations only, never held across `.await`.
     held: Mutex<HashMap<Key, Held>>,
@@ -129,7 +131,7 @@ impl Relay {
         client: Client,
         prefix: &str,
         timeout: Duration,
-        feed: mpsc::Receiver<Claim>,
+        feed: RelayFeed,
         resolvers: Resolvers,
         metrics: Arc<Metrics>,
         tasks: &Tasks,
@@ -141,6 +143,7 @@ impl Relay {
                 prefix: prefix.to_owned(),
                 timeout,
                 tasks: tasks.clone(),
+                covers_from: feed.covers_from,
                 held: Mutex::new(HashMap::new()),
                 received_tx,
                 received_rx: Mutex::new(Some(received_rx)),
@@ -154,7 +157,7 @@ impl Relay {
             relaying: Arc::new(Mutex::new(HashMap::new())),
             room: Arc::new(Semaphore::new(MAX_CLAIMS)),
         };
-        tasks.spawn(claimer.run(feed, tasks.clone()));
+        tasks.spawn(claimer.run(feed.claims, tasks.clone()));
         relay
     }
 
@@ -230,8 +233,17 @@ impl Relay {
     }
 
     /// Waits (at most `--relay-timeout`) for the relay's rows of `key`'s
-    /// change `version`.
+    /// change `version`; at once [`Waited::ResolveHere`] for a change the
+    /// relay may not have claimed (stored before the relay consumer existed).
     pub(crate) async fn wait(&self, key: &Key, version: u64) -> Waited {
+        if version
+            < self
+                .inner
+                .covers_from
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Waited::ResolveHere;
+        }
         let marks = {
             let held = self.inner.held.lock().unwrap();
             match held.get(key) {

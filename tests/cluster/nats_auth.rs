@@ -113,6 +113,25 @@ async fn two_nodes_work_through_the_deploy_permissions() {
     let (version, rows) = client.push_at_least("items", "1", seq).await;
     assert_eq!(version, seq);
     assert_eq!(rows, vec![json!({"id": 1, "v": 2})]);
+    // It came through the relay (its consumer, its rows subject), not
+    // from B resolving it itself after the relay failed.
+    let relayed = a.metric("entity_sync_relay_published_total").await
+        + b.metric("entity_sync_relay_published_total").await;
+    assert_eq!(relayed, 1.0);
+    assert_eq!(b.metric("entity_sync_relay_fallbacks_total").await, 0.0);
+
+    // Resume on A, which never held the key: its last change read from the
+    // stream (STREAM.MSG.GET) says the version is current.
+    let mut resumed = a.client().await;
+    resumed
+        .send_json(
+            json!({"action": "subscribe", "body": {"entity": "items", "id": "1", "version": seq}}),
+        )
+        .await;
+    assert_eq!(
+        resumed.recv_json().await,
+        json!({"action": "subscribed", "body": {"entity": "items", "id": "1", "current": true}})
+    );
 }
 
 #[tokio::test]

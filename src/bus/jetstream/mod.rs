@@ -172,7 +172,7 @@ impl JetStreamBus {
 
     /// Starts pulling the relay feed: changes this node claims to resolve
     /// for the whole cluster.
-    pub(super) fn relay_feed(&self, tasks: &Tasks) -> mpsc::Receiver<relay_feed::Claim> {
+    pub(super) fn relay_feed(&self, tasks: &Tasks) -> relay_feed::RelayFeed {
         relay_feed::start(
             self.inner.stream.clone(),
             &self.inner.prefix,

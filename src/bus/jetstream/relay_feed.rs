@@ -8,7 +8,13 @@
 //! delivered to another node after [`ACK_WAIT`]. So no acknowledged change
 //! is dropped while any node pulls.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_nats::jetstream::{
     self,
@@ -66,6 +72,17 @@ impl Claim {
     }
 }
 
+/// The relay feed as this node pulls it.
+pub(crate) struct RelayFeed {
+    /// The changes this node claimed.
+    pub(crate) claims: mpsc::Receiver<Claim>,
+    /// The first version the feed is known to cover: changes from it on are
+    /// claimed by some node; older ones (stored before the relay consumer
+    /// existed, or before this node could look it up) may not be.
+    /// `u64::MAX` until this node has pulled.
+    pub(crate) covers_from: Arc<AtomicU64>,
+}
+
 /// Starts pulling the relay feed of `stream` (subjects `{prefix}.changes.>`):
 /// claims go to the returned receiver until `cancel`.
 pub(super) fn start(
@@ -73,17 +90,22 @@ pub(super) fn start(
     prefix: &str,
     cancel: CancellationToken,
     tasks: &crate::ops::tasks::Tasks,
-) -> mpsc::Receiver<Claim> {
+) -> RelayFeed {
     let (tx, rx) = mpsc::channel(FEED_BUFFER);
+    let covers_from = Arc::new(AtomicU64::new(u64::MAX));
     let feed = Feed {
         stream,
         name: format!("{prefix}-relay"),
         filter: format!("{prefix}.changes.>"),
         tx,
+        covers_from: covers_from.clone(),
         cancel,
     };
     tasks.spawn(feed.run());
-    rx
+    RelayFeed {
+        claims: rx,
+        covers_from,
+    }
 }
 
 struct Feed {
@@ -91,6 +113,7 @@ struct Feed {
     name: String,
     filter: String,
     tx: mpsc::Sender<Claim>,
+    covers_from: Arc<AtomicU64>,
     cancel: CancellationToken,
 }
 
@@ -132,6 +155,13 @@ impl Feed {
             .get_or_create_consumer(&self.name, config)
             .await
             .map_err(|err| format!("cannot create the relay consumer: {err}"))?;
+        // Every change after what the consumer had delivered when it was
+        // looked up is claimed by some node (earlier ones too, unless the
+        // consumer was created just now; not knowing which, this node
+        // resolves those itself).
+        let delivered = consumer.cached_info().delivered.stream_sequence;
+        self.covers_from
+            .fetch_min(delivered.saturating_add(1), Ordering::AcqRel);
         let mut messages = consumer
             .stream()
             .max_messages_per_batch(PULL_BATCH)

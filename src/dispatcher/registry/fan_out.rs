@@ -52,6 +52,24 @@ impl Registry {
     /// rows: their version is recorded, so a later, older push is still
     /// recognized as stale.
     pub(crate) fn fan_out(&self, key: &Key, frame: &PushFrame, audience: Audience<'_>) -> FanOut {
+        self.fan_out_as(key, frame, audience, false)
+    }
+
+    /// [`Self::fan_out`] of a push already fanned out once (the relay's rows,
+    /// again for subscribers that were pending when they came): only
+    /// subscribers behind its version get it, whatever
+    /// `--push-unchanged-rows` says.
+    pub(crate) fn catch_up(&self, key: &Key, frame: &PushFrame, audience: Audience<'_>) -> FanOut {
+        self.fan_out_as(key, frame, audience, true)
+    }
+
+    fn fan_out_as(
+        &self,
+        key: &Key,
+        frame: &PushFrame,
+        audience: Audience<'_>,
+        catch_up: bool,
+    ) -> FanOut {
         let mut result = FanOut::default();
         let mut shard = self.shard(key).lock().unwrap();
         let Some(subs) = shard.get_mut(key) else {
@@ -59,7 +77,7 @@ impl Registry {
         };
         let push_unchanged = self.inner.push_unchanged_rows;
         subs.for_each_in(audience, |_, sub| {
-            if frame.version < sub.delivered {
+            if frame.version < sub.delivered || (catch_up && frame.version == sub.delivered) {
                 result.stale += 1;
                 return;
             }
