@@ -8,6 +8,7 @@ use async_nats::{
     Client, ConnectOptions,
     jetstream::{self, stream},
 };
+use bytes::Bytes;
 use entity_sync_backend::Backoff;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +22,9 @@ use crate::{
 
 /// Oldest nats-server accepted (major, minor).
 const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+/// Oldest nats-server with atomic batch publish: older ones get each key
+/// as its own message.
+const ATOMIC_SERVER_VERSION: (u64, u64) = (2, 12);
 /// Deadline of each JetStream API request made to set up and consume the
 /// stream (stream info and create, consumer create, and the ordered
 /// consumer's own recreations). A request can be lost with a cluster member
@@ -170,6 +174,118 @@ pub(super) async fn open_stream(
     .map_err(stream_error)?;
     check_stream(&wanted, &info.config).map_err(stream_error)?;
     Ok((stream, info))
+}
+
+/// Whether `publish` can store a call's keys as atomic batches: the server
+/// is 2.12 or newer and the stream allows them (`allow_atomic`, added to an
+/// existing stream that lacks it). Otherwise says so in the log and the
+/// bus publishes each key on its own. The stream's JSON is read and written
+/// as JetStream sends it, so that settings this client does not know are
+/// kept.
+pub(super) async fn atomic_batches(
+    client: &Client,
+    config: &NatsConfig,
+    version: &str,
+    cancel: &CancellationToken,
+) -> Result<bool, BusError> {
+    if parse_version(version).is_none_or(|v| v < ATOMIC_SERVER_VERSION) {
+        tracing::warn!(
+            server.version = %version,
+            "nats-server is older than 2.12 (no atomic batch publish): a Notify stores each key as its own message, and one that fails part-way may have stored some of its keys"
+        );
+        return Ok(false);
+    }
+    let name = stream_name(&config.prefix);
+    let allowed = at_startup(
+        "allowing atomic batches on the JetStream stream",
+        config.startup_timeout,
+        cancel,
+        AtomicSetupError::retryable,
+        || allow_atomic(client, &name),
+    )
+    .await?;
+    match allowed {
+        Ok(()) => Ok(true),
+        Err(err) => {
+            tracing::warn!(
+                stream = %name,
+                error = %err,
+                "the stream does not allow atomic batches: a Notify stores each key as its own message, and one that fails part-way may have stored some of its keys"
+            );
+            Ok(false)
+        }
+    }
+}
+
+/// Why `allow_atomic` could not be set on the stream.
+#[derive(Debug, thiserror::Error)]
+enum AtomicSetupError {
+    #[error("{0}")]
+    Request(#[from] async_nats::RequestError),
+    #[error("JetStream did not answer in time")]
+    Timeout,
+    #[error("unreadable JetStream answer: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("JetStream refused the stream update: {0}")]
+    Refused(String),
+    #[error(
+        "the stream was updated without allow_atomic (is every server of the cluster 2.12 or newer?)"
+    )]
+    NotKept,
+}
+
+impl AtomicSetupError {
+    /// NATS not answering (a cluster electing its leaders) is worth
+    /// another attempt; a refusal is not.
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            AtomicSetupError::Request(_) | AtomicSetupError::Timeout
+        )
+    }
+}
+
+/// Sets `allow_atomic` on the stream `name` unless it has it.
+async fn allow_atomic(client: &Client, name: &str) -> Result<(), AtomicSetupError> {
+    let info = api_request(client, format!("$JS.API.STREAM.INFO.{name}"), Bytes::new()).await?;
+    let mut config = info.get("config").cloned().unwrap_or_default();
+    if config.get("allow_atomic") == Some(&serde_json::Value::Bool(true)) {
+        return Ok(());
+    }
+    let Some(fields) = config.as_object_mut() else {
+        return Err(AtomicSetupError::Refused(
+            "stream info without config".into(),
+        ));
+    };
+    fields.insert("allow_atomic".into(), serde_json::Value::Bool(true));
+    let body = serde_json::to_vec(&config)?;
+    let updated = api_request(client, format!("$JS.API.STREAM.UPDATE.{name}"), body.into()).await?;
+    if updated.pointer("/config/allow_atomic") != Some(&serde_json::Value::Bool(true)) {
+        return Err(AtomicSetupError::NotKept);
+    }
+    tracing::info!(stream = %name, "allowed atomic batches on the existing stream");
+    Ok(())
+}
+
+/// A JetStream API request answered with JSON (an error answer is
+/// [`AtomicSetupError::Refused`]), within [`API_TIMEOUT`].
+async fn api_request(
+    client: &Client,
+    subject: String,
+    body: Bytes,
+) -> Result<serde_json::Value, AtomicSetupError> {
+    let answer = tokio::time::timeout(API_TIMEOUT, client.request(subject, body))
+        .await
+        .map_err(|_| AtomicSetupError::Timeout)??;
+    let value: serde_json::Value = serde_json::from_slice(&answer.payload)?;
+    if let Some(error) = value.get("error") {
+        let description = error
+            .get("description")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("no description");
+        return Err(AtomicSetupError::Refused(description.to_owned()));
+    }
+    Ok(value)
 }
 
 /// Retries `attempt` with backoff while it fails with an error `retryable`
