@@ -117,7 +117,11 @@ async fn a_notify_is_stored_as_one_atomic_batch_in_request_order() {
     let client = async_nats::connect(nats.url()).await.unwrap();
     assert_eq!(stream_config(&client).await["allow_atomic"], json!(true));
 
-    for (first, count) in [(0, 1), (1, 100), (101, 1000)] {
+    // One key: a plain message.
+    let one = notify_range(node.grpc(), 0, 1, "").await.expect("notify");
+    assert_eq!(one.sequences, [1]);
+    assert_eq!(read_stream(&client, 1, 1).await[0].1, "");
+    for (first, count) in [(1, 100), (101, 1000)] {
         let receipt = notify_range(node.grpc(), first, count, "")
             .await
             .expect("notify");

@@ -81,15 +81,11 @@ struct ApiError {
     description: String,
 }
 
-/// A batch id: unique per process and call (at most 64 characters).
-pub(super) fn new_batch_id(node_id: &str, counter: &AtomicU64) -> String {
+/// A batch id: 64 random bits and this node's count of batches (short:
+/// every stored message of the batch keeps it in its headers).
+pub(super) fn new_batch_id(counter: &AtomicU64) -> String {
     let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let node: String = node_id
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(24)
-        .collect();
-    format!("{node}-{:016x}-{n:x}", fastrand::u64(..))
+    format!("{:016x}{n:x}", fastrand::u64(..))
 }
 
 /// Sends `messages` (1 to [`MAX_BATCH`]) as the atomic batch `id` and

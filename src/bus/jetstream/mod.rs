@@ -66,7 +66,6 @@ struct Inner {
     batch_slots: Semaphore,
     /// Batches sent, for their ids.
     batches: AtomicU64,
-    node_id: String,
 }
 
 impl JetStreamBus {
@@ -85,8 +84,9 @@ impl JetStreamBus {
         let client = setup::connect(config, urls, node_id, &cancel).await?;
         let version = setup::server_version(&client)?;
         let js = jetstream::new(client.clone());
-        let (stream, info) = setup::open_stream(&client, config, &cancel).await?;
-        let atomic = setup::atomic_batches(&client, config, &version, &cancel).await?;
+        let atomic_server = setup::atomic_server(&version);
+        let (stream, info) = setup::open_stream(&client, config, atomic_server, &cancel).await?;
+        let atomic = atomic_server && setup::atomic_batches(&client, config, &info).await;
         let start = info.state.last_sequence;
         tracing::info!(
             stream = %setup::stream_name(&config.prefix),
@@ -111,7 +111,6 @@ impl JetStreamBus {
                 atomic,
                 batch_slots: Semaphore::new(batch::BATCHES_IN_FLIGHT),
                 batches: AtomicU64::new(0),
-                node_id: node_id.to_owned(),
             }),
         };
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -186,7 +185,9 @@ impl JetStreamBus {
         };
         let mut sequences = Vec::with_capacity(keys.len());
         let mut duplicates = 0;
-        if !self.inner.atomic {
+        // One key is one message either way: it goes as a plain publish
+        // (no batch headers stored with it).
+        if !self.inner.atomic || keys.len() == 1 {
             duplicates += self.publish_each(&keys, 0, &call, &mut sequences).await?;
         } else {
             // Whole batches, in order: a failure leaves the batches before
@@ -245,7 +246,7 @@ impl JetStreamBus {
                     headers: call.headers(offset + i),
                 })
                 .collect();
-            let id = batch::new_batch_id(&inner.node_id, &inner.batches);
+            let id = batch::new_batch_id(&inner.batches);
             match batch::publish(&inner.client, &id, messages).await {
                 Ok(stored) => return Ok(stored.first),
                 Err(err)

@@ -142,6 +142,7 @@ pub(super) fn server_version(client: &Client) -> Result<String, BusError> {
 pub(super) async fn open_stream(
     client: &Client,
     config: &NatsConfig,
+    atomic: bool,
     cancel: &CancellationToken,
 ) -> Result<(stream::Stream, stream::Info), BusError> {
     // The stream handle (and the consumers made from it) ask with the
@@ -149,7 +150,7 @@ pub(super) async fn open_stream(
     let api = jetstream::ContextBuilder::new()
         .timeout(API_TIMEOUT)
         .build(client.clone());
-    let wanted = stream_config(config);
+    let wanted = stream_config(config, atomic);
     let stream_error = |source: StreamError| BusError::Stream {
         stream: wanted.name.clone(),
         source,
@@ -176,43 +177,44 @@ pub(super) async fn open_stream(
     Ok((stream, info))
 }
 
-/// Whether `publish` can store a call's keys as atomic batches: the server
-/// is 2.12 or newer and the stream allows them (`allow_atomic`, added to an
-/// existing stream that lacks it). Otherwise says so in the log and the
-/// bus publishes each key on its own. The stream's JSON is read and written
-/// as JetStream sends it, so that settings this client does not know are
-/// kept.
-pub(super) async fn atomic_batches(
-    client: &Client,
-    config: &NatsConfig,
-    version: &str,
-    cancel: &CancellationToken,
-) -> Result<bool, BusError> {
-    if parse_version(version).is_none_or(|v| v < ATOMIC_SERVER_VERSION) {
+/// Whether the server has atomic batch publish (2.12+); says in the log
+/// what an older one means for `Notify`.
+pub(super) fn atomic_server(version: &str) -> bool {
+    let atomic = parse_version(version).is_some_and(|v| v >= ATOMIC_SERVER_VERSION);
+    if !atomic {
         tracing::warn!(
             server.version = %version,
             "nats-server is older than 2.12 (no atomic batch publish): a Notify stores each key as its own message, and one that fails part-way may have stored some of its keys"
         );
-        return Ok(false);
+    }
+    atomic
+}
+
+/// Whether `publish` can store a call's keys as atomic batches on the
+/// stream `info` describes (on a 2.12+ server): a stream created by a node
+/// allows them from the start; one made before without `allow_atomic` gets
+/// it added. The stream's JSON is read and written back as JetStream sends
+/// it, so that settings this client does not know are kept. When that
+/// fails (e.g. the NATS user may not update streams), says so in the log
+/// and the bus publishes each key on its own.
+pub(super) async fn atomic_batches(
+    client: &Client,
+    config: &NatsConfig,
+    info: &stream::Info,
+) -> bool {
+    if info.config.allow_atomic_publish {
+        return true;
     }
     let name = stream_name(&config.prefix);
-    let allowed = at_startup(
-        "allowing atomic batches on the JetStream stream",
-        config.startup_timeout,
-        cancel,
-        AtomicSetupError::retryable,
-        || allow_atomic(client, &name),
-    )
-    .await?;
-    match allowed {
-        Ok(()) => Ok(true),
+    match allow_atomic(client, &name).await {
+        Ok(()) => true,
         Err(err) => {
             tracing::warn!(
                 stream = %name,
                 error = %err,
-                "the stream does not allow atomic batches: a Notify stores each key as its own message, and one that fails part-way may have stored some of its keys"
+                "the stream does not allow atomic batches and could not be updated to: a Notify stores each key as its own message, and one that fails part-way may have stored some of its keys"
             );
-            Ok(false)
+            false
         }
     }
 }
@@ -226,7 +228,7 @@ enum AtomicSetupError {
     Timeout,
     #[error("unreadable JetStream answer: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("JetStream refused the stream update: {0}")]
+    #[error("JetStream refused: {0}")]
     Refused(String),
     #[error(
         "the stream was updated without allow_atomic (is every server of the cluster 2.12 or newer?)"
@@ -234,18 +236,8 @@ enum AtomicSetupError {
     NotKept,
 }
 
-impl AtomicSetupError {
-    /// NATS not answering (a cluster electing its leaders) is worth
-    /// another attempt; a refusal is not.
-    fn retryable(&self) -> bool {
-        matches!(
-            self,
-            AtomicSetupError::Request(_) | AtomicSetupError::Timeout
-        )
-    }
-}
-
-/// Sets `allow_atomic` on the stream `name` unless it has it.
+/// Sets `allow_atomic` on the existing stream `name` (one request for its
+/// config, one to update it).
 async fn allow_atomic(client: &Client, name: &str) -> Result<(), AtomicSetupError> {
     let info = api_request(client, format!("$JS.API.STREAM.INFO.{name}"), Bytes::new()).await?;
     let mut config = info.get("config").cloned().unwrap_or_default();
@@ -350,7 +342,9 @@ pub(super) fn changes_subjects(prefix: &str) -> String {
     format!("{prefix}.changes.>")
 }
 
-fn stream_config(config: &NatsConfig) -> stream::Config {
+/// The stream a node creates; `atomic`: allowing atomic batches (a 2.12+
+/// server).
+fn stream_config(config: &NatsConfig, atomic: bool) -> stream::Config {
     stream::Config {
         name: stream_name(&config.prefix),
         description: Some("entity-sync change keys".into()),
@@ -363,6 +357,7 @@ fn stream_config(config: &NatsConfig) -> stream::Config {
         max_bytes: config.max_bytes,
         // JetStream refuses a duplicate window longer than max_age.
         duplicate_window: DEDUP_WINDOW.min(config.max_age),
+        allow_atomic_publish: atomic,
         ..Default::default()
     }
 }
@@ -458,6 +453,10 @@ mod tests {
         assert_eq!(parse_version("2.9.10"), Some((2, 9)));
         assert!(parse_version("2.9.10") < Some(MIN_SERVER_VERSION));
         assert!(parse_version("3.0.0") >= Some(MIN_SERVER_VERSION));
+        assert!(!atomic_server("2.11.9"));
+        assert!(atomic_server("2.12.0"));
+        assert!(atomic_server("v2.15.1"));
+        assert!(!atomic_server("garbage"));
         assert_eq!(parse_version("garbage"), None);
     }
 
@@ -469,7 +468,8 @@ mod tests {
             max_bytes: -1,
             ..NatsConfig::default()
         };
-        let wanted = stream_config(&config);
+        let wanted = stream_config(&config, true);
+        assert!(wanted.allow_atomic_publish);
         assert_eq!(wanted.name, "es_changes");
         assert!(check_stream(&wanted, &wanted).is_ok());
         let mut other = wanted.clone();
