@@ -9,6 +9,7 @@
 //! target/release/entity-sync-bench manykeys [--rate N]    # 2,000 clients x 5 of 1,000 keys, 5,000 updates
 //! target/release/entity-sync-bench idle --conns 10000,50000,100000
 //! target/release/entity-sync-bench notify
+//! target/release/entity-sync-bench notify --nats-servers 3 --replicas 3 --batch 100,1000
 //! target/release/entity-sync-bench cluster                # fanout over 2 nodes on NATS JetStream
 //! target/release/entity-sync-bench fanout --smoke         # seconds; exit code 1 if any client lost
 //! target/release/entity-sync-bench ceiling                # the bare server: the machine's paced ceiling
@@ -53,7 +54,7 @@ use clap::{Parser, ValueEnum};
 use entity_sync_backend::{FetchMode, Notifier};
 use entity_sync_testkit::{
     NodeProcess,
-    nats::NatsServer,
+    nats::{NatsCluster, NatsServer},
     procstat::{cpu_seconds, cpu_split, raise_nofile, rss_kib},
 };
 use serde::Serialize;
@@ -163,6 +164,13 @@ struct Cli {
     /// Start nats-server with `sync_interval: always` (fsync every write).
     #[arg(long)]
     nats_sync_always: bool,
+    /// nats-servers to start (implies --nats): more than one form a JetStream cluster on
+    /// loopback, which always runs with `sync_interval: always`.
+    #[arg(long, default_value_t = 1)]
+    nats_servers: usize,
+    /// Replicas of the nodes' stream (`--nats-replicas`), at most --nats-servers.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 
     /// Source addresses 127.0.0.1..N for the websocket clients (default: one per 20,000 clients).
     #[arg(long)]
@@ -346,6 +354,7 @@ async fn run(cli: Cli, scenario: Scenario, nofile: u64) -> anyhow::Result<bool> 
 struct Env {
     nodes: Vec<NodeProcess>,
     _nats: Option<NatsServer>,
+    _nats_cluster: Option<NatsCluster>,
 }
 
 impl Env {
@@ -372,7 +381,19 @@ impl Env {
         if nodes > 1 && !nats {
             bail!("{nodes} nodes need a bus: pass --nats");
         }
-        let nats_server = if !nats {
+        if cli.replicas > cli.nats_servers.max(1) {
+            bail!(
+                "--replicas {} needs as many nats-servers: pass --nats-servers",
+                cli.replicas
+            );
+        }
+        let nats = nats || cli.nats_servers > 1;
+        let nats_cluster = if nats && cli.nats_servers > 1 {
+            Some(NatsCluster::start(cli.nats_servers).await)
+        } else {
+            None
+        };
+        let nats_server = if !nats || nats_cluster.is_some() {
             None
         } else if cli.nats_sync_always {
             Some(NatsServer::start().await)
@@ -388,6 +409,12 @@ impl Env {
             if let Some(nats) = &nats_server {
                 args.push(format!("--nats-url={}", nats.url()));
             }
+            if let Some(cluster) = &nats_cluster {
+                args.push(format!("--nats-url={}", cluster.urls()));
+            }
+            if nats {
+                args.push(format!("--nats-replicas={}", cli.replicas));
+            }
             args.extend(cli.node_args.iter().cloned());
             let log = log_dir.join(format!("node-{i}.log"));
             let mut node = NodeProcess::spawn(&bin, &args, Some(&log), &cli.node_log)?;
@@ -398,6 +425,7 @@ impl Env {
         Ok(Env {
             nodes: started,
             _nats: nats_server,
+            _nats_cluster: nats_cluster,
         })
     }
 
@@ -1252,6 +1280,9 @@ async fn idle_scenario(
 struct NotifyReport {
     scenario: &'static str,
     bus: &'static str,
+    /// nats-servers and stream replicas (JetStream bus).
+    nats_servers: usize,
+    replicas: usize,
     batch: usize,
     concurrency: usize,
     calls: u64,
@@ -1271,7 +1302,7 @@ struct NotifyReport {
 }
 
 async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow::Result<bool> {
-    let nats = cli.nats;
+    let nats = cli.nats || cli.nats_servers > 1;
     let mut env = Env::start(cli, 1, nats, log_dir, deadline).await?;
     let keys = cli.keys.unwrap_or(1_000).max(1);
     // Subscribers, so the node pushes while the calls run.
@@ -1357,6 +1388,8 @@ async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow
         let report = NotifyReport {
             scenario: "notify",
             bus: if nats { "jetstream" } else { "in-process" },
+            nats_servers: if nats { cli.nats_servers } else { 0 },
+            replicas: if nats { cli.replicas } else { 0 },
             batch,
             concurrency,
             calls: out.calls,

@@ -186,14 +186,43 @@ pub enum PublishError {
     /// Sending the message or awaiting its PubAck failed.
     #[error("{0}")]
     Nats(#[source] context::PublishError),
+    /// Sending a message of an atomic batch failed (nothing of the batch is
+    /// stored: the server drops a batch that is never committed).
+    #[error("{0}")]
+    BatchSend(#[source] async_nats::PublishError),
+    /// The commit of an atomic batch got no answer.
+    #[error("{0}")]
+    BatchCommit(#[source] async_nats::RequestError),
+    /// JetStream refused an atomic batch: nothing of it is stored.
+    /// `code` is JetStream's error code (`err_code`).
+    #[error("JetStream refused the batch: {description} (error {code})")]
+    BatchRefused { code: u64, description: String },
+    /// The commit's answer was not a batch acknowledgement: the stream's
+    /// leader does not know atomic batches (a server older than 2.12 in the
+    /// cluster) and may have stored the messages one by one.
+    #[error(
+        "the batch was not stored atomically (acknowledged {count:?} of {expected} messages): is every server of the cluster 2.12 or newer?"
+    )]
+    NotAtomic { count: Option<u64>, expected: usize },
+    /// The commit's answer was not JSON JetStream sends.
+    #[error("unreadable batch acknowledgement: {0}")]
+    BadAck(#[source] serde_json::Error),
 }
 
 impl PublishError {
     pub fn kind(&self) -> BusErrorKind {
         match self {
-            PublishError::NotConnected => BusErrorKind::Unavailable,
+            PublishError::NotConnected
+            | PublishError::BatchSend(_)
+            | PublishError::BatchRefused { .. }
+            | PublishError::NotAtomic { .. }
+            | PublishError::BadAck(_) => BusErrorKind::Unavailable,
             PublishError::Nats(err) => match err.kind() {
                 PublishErrorKind::TimedOut => BusErrorKind::Timeout,
+                _ => BusErrorKind::Unavailable,
+            },
+            PublishError::BatchCommit(err) => match err.kind() {
+                async_nats::RequestErrorKind::TimedOut => BusErrorKind::Timeout,
                 _ => BusErrorKind::Unavailable,
             },
         }

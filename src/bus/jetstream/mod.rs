@@ -1,12 +1,14 @@
 //! The NATS JetStream bus: change keys on `{prefix}.changes.{entity}.{id}` in one stream, consumed by every node.
 //!
-//! `publish` awaits each key's PubAck (in windows: async-nats keeps at most
-//! a few thousand acks in flight, and collecting more un-awaited ack futures
-//! than that hangs). Each node reads the stream with an ordered push
+//! `publish` stores a call's keys as atomic batches of up to 1,000 (one
+//! commit and one PubAck per batch, see `batch`) when the server is 2.12 or
+//! newer and the stream allows them; else it publishes each key and awaits
+//! its PubAck. Each node reads the stream with an ordered push
 //! consumer starting right after the last sequence it processed; a gap in the
 //! sequence means changes left the stream's retention while the node was
 //! away, and the node re-resolves every subscribed key (resync).
 
+mod batch;
 mod consumer;
 pub(crate) mod relay_feed;
 mod setup;
@@ -20,7 +22,7 @@ use std::{
 };
 
 use async_nats::{Client, HeaderMap, connection::State, header::NATS_MESSAGE_ID, jetstream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::{
     bus::{
@@ -60,6 +62,13 @@ struct Inner {
     /// The stream's first sequence as last read (it only grows).
     first: AtomicU64,
     closed: AtomicBool,
+    /// Whether a call's keys go as atomic batches (server 2.12+ and the
+    /// stream allows them), else one message each.
+    atomic: bool,
+    /// This node's open batches (see [`batch::BATCHES_IN_FLIGHT`]).
+    batch_slots: Semaphore,
+    /// Batches sent, for their ids.
+    batches: AtomicU64,
 }
 
 impl JetStreamBus {
@@ -78,7 +87,9 @@ impl JetStreamBus {
         let client = setup::connect(config, urls, node_id, &cancel).await?;
         let version = setup::server_version(&client)?;
         let js = jetstream::new(client.clone());
-        let (stream, info) = setup::open_stream(&client, config, &cancel).await?;
+        let atomic_server = setup::atomic_server(&version);
+        let (stream, info) = setup::open_stream(&client, config, atomic_server, &cancel).await?;
+        let atomic = atomic_server && setup::atomic_batches(&client, config, &info).await;
         let start = info.state.last_sequence;
         tracing::info!(
             stream = %setup::stream_name(&config.prefix),
@@ -86,6 +97,7 @@ impl JetStreamBus {
             first_version = info.state.first_sequence,
             last_seq = start,
             replicas = info.config.num_replicas,
+            atomic_notify = atomic,
             "JetStream bus ready"
         );
 
@@ -100,6 +112,9 @@ impl JetStreamBus {
                 head_reads: HeadReads::default(),
                 first: AtomicU64::new(info.state.first_sequence),
                 closed: AtomicBool::new(false),
+                atomic,
+                batch_slots: Semaphore::new(batch::BATCHES_IN_FLIGHT),
+                batches: AtomicU64::new(0),
             }),
         };
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -204,30 +219,116 @@ impl JetStreamBus {
                 source: PublishError::NotConnected,
             });
         }
+        let call = Call {
+            idempotency_key,
+            // Written once per call; every key of it carries them.
+            trace: meta.trace.to_string(),
+            notified_at: meta.notified_at_us.to_string(),
+        };
         let mut sequences = Vec::with_capacity(keys.len());
         let mut duplicates = 0;
-        // Written once per call; every key of it carries them.
-        let trace = meta.trace.to_string();
-        let notified_at = meta.notified_at_us.to_string();
+        // One key is one message either way: it goes as a plain publish
+        // (no batch headers stored with it).
+        if !self.inner.atomic || keys.len() == 1 {
+            duplicates += self.publish_each(&keys, 0, &call, &mut sequences).await?;
+        } else {
+            // Whole batches, in order: a failure leaves the batches before
+            // it stored and nothing of the others.
+            for (index, chunk) in keys.chunks(batch::MAX_BATCH).enumerate() {
+                let offset = index * batch::MAX_BATCH;
+                match self.publish_batch(chunk, offset, &call).await {
+                    Ok(first) => {
+                        let last = first + chunk.len() as u64 - 1;
+                        self.inner.head.fetch_max(last, Ordering::AcqRel);
+                        sequences.extend(first..=last);
+                    }
+                    // Some key of the batch was stored before under its
+                    // message id (a retried call): one by one, the stored
+                    // keys answer their sequences as duplicates and any
+                    // missing one is stored.
+                    Err(err) if batch::refusal_code(&err) == Some(batch::ERR_DUPLICATE_MSG_ID) => {
+                        duplicates += self
+                            .publish_each(chunk, offset, &call, &mut sequences)
+                            .await?;
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        Ok(Receipt {
+            duplicate: duplicates == sequences.len() && !sequences.is_empty(),
+            sequences,
+        })
+    }
+
+    /// Stores `keys` (at most [`batch::MAX_BATCH`], the call's keys from
+    /// `offset` on) as one atomic batch; returns the first key's sequence
+    /// (the others follow it). A batch refused because too many are open on
+    /// the stream is sent again, a few times.
+    async fn publish_batch(
+        &self,
+        keys: &[Key],
+        offset: usize,
+        call: &Call<'_>,
+    ) -> Result<u64, BusError> {
+        let inner = &self.inner;
+        let _slot = inner
+            .batch_slots
+            .acquire()
+            .await
+            .map_err(|_| BusError::Closed)?;
+        let mut pause = batch::INFLIGHT_PAUSE;
+        let mut attempt = 1;
+        loop {
+            let messages = keys
+                .iter()
+                .enumerate()
+                .map(|(i, key)| batch::Message {
+                    subject: self.subject(key),
+                    headers: call.headers(offset + i),
+                })
+                .collect();
+            let id = batch::new_batch_id(&inner.batches);
+            match batch::publish(&inner.client, &id, messages).await {
+                Ok(stored) => return Ok(stored.first),
+                Err(err)
+                    if batch::refusal_code(&err) == Some(batch::ERR_TOO_MANY_INFLIGHT)
+                        && attempt < batch::INFLIGHT_ATTEMPTS =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Stores `keys` (the call's keys from `offset` on) one message each,
+    /// appending their sequences to `sequences`; returns how many were
+    /// duplicates. PubAcks are awaited in windows: async-nats keeps at most
+    /// a few thousand in flight, and collecting more un-awaited ack futures
+    /// than that hangs.
+    async fn publish_each(
+        &self,
+        keys: &[Key],
+        offset: usize,
+        call: &Call<'_>,
+        sequences: &mut Vec<u64>,
+    ) -> Result<usize, BusError> {
+        let mut duplicates = 0;
         for (window_index, window) in keys.chunks(ACK_WINDOW).enumerate() {
             let mut acks = Vec::with_capacity(window.len());
             for (i, key) in window.iter().enumerate() {
-                let subject = format!("{}.changes.{}.{}", self.inner.prefix, key.entity, key.id);
-                let mut headers = HeaderMap::new();
-                headers.insert(BUS_TRACE_HEADER, trace.as_str());
-                headers.insert(BUS_NOTIFIED_HEADER, notified_at.as_str());
-                if !idempotency_key.is_empty() {
-                    // One message id per key of the call.
-                    let index = window_index * ACK_WINDOW + i;
-                    headers.insert(
-                        NATS_MESSAGE_ID,
-                        format!("{idempotency_key}#{index}").as_str(),
-                    );
-                }
+                let index = offset + window_index * ACK_WINDOW + i;
                 let ack = self
                     .inner
                     .js
-                    .publish_with_headers(subject, headers, bytes::Bytes::new())
+                    .publish_with_headers(
+                        self.subject(key),
+                        call.headers(index),
+                        bytes::Bytes::new(),
+                    )
                     .await
                     .map_err(unacknowledged)?;
                 acks.push(ack);
@@ -241,10 +342,35 @@ impl JetStreamBus {
                 sequences.push(ack.sequence);
             }
         }
-        Ok(Receipt {
-            duplicate: duplicates == sequences.len() && !sequences.is_empty(),
-            sequences,
-        })
+        Ok(duplicates)
+    }
+
+    fn subject(&self, key: &Key) -> String {
+        format!("{}.changes.{}.{}", self.inner.prefix, key.entity, key.id)
+    }
+}
+
+/// What every key of one `publish` carries.
+struct Call<'a> {
+    idempotency_key: &'a str,
+    trace: String,
+    notified_at: String,
+}
+
+impl Call<'_> {
+    /// The headers of the call's key number `index`.
+    fn headers(&self, index: usize) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(BUS_TRACE_HEADER, self.trace.as_str());
+        headers.insert(BUS_NOTIFIED_HEADER, self.notified_at.as_str());
+        if !self.idempotency_key.is_empty() {
+            // One message id per key of the call.
+            headers.insert(
+                NATS_MESSAGE_ID,
+                format!("{}#{index}", self.idempotency_key).as_str(),
+            );
+        }
+        headers
     }
 }
 

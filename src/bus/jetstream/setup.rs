@@ -8,6 +8,7 @@ use async_nats::{
     Client, ConnectOptions,
     jetstream::{self, stream},
 };
+use bytes::Bytes;
 use entity_sync_backend::Backoff;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +22,9 @@ use crate::{
 
 /// Oldest nats-server accepted (major, minor).
 const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+/// Oldest nats-server with atomic batch publish: older ones get each key
+/// as its own message.
+const ATOMIC_SERVER_VERSION: (u64, u64) = (2, 12);
 /// Deadline of each JetStream API request made to set up and consume the
 /// stream (stream info and create, consumer create, and the ordered
 /// consumer's own recreations). A request can be lost with a cluster member
@@ -138,6 +142,7 @@ pub(super) fn server_version(client: &Client) -> Result<String, BusError> {
 pub(super) async fn open_stream(
     client: &Client,
     config: &NatsConfig,
+    atomic: bool,
     cancel: &CancellationToken,
 ) -> Result<(stream::Stream, stream::Info), BusError> {
     // The stream handle (and the consumers made from it) ask with the
@@ -145,7 +150,7 @@ pub(super) async fn open_stream(
     let api = jetstream::ContextBuilder::new()
         .timeout(API_TIMEOUT)
         .build(client.clone());
-    let wanted = stream_config(config);
+    let wanted = stream_config(config, atomic);
     let stream_error = |source: StreamError| BusError::Stream {
         stream: wanted.name.clone(),
         source,
@@ -170,6 +175,109 @@ pub(super) async fn open_stream(
     .map_err(stream_error)?;
     check_stream(&wanted, &info.config).map_err(stream_error)?;
     Ok((stream, info))
+}
+
+/// Whether the server has atomic batch publish (2.12+); says in the log
+/// what an older one means for `Notify`.
+pub(super) fn atomic_server(version: &str) -> bool {
+    let atomic = parse_version(version).is_some_and(|v| v >= ATOMIC_SERVER_VERSION);
+    if !atomic {
+        tracing::warn!(
+            server.version = %version,
+            "nats-server is older than 2.12 (no atomic batch publish): a Notify stores each key as its own message, and one that fails part-way may have stored some of its keys"
+        );
+    }
+    atomic
+}
+
+/// Whether `publish` can store a call's keys as atomic batches on the
+/// stream `info` describes (on a 2.12+ server): a stream created by a node
+/// allows them from the start; one made before without `allow_atomic` gets
+/// it added. The stream's JSON is read and written back as JetStream sends
+/// it, so that settings this client does not know are kept. When that
+/// fails (e.g. the NATS user may not update streams), says so in the log
+/// and the bus publishes each key on its own.
+pub(super) async fn atomic_batches(
+    client: &Client,
+    config: &NatsConfig,
+    info: &stream::Info,
+) -> bool {
+    if info.config.allow_atomic_publish {
+        return true;
+    }
+    let name = stream_name(&config.prefix);
+    match allow_atomic(client, &name).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(
+                stream = %name,
+                error = %err,
+                "the stream does not allow atomic batches and could not be updated to: a Notify stores each key as its own message, and one that fails part-way may have stored some of its keys"
+            );
+            false
+        }
+    }
+}
+
+/// Why `allow_atomic` could not be set on the stream.
+#[derive(Debug, thiserror::Error)]
+enum AtomicSetupError {
+    #[error("{0}")]
+    Request(#[from] async_nats::RequestError),
+    #[error("JetStream did not answer in time")]
+    Timeout,
+    #[error("unreadable JetStream answer: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("JetStream refused: {0}")]
+    Refused(String),
+    #[error(
+        "the stream was updated without allow_atomic (is every server of the cluster 2.12 or newer?)"
+    )]
+    NotKept,
+}
+
+/// Sets `allow_atomic` on the existing stream `name` (one request for its
+/// config, one to update it).
+async fn allow_atomic(client: &Client, name: &str) -> Result<(), AtomicSetupError> {
+    let info = api_request(client, format!("$JS.API.STREAM.INFO.{name}"), Bytes::new()).await?;
+    let mut config = info.get("config").cloned().unwrap_or_default();
+    if config.get("allow_atomic") == Some(&serde_json::Value::Bool(true)) {
+        return Ok(());
+    }
+    let Some(fields) = config.as_object_mut() else {
+        return Err(AtomicSetupError::Refused(
+            "stream info without config".into(),
+        ));
+    };
+    fields.insert("allow_atomic".into(), serde_json::Value::Bool(true));
+    let body = serde_json::to_vec(&config)?;
+    let updated = api_request(client, format!("$JS.API.STREAM.UPDATE.{name}"), body.into()).await?;
+    if updated.pointer("/config/allow_atomic") != Some(&serde_json::Value::Bool(true)) {
+        return Err(AtomicSetupError::NotKept);
+    }
+    tracing::info!(stream = %name, "allowed atomic batches on the existing stream");
+    Ok(())
+}
+
+/// A JetStream API request answered with JSON (an error answer is
+/// [`AtomicSetupError::Refused`]), within [`API_TIMEOUT`].
+async fn api_request(
+    client: &Client,
+    subject: String,
+    body: Bytes,
+) -> Result<serde_json::Value, AtomicSetupError> {
+    let answer = tokio::time::timeout(API_TIMEOUT, client.request(subject, body))
+        .await
+        .map_err(|_| AtomicSetupError::Timeout)??;
+    let value: serde_json::Value = serde_json::from_slice(&answer.payload)?;
+    if let Some(error) = value.get("error") {
+        let description = error
+            .get("description")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("no description");
+        return Err(AtomicSetupError::Refused(description.to_owned()));
+    }
+    Ok(value)
 }
 
 /// Retries `attempt` with backoff while it fails with an error `retryable`
@@ -234,7 +342,9 @@ pub(super) fn changes_subjects(prefix: &str) -> String {
     format!("{prefix}.changes.>")
 }
 
-fn stream_config(config: &NatsConfig) -> stream::Config {
+/// The stream a node creates; `atomic`: allowing atomic batches (a 2.12+
+/// server).
+fn stream_config(config: &NatsConfig, atomic: bool) -> stream::Config {
     stream::Config {
         name: stream_name(&config.prefix),
         description: Some("entity-sync change keys".into()),
@@ -247,6 +357,7 @@ fn stream_config(config: &NatsConfig) -> stream::Config {
         max_bytes: config.max_bytes,
         // JetStream refuses a duplicate window longer than max_age.
         duplicate_window: DEDUP_WINDOW.min(config.max_age),
+        allow_atomic_publish: atomic,
         ..Default::default()
     }
 }
@@ -342,6 +453,10 @@ mod tests {
         assert_eq!(parse_version("2.9.10"), Some((2, 9)));
         assert!(parse_version("2.9.10") < Some(MIN_SERVER_VERSION));
         assert!(parse_version("3.0.0") >= Some(MIN_SERVER_VERSION));
+        assert!(!atomic_server("2.11.9"));
+        assert!(atomic_server("2.12.0"));
+        assert!(atomic_server("v2.15.1"));
+        assert!(!atomic_server("garbage"));
         assert_eq!(parse_version("garbage"), None);
     }
 
@@ -353,7 +468,8 @@ mod tests {
             max_bytes: -1,
             ..NatsConfig::default()
         };
-        let wanted = stream_config(&config);
+        let wanted = stream_config(&config, true);
+        assert!(wanted.allow_atomic_publish);
         assert_eq!(wanted.name, "es_changes");
         assert!(check_stream(&wanted, &wanted).is_ok());
         let mut other = wanted.clone();
