@@ -23,6 +23,7 @@ use crate::{
 pub use error::{BusError, BusErrorKind, ConnectError, PublishError, StreamError};
 pub(crate) use event::{BusEvent, Receipt};
 use jetstream::JetStreamBus;
+pub(crate) use jetstream::Unavailable;
 use memory::MemoryBus;
 
 /// The bus of a node.
@@ -107,6 +108,15 @@ impl Bus {
         match self {
             Bus::InProcess(_) => true,
             Bus::JetStream(bus) => bus.is_connected(),
+        }
+    }
+
+    /// Whether this node receives changes while connected (for `/readyz`):
+    /// always on the in-process bus.
+    pub(crate) fn availability(&self) -> Result<(), Unavailable> {
+        match self {
+            Bus::InProcess(_) => Ok(()),
+            Bus::JetStream(bus) => bus.availability(),
         }
     }
 

@@ -33,7 +33,8 @@ use crate::{
     ops::tasks::Tasks,
     ops::trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
 };
-use consumer::Consumer;
+pub(crate) use consumer::Unavailable;
+use consumer::{Availability, Consumer};
 
 /// PubAck futures awaited together; well under async-nats's in-flight limit.
 const ACK_WINDOW: usize = 1000;
@@ -57,6 +58,8 @@ struct Inner {
     /// Snapshots' reads of the stream's head, batched.
     head_reads: HeadReads,
     closed: AtomicBool,
+    /// Whether this node receives changes, as its consumer finds out.
+    availability: Arc<Availability>,
 }
 
 impl JetStreamBus {
@@ -87,6 +90,7 @@ impl JetStreamBus {
         );
 
         let head = Arc::new(AtomicU64::new(start));
+        let availability = Arc::new(Availability::default());
         let bus = JetStreamBus {
             inner: Arc::new(Inner {
                 client: client.clone(),
@@ -96,6 +100,7 @@ impl JetStreamBus {
                 head: head.clone(),
                 head_reads: HeadReads::default(),
                 closed: AtomicBool::new(false),
+                availability: availability.clone(),
             }),
         };
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -106,6 +111,7 @@ impl JetStreamBus {
             tx,
             last: start,
             head,
+            availability,
             metrics,
             cancel,
         };
@@ -141,6 +147,13 @@ impl JetStreamBus {
 
     pub(super) fn is_connected(&self) -> bool {
         self.inner.client.connection_state() == State::Connected
+    }
+
+    /// Whether this node receives changes, short of the connection (see
+    /// [`is_connected`](Self::is_connected)): its stream answers and its
+    /// consumer is not stalled.
+    pub(super) fn availability(&self) -> Result<(), Unavailable> {
+        self.inner.availability.get()
     }
 
     pub(super) async fn close(&self) {
