@@ -51,14 +51,12 @@ const RETRY_UNREACHABLE_EVERY: Duration = Duration::from_millis(250);
 /// own server, but stores nothing more.
 const QUORUM_SILENCE: Duration = Duration::from_secs(3);
 /// Checks in a row without progress, while the stream is ahead, before the
-/// node says its consumer stalled (not ready).
-const STALL_NOT_READY_CHECKS: u32 = 2;
-/// Checks in a row without progress, while the stream is ahead, before the
-/// consumer is recreated. A consumer that lived on a server that died gets
+/// node says its consumer stalled (not ready) and recreates it. A consumer
+/// that lived on a server that died or was cut off from the cluster gets
 /// nothing more, and async-nats's ordered consumer notices only after two
 /// missed 5 s heartbeats; recreating one that was merely slow costs a
 /// consumer create and nothing else (it resumes after `last`).
-const STALL_CHECKS: u32 = 3;
+const STALL_CHECKS: u32 = 2;
 /// First and longest pause before recreating a consumer that failed (steps
 /// of a jittered [`Backoff`]: nodes that lost the same server do not all
 /// recreate their consumers at the same instant).
@@ -163,6 +161,10 @@ impl Consumer {
                 Ok(()) => return,
                 Err(Interrupted::Reachable) => {
                     backoff.reset();
+                    tracing::debug!(
+                        last_seq = self.last,
+                        "the change stream answers again; new consumer"
+                    );
                     continue;
                 }
                 Err(Interrupted::Unreachable) => RETRY_UNREACHABLE_EVERY,
@@ -206,15 +208,14 @@ impl Consumer {
                 return Err(Interrupted::Unreachable);
             }
         };
-        if let Some(why) = lost_quorum(info.cluster.as_ref()) {
+        if let Some(why) = no_quorum(info.cluster.as_ref()) {
             // Cut off: a new consumer would get nothing either.
             self.unreachable(&why);
             return Err(Interrupted::Unreachable);
         }
-        self.reachable(&info);
         self.resync_if_expired(&info).await?;
         let client = self.client.clone();
-        let consumer = self
+        let created = self
             .stream
             .create_consumer(push::OrderedConfig {
                 deliver_subject: client.new_inbox(),
@@ -224,9 +225,19 @@ impl Consumer {
                 },
                 ..Default::default()
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await;
+        // Without a consumer nothing arrives: unavailable, and tried again
+        // soon (JetStream answers "temporarily unavailable" for a while
+        // after its stream got a leader again).
+        let consumer = match created {
+            Ok(consumer) => consumer,
+            Err(err) => {
+                self.unreachable(&format!("cannot create the consumer: {err}"));
+                return Err(Interrupted::Unreachable);
+            }
+        };
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        self.reachable(&info);
         let prefix_len = self.filter.len() - 1; // "{prefix}.changes."
         let mut batch: Vec<Change> = Vec::new();
         // The next probe: due at `next_check`, or in flight. Probes run
@@ -330,12 +341,12 @@ impl Consumer {
                 return Ok(false);
             }
         };
-        if let Some(why) = lost_quorum(info.cluster.as_ref()) {
+        if let Some(why) = no_quorum(info.cluster.as_ref()) {
             self.unreachable(&why);
             return Ok(false);
         }
         if self.availability.get() == Err(Unavailable::StreamUnreachable) {
-            self.reachable(&info);
+            // Available again once the new consumer exists.
             return Err(Interrupted::Reachable);
         }
         self.resync_if_expired(&info).await?;
@@ -344,17 +355,15 @@ impl Consumer {
             .fetch_max(info.state.last_sequence, Ordering::AcqRel);
         if info.state.last_sequence > self.last && progress.0 == self.last {
             progress.1 += 1;
-            if progress.1 >= STALL_NOT_READY_CHECKS
-                && self.availability.set(Err(Unavailable::Stalled))
-            {
-                tracing::warn!(
-                    reason = Unavailable::Stalled.as_str(),
-                    stream_seq = info.state.last_sequence,
-                    last_seq = self.last,
-                    "bus unavailable: the stream is ahead and this node's consumer delivers nothing"
-                );
-            }
             if progress.1 >= STALL_CHECKS {
+                if self.availability.set(Err(Unavailable::Stalled)) {
+                    tracing::warn!(
+                        reason = Unavailable::Stalled.as_str(),
+                        stream_seq = info.state.last_sequence,
+                        last_seq = self.last,
+                        "bus unavailable: the stream is ahead and this node's consumer delivers nothing"
+                    );
+                }
                 return Err(Interrupted::Failed(format!(
                     "consumer stalled: the stream is at {}, this node at {}",
                     info.state.last_sequence, self.last
@@ -435,15 +444,22 @@ impl Consumer {
     }
 }
 
-/// Why the stream's leader (which answered the probe) cannot store changes:
-/// fewer of its replicas than a quorum were heard from within
-/// [`QUORUM_SILENCE`] (it is cut off from them, and steps down only later).
-/// `None` for a single replica or a leader with its quorum.
-fn lost_quorum(cluster: Option<&stream::ClusterInfo>) -> Option<String> {
+/// Why the stream, although it answered the probe, cannot store changes:
+/// it has no leader (a replica answered for it), or its leader heard from
+/// fewer of its replicas than a quorum within [`QUORUM_SILENCE`] (it is cut
+/// off from them, and steps down only later). `None` when it can: a leader
+/// with its quorum, a single replica, or a server outside any cluster.
+fn no_quorum(cluster: Option<&stream::ClusterInfo>) -> Option<String> {
     let cluster = cluster?;
+    let Some(leader) = &cluster.leader else {
+        // Clustered (a raft group, replicas listed) and no leader.
+        return (cluster.raft_group.is_some() || !cluster.replicas.is_empty())
+            .then(|| "the stream has no leader".to_owned());
+    };
     if cluster.replicas.is_empty() {
         return None;
     }
+    // The leader lists the other replicas.
     let members = cluster.replicas.len() + 1;
     let heard = 1 + cluster
         .replicas
@@ -451,10 +467,7 @@ fn lost_quorum(cluster: Option<&stream::ClusterInfo>) -> Option<String> {
         .filter(|peer| !peer.offline && peer.active < QUORUM_SILENCE)
         .count();
     (heard < members / 2 + 1).then(|| {
-        format!(
-            "the stream leader {} heard from {heard} of {members} replicas within {QUORUM_SILENCE:?}",
-            cluster.leader.as_deref().unwrap_or("?")
-        )
+        format!("the stream leader {leader} heard from {heard} of {members} replicas within {QUORUM_SILENCE:?}")
     })
 }
 
@@ -482,23 +495,36 @@ mod tests {
     }
 
     #[test]
-    fn a_leader_that_hears_from_too_few_replicas_lost_its_quorum() {
+    fn a_stream_without_leader_or_whose_leader_hears_from_too_few_replicas_has_no_quorum() {
         // No cluster info, or a single replica: nothing to judge.
-        assert_eq!(lost_quorum(None), None);
-        assert_eq!(lost_quorum(Some(&cluster(vec![]))), None);
+        assert_eq!(no_quorum(None), None);
+        assert_eq!(no_quorum(Some(&cluster(vec![]))), None);
+        // A server outside any cluster names itself leader, or no one.
+        assert_eq!(no_quorum(Some(&ClusterInfo::default())), None);
+        // A replica answering for a stream without leader lists every peer.
+        let leaderless = ClusterInfo {
+            leader: None,
+            raft_group: Some("S-R3F-abc".to_owned()),
+            replicas: vec![peer("n0", 10, false), peer("n1", 10, false)],
+            ..ClusterInfo::default()
+        };
+        assert_eq!(
+            no_quorum(Some(&leaderless)).as_deref(),
+            Some("the stream has no leader")
+        );
         // Three replicas: the leader and one follower heard from are a quorum.
         let one_heard = cluster(vec![peer("n1", 400, false), peer("n2", 9_000, false)]);
-        assert_eq!(lost_quorum(Some(&one_heard)), None);
+        assert_eq!(no_quorum(Some(&one_heard)), None);
         let one_offline = cluster(vec![peer("n1", 100, false), peer("n2", 100, true)]);
-        assert_eq!(lost_quorum(Some(&one_offline)), None);
+        assert_eq!(no_quorum(Some(&one_offline)), None);
         // Neither follower heard from within QUORUM_SILENCE: no quorum.
         let silent = cluster(vec![peer("n1", 3_000, false), peer("n2", 12_000, false)]);
         assert_eq!(
-            lost_quorum(Some(&silent)).as_deref(),
+            no_quorum(Some(&silent)).as_deref(),
             Some("the stream leader n0 heard from 1 of 3 replicas within 3s")
         );
         let offline = cluster(vec![peer("n1", 10, true), peer("n2", 10, true)]);
-        assert!(lost_quorum(Some(&offline)).is_some());
+        assert!(no_quorum(Some(&offline)).is_some());
         // Five replicas: three are needed.
         let five = |active: [u64; 4]| {
             cluster(
@@ -509,8 +535,8 @@ mod tests {
                     .collect(),
             )
         };
-        assert_eq!(lost_quorum(Some(&five([10, 10, 9_000, 9_000]))), None);
-        assert!(lost_quorum(Some(&five([10, 9_000, 9_000, 9_000]))).is_some());
+        assert_eq!(no_quorum(Some(&five([10, 10, 9_000, 9_000]))), None);
+        assert!(no_quorum(Some(&five([10, 9_000, 9_000, 9_000]))).is_some());
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! than that hangs). Each node reads the stream with an ordered push
 //! consumer starting right after the last sequence it processed; a gap in the
 //! sequence means changes left the stream's retention while the node was
-//! away, and the node re-resolves every subscribed key (resync).
+//! away, and the node re-resolves every subscribed key (resync). The consumer
+//! also probes the stream every second and says whether this node receives
+//! changes ([`JetStreamBus::availability`], for readiness).
 
 mod consumer;
 mod setup;
