@@ -24,6 +24,7 @@ pub use error::{BusError, BusErrorKind, ConnectError, PublishError, StreamError}
 pub(crate) use event::{BusEvent, LastChange, Receipt};
 use jetstream::JetStreamBus;
 pub(crate) use jetstream::relay_feed::{Claim, PROGRESS_EVERY as RELAY_PROGRESS_EVERY, RelayFeed};
+pub(crate) use jetstream::Unavailable;
 use memory::MemoryBus;
 
 /// The bus of a node.
@@ -129,6 +130,15 @@ impl Bus {
         match self {
             Bus::InProcess(_) => true,
             Bus::JetStream(bus) => bus.is_connected(),
+        }
+    }
+
+    /// Whether this node receives changes while connected (for `/readyz`):
+    /// always on the in-process bus.
+    pub(crate) fn availability(&self) -> Result<(), Unavailable> {
+        match self {
+            Bus::InProcess(_) => Ok(()),
+            Bus::JetStream(bus) => bus.availability(),
         }
     }
 

@@ -203,6 +203,10 @@ pub(crate) struct Live {
     /// Changes stored on the bus that this node has not consumed yet.
     pub(crate) bus_lag: u64,
     pub(crate) ready: bool,
+    /// Why the node is not ready, when it is not.
+    pub(crate) not_ready: Option<crate::ops::health::NotReady>,
+    /// Connected to the bus, and receiving changes from it.
+    pub(crate) bus_available: bool,
     /// Resolver streams per registered name.
     pub(crate) resolver_streams: Vec<(Arc<str>, usize)>,
 }
@@ -405,6 +409,25 @@ impl Collector for Scrape {
             "1 while /readyz answers 200 and gRPC health is SERVING.",
             u64::from(live.ready),
         )?;
+        gauge(
+            &mut enc,
+            "entity_sync_bus_available",
+            "1 while this node receives changes: connected to the bus, the change stream answers and the consumer is not stalled (always 1 in-process).",
+            u64::from(live.bus_available),
+        )?;
+        {
+            let mut reasons = enc.encode_descriptor(
+                "entity_sync_not_ready",
+                "1 for the reason /readyz gives while the node is not ready, 0 for the others.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for reason in crate::ops::health::NotReady::ALL {
+                let labels = [("reason", reason.as_str())];
+                ConstGauge::new(u64::from(live.not_ready == Some(reason)))
+                    .encode(reasons.encode_family(&labels.as_slice())?)?;
+            }
+        }
         {
             let mut streams = enc.encode_descriptor(
                 "entity_sync_resolver_streams",

@@ -80,6 +80,7 @@ impl HttpState {
     /// What a scrape reads from the live node.
     fn live(&self) -> Live {
         let other: Arc<str> = Arc::from(metrics::OTHER_LABEL);
+        let readiness = health::readiness(&self.sessions.tasks, &self.bus);
         Live {
             stats: self.stats(),
             bus_head: self.bus.head(),
@@ -88,7 +89,9 @@ impl HttpState {
                 .bus
                 .head()
                 .saturating_sub(self.sessions.dispatcher.applied()),
-            ready: health::readiness(&self.sessions.tasks, &self.bus).is_ok(),
+            ready: readiness.is_ok(),
+            not_ready: readiness.err(),
+            bus_available: self.bus.is_connected() && self.bus.availability().is_ok(),
             resolver_streams: metrics::fold_resolver_names(
                 self.sessions.resolvers.local_streams_by_name(),
                 &other,
@@ -279,7 +282,8 @@ async fn upgrade(
         })
 }
 
-/// 200 `ready`, or 503 `not ready: REASON` (`draining`, `bus down`).
+/// 200 `ready`, or 503 `not ready: REASON` (`draining`, `bus down`, `bus
+/// unavailable`, `bus stalled`).
 async fn readyz(State(state): State<HttpState>) -> Response {
     match health::readiness(&state.sessions.tasks, &state.bus) {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),

@@ -2,7 +2,9 @@
 //! three-server JetStream cluster on loopback, each on ports it picks itself
 //! and reports in its ports file (`--ports_file_dir`), with its own store
 //! directory, killed (and the directory removed) on `Drop`; plus a
-//! TCP proxy that cuts one node's NATS connection while the others keep theirs.
+//! TCP proxy that cuts one node's NATS connection while the others keep theirs,
+//! and a cluster whose routes all run through such proxies (one member cut
+//! off from the others while its clients stay connected to it).
 //!
 //! The binary is `$NATS_SERVER_BIN`, else `nats-server` on the PATH when it
 //! is 2.10 or newer (scripts/test.sh installs one when it is not).
@@ -344,6 +346,8 @@ pub struct NatsCluster {
     /// Nothing answers there, and no other server can take the port (and
     /// route member 0 into a cluster of its own) while the cluster lives.
     seed: ClosedPort,
+    /// Routes through proxies ([`start_with_route_proxies`](Self::start_with_route_proxies)).
+    proxied: Option<ProxiedRoutes>,
 }
 
 impl NatsCluster {
@@ -374,6 +378,7 @@ impl NatsCluster {
             members,
             no_advertise,
             seed: ClosedPort::new(),
+            proxied: None,
         };
         // One after the other: each needs the route ports of those before it.
         for i in 0..n {
@@ -387,14 +392,17 @@ impl NatsCluster {
 
     /// Writes member `i`'s config: its known ports (random ones the first
     /// time), and routes to every other member whose route port is known
-    /// (none known: the [`seed`](Self::seed)).
+    /// (none known: the [`seed`](Self::seed)), or to its route proxies.
     fn configure(&self, i: usize) {
         let member = &self.members[i];
-        let mut routes: Vec<u16> = (0..self.members.len())
-            .filter(|&j| j != i)
-            .map(|j| self.members[j].ports.route)
-            .filter(|&port| port != 0)
-            .collect();
+        let mut routes: Vec<u16> = match &self.proxied {
+            Some(proxied) => proxied.ports_from(i),
+            None => (0..self.members.len())
+                .filter(|&j| j != i)
+                .map(|j| self.members[j].ports.route)
+                .filter(|&port| port != 0)
+                .collect(),
+        };
         if routes.is_empty() {
             routes.push(self.seed.port());
         }
@@ -417,10 +425,13 @@ impl NatsCluster {
             store = member.dir.path().join("store").display().to_string(),
             route = port_arg(member.ports.route),
             routes = routes.join("\n"),
-            advertise = if self.no_advertise {
-                "  no_advertise: true\n"
-            } else {
-                ""
+            advertise = match (&self.proxied, self.no_advertise) {
+                (Some(proxied), _) => format!(
+                    "  no_advertise: true\n  advertise: \"127.0.0.1:{}\"\n",
+                    proxied.advertised[i].port()
+                ),
+                (None, true) => "  no_advertise: true\n".to_owned(),
+                (None, false) => String::new(),
             },
         );
         fs::write(member.dir.path().join("nats.conf"), config).expect("write nats.conf");
@@ -564,6 +575,250 @@ impl Drop for NatsCluster {
             }
             kill(&mut member.child);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A cluster whose routes run through proxies
+// ---------------------------------------------------------------------------
+
+/// The routes of a [`NatsCluster`] started with
+/// [`start_with_route_proxies`](NatsCluster::start_with_route_proxies): one
+/// [`TcpProxy`] per (member, member started before it), the only route
+/// address either knows of the other.
+struct ProxiedRoutes {
+    /// `(from, to, proxy)`: member `from` routes to member `to` through `proxy`.
+    proxies: Vec<(usize, usize, TcpProxy)>,
+    /// Each member's advertised route address: a port nothing listens on. A
+    /// server tells the others the route URLs of its peers (so that they
+    /// route to them too); with these, such a gossiped route leads nowhere
+    /// and every route stays on a proxy.
+    advertised: Vec<ClosedPort>,
+}
+
+impl ProxiedRoutes {
+    /// The proxy ports member `from` routes to.
+    fn ports_from(&self, from: usize) -> Vec<u16> {
+        self.proxies
+            .iter()
+            .filter(|(f, _, _)| *f == from)
+            .map(|(_, _, proxy)| proxy.addr.port())
+            .collect()
+    }
+
+    /// The proxies of every route from or to member `i`.
+    fn of(&self, i: usize) -> impl Iterator<Item = &TcpProxy> {
+        self.proxies
+            .iter()
+            .filter(move |(from, to, _)| *from == i || *to == i)
+            .map(|(_, _, proxy)| proxy)
+    }
+}
+
+/// One member's routes as its `/routez` lists them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    /// `server_name` of the member at the other end of each route
+    /// connection (a route is a pool of connections: names repeat).
+    pub remotes: Vec<String>,
+    /// The remote ports of the connections this member opened itself.
+    pub solicited_ports: Vec<u16>,
+    /// How many connections the other end opened.
+    pub accepted: usize,
+}
+
+impl Routes {
+    /// Parses a `/routez` answer.
+    fn parse(text: &str) -> Option<Routes> {
+        let json: serde_json::Value = serde_json::from_str(text).ok()?;
+        json.get("num_routes")?;
+        let mut routes = Routes::default();
+        let listed = json.get("routes").and_then(|r| r.as_array());
+        for route in listed.into_iter().flatten() {
+            routes
+                .remotes
+                .push(route.get("remote_name")?.as_str()?.to_owned());
+            if route.get("did_solicit")?.as_bool()? {
+                routes
+                    .solicited_ports
+                    .push(u16::try_from(route.get("port")?.as_u64()?).ok()?);
+            } else {
+                routes.accepted += 1;
+            }
+        }
+        Some(routes)
+    }
+
+    /// Whether some route connection leads to the member named `name`.
+    pub fn reaches(&self, name: &str) -> bool {
+        self.remotes.iter().any(|remote| remote == name)
+    }
+}
+
+impl NatsCluster {
+    /// Starts `n` servers like [`start_with`](Self::start_with) (with
+    /// `no_advertise: true`), except that every route runs through a
+    /// [`TcpProxy`] of its own: member `i` knows member `j < i` only as the
+    /// proxy `i → j`, and each member advertises a closed port as its route
+    /// address, so no server ever learns another's real route port. Checks
+    /// with every member's `/routez` that each route connection goes through
+    /// a proxy, then that JetStream can place a stream with `n` replicas.
+    /// [`cut_routes`](Self::cut_routes) then isolates one member from the
+    /// others while clients stay connected to it.
+    pub async fn start_with_route_proxies(n: usize) -> NatsCluster {
+        let mut cluster = NatsCluster {
+            bin: nats_server_bin(),
+            members: (0..n)
+                .map(|i| Member {
+                    name: format!("n{i}"),
+                    ports: Ports::default(),
+                    dir: TempDir::new(&format!("nats-cluster-{i}")),
+                    child: None,
+                })
+                .collect(),
+            no_advertise: true,
+            seed: ClosedPort::new(),
+            proxied: Some(ProxiedRoutes {
+                proxies: Vec::new(),
+                advertised: (0..n).map(|_| ClosedPort::new()).collect(),
+            }),
+        };
+        for i in 0..n {
+            // Member i's routes: to every member already started, each
+            // through its own proxy.
+            for j in 0..i {
+                let route = SocketAddr::from(([127, 0, 0, 1], cluster.members[j].ports.route));
+                let proxy = TcpProxy::start(route).await;
+                if let Some(proxied) = &mut cluster.proxied {
+                    proxied.proxies.push((i, j, proxy));
+                }
+            }
+            if let Err(why) = cluster.spawn_member(i).await {
+                panic!("{why}");
+            }
+        }
+        cluster.wait_routes_proxied().await;
+        cluster.wait_jetstream(n).await;
+        cluster
+    }
+
+    /// Member `i`'s routes, from its `/routez`.
+    pub async fn routes(&self, i: usize) -> Result<Routes, String> {
+        let monitor = SocketAddr::from(([127, 0, 0, 1], self.members[i].ports.monitor));
+        let (status, body) = crate::http::http_get(monitor, "/routez").await?;
+        if status != 200 {
+            return Err(format!("/routez of member {i} answered {status}"));
+        }
+        Routes::parse(&body).ok_or_else(|| format!("/routez of member {i} unreadable: {body}"))
+    }
+
+    /// Polls until every member routes to every other one, and checks that
+    /// every route connection runs through a proxy: each is listed by the
+    /// member that opened it with a proxy's port as its remote port, and as
+    /// many are listed as opened as accepted. Panics otherwise.
+    async fn wait_routes_proxied(&self) {
+        let proxy_ports: Vec<u16> = (0..self.len())
+            .flat_map(|i| self.proxy_ports_of(i))
+            .collect();
+        let end = Instant::now() + START_DEADLINE;
+        loop {
+            let mut all = Vec::new();
+            for i in 0..self.len() {
+                all.push(self.routes(i).await);
+            }
+            let meshed = all.iter().enumerate().all(|(i, routes)| {
+                routes.as_ref().is_ok_and(|routes| {
+                    (0..self.len()).all(|j| j == i || routes.reaches(self.name(j)))
+                })
+            });
+            if meshed {
+                let listed: Vec<&Routes> = all.iter().flatten().collect();
+                let opened: usize = listed.iter().map(|r| r.solicited_ports.len()).sum();
+                let accepted: usize = listed.iter().map(|r| r.accepted).sum();
+                let direct: Vec<u16> = listed
+                    .iter()
+                    .flat_map(|r| r.solicited_ports.iter().copied())
+                    .filter(|port| !proxy_ports.contains(port))
+                    .collect();
+                if direct.is_empty() && opened == accepted {
+                    return;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "routes around the proxies: {opened} route connections opened, \
+                     {accepted} accepted, to non-proxy ports {direct:?}: {all:?}"
+                );
+            }
+            assert!(
+                Instant::now() < end,
+                "the cluster's routes never meshed within {START_DEADLINE:?}: {all:?}\n{}",
+                self.log_tail(0, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The listening ports of the proxies of member `i`'s own routes.
+    fn proxy_ports_of(&self, i: usize) -> Vec<u16> {
+        self.proxied
+            .as_ref()
+            .map(|proxied| proxied.ports_from(i))
+            .unwrap_or_default()
+    }
+
+    /// Cuts every route between member `i` and the others (their proxies
+    /// drop the connections and refuse new ones): member `i` keeps running,
+    /// and its clients stay connected to it, cut off from the cluster.
+    /// Panics unless the cluster was started with
+    /// [`start_with_route_proxies`](Self::start_with_route_proxies).
+    pub fn cut_routes(&self, i: usize) {
+        for proxy in self.route_proxies(i) {
+            proxy.cut();
+        }
+    }
+
+    /// Lets member `i`'s routes connect again (the servers retry every
+    /// second or so).
+    pub fn heal_routes(&self, i: usize) {
+        for proxy in self.route_proxies(i) {
+            proxy.restore();
+        }
+    }
+
+    /// Polls until member `i` has routes to every other member (`true`) or
+    /// to none (`false`); how long it took. Panics after `wait`.
+    pub async fn wait_routed(&self, i: usize, routed: bool, wait: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let routes = self.routes(i).await;
+            let now = routes.as_ref().is_ok_and(|routes| {
+                if routed {
+                    (0..self.len()).all(|j| j == i || routes.reaches(self.name(j)))
+                } else {
+                    routes.remotes.is_empty()
+                }
+            });
+            if now {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < wait,
+                "member {i} {} within {wait:?}: {routes:?}",
+                if routed {
+                    "not routed to every other member"
+                } else {
+                    "still routed"
+                }
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn route_proxies(&self, i: usize) -> impl Iterator<Item = &TcpProxy> {
+        self.proxied
+            .as_ref()
+            .expect("a cluster started with start_with_route_proxies")
+            .of(i)
     }
 }
 

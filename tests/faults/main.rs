@@ -18,11 +18,13 @@
 //! - `bus`: NATS servers killed and restarted, and a faulty link to NATS.
 //! - `resolvers`: resolvers killed, slow, or all gone for a while.
 //! - `clients`: a client that stops reading, and a reconnect storm.
+//! - `partition`: a NATS server cut off from the cluster while a node stays connected to it.
 //! - `soak`: RSS and file descriptors back to their baseline after clients leave.
 
 mod bus;
 mod clients;
 mod harness;
 mod nodes;
+mod partition;
 mod resolvers;
 mod soak;

@@ -6,7 +6,9 @@
 //! its PubAck. Each node reads the stream with an ordered push
 //! consumer starting right after the last sequence it processed; a gap in the
 //! sequence means changes left the stream's retention while the node was
-//! away, and the node re-resolves every subscribed key (resync).
+//! away, and the node re-resolves every subscribed key (resync). The consumer
+//! also probes the stream every second and says whether this node receives
+//! changes ([`JetStreamBus::availability`], for readiness).
 
 mod batch;
 mod consumer;
@@ -36,7 +38,8 @@ use crate::{
     ops::tasks::Tasks,
     ops::trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
 };
-use consumer::Consumer;
+pub(crate) use consumer::Unavailable;
+use consumer::{Availability, Consumer};
 
 /// PubAck futures awaited together; well under async-nats's in-flight limit.
 const ACK_WINDOW: usize = 1000;
@@ -69,6 +72,8 @@ struct Inner {
     batch_slots: Semaphore,
     /// Batches sent, for their ids.
     batches: AtomicU64,
+    /// Whether this node receives changes, as its consumer finds out.
+    availability: Arc<Availability>,
 }
 
 impl JetStreamBus {
@@ -102,6 +107,7 @@ impl JetStreamBus {
         );
 
         let head = Arc::new(AtomicU64::new(start));
+        let availability = Arc::new(Availability::default());
         let bus = JetStreamBus {
             inner: Arc::new(Inner {
                 client: client.clone(),
@@ -115,6 +121,7 @@ impl JetStreamBus {
                 atomic,
                 batch_slots: Semaphore::new(batch::BATCHES_IN_FLIGHT),
                 batches: AtomicU64::new(0),
+                availability: availability.clone(),
             }),
         };
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -125,6 +132,7 @@ impl JetStreamBus {
             tx,
             last: start,
             head,
+            availability,
             metrics,
             cancel,
         };
@@ -198,6 +206,13 @@ impl JetStreamBus {
 
     pub(super) fn is_connected(&self) -> bool {
         self.inner.client.connection_state() == State::Connected
+    }
+
+    /// Whether this node receives changes, short of the connection (see
+    /// [`is_connected`](Self::is_connected)): its stream answers and its
+    /// consumer is not stalled.
+    pub(super) fn availability(&self) -> Result<(), Unavailable> {
+        self.inner.availability.get()
     }
 
     pub(super) async fn close(&self) {
