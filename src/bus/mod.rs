@@ -11,6 +11,7 @@ mod event;
 mod head;
 mod jetstream;
 mod memory;
+mod refresh;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ pub use error::{BusError, BusErrorKind, ConnectError, PublishError, StreamError}
 pub(crate) use event::{BusEvent, Receipt};
 use jetstream::JetStreamBus;
 use memory::MemoryBus;
+pub(crate) use refresh::REFRESH_BATCH;
 
 /// The bus of a node.
 #[derive(Clone)]

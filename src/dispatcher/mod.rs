@@ -12,6 +12,7 @@
 //! versions and missed changes.
 
 mod change;
+mod refresh;
 pub(crate) mod registry;
 pub(crate) mod subscribe;
 
@@ -88,6 +89,7 @@ impl Dispatcher {
     ) -> Self {
         let dispatcher = Self::new(config, registry, resolvers, bus, metrics, tasks);
         tasks.spawn(dispatcher.clone().run(events));
+        refresh::start(&dispatcher);
         dispatcher
     }
 

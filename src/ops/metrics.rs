@@ -106,6 +106,9 @@ pub(crate) struct Metrics {
     pub(crate) cluster_resolves_total: AtomicU64,
     pub(crate) pass_through_total: AtomicU64,
     pub(crate) client_errors: [AtomicU64; ErrorCode::ALL.len()],
+    /// Refresh changes this node stored on the bus (not counting the ones
+    /// another node stored first for the same key and slot).
+    pub(crate) refresh_changes_total: AtomicU64,
     /// Time of one key's resolve (local or through another node), by entity and outcome.
     resolve_duration: HistogramFamily<ResolveLabels>,
     /// From the `Notify` that accepted a change to the push of its rows into
@@ -141,6 +144,7 @@ impl Default for Metrics {
             cluster_resolves_total: AtomicU64::new(0),
             pass_through_total: AtomicU64::new(0),
             client_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            refresh_changes_total: AtomicU64::new(0),
             resolve_duration: Family::new_with_constructor(latency_histogram),
             notify_to_push: latency_histogram(),
             entity_labels: RwLock::new(HashSet::new()),
@@ -463,6 +467,11 @@ impl Collector for Scrape {
                 "entity_sync_pass_through",
                 "Pass-through messages forwarded to resolvers.",
                 &m.pass_through_total,
+            ),
+            (
+                "entity_sync_refresh_changes",
+                "Refresh changes (keys re-resolved without a Notify) this node stored on the bus.",
+                &m.refresh_changes_total,
             ),
         ];
         for (name, help, value) in counters {

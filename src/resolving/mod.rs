@@ -54,6 +54,9 @@ struct Inner {
     /// them. A std `Mutex`: one map update per cluster resolve, never held
     /// across `.await`.
     remote_modes: Mutex<HashMap<Arc<str>, FetchMode>>,
+    /// Refresh intervals (ms) of entities served only on other nodes, as
+    /// they last reported them (see [`Resolvers::refresh_intervals`]).
+    remote_refresh: Mutex<HashMap<Arc<str>, u32>>,
     metrics: Arc<Metrics>,
 }
 
@@ -68,6 +71,7 @@ impl Resolvers {
                 local,
                 remote,
                 remote_modes: Mutex::new(HashMap::new()),
+                remote_refresh: Mutex::new(HashMap::new()),
                 metrics,
             }),
         }
@@ -159,9 +163,12 @@ impl Resolvers {
         Metrics::inc(&self.inner.metrics.cluster_resolves_total);
         // Boxed: the request-reply future is large, and every resolve future
         // (one per pending subscribe) would otherwise carry its size.
-        let (outcome, mode) = Box::pin(remote.resolve(key, &secret, reason, shared)).await;
-        if let Some(reported) = mode {
-            self.learn_remote_mode(&key.entity, reported);
+        let (outcome, reported) = Box::pin(remote.resolve(key, &secret, reason, shared)).await;
+        if let Some(reported) = reported {
+            if let Some(mode) = reported.mode {
+                self.learn_remote_mode(&key.entity, mode);
+            }
+            self.learn_remote_refresh(&key.entity, reported.refresh_interval_ms);
         }
         outcome
     }
@@ -206,6 +213,34 @@ impl Resolvers {
                 .copied()
                 .unwrap_or(FetchMode::PerSubscriber),
         )
+    }
+
+    /// Records the refresh interval another node reported for `entity` (0:
+    /// none). The latest report wins; a value outside the bounds a Register
+    /// may ask for is clamped into them, so no reply makes this node refresh
+    /// more often than a backend could have asked.
+    fn learn_remote_refresh(&self, entity: &Arc<str>, reported_ms: u32) {
+        let mut known = self.inner.remote_refresh.lock().unwrap();
+        if reported_ms == 0 {
+            known.remove(entity);
+        } else {
+            let ms = reported_ms.clamp(pool::MIN_REFRESH_INTERVAL_MS, pool::MAX_REFRESH_INTERVAL_MS);
+            known.insert(entity.clone(), ms);
+        }
+    }
+
+    /// The refresh interval (ms) of every entity that has one: a local
+    /// resolver's registration, else what the node that answered this
+    /// node's last cluster resolve of the entity reported.
+    pub(crate) fn refresh_intervals(&self) -> HashMap<Arc<str>, u32> {
+        let local = self.inner.local.refresh_intervals();
+        let mut all = self.inner.remote_refresh.lock().unwrap().clone();
+        // A local resolver's registration decides for its entities: a
+        // local resolver without an interval turns off the remote one.
+        let unserved = |entity: &Arc<str>| self.inner.local.fetch_mode(entity).is_none();
+        all.retain(|entity, _| unserved(entity));
+        all.extend(local);
+        all
     }
 
     /// Forwards a client's pass-through message to local resolvers that

@@ -557,6 +557,7 @@ pub fn register_message(
                     |(entity, mode)| entity_sync_backend::proto::v1::EntityRegistration {
                         entity: (*entity).to_owned(),
                         fetch_mode: *mode as i32,
+                        refresh_interval_ms: 0,
                     },
                 )
                 .collect(),

@@ -8,6 +8,7 @@
 //! away, and the node re-resolves every subscribed key (resync).
 
 mod consumer;
+mod refresh;
 mod setup;
 
 use std::{
