@@ -18,6 +18,7 @@ mod grpc_reflection;
 mod keepalive;
 mod limits;
 mod notify;
+mod refresh;
 mod observability;
 mod resolve;
 mod secrets;
