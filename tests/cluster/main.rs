@@ -10,3 +10,4 @@
 mod cluster;
 mod cluster_limits;
 mod nats_auth;
+mod refresh;
