@@ -639,9 +639,11 @@ mod tests {
     #[test]
     fn refresh_every_sets_the_entity_added_last_within_the_node_bounds() {
         let base = || {
-            Backend::builder("http://127.0.0.1:1")
-                .name("svc")
-                .entity("a", FetchMode::Shared, answers)
+            Backend::builder("http://127.0.0.1:1").name("svc").entity(
+                "a",
+                FetchMode::Shared,
+                answers,
+            )
         };
         let built = base()
             .refresh_every(Duration::from_millis(1_500))
@@ -668,12 +670,7 @@ mod tests {
             refused(base().refresh_every(Duration::from_micros(1_000_500)))
                 .contains("whole milliseconds")
         );
-        assert!(
-            base()
-                .refresh_every(MAX_REFRESH_INTERVAL)
-                .build()
-                .is_ok()
-        );
+        assert!(base().refresh_every(MAX_REFRESH_INTERVAL).build().is_ok());
         assert!(
             refused(
                 Backend::builder("http://127.0.0.1:1")

@@ -170,7 +170,9 @@ impl MemoryBus {
         publisher.next_seq = last + 1;
         self.inner.head.store(last, Ordering::Release);
         for (i, id) in ids.into_iter().enumerate() {
-            publisher.refresh_dedup.insert(id, vec![first + i as u64], now);
+            publisher
+                .refresh_dedup
+                .insert(id, vec![first + i as u64], now);
         }
         Ok(stored)
     }
@@ -305,9 +307,7 @@ mod tests {
         let (bus, mut rx) = MemoryBus::starting_at(10);
         let bus = Bus::InProcess(bus);
         let changes = |ids: &[(&str, &str)]| -> Vec<(Key, String)> {
-            ids.iter()
-                .map(|(k, id)| (key(k), id.to_string()))
-                .collect()
+            ids.iter().map(|(k, id)| (key(k), id.to_string())).collect()
         };
         let stored = bus
             .publish_refresh(changes(&[("1", "r:1:7"), ("2", "r:2:7")]), meta())
@@ -341,7 +341,12 @@ mod tests {
         );
         assert!(rx.try_recv().is_err(), "duplicates are not delivered");
         // Notify's idempotency keys are apart from refresh ids.
-        assert!(!bus.publish(vec![key("1")], "r:1:7", meta()).await.unwrap().duplicate);
+        assert!(
+            !bus.publish(vec![key("1")], "r:1:7", meta())
+                .await
+                .unwrap()
+                .duplicate
+        );
     }
 
     #[test]

@@ -132,6 +132,10 @@ impl Schedule {
         self.scheduled.len()
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.scheduled.is_empty()
+    }
+
     pub(crate) fn clear(&mut self) {
         self.due.clear();
         self.scheduled.clear();
@@ -182,7 +186,7 @@ impl Refresher {
 
     async fn tick(&mut self, now_ms: u64) {
         self.follow(now_ms);
-        if self.schedule.len() == 0 {
+        if self.schedule.is_empty() {
             return;
         }
         let due = self.due(now_ms);
@@ -242,8 +246,7 @@ impl Refresher {
             if registry.has_active(&key) {
                 due.push((key.clone(), message_id(&key, slot(now_ms, phase, interval))));
             }
-            self.schedule
-                .insert(key, next_due(now_ms, phase, interval));
+            self.schedule.insert(key, next_due(now_ms, phase, interval));
         }
         due
     }
@@ -270,9 +273,7 @@ impl Refresher {
                 }
                 Err(err) => {
                     // The keys are scheduled at their next slot already.
-                    let warn = self
-                        .last_warn
-                        .is_none_or(|at| at.elapsed() >= WARN_EVERY);
+                    let warn = self.last_warn.is_none_or(|at| at.elapsed() >= WARN_EVERY);
                     if warn {
                         self.last_warn = Some(Instant::now());
                         tracing::warn!(%err, keys = total, "refresh skipped: the bus refused; retried at the keys' next slot");

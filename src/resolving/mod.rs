@@ -224,7 +224,8 @@ impl Resolvers {
         if reported_ms == 0 {
             known.remove(entity);
         } else {
-            let ms = reported_ms.clamp(pool::MIN_REFRESH_INTERVAL_MS, pool::MAX_REFRESH_INTERVAL_MS);
+            let ms =
+                reported_ms.clamp(pool::MIN_REFRESH_INTERVAL_MS, pool::MAX_REFRESH_INTERVAL_MS);
             known.insert(entity.clone(), ms);
         }
     }
@@ -321,5 +322,45 @@ mod tests {
             .get("docs")
             .copied();
         assert_eq!(docs_mode, Some(FetchMode::PerSubscriber));
+    }
+
+    #[test]
+    fn remote_refresh_intervals_are_clamped_and_a_local_registration_decides() {
+        use crate::proto::v1::{EntityRegistration, Register};
+        let metrics = Arc::new(Metrics::default());
+        let pool = ResolverPool::new(&ResolveConfig::default(), metrics.clone());
+        let resolvers = Resolvers::new(pool.clone(), None, metrics);
+        let (items, docs, tags): (Arc<str>, Arc<str>, Arc<str>) =
+            (Arc::from("items"), Arc::from("docs"), Arc::from("tags"));
+        resolvers.learn_remote_refresh(&items, 10);
+        resolvers.learn_remote_refresh(&docs, u32::MAX);
+        resolvers.learn_remote_refresh(&tags, 5_000);
+        assert_eq!(
+            resolvers.refresh_intervals(),
+            HashMap::from([
+                (items.clone(), pool::MIN_REFRESH_INTERVAL_MS),
+                (docs.clone(), pool::MAX_REFRESH_INTERVAL_MS),
+                (tags.clone(), 5_000),
+            ])
+        );
+        resolvers.learn_remote_refresh(&tags, 0);
+        // A local stream serves items without an interval and docs with one.
+        let entity = |entity: &str, ms: u32| EntityRegistration {
+            entity: entity.into(),
+            fetch_mode: FetchMode::Shared as i32,
+            refresh_interval_ms: ms,
+        };
+        let register = Register {
+            name: "local".into(),
+            entities: vec![entity("items", 0), entity("docs", 2_000)],
+            pass_through: false,
+            max_in_flight: 1,
+        };
+        let (tx, _rx) = tokio::sync::mpsc::channel(pool.channel_capacity(&register));
+        pool.register(pool.allocate_id(), &register, tx).unwrap();
+        assert_eq!(
+            resolvers.refresh_intervals(),
+            HashMap::from([(docs, 2_000)])
+        );
     }
 }

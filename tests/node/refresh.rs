@@ -9,10 +9,7 @@ use entity_sync_testkit as common;
 
 use common::resolver::{open_raw_stream, register_message};
 use common::{ResolverOptions, TestNode};
-use entity_sync_backend::{
-    FetchMode, Reason,
-    proto::v1::resolver_message,
-};
+use entity_sync_backend::{FetchMode, Reason, proto::v1::resolver_message};
 use serde_json::json;
 
 const INTERVAL: Duration = Duration::from_millis(1_000);
@@ -42,7 +39,9 @@ async fn a_change_without_notify_reaches_the_client_within_two_intervals() {
 
     // The backend's rows change; nobody calls Notify.
     data.set_rows("items", "1", &[r#"{"n":2}"#]);
-    let text = client.recv_text_within(INTERVAL * 2 + Duration::from_millis(500)).await;
+    let text = client
+        .recv_text_within(INTERVAL * 2 + Duration::from_millis(500))
+        .await;
     let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
     let version = frame["body"]["version"].as_u64().expect("a version");
     assert!(version > snapshot, "{version} after {snapshot}");
@@ -67,7 +66,9 @@ async fn unchanged_rows_are_refreshed_and_push_nothing_until_unsubscribed() {
     client.subscribe("docs", "1").await;
 
     // About three intervals: a refresh resolve per slot, no frame.
-    client.expect_silence(INTERVAL * 3 + Duration::from_millis(300)).await;
+    client
+        .expect_silence(INTERVAL * 3 + Duration::from_millis(300))
+        .await;
     let refreshes = resolver.change_count("items", "1");
     assert!(
         (2..=4).contains(&refreshes),

@@ -253,7 +253,10 @@ mod tests {
 
         let mut intervals = RefreshIntervals::default();
         intervals.add(1, vec![(Arc::from("items"), 5_000)]);
-        intervals.add(2, vec![(Arc::from("items"), 2_000), (Arc::from("docs"), 9_000)]);
+        intervals.add(
+            2,
+            vec![(Arc::from("items"), 2_000), (Arc::from("docs"), 9_000)],
+        );
         intervals.add(3, Vec::new());
         assert_eq!(intervals.of("items"), Some(2_000));
         assert_eq!(intervals.of("docs"), Some(9_000));
