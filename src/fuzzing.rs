@@ -350,6 +350,7 @@ impl Reg {
                 .map(|(entity, fetch_mode)| EntityRegistration {
                     entity: entity.clone(),
                     fetch_mode: *fetch_mode,
+                    refresh_interval_ms: 0,
                 })
                 .collect(),
             pass_through: self.pass_through,

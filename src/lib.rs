@@ -28,8 +28,9 @@
 //!   in-process or over NATS JetStream (`BusError` is public).
 //! - `dispatcher`: dispatch. The change flow (consumes the bus, coalesces per
 //!   key, resolves, fans out), `dispatcher::subscribe` (the subscribe flow:
-//!   snapshot, activation or error frame) and `dispatcher::registry` (the
-//!   sharded map of key → subscribed connections).
+//!   snapshot, activation or error frame), `dispatcher::refresh` (held keys
+//!   re-resolved every `refresh_interval_ms` without a `Notify`) and
+//!   `dispatcher::registry` (the sharded map of key → subscribed connections).
 //! - `resolving`: where a key's rows come from. The route (`Resolvers`: the
 //!   local pool, or another node), `resolving::pool` (the local backends'
 //!   `Resolve` streams: batching, in-flight caps, deadlines) and

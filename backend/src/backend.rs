@@ -71,7 +71,8 @@ pub enum BackendState {
 pub struct Backend {
     endpoint: NodeEndpoint,
     name: String,
-    entities: Vec<(String, FetchMode)>,
+    /// Each entity, its fetch mode and its refresh interval in ms (0: none).
+    entities: Vec<(String, FetchMode, u32)>,
     handlers: HashMap<String, Arc<dyn Handler>>,
     pass_through: Option<Arc<dyn PassThroughHandler>>,
     max_in_flight: u32,
@@ -84,12 +85,19 @@ pub struct Backend {
 pub struct BackendBuilder {
     endpoint: NodeEndpoint,
     name: String,
-    entities: Vec<(String, FetchMode, Arc<dyn Handler>)>,
+    entities: Vec<(String, FetchMode, Arc<dyn Handler>, Option<Duration>)>,
     pass_through: Option<Arc<dyn PassThroughHandler>>,
     max_in_flight: u32,
     reconnect: (Duration, Duration),
     drain_timeout: Duration,
+    /// A `refresh_every` called before any `entity` (refused by `build`).
+    refresh_without_entity: bool,
 }
+
+/// Shortest refresh interval the node accepts ([`BackendBuilder::refresh_every`]).
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest refresh interval the node accepts ([`BackendBuilder::refresh_every`]).
+pub const MAX_REFRESH_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl Backend {
     /// A backend of the node at `endpoint` (`http://host:50051`, or
@@ -103,6 +111,7 @@ impl Backend {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             reconnect: (DEFAULT_RECONNECT_MIN, DEFAULT_RECONNECT_MAX),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            refresh_without_entity: false,
         }
     }
 
@@ -176,7 +185,7 @@ impl Backend {
         let span = tracing::Span::current();
         span.record("resolver.id", registered.resolver_id.as_str());
         span.record("node.id", registered.node_id.as_str());
-        tracing::info!(entities = ?self.entities.iter().map(|(e, _)| e).collect::<Vec<_>>(), "registered");
+        tracing::info!(entities = ?self.entities.iter().map(|(e, _, _)| e).collect::<Vec<_>>(), "registered");
         backoff.reset();
         self.state.send_replace(BackendState::Registered {
             node_id: registered.node_id,
@@ -223,9 +232,10 @@ impl Backend {
             entities: self
                 .entities
                 .iter()
-                .map(|(entity, mode)| EntityRegistration {
+                .map(|(entity, mode, refresh_ms)| EntityRegistration {
                     entity: entity.clone(),
                     fetch_mode: *mode as i32,
+                    refresh_interval_ms: *refresh_ms,
                 })
                 .collect(),
             pass_through: self.pass_through.is_some(),
@@ -434,7 +444,43 @@ impl BackendBuilder {
         mode: FetchMode,
         handler: impl Handler,
     ) -> Self {
-        self.entities.push((entity.into(), mode, Arc::new(handler)));
+        self.entities
+            .push((entity.into(), mode, Arc::new(handler), None));
+        self
+    }
+
+    /// Asks the node to re-resolve each subscribed key of the entity added
+    /// last (by [`entity`](Self::entity)) about every `interval`, even when
+    /// no [`Notifier`](crate::Notifier) call came: a safety net for writes
+    /// that forgot to notify. The requests arrive with reason
+    /// [`Reason::Change`](crate::Reason::Change); rows that did not change
+    /// push nothing to clients. `interval` must be 1 s to 24 h
+    /// ([`MIN_REFRESH_INTERVAL`], [`MAX_REFRESH_INTERVAL`]), whole
+    /// milliseconds; else [`build`](Self::build) refuses. When several
+    /// backends register the entity with different intervals, the node uses
+    /// the smallest.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use entity_sync_backend::{Answers, Backend, FetchMode, ResolveRequest};
+    ///
+    /// async fn items(_request: ResolveRequest) -> Answers {
+    ///     Answers::new()
+    /// }
+    ///
+    /// let backend = Backend::builder("http://127.0.0.1:50051")
+    ///     .name("items-service")
+    ///     .entity("items", FetchMode::Shared, items)
+    ///     .refresh_every(Duration::from_secs(30))
+    ///     .build()
+    ///     .expect("a valid configuration");
+    /// # drop(backend);
+    /// ```
+    pub fn refresh_every(mut self, interval: Duration) -> Self {
+        match self.entities.last_mut() {
+            Some(entity) => entity.3 = Some(interval),
+            None => self.refresh_without_entity = true,
+        }
         self
     }
 
@@ -501,13 +547,22 @@ impl BackendBuilder {
         }
         self.endpoint.endpoint()?;
         self.endpoint.credentials()?;
+        if self.refresh_without_entity {
+            return Err(config(
+                "refresh_every applies to the entity added before it; none was".into(),
+            ));
+        }
         let mut handlers = HashMap::new();
         let mut entities = Vec::new();
-        for (entity, mode, handler) in self.entities {
+        for (entity, mode, handler, refresh) in self.entities {
+            let refresh_ms = match refresh {
+                None => 0,
+                Some(interval) => refresh_ms(&entity, interval).map_err(config)?,
+            };
             if handlers.insert(entity.clone(), handler).is_some() {
                 return Err(config(format!("entity {entity:?} registered twice")));
             }
-            entities.push((entity, mode));
+            entities.push((entity, mode, refresh_ms));
         }
         Ok(Backend {
             endpoint: self.endpoint,
@@ -526,6 +581,19 @@ impl BackendBuilder {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         self.build()?.serve(shutdown).await
     }
+}
+
+/// `interval` in whole milliseconds, within what the node accepts.
+fn refresh_ms(entity: &str, interval: Duration) -> Result<u32, String> {
+    if !(MIN_REFRESH_INTERVAL..=MAX_REFRESH_INTERVAL).contains(&interval)
+        || interval.subsec_nanos() % 1_000_000 != 0
+    {
+        return Err(format!(
+            "entity {entity:?}: refresh interval {interval:?} must be whole milliseconds from 1 s to 24 h"
+        ));
+    }
+    // At most 86,400,000: fits.
+    Ok(interval.as_millis() as u32)
 }
 
 #[cfg(test)]
@@ -565,6 +633,52 @@ mod tests {
                 .entity("a", FetchMode::Shared, answers)
                 .build()
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn refresh_every_sets_the_entity_added_last_within_the_node_bounds() {
+        let base = || {
+            Backend::builder("http://127.0.0.1:1").name("svc").entity(
+                "a",
+                FetchMode::Shared,
+                answers,
+            )
+        };
+        let built = base()
+            .refresh_every(Duration::from_millis(1_500))
+            .entity("b", FetchMode::PerSubscriber, answers)
+            .build()
+            .unwrap();
+        assert_eq!(
+            built.entities,
+            vec![
+                ("a".to_string(), FetchMode::Shared, 1_500),
+                ("b".to_string(), FetchMode::PerSubscriber, 0)
+            ]
+        );
+        let refused = |b: BackendBuilder| b.build().err().expect("refused").to_string();
+        assert!(
+            refused(base().refresh_every(Duration::from_millis(999)))
+                .contains("must be whole milliseconds from 1 s to 24 h")
+        );
+        assert!(
+            refused(base().refresh_every(MAX_REFRESH_INTERVAL + Duration::from_millis(1)))
+                .contains("entity \"a\"")
+        );
+        assert!(
+            refused(base().refresh_every(Duration::from_micros(1_000_500)))
+                .contains("whole milliseconds")
+        );
+        assert!(base().refresh_every(MAX_REFRESH_INTERVAL).build().is_ok());
+        assert!(
+            refused(
+                Backend::builder("http://127.0.0.1:1")
+                    .name("svc")
+                    .refresh_every(Duration::from_secs(5))
+                    .entity("a", FetchMode::Shared, answers)
+            )
+            .contains("refresh_every applies to the entity added before it")
         );
     }
 

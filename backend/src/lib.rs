@@ -62,7 +62,9 @@ mod request;
 #[cfg(feature = "tls")]
 mod tls;
 
-pub use backend::{Backend, BackendBuilder, BackendState};
+pub use backend::{
+    Backend, BackendBuilder, BackendState, MAX_REFRESH_INTERVAL, MIN_REFRESH_INTERVAL,
+};
 pub use backoff::Backoff;
 pub use error::{Error, ErrorKind};
 pub use handler::{BoxError, Handler, IntoAnswers, PassThroughHandler, each_id};

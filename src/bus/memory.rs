@@ -56,6 +56,9 @@ struct Publisher {
     next_seq: u64,
     tx: Option<mpsc::Sender<BusEvent>>,
     dedup: DedupWindow,
+    /// Refresh changes' message ids, apart: they never crowd `Notify`'s
+    /// idempotency keys out of `dedup`.
+    refresh_dedup: DedupWindow,
 }
 
 impl MemoryBus {
@@ -79,6 +82,7 @@ impl MemoryBus {
                     next_seq: first,
                     tx: Some(tx),
                     dedup: DedupWindow::default(),
+                    refresh_dedup: DedupWindow::default(),
                 }),
                 head: AtomicU64::new(first - 1),
                 last: std::sync::Mutex::new(LastChanges {
@@ -163,6 +167,53 @@ impl MemoryBus {
             sequences,
             duplicate: false,
         })
+    }
+}
+
+/// Refresh changes (see `bus::refresh`).
+impl MemoryBus {
+    /// Stores each key whose message id was not stored within the window,
+    /// in one batch; returns how many it stored.
+    pub(super) async fn publish_refresh(
+        &self,
+        changes: Vec<(Key, String)>,
+        meta: ChangeMeta,
+    ) -> Result<usize, BusError> {
+        let mut publisher = self.inner.publisher.lock().await;
+        let Some(tx) = publisher.tx.clone() else {
+            return Err(BusError::Closed);
+        };
+        let now = Instant::now();
+        let first = publisher.next_seq;
+        let mut events = Vec::with_capacity(changes.len());
+        let mut ids = Vec::with_capacity(changes.len());
+        for (key, id) in changes {
+            if publisher.refresh_dedup.get(&id, now).is_some() || ids.contains(&id) {
+                continue;
+            }
+            events.push(Change {
+                key,
+                version: first + events.len() as u64,
+                meta,
+            });
+            ids.push(id);
+        }
+        let stored = events.len();
+        if stored == 0 {
+            return Ok(0);
+        }
+        tx.send(BusEvent::Changes(events))
+            .await
+            .map_err(|_| BusError::Closed)?;
+        let last = first + stored as u64 - 1;
+        publisher.next_seq = last + 1;
+        self.inner.head.store(last, Ordering::Release);
+        for (i, id) in ids.into_iter().enumerate() {
+            publisher
+                .refresh_dedup
+                .insert(id, vec![first + i as u64], now);
+        }
+        Ok(stored)
     }
 }
 
@@ -326,6 +377,53 @@ mod tests {
         assert!(!LastChange::At(5).unchanged_since(4));
         assert!(LastChange::At(5).unchanged_since(5));
         assert!(!LastChange::Unknown.unchanged_since(u64::MAX));
+    }
+
+    #[tokio::test]
+    async fn refresh_changes_are_stored_once_per_message_id() {
+        let (bus, mut rx) = MemoryBus::starting_at(10);
+        let bus = Bus::InProcess(bus);
+        let changes = |ids: &[(&str, &str)]| -> Vec<(Key, String)> {
+            ids.iter().map(|(k, id)| (key(k), id.to_string())).collect()
+        };
+        let stored = bus
+            .publish_refresh(changes(&[("1", "r:1:7"), ("2", "r:2:7")]), meta())
+            .await
+            .unwrap();
+        assert_eq!(stored, 2);
+        // Key 1's slot 7 again (another node's publish, say), key 1's slot 8.
+        let stored = bus
+            .publish_refresh(changes(&[("1", "r:1:7"), ("1", "r:1:8")]), meta())
+            .await
+            .unwrap();
+        assert_eq!(stored, 1);
+        assert_eq!(
+            bus.publish_refresh(changes(&[("2", "r:2:7")]), meta())
+                .await
+                .unwrap(),
+            0
+        );
+        let change = |id: &str, version| Change {
+            key: key(id),
+            version,
+            meta: meta(),
+        };
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            BusEvent::Changes(vec![change("1", 10), change("2", 11)])
+        );
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            BusEvent::Changes(vec![change("1", 12)])
+        );
+        assert!(rx.try_recv().is_err(), "duplicates are not delivered");
+        // Notify's idempotency keys are apart from refresh ids.
+        assert!(
+            !bus.publish(vec![key("1")], "r:1:7", meta())
+                .await
+                .unwrap()
+                .duplicate
+        );
     }
 
     #[test]

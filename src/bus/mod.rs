@@ -11,6 +11,7 @@ mod event;
 mod head;
 mod jetstream;
 mod memory;
+mod refresh;
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use jetstream::JetStreamBus;
 pub(crate) use jetstream::relay_feed::{Claim, PROGRESS_EVERY as RELAY_PROGRESS_EVERY, RelayFeed};
 pub(crate) use jetstream::Unavailable;
 use memory::MemoryBus;
+pub(crate) use refresh::REFRESH_BATCH;
 
 /// The bus of a node.
 #[derive(Clone)]

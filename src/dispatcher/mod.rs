@@ -12,6 +12,7 @@
 //! versions and missed changes.
 
 mod change;
+mod refresh;
 pub(crate) mod registry;
 pub(crate) mod subscribe;
 
@@ -100,6 +101,7 @@ impl Dispatcher {
         {
             tasks.spawn(dispatcher.clone().receive_relayed(received));
         }
+        refresh::start(&dispatcher);
         dispatcher
     }
 

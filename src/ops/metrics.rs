@@ -127,6 +127,9 @@ pub(crate) struct Metrics {
     /// Changes this node resolved itself because the relay's rows did not
     /// come in time.
     pub(crate) relay_fallbacks_total: AtomicU64,
+    /// Refresh changes this node stored on the bus (not counting the ones
+    /// another node stored first for the same key and slot).
+    pub(crate) refresh_changes_total: AtomicU64,
     /// Time of one key's resolve (local or through another node), by entity and outcome.
     resolve_duration: HistogramFamily<ResolveLabels>,
     /// From the `Notify` that accepted a change to the push of its rows into
@@ -173,6 +176,7 @@ impl Default for Metrics {
             relay_unheld_total: AtomicU64::new(0),
             relay_received_total: AtomicU64::new(0),
             relay_fallbacks_total: AtomicU64::new(0),
+            refresh_changes_total: AtomicU64::new(0),
             resolve_duration: Family::new_with_constructor(latency_histogram),
             notify_to_push: latency_histogram(),
             entity_labels: RwLock::new(HashSet::new()),
@@ -575,6 +579,11 @@ impl Collector for Scrape {
                 "entity_sync_relay_fallbacks",
                 "SHARED changes this node resolved itself because the relay's rows did not come in time.",
                 &m.relay_fallbacks_total,
+            ),
+            (
+                "entity_sync_refresh_changes",
+                "Refresh changes (keys re-resolved without a Notify) this node stored on the bus.",
+                &m.refresh_changes_total,
             ),
         ];
         for (name, help, value) in counters {

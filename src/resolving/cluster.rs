@@ -78,16 +78,16 @@ impl ClusterLink {
         format!("{}.resolve.{entity}", self.prefix)
     }
 
-    /// Resolves `key` on another node. Also returns the entity's fetch mode
-    /// as the answering node knows it. `shared` travels in the request, and
-    /// the answering node hands it on to its backend.
+    /// Resolves `key` on another node. Also returns what the answering node
+    /// knows of the entity (when it answered). `shared` travels in the
+    /// request, and the answering node hands it on to its backend.
     pub(crate) async fn resolve(
         &self,
         key: &Key,
         secret: &str,
         reason: Reason,
         shared: bool,
-    ) -> (Resolved, Option<FetchMode>) {
+    ) -> (Resolved, Option<Reported>) {
         let payload: Bytes = ResolveRequest {
             request_id: 0,
             entity: key.entity.to_string(),
@@ -130,14 +130,17 @@ impl ClusterLink {
                 Ok(reply) => reply,
                 Err(err) => return (Err(ResolveError::BadClusterReply(err)), None),
             };
-            let mode = FetchMode::try_from(reply.fetch_mode).ok();
+            let reported = Reported {
+                mode: FetchMode::try_from(reply.fetch_mode).ok(),
+                refresh_interval_ms: reply.refresh_interval_ms,
+            };
             let result = reply
                 .results
                 .into_iter()
                 .find(|r| *r.id == *key.id)
                 .map(read_key_result)
                 .unwrap_or_else(|| Err(ResolveError::MissingResult(key.id.clone())));
-            return (result, mode);
+            return (result, Some(reported));
         }
         if no_responders == MAX_ATTEMPTS {
             (Err(ResolveError::NoResolver), None)
@@ -145,6 +148,15 @@ impl ClusterLink {
             (Err(ResolveError::Timeout), None)
         }
     }
+}
+
+/// What a node that answered a cluster resolve reported of the entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reported {
+    /// Its fetch mode (`None`: a value this node doesn't know).
+    pub(crate) mode: Option<FetchMode>,
+    /// Its refresh interval in ms (0: none).
+    pub(crate) refresh_interval_ms: u32,
 }
 
 /// The answering side: serves `{prefix}.resolve.{entity}` for every entity
@@ -260,7 +272,9 @@ async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterR
             reason = reason.as_str_name(),
             "cluster resolve asking for shared rows outside a SHARED change, refused"
         );
-        return Some(refuse_shared(mode, &request.ids));
+        let mut refused = refuse_shared(mode, &request.ids);
+        refused.refresh_interval_ms = pool.refresh_interval(&request.entity).unwrap_or(0);
+        return Some(refused);
     }
     let secret: Arc<str> = Arc::from(request.secret.as_str());
     let keys: Vec<Key> = request
@@ -298,6 +312,7 @@ async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterR
     Some(ClusterResolveReply {
         fetch_mode: mode as i32,
         results,
+        refresh_interval_ms: pool.refresh_interval(&request.entity).unwrap_or(0),
     })
 }
 
@@ -312,6 +327,7 @@ fn refuse_shared(mode: FetchMode, ids: &[String]) -> ClusterResolveReply {
     ClusterResolveReply {
         fetch_mode: mode as i32,
         results: ids.iter().map(|id| key_result(refused(), id)).collect(),
+        refresh_interval_ms: 0,
     }
 }
 
@@ -341,6 +357,7 @@ mod tests {
         let entity = |entity: &str, mode: FetchMode| EntityRegistration {
             entity: entity.into(),
             fetch_mode: mode as i32,
+            refresh_interval_ms: 0,
         };
         let register = Register {
             name: "backend".into(),

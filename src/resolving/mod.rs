@@ -61,6 +61,9 @@ struct Inner {
     cache: NodeCache,
     /// The cluster relay, when on (JetStream, `--cluster-relay`).
     relay: std::sync::OnceLock<relay::Relay>,
+    /// Refresh intervals (ms) of entities served only on other nodes, as
+    /// they last reported them (see [`Resolvers::refresh_intervals`]).
+    remote_refresh: Mutex<HashMap<Arc<str>, u32>>,
     metrics: Arc<Metrics>,
 }
 
@@ -89,6 +92,7 @@ impl Resolvers {
                 remote_modes: Mutex::new(HashMap::new()),
                 cache: NodeCache::new(cache_max_bytes, metrics.clone()),
                 relay: std::sync::OnceLock::new(),
+                remote_refresh: Mutex::new(HashMap::new()),
                 metrics,
             }),
         }
@@ -195,9 +199,12 @@ impl Resolvers {
         Metrics::inc(&self.inner.metrics.cluster_resolves_total);
         // Boxed: the request-reply future is large, and every resolve future
         // (one per pending subscribe) would otherwise carry its size.
-        let (outcome, mode) = Box::pin(remote.resolve(key, &secret, reason, shared)).await;
-        if let Some(reported) = mode {
-            self.learn_remote_mode(&key.entity, reported);
+        let (outcome, reported) = Box::pin(remote.resolve(key, &secret, reason, shared)).await;
+        if let Some(reported) = reported {
+            if let Some(mode) = reported.mode {
+                self.learn_remote_mode(&key.entity, mode);
+            }
+            self.learn_remote_refresh(&key.entity, reported.refresh_interval_ms);
         }
         outcome
     }
@@ -242,6 +249,35 @@ impl Resolvers {
                 .copied()
                 .unwrap_or(FetchMode::PerSubscriber),
         )
+    }
+
+    /// Records the refresh interval another node reported for `entity` (0:
+    /// none). The latest report wins; a value outside the bounds a Register
+    /// may ask for is clamped into them, so no reply makes this node refresh
+    /// more often than a backend could have asked.
+    fn learn_remote_refresh(&self, entity: &Arc<str>, reported_ms: u32) {
+        let mut known = self.inner.remote_refresh.lock().unwrap();
+        if reported_ms == 0 {
+            known.remove(entity);
+        } else {
+            let ms =
+                reported_ms.clamp(pool::MIN_REFRESH_INTERVAL_MS, pool::MAX_REFRESH_INTERVAL_MS);
+            known.insert(entity.clone(), ms);
+        }
+    }
+
+    /// The refresh interval (ms) of every entity that has one: a local
+    /// resolver's registration, else what the node that answered this
+    /// node's last cluster resolve of the entity reported.
+    pub(crate) fn refresh_intervals(&self) -> HashMap<Arc<str>, u32> {
+        let local = self.inner.local.refresh_intervals();
+        let mut all = self.inner.remote_refresh.lock().unwrap().clone();
+        // A local resolver's registration decides for its entities: a
+        // local resolver without an interval turns off the remote one.
+        let unserved = |entity: &Arc<str>| self.inner.local.fetch_mode(entity).is_none();
+        all.retain(|entity, _| unserved(entity));
+        all.extend(local);
+        all
     }
 
     /// Forwards a client's pass-through message to local resolvers that
@@ -322,5 +358,45 @@ mod tests {
             .get("docs")
             .copied();
         assert_eq!(docs_mode, Some(FetchMode::PerSubscriber));
+    }
+
+    #[test]
+    fn remote_refresh_intervals_are_clamped_and_a_local_registration_decides() {
+        use crate::proto::v1::{EntityRegistration, Register};
+        let metrics = Arc::new(Metrics::default());
+        let pool = ResolverPool::new(&ResolveConfig::default(), metrics.clone());
+        let resolvers = Resolvers::new(pool.clone(), None, metrics);
+        let (items, docs, tags): (Arc<str>, Arc<str>, Arc<str>) =
+            (Arc::from("items"), Arc::from("docs"), Arc::from("tags"));
+        resolvers.learn_remote_refresh(&items, 10);
+        resolvers.learn_remote_refresh(&docs, u32::MAX);
+        resolvers.learn_remote_refresh(&tags, 5_000);
+        assert_eq!(
+            resolvers.refresh_intervals(),
+            HashMap::from([
+                (items.clone(), pool::MIN_REFRESH_INTERVAL_MS),
+                (docs.clone(), pool::MAX_REFRESH_INTERVAL_MS),
+                (tags.clone(), 5_000),
+            ])
+        );
+        resolvers.learn_remote_refresh(&tags, 0);
+        // A local stream serves items without an interval and docs with one.
+        let entity = |entity: &str, ms: u32| EntityRegistration {
+            entity: entity.into(),
+            fetch_mode: FetchMode::Shared as i32,
+            refresh_interval_ms: ms,
+        };
+        let register = Register {
+            name: "local".into(),
+            entities: vec![entity("items", 0), entity("docs", 2_000)],
+            pass_through: false,
+            max_in_flight: 1,
+        };
+        let (tx, _rx) = tokio::sync::mpsc::channel(pool.channel_capacity(&register));
+        pool.register(pool.allocate_id(), &register, tx).unwrap();
+        assert_eq!(
+            resolvers.refresh_intervals(),
+            HashMap::from([(docs, 2_000)])
+        );
     }
 }

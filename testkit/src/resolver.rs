@@ -153,6 +153,8 @@ pub struct ResolverOptions {
     pub token: Option<String>,
     /// TLS to the node (its URL is then `https://`).
     pub tls: Option<entity_sync_backend::Tls>,
+    /// Entities registered with a refresh interval, and the interval.
+    pub refresh: Vec<(String, Duration)>,
 }
 
 impl ResolverOptions {
@@ -165,7 +167,15 @@ impl ResolverOptions {
             delay: Duration::ZERO,
             token: None,
             tls: None,
+            refresh: Vec::new(),
         }
+    }
+
+    /// Registers `entity` (added with [`entity`](Self::entity)) with a
+    /// refresh interval.
+    pub fn refresh_every(mut self, entity: &str, interval: Duration) -> Self {
+        self.refresh.push((entity.to_owned(), interval));
+        self
     }
 
     pub fn token(mut self, token: &str) -> Self {
@@ -289,6 +299,9 @@ impl TestResolver {
         }
         for (entity, mode) in &options.entities {
             builder = builder.entity(entity.clone(), *mode, handler.clone());
+            if let Some((_, interval)) = options.refresh.iter().find(|(e, _)| e == entity) {
+                builder = builder.refresh_every(*interval);
+            }
         }
         if let Some(token) = &options.token {
             builder = builder.bearer_token(token.clone());
@@ -557,6 +570,7 @@ pub fn register_message(
                     |(entity, mode)| entity_sync_backend::proto::v1::EntityRegistration {
                         entity: (*entity).to_owned(),
                         fetch_mode: *mode as i32,
+                        refresh_interval_ms: 0,
                     },
                 )
                 .collect(),

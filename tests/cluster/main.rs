@@ -12,3 +12,4 @@ mod cluster_limits;
 mod nats_auth;
 mod notify_batch;
 mod relay;
+mod refresh;

@@ -524,6 +524,7 @@ async fn a_credential_removed_before_register_ends_the_stream_without_requests()
                 entities: vec![EntityRegistration {
                     entity: "items".into(),
                     fetch_mode: FetchMode::Shared as i32,
+                    refresh_interval_ms: 0,
                 }],
                 ..Register::default()
             })),

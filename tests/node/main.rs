@@ -19,6 +19,7 @@ mod keepalive;
 mod limits;
 mod notify;
 mod observability;
+mod refresh;
 mod resolve;
 mod resume;
 mod secrets;

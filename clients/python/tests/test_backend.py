@@ -27,6 +27,7 @@ from entity_sync import (
     Notifier,
     PassThrough,
     Phase,
+    Reason,
     ResolveRequest,
     each_id,
 )
@@ -523,3 +524,32 @@ async def test_serve_stops_on_an_awaitable_or_at_once_when_cancelled(
     assert backend.state.phase is Phase.STOPPED
     assert not any(m.startswith("draining") for m in caplog.messages)
     assert not _stream_tasks()
+
+
+async def test_refresh_every_reaches_the_node_and_a_change_without_notify_is_pushed(
+    node: NodeProcess, running: list[Running]
+) -> None:
+    rows: dict[str, Any] = {"1": {"n": 1}}
+    reasons: list[Reason] = []
+
+    async def items(req: ResolveRequest) -> Answers:
+        reasons.append(req.reason)
+        return {id: Answer.row(rows[id]) for id in req.ids}
+
+    backend = Running(
+        quick(node.grpc_url, {"items": Entity(items, FetchMode.SHARED, refresh_every=1.0)})
+    )
+    running.append(backend)
+    await backend.registered()
+    async with await WsClient.connect(node.ws_url) as client:
+        snapshot, got = await client.subscribe("items", "1")
+        assert got == [{"n": 1}]
+        # The row changes; nobody notifies. The node's refresh finds it
+        # within about two intervals.
+        rows["1"] = {"n": 2}
+        async with asyncio.timeout(2.5):
+            version, got = await client.expect_push("items", "1")
+        assert got == [{"n": 2}]
+        assert version > snapshot
+    assert reasons[0] is Reason.SUBSCRIBE
+    assert Reason.CHANGE in reasons

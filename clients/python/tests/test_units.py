@@ -142,3 +142,30 @@ def test_the_subclasses_of_a_code_default_to_it_and_the_old_constructor_works() 
         grpc.StatusCode.INTERNAL,
         "resolve stream failed (INTERNAL): broke",
     )
+
+
+def test_refresh_every_is_sent_in_milliseconds_and_bounded_like_the_node() -> None:
+    async def rows(req: ResolveRequest) -> dict[str, Answer]:
+        return {}
+
+    backend = entity_sync.Backend(
+        "http://127.0.0.1:1",
+        {
+            "items": entity_sync.Entity(rows, entity_sync.FetchMode.SHARED, refresh_every=1.5),
+            "docs": entity_sync.Entity(rows, entity_sync.FetchMode.SHARED),
+        },
+        name="svc",
+    )
+    register = backend._register()
+    assert [(e.entity, e.refresh_interval_ms) for e in register.entities] == [
+        ("items", 1500),
+        ("docs", 0),
+    ]
+    for bad in (0.5, 0.0, 86_400.5):
+        with pytest.raises(ConfigError) as refused:
+            entity_sync.Backend(
+                "http://127.0.0.1:1",
+                {"items": entity_sync.Entity(rows, refresh_every=bad)},
+                name="svc",
+            )
+        assert "entity 'items': refresh_every must be 1 to 86400 seconds" in str(refused.value)

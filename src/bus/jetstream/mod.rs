@@ -13,6 +13,7 @@
 mod batch;
 mod consumer;
 pub(crate) mod relay_feed;
+mod refresh;
 mod setup;
 
 use std::{

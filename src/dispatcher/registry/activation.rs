@@ -45,6 +45,7 @@ impl Registry {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
                 self.inner.keys.fetch_add(1, Relaxed);
+                self.announce_key(key);
                 e.insert(KeySubscribers::new())
             }
         };

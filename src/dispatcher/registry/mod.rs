@@ -26,12 +26,12 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering::Relaxed},
     },
 };
 
-use crate::key::Key;
+use crate::{dispatcher::refresh::KeyFeed, key::Key};
 
 pub(crate) use connection::{ConnId, Connection};
 pub(crate) use subscribers::Audience;
@@ -104,6 +104,9 @@ struct Inner {
     /// `--push-unchanged-rows`: send a change push even when its rows are
     /// the ones the subscriber got last.
     push_unchanged_rows: bool,
+    /// Where keys that got their first subscriber are announced (the
+    /// refresh schedule's, see `dispatcher::refresh`); set once.
+    key_feed: OnceLock<Arc<KeyFeed>>,
 }
 
 impl Default for Registry {
@@ -130,6 +133,7 @@ impl Registry {
                 subscriptions: AtomicUsize::new(0),
                 keys: AtomicUsize::new(0),
                 departed: Mutex::new(Vec::new()),
+                key_feed: OnceLock::new(),
             }),
         }
     }
@@ -202,6 +206,24 @@ impl Registry {
         departed.sort_unstable();
         departed.dedup();
         departed
+    }
+
+    /// Announces to `feed` every key that gets its first subscriber from
+    /// now on (the first feed set stays).
+    pub(crate) fn set_key_feed(&self, feed: Arc<KeyFeed>) {
+        let _ = self.inner.key_feed.set(feed);
+    }
+
+    /// A key got its first subscriber (called under its shard's lock; never waits).
+    fn announce_key(&self, key: &Key) {
+        if let Some(feed) = self.inner.key_feed.get() {
+            feed.offer(key);
+        }
+    }
+
+    /// Whether `key` has any subscriber, pending or active.
+    pub(crate) fn is_held(&self, key: &Key) -> bool {
+        self.shard(key).lock().unwrap().contains_key(key)
     }
 
     /// Every key with at least one subscriber (for resyncs).

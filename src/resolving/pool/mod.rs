@@ -45,7 +45,7 @@ use tonic::Status;
 pub(crate) use self::{
     effects::ResolverId,
     error::{RegisterError, ResolveError, ResolveErrorKind},
-    register::PASS_THROUGH_HEADROOM,
+    register::{MAX_REFRESH_INTERVAL_MS, MIN_REFRESH_INTERVAL_MS, PASS_THROUGH_HEADROOM},
     state::MAX_ATTEMPTS,
     wire::{Resolved, Rows, key_result, read_key_result},
 };
@@ -107,6 +107,8 @@ struct Locked {
     streams: HashMap<ResolverId, mpsc::Sender<StreamItem>>,
     /// The deadline the timer sleeps until (`None`: none, or not started).
     armed: Option<Instant>,
+    /// The refresh intervals the streams registered.
+    refresh: register::RefreshIntervals,
 }
 
 impl ResolverPool {
@@ -117,6 +119,7 @@ impl ResolverPool {
                     state: PoolState::new(config),
                     streams: HashMap::new(),
                     armed: None,
+                    refresh: register::RefreshIntervals::default(),
                 }),
                 config: config.clone(),
                 metrics,
@@ -241,6 +244,7 @@ impl ResolverPool {
         };
         let mut locked = self.lock();
         locked.state.register(id, stream)?;
+        locked.refresh.add(id, checked.refresh);
         locked.streams.insert(id, tx);
         self.drive(&mut locked, Instant::now());
         self.publish_entities(&locked);
@@ -251,6 +255,7 @@ impl ResolverPool {
     pub(crate) fn deregister(&self, id: ResolverId) {
         let mut locked = self.lock();
         locked.streams.remove(&id);
+        locked.refresh.remove(id);
         if !locked.state.deregister(id) {
             return;
         }
@@ -268,6 +273,17 @@ impl ResolverPool {
     /// The fetch mode of `entity` on a local resolver.
     pub(crate) fn fetch_mode(&self, entity: &str) -> Option<FetchMode> {
         self.lock().state.fetch_mode(entity)
+    }
+
+    /// The refresh interval (ms) of `entity` on local resolvers: the
+    /// smallest one its streams registered; `None`: none asked for one.
+    pub(crate) fn refresh_interval(&self, entity: &str) -> Option<u32> {
+        self.lock().refresh.of(entity)
+    }
+
+    /// Every entity local resolvers registered with a refresh interval.
+    pub(crate) fn refresh_intervals(&self) -> HashMap<Arc<str>, u32> {
+        self.lock().refresh.all()
     }
 }
 
@@ -471,6 +487,7 @@ impl ResolverPool {
         let mut locked = self.lock();
         locked.state.close();
         locked.streams.clear();
+        locked.refresh.clear();
         self.inner.entities.send_replace(Vec::new());
         self.drive(&mut locked, Instant::now());
     }
@@ -506,6 +523,7 @@ mod tests {
             entities: vec![EntityRegistration {
                 entity: "items".into(),
                 fetch_mode: mode as i32,
+                refresh_interval_ms: 0,
             }],
             pass_through: true,
             max_in_flight: 1,
@@ -700,6 +718,7 @@ mod tests {
             entities: vec![EntityRegistration {
                 entity: "items".into(),
                 fetch_mode: FetchMode::PerSubscriber as i32,
+                refresh_interval_ms: 0,
             }],
             pass_through: false,
             max_in_flight: 4,
@@ -901,6 +920,7 @@ mod tests {
             entities: vec![EntityRegistration {
                 entity: "items".into(),
                 fetch_mode: FetchMode::PerSubscriber as i32,
+                refresh_interval_ms: 0,
             }],
             pass_through: false,
             max_in_flight: 0,
@@ -917,6 +937,7 @@ mod tests {
             .map(|i| EntityRegistration {
                 entity: format!("e{i}"),
                 fetch_mode: FetchMode::Shared as i32,
+                refresh_interval_ms: 0,
             })
             .collect();
         if duplicate {
@@ -972,6 +993,7 @@ mod tests {
             entities: vec![EntityRegistration {
                 entity: "items".into(),
                 fetch_mode: FetchMode::Shared as i32,
+                refresh_interval_ms: 0,
             }],
             pass_through: false,
             max_in_flight: 3,

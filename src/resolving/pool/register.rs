@@ -1,8 +1,11 @@
 //! What a `Register` may ask for, checked before the pool is touched.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
-use super::error::RegisterError;
+use super::{effects::ResolverId, error::RegisterError};
 use crate::{
     key::validate_part,
     proto::v1::{FetchMode, Register},
@@ -16,6 +19,10 @@ pub(crate) const MAX_IN_FLIGHT_CAP: u32 = 4096;
 pub(crate) const MAX_ENTITIES_PER_STREAM: usize = 1024;
 /// Longest `Register.name`, in bytes.
 const MAX_NAME_BYTES: usize = 128;
+/// Shortest non-zero `EntityRegistration.refresh_interval_ms`.
+pub(crate) const MIN_REFRESH_INTERVAL_MS: u32 = 1_000;
+/// Longest `EntityRegistration.refresh_interval_ms` (24 hours).
+pub(crate) const MAX_REFRESH_INTERVAL_MS: u32 = 86_400_000;
 
 /// A `Register` that passed its checks.
 pub(super) struct Checked {
@@ -23,6 +30,8 @@ pub(super) struct Checked {
     pub(super) name: Arc<str>,
     /// The entities named, in order, with their fetch modes.
     pub(super) entities: Vec<(Arc<str>, FetchMode)>,
+    /// The entities named with a refresh interval, and that interval (ms).
+    pub(super) refresh: Vec<(Arc<str>, u32)>,
 }
 
 /// Checks what `register` asks for on its own (the pool's own limits and
@@ -46,6 +55,7 @@ pub(super) fn check(register: &Register) -> Result<Checked, RegisterError> {
         )));
     }
     let mut entities: Vec<(Arc<str>, FetchMode)> = Vec::with_capacity(register.entities.len());
+    let mut refresh: Vec<(Arc<str>, u32)> = Vec::new();
     // Linear in the entities named, whatever their number.
     let mut named: HashSet<&str> = HashSet::with_capacity(register.entities.len());
     for reg in &register.entities {
@@ -67,12 +77,73 @@ pub(super) fn check(register: &Register) -> Result<Checked, RegisterError> {
                 reg.entity
             )));
         }
-        entities.push((Arc::from(reg.entity.as_str()), mode));
+        let interval = reg.refresh_interval_ms;
+        if interval != 0 && !(MIN_REFRESH_INTERVAL_MS..=MAX_REFRESH_INTERVAL_MS).contains(&interval)
+        {
+            return Err(RegisterError::Invalid(format!(
+                "entity {:?}: refresh_interval_ms {interval} is out of range: 0 (none) or \
+                 {MIN_REFRESH_INTERVAL_MS} to {MAX_REFRESH_INTERVAL_MS}",
+                reg.entity
+            )));
+        }
+        let entity: Arc<str> = Arc::from(reg.entity.as_str());
+        if interval != 0 {
+            refresh.push((entity.clone(), interval));
+        }
+        entities.push((entity, mode));
     }
     Ok(Checked {
         name: Arc::from(name),
         entities,
+        refresh,
     })
+}
+
+/// The refresh intervals the registered streams asked for, per stream.
+/// An entity's interval is the smallest any of its streams asked for: the
+/// most eager backend decides, and streams without one don't turn it off.
+#[derive(Default)]
+pub(super) struct RefreshIntervals {
+    by_stream: HashMap<ResolverId, Vec<(Arc<str>, u32)>>,
+}
+
+impl RefreshIntervals {
+    /// Stream `id` registered with these intervals (nothing kept if none).
+    pub(super) fn add(&mut self, id: ResolverId, intervals: Vec<(Arc<str>, u32)>) {
+        if !intervals.is_empty() {
+            self.by_stream.insert(id, intervals);
+        }
+    }
+
+    /// Stream `id` went away.
+    pub(super) fn remove(&mut self, id: ResolverId) {
+        self.by_stream.remove(&id);
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.by_stream.clear();
+    }
+
+    /// The interval of `entity`, if any stream asked for one.
+    pub(super) fn of(&self, entity: &str) -> Option<u32> {
+        self.by_stream
+            .values()
+            .flatten()
+            .filter(|(e, _)| **e == *entity)
+            .map(|&(_, ms)| ms)
+            .min()
+    }
+
+    /// Every entity with an interval, and that interval.
+    pub(super) fn all(&self) -> HashMap<Arc<str>, u32> {
+        let mut all: HashMap<Arc<str>, u32> = HashMap::new();
+        for (entity, ms) in self.by_stream.values().flatten() {
+            all.entry(entity.clone())
+                .and_modify(|known| *known = (*known).min(*ms))
+                .or_insert(*ms);
+        }
+        all
+    }
 }
 
 /// The `max_in_flight` a stream gets: its own, capped, or `default`.
@@ -96,6 +167,7 @@ mod tests {
                 .map(|&(entity, fetch_mode)| EntityRegistration {
                     entity: entity.into(),
                     fetch_mode,
+                    refresh_interval_ms: 0,
                 })
                 .collect(),
             pass_through,
@@ -158,5 +230,43 @@ mod tests {
         assert_eq!(max_in_flight(&reg, 7), 3);
         reg.max_in_flight = MAX_IN_FLIGHT_CAP + 1;
         assert_eq!(max_in_flight(&reg, 7), MAX_IN_FLIGHT_CAP);
+    }
+
+    #[test]
+    fn refresh_intervals_are_bounded_and_the_smallest_wins() {
+        let shared = FetchMode::Shared as i32;
+        let mut reg = register("svc", &[("items", shared), ("docs", shared)], false);
+        reg.entities[0].refresh_interval_ms = 500;
+        assert_eq!(
+            refusal(&reg),
+            "entity \"items\": refresh_interval_ms 500 is out of range: 0 (none) or 1000 to 86400000"
+        );
+        reg.entities[0].refresh_interval_ms = MAX_REFRESH_INTERVAL_MS + 1;
+        assert!(refusal(&reg).contains("refresh_interval_ms 86400001 is out of range"));
+        reg.entities[0].refresh_interval_ms = MIN_REFRESH_INTERVAL_MS;
+        let checked = check(&reg).unwrap();
+        assert_eq!(
+            checked.refresh,
+            vec![(Arc::from("items"), MIN_REFRESH_INTERVAL_MS)],
+            "docs has none"
+        );
+
+        let mut intervals = RefreshIntervals::default();
+        intervals.add(1, vec![(Arc::from("items"), 5_000)]);
+        intervals.add(
+            2,
+            vec![(Arc::from("items"), 2_000), (Arc::from("docs"), 9_000)],
+        );
+        intervals.add(3, Vec::new());
+        assert_eq!(intervals.of("items"), Some(2_000));
+        assert_eq!(intervals.of("docs"), Some(9_000));
+        assert_eq!(intervals.of("other"), None);
+        intervals.remove(2);
+        assert_eq!(intervals.of("items"), Some(5_000));
+        assert_eq!(intervals.of("docs"), None);
+        assert_eq!(
+            intervals.all(),
+            HashMap::from([(Arc::from("items"), 5_000)])
+        );
     }
 }

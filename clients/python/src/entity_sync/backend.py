@@ -53,15 +53,33 @@ HANDLER_FAILED = "the backend failed to resolve this key"
 """What an ERROR answer says when a handler raised: the exception stays in
 this backend's log."""
 _NOT_SERVED = "this backend does not serve the entity"
+MIN_REFRESH_EVERY = 1.0
+"""Shortest ``Entity.refresh_every`` the node accepts (seconds)."""
+MAX_REFRESH_EVERY = 86_400.0
+"""Longest ``Entity.refresh_every`` the node accepts (24 hours, in seconds)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Entity:
     """An entity's handler and fetch mode. A bare handler in ``serve``'s
-    mapping means ``FetchMode.PER_SUBSCRIBER`` (the node's safe default)."""
+    mapping means ``FetchMode.PER_SUBSCRIBER`` (the node's safe default).
+
+    ``refresh_every`` (seconds, 1 to 86,400; ``None``: never) asks the node to
+    re-resolve each subscribed key of the entity about that often even when
+    no ``Notify`` came: a safety net for writes that forgot to notify. Those
+    requests have reason CHANGE; rows that did not change push nothing to
+    clients. When several backends register the entity with different
+    intervals, the node uses the smallest."""
 
     handler: Handler
     fetch_mode: FetchMode = FetchMode.PER_SUBSCRIBER
+    refresh_every: float | None = None
+
+    def refresh_interval_ms(self) -> int:
+        """``refresh_every`` as ``EntityRegistration.refresh_interval_ms`` (0: none)."""
+        if self.refresh_every is None:
+            return 0
+        return round(self.refresh_every * 1000)
 
 
 def each_id(f: Callable[[str, ResolveRequest], Awaitable[Answer]]) -> Handler:
@@ -133,6 +151,13 @@ class Backend:
             entity: spec if isinstance(spec, Entity) else Entity(spec)
             for entity, spec in handlers.items()
         }
+        for entity, spec in self._entities.items():
+            every = spec.refresh_every
+            if every is not None and not MIN_REFRESH_EVERY <= every <= MAX_REFRESH_EVERY:
+                raise ConfigError(
+                    f"entity {entity!r}: refresh_every must be {MIN_REFRESH_EVERY:g} to "
+                    f"{MAX_REFRESH_EVERY:g} seconds, got {every:g}"
+                )
         self._pass_through = pass_through
         self._max_in_flight = max_in_flight
         self._reconnect = reconnect_backoff
@@ -346,7 +371,11 @@ class Backend:
         return pb.Register(
             name=self._name,
             entities=[
-                pb.EntityRegistration(entity=entity, fetch_mode=spec.fetch_mode.value)
+                pb.EntityRegistration(
+                    entity=entity,
+                    fetch_mode=spec.fetch_mode.value,
+                    refresh_interval_ms=spec.refresh_interval_ms(),
+                )
                 for entity, spec in self._entities.items()
             ],
             pass_through=self._pass_through is not None,

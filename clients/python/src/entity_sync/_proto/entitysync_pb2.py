@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65ntitysync/v1/entitysync.proto\x12\rentitysync.v1\"\'\n\tEntityKey\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"P\n\rNotifyRequest\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.entitysync.v1.EntityKey\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"H\n\x0eNotifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x11\n\tsequences\x18\x02 \x03(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\xa1\x01\n\x0fResolverMessage\x12+\n\x08register\x18\x01 \x01(\x0b\x32\x17.entitysync.v1.RegisterH\x00\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.entitysync.v1.ResolveResponseH\x00\x12%\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x14.entitysync.v1.DrainH\x00\x42\x06\n\x04kind\"\x07\n\x05\x44rain\"z\n\x08Register\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x33\n\x08\x65ntities\x18\x02 \x03(\x0b\x32!.entitysync.v1.EntityRegistration\x12\x14\n\x0cpass_through\x18\x03 \x01(\x08\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\"R\n\x12\x45ntityRegistration\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12,\n\nfetch_mode\x18\x02 \x01(\x0e\x32\x18.entitysync.v1.FetchMode\"P\n\x0fResolveResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.entitysync.v1.KeyResult\"n\n\tKeyResult\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.entitysync.v1.Status\x12\x0c\n\x04rows\x18\x03 \x03(\x0c\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xac\x01\n\x0bNodeMessage\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.entitysync.v1.RegisteredH\x00\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1d.entitysync.v1.ResolveRequestH\x00\x12\x32\n\x0cpass_through\x18\x03 \x01(\x0b\x32\x1a.entitysync.v1.PassThroughH\x00\x42\x06\n\x04kind\"2\n\nRegistered\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bresolver_id\x18\x02 \x01(\t\"\x88\x01\n\x0eResolveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x65ntity\x18\x02 \x01(\t\x12\x0b\n\x03ids\x18\x03 \x03(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\x12%\n\x06reason\x18\x05 \x01(\x0e\x32\x15.entitysync.v1.Reason\x12\x0e\n\x06shared\x18\x06 \x01(\x08\"E\n\x0bPassThrough\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c*]\n\tFetchMode\x12\x1a\n\x16\x46\x45TCH_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46\x45TCH_MODE_SHARED\x10\x01\x12\x1d\n\x19\x46\x45TCH_MODE_PER_SUBSCRIBER\x10\x02*I\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_SUBSCRIBE\x10\x01\x12\x11\n\rREASON_CHANGE\x10\x02*m\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x14\n\x10STATUS_NOT_FOUND\x10\x02\x12\x14\n\x10STATUS_FORBIDDEN\x10\x03\x12\x10\n\x0cSTATUS_ERROR\x10\x04\x32\x9e\x01\n\nEntitySync\x12\x45\n\x06Notify\x12\x1c.entitysync.v1.NotifyRequest\x1a\x1d.entitysync.v1.NotifyResponse\x12I\n\x07Resolve\x12\x1e.entitysync.v1.ResolverMessage\x1a\x1a.entitysync.v1.NodeMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65ntitysync/v1/entitysync.proto\x12\rentitysync.v1\"\'\n\tEntityKey\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"P\n\rNotifyRequest\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.entitysync.v1.EntityKey\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"H\n\x0eNotifyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x11\n\tsequences\x18\x02 \x03(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\xa1\x01\n\x0fResolverMessage\x12+\n\x08register\x18\x01 \x01(\x0b\x32\x17.entitysync.v1.RegisterH\x00\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.entitysync.v1.ResolveResponseH\x00\x12%\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x14.entitysync.v1.DrainH\x00\x42\x06\n\x04kind\"\x07\n\x05\x44rain\"z\n\x08Register\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x33\n\x08\x65ntities\x18\x02 \x03(\x0b\x32!.entitysync.v1.EntityRegistration\x12\x14\n\x0cpass_through\x18\x03 \x01(\x08\x12\x15\n\rmax_in_flight\x18\x04 \x01(\r\"o\n\x12\x45ntityRegistration\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\t\x12,\n\nfetch_mode\x18\x02 \x01(\x0e\x32\x18.entitysync.v1.FetchMode\x12\x1b\n\x13refresh_interval_ms\x18\x03 \x01(\r\"P\n\x0fResolveResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.entitysync.v1.KeyResult\"n\n\tKeyResult\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.entitysync.v1.Status\x12\x0c\n\x04rows\x18\x03 \x03(\x0c\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xac\x01\n\x0bNodeMessage\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.entitysync.v1.RegisteredH\x00\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1d.entitysync.v1.ResolveRequestH\x00\x12\x32\n\x0cpass_through\x18\x03 \x01(\x0b\x32\x1a.entitysync.v1.PassThroughH\x00\x42\x06\n\x04kind\"2\n\nRegistered\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bresolver_id\x18\x02 \x01(\t\"\x88\x01\n\x0eResolveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x65ntity\x18\x02 \x01(\t\x12\x0b\n\x03ids\x18\x03 \x03(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\x12%\n\x06reason\x18\x05 \x01(\x0e\x32\x15.entitysync.v1.Reason\x12\x0e\n\x06shared\x18\x06 \x01(\x08\"E\n\x0bPassThrough\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c*]\n\tFetchMode\x12\x1a\n\x16\x46\x45TCH_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46\x45TCH_MODE_SHARED\x10\x01\x12\x1d\n\x19\x46\x45TCH_MODE_PER_SUBSCRIBER\x10\x02*I\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_SUBSCRIBE\x10\x01\x12\x11\n\rREASON_CHANGE\x10\x02*m\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x14\n\x10STATUS_NOT_FOUND\x10\x02\x12\x14\n\x10STATUS_FORBIDDEN\x10\x03\x12\x10\n\x0cSTATUS_ERROR\x10\x04\x32\x9e\x01\n\nEntitySync\x12\x45\n\x06Notify\x12\x1c.entitysync.v1.NotifyRequest\x1a\x1d.entitysync.v1.NotifyResponse\x12I\n\x07Resolve\x12\x1e.entitysync.v1.ResolverMessage\x1a\x1a.entitysync.v1.NodeMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'entitysync.v1.entitysync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FETCHMODE']._serialized_start=1258
-  _globals['_FETCHMODE']._serialized_end=1351
-  _globals['_REASON']._serialized_start=1353
-  _globals['_REASON']._serialized_end=1426
-  _globals['_STATUS']._serialized_start=1428
-  _globals['_STATUS']._serialized_end=1537
+  _globals['_FETCHMODE']._serialized_start=1287
+  _globals['_FETCHMODE']._serialized_end=1380
+  _globals['_REASON']._serialized_start=1382
+  _globals['_REASON']._serialized_end=1455
+  _globals['_STATUS']._serialized_start=1457
+  _globals['_STATUS']._serialized_end=1566
   _globals['_ENTITYKEY']._serialized_start=49
   _globals['_ENTITYKEY']._serialized_end=88
   _globals['_NOTIFYREQUEST']._serialized_start=90
@@ -50,19 +50,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTER']._serialized_start=419
   _globals['_REGISTER']._serialized_end=541
   _globals['_ENTITYREGISTRATION']._serialized_start=543
-  _globals['_ENTITYREGISTRATION']._serialized_end=625
-  _globals['_RESOLVERESPONSE']._serialized_start=627
-  _globals['_RESOLVERESPONSE']._serialized_end=707
-  _globals['_KEYRESULT']._serialized_start=709
-  _globals['_KEYRESULT']._serialized_end=819
-  _globals['_NODEMESSAGE']._serialized_start=822
-  _globals['_NODEMESSAGE']._serialized_end=994
-  _globals['_REGISTERED']._serialized_start=996
-  _globals['_REGISTERED']._serialized_end=1046
-  _globals['_RESOLVEREQUEST']._serialized_start=1049
-  _globals['_RESOLVEREQUEST']._serialized_end=1185
-  _globals['_PASSTHROUGH']._serialized_start=1187
-  _globals['_PASSTHROUGH']._serialized_end=1256
-  _globals['_ENTITYSYNC']._serialized_start=1540
-  _globals['_ENTITYSYNC']._serialized_end=1698
+  _globals['_ENTITYREGISTRATION']._serialized_end=654
+  _globals['_RESOLVERESPONSE']._serialized_start=656
+  _globals['_RESOLVERESPONSE']._serialized_end=736
+  _globals['_KEYRESULT']._serialized_start=738
+  _globals['_KEYRESULT']._serialized_end=848
+  _globals['_NODEMESSAGE']._serialized_start=851
+  _globals['_NODEMESSAGE']._serialized_end=1023
+  _globals['_REGISTERED']._serialized_start=1025
+  _globals['_REGISTERED']._serialized_end=1075
+  _globals['_RESOLVEREQUEST']._serialized_start=1078
+  _globals['_RESOLVEREQUEST']._serialized_end=1214
+  _globals['_PASSTHROUGH']._serialized_start=1216
+  _globals['_PASSTHROUGH']._serialized_end=1285
+  _globals['_ENTITYSYNC']._serialized_start=1569
+  _globals['_ENTITYSYNC']._serialized_end=1727
 # @@protoc_insertion_point(module_scope)

@@ -261,17 +261,26 @@ class EntityRegistration(_message.Message):
 
     ENTITY_FIELD_NUMBER: _builtins.int
     FETCH_MODE_FIELD_NUMBER: _builtins.int
+    REFRESH_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     entity: _builtins.str
     fetch_mode: Global___FetchMode.ValueType
+    refresh_interval_ms: _builtins.int
+    """How often, in milliseconds, the node re-resolves each subscribed key of
+    this entity even without a `Notify` (reason CHANGE; unchanged rows push
+    nothing). 0 = never; otherwise 1000 to 86400000 (24 h), else the
+    Register is refused with INVALID_ARGUMENT. When streams register the
+    entity with different intervals, the smallest non-zero one applies.
+    """
     def __init__(
         self,
         *,
         entity: _builtins.str = ...,
         fetch_mode: Global___FetchMode.ValueType = ...,
+        refresh_interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "fetch_mode", b"fetch_mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "fetch_mode", b"fetch_mode", "refresh_interval_ms", b"refresh_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
