@@ -10,7 +10,9 @@
  * What it takes care of:
  * - one server subscription per key, however many listeners share it;
  * - reconnecting with jittered exponential backoff, then sending the secret
- *   again and resubscribing every key, which yields a fresh snapshot;
+ *   again and resubscribing every key with the version it holds: the node
+ *   answers `current` for a key unchanged since (nothing to apply) and a
+ *   fresh snapshot for the others;
  * - dropping a push whose `version` is lower than the one held for the key;
  * - retrying a subscribe refused for a passing reason (no resolver yet,
  *   resolver timeout or error), with the same backoff.
@@ -119,10 +121,24 @@ export interface PushMeta {
 export type RowsListener<Row> = (rows: readonly Row[], meta: PushMeta) => void;
 /** Stops what it was returned by. */
 export type Unsubscribe = () => void;
+/** What comes with a resumed key (see {@link SubscribeOptions.onResumed}). */
+export interface ResumeMeta {
+    readonly entity: string;
+    readonly id: string;
+    /** The version held, which the node found still current. */
+    readonly version: number;
+}
 /** Per-listener options of {@link EntitySyncClient.subscribe}. */
 export interface SubscribeOptions {
     /** Error frames of this key only (they reach the client's `error` listeners too). */
     readonly onError?: (error: EntitySyncError) => void;
+    /**
+     * A resubscribe that carried the version held was answered `current`: the
+     * key has not changed since, the rows held stay as they are and no
+     * snapshot follows (the rows listener is not called). The key is live
+     * again.
+     */
+    readonly onResumed?: (meta: ResumeMeta) => void;
 }
 /** The part of a WebSocket the client uses. */
 export interface WebSocketLike {
@@ -163,6 +179,14 @@ export interface ClientOptions {
     readonly maxDelayMs?: number;
     /** Jitter source, like `Math.random` (the default). */
     readonly random?: () => number;
+    /**
+     * Resume by version (default `true`): a resubscribe (after a reconnect,
+     * `connect()` after `disconnect()`, a retry) carries the version of the
+     * rows held for the key, and the node answers `current` instead of a
+     * snapshot when the key has not changed since. `false`: every subscribe
+     * asks for a snapshot.
+     */
+    readonly resume?: boolean;
     /** Same as `client.on('error', …)` from the start. */
     readonly onError?: (error: EntitySyncError) => void;
     /** Same as `client.on('state', …)` from the start. */
@@ -213,8 +237,12 @@ export interface UpdatesOptions {
     /** Ends the iteration when aborted. */
     readonly signal?: AbortSignal;
 }
-/** Text of a subscribe frame. */
-export declare function encodeSubscribe(entity: string, id: string | number): string;
+/**
+ * Text of a subscribe frame; with `version` (the version of the rows held),
+ * the node answers `subscribed` with `current: true` and no snapshot when
+ * the key has not changed since.
+ */
+export declare function encodeSubscribe(entity: string, id: string | number, version?: number | null): string;
 /** Text of an unsubscribe frame. */
 export declare function encodeUnsubscribe(entity: string, id: string | number): string;
 /** Text of a secret frame. */
@@ -271,9 +299,10 @@ export declare class EntitySyncClient {
     /**
      * Closes the socket and stops reconnecting (a scheduled reconnect or retry
      * is cancelled), but keeps every subscription, its listeners and its last
-     * rows: a later {@link connect} subscribes the keys again, and each gets a
-     * fresh snapshot. The state becomes `disconnected`. Does nothing when not
-     * connected.
+     * rows: a later {@link connect} subscribes the keys again, each with the
+     * version it holds (a key changed since gets a fresh snapshot, an
+     * unchanged one is resumed as it is). The state becomes `disconnected`.
+     * Does nothing when not connected.
      * @returns the client, for chaining
      */
     disconnect(): this;

@@ -10,7 +10,9 @@
  * What it takes care of:
  * - one server subscription per key, however many listeners share it;
  * - reconnecting with jittered exponential backoff, then sending the secret
- *   again and resubscribing every key, which yields a fresh snapshot;
+ *   again and resubscribing every key with the version it holds: the node
+ *   answers `current` for a key unchanged since (nothing to apply) and a
+ *   fresh snapshot for the others;
  * - dropping a push whose `version` is lower than the one held for the key;
  * - retrying a subscribe refused for a passing reason (no resolver yet,
  *   resolver timeout or error), with the same backoff.
@@ -130,9 +132,20 @@ const OPEN = 1;
 const STABLE_CONNECTION_MS = 5000;
 /** The node's default websocket path (`--ws-path`). */
 export const DEFAULT_PATH = '/ws/entity-sync/';
-/** Text of a subscribe frame. */
-export function encodeSubscribe(entity, id) {
-    return JSON.stringify({ action: 'subscribe', body: { entity, id: String(id) } });
+/**
+ * Text of a subscribe frame; with `version` (the version of the rows held),
+ * the node answers `subscribed` with `current: true` and no snapshot when
+ * the key has not changed since.
+ */
+export function encodeSubscribe(entity, id, version) {
+    const body = { entity, id: String(id) };
+    if (isResumable(version))
+        body.version = version;
+    return JSON.stringify({ action: 'subscribe', body });
+}
+/** A version a node takes in a subscribe: an integer in 0..2^53-1. */
+function isResumable(version) {
+    return typeof version === 'number' && Number.isSafeInteger(version) && version >= 0;
 }
 /** Text of an unsubscribe frame. */
 export function encodeUnsubscribe(entity, id) {
@@ -192,6 +205,7 @@ export class EntitySyncClient {
     #minDelayMs;
     #maxDelayMs;
     #random;
+    #resume;
     /** Each event's listeners; the value tells a `once` listener. */
     #listeners = {
         state: new Map(),
@@ -224,6 +238,7 @@ export class EntitySyncClient {
         this.#minDelayMs = options.minDelayMs ?? 500;
         this.#maxDelayMs = options.maxDelayMs ?? 15000;
         this.#random = options.random ?? Math.random;
+        this.#resume = options.resume ?? true;
         if (options.onError)
             this.on('error', options.onError);
         if (options.onState)
@@ -262,9 +277,10 @@ export class EntitySyncClient {
     /**
      * Closes the socket and stops reconnecting (a scheduled reconnect or retry
      * is cancelled), but keeps every subscription, its listeners and its last
-     * rows: a later {@link connect} subscribes the keys again, and each gets a
-     * fresh snapshot. The state becomes `disconnected`. Does nothing when not
-     * connected.
+     * rows: a later {@link connect} subscribes the keys again, each with the
+     * version it holds (a key changed since gets a fresh snapshot, an
+     * unchanged one is resumed as it is). The state becomes `disconnected`.
+     * Does nothing when not connected.
      * @returns the client, for chaining
      */
     disconnect() {
@@ -329,6 +345,7 @@ export class EntitySyncClient {
         const listener = {
             onRows: onRows,
             onError: options.onError,
+            onResumed: options.onResumed,
         };
         let sub = this.#subs.get(key);
         if (!sub) {
@@ -340,6 +357,8 @@ export class EntitySyncClient {
                 rows: null,
                 state: 'pending',
                 awaitingSnapshot: false,
+                resumeVersion: null,
+                answersDue: 0,
                 retries: 0,
                 retryTimer: null,
             };
@@ -402,6 +421,11 @@ export class EntitySyncClient {
                     onError: (error) => {
                         if (SUBSCRIPTION_ENDED.has(error.code))
                             set({ ...value, status: 'failed', error });
+                    },
+                    // Nothing changed but the status: the rows held are still the latest.
+                    onResumed: () => {
+                        if (value.status !== 'live')
+                            set({ ...value, status: 'live', error: null });
                     },
                 });
                 return () => {
@@ -483,13 +507,22 @@ export class EntitySyncClient {
      * keys it refused before are subscribed again here.
      */
     setSecret(secret) {
+        // The rows held were resolved for the old secret: never resume from them.
+        const changed = secret !== this.#secret;
+        if (changed)
+            for (const sub of this.#subs.values())
+                sub.resumeVersion = null;
         this.#secret = secret;
         if (this.#send(encodeSecret(secret))) {
             for (const sub of this.#subs.values()) {
                 if (sub.state === 'failed')
                     this.#sendSubscribe(sub);
-                else
+                else {
                     sub.state = 'pending';
+                    // The node re-checks the keys it holds and answers each.
+                    if (changed)
+                        sub.answersDue += 1;
+                }
             }
         }
     }
@@ -543,6 +576,7 @@ export class EntitySyncClient {
             clearRetry(sub);
             sub.state = 'pending';
             sub.awaitingSnapshot = false;
+            sub.answersDue = 0;
         }
         this.#attempt = 0;
         this.#openedAt = 0;
@@ -651,6 +685,7 @@ export class EntitySyncClient {
             clearRetry(sub);
             sub.state = 'pending';
             sub.awaitingSnapshot = false;
+            sub.answersDue = 0;
         }
         const stable = this.#openedAt > 0 && Date.now() - this.#openedAt >= STABLE_CONNECTION_MS;
         if (stable)
@@ -677,8 +712,11 @@ export class EntitySyncClient {
     }
     #sendSubscribe(sub) {
         clearRetry(sub);
-        if (this.#send(encodeSubscribe(sub.entity, sub.id)))
+        const version = this.#resume ? sub.resumeVersion : null;
+        if (this.#send(encodeSubscribe(sub.entity, sub.id, version))) {
             sub.state = 'pending';
+            sub.answersDue += 1;
+        }
     }
     /** @returns whether it was sent */
     #send(text) {
@@ -707,8 +745,13 @@ export class EntitySyncClient {
                 if (!sub)
                     return;
                 sub.state = 'subscribed';
-                sub.awaitingSnapshot = true;
                 sub.retries = 0;
+                sub.answersDue = Math.max(0, sub.answersDue - 1);
+                // `current`: the version sent with the subscribe is still the
+                // latest; no snapshot follows and the rows held stay as they are.
+                sub.awaitingSnapshot = fields.current !== true;
+                if (!sub.awaitingSnapshot)
+                    this.#resumed(sub);
                 return;
             }
             case 'push':
@@ -745,6 +788,7 @@ export class EntitySyncClient {
             return; // stale: reflects an older change than the rows held
         }
         sub.version = version;
+        sub.resumeVersion = sub.answersDue === 0 ? version : null;
         const rows = Array.isArray(body.rows) ? body.rows : [];
         sub.rows = rows;
         const meta = { entity: sub.entity, id: sub.id, version, snapshot };
@@ -763,6 +807,7 @@ export class EntitySyncClient {
         const error = new EntitySyncError(code, message, key);
         const sub = this.#subs.get(keyOf(key.entity, key.id));
         if (sub && SUBSCRIPTION_ENDED.has(code)) {
+            sub.answersDue = Math.max(0, sub.answersDue - 1);
             sub.state = 'failed';
             sub.awaitingSnapshot = false;
             if (RETRYABLE.has(code))
@@ -781,6 +826,27 @@ export class EntitySyncClient {
             }
         }
         this.#emitError(error);
+    }
+    /** The node found the rows held current: tell the key's `onResumed` listeners. */
+    #resumed(sub) {
+        // Only a subscribe that carried a version is answered so.
+        if (sub.rows === null || sub.version === null)
+            return;
+        const meta = { entity: sub.entity, id: sub.id, version: sub.version };
+        for (const listener of [...sub.listeners]) {
+            if (!listener.onResumed)
+                continue;
+            try {
+                listener.onResumed(meta);
+            }
+            catch (err) {
+                this.#emitError(new EntitySyncError('client_listener_failed', errorText(err), {
+                    entity: sub.entity,
+                    id: sub.id,
+                    cause: err,
+                }));
+            }
+        }
     }
     #scheduleRetry(sub) {
         clearRetry(sub);

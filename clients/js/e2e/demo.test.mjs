@@ -17,6 +17,7 @@ import {
   NodeProcess,
   demoBinary,
   httpGet,
+  metric,
   outputDir,
   packageRoot,
   spawnChild,
@@ -189,4 +190,115 @@ test('the demo page: an edit reaches a second browser, no secret is refused, and
   timings['whole test (ms)'] = Math.round(performance.now() - started);
   writeFileSync(join(outputDir, 'e2e-timings.json'), `${JSON.stringify(timings, null, 2)}\n`);
   for (const [name, ms] of Object.entries(timings)) t.diagnostic(`${name}: ${ms}`);
+});
+
+test("the page's client resumes by version after its connection drops: the unchanged key without a snapshot, the changed one with its new rows", async () => {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(DEADLINE_MS);
+  const problems = [];
+  page.on('pageerror', (err) => problems.push(err.message));
+
+  // Every websocket of the page goes through here to the node: the test sees
+  // the frames of each connection and can drop one. A reconnect waits at
+  // `gate` until the test opens it.
+  const connections = [];
+  let gate = Promise.resolve();
+  await page.routeWebSocket(/\/ws\/entity-sync\//, async (ws) => {
+    const connection = { ws, server: null, sent: [], received: [] };
+    connections.push(connection);
+    await gate;
+    const server = ws.connectToServer();
+    connection.server = server;
+    ws.onMessage((message) => {
+      connection.sent.push(JSON.parse(String(message)));
+      server.send(message);
+    });
+    server.onMessage((message) => {
+      connection.received.push(JSON.parse(String(message)));
+      ws.send(message);
+    });
+    ws.onClose((code, reason) => server.close({ code, reason }));
+    server.onClose((code, reason) => ws.close({ code, reason }));
+  });
+  await page.goto(`${pageUrl}?list=1&watch=103`);
+  await waitLive(page);
+  await page.waitForFunction(() => document.querySelector('#watch-count')?.textContent === '1');
+  const [first] = connections;
+  const lastPush = (key) =>
+    first.received
+      .filter((f) => f.action === 'push' && `${f.body.entity}/${f.body.id}` === key)
+      .at(-1);
+  const held = { list: lastPush('lists/1').body.version, item: lastPush('items/103').body.version };
+  const metricsBefore = await node.metrics();
+  const currentBefore = metric(metricsBefore, 'entity_sync_resumed_current_total');
+  const snapshotBefore = metric(metricsBefore, 'entity_sync_resumed_snapshot_total');
+
+  // The connection drops; the page's reconnect waits at the gate meanwhile.
+  let open;
+  gate = new Promise((resolve) => {
+    open = resolve;
+  });
+  await first.server.close({ code: 1001, reason: 'going away' });
+  await first.ws.close({ code: 1001, reason: 'going away' });
+  await page.waitForFunction(() =>
+    document.querySelector('#status')?.classList.contains('reconnecting'),
+  );
+  // Item 104 changes while the page is away: lists/1 changes, items/103 does not.
+  const edit = await fetch(`${pageUrl}api/items/104`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ qty: 61 }),
+    signal: AbortSignal.timeout(DEADLINE_MS),
+  });
+  assert.equal(edit.status, 200);
+  const [changed] = (await edit.json()).sequences;
+  open();
+
+  await page.waitForFunction(
+    () => document.querySelector('input[aria-label="qty of item 104"]')?.value === '61',
+  );
+  await page.waitForFunction(() => document.querySelector('#status')?.textContent === 'live');
+  await until(
+    () => connections[1]?.received.some((f) => f.body?.current === true),
+    'the resumed key',
+  );
+  const second = connections[1];
+  // The resubscribes carried the versions the page held.
+  assert.deepEqual(
+    second.sent.filter((f) => f.action === 'subscribe').map((f) => f.body),
+    [
+      { entity: 'lists', id: '1', version: held.list },
+      { entity: 'items', id: '103', version: held.item },
+    ],
+  );
+  // items/103: current, no snapshot; lists/1: subscribed and its new rows.
+  const answers = second.received.map((f) => [
+    f.action,
+    `${f.body.entity}/${f.body.id}`,
+    f.body.current === true,
+  ]);
+  assert.deepEqual(
+    answers.filter(([, key]) => key === 'items/103'),
+    [['subscribed', 'items/103', true]],
+  );
+  assert.deepEqual(
+    answers.filter(([, key]) => key === 'lists/1'),
+    [
+      ['subscribed', 'lists/1', false],
+      ['push', 'lists/1', false],
+    ],
+  );
+  const snapshot = second.received.find((f) => f.action === 'push');
+  assert.ok(snapshot.body.version >= changed, `v${snapshot.body.version} < change ${changed}`);
+  assert.equal(snapshot.body.rows.find((row) => row.id === 104)?.qty, 61);
+  const metricsAfter = await node.metrics();
+  assert.equal(metric(metricsAfter, 'entity_sync_resumed_current_total'), currentBefore + 1);
+  assert.equal(metric(metricsAfter, 'entity_sync_resumed_snapshot_total'), snapshotBefore + 1);
+  // The watched item kept what it showed: no second delivery.
+  assert.equal(await page.locator('#watch-count').textContent(), '1');
+  assert.equal(await page.locator('#watch-version').textContent(), `v${held.item}`);
+  await page.screenshot({ path: join(shots, '5-resumed.png') });
+  assert.deepEqual(problems, []);
+  await context.close();
 });

@@ -10,7 +10,9 @@
  * What it takes care of:
  * - one server subscription per key, however many listeners share it;
  * - reconnecting with jittered exponential backoff, then sending the secret
- *   again and resubscribing every key, which yields a fresh snapshot;
+ *   again and resubscribing every key with the version it holds: the node
+ *   answers `current` for a key unchanged since (nothing to apply) and a
+ *   fresh snapshot for the others;
  * - dropping a push whose `version` is lower than the one held for the key;
  * - retrying a subscribe refused for a passing reason (no resolver yet,
  *   resolver timeout or error), with the same backoff.
@@ -219,10 +221,25 @@ export type RowsListener<Row> = (rows: readonly Row[], meta: PushMeta) => void;
 /** Stops what it was returned by. */
 export type Unsubscribe = () => void;
 
+/** What comes with a resumed key (see {@link SubscribeOptions.onResumed}). */
+export interface ResumeMeta {
+  readonly entity: string;
+  readonly id: string;
+  /** The version held, which the node found still current. */
+  readonly version: number;
+}
+
 /** Per-listener options of {@link EntitySyncClient.subscribe}. */
 export interface SubscribeOptions {
   /** Error frames of this key only (they reach the client's `error` listeners too). */
   readonly onError?: (error: EntitySyncError) => void;
+  /**
+   * A resubscribe that carried the version held was answered `current`: the
+   * key has not changed since, the rows held stay as they are and no
+   * snapshot follows (the rows listener is not called). The key is live
+   * again.
+   */
+  readonly onResumed?: (meta: ResumeMeta) => void;
 }
 
 /** The part of a WebSocket the client uses. */
@@ -262,6 +279,14 @@ export interface ClientOptions {
   readonly maxDelayMs?: number;
   /** Jitter source, like `Math.random` (the default). */
   readonly random?: () => number;
+  /**
+   * Resume by version (default `true`): a resubscribe (after a reconnect,
+   * `connect()` after `disconnect()`, a retry) carries the version of the
+   * rows held for the key, and the node answers `current` instead of a
+   * snapshot when the key has not changed since. `false`: every subscribe
+   * asks for a snapshot.
+   */
+  readonly resume?: boolean;
   /** Same as `client.on('error', …)` from the start. */
   readonly onError?: (error: EntitySyncError) => void;
   /** Same as `client.on('state', …)` from the start. */
@@ -319,9 +344,24 @@ export interface UpdatesOptions {
   readonly signal?: AbortSignal;
 }
 
-/** Text of a subscribe frame. */
-export function encodeSubscribe(entity: string, id: string | number): string {
-  return JSON.stringify({ action: 'subscribe', body: { entity, id: String(id) } });
+/**
+ * Text of a subscribe frame; with `version` (the version of the rows held),
+ * the node answers `subscribed` with `current: true` and no snapshot when
+ * the key has not changed since.
+ */
+export function encodeSubscribe(
+  entity: string,
+  id: string | number,
+  version?: number | null,
+): string {
+  const body: { entity: string; id: string; version?: number } = { entity, id: String(id) };
+  if (isResumable(version)) body.version = version;
+  return JSON.stringify({ action: 'subscribe', body });
+}
+
+/** A version a node takes in a subscribe: an integer in 0..2^53-1. */
+function isResumable(version: number | null | undefined): version is number {
+  return typeof version === 'number' && Number.isSafeInteger(version) && version >= 0;
 }
 
 /** Text of an unsubscribe frame. */
@@ -368,6 +408,7 @@ export function websocketUrl(url: string, path?: string): string {
 interface Listener {
   readonly onRows: RowsListener<unknown>;
   readonly onError: ((error: EntitySyncError) => void) | undefined;
+  readonly onResumed: ((meta: ResumeMeta) => void) | undefined;
 }
 
 interface Subscription {
@@ -381,6 +422,19 @@ interface Subscription {
   state: 'pending' | 'subscribed' | 'failed';
   /** The next push answers a subscribe. */
   awaitingSnapshot: boolean;
+  /**
+   * Version of the rows held when they are known to be resolved for the
+   * current secret: sent with a resubscribe to resume. `null` before the
+   * first rows, and after a new secret until rows resolved for it arrive.
+   */
+  resumeVersion: number | null;
+  /**
+   * Answers (`subscribed` or an error) the node owes this key on this
+   * connection: one per subscribe sent, one per re-check of a new secret.
+   * Rows that arrive while some are due may have been resolved for an
+   * earlier secret, so they are not resumed from.
+   */
+  answersDue: number;
   /** Failed subscribe attempts in a row. */
   retries: number;
   retryTimer: ReturnType<typeof setTimeout> | null;
@@ -422,6 +476,7 @@ export class EntitySyncClient {
   readonly #minDelayMs: number;
   readonly #maxDelayMs: number;
   readonly #random: () => number;
+  readonly #resume: boolean;
   /** Each event's listeners; the value tells a `once` listener. */
   readonly #listeners: { [E in ClientEventName]: Map<ClientEvents[E], boolean> } = {
     state: new Map(),
@@ -457,6 +512,7 @@ export class EntitySyncClient {
     this.#minDelayMs = options.minDelayMs ?? 500;
     this.#maxDelayMs = options.maxDelayMs ?? 15000;
     this.#random = options.random ?? Math.random;
+    this.#resume = options.resume ?? true;
     if (options.onError) this.on('error', options.onError);
     if (options.onState) this.on('state', options.onState);
     if (options.autoConnect ?? true) this.connect();
@@ -497,9 +553,10 @@ export class EntitySyncClient {
   /**
    * Closes the socket and stops reconnecting (a scheduled reconnect or retry
    * is cancelled), but keeps every subscription, its listeners and its last
-   * rows: a later {@link connect} subscribes the keys again, and each gets a
-   * fresh snapshot. The state becomes `disconnected`. Does nothing when not
-   * connected.
+   * rows: a later {@link connect} subscribes the keys again, each with the
+   * version it holds (a key changed since gets a fresh snapshot, an
+   * unchanged one is resumed as it is). The state becomes `disconnected`.
+   * Does nothing when not connected.
    * @returns the client, for chaining
    */
   disconnect(): this {
@@ -569,6 +626,7 @@ export class EntitySyncClient {
     const listener: Listener = {
       onRows: onRows as RowsListener<unknown>,
       onError: options.onError,
+      onResumed: options.onResumed,
     };
     let sub = this.#subs.get(key);
     if (!sub) {
@@ -580,6 +638,8 @@ export class EntitySyncClient {
         rows: null,
         state: 'pending',
         awaitingSnapshot: false,
+        resumeVersion: null,
+        answersDue: 0,
         retries: 0,
         retryTimer: null,
       };
@@ -642,6 +702,10 @@ export class EntitySyncClient {
           {
             onError: (error) => {
               if (SUBSCRIPTION_ENDED.has(error.code)) set({ ...value, status: 'failed', error });
+            },
+            // Nothing changed but the status: the rows held are still the latest.
+            onResumed: () => {
+              if (value.status !== 'live') set({ ...value, status: 'live', error: null });
             },
           },
         );
@@ -725,11 +789,18 @@ export class EntitySyncClient {
    * keys it refused before are subscribed again here.
    */
   setSecret(secret: string): void {
+    // The rows held were resolved for the old secret: never resume from them.
+    const changed = secret !== this.#secret;
+    if (changed) for (const sub of this.#subs.values()) sub.resumeVersion = null;
     this.#secret = secret;
     if (this.#send(encodeSecret(secret))) {
       for (const sub of this.#subs.values()) {
         if (sub.state === 'failed') this.#sendSubscribe(sub);
-        else sub.state = 'pending';
+        else {
+          sub.state = 'pending';
+          // The node re-checks the keys it holds and answers each.
+          if (changed) sub.answersDue += 1;
+        }
       }
     }
   }
@@ -787,6 +858,7 @@ export class EntitySyncClient {
       clearRetry(sub);
       sub.state = 'pending';
       sub.awaitingSnapshot = false;
+      sub.answersDue = 0;
     }
     this.#attempt = 0;
     this.#openedAt = 0;
@@ -888,6 +960,7 @@ export class EntitySyncClient {
       clearRetry(sub);
       sub.state = 'pending';
       sub.awaitingSnapshot = false;
+      sub.answersDue = 0;
     }
     const stable = this.#openedAt > 0 && Date.now() - this.#openedAt >= STABLE_CONNECTION_MS;
     if (stable) this.#attempt = 0;
@@ -913,7 +986,11 @@ export class EntitySyncClient {
 
   #sendSubscribe(sub: Subscription): void {
     clearRetry(sub);
-    if (this.#send(encodeSubscribe(sub.entity, sub.id))) sub.state = 'pending';
+    const version = this.#resume ? sub.resumeVersion : null;
+    if (this.#send(encodeSubscribe(sub.entity, sub.id, version))) {
+      sub.state = 'pending';
+      sub.answersDue += 1;
+    }
   }
 
   /** @returns whether it was sent */
@@ -940,8 +1017,12 @@ export class EntitySyncClient {
         const sub = this.#subOf(fields);
         if (!sub) return;
         sub.state = 'subscribed';
-        sub.awaitingSnapshot = true;
         sub.retries = 0;
+        sub.answersDue = Math.max(0, sub.answersDue - 1);
+        // `current`: the version sent with the subscribe is still the
+        // latest; no snapshot follows and the rows held stay as they are.
+        sub.awaitingSnapshot = (fields as { current?: unknown }).current !== true;
+        if (!sub.awaitingSnapshot) this.#resumed(sub);
         return;
       }
       case 'push':
@@ -978,6 +1059,7 @@ export class EntitySyncClient {
       return; // stale: reflects an older change than the rows held
     }
     sub.version = version;
+    sub.resumeVersion = sub.answersDue === 0 ? version : null;
     const rows: readonly unknown[] = Array.isArray(body.rows) ? body.rows : [];
     sub.rows = rows;
     const meta: PushMeta = { entity: sub.entity, id: sub.id, version, snapshot };
@@ -996,6 +1078,7 @@ export class EntitySyncClient {
     const error = new EntitySyncError(code, message, key);
     const sub = this.#subs.get(keyOf(key.entity, key.id));
     if (sub && SUBSCRIPTION_ENDED.has(code)) {
+      sub.answersDue = Math.max(0, sub.answersDue - 1);
       sub.state = 'failed';
       sub.awaitingSnapshot = false;
       if (RETRYABLE.has(code)) this.#scheduleRetry(sub);
@@ -1011,6 +1094,27 @@ export class EntitySyncClient {
       }
     }
     this.#emitError(error);
+  }
+
+  /** The node found the rows held current: tell the key's `onResumed` listeners. */
+  #resumed(sub: Subscription): void {
+    // Only a subscribe that carried a version is answered so.
+    if (sub.rows === null || sub.version === null) return;
+    const meta: ResumeMeta = { entity: sub.entity, id: sub.id, version: sub.version };
+    for (const listener of [...sub.listeners]) {
+      if (!listener.onResumed) continue;
+      try {
+        listener.onResumed(meta);
+      } catch (err) {
+        this.#emitError(
+          new EntitySyncError('client_listener_failed', errorText(err), {
+            entity: sub.entity,
+            id: sub.id,
+            cause: err,
+          }),
+        );
+      }
+    }
   }
 
   #scheduleRetry(sub: Subscription): void {

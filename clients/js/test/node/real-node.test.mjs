@@ -252,6 +252,143 @@ test('disconnect() drops the socket and keeps the keys; connect() resubscribes t
   assert.deepEqual(rec.of('items/50')[2].rows, [{ id: 50, v: 'pushed' }]);
 });
 
+test('after the node closes the connection, the client resumes by version: current for the unchanged keys, a snapshot for the key changed while it was away', async () => {
+  await resolver.set('items', '60', { rows: [{ id: 60, v: 'kept' }] });
+  await resolver.set('items', '61', { rows: [{ id: 61, v: 'before' }] });
+  await resolver.set('lists', '60', { rows: [{ list: 60, v: 'kept' }], forbidden_secrets: [''] });
+  const rec = recorder();
+  // The reconnect waits exactly 2 s (no jitter): the change below is made and
+  // notified within it, which the test checks.
+  const c = client({
+    ...rec.options,
+    secret: 'member-secret',
+    minDelayMs: 2000,
+    maxDelayMs: 2000,
+    random: () => 1,
+  });
+  const resumed = [];
+  const store = c.store('items', '60');
+  const storeValues = [];
+  store.subscribe((value) => storeValues.push(value));
+  for (const [entity, id] of [
+    ['items', '60'],
+    ['items', '61'],
+    ['lists', '60'],
+  ]) {
+    c.subscribe(entity, id, rec.listener, { onResumed: (meta) => resumed.push(meta) });
+  }
+  await until(
+    () => ['items/60', 'items/61', 'lists/60'].every((key) => rec.of(key).length === 1),
+    'three snapshots',
+  );
+  await until(() => store.get().status === 'live', 'the store to go live');
+  const held = Object.fromEntries(
+    ['items/60', 'items/61', 'lists/60'].map((key) => [key, rec.of(key)[0].version]),
+  );
+  const metrics = await node.metrics();
+  const currentBefore = metric(metrics, 'entity_sync_resumed_current_total');
+  const snapshotBefore = metric(metrics, 'entity_sync_resumed_snapshot_total');
+  const requestsBefore = (await resolver.requests()).length;
+  const framesBefore = rec.seen.frames.length;
+  const sentBefore = rec.seen.sent.length;
+  const storeBefore = storeValues.length;
+
+  // A frame over twice --max-message-bytes (64 KiB): the node closes the connection (1009).
+  c.send({ pad: 'x'.repeat(140 * 1024) });
+  await until(() => c.state === 'reconnecting', 'the node to close the connection');
+  assert.equal(rec.seen.states.at(-1)[1].closeCode, 1009);
+  // Changed and notified while the client is away.
+  await resolver.set('items', '61', { rows: [{ id: 61, v: 'changed while away' }] });
+  const [changed] = await resolver.notify(['items', '61']);
+  assert.equal(c.state, 'reconnecting', 'changed before the client came back');
+  assert.equal(rec.seen.sockets, 1);
+
+  await until(() => rec.of('items/61').length === 2, "the changed key's snapshot", 5000);
+  await until(() => resumed.length === 2, 'both unchanged keys resumed');
+
+  // The resubscribes carried the versions held, after the secret.
+  assert.deepEqual(rec.seen.sent.slice(sentBefore + 1), [
+    { action: 'secret', body: 'member-secret' },
+    { action: 'subscribe', body: { entity: 'items', id: '60', version: held['items/60'] } },
+    { action: 'subscribe', body: { entity: 'items', id: '61', version: held['items/61'] } },
+    { action: 'subscribe', body: { entity: 'lists', id: '60', version: held['lists/60'] } },
+  ]);
+  // The node answered current for the unchanged keys, a snapshot for the changed one.
+  const answers = rec.seen.frames.slice(framesBefore);
+  assert.deepEqual(
+    answers
+      .filter((f) => f.body.current === true)
+      .map((f) => `${f.action} ${f.body.entity}/${f.body.id}`)
+      .sort(),
+    ['subscribed items/60', 'subscribed lists/60'],
+  );
+  assert.deepEqual(
+    answers.filter((f) => f.action === 'push').map((f) => `${f.body.entity}/${f.body.id}`),
+    ['items/61'],
+  );
+  const fresh = rec.of('items/61')[1];
+  assert.equal(fresh.snapshot, true);
+  assert.deepEqual(fresh.rows, [{ id: 61, v: 'changed while away' }]);
+  assert.ok(fresh.version >= changed, `snapshot v${fresh.version} reflects change ${changed}`);
+  // The unchanged keys: no delivery, rows and versions as held, the store untouched.
+  assert.equal(rec.of('items/60').length, 1);
+  assert.equal(rec.of('lists/60').length, 1);
+  assert.deepEqual(resumed.map((meta) => [`${meta.entity}/${meta.id}`, meta.version]).sort(), [
+    ['items/60', held['items/60']],
+    ['lists/60', held['lists/60']],
+  ]);
+  assert.deepEqual(c.current('lists', '60'), {
+    rows: [{ list: 60, v: 'kept' }],
+    version: held['lists/60'],
+  });
+  assert.equal(storeValues.length, storeBefore, 'the store got no update');
+  assert.equal(store.get().status, 'live');
+  const after = await node.metrics();
+  assert.equal(metric(after, 'entity_sync_resumed_current_total'), currentBefore + 2);
+  assert.equal(metric(after, 'entity_sync_resumed_snapshot_total'), snapshotBefore + 1);
+  // Authorized all the same: each key was asked for again, with the secret.
+  const asked = (await resolver.requests())
+    .slice(requestsBefore)
+    .filter((r) => r.ids.includes('60') || r.ids.includes('61'));
+  assert.deepEqual(
+    asked.map((r) => [r.reason, r.entity, r.ids, r.secret === 'member-secret']).sort(),
+    [
+      ['subscribe', 'items', ['60'], true],
+      ['subscribe', 'items', ['61'], true],
+      ['subscribe', 'lists', ['60'], true],
+    ],
+  );
+  assert.deepEqual(rec.seen.errors, []);
+
+  // A resumed key is live: its next change is pushed.
+  await resolver.set('items', '60', { rows: [{ id: 60, v: 'changed after' }] });
+  await resolver.notify(['items', '60']);
+  await until(() => rec.of('items/60').length === 2, 'the push after the resume');
+  assert.equal(rec.of('items/60')[1].snapshot, false);
+  assert.deepEqual(store.get().rows, [{ id: 60, v: 'changed after' }]);
+  c.close();
+});
+
+test('with resume: false a reconnect asks every key for a snapshot', async () => {
+  await resolver.set('items', '70', { rows: [{ id: 70 }] });
+  const rec = recorder();
+  const c = client({ ...rec.options, resume: false });
+  c.subscribe('items', '70', rec.listener);
+  await until(() => rec.of('items/70').length === 1, 'the snapshot');
+  c.send({ pad: 'x'.repeat(140 * 1024) });
+  await until(() => rec.of('items/70').length === 2, 'the snapshot after the reconnect', 5000);
+  assert.equal(rec.of('items/70')[1].snapshot, true);
+  assert.deepEqual(
+    rec.seen.sent.filter((f) => f.action === 'subscribe').map((f) => f.body),
+    [
+      { entity: 'items', id: '70' },
+      { entity: 'items', id: '70' },
+    ],
+  );
+  assert.equal(rec.seen.frames.filter((f) => f.body?.current === true).length, 0);
+  c.close();
+});
+
 test('a push older than the rows held never reaches a listener', async () => {
   // The resolver sets its own versions here, so one can go back.
   await resolver.set('items', '20', { rows: [{ v: 'A' }], version: 1000 });

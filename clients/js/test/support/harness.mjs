@@ -346,16 +346,21 @@ export function spawnChild(name, file, args, options) {
 
 /**
  * Records what one client sees: deliveries per key, errors and states, how
- * many sockets it opened, and every frame its sockets received (a tap on the
- * real WebSocket, which the client still drives).
+ * many sockets it opened, and every frame its sockets received and sent (a
+ * tap on the real WebSocket, which the client still drives).
  */
 export function recorder() {
-  const seen = { rows: [], errors: [], states: [], frames: [], sockets: 0 };
+  const seen = { rows: [], errors: [], states: [], frames: [], sent: [], sockets: 0 };
   class TappedWebSocket extends globalThis.WebSocket {
     constructor(url) {
       super(url);
       seen.sockets += 1;
       this.addEventListener('message', (event) => seen.frames.push(JSON.parse(String(event.data))));
+    }
+
+    send(text) {
+      seen.sent.push(JSON.parse(text));
+      super.send(text);
     }
   }
   return {

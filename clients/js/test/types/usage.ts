@@ -11,6 +11,7 @@ import {
   type ErrorCode,
   type KeyValue,
   type PushMeta,
+  type ResumeMeta,
 } from '../../dist/entity-sync.js';
 
 interface Item {
@@ -30,6 +31,16 @@ const stop: () => void = client.subscribe<Item>('items', 1, (rows, meta: PushMet
   rows.push({ id: 2, name: 'x' });
 });
 stop();
+
+const resumable = new EntitySyncClient('wss://sync.example.com', { resume: false });
+resumable.subscribe<Item>('items', 2, () => {}, {
+  onResumed: (meta: ResumeMeta) => {
+    const held: number = meta.version;
+    void held;
+  },
+});
+// @ts-expect-error resume is a boolean
+void new EntitySyncClient('wss://sync.example.com', { resume: 'yes' });
 
 const code: ErrorCode = ERROR_CODES[0];
 // @ts-expect-error not a code of the node

@@ -118,6 +118,17 @@ test('frames are encoded exactly as the protocol spells them', () => {
     encodeUnsubscribe('lists', 7),
     '{"action":"unsubscribe","body":{"entity":"lists","id":"7"}}',
   );
+  assert.equal(
+    encodeSubscribe('items', 100, 42),
+    '{"action":"subscribe","body":{"entity":"items","id":"100","version":42}}',
+  );
+  // Only a version a node takes (an integer in 0..2^53-1) is sent.
+  for (const bad of [null, undefined, -1, 1.5, Number.NaN, 2 ** 53]) {
+    assert.equal(
+      encodeSubscribe('items', 100, bad),
+      '{"action":"subscribe","body":{"entity":"items","id":"100"}}',
+    );
+  }
   assert.equal(encodeSecret('s3cret "x"'), '{"action":"secret","body":"s3cret \\"x\\""}');
 });
 
@@ -215,7 +226,8 @@ test('after a drop it reconnects, resubscribes and takes the fresh snapshot', as
   second.accept();
   assert.deepEqual(second.frames(), [
     { action: 'secret', body: 's' },
-    { action: 'subscribe', body: { entity: 'lists', id: '1' } },
+    // With the version of the rows held: a restarted node cannot place it.
+    { action: 'subscribe', body: { entity: 'lists', id: '1', version: 41 } },
   ]);
   // Before the new snapshot, an older push is still dropped...
   second.push(push('lists', '1', 39, [{ name: 'stale' }]));
@@ -695,6 +707,7 @@ test('disconnect() closes the socket, stops reconnecting and keeps the keys; con
   second.accept();
   assert.deepEqual(second.frames(), [
     { action: 'secret', body: 's2' },
+    // No version: the rows held were resolved for the previous secret.
     { action: 'subscribe', body: { entity: 'lists', id: '1' } },
     { action: 'subscribe', body: { entity: 'orders', id: '2' } },
   ]);
@@ -918,4 +931,166 @@ test('every error the client emits is an EntitySyncError: frames, invalid frames
   );
   assert.ok(all.every((error) => error instanceof EntitySyncError));
   assert.ok(seen[0].cause instanceof TypeError);
+});
+
+const current = (entity, id) => ({ action: 'subscribed', body: { entity, id, current: true } });
+
+/** A client holding lists/1 at v41 (snapshot v40, then a change) and items/2 with no rows yet. */
+async function heldThenDropped(options = {}) {
+  const made = makeClient({ secret: 's', ...options });
+  const first = made.socket();
+  first.accept();
+  const seen = [];
+  const resumed = [];
+  made.client.subscribe(
+    'lists',
+    '1',
+    (rows, meta) => seen.push([meta.version, meta.snapshot, rows[0].name]),
+    { onResumed: (meta) => resumed.push(meta) },
+  );
+  made.client.subscribe('items', '2', () => {});
+  first.push(subscribed('lists', '1'));
+  first.push(push('lists', '1', 40, [{ name: 'before' }]));
+  first.push(push('lists', '1', 41, [{ name: 'changed' }]));
+  first.push(subscribed('items', '2'));
+  first.drop(1006);
+  // Added while away: it never had rows.
+  made.client.subscribe('orders', '3', () => {});
+  await until(() => FakeSocket.made.length === 2, 'a second socket');
+  const second = made.socket();
+  second.accept();
+  return { ...made, first, second, seen, resumed };
+}
+
+test('a resubscribe after a reconnect carries the version held; keys without rows carry none', async () => {
+  const { client, second } = await heldThenDropped();
+  assert.deepEqual(second.sent, [
+    '{"action":"secret","body":"s"}',
+    '{"action":"subscribe","body":{"entity":"lists","id":"1","version":41}}',
+    '{"action":"subscribe","body":{"entity":"items","id":"2"}}',
+    '{"action":"subscribe","body":{"entity":"orders","id":"3"}}',
+  ]);
+  client.close();
+});
+
+test('with resume: false a resubscribe carries no version', async () => {
+  const { client, second } = await heldThenDropped({ resume: false });
+  assert.deepEqual(second.frames().slice(1), [
+    { action: 'subscribe', body: { entity: 'lists', id: '1' } },
+    { action: 'subscribe', body: { entity: 'items', id: '2' } },
+    { action: 'subscribe', body: { entity: 'orders', id: '3' } },
+  ]);
+  client.close();
+});
+
+test('current: true keeps the rows and version held, calls no rows listener, and the next change is applied', async () => {
+  const { client, second, seen, resumed, errors } = await heldThenDropped();
+  const store = client.store('lists', '1');
+  const values = [];
+  store.subscribe((value) => values.push(value));
+  await until(() => values.length === 2, 'the store to take the rows held');
+  const live = store.get();
+  assert.equal(live.status, 'live');
+  const iterator = client.updates('lists', '1');
+  assert.deepEqual((await iterator.next()).value.rows, [{ name: 'changed' }], 'rows held first');
+  let yielded = null;
+  const next = iterator.next().then((result) => {
+    yielded = result;
+  });
+  const before = seen.length;
+
+  second.push(current('lists', '1'));
+  assert.deepEqual(resumed, [{ entity: 'lists', id: '1', version: 41 }]);
+  assert.equal(seen.length, before, 'no rows listener is called');
+  assert.deepEqual(client.current('lists', '1'), { rows: [{ name: 'changed' }], version: 41 });
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  assert.equal(store.get(), live, 'the store keeps the same value: no update');
+  assert.equal(values.length, 2);
+  assert.equal(yielded, null, 'updates() yields nothing');
+
+  // No snapshot is waited for: a push older than the rows held is stale...
+  second.push(push('lists', '1', 39, [{ name: 'stale' }]));
+  // ...and the next change is a change.
+  second.push(push('lists', '1', 42, [{ name: 'next' }]));
+  await next;
+  assert.deepEqual(yielded.value.meta, { entity: 'lists', id: '1', version: 42, snapshot: false });
+  assert.deepEqual(seen.slice(before), [[42, false, 'next']]);
+  assert.deepEqual(store.get().rows, [{ name: 'next' }]);
+  assert.deepEqual(errors, []);
+  // The version resumed from follows the rows applied.
+  second.drop(1006);
+  await until(() => FakeSocket.made.length === 3, 'a third socket');
+  FakeSocket.made[2].accept();
+  assert.deepEqual(FakeSocket.made[2].frames()[1], {
+    action: 'subscribe',
+    body: { entity: 'lists', id: '1', version: 42 },
+  });
+  await iterator.return();
+  client.close();
+});
+
+test('a failed key goes live again when its retry is answered current: true', async () => {
+  const { client, second, seen } = await heldThenDropped();
+  const store = client.store('lists', '1');
+  store.subscribe(() => {});
+  await until(() => store.get().status === 'live', 'the store to take the rows held');
+  second.push({
+    action: 'error',
+    body: { code: 'resolver_error', message: 'db down', entity: 'lists', id: '1' },
+  });
+  assert.equal(store.get().status, 'failed');
+  await until(() => second.sent.length === 5, 'the retry');
+  assert.deepEqual(second.frames()[4], {
+    action: 'subscribe',
+    body: { entity: 'lists', id: '1', version: 41 },
+  });
+  const before = seen.length;
+  second.push(current('lists', '1'));
+  assert.deepEqual(store.get(), {
+    status: 'live',
+    rows: [{ name: 'changed' }],
+    version: 41,
+    error: null,
+  });
+  assert.equal(seen.length, before);
+  client.close();
+});
+
+test('rows that may be resolved for an earlier secret are not resumed from', async () => {
+  const { client, socket } = makeClient({ secret: 's1' });
+  socket().accept();
+  client.subscribe('lists', '1', () => {});
+  client.subscribe('lists', '2', () => {});
+  for (const id of ['1', '2']) {
+    socket().push(subscribed('lists', id));
+    socket().push(push('lists', id, 10, [{ id }]));
+  }
+  client.setSecret('s2');
+  // lists/1: a change resolved before the node read the new secret, then the re-check.
+  socket().push(push('lists', '1', 11, [{ old: true }]));
+  socket().push(subscribed('lists', '1'));
+  socket().push(push('lists', '1', 12, [{ fresh: true }]));
+  // lists/2: a change crosses the secret; the re-check has not answered yet.
+  socket().push(push('lists', '2', 11, [{ old: true }]));
+  socket().drop(1006);
+  await until(() => FakeSocket.made.length === 2, 'a second socket');
+  socket().accept();
+  assert.deepEqual(socket().frames(), [
+    { action: 'secret', body: 's2' },
+    { action: 'subscribe', body: { entity: 'lists', id: '1', version: 12 } },
+    { action: 'subscribe', body: { entity: 'lists', id: '2' } },
+  ]);
+  // The same secret again re-checks nothing: versions are still resumed from.
+  socket().push(subscribed('lists', '2'));
+  socket().push(push('lists', '2', 13, [{ fresh: true }]));
+  client.setSecret('s2');
+  socket().push(push('lists', '2', 14, [{ fresh: true }]));
+  socket().drop(1006);
+  await until(() => FakeSocket.made.length === 3, 'a third socket');
+  socket().accept();
+  assert.deepEqual(socket().frames().slice(1), [
+    { action: 'subscribe', body: { entity: 'lists', id: '1', version: 12 } },
+    { action: 'subscribe', body: { entity: 'lists', id: '2', version: 14 } },
+  ]);
+  client.close();
 });
