@@ -39,7 +39,9 @@ const PACED_IN_FLIGHT: usize = 512;
 /// Slots after the keys' versions in [`Shared::slots`], written by the resolver.
 const SLOT_CHANGE_REQUESTS: usize = 0;
 const SLOT_CHANGE_IDS: usize = 1;
-const RESOLVER_SLOTS: usize = 2;
+const SLOT_SUBSCRIBE_REQUESTS: usize = 2;
+const SLOT_SUBSCRIBE_IDS: usize = 3;
+const RESOLVER_SLOTS: usize = 4;
 /// Slots in all after the versions: the counters and the resolver's state.
 const SHARED_EXTRA: usize = RESOLVER_SLOTS + 1;
 
@@ -121,6 +123,14 @@ impl Shared {
     /// Ids those change requests carried.
     pub fn resolver_change_ids(&self) -> u64 {
         self.resolver_slot(SLOT_CHANGE_IDS)
+    }
+
+    /// Subscribe resolve requests the resolver(s) answered, and the ids they carried.
+    pub fn resolver_subscribe(&self) -> (u64, u64) {
+        (
+            self.resolver_slot(SLOT_SUBSCRIBE_REQUESTS),
+            self.resolver_slot(SLOT_SUBSCRIBE_IDS),
+        )
     }
 
     /// Nanoseconds since the run's origin.
@@ -301,9 +311,17 @@ pub async fn resolver_process(args: ResolverArgs) -> anyhow::Result<()> {
             let (slots, pad) = (slots.clone(), pad.clone());
             async move {
                 let counters = &slots[keys..];
-                if request.reason() == Reason::Change {
-                    counters[SLOT_CHANGE_REQUESTS].fetch_add(1, Relaxed);
-                    counters[SLOT_CHANGE_IDS].fetch_add(request.ids().len() as u64, Relaxed);
+                let ids = request.ids().len() as u64;
+                match request.reason() {
+                    Reason::Change => {
+                        counters[SLOT_CHANGE_REQUESTS].fetch_add(1, Relaxed);
+                        counters[SLOT_CHANGE_IDS].fetch_add(ids, Relaxed);
+                    }
+                    Reason::Subscribe => {
+                        counters[SLOT_SUBSCRIBE_REQUESTS].fetch_add(1, Relaxed);
+                        counters[SLOT_SUBSCRIBE_IDS].fetch_add(ids, Relaxed);
+                    }
+                    _ => {}
                 }
                 request
                     .ids()
@@ -371,7 +389,7 @@ pub struct DriveOutcome {
     pub first_error: Option<String>,
 }
 
-fn key_of(id: u32) -> Key {
+pub fn key_of(id: u32) -> Key {
     Key::from((ENTITY, id))
 }
 
@@ -385,7 +403,7 @@ pub async fn notifier(grpc_url: &str) -> anyhow::Result<Notifier> {
         .await?)
 }
 
-async fn notify_one(notifier: &Notifier, keys: Vec<Key>) -> Result<(), String> {
+pub async fn notify_one(notifier: &Notifier, keys: Vec<Key>) -> Result<(), String> {
     notifier
         .notify(keys)
         .await

@@ -11,6 +11,8 @@
 //! target/release/entity-sync-bench notify
 //! target/release/entity-sync-bench notify --nats-servers 3 --replicas 3 --batch 100,1000
 //! target/release/entity-sync-bench cluster                # fanout over 2 nodes on NATS JetStream
+//! target/release/entity-sync-bench cluster --nodes 3 --rate 50   # + resolves per change, unheld keys
+//! target/release/entity-sync-bench restart                # rolling restart of 3 nodes, with and without resume
 //! target/release/entity-sync-bench fanout --smoke         # seconds; exit code 1 if any client lost
 //! target/release/entity-sync-bench ceiling                # the bare server: the machine's paced ceiling
 //! target/release/entity-sync-bench fanout --rate 100 --ceiling --runs 5   # fraction of the ceiling, medians
@@ -20,6 +22,7 @@
 //! - `main.rs`: command line, the scenarios, the reports.
 //! - `load.rs`: the resolver (on `entity-sync-backend`, in a process of its own), the notifier
 //!   and the websocket clients.
+//! - `restart.rs`: the rolling restart (clients that reconnect and resubscribe).
 //! - `slots.rs`: the `u64` atomics the bench shares with its resolver process (a mapped file).
 //! - `stats.rs`: distinct seeded draws, the push-frame scanner, percentiles (on the
 //!   testkit's `percentile`), medians.
@@ -35,6 +38,7 @@
 
 mod ceiling;
 mod load;
+mod restart;
 mod slots;
 mod stats;
 
@@ -71,6 +75,7 @@ use crate::{
 };
 
 const RESOLVES_CHANGE: &str = "entity_sync_resolve_requests_total{reason=\"change\"}";
+const CHANGES_CONSUMED: &str = "entity_sync_changes_consumed_total";
 /// Clients per source address: well inside the 28k ephemeral ports of each.
 const CLIENTS_PER_SOURCE: usize = 20_000;
 /// How long one client may take to connect and subscribe.
@@ -155,7 +160,7 @@ struct Cli {
     #[arg(long, default_value_t = 1_000)]
     subscribers: usize,
 
-    /// Nodes to run (cluster 2, else 1). More than one needs NATS.
+    /// Nodes to run (cluster 2, restart 3, else 1). More than one needs NATS.
     #[arg(long)]
     nodes: Option<usize>,
     /// Run the node(s) on a spawned nats-server (implied by cluster).
@@ -171,6 +176,17 @@ struct Cli {
     /// Replicas of the nodes' stream (`--nats-replicas`), at most --nats-servers.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+
+    /// cluster: changes notified, after the run, for keys no node holds (0: none).
+    #[arg(long)]
+    unheld_changes: Option<usize>,
+
+    /// restart: only the mode whose resubscribes carry no `"version"`.
+    #[arg(long, conflicts_with = "resume_only")]
+    no_resume: bool,
+    /// restart: only the mode whose resubscribes carry `"version": <held>`.
+    #[arg(long)]
+    resume_only: bool,
 
     /// Source addresses 127.0.0.1..N for the websocket clients (default: one per 20,000 clients).
     #[arg(long)]
@@ -218,6 +234,8 @@ enum Scenario {
     Idle,
     Notify,
     Cluster,
+    /// A rolling restart of 3 nodes while clients hold keys (with and without resume).
+    Restart,
     Ceiling,
     /// The bench's resolver, in a process of its own (the bench starts it).
     #[value(hide = true)]
@@ -234,7 +252,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let Some(scenario) = cli.scenario.or(cli.smoke.then_some(Scenario::Fanout)) else {
         eprintln!(
-            "error: name a scenario (fanout, manykeys, idle, notify, cluster, ceiling) or pass --smoke"
+            "error: name a scenario (fanout, manykeys, idle, notify, cluster, restart, ceiling) or pass --smoke"
         );
         return ExitCode::from(2);
     };
@@ -245,7 +263,11 @@ fn main() -> ExitCode {
     let nofile = raise_nofile();
     // The last line of defence of "stops by itself": children die with us (PDEATHSIG).
     // Each run (and its ceiling run) has its own --timeout.
-    let runs = cli.runs.max(1) as u32 * if cli.ceiling { 2 } else { 1 };
+    let runs = if scenario == Scenario::Restart {
+        restart::modes(&cli).len() as u32
+    } else {
+        cli.runs.max(1) as u32 * if cli.ceiling { 2 } else { 1 }
+    };
     let hard_stop = cli.timeout * runs + Duration::from_secs(30);
     std::thread::spawn(move || {
         std::thread::sleep(hard_stop);
@@ -335,6 +357,7 @@ async fn run(cli: Cli, scenario: Scenario, nofile: u64) -> anyhow::Result<bool> 
         }
         Scenario::Idle => idle_scenario(&cli, nofile, &log_dir, deadline).await,
         Scenario::Notify => notify_scenario(&cli, &log_dir, deadline).await,
+        Scenario::Restart => restart::restart_scenario(&cli, &log_dir).await,
         Scenario::ResolverProcess => unreachable!("handled in main"),
     };
     // Children are gone by now (their guards dropped inside the scenario).
@@ -560,6 +583,30 @@ struct PushReport {
     notify_errors: u64,
     first_error: Option<String>,
     nofile_limit: u64,
+    /// cluster: the phase of changes to keys no node holds (its own JSON line).
+    #[serde(skip)]
+    unheld: Option<UnheldReport>,
+}
+
+/// cluster: changes notified for keys no node holds, after the run.
+#[derive(Serialize)]
+struct UnheldReport {
+    scenario: &'static str,
+    nodes: usize,
+    /// Changes notified (one key per call), and calls that failed.
+    changes: u64,
+    notify_errors: u64,
+    /// Whether every node counted them consumed from the bus (`entity_sync_changes_consumed_total`)
+    /// before the resolves were read.
+    consumed_by_every_node: bool,
+    consumed_by_node: Vec<Option<u64>>,
+    /// Change resolve requests and ids the bench resolver itself answered in the phase.
+    resolver_change_requests: u64,
+    resolver_change_ids: u64,
+    /// resolver_change_requests per change: expected 0.
+    backend_resolves_per_change: f64,
+    /// Change resolves in the nodes' /metrics (sum over nodes).
+    node_resolves: u64,
 }
 
 /// The shape of a push run: name, clients, keys, keys per client, updates.
@@ -620,6 +667,21 @@ async fn push_runs(
                 .map(|c| round(r.deliveries_per_s / c, 3));
             println!("{}", serde_json::to_string(&r)?);
             print_push_table(&r);
+            if let Some(u) = &r.unheld {
+                ok &= u.notify_errors == 0;
+                println!("{}", serde_json::to_string(u)?);
+                print_kv(&[(
+                    "unheld keys",
+                    format!(
+                        "{} changes to keys no node holds: backend saw {} change requests ({} per change), nodes {}; consumed by every node: {}",
+                        u.changes,
+                        u.resolver_change_requests,
+                        u.backend_resolves_per_change,
+                        u.node_resolves,
+                        u.consumed_by_every_node
+                    ),
+                )]);
+            }
             if let Some(c) = ceiling {
                 println!(
                     "  run {run}: {:.0} deliveries/s = {} of the ceiling's {c:.0}/s",
@@ -782,6 +844,17 @@ async fn push_scenario(
     let gen_sys = gen_after.1 - gen_before.1;
     let rss: u64 = env.rss().iter().sum();
     let resolves_after = env.metric(RESOLVES_CHANGE).await?;
+    // Read before the unheld phase adds its own (expected none).
+    let resolver_change_requests = shared.resolver_change_requests();
+    let resolver_change_ids = shared.resolver_change_ids();
+    let unheld = if cluster {
+        let changes = cli
+            .unheld_changes
+            .unwrap_or(if cli.smoke { 10 } else { 200 });
+        Some(unheld_phase(cli, &env, &shared, &notifier, changes, deadline).await?)
+    } else {
+        None
+    };
     cancel.cancel();
     let mut outcomes = Vec::with_capacity(clients);
     while let Some(done) = tasks.join_next().await {
@@ -852,13 +925,10 @@ async fn push_scenario(
             0.0
         },
         resolves_by_node,
-        resolver_change_requests: shared.resolver_change_requests(),
-        resolver_change_ids: shared.resolver_change_ids(),
+        resolver_change_requests,
+        resolver_change_ids,
         backend_resolves_per_change: if drive.sent > 0 {
-            round(
-                shared.resolver_change_requests() as f64 / drive.sent as f64,
-                4,
-            )
+            round(resolver_change_requests as f64 / drive.sent as f64, 4)
         } else {
             0.0
         },
@@ -873,9 +943,103 @@ async fn push_scenario(
         notify_errors: drive.errors,
         first_error,
         nofile_limit: nofile,
+        unheld,
     };
     drop(env);
     Ok(report)
+}
+
+/// Notifies `changes` keys no client holds (ids `keys..`), one per call (paced
+/// at `--rate` when set), waits until every node consumed them from the bus
+/// (bounded), and counts the resolves they caused: the backend's own count.
+async fn unheld_phase(
+    cli: &Cli,
+    env: &Env,
+    shared: &Shared,
+    notifier: &Notifier,
+    changes: usize,
+    deadline: Instant,
+) -> anyhow::Result<UnheldReport> {
+    let consumed = async || -> Vec<Option<u64>> {
+        let mut out = Vec::new();
+        for node in &env.nodes {
+            out.push(node.metric(CHANGES_CONSUMED).await.ok().map(|v| v as u64));
+        }
+        out
+    };
+    let consumed_before = consumed().await;
+    let node_before = env.metric(RESOLVES_CHANGE).await?;
+    let (req_before, ids_before) = (
+        shared.resolver_change_requests(),
+        shared.resolver_change_ids(),
+    );
+    let first_unheld = shared.keys() as u32;
+    let t0 = Instant::now();
+    let (mut sent, mut errors) = (0u64, 0u64);
+    for i in 0..changes {
+        if let Some(rate) = cli.rate {
+            tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / rate)).await;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        let key = load::key_of(first_unheld + i as u32);
+        match load::notify_one(notifier, vec![key]).await {
+            Ok(()) => sent += 1,
+            Err(_) => errors += 1,
+        }
+    }
+    // Every node must have consumed them before the resolves are read; then a
+    // moment for a resolve they caused to reach the backend.
+    let wait_end = deadline.min(Instant::now() + Duration::from_secs(10));
+    let mut after = consumed().await;
+    let all_consumed = |after: &[Option<u64>]| {
+        after
+            .iter()
+            .zip(&consumed_before)
+            .all(|(a, b)| match (a, b) {
+                (Some(a), Some(b)) => a - b >= sent,
+                _ => false,
+            })
+    };
+    while !all_consumed(&after) && Instant::now() < wait_end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = consumed().await;
+    }
+    tokio::time::sleep(
+        Duration::from_millis(300).min(deadline.saturating_duration_since(Instant::now())),
+    )
+    .await;
+    let requests = shared.resolver_change_requests() - req_before;
+    let node_after = env.metric(RESOLVES_CHANGE).await?;
+    Ok(UnheldReport {
+        scenario: "cluster-unheld",
+        nodes: env.nodes.len(),
+        changes: sent,
+        notify_errors: errors,
+        consumed_by_every_node: all_consumed(&after),
+        consumed_by_node: after
+            .iter()
+            .zip(&consumed_before)
+            .map(|(a, b)| Some(a.as_ref()? - b.as_ref()?))
+            .collect(),
+        resolver_change_requests: requests,
+        resolver_change_ids: shared.resolver_change_ids() - ids_before,
+        backend_resolves_per_change: if sent > 0 {
+            round(requests as f64 / sent as f64, 4)
+        } else {
+            0.0
+        },
+        node_resolves: sub_u64(&node_after, &node_before),
+    })
+}
+
+fn sub_u64(after: &[u64], before: &[u64]) -> u64 {
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .sum()
 }
 
 /// What the ceiling run measured.

@@ -50,6 +50,26 @@ pub fn scan_push(frame: &str) -> Option<PushInfo<'_>> {
     Some(PushInfo { id, v })
 }
 
+/// The envelope's `"version"` of a push frame (the bus version it reflects),
+/// read before its rows so a row's own field is never taken for it.
+pub fn push_version(frame: &str) -> Option<u64> {
+    let head = &frame[..frame.find(r#""rows":["#).unwrap_or(frame.len())];
+    let at = head.find(r#""version":"#)? + 10;
+    parse_leading_u64(&head[at..])
+}
+
+/// A `subscribed` frame's id, and whether it says `"current":true` (the
+/// client's version is still the key's latest: no snapshot follows).
+pub fn scan_subscribed(frame: &str) -> Option<(&str, bool)> {
+    let rest = frame.strip_prefix(r#"{"action":"subscribed","#)?;
+    let id_at = rest.find(r#""id":""#)? + 6;
+    let id_len = rest[id_at..].find('"')?;
+    Some((
+        &rest[id_at..id_at + id_len],
+        rest.contains(r#""current":true"#),
+    ))
+}
+
 fn parse_leading_u64(s: &str) -> Option<u64> {
     let digits = s.bytes().take_while(u8::is_ascii_digit).count();
     s[..digits].parse().ok()
@@ -128,6 +148,29 @@ mod tests {
         assert_eq!(scan_push(frame).unwrap().v, Some(0));
         let empty = r#"{"action":"push","body":{"entity":"bench","id":"3","version":9,"rows":[]}}"#;
         assert_eq!(scan_push(empty), Some(PushInfo { id: "3", v: None }));
+    }
+
+    #[test]
+    fn reads_the_envelope_version_and_subscribed_answers() {
+        let frame = r#"{"action":"push","body":{"entity":"bench","id":"3","version":9,"rows":[{"id":"3","v":0,"version":77}]}}"#;
+        assert_eq!(push_version(frame), Some(9));
+        let none =
+            r#"{"action":"push","body":{"entity":"bench","id":"3","rows":[{"version":77}]}}"#;
+        assert_eq!(push_version(none), None);
+        assert_eq!(
+            scan_subscribed(r#"{"action":"subscribed","body":{"entity":"bench","id":"100"}}"#),
+            Some(("100", false))
+        );
+        assert_eq!(
+            scan_subscribed(
+                r#"{"action":"subscribed","body":{"entity":"items","id":"100","current":true}}"#
+            ),
+            Some(("100", true))
+        );
+        assert_eq!(
+            scan_subscribed(r#"{"action":"push","body":{"id":"1"}}"#),
+            None
+        );
     }
 
     #[test]

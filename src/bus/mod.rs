@@ -24,8 +24,8 @@ use crate::{
 pub use error::{BusError, BusErrorKind, ConnectError, PublishError, StreamError};
 pub(crate) use event::{BusEvent, LastChange, Receipt};
 use jetstream::JetStreamBus;
-pub(crate) use jetstream::relay_feed::{Claim, PROGRESS_EVERY as RELAY_PROGRESS_EVERY, RelayFeed};
 pub(crate) use jetstream::Unavailable;
+pub(crate) use jetstream::relay_feed::{Claim, PROGRESS_EVERY as RELAY_PROGRESS_EVERY, RelayFeed};
 use memory::MemoryBus;
 pub(crate) use refresh::REFRESH_BATCH;
 

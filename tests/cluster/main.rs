@@ -11,5 +11,5 @@ mod cluster;
 mod cluster_limits;
 mod nats_auth;
 mod notify_batch;
-mod relay;
 mod refresh;
+mod relay;

@@ -12,8 +12,8 @@
 
 mod batch;
 mod consumer;
-pub(crate) mod relay_feed;
 mod refresh;
+pub(crate) mod relay_feed;
 mod setup;
 
 use std::{
