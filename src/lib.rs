@@ -35,7 +35,10 @@
 //!   local pool, or another node), `resolving::pool` (the local backends'
 //!   `Resolve` streams: batching, in-flight caps, deadlines) and
 //!   `resolving::cluster` (the NATS request-reply link to other nodes'
-//!   pools, both sides).
+//!   pools, both sides), `resolving::cache` (the node cache: the latest push
+//!   of each SHARED key held here) and `resolving::relay` (each SHARED
+//!   change resolved once for the whole cluster, its rows published to the
+//!   nodes that hold the key).
 //! - [`ops`]: operations. The task tracker and its shutdown path, readiness,
 //!   Prometheus metrics, trace ids, TLS of both ports.
 //! - [`proto`]: code generated from `proto/`.
@@ -44,9 +47,10 @@
 //!   `Register`, run as property tests by `cargo test`.
 //!
 //! Dependencies go one way: `websocket::session` and `dispatcher` →
-//! `resolving` → {`resolving::pool`, `resolving::cluster`}, and
-//! `resolving::cluster` → `resolving::pool` (it answers other nodes from the
-//! local pool); `grpc` feeds backends' streams into `resolving::pool`.
+//! `resolving` → {`resolving::pool`, `resolving::cluster`,
+//! `resolving::cache`, `resolving::relay`}, and `resolving::cluster` and
+//! `resolving::relay` → `resolving::pool`; `grpc` feeds backends' streams
+//! into `resolving::pool`.
 
 pub mod bus;
 pub mod config;

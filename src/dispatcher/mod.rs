@@ -228,6 +228,9 @@ impl Dispatcher {
                 relay.applied(&key, change_version, None, true);
                 continue;
             };
+            if !relay.is_news(&key, change_version) {
+                continue;
+            }
             Metrics::inc(&self.inner.metrics.relay_received_total);
             let (attempt, frame) = self.apply(&key, change_version, meta, outcome, Audience::All);
             relay.applied(

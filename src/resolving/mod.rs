@@ -304,6 +304,12 @@ impl Resolvers {
     }
 }
 
+impl relay::SharedResolver for Resolvers {
+    async fn resolve_shared(&self, key: &Key) -> Resolved {
+        self.resolve(key, Arc::from(""), Reason::Change, true).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -43,14 +43,8 @@ use crate::{
     ops::metrics::Metrics,
     ops::tasks::Tasks,
     ops::trace::{ChangeMeta, TraceId},
-    proto::{
-        internal::v1::RelayedRows,
-        v1::{KeyResult, Reason},
-    },
-    resolving::{
-        ResolveErrorKind, Resolved, Resolvers,
-        pool::wire::{key_result, read_key_result},
-    },
+    proto::{internal::v1::RelayedRows, v1::KeyResult},
+    resolving::pool::{ResolveErrorKind, Resolved, key_result, read_key_result},
     websocket::protocol::PushFrame,
 };
 
@@ -63,6 +57,15 @@ const MAX_CLAIMS: usize = 256;
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Rows received and not yet applied by the dispatcher.
 const RECEIVED_BUFFER: usize = 1024;
+
+/// What resolves a SHARED change for the cluster: the node's route (the
+/// local pool, or another node's), which imports this module, not the other
+/// way round.
+pub(crate) trait SharedResolver: Clone + Send + Sync + 'static {
+    /// Resolves `key` once for every subscriber (reason CHANGE, `shared`,
+    /// empty secret).
+    fn resolve_shared(&self, key: &Key) -> impl Future<Output = Resolved> + Send;
+}
 
 /// The relay of a node: a cheap-clone handle.
 #[derive(Clone)]
@@ -132,7 +135,7 @@ impl Relay {
         prefix: &str,
         timeout: Duration,
         feed: RelayFeed,
-        resolvers: Resolvers,
+        resolvers: impl SharedResolver,
         metrics: Arc<Metrics>,
         tasks: &Tasks,
     ) -> Self {
@@ -224,6 +227,16 @@ impl Relay {
                 }
             });
         }
+    }
+
+    /// Whether rows covering `change_version` are news for `key`: no rows
+    /// covering it or a later change were applied here yet. A claim handed to
+    /// another node is sometimes published twice (the first node was only
+    /// slow); the second copy, resolved earlier or later, is dropped.
+    pub(crate) fn is_news(&self, key: &Key, change_version: u64) -> bool {
+        let held = self.inner.held.lock().unwrap();
+        held.get(key)
+            .is_some_and(|held| held.mark.borrow().applied < change_version)
     }
 
     /// The latest relayed push applied for `key`.
@@ -324,10 +337,10 @@ fn rows_subject(prefix: &str, key: &Key) -> String {
 
 /// The claiming side: resolves the changes this node claimed.
 #[derive(Clone)]
-struct Claimer {
+struct Claimer<R> {
     client: Client,
     prefix: String,
-    resolvers: Resolvers,
+    resolvers: R,
     metrics: Arc<Metrics>,
     /// Keys with a resolve running here, and the claims of the same key
     /// that came meanwhile (covered by one more resolve).
@@ -343,7 +356,7 @@ enum Relayed {
     Retry,
 }
 
-impl Claimer {
+impl<R: SharedResolver> Claimer<R> {
     async fn run(self, mut feed: mpsc::Receiver<Claim>, tasks: Tasks) {
         loop {
             let claim = tokio::select! {
@@ -440,10 +453,7 @@ impl Claimer {
             tracing::debug!(key = %key, version, trace_id = %meta.trace, "relay: no node holds the key");
             return Relayed::Done;
         }
-        let outcome = self
-            .resolvers
-            .resolve(key, Arc::from(""), Reason::Change, true)
-            .await;
+        let outcome = self.resolvers.resolve_shared(key).await;
         if let Err(err) = &outcome {
             match err.kind() {
                 ResolveErrorKind::NotFound | ResolveErrorKind::Forbidden => {}

@@ -19,6 +19,7 @@
 //! - `resolvers`: resolvers killed, slow, or all gone for a while.
 //! - `clients`: a client that stops reading, and a reconnect storm.
 //! - `partition`: a NATS server cut off from the cluster while a node stays connected to it.
+//! - `relay`: the node resolving changes for the whole cluster killed, cut off from NATS, stalled.
 //! - `soak`: RSS and file descriptors back to their baseline after clients leave.
 
 mod bus;
@@ -26,5 +27,6 @@ mod clients;
 mod harness;
 mod nodes;
 mod partition;
+mod relay;
 mod resolvers;
 mod soak;

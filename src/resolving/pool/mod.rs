@@ -27,7 +27,7 @@ mod queues;
 mod register;
 mod state;
 mod timers;
-pub(crate) mod wire;
+mod wire;
 
 use std::{
     collections::HashMap,
