@@ -83,7 +83,7 @@ fi
 # The benchmark tool against the real node, tiny and bounded (seconds): a
 # correctness check (exit 1 if any client missed its final version), not a
 # measurement.
-for scenario in fanout manykeys idle notify cluster ceiling; do
+for scenario in fanout manykeys idle notify cluster restart ceiling; do
   echo "bench smoke: $scenario"
   target/debug/entity-sync-bench "$scenario" --smoke --node-bin target/debug/entity-sync | grep '^{'
 done

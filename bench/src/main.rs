@@ -1644,6 +1644,27 @@ mod tests {
         assert_eq!(cli.timeout, Duration::from_secs(180));
         let smoke = Cli::try_parse_from(["entity-sync-bench", "--smoke"]).expect("parses");
         assert!(smoke.smoke && smoke.scenario.is_none());
+        let restart = Cli::try_parse_from([
+            "entity-sync-bench",
+            "restart",
+            "--no-resume",
+            "--node-arg=--cluster-relay=false",
+        ])
+        .expect("parses");
+        assert_eq!(restart.scenario, Some(Scenario::Restart));
+        assert_eq!(restart::modes(&restart), [false]);
+        assert_eq!(restart.node_args, ["--cluster-relay=false"]);
+        let both = Cli::try_parse_from(["entity-sync-bench", "restart"]).expect("parses");
+        assert_eq!(restart::modes(&both), [false, true]);
+        assert!(
+            Cli::try_parse_from([
+                "entity-sync-bench",
+                "restart",
+                "--no-resume",
+                "--resume-only"
+            ])
+            .is_err()
+        );
     }
 
     #[test]
