@@ -85,7 +85,7 @@ pub struct Backend {
 pub struct BackendBuilder {
     endpoint: NodeEndpoint,
     name: String,
-    entities: Vec<(String, FetchMode, Arc<dyn Handler>, Option<Duration>)>,
+    entities: Vec<EntitySpec>,
     pass_through: Option<Arc<dyn PassThroughHandler>>,
     max_in_flight: u32,
     reconnect: (Duration, Duration),
@@ -93,6 +93,10 @@ pub struct BackendBuilder {
     /// A `refresh_every` called before any `entity` (refused by `build`).
     refresh_without_entity: bool,
 }
+
+/// An entity as [`BackendBuilder`] collects it: name, fetch mode, handler,
+/// refresh interval.
+type EntitySpec = (String, FetchMode, Arc<dyn Handler>, Option<Duration>);
 
 /// Shortest refresh interval the node accepts ([`BackendBuilder::refresh_every`]).
 pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
@@ -586,7 +590,7 @@ impl BackendBuilder {
 /// `interval` in whole milliseconds, within what the node accepts.
 fn refresh_ms(entity: &str, interval: Duration) -> Result<u32, String> {
     if !(MIN_REFRESH_INTERVAL..=MAX_REFRESH_INTERVAL).contains(&interval)
-        || interval.subsec_nanos() % 1_000_000 != 0
+        || !interval.subsec_nanos().is_multiple_of(1_000_000)
     {
         return Err(format!(
             "entity {entity:?}: refresh interval {interval:?} must be whole milliseconds from 1 s to 24 h"

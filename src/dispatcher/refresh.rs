@@ -291,6 +291,15 @@ impl Refresher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        bus::{Bus, BusEvent},
+        config::{NatsConfig, ResolveConfig, WsConfig},
+        dispatcher::registry::{Connection, Registry},
+        ops::{metrics::Metrics, tasks::Tasks},
+        proto::v1::{EntityRegistration, FetchMode, Register},
+        resolving::{Resolvers, pool::ResolverPool},
+        websocket::protocol::PushFrame,
+    };
 
     fn key(id: &str) -> Key {
         Key::new("items", id).unwrap()
@@ -390,5 +399,107 @@ mod tests {
             due.len()
         );
         assert_eq!(s.len(), 100_000 - due.len());
+    }
+
+    /// The refresh task's rounds on a node with the in-process bus: only
+    /// held, active keys of an entity with an interval are published, once
+    /// per slot, with no notify time; a refusing bus skips the round and
+    /// keeps each key scheduled once; keys nobody holds leave the schedule.
+    #[tokio::test]
+    async fn rounds_publish_due_active_keys_once_per_slot_and_skip_when_the_bus_refuses() {
+        let metrics = Arc::new(Metrics::default());
+        let tasks = Tasks::default();
+        let (bus, mut events, _) = Bus::start(&NatsConfig::default(), "n", metrics.clone(), &tasks)
+            .await
+            .unwrap();
+        let pool = ResolverPool::new(&ResolveConfig::default(), metrics.clone());
+        let register = Register {
+            name: "backend".into(),
+            entities: vec![EntityRegistration {
+                entity: "items".into(),
+                fetch_mode: FetchMode::Shared as i32,
+                refresh_interval_ms: 1_000,
+            }],
+            pass_through: false,
+            max_in_flight: 1,
+        };
+        let (tx, _rx) = mpsc::channel(pool.channel_capacity(&register));
+        pool.register(pool.allocate_id(), &register, tx).unwrap();
+        let registry = Registry::new();
+        let dispatcher = Dispatcher::new(
+            &WsConfig::default(),
+            registry.clone(),
+            Resolvers::new(pool, None, metrics.clone()),
+            bus.clone(),
+            metrics.clone(),
+            &tasks,
+        );
+        let (feed_tx, announced) = mpsc::channel(FEED_CAPACITY);
+        let feed = Arc::new(KeyFeed {
+            tx: feed_tx,
+            overflowed: AtomicBool::new(false),
+        });
+        registry.set_key_feed(feed.clone());
+        let mut refresher = Refresher {
+            dispatcher,
+            feed,
+            announced,
+            schedule: Schedule::default(),
+            intervals: HashMap::new(),
+            last_warn: None,
+        };
+        let conn = Arc::new(Connection::new(1, 1 << 20));
+        let activate = |k: &Key| {
+            registry.add_pending(k, &conn, 10);
+            registry.activate(k, 1, 0, None, &PushFrame::build(k, 1, &[], false));
+        };
+        activate(&key("1"));
+        // Pending only: held, not refreshed.
+        registry.add_pending(&key("2"), &conn, 10);
+        // Not an entity with an interval.
+        let other = Key::new("docs", "1").unwrap();
+        activate(&other);
+        let published = |events: &mut mpsc::Receiver<BusEvent>| match events.try_recv() {
+            Ok(BusEvent::Changes(changes)) => changes
+                .into_iter()
+                .map(|c| {
+                    assert_eq!(c.meta.notified_at_us, 0);
+                    c.key
+                })
+                .collect(),
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => Vec::new(),
+        };
+
+        let t0 = 1_000_000;
+        // New intervals: the schedule is built from the registry; nothing due yet.
+        refresher.tick(t0).await;
+        assert_eq!(refresher.schedule.len(), 2);
+        assert!(published(&mut events).is_empty());
+        // A key subscribed later is announced.
+        activate(&key("3"));
+        // One interval on, keys 1 and 2 are due, key 3 not yet.
+        refresher.tick(t0 + 1_000).await;
+        assert_eq!(published(&mut events), vec![key("1")]);
+        assert_eq!(refresher.schedule.len(), 3);
+        // Again in the same slot: nothing.
+        refresher.tick(t0 + 1_000).await;
+        assert!(published(&mut events).is_empty());
+        assert_eq!(metrics.refresh_changes_total.load(Ordering::Relaxed), 1);
+
+        // The bus refuses: skipped, nothing piles up.
+        bus.close().await;
+        refresher.tick(t0 + 2_000).await;
+        assert!(published(&mut events).is_empty());
+        assert_eq!(metrics.refresh_changes_total.load(Ordering::Relaxed), 1);
+        assert_eq!(refresher.schedule.len(), 3);
+
+        // Nobody holds the keys any more: they leave at their due time.
+        for k in [key("1"), key("2"), key("3")] {
+            registry.remove(&k, &conn);
+        }
+        refresher.tick(t0 + 3_000).await;
+        assert_eq!(refresher.schedule.len(), 0);
+        tasks.token().cancel();
     }
 }
