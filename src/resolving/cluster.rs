@@ -351,6 +351,7 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 default_max_in_flight: 8,
                 max_resolver_streams: 4,
+                cache_max_bytes: 0,
             },
             Arc::new(Metrics::default()),
         );

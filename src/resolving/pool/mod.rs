@@ -508,6 +508,7 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 default_max_in_flight: 1,
                 max_resolver_streams: 4,
+                cache_max_bytes: 0,
             },
             Arc::new(Metrics::default()),
         )
@@ -710,6 +711,7 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 default_max_in_flight: 4,
                 max_resolver_streams: 4,
+                cache_max_bytes: 0,
             },
             Arc::new(Metrics::default()),
         );
@@ -1068,6 +1070,7 @@ mod tests {
             timeout: Duration::from_millis(40),
             default_max_in_flight: 1,
             max_resolver_streams: 4,
+            cache_max_bytes: 0,
         };
         let pool = ResolverPool::start(&config, Arc::new(Metrics::default()), &tasks);
         let (_rid, mut rx) = register(&pool, "svc", FetchMode::Shared);

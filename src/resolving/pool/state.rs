@@ -646,6 +646,7 @@ mod tests {
             timeout: TIMEOUT,
             default_max_in_flight: 1,
             max_resolver_streams: 4,
+            cache_max_bytes: 0,
         })
     }
 
