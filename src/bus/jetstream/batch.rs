@@ -196,10 +196,8 @@ mod tests {
         let a = new_batch_id(&counter);
         let b = new_batch_id(&counter);
         assert_ne!(a, b);
-        assert!(a.len() <= 64, "{a}");
-        assert!(
-            a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'),
-            "{a}"
-        );
+        assert_eq!(a.len(), 17, "{a}");
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert!(new_batch_id(&AtomicU64::new(0xabc)).ends_with("abc"));
     }
 }
