@@ -763,7 +763,7 @@ fn helm_values_speak_tls_and_log_the_nodes_in_with_least_permissions() {
     assert_eq!(text(user, &["user"]), "entity-sync");
     assert_eq!(text(user, &["password"]), "<< $NATS_NODE_PASSWORD >>");
     let (publish, subscribe) = nats_conf_permissions();
-    assert_eq!(publish.len(), 9, "{publish:?}");
+    assert_eq!(publish.len(), 14, "{publish:?}");
     assert_eq!(
         strings(user, &["permissions", "publish", "allow"]),
         publish,
