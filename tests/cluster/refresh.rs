@@ -93,11 +93,17 @@ async fn three_nodes_holding_a_key_store_one_refresh_per_slot() {
         stored += node.metric("entity_sync_refresh_changes_total").await as usize;
     }
     assert_eq!(stored, ids.len());
-    // Every node resolved the refresh changes of the key it holds.
-    for resolver in &resolvers {
-        let changes = resolver.requests_for(Reason::Change, "items", "1");
-        assert!(changes.len() >= 2, "{changes:?}");
-    }
+    // Each refresh change was resolved once for the three nodes (the
+    // relay), whichever node claimed it; the latest may still be on its way.
+    let resolved: usize = resolvers
+        .iter()
+        .map(|r| r.requests_for(Reason::Change, "items", "1").len())
+        .sum();
+    assert!(
+        resolved <= ids.len() && resolved + 1 >= ids.len(),
+        "{resolved} CHANGE resolves for {} refresh changes",
+        ids.len()
+    );
 
     for mut node in nodes {
         node.shutdown().await;
