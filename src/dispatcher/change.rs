@@ -113,7 +113,7 @@ impl Dispatcher {
                 if let Some(relay) = self.inner.resolvers.relay() {
                     relay.hold(key);
                     if !local {
-                        if relay.wait(key, version).await == Waited::Arrived {
+                        if relay.wait(key, version, meta).await == Waited::Arrived {
                             // Pushed when it came; again for subscribers
                             // that were pending then (the others skip it).
                             if let Some(frame) = relay.latest(key) {

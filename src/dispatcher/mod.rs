@@ -178,8 +178,9 @@ impl Dispatcher {
             trace_id = %meta.trace,
             "resync: re-resolving every subscribed key"
         );
+        // Resolved here: the relay knows nothing of a resync.
         for key in keys {
-            self.schedule(key, version, meta);
+            self.schedule_as(key, version, meta, true);
         }
         // After scheduling, as in `run`.
         self.inner.applied.fetch_max(version, Ordering::AcqRel);

@@ -245,10 +245,21 @@ impl Relay {
         held.get(key).and_then(|held| held.latest.clone())
     }
 
-    /// Waits (at most `--relay-timeout`) for the relay's rows of `key`'s
-    /// change `version`; at once [`Waited::ResolveHere`] for a change the
-    /// relay may not have claimed (stored before the relay consumer existed).
-    pub(crate) async fn wait(&self, key: &Key, version: u64) -> Waited {
+    /// Waits for the relay's rows of `key`'s change `version`, until
+    /// `--relay-timeout` after the change's `Notify` (`meta`; after now when
+    /// its time is unknown): a change this node consumes late (it was cut off,
+    /// or behind) waits less, or not at all, since its rows were published
+    /// while this node could not receive them. At once
+    /// [`Waited::ResolveHere`] for a change the relay may not have claimed
+    /// (stored before the relay consumer existed).
+    pub(crate) async fn wait(&self, key: &Key, version: u64, meta: ChangeMeta) -> Waited {
+        let wait = match meta.since_notified() {
+            Some(age) => self.inner.timeout.saturating_sub(age),
+            None => self.inner.timeout,
+        };
+        if wait.is_zero() {
+            return Waited::ResolveHere;
+        }
         if version
             < self
                 .inner
@@ -266,7 +277,7 @@ impl Relay {
         };
         let mut marks = marks;
         let arrived = marks.wait_for(|m| m.applied >= version || m.resolve_here >= version);
-        match tokio::time::timeout(self.inner.timeout, arrived).await {
+        match tokio::time::timeout(wait, arrived).await {
             Ok(Ok(mark)) if mark.applied >= version => Waited::Arrived,
             _ => Waited::ResolveHere,
         }
