@@ -146,7 +146,6 @@ impl Dispatcher {
                             epoch,
                             subscribed_current_frame(&key),
                             held,
-                            frame.rows_digest,
                         )
                     }
                     None => {

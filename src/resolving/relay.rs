@@ -277,9 +277,13 @@ impl Relay {
         };
         let mut marks = marks;
         let arrived = marks.wait_for(|m| m.applied >= version || m.resolve_here >= version);
-        match tokio::time::timeout(wait, arrived).await {
-            Ok(Ok(mark)) if mark.applied >= version => Waited::Arrived,
-            _ => Waited::ResolveHere,
+        // Not past the node's shutdown: it waits for its tasks.
+        tokio::select! {
+            _ = self.inner.tasks.cancelled() => Waited::ResolveHere,
+            arrived = tokio::time::timeout(wait, arrived) => match arrived {
+                Ok(Ok(mark)) if mark.applied >= version => Waited::Arrived,
+                _ => Waited::ResolveHere,
+            },
         }
     }
 

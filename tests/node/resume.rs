@@ -148,3 +148,33 @@ async fn a_bad_version_is_an_invalid_body_and_nothing_else() {
     // The connection stays and subscribes.
     client.subscribe("items", "1").await;
 }
+
+/// A change stored while a resume is being authorized: the resolve that
+/// authorizes it may already see the change's rows, but the client holds
+/// the rows of its own version, so the change is pushed all the same.
+#[tokio::test]
+async fn a_change_during_a_resume_is_pushed_even_if_the_resolve_saw_it() {
+    let (node, resolver, data) = TestNode::start_with_resolver(
+        |c| c.ws.push_unchanged_rows = false,
+        ResolverOptions::new("backend").entity("items", FetchMode::Shared),
+    )
+    .await;
+    data.set_rows("items", "1", &[r#"{"n":1}"#]);
+    let mut first = node.client().await;
+    let (held, _) = first.subscribe("items", "1").await;
+
+    let mut again = node.client().await;
+    resolver.hold("items");
+    again.send_json(resume("items", "1", held)).await;
+    common::wait_until("the resume's resolve is held", || resolver.held_count() == 1).await;
+    // The change lands after the node placed the version, before the
+    // authorizing resolve answers (which then sees it).
+    data.set_rows("items", "1", &[r#"{"n":2}"#]);
+    let changed = notify_one(node.grpc(), "items", "1").await;
+    resolver.release().await;
+    first.expect_push("items", "1").await;
+    assert_eq!(again.recv_json().await, current("items", "1"));
+    let (version, rows) = again.expect_push("items", "1").await;
+    assert!(version >= changed, "{version} < {changed}");
+    assert_eq!(rows, [json!({"n": 2})]);
+}

@@ -94,8 +94,10 @@ impl Registry {
 
     /// Like [`Self::activate`] for a subscribe whose client already holds
     /// the key's latest state (a resume answered `current`): queues
-    /// `subscribed` and no snapshot. Later pushes are compared with `version`
-    /// and the rows of `rows_digest`.
+    /// `subscribed` and no snapshot. Later pushes are compared with `version`;
+    /// the rows the client holds are not known here (the resolve that
+    /// authorized it may already have seen a later change), so the next push
+    /// newer than `version` is sent whatever its rows.
     pub(crate) fn activate_held(
         &self,
         key: &Key,
@@ -103,18 +105,8 @@ impl Registry {
         epoch: u64,
         subscribed: FrameText,
         version: u64,
-        rows_digest: u64,
     ) -> Activation {
-        self.activate_as(
-            key,
-            conn,
-            epoch,
-            Some(subscribed),
-            Held::Already {
-                version,
-                rows_digest,
-            },
-        )
+        self.activate_as(key, conn, epoch, Some(subscribed), Held::Already { version })
     }
 
     fn activate_as(
@@ -154,12 +146,9 @@ impl Registry {
                 sub.rows_digest = snapshot.rows_digest;
                 sub.conn.outbox.push(key, snapshot);
             }
-            Held::Already {
-                version,
-                rows_digest,
-            } => {
+            Held::Already { version } => {
                 sub.delivered = version;
-                sub.rows_digest = rows_digest;
+                sub.rows_digest = UNKNOWN_ROWS;
             }
         }
         Activation::Active { missed }
@@ -251,5 +240,10 @@ enum Held<'a> {
     /// The snapshot, queued now.
     Sent(&'a PushFrame),
     /// The client's own state, which is the latest (a resume): nothing queued.
-    Already { version: u64, rows_digest: u64 },
+    Already { version: u64 },
 }
+
+/// The rows digest of a subscriber whose rows are not known here: no push's
+/// digest is taken for it (a digest is 64 bits of a keyed hash; one equal to
+/// this is as likely as any other collision).
+const UNKNOWN_ROWS: u64 = 0;
