@@ -166,7 +166,10 @@ async fn a_change_during_a_resume_is_pushed_even_if_the_resolve_saw_it() {
     let mut again = node.client().await;
     resolver.hold("items");
     again.send_json(resume("items", "1", held)).await;
-    common::wait_until("the resume's resolve is held", || resolver.held_count() == 1).await;
+    common::wait_until("the resume's resolve is held", || {
+        resolver.held_count() == 1
+    })
+    .await;
     // The change lands after the node placed the version, before the
     // authorizing resolve answers (which then sees it).
     data.set_rows("items", "1", &[r#"{"n":2}"#]);

@@ -106,7 +106,13 @@ impl Registry {
         subscribed: FrameText,
         version: u64,
     ) -> Activation {
-        self.activate_as(key, conn, epoch, Some(subscribed), Held::Already { version })
+        self.activate_as(
+            key,
+            conn,
+            epoch,
+            Some(subscribed),
+            Held::Already { version },
+        )
     }
 
     fn activate_as(
