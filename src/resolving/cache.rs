@@ -122,14 +122,7 @@ impl NodeCache {
             }
         }
         state.evict(self.inner.max_bytes, &self.inner.metrics);
-        self.inner
-            .metrics
-            .cache_bytes
-            .store(state.bytes as u64, Relaxed);
-        self.inner
-            .metrics
-            .cache_keys
-            .store(state.entries.len() as u64, Relaxed);
+        state.show(&self.inner.metrics);
     }
 
     /// A change of `key` at `version` was consumed.
@@ -188,14 +181,7 @@ impl NodeCache {
         if let Some(entry) = state.entries.remove(key) {
             state.recency.remove(&entry.used);
             state.bytes -= entry.size;
-            self.inner
-                .metrics
-                .cache_bytes
-                .store(state.bytes as u64, Relaxed);
-            self.inner
-                .metrics
-                .cache_keys
-                .store(state.entries.len() as u64, Relaxed);
+            state.show(&self.inner.metrics);
         }
     }
 
@@ -206,6 +192,12 @@ impl NodeCache {
 }
 
 impl State {
+    /// Sets the cache's gauges to what it holds now.
+    fn show(&self, metrics: &Metrics) {
+        metrics.cache_bytes.store(self.bytes as u64, Relaxed);
+        metrics.cache_keys.store(self.entries.len() as u64, Relaxed);
+    }
+
     fn tick(&mut self) -> u64 {
         self.clock += 1;
         self.clock

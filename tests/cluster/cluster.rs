@@ -37,7 +37,7 @@ const RECONNECT_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Node logs for failing tests (`RUST_LOG=entity_sync=debug` for more);
 /// the test writer shows them only when a test fails.
-fn init_tracing() {
+pub(crate) fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("entity_sync=info"));
     let _ = tracing_subscriber::fmt()

@@ -19,12 +19,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 async fn node(nats: &NatsServer, modify: impl FnOnce(&mut Config)) -> TestNode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("entity_sync=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    crate::cluster::init_tracing();
     let url = nats.url();
     TestNode::start(move |config| {
         config.nats.url = Some(url);

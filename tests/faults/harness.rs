@@ -252,6 +252,17 @@ impl Bed {
         self.nodes[i].metric(name).await.unwrap_or(0.0)
     }
 
+    /// Polls until node `i`'s counter `name` is above `than`; the time it
+    /// took. Panics with `what` after [`SCENARIO_WAIT`].
+    pub async fn metric_past(&self, i: usize, name: &str, than: f64, what: &str) -> Duration {
+        let started = Instant::now();
+        while self.metric(i, name).await <= than {
+            assert!(started.elapsed() < SCENARIO_WAIT, "node {i} {what}");
+            sleep(Duration::from_millis(20)).await;
+        }
+        started.elapsed()
+    }
+
     /// Polls until node `i` has exited (after a signal); panics after `wait`.
     pub async fn wait_exited(&mut self, i: usize, wait: Duration) {
         let end = Instant::now() + wait;

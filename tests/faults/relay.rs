@@ -36,14 +36,14 @@ async fn relay_sum(bed: &Bed, nodes: &[usize], name: &str) -> f64 {
 /// Polls until node `i` has published relayed rows beyond `than` (it is
 /// resolving changes for the cluster).
 async fn relaying(bed: &Bed, i: usize, than: f64) {
-    let started = Instant::now();
-    while bed.metric(i, "entity_sync_relay_published_total").await <= than {
-        assert!(
-            started.elapsed() < SCENARIO_WAIT,
-            "node {i} never resolved a change for the cluster"
-        );
-        sleep(Duration::from_millis(20)).await;
-    }
+    let published = "entity_sync_relay_published_total";
+    bed.metric_past(
+        i,
+        published,
+        than,
+        "never resolved a change for the cluster",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

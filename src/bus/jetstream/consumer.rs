@@ -26,11 +26,10 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+use super::change_of;
 use crate::{
     bus::event::{BusEvent, Change},
-    key::Key,
     ops::metrics::Metrics,
-    ops::trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
 };
 
 /// Most change events handed to the dispatcher in one batch.
@@ -285,27 +284,12 @@ impl Consumer {
                             self.resync(version).await?;
                         }
                         self.last = version;
-                        let subject = message.subject.as_str();
-                        match subject
-                            .get(prefix_len..)
-                            .and_then(|rest| rest.split_once('.'))
-                            .and_then(|(entity, id)| Key::new(entity, id).ok())
-                        {
-                            Some(key) => {
-                                let header = |name: &str| {
-                                    message
-                                        .headers
-                                        .as_ref()
-                                        .and_then(|h| h.get(name))
-                                        .map(|v| v.as_str())
-                                };
-                                let meta = ChangeMeta::from_bus_headers(
-                                    header(BUS_TRACE_HEADER),
-                                    header(BUS_NOTIFIED_HEADER),
-                                );
-                                batch.push(Change { key, version, meta });
-                            }
-                            None => tracing::warn!(subject, "unparseable change subject, skipped"),
+                        match change_of(&message, prefix_len, version) {
+                            Some(change) => batch.push(change),
+                            None => tracing::warn!(
+                                subject = %message.subject,
+                                "unparseable change subject, skipped"
+                            ),
                         }
                     }
                 }

@@ -30,7 +30,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::{
     bus::{
         error::{BusError, PublishError},
-        event::{BusEvent, EVENT_BUFFER, LastChange, Receipt},
+        event::{BusEvent, Change, EVENT_BUFFER, LastChange, Receipt},
         head::HeadReads,
     },
     config::NatsConfig,
@@ -395,4 +395,25 @@ fn unacknowledged(err: jetstream::context::PublishError) -> BusError {
     BusError::Unavailable {
         source: PublishError::Nats(err),
     }
+}
+
+/// The change a stream message carries: its key from the subject (after
+/// the first `prefix_len` bytes, `{prefix}.changes.`), its trace from the
+/// headers.
+fn change_of(message: &async_nats::Message, prefix_len: usize, version: u64) -> Option<Change> {
+    let key = message
+        .subject
+        .as_str()
+        .get(prefix_len..)
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(entity, id)| Key::new(entity, id).ok())?;
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str())
+    };
+    let meta = ChangeMeta::from_bus_headers(header(BUS_TRACE_HEADER), header(BUS_NOTIFIED_HEADER));
+    Some(Change { key, version, meta })
 }

@@ -26,11 +26,8 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    bus::event::Change,
-    key::Key,
-    ops::trace::{BUS_NOTIFIED_HEADER, BUS_TRACE_HEADER, ChangeMeta},
-};
+use super::change_of;
+use crate::bus::event::Change;
 
 /// How long a claimed change may go without an acknowledgement or a
 /// progress report before JetStream gives it to another node.
@@ -195,29 +192,4 @@ impl Feed {
             }
         }
     }
-}
-
-/// The change a stream message carries: its key from the subject (after
-/// the first `prefix_len` bytes, `{prefix}.changes.`), its trace from the
-/// headers.
-pub(super) fn change_of(
-    message: &async_nats::Message,
-    prefix_len: usize,
-    version: u64,
-) -> Option<Change> {
-    let key = message
-        .subject
-        .as_str()
-        .get(prefix_len..)
-        .and_then(|rest| rest.split_once('.'))
-        .and_then(|(entity, id)| Key::new(entity, id).ok())?;
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str())
-    };
-    let meta = ChangeMeta::from_bus_headers(header(BUS_TRACE_HEADER), header(BUS_NOTIFIED_HEADER));
-    Some(Change { key, version, meta })
 }
