@@ -570,6 +570,22 @@ pub async fn settle(load: Load, rows: &Rows, fleet: &Fleet) -> (LoadReport, Dura
     }
 }
 
+/// Waits until no client of `fleet` is connected to node `i` any more (they
+/// noticed it went away): a client that has not yet read its socket's end
+/// still counts as ready, so [`recovered`] alone could return before any
+/// client moved.
+pub async fn left(fleet: &Fleet, i: usize) {
+    let started = Instant::now();
+    while fleet.connected_to(i) > 0 {
+        assert!(
+            started.elapsed() < SCENARIO_WAIT,
+            "{} clients still connected to node {i}",
+            fleet.connected_to(i)
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until every client of `fleet` is ready again; the time it took.
 pub async fn recovered(fleet: &Fleet, what: &str) -> Duration {
     fleet

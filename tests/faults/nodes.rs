@@ -7,7 +7,8 @@ use entity_sync_testkit::fleet::{Fleet, FleetConfig};
 use tokio::time::Instant;
 
 use crate::harness::{
-    Bed, BedOptions, Figures, Load, RssSampler, SCENARIO_WAIT, item_keys, recovered, serial, settle,
+    Bed, BedOptions, Figures, Load, RssSampler, SCENARIO_WAIT, item_keys, left, recovered, serial,
+    settle,
 };
 
 /// Clients on the node that is killed.
@@ -55,6 +56,7 @@ async fn a_node_killed_or_stopped_under_load_loses_no_client() {
     bed.nodes[1].kill();
     let fault = Instant::now();
     // The killed node's clients find the others while notifies go on.
+    left(&fleet, 1).await;
     recovered(&fleet, "after SIGKILL").await;
     let back = fault.elapsed();
     assert_eq!(fleet.connected_to(1), 0);

@@ -15,7 +15,8 @@ use entity_sync_testkit::{
 use tokio::time::{Instant, sleep};
 
 use crate::harness::{
-    Bed, BedOptions, Figures, Load, RssSampler, SCENARIO_WAIT, item_keys, recovered, serial, settle,
+    Bed, BedOptions, Figures, Load, RssSampler, SCENARIO_WAIT, item_keys, left, recovered, serial,
+    settle,
 };
 
 const CLIENTS: usize = 300;
@@ -88,6 +89,7 @@ async fn the_node_resolving_for_the_cluster_dies_or_stalls_and_nothing_is_lost()
     let survivors_before = relay_sum(&bed, &[0, 2], "entity_sync_relay_published_total").await;
     bed.nodes[1].kill();
     let fault = Instant::now();
+    left(&fleet, 1).await;
     recovered(&fleet, "after SIGKILL of a relaying node").await;
     let back = fault.elapsed();
     load.wait_accepted(300, SCENARIO_WAIT).await;
