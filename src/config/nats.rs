@@ -127,8 +127,8 @@ pub struct NatsConfig {
 
     /// How long a node waits for the relay's rows of a change to a key it
     /// holds before it resolves the change itself (a relay node that died is
-    /// replaced sooner: its claim passes to another node after 3 s).
-    #[arg(id = "relay_timeout", value_name = "RELAY_TIMEOUT", long = "relay-timeout", env = "ENTITY_SYNC_RELAY_TIMEOUT", default_value = "6s", value_parser = parse_duration)]
+    /// replaced sooner: its claim passes to another node after 2 s).
+    #[arg(id = "relay_timeout", value_name = "RELAY_TIMEOUT", long = "relay-timeout", env = "ENTITY_SYNC_RELAY_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub relay_timeout: Duration,
 }
 

@@ -31,9 +31,9 @@ use crate::bus::event::Change;
 
 /// How long a claimed change may go without an acknowledgement or a
 /// progress report before JetStream gives it to another node.
-pub(crate) const ACK_WAIT: Duration = Duration::from_secs(3);
+pub(crate) const ACK_WAIT: Duration = Duration::from_secs(2);
 /// How often a node working on a claim reports progress.
-pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Claims outstanding in the whole cluster; JetStream holds back the rest.
 const MAX_ACK_PENDING: i64 = 10_000;
 /// Deliveries of one change before JetStream gives up on it (each node that
