@@ -50,6 +50,9 @@
 //!   certificate and name of a TLS connection to a node (`https://` URLs).
 //! - [`Backoff`] (module `backoff`): jittered exponential delays between attempts,
 //!   the SDK's own retries' and a utility for callers' retry loops.
+//! - [`SubscribeTokenSigner`], [`jwks`], [`SubscribeClaims`], [`TokenError`]
+//!   (module `tokens`): subscribe tokens a browser subscribes with without
+//!   the node asking the backend, and the JWKS file the node verifies them with.
 //! - [`proto`]: the generated `entitysync.v1` client and messages.
 
 mod backend;
@@ -61,6 +64,7 @@ mod notifier;
 mod request;
 #[cfg(feature = "tls")]
 mod tls;
+mod tokens;
 
 pub use backend::{
     Backend, BackendBuilder, BackendState, MAX_REFRESH_INTERVAL, MIN_REFRESH_INTERVAL,
@@ -73,6 +77,10 @@ pub use proto::v1::{FetchMode, Reason};
 pub use request::{Answer, Answers, PassThrough, ResolveRequest, Secret};
 #[cfg(feature = "tls")]
 pub use tls::Tls;
+pub use tokens::{
+    ANY_ID, Audience, MAX_TOKEN_TTL, MIN_HS256_SECRET_LEN, SubscribeClaims, SubscribeTokenSigner,
+    TokenError, jwks,
+};
 
 /// Generated gRPC code of the node's public API (the `entity-sync-proto`
 /// crate's, the same types the node uses).
