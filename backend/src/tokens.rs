@@ -18,22 +18,7 @@
 //! [`SubscribeTokenSigner`] mints them with HS256 (a shared secret of at least
 //! 32 bytes), ES256 (a P-256 key) or EdDSA (an Ed25519 key), and writes the
 //! verifying side for the node: [`SubscribeTokenSigner::jwk`] and [`jwks`].
-//!
-//! ```
-//! use std::time::Duration;
-//! use entity_sync_backend::{SubscribeTokenSigner, jwks};
-//!
-//! # fn main() -> Result<(), entity_sync_backend::TokenError> {
-//! let secret = [7u8; 32]; // in production: 32 random bytes from your secret store
-//! let signer = SubscribeTokenSigner::hs256("k1", &secret)?.audience("shop");
-//! // The file the node is started with: --subscribe-token-jwks subscribe-keys.json
-//! let file = jwks(&[&signer]);
-//! assert!(file.contains(r#""kid":"k1""#));
-//! // Handed to the browser of user 42, valid 5 minutes:
-//! let token = signer.sign_as("user-42", "items", &["101", "102"], Duration::from_secs(300))?;
-//! assert_eq!(token.split('.').count(), 3);
-//! # Ok(()) }
-//! ```
+//! The crate documentation's "Subscribe tokens" section shows their use.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
