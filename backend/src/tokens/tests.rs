@@ -20,6 +20,10 @@ const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 /// the very same token, so both SDKs lay out header and claims alike.
 const VECTOR_TOKEN: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiIsImtpZCI6ImsxIn0.eyJlbnRpdHkiOiJpdGVtcyIsImlkcyI6WyIxMDEiLCIqIl0sImV4cCI6MjAwMDAwMDAwMCwibmJmIjoxNzAwMDAwMDAwLCJpYXQiOjE3MDAwMDAwMDAsImF1ZCI6InNob3AiLCJzdWIiOiJ1c2VyLTQyIn0.kwCO3gQw41re6HoB6GGKytXOQOwmM5ITFbySaLi5YuU";
 
+/// The same claims signed EdDSA (deterministic) with the test Ed25519 key and
+/// kid `k1`; the Python SDK's tests expect this token too.
+const VECTOR_TOKEN_EDDSA: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0.eyJlbnRpdHkiOiJpdGVtcyIsImlkcyI6WyIxMDEiLCIqIl0sImV4cCI6MjAwMDAwMDAwMCwibmJmIjoxNzAwMDAwMDAwLCJpYXQiOjE3MDAwMDAwMDAsImF1ZCI6InNob3AiLCJzdWIiOiJ1c2VyLTQyIn0.D5UNhnrCHxYzlB4Z_Jc14zuSNdmNmZ4h4OcVVhyp9S1SmXhmHcrRpIUdR6JQXpiiGM9ydzXYSBqdQ7lSrhBhCw";
+
 fn vector_claims() -> SubscribeClaims {
     SubscribeClaims {
         entity: "items".into(),
@@ -177,6 +181,18 @@ fn fixed_claims_give_the_shared_test_vector() {
     );
     let decoded = verify(&jwks(&[&signer]), &token, Some("shop")).unwrap();
     assert_eq!(decoded, vector_claims());
+
+    let ed =
+        SubscribeTokenSigner::eddsa("k1", ED25519_PRIVATE.as_bytes(), ED25519_PUBLIC.as_bytes())
+            .unwrap();
+    assert_eq!(
+        ed.sign_claims(&vector_claims()).unwrap(),
+        VECTOR_TOKEN_EDDSA
+    );
+    assert_eq!(
+        verify(&jwks(&[&ed]), VECTOR_TOKEN_EDDSA, Some("shop")).unwrap(),
+        vector_claims()
+    );
 }
 
 /// Decodes base64url through the library (an octet JWK's `k`).
@@ -360,10 +376,11 @@ fn jwks_holds_the_verifying_keys_only() {
     assert_eq!(ec["kty"], "EC");
     assert_eq!(ec["crv"], "P-256");
     assert_eq!(ec["alg"], "ES256");
-    assert_eq!(ec["x"].as_str().unwrap().len(), 43); // 32 bytes, base64url
-    assert_eq!(ec["y"].as_str().unwrap().len(), 43);
+    // The test key's public point (the Python SDK's tests expect it too).
+    assert_eq!(ec["x"], "A-GMSPMn7O6HkFj4w4UJiyPOcFSr3yByMTl3FRUp5h8");
+    assert_eq!(ec["y"], "7pOrJvwb3Vnst9baGhKK22Rg-_qK9zBkj7xeChATN-A");
 
-    // The public key the PEM holds (its last 32 bytes are the key).
+    // The public key of the test pair.
     assert_eq!(
         keys[2],
         json!({"kty": "OKP", "crv": "Ed25519", "kid": "k-ed", "alg": "EdDSA",

@@ -38,6 +38,13 @@ VECTOR_TOKEN = (
     "MDAwMDAwLCJpYXQiOjE3MDAwMDAwMDAsImF1ZCI6InNob3AiLCJzdWIiOiJ1c2VyLTQyIn0."
     "kwCO3gQw41re6HoB6GGKytXOQOwmM5ITFbySaLi5YuU"
 )
+# The same claims signed EdDSA (deterministic) with the Rust SDK's test
+# Ed25519 key (backend/tests/keys) and kid "k1": both SDKs mint this token.
+VECTOR_TOKEN_EDDSA = (
+    "eyJ0eXAiOiJKV1QiLCJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0."
+    "eyJlbnRpdHkiOiJpdGVtcyIsImlkcyI6WyIxMDEiLCIqIl0sImV4cCI6MjAwMDAwMDAwMCwibmJmIjoxNzAwMDAwMDAwLCJpYXQiOjE3MDAwMDAwMDAsImF1ZCI6InNob3AiLCJzdWIiOiJ1c2VyLTQyIn0."
+    "D5UNhnrCHxYzlB4Z_Jc14zuSNdmNmZ4h4OcVVhyp9S1SmXhmHcrRpIUdR6JQXpiiGM9ydzXYSBqdQ7lSrhBhCw"
+)
 
 # The Rust SDK's test keys (public, test-only), when the repository is around.
 RUST_TEST_KEYS = Path(__file__).resolve().parents[3] / "backend" / "tests" / "keys"
@@ -173,6 +180,15 @@ def test_the_rust_sdks_test_keys_give_the_same_jwks() -> None:
         "k": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY",
     }
     es = SubscribeTokenSigner.es256("k-es", (RUST_TEST_KEYS / "es256-test-private.pem").read_text())
+    assert (es.jwk()["x"], es.jwk()["y"]) == (
+        "A-GMSPMn7O6HkFj4w4UJiyPOcFSr3yByMTl3FRUp5h8",
+        "7pOrJvwb3Vnst9baGhKK22Rg-_qK9zBkj7xeChATN-A",
+    )
+    ed_k1 = SubscribeTokenSigner.eddsa(
+        "k1", (RUST_TEST_KEYS / "ed25519-test-private.pem").read_bytes()
+    )
+    assert ed_k1.sign_claims(VECTOR_CLAIMS) == VECTOR_TOKEN_EDDSA
+    assert verify(jwks([ed_k1]), VECTOR_TOKEN_EDDSA, audience="shop") == VECTOR_CLAIMS
     public = (RUST_TEST_KEYS / "es256-test-public.pem").read_bytes()
     token = es.sign("items", ["1"], 60)
     # Verifies with the public PEM as well as with the JWK.
