@@ -1,24 +1,14 @@
 //! Subscribe tokens: short-lived signed grants with which a browser subscribes
 //! to `(entity, id)` keys without the node asking the backend first.
 //!
-//! A subscribe token is a compact JWS. Its header carries `alg` and `kid` (the
-//! node picks its verification key by `kid` from the JWKS file it is started
-//! with, `--subscribe-token-jwks PATH`); its claims are:
-//!
-//! | claim    | type                    | meaning                                                   |
-//! |----------|-------------------------|-----------------------------------------------------------|
-//! | `entity` | string                  | the entity the token grants                               |
-//! | `ids`    | array of strings        | the ids granted; `"*"` stands for any id of the entity    |
-//! | `exp`    | integer, s since epoch  | expiry (required)                                         |
-//! | `nbf`    | integer, s since epoch  | not before (optional)                                     |
-//! | `iat`    | integer, s since epoch  | issued at (set by [`SubscribeTokenSigner::sign`])         |
-//! | `aud`    | string or array         | audience, checked when the node runs with `--subscribe-token-audience` |
-//! | `sub`    | string                  | the application's user id; the node may log it            |
+//! A subscribe token is a compact JWS: header `alg` and `kid` (the node picks
+//! its verification key by `kid` from the JWKS file it is started with,
+//! `--subscribe-token-jwks PATH`), claims [`SubscribeClaims`] (the crate
+//! documentation's "Subscribe tokens" section lists them).
 //!
 //! [`SubscribeTokenSigner`] mints them with HS256 (a shared secret of at least
 //! 32 bytes), ES256 (a P-256 key) or EdDSA (an Ed25519 key), and writes the
 //! verifying side for the node: [`SubscribeTokenSigner::jwk`] and [`jwks`].
-//! The crate documentation's "Subscribe tokens" section shows their use.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
