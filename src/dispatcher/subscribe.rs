@@ -87,8 +87,17 @@ impl Dispatcher {
         let Ok(_permit) = self.inner.snapshot_permits.acquire().await else {
             return;
         };
-        let shared =
-            by_token && self.inner.resolvers.fetch_mode(&key.entity) == Some(FetchMode::Shared);
+        // A token subscribe of a SHARED entity needs no resolver to
+        // authorize it. An entity no resolver here serves and no other node
+        // reported yet is asked for shared: a node serving it as
+        // PER_SUBSCRIBER refuses that (and says so), and the secret's
+        // resolve follows.
+        let resolvers = &self.inner.resolvers;
+        let shared = by_token
+            && match resolvers.known_fetch_mode(&key.entity) {
+                Some(mode) => mode == FetchMode::Shared,
+                None => resolvers.has_cluster(),
+            };
         // Read before resolving: the snapshot reflects every change up to it.
         let base = self.inner.bus.snapshot_version().await.max(self.applied());
         // Joining a snapshot resolve already in flight for this key and
@@ -127,17 +136,18 @@ impl Dispatcher {
             return;
         }
         let resolving = async {
-            if shared {
-                self.inner
-                    .resolvers
-                    .resolve_shared_subscribe(&key, may_join)
-                    .await
-            } else {
-                self.inner
-                    .resolvers
-                    .resolve_subscribe(&key, secret, may_join)
-                    .await
+            if !shared {
+                return resolvers.resolve_subscribe(&key, secret, may_join).await;
             }
+            let outcome = resolvers.resolve_shared_subscribe(&key, may_join).await;
+            if outcome.is_err()
+                && resolvers.known_fetch_mode(&key.entity) == Some(FetchMode::PerSubscriber)
+            {
+                // Asked for shared before the mode was known: the rows
+                // depend on the secret after all.
+                return resolvers.resolve_subscribe(&key, secret, may_join).await;
+            }
+            outcome
         };
         let (result, unchanged) = match resume {
             // Placed already (not current) by `answer_from_node_state`.

@@ -248,6 +248,22 @@ impl Resolvers {
         }
     }
 
+    /// The fetch mode of `entity` as far as it is known: a local resolver's,
+    /// else what another node reported; `None` when neither (unlike
+    /// [`Self::fetch_mode`], which then takes PER_SUBSCRIBER in a cluster).
+    pub(crate) fn known_fetch_mode(&self, entity: &str) -> Option<FetchMode> {
+        if let Some(mode) = self.inner.local.fetch_mode(entity) {
+            return Some(mode);
+        }
+        self.inner.remote.as_ref()?;
+        self.inner.remote_modes.lock().unwrap().get(entity).copied()
+    }
+
+    /// Whether another node may resolve what no local resolver serves.
+    pub(crate) fn has_cluster(&self) -> bool {
+        self.inner.remote.is_some()
+    }
+
     /// The fetch mode of `entity`: a local resolver's, else what another node
     /// reported, else (in a cluster) PER_SUBSCRIBER, the mode that never
     /// shares rows between secrets. `None`: nobody can resolve it.

@@ -13,3 +13,4 @@ mod nats_auth;
 mod notify_batch;
 mod refresh;
 mod relay;
+mod tokens;
