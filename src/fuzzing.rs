@@ -98,6 +98,10 @@ pub fn check_decode(data: &[u8]) {
             let object = object.expect("a pass-through message is a JSON object");
             assert!(!object.contains_key("action"), "{text_message:?}");
         }
+        Ok(ClientMessage::Ping) => {
+            let object = object.expect("a ping is a JSON object");
+            assert_eq!(object["action"], "ping");
+        }
         Ok(ClientMessage::Secret(secret)) => {
             let object = object.expect("a secret message is a JSON object");
             assert_eq!(object["action"], "secret");

@@ -76,6 +76,10 @@ pub(crate) enum ClientMessage {
     },
     Unsubscribe(Key),
     Secret(String),
+    /// `{"action":"ping"}` (any body): answered with `pong`, so a client
+    /// that cannot see websocket pings (a browser) can tell a dead
+    /// connection from a quiet one.
+    Ping,
     /// A JSON object without `action`: forwarded verbatim to pass-through resolvers.
     PassThrough,
 }
@@ -224,10 +228,11 @@ pub(crate) fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
             Some(Value::String(secret)) => Ok(ClientMessage::Secret(secret)),
             _ => Err(invalid_body("secret body must be a string")),
         },
+        "ping" => Ok(ClientMessage::Ping),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownAction,
             format!(
-                "unknown action {:?}; expected subscribe, unsubscribe or secret",
+                "unknown action {:?}; expected subscribe, unsubscribe, secret or ping",
                 truncate(other, 64)
             ),
         )),
@@ -543,6 +548,11 @@ pub(crate) fn subscribed_current_frame(key: &Key) -> FrameText {
     utf8(out)
 }
 
+/// `{"action":"pong"}`: the answer to `ping`.
+pub(crate) fn pong_frame() -> FrameText {
+    FrameText::from_static(r#"{"action":"pong"}"#)
+}
+
 /// `{"action":"unsubscribed","body":{"entity":…,"id":…}}`
 pub(crate) fn unsubscribed_frame(key: &Key) -> FrameText {
     key_envelope("unsubscribed", key)
@@ -648,6 +658,18 @@ mod tests {
                 version: None
             })
         );
+    }
+
+    #[test]
+    fn ping_with_any_body_or_none() {
+        for text in [
+            r#"{"action":"ping"}"#,
+            r#"{"action":"ping","body":null}"#,
+            r#"{"action":"ping","body":{"t":1}}"#,
+        ] {
+            assert_eq!(decode(text), Ok(ClientMessage::Ping), "{text}");
+        }
+        assert_eq!(pong_frame().as_str(), r#"{"action":"pong"}"#);
     }
 
     #[test]

@@ -81,6 +81,39 @@ async fn messages_over_the_rate_get_rate_limited_and_the_connection_carries_on()
     node.shutdown().await;
 }
 
+/// `ping` (with any body, or none) is answered with `pong` and nothing else,
+/// and counts toward the message rate like any message.
+#[tokio::test]
+async fn ping_is_answered_with_pong_and_counts_toward_the_rate() {
+    let mut node = TestNode::start(|config| {
+        config.ws.max_message_rate = 2;
+        config.ws.max_message_burst = 3;
+    })
+    .await;
+    let mut client = node.client().await;
+    client.send_text(r#"{"action":"ping"}"#).await;
+    client
+        .send_text(r#"{"action":"ping","body":{"t":1}}"#)
+        .await;
+    client.send_text(r#"{"action":"ping","body":"x"}"#).await;
+    client.send_text(r#"{"action":"ping"}"#).await;
+    for expected in [
+        r#"{"action":"pong"}"#,
+        r#"{"action":"pong"}"#,
+        r#"{"action":"pong"}"#,
+    ] {
+        assert_eq!(client.recv_text().await, expected);
+    }
+    let frame = client.recv_json().await;
+    assert_eq!(frame["body"]["code"], "rate_limited", "{frame}");
+    client.silent().await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    client.send_text(r#"{"action":"ping"}"#).await;
+    assert_eq!(client.recv_text().await, r#"{"action":"pong"}"#);
+    client.silent().await;
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn only_allowed_origins_may_open_websockets() {
     let mut node = TestNode::start(|config| {

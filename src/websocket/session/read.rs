@@ -14,7 +14,7 @@ use crate::{
     dispatcher::registry::{AddPending, Connection},
     key::Key,
     websocket::protocol::{
-        self, ClientMessage, ErrorCode, ProtocolError, error_frame, unsubscribed_frame,
+        self, ClientMessage, ErrorCode, ProtocolError, error_frame, pong_frame, unsubscribed_frame,
     },
 };
 
@@ -212,6 +212,10 @@ pub(super) fn on_text(
                     .collect(),
                 replace: true,
             }
+        }
+        ClientMessage::Ping => {
+            conn.outbox.control(None, pong_frame());
+            Work::Nothing
         }
         ClientMessage::PassThrough => {
             let connection_id = format!("{}-{}", ctx.node_id, conn.id);
