@@ -25,6 +25,8 @@ import { StallProxy } from '../test/support/stall-proxy.mjs';
 import { tokenKey } from '../test/support/tokens.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
+/** Polled, not on animation frames (which a headless page may not run). */
+const POLL = { polling: 50 };
 const CHROMIUM_ARGS = [
   '--headless',
   '--no-sandbox',
@@ -156,14 +158,18 @@ test('a page whose token expires during the test is refreshed without noticing: 
     { ws: `ws://127.0.0.1:${node.wsPort}`, id: 'e1', seconds: '3' },
     { observe: true },
   );
-  await page.waitForFunction(() => window.__log?.rows.length === 1);
+  await page.waitForFunction(() => window.__log?.rows.length === 1, null, POLL);
   const first = (await log()).rows[0];
   assert.deepEqual(first.rows, [{ id: 'e1', v: 'first' }]);
   const firstToken = frames.sent.find((f) => f.action === 'subscribe').body.token;
   const firstExp = JSON.parse(Buffer.from(firstToken.split('.')[1], 'base64url')).exp;
 
-  // Two refreshes: past the first token's expiry.
-  await page.waitForFunction(() => window.__log.tokenCalls >= 3, null, { timeout: 8000 });
+  // Two refreshes at least, and past the first token's expiry.
+  await until(
+    async () => (await log()).tokenCalls >= 3 && Date.now() / 1000 > firstExp + 0.5,
+    'two refreshes and the first expiry',
+    8000,
+  );
   await until(
     () => frames.received.filter((f) => f.action === 'subscribed').length >= 3,
     'the answers to the refreshes',
@@ -196,7 +202,7 @@ test('a page whose token expires during the test is refreshed without noticing: 
 
   await resolver.set('items', 'e1', { rows: [{ id: 'e1', v: 'later' }] });
   await resolver.notify(['items', 'e1']);
-  await page.waitForFunction(() => window.__log.rows.length === 2);
+  await page.waitForFunction(() => window.__log.rows.length === 2, null, POLL);
   const later = (await log()).rows[1];
   assert.deepEqual(later.rows, [{ id: 'e1', v: 'later' }]);
   assert.equal(later.snapshot, false);
@@ -219,7 +225,7 @@ test('in the browser, a connection that stops forwarding without closing is foun
       interval: String(interval),
       timeout: String(timeout),
     });
-    await page.waitForFunction(() => window.__log?.rows.length === 1);
+    await page.waitForFunction(() => window.__log?.rows.length === 1, null, POLL);
     const held = (await log()).rows[0].version;
     assert.equal(proxy.count, 1);
 
@@ -228,7 +234,7 @@ test('in the browser, a connection that stops forwarding without closing is foun
     await page.waitForFunction(
       () => window.__log.states.some((s) => s.state === 'reconnecting'),
       null,
-      { timeout: interval + timeout + 3000 },
+      { ...POLL, timeout: interval + timeout + 3000 },
     );
     const seenAt = (await log()).states.find((s) => s.state === 'reconnecting');
     const detectedMs = seenAt.at - stalledAt;
@@ -240,7 +246,7 @@ test('in the browser, a connection that stops forwarding without closing is foun
     assert.ok(proxy.connections[0].dropped > 0, 'the ping went into the stalled proxy');
 
     // Resumed through the proxy, on a new connection: current, no snapshot.
-    await page.waitForFunction(() => window.__log.resumed.length === 1);
+    await page.waitForFunction(() => window.__log.resumed.length === 1, null, POLL);
     const resumed = await log();
     assert.deepEqual(resumed.resumed, [{ entity: 'items', id: 'e2', version: held }]);
     assert.equal(resumed.rows.length, 1);
@@ -253,7 +259,7 @@ test('in the browser, a connection that stops forwarding without closing is foun
 
     await resolver.set('items', 'e2', { rows: [{ id: 'e2', v: 'after' }] });
     await resolver.notify(['items', 'e2']);
-    await page.waitForFunction(() => window.__log.rows.length === 2);
+    await page.waitForFunction(() => window.__log.rows.length === 2, null, POLL);
     const after = await log();
     assert.deepEqual(after.rows[1].rows, [{ id: 'e2', v: 'after' }]);
     assert.equal(after.rows[1].snapshot, false);

@@ -99,7 +99,11 @@ test('a 3 s token is refreshed before it expires, with the version held: the pag
   ).exp;
 
   // Past the first token's expiry (and the second's): two refreshes at least.
-  await until(() => tokens.calls.length >= 3, 'two refreshes', 8000);
+  await until(
+    () => tokens.calls.length >= 3 && Date.now() / 1000 > firstExp + 0.5,
+    'two refreshes and the first expiry',
+    8000,
+  );
   await until(
     () => framesOf(rec, 't2').filter((f) => f.action === 'subscribed').length >= 3,
     'the answers to the refreshes',
