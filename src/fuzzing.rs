@@ -107,7 +107,16 @@ pub fn check_decode(data: &[u8]) {
             assert_eq!(object["action"], "secret");
             assert_eq!(object["body"], secret.as_str());
         }
-        Ok(ClientMessage::Subscribe { key, version }) => {
+        Ok(ClientMessage::Subscribe {
+            key,
+            version,
+            token,
+        }) => {
+            let sent_token = object.and_then(|o| o["body"].get("token"));
+            match &token {
+                Some(token) => assert_eq!(sent_token.and_then(Value::as_str), Some(&**token)),
+                None => assert!(sent_token.is_none_or(Value::is_null), "{sent_token:?}"),
+            }
             check_decoded_key(object, "subscribe", &key);
             // The version is the body's, a non-negative integer exact in
             // JavaScript, or absent.
@@ -160,6 +169,7 @@ fn check_decoded_key(object: Option<&serde_json::Map<String, Value>>, action: &s
         "subscribe" => ClientMessage::Subscribe {
             key: key.clone(),
             version: None,
+            token: None,
         },
         _ => ClientMessage::Unsubscribe(key.clone()),
     };

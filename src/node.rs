@@ -20,6 +20,7 @@ use crate::{
     resolving::relay::Relay,
     websocket::http::{self, HttpState},
     websocket::session::SessionContext,
+    websocket::tokens::{JwksError, SubscribeTokens},
 };
 
 pub use crate::grpc::auth::TokensFileError;
@@ -50,6 +51,9 @@ pub enum NodeError {
     Bus(BusError),
     #[error(transparent)]
     Credentials(#[from] TokensFileError),
+    /// `--subscribe-token-jwks` does not load.
+    #[error(transparent)]
+    SubscribeTokenKeys(#[from] JwksError),
     /// A `--grpc-tls-*` or `--ws-tls-*` file is unreadable or unusable.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
@@ -73,6 +77,7 @@ pub struct Node {
     http: HttpState,
     shutdown_grace: Duration,
     auth: Auth,
+    tokens: Option<SubscribeTokens>,
     /// Stops the node if it is dropped without a shutdown.
     guard: NodeDropGuard,
 }
@@ -130,7 +135,16 @@ impl Node {
             Some(path) => Auth::from_file(path)?,
             None => Auth::open(),
         };
-        let hangups = auth.enabled().then(hangup_signal).transpose()?;
+        let tokens = match &config.ws.subscribe_token_jwks {
+            Some(path) => Some(SubscribeTokens::load(
+                path,
+                config.ws.subscribe_token_audience.clone(),
+            )?),
+            None => None,
+        };
+        let hangups = (auth.enabled() || tokens.is_some())
+            .then(hangup_signal)
+            .transpose()?;
         let node_id: Arc<str> = if config.node_id.is_empty() {
             Arc::from(random_node_id())
         } else {
@@ -188,11 +202,10 @@ impl Node {
         );
         let sessions = SessionContext::start(
             &config.ws,
-            registry,
             dispatcher,
-            resolvers,
             metrics.clone(),
             node_id.clone(),
+            tokens.clone(),
             &tasks,
         );
         let http = http::serve(
@@ -203,7 +216,7 @@ impl Node {
             bus.clone(),
         );
         if let Some(hangups) = hangups {
-            reload_on_sighup(auth.clone(), hangups, &tasks);
+            reload_on_sighup(auth.clone(), tokens.clone(), hangups, &tasks);
         }
         let service = EntitySyncService::new(
             &config.grpc,
@@ -238,6 +251,7 @@ impl Node {
             http,
             shutdown_grace: config.shutdown_grace,
             auth,
+            tokens,
             guard,
         })
     }
@@ -248,6 +262,14 @@ impl Node {
     /// force. Returns how many credentials are in force.
     pub fn reload_credentials(&self) -> Result<usize, TokensFileError> {
         self.auth.reload()
+    }
+
+    /// Reads `--subscribe-token-jwks` again, as SIGHUP does: tokens signed
+    /// with new keys verify at once, with removed keys no longer. A file
+    /// that does not load leaves the keys in force. Returns how many keys
+    /// are in force; `None` without the flag.
+    pub fn reload_subscribe_token_keys(&self) -> Option<Result<usize, JwksError>> {
+        self.tokens.as_ref().map(SubscribeTokens::reload)
     }
 
     pub fn ws_addr(&self) -> SocketAddr {
@@ -314,8 +336,9 @@ fn hangup_signal() -> std::io::Result<Hangups> {
     Ok(())
 }
 
-/// Re-reads the tokens file on every SIGHUP until the node stops.
-fn reload_on_sighup(auth: Auth, hangups: Hangups, tasks: &Tasks) {
+/// Re-reads the tokens file and the subscribe-token JWKS (those configured)
+/// on every SIGHUP until the node stops.
+fn reload_on_sighup(auth: Auth, tokens: Option<SubscribeTokens>, hangups: Hangups, tasks: &Tasks) {
     #[cfg(unix)]
     {
         let mut hangups = hangups;
@@ -326,14 +349,21 @@ fn reload_on_sighup(auth: Auth, hangups: Hangups, tasks: &Tasks) {
                     _ = stop.cancelled() => return,
                     received = hangups.recv() => if received.is_none() { return },
                 }
-                if let Err(err) = auth.reload() {
+                if auth.enabled()
+                    && let Err(err) = auth.reload()
+                {
                     tracing::error!(%err, "SIGHUP: the tokens file was not reloaded; the previous credentials stay in force");
+                }
+                if let Some(tokens) = &tokens
+                    && let Err(err) = tokens.reload()
+                {
+                    tracing::error!(%err, "SIGHUP: the subscribe-token JWKS was not reloaded; the previous keys stay in force");
                 }
             }
         });
     }
     #[cfg(not(unix))]
-    let _ = (auth, hangups, tasks);
+    let _ = (auth, tokens, hangups, tasks);
 }
 
 /// Runs a node until `shutdown` completes, then shuts it down gracefully.

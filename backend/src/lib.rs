@@ -35,6 +35,49 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Subscribe tokens
+//!
+//! With a subscribe token the browser subscribes to `(entity, id)` keys
+//! without the node asking the backend first: the backend signs which keys a
+//! user may read, for a few minutes, and the node verifies the signature with
+//! the JWKS file it was started with (`--subscribe-token-jwks PATH`, keys
+//! chosen by `kid`). [`SubscribeTokenSigner`] mints tokens with HS256 (a
+//! secret of at least 32 random bytes), ES256 (a P-256 private key in PKCS#8
+//! PEM) or EdDSA (an Ed25519 private key in PKCS#8 PEM, with its public key);
+//! [`jwks`] writes the node's file: the shared secret for HS256 (keep that
+//! file secret), only the public key for ES256 and EdDSA.
+//!
+//! ```
+//! use std::time::Duration;
+//! use entity_sync_backend::{SubscribeTokenSigner, jwks};
+//!
+//! # fn main() -> Result<(), entity_sync_backend::TokenError> {
+//! let secret = [7u8; 32]; // in production: 32 random bytes from your secret store
+//! let signer = SubscribeTokenSigner::hs256("k1", &secret)?.audience("shop");
+//! // The file the node is started with: --subscribe-token-jwks subscribe-keys.json
+//! let file = jwks(&[&signer]);
+//! assert!(file.contains(r#""kid": "k1""#));
+//! // Handed to the browser of user 42: items 101 and 102 for 5 minutes.
+//! let token = signer.sign_as("user-42", "items", &["101", "102"], Duration::from_secs(300))?;
+//! assert_eq!(token.split('.').count(), 3);
+//! # Ok(()) }
+//! ```
+//!
+//! The token's header has `alg` and `kid`; its claims, in this order:
+//!
+//! | claim    | type                   | meaning                                                   |
+//! |----------|------------------------|-----------------------------------------------------------|
+//! | `entity` | string                 | the entity granted                                        |
+//! | `ids`    | array of strings       | the ids granted; `"*"` ([`ANY_ID`]) stands for any id     |
+//! | `exp`    | integer, s since epoch | expiry, required: `sign` sets now + ttl, ttl 1 s ..= 24 h ([`MAX_TOKEN_TTL`]) |
+//! | `nbf`    | integer, s since epoch | not before, optional (only through `sign_claims`)         |
+//! | `iat`    | integer, s since epoch | issued at: `sign` sets it                                 |
+//! | `aud`    | string or array        | [`SubscribeTokenSigner::audience`]; the node checks it when started with `--subscribe-token-audience AUD` |
+//! | `sub`    | string                 | the application's user id ([`SubscribeTokenSigner::sign_as`], [`SubscribeTokenSigner::subject`]); the node may log it |
+//!
+//! `cargo run -p entity-sync-backend --example subscribe_token` writes a JWKS
+//! file and prints a token (`backend/examples/subscribe_token.rs`).
+//!
 //! # Layout
 //!
 //! - [`Backend`] / [`BackendBuilder`] (module `backend`): registers the
@@ -50,6 +93,9 @@
 //!   certificate and name of a TLS connection to a node (`https://` URLs).
 //! - [`Backoff`] (module `backoff`): jittered exponential delays between attempts,
 //!   the SDK's own retries' and a utility for callers' retry loops.
+//! - [`SubscribeTokenSigner`], [`jwks`], [`SubscribeClaims`], [`TokenError`]
+//!   (module `tokens`): subscribe tokens a browser subscribes with without
+//!   the node asking the backend, and the JWKS file the node verifies them with.
 //! - [`proto`]: the generated `entitysync.v1` client and messages.
 
 mod backend;
@@ -61,6 +107,7 @@ mod notifier;
 mod request;
 #[cfg(feature = "tls")]
 mod tls;
+mod tokens;
 
 pub use backend::{
     Backend, BackendBuilder, BackendState, MAX_REFRESH_INTERVAL, MIN_REFRESH_INTERVAL,
@@ -73,6 +120,10 @@ pub use proto::v1::{FetchMode, Reason};
 pub use request::{Answer, Answers, PassThrough, ResolveRequest, Secret};
 #[cfg(feature = "tls")]
 pub use tls::Tls;
+pub use tokens::{
+    ANY_ID, Audience, MAX_TOKEN_TTL, MIN_HS256_SECRET_LEN, SubscribeClaims, SubscribeTokenSigner,
+    TokenError, jwks,
+};
 
 /// Generated gRPC code of the node's public API (the `entity-sync-proto`
 /// crate's, the same types the node uses).

@@ -113,6 +113,12 @@ impl Config {
         if ws.tls_cert.is_some() != ws.tls_key.is_some() {
             return Err(ConfigError::Together("--ws-tls-cert", "--ws-tls-key"));
         }
+        if ws.subscribe_token_audience.is_some() && ws.subscribe_token_jwks.is_none() {
+            return Err(ConfigError::Needs {
+                flag: "--subscribe-token-audience",
+                needs: "--subscribe-token-jwks",
+            });
+        }
         if ws.max_message_bytes < 256 {
             return Err(ConfigError::Invalid {
                 flag: "--max-message-bytes",
@@ -475,7 +481,14 @@ mod tests {
         let ids: Vec<&str> = flags.iter().map(|a| a.get_id().as_str()).collect();
         assert_eq!(
             ids,
-            ["grpc_tokens_file", "nats_url", "nats_creds", "nats_token"]
+            [
+                "subscribe_token_jwks",
+                "subscribe_token_audience",
+                "grpc_tokens_file",
+                "nats_url",
+                "nats_creds",
+                "nats_token"
+            ]
         );
         for arg in flags {
             assert!(arg.get_env().is_some(), "{}", arg.get_id());

@@ -151,6 +151,29 @@ pub struct WsConfig {
         help_heading = "Security/TLS"
     )]
     pub tls_key: Option<PathBuf>,
+
+    /// A JWKS file (RFC 7517) of the keys that verify signed subscribe
+    /// tokens: `oct` (HS256), `EC` P-256 (ES256), `RSA` (RS256), `OKP`
+    /// Ed25519 (EdDSA), each with a `kid`. A subscribe carrying a valid token
+    /// is authorized without asking a resolver. Re-read on SIGHUP.
+    #[arg(
+        value_name = "PATH",
+        long,
+        env = "ENTITY_SYNC_SUBSCRIBE_TOKEN_JWKS",
+        hide_env_values = true,
+        help_heading = "Security/TLS"
+    )]
+    pub subscribe_token_jwks: Option<PathBuf>,
+
+    /// When set, a subscribe token's `aud` claim must contain this value.
+    #[arg(
+        value_name = "AUD",
+        long,
+        env = "ENTITY_SYNC_SUBSCRIBE_TOKEN_AUDIENCE",
+        hide_env_values = true,
+        help_heading = "Security/TLS"
+    )]
+    pub subscribe_token_audience: Option<String>,
 }
 
 impl WsConfig {

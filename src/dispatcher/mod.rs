@@ -79,6 +79,16 @@ struct Inner {
 }
 
 impl Dispatcher {
+    /// The registry this dispatcher fans out to.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The resolvers this dispatcher resolves with.
+    pub(crate) fn resolvers(&self) -> &Resolvers {
+        &self.inner.resolvers
+    }
+
     /// Creates the dispatcher and starts consuming `events`, the bus's
     /// change keys, until the bus ends or the node shuts down.
     pub(crate) fn start(

@@ -46,6 +46,13 @@ impl Dispatcher {
     /// (the connection closed) is fine. `resume`: the version the client
     /// holds; when the key has not changed after it, the subscription
     /// becomes active with `subscribed` `current: true` and no snapshot.
+    ///
+    /// `by_token`: a valid subscribe token authorized the subscription. For
+    /// a SHARED entity no resolver is asked to authorize it then: a version
+    /// placed as current needs nothing, a current node cache entry is the
+    /// snapshot, else one shared resolve (empty secret) that concurrent
+    /// token subscribes of the key join. A PER_SUBSCRIBER entity's rows
+    /// depend on the secret: resolved with it as for any subscribe.
     pub(crate) async fn subscribe(
         &self,
         conn: Arc<Connection>,
@@ -53,6 +60,7 @@ impl Dispatcher {
         secret: Arc<str>,
         epoch: u64,
         resume: Option<u64>,
+        by_token: bool,
     ) {
         let superseded = conn.clone();
         tokio::select! {
@@ -60,7 +68,7 @@ impl Dispatcher {
             // work at all, not even a read of the bus head.
             biased;
             () = superseded.superseded(epoch) => {}
-            () = self.snapshot(conn, key, secret, epoch, resume) => {}
+            () = self.snapshot(conn, key, secret, epoch, resume, by_token) => {}
         }
     }
 
@@ -74,10 +82,13 @@ impl Dispatcher {
         secret: Arc<str>,
         epoch: u64,
         resume: Option<u64>,
+        by_token: bool,
     ) {
         let Ok(_permit) = self.inner.snapshot_permits.acquire().await else {
             return;
         };
+        let shared =
+            by_token && self.inner.resolvers.fetch_mode(&key.entity) == Some(FetchMode::Shared);
         // Read before resolving: the snapshot reflects every change up to it.
         let base = self.inner.bus.snapshot_version().await.max(self.applied());
         // Joining a snapshot resolve already in flight for this key and
@@ -86,7 +97,10 @@ impl Dispatcher {
         // later changes are this subscription's missed ones, which the
         // registry notes.
         let mut may_join = self.applied() >= base;
-        if !may_join && self.may_wait_to_join() && self.inner.resolvers.can_join(&key, &secret) {
+        if !may_join
+            && self.may_wait_to_join()
+            && self.inner.resolvers.can_join(&key, &secret, shared)
+        {
             // A resolve of this key and secret is in flight: worth waiting
             // a moment for this node to consume the changes up to `base`
             // (it is usually a few milliseconds behind the bus's head), not
@@ -105,11 +119,29 @@ impl Dispatcher {
         // resume's version is placed meanwhile. The compatibility mode has
         // no `subscribed` frame to say `current` with.
         let resume = resume.filter(|_| !self.inner.bare_rows);
-        let resolving = self
-            .inner
-            .resolvers
-            .resolve_subscribe(&key, secret, may_join);
+        if shared
+            && self
+                .answer_from_node_state(&conn, &key, epoch, resume, base)
+                .await
+        {
+            return;
+        }
+        let resolving = async {
+            if shared {
+                self.inner
+                    .resolvers
+                    .resolve_shared_subscribe(&key, may_join)
+                    .await
+            } else {
+                self.inner
+                    .resolvers
+                    .resolve_subscribe(&key, secret, may_join)
+                    .await
+            }
+        };
         let (result, unchanged) = match resume {
+            // Placed already (not current) by `answer_from_node_state`.
+            Some(_) if shared => (resolving.await, false),
             None => (resolving.await, false),
             Some(held) => tokio::join!(resolving, self.unchanged_since(&key, held, base)),
         };
@@ -177,6 +209,52 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
+    /// A token subscribe of a SHARED key answered from what the node holds,
+    /// with no resolve: a version placed as current (`subscribed` `current`),
+    /// or the node cache's current entry as the snapshot. False when
+    /// neither can answer (the caller resolves).
+    async fn answer_from_node_state(
+        &self,
+        conn: &Connection,
+        key: &Key,
+        epoch: u64,
+        resume: Option<u64>,
+        base: u64,
+    ) -> bool {
+        let metrics = &self.inner.metrics;
+        let activation = if let Some(held) = resume
+            && self.unchanged_since(key, held, base).await
+        {
+            Metrics::inc(&metrics.resumed_current_total);
+            self.inner.registry.activate_held(
+                key,
+                conn.id,
+                epoch,
+                subscribed_current_frame(key),
+                held,
+            )
+        } else {
+            let caught_up = self.applied() >= base;
+            let Some(frame) = self.inner.resolvers.cache().current(key, caught_up) else {
+                return false;
+            };
+            if resume.is_some() {
+                Metrics::inc(&metrics.resumed_snapshot_total);
+            }
+            let ack = (!self.inner.bare_rows).then(|| subscribed_frame(key));
+            self.inner
+                .registry
+                .activate(key, conn.id, epoch, ack, &frame)
+        };
+        if let Some(relay) = self.inner.resolvers.relay() {
+            relay.hold(key);
+        }
+        if activation == (Activation::Active { missed: true }) {
+            self.schedule_as(key.clone(), self.applied(), ChangeMeta::default(), true);
+        }
+        true
+    }
+
     /// Whether `key` has not changed after `held`, a version a resuming
     /// client holds, up to `base`, the bus head read for this subscribe. The
     /// node cache answers when this node is caught up to `base`; else the

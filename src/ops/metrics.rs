@@ -115,6 +115,16 @@ pub(crate) struct Metrics {
     pub(crate) cache_keys: AtomicU64,
     /// Subscribes with a version answered `current` (no snapshot sent).
     pub(crate) resumed_current_total: AtomicU64,
+    /// Subscribe tokens verified, by result: valid, invalid, expired.
+    pub(crate) tokens_valid_total: AtomicU64,
+    pub(crate) tokens_invalid_total: AtomicU64,
+    pub(crate) tokens_expired_total: AtomicU64,
+    /// Re-subscribes of a held key with a newer token (no resolve, no push).
+    pub(crate) token_refreshes_total: AtomicU64,
+    /// Subscriptions ended because their token expired.
+    pub(crate) token_expiries_total: AtomicU64,
+    /// Subscriptions held on a token now (a gauge).
+    pub(crate) token_subscriptions: AtomicU64,
     /// Subscribes with a version that got a snapshot (the key changed, or
     /// the version could not be placed).
     pub(crate) resumed_snapshot_total: AtomicU64,
@@ -171,6 +181,12 @@ impl Default for Metrics {
             cache_bytes: AtomicU64::new(0),
             cache_keys: AtomicU64::new(0),
             resumed_current_total: AtomicU64::new(0),
+            tokens_valid_total: AtomicU64::new(0),
+            tokens_invalid_total: AtomicU64::new(0),
+            tokens_expired_total: AtomicU64::new(0),
+            token_expiries_total: AtomicU64::new(0),
+            token_refreshes_total: AtomicU64::new(0),
+            token_subscriptions: AtomicU64::new(0),
             resumed_snapshot_total: AtomicU64::new(0),
             relay_published_total: AtomicU64::new(0),
             relay_unheld_total: AtomicU64::new(0),
@@ -409,6 +425,12 @@ impl Collector for Scrape {
         )?;
         gauge(
             &mut enc,
+            "entity_sync_token_subscriptions",
+            "Subscriptions held on a subscribe token (they end when it expires).",
+            m.token_subscriptions.load(Relaxed),
+        )?;
+        gauge(
+            &mut enc,
             "entity_sync_ready",
             "1 while /readyz answers 200 and gRPC health is SERVING.",
             u64::from(live.ready),
@@ -537,12 +559,12 @@ impl Collector for Scrape {
             ),
             (
                 "entity_sync_cache_hits",
-                "Resumed subscribes whose version the node cache placed (no bus request).",
+                "Resumed subscribes whose version the node cache placed (no bus request), and token subscribes whose snapshot it held (no resolve).",
                 &m.cache_hits_total,
             ),
             (
                 "entity_sync_cache_misses",
-                "Resumed subscribes whose version the node cache could not place (asked the bus).",
+                "Resumed subscribes whose version the node cache could not place (asked the bus), and token subscribes whose snapshot it did not hold.",
                 &m.cache_misses_total,
             ),
             (
@@ -554,6 +576,16 @@ impl Collector for Scrape {
                 "entity_sync_resumed_current",
                 "Subscribes with a version answered current: true (no snapshot sent).",
                 &m.resumed_current_total,
+            ),
+            (
+                "entity_sync_token_refreshes",
+                "Subscriptions a newer subscribe token renewed, with no resolve and no push.",
+                &m.token_refreshes_total,
+            ),
+            (
+                "entity_sync_token_expiries",
+                "Subscriptions the node ended because their subscribe token expired.",
+                &m.token_expiries_total,
             ),
             (
                 "entity_sync_resumed_snapshot",
@@ -588,6 +620,23 @@ impl Collector for Scrape {
         ];
         for (name, help, value) in counters {
             counter(&mut enc, name, help, value.load(Relaxed))?;
+        }
+        {
+            let mut tokens = enc.encode_descriptor(
+                "entity_sync_subscribe_tokens",
+                "Subscribe tokens verified, by result (valid, invalid, expired).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (result, value) in [
+                ("valid", &m.tokens_valid_total),
+                ("invalid", &m.tokens_invalid_total),
+                ("expired", &m.tokens_expired_total),
+            ] {
+                let labels = [("result", result)];
+                ConstCounter::new(value.load(Relaxed))
+                    .encode(tokens.encode_family(&labels.as_slice())?)?;
+            }
         }
         {
             let mut requests = enc.encode_descriptor(

@@ -168,6 +168,27 @@ impl NodeCache {
         placed
     }
 
+    /// The push cached for `key` if it is current (no change after it seen,
+    /// the node caught up on the bus: `caught_up`), as a subscribe's
+    /// snapshot. Counts a hit or a miss.
+    pub(crate) fn current(&self, key: &Key, caught_up: bool) -> Option<PushFrame> {
+        let mut state = self.inner.state.lock().unwrap();
+        let frame = match state.entries.get(key) {
+            Some(entry) if caught_up && entry.bus_version && entry.seen <= entry.frame.version => {
+                Some(entry.frame.clone())
+            }
+            _ => None,
+        };
+        let metrics = &self.inner.metrics;
+        if frame.is_some() {
+            state.touch(key);
+            Metrics::inc(&metrics.cache_hits_total);
+        } else {
+            Metrics::inc(&metrics.cache_misses_total);
+        }
+        frame
+    }
+
     /// The version of the push cached for `key`, if any.
     #[cfg(test)]
     pub(crate) fn version(&self, key: &Key) -> Option<u64> {

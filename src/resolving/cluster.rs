@@ -261,16 +261,18 @@ async fn serve_entity(
 async fn answer(pool: &ResolverPool, request: ResolveRequest) -> Option<ClusterResolveReply> {
     let mode = pool.fetch_mode(&request.entity)?;
     let reason = Reason::try_from(request.reason).unwrap_or(Reason::Change);
-    if request.shared && !(mode == FetchMode::Shared && reason == Reason::Change) {
+    let shared_reason = matches!(reason, Reason::Change | Reason::Subscribe);
+    if request.shared && !(mode == FetchMode::Shared && shared_reason) {
         // `shared` asks the backend for rows meant for everyone, with no
-        // secret checked: only a SHARED entity's change resolve is that. A
-        // requester with an outdated mode learns this one from the reply
-        // (and retries the change); anything else is not a node's request.
+        // secret checked: only a SHARED entity's change resolve, or its
+        // snapshot for a subscribe a token authorized, is that. A requester
+        // with an outdated mode learns this one from the reply (and retries
+        // the change); anything else is not a node's request.
         tracing::warn!(
             entity = %request.entity,
             mode = mode.as_str_name(),
             reason = reason.as_str_name(),
-            "cluster resolve asking for shared rows outside a SHARED change, refused"
+            "cluster resolve asking for shared rows of an entity that is not SHARED, refused"
         );
         let mut refused = refuse_shared(mode, &request.ids);
         refused.refresh_interval_ms = pool.refresh_interval(&request.entity).unwrap_or(0);
@@ -385,17 +387,16 @@ mod tests {
         }
     }
 
-    /// `shared` is honoured only for a change of a SHARED entity: a
-    /// PER_SUBSCRIBER entity's rows, or a subscribe (which authorizes its
-    /// secret), never reach the backend as shared; the reply is an error per
-    /// id with the entity's mode, and the backend is not asked.
+    /// `shared` is honoured only for a change or a subscribe of a SHARED
+    /// entity: a PER_SUBSCRIBER entity's rows never reach the backend as
+    /// shared; the reply is an error per id with the entity's mode, and the
+    /// backend is not asked.
     #[tokio::test]
     async fn shared_requests_must_match_the_mode_and_the_reason() {
         let (pool, mut rx) = pool();
         for (entity, reason, mode) in [
             ("docs", Reason::Change, FetchMode::PerSubscriber),
             ("docs", Reason::Subscribe, FetchMode::PerSubscriber),
-            ("items", Reason::Subscribe, FetchMode::Shared),
             ("items", Reason::Unspecified, FetchMode::Shared),
         ] {
             // Refused at once (an honoured request would wait for the backend).
@@ -423,21 +424,26 @@ mod tests {
             assert!(rx.try_recv().is_err(), "{entity} {reason:?}: backend asked");
         }
 
-        // A SHARED change resolve goes to the backend, `shared` as sent.
-        let asked = tokio::spawn({
-            let pool = pool.clone();
-            async move { answer(&pool, request("items", Reason::Change, true)).await }
-        });
-        let sent = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("the backend is asked")
-            .expect("stream open")
-            .expect("a message");
-        let Some(node_message::Kind::Request(sent)) = sent.kind else {
-            panic!("expected a resolve request, got {sent:?}");
-        };
-        assert!(sent.shared);
-        assert_eq!(sent.reason, Reason::Change as i32);
-        asked.abort();
+        // A SHARED change resolve, and a SHARED snapshot for a subscribe a
+        // token authorized, go to the backend, `shared` as sent.
+        drop((pool, rx));
+        for reason in [Reason::Change, Reason::Subscribe] {
+            let (fresh, mut rx) = self::pool();
+            let asked = tokio::spawn({
+                let pool = fresh.clone();
+                async move { answer(&pool, request("items", reason, true)).await }
+            });
+            let sent = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the backend is asked")
+                .expect("stream open")
+                .expect("a message");
+            let Some(node_message::Kind::Request(sent)) = sent.kind else {
+                panic!("expected a resolve request, got {sent:?}");
+            };
+            assert!(sent.shared);
+            assert_eq!(sent.reason, reason as i32);
+            asked.abort();
+        }
     }
 }

@@ -162,10 +162,24 @@ impl Resolvers {
         self.inner.local.note_change(key);
     }
 
-    /// Whether a subscribe of `key` for `secret` finds a local subscribe
-    /// request to join (if it may).
-    pub(crate) fn can_join(&self, key: &Key, secret: &str) -> bool {
-        self.inner.local.can_join(key, secret)
+    /// The snapshot of a SHARED key for a subscribe a token authorized:
+    /// one shared request (empty secret, `shared`), which concurrent token
+    /// subscribes of the key join like [`Self::resolve_subscribe`]'s.
+    pub(crate) async fn resolve_shared_subscribe(&self, key: &Key, may_join: bool) -> Resolved {
+        let started = std::time::Instant::now();
+        let outcome = self
+            .resolve_anywhere(key, Arc::from(""), Reason::Subscribe, true, may_join)
+            .await;
+        self.inner
+            .metrics
+            .resolve_done(&key.entity, status_label(&outcome), started.elapsed());
+        outcome
+    }
+
+    /// Whether a subscribe of `key` for `secret` (or a shared one) finds a
+    /// local subscribe request to join (if it may).
+    pub(crate) fn can_join(&self, key: &Key, secret: &str, shared: bool) -> bool {
+        self.inner.local.can_join(key, secret, shared)
     }
 
     /// Changes were lost on the bus: no subscribe request in flight is joined.
@@ -181,10 +195,10 @@ impl Resolvers {
         shared: bool,
         may_join: bool,
     ) -> Resolved {
-        let local = if reason == Reason::Subscribe && !shared {
+        let local = if reason == Reason::Subscribe {
             self.inner
                 .local
-                .resolve_subscribe(key, secret.clone(), may_join)
+                .resolve_subscribe(key, secret.clone(), shared, may_join)
                 .await
         } else {
             self.inner

@@ -7,7 +7,9 @@
 //! defines them and writes what the dispatcher queued in its `outbox`.
 
 pub(crate) mod admission;
+pub(crate) mod grants;
 pub(crate) mod http;
 pub(crate) mod outbox;
 pub mod protocol;
 pub mod session;
+pub mod tokens;

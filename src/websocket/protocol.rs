@@ -73,6 +73,8 @@ pub(crate) enum ClientMessage {
     Subscribe {
         key: Key,
         version: Option<u64>,
+        /// A signed subscribe token (compact JWS), verified by the session.
+        token: Option<Box<str>>,
     },
     Unsubscribe(Key),
     Secret(String),
@@ -104,11 +106,18 @@ pub enum ErrorCode {
     RateLimited,
     /// A `secret` longer than [`MAX_SECRET_BYTES`]; the connection's secret is unchanged.
     SecretTooLong,
+    /// A subscribe token that does not verify, is for another entity, id or
+    /// audience, is not valid yet, or is too large; or a node that accepts
+    /// no tokens. No subscription, no backend call.
+    TokenInvalid,
+    /// A subscribe token past its `exp`; or the token of a held key expired
+    /// and the node ended that subscription.
+    TokenExpired,
 }
 
 impl ErrorCode {
     /// Every code, for metrics and docs.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::InvalidJson,
         Self::UnknownAction,
         Self::InvalidBody,
@@ -125,6 +134,8 @@ impl ErrorCode {
         Self::Overloaded,
         Self::RateLimited,
         Self::SecretTooLong,
+        Self::TokenInvalid,
+        Self::TokenExpired,
     ];
 
     /// The code as it appears in `error` frames, e.g. `not_found`.
@@ -146,6 +157,8 @@ impl ErrorCode {
             Self::Overloaded => "overloaded",
             Self::RateLimited => "rate_limited",
             Self::SecretTooLong => "secret_too_long",
+            Self::TokenInvalid => "token_invalid",
+            Self::TokenExpired => "token_expired",
         }
     }
 
@@ -213,7 +226,12 @@ pub(crate) fn decode(text: &str) -> Result<ClientMessage, ProtocolError> {
             let body = object.get("body");
             let key = decode_key(body)?;
             let version = decode_version(body)?;
-            Ok(ClientMessage::Subscribe { key, version })
+            let token = decode_token(body)?;
+            Ok(ClientMessage::Subscribe {
+                key,
+                version,
+                token,
+            })
         }
         "unsubscribe" => decode_key(object.get("body")).map(ClientMessage::Unsubscribe),
         "secret" => match object.remove("body") {
@@ -282,6 +300,18 @@ fn decode_version(body: Option<&Value>) -> Result<Option<u64>, ProtocolError> {
         },
         Some(_) => Err(invalid_body(
             "body.version must be an integer from 0 to 2^53-1, the version of a push",
+        )),
+    }
+}
+
+/// `body.token` of a subscribe: absent or `null` (none), else a string
+/// (its size and signature are checked by the session).
+fn decode_token(body: Option<&Value>) -> Result<Option<Box<str>>, ProtocolError> {
+    match body.and_then(|body| body.get("token")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(token)) => Ok(Some(token.as_str().into())),
+        Some(_) => Err(invalid_body(
+            "body.token must be a string, a compact JWS signed by the application",
         )),
     }
 }
@@ -591,7 +621,8 @@ mod tests {
             decode(r#"{"action":"subscribe","body":{"entity":"items","id":"100"}}"#),
             Ok(ClientMessage::Subscribe {
                 key: key("items", "100"),
-                version: None
+                version: None,
+                token: None
             })
         );
         assert_eq!(
@@ -615,14 +646,16 @@ mod tests {
             subscribe(r#"{"entity":"items","id":"100","version":42}"#),
             Ok(ClientMessage::Subscribe {
                 key: key("items", "100"),
-                version: Some(42)
+                version: Some(42),
+                token: None
             })
         );
         assert_eq!(
             subscribe(r#"{"entity":"items","id":"100","version":null}"#),
             Ok(ClientMessage::Subscribe {
                 key: key("items", "100"),
-                version: None
+                version: None,
+                token: None
             })
         );
         assert_eq!(
@@ -631,7 +664,8 @@ mod tests {
             )),
             Ok(ClientMessage::Subscribe {
                 key: key("items", "1"),
-                version: Some(MAX_CLIENT_VERSION)
+                version: Some(MAX_CLIENT_VERSION),
+                token: None
             })
         );
         for bad in ["-1", "1.5", "\"42\"", "9007199254740992", "true", "{}"] {
@@ -642,6 +676,19 @@ mod tests {
                 err.message,
                 "body.version must be an integer from 0 to 2^53-1, the version of a push"
             );
+        }
+        assert_eq!(
+            subscribe(r#"{"entity":"items","id":"1","version":3,"token":"a.b.c"}"#),
+            Ok(ClientMessage::Subscribe {
+                key: key("items", "1"),
+                version: Some(3),
+                token: Some("a.b.c".into())
+            })
+        );
+        for bad in ["1", "[]", "{}", "true"] {
+            let err =
+                subscribe(&format!(r#"{{"entity":"items","id":"1","token":{bad}}}"#)).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidBody, "{bad}");
         }
         assert_eq!(
             subscribed_current_frame(&key("items", "100")).as_str(),
@@ -655,7 +702,8 @@ mod tests {
             decode(r#"{"action":"subscribe","body":{"entity":"items","id":100}}"#),
             Ok(ClientMessage::Subscribe {
                 key: key("items", "100"),
-                version: None
+                version: None,
+                token: None
             })
         );
     }

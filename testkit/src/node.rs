@@ -190,6 +190,16 @@ impl TestNode {
         Ok(self.node().reload_credentials()?)
     }
 
+    /// Reads `--subscribe-token-jwks` again, as SIGHUP does; how many keys
+    /// are in force. Panics without the flag.
+    pub fn reload_subscribe_token_keys(
+        &self,
+    ) -> Result<usize, entity_sync::websocket::tokens::JwksError> {
+        self.node()
+            .reload_subscribe_token_keys()
+            .expect("the node has --subscribe-token-jwks")
+    }
+
     /// Graceful shutdown of the node.
     pub async fn shutdown(&mut self) {
         let node = self.node.take().expect("node already shut down");

@@ -25,5 +25,6 @@ mod resume;
 mod secrets;
 mod shutdown;
 mod tls;
+mod tokens;
 mod unchanged_rows;
 mod websocket;

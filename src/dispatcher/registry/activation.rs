@@ -235,6 +235,17 @@ impl Registry {
     }
 
     /// Removes `(key, conn)`. Returns whether it existed.
+    /// Whether `conn` holds `key` as an active subscription (not one
+    /// waiting for its snapshot).
+    pub(crate) fn is_active(&self, key: &Key, conn: ConnId) -> bool {
+        self.shard(key)
+            .lock()
+            .unwrap()
+            .get(key)
+            .and_then(|subscribers| subscribers.by_conn.get(&conn))
+            .is_some_and(|subscriber| subscriber.state.is_active())
+    }
+
     pub(crate) fn remove(&self, key: &Key, conn: &Connection) -> bool {
         conn.keys.lock().unwrap().retain(|k| k != key);
         self.remove_entry(key, conn.id)

@@ -57,6 +57,11 @@ impl Connection {
         self.keys.lock().unwrap().len()
     }
 
+    /// Whether this connection holds `key`, pending or active.
+    pub(crate) fn holds_key(&self, key: &Key) -> bool {
+        self.keys.lock().unwrap().contains(key)
+    }
+
     /// The current secret and its epoch: a snapshot resolved with this
     /// secret may only activate a subscription while the epoch is current.
     pub(crate) fn secret_epoch(&self) -> (Arc<str>, u64) {

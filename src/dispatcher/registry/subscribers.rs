@@ -33,7 +33,7 @@ pub(super) enum State {
 }
 
 impl State {
-    fn is_active(&self) -> bool {
+    pub(super) fn is_active(&self) -> bool {
         matches!(self, State::Active { .. })
     }
 }

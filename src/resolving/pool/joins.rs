@@ -10,24 +10,32 @@ use crate::key::Key;
 /// change it would otherwise miss.
 #[derive(Debug, Default)]
 pub(super) struct Joinable {
-    requests: HashMap<Key, Vec<(Arc<str>, u64)>>,
+    /// Per key: (secret, shared, request).
+    requests: HashMap<Key, Vec<(Arc<str>, bool, u64)>>,
 }
 
 impl Joinable {
-    /// Request `request` resolves `key` for `secret` and may be joined.
-    pub(super) fn add(&mut self, key: Key, secret: Arc<str>, request: u64) {
+    /// Request `request` resolves `key` for `secret` (or, `shared`, for
+    /// every subscriber a token authorized) and may be joined.
+    pub(super) fn add(&mut self, key: Key, secret: Arc<str>, shared: bool, request: u64) {
         self.requests
             .entry(key)
             .or_default()
-            .push((secret, request));
+            .push((secret, shared, request));
     }
 
-    /// A joinable request of `key` for `secret`.
-    pub(super) fn find(&self, key: &Key, secret: &str) -> Option<u64> {
+    /// A joinable request of `key` for `secret` and `shared` alike: a
+    /// shared request never answers a subscribe the resolver must
+    /// authorize, nor the other way round.
+    pub(super) fn find(&self, key: &Key, secret: &str, shared: bool) -> Option<u64> {
         self.requests
             .get(key)
-            .and_then(|requests| requests.iter().find(|(s, _)| **s == *secret))
-            .map(|(_, request)| *request)
+            .and_then(|requests| {
+                requests
+                    .iter()
+                    .find(|(s, sh, _)| **s == *secret && *sh == shared)
+            })
+            .map(|(_, _, request)| *request)
     }
 
     /// Request `request` of `entity`, for `ids`, leaves the flight.
@@ -43,7 +51,7 @@ impl Joinable {
                 id: id.clone(),
             };
             if let Some(requests) = self.requests.get_mut(&key) {
-                requests.retain(|(_, r)| *r != request);
+                requests.retain(|(_, _, r)| *r != request);
                 if requests.is_empty() {
                     self.requests.remove(&key);
                 }

@@ -315,9 +315,10 @@ impl ResolverPool {
         &self,
         key: &Key,
         secret: Arc<str>,
+        shared: bool,
         may_join: bool,
     ) -> Resolved {
-        self.submit(key, secret, Reason::Subscribe, false, may_join)
+        self.submit(key, secret, Reason::Subscribe, shared, may_join)
             .await
     }
 
@@ -360,8 +361,8 @@ impl ResolverPool {
 
     /// Whether a subscribe request of `key` for `secret` is in flight and
     /// joinable now.
-    pub(crate) fn can_join(&self, key: &Key, secret: &str) -> bool {
-        self.lock().state.can_join(key, secret)
+    pub(crate) fn can_join(&self, key: &Key, secret: &str, shared: bool) -> bool {
+        self.lock().state.can_join(key, secret, shared)
     }
 
     /// Any key may have changed (the bus lost changes): no subscribe request
@@ -614,7 +615,7 @@ mod tests {
         for &(id, secret, may_join) in jobs {
             let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
-                pool.resolve_subscribe(&key(id), Arc::from(secret), may_join)
+                pool.resolve_subscribe(&key(id), Arc::from(secret), false, may_join)
                     .await
             }));
             tokio::task::yield_now().await;

@@ -131,7 +131,7 @@ impl<W: Waiter> PoolState<W> {
         };
         self.next_job += 1;
         if new.may_join
-            && let Some(request) = self.joinable.find(&new.key, &job.secret)
+            && let Some(request) = self.joinable.find(&new.key, &job.secret, job.shared)
             && let Some(flight) = self.in_flight.get_mut(&request)
         {
             flight.jobs.push(job);
@@ -201,8 +201,8 @@ impl<W: Waiter> PoolState<W> {
         slot.requests.insert(request_id);
         // A subscribe request (never a change's: those carry their own
         // reason to the backend) is one later local subscribes of its keys
-        // and secret may join.
-        let joinable = reason == Reason::Subscribe && !shared;
+        // and secret (or shared flag) may join.
+        let joinable = reason == Reason::Subscribe;
         if joinable {
             for (i, job) in jobs.iter().enumerate() {
                 if jobs[..i].iter().any(|j| j.id == job.id) {
@@ -212,7 +212,7 @@ impl<W: Waiter> PoolState<W> {
                     entity: entity.clone(),
                     id: job.id.clone(),
                 };
-                self.joinable.add(key, secret.clone(), request_id);
+                self.joinable.add(key, secret.clone(), shared, request_id);
             }
         }
         let deadline = now + self.timeout;
@@ -526,8 +526,8 @@ impl<W: Waiter> PoolState<W> {
     }
 
     /// Whether a subscribe request of `key` for `secret` may be joined now.
-    pub(crate) fn can_join(&self, key: &Key, secret: &str) -> bool {
-        self.joinable.find(key, secret).is_some()
+    pub(crate) fn can_join(&self, key: &Key, secret: &str, shared: bool) -> bool {
+        self.joinable.find(key, secret, shared).is_some()
     }
 
     /// The fetch mode of `entity`, if a stream serves it.
@@ -815,7 +815,7 @@ mod tests {
         };
         assert!(!submit(&mut state, 0, job("1", "s", SUB, true)));
         let first = run(&mut state, t0);
-        assert!(state.can_join(&key("1"), "s"));
+        assert!(state.can_join(&key("1"), "s", false));
         assert!(submit(&mut state, 1, job("1", "s", SUB, true)));
         // Another secret, no leave to join (as every change resolve): no join.
         assert!(!submit(&mut state, 2, job("1", "other", SUB, true)));
@@ -827,7 +827,7 @@ mod tests {
         state.note_change(&key("2"));
         assert!(submit(&mut state, 5, job("1", "s", SUB, true)));
         state.note_change(&key("1"));
-        assert!(!state.can_join(&key("1"), "s"));
+        assert!(!state.can_join(&key("1"), "s", false));
         assert!(!submit(&mut state, 6, job("1", "s", SUB, true)));
         let fresh = run(&mut state, t0);
         assert_eq!(fresh.sent.len(), 1);
@@ -948,7 +948,10 @@ mod tests {
         state.register(2, other).unwrap();
         assert!(state.deregister(1));
         assert!(!state.deregister(1), "once");
-        assert!(!state.can_join(&key("1"), "s"), "moved requests start over");
+        assert!(
+            !state.can_join(&key("1"), "s", false),
+            "moved requests start over"
+        );
         // The oldest request first; the joiner rides with it, its id once.
         let out = run(&mut state, t0);
         assert_eq!(out.ids(), [["1"]]);

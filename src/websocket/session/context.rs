@@ -4,8 +4,13 @@
 use std::sync::Arc;
 
 use crate::{
-    config::WsConfig, dispatcher::Dispatcher, dispatcher::registry::Registry,
-    ops::metrics::Metrics, ops::tasks::Tasks, resolving::Resolvers,
+    config::WsConfig,
+    dispatcher::Dispatcher,
+    dispatcher::registry::Registry,
+    ops::metrics::Metrics,
+    ops::tasks::Tasks,
+    resolving::Resolvers,
+    websocket::{grants::Grants, tokens::SubscribeTokens},
 };
 
 /// Settings and handles every session needs.
@@ -17,6 +22,10 @@ pub(crate) struct SessionContext {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) tasks: Tasks,
     pub(crate) node_id: Arc<str>,
+    /// Verifies subscribe tokens (`--subscribe-token-jwks`), if configured.
+    pub(crate) tokens: Option<SubscribeTokens>,
+    /// Subscriptions held on a token, ended when it expires.
+    pub(crate) grants: Grants,
 }
 
 impl SessionContext {
@@ -27,13 +36,14 @@ impl SessionContext {
     /// socket and its outbox.
     pub(crate) fn start(
         config: &WsConfig,
-        registry: Registry,
         dispatcher: Dispatcher,
-        resolvers: Resolvers,
         metrics: Arc<Metrics>,
         node_id: Arc<str>,
+        tokens: Option<SubscribeTokens>,
         tasks: &Tasks,
     ) -> Arc<Self> {
+        let registry = dispatcher.registry().clone();
+        let resolvers = dispatcher.resolvers().clone();
         let period = config.ping_interval;
         let (ticker, pinged) = (tasks.clone(), registry.clone());
         tasks.spawn(async move {
@@ -53,8 +63,16 @@ impl SessionContext {
             shutdown.cancelled().await;
             open.for_each_connection(|conn| conn.outbox.shut_down());
         });
+        let grants = Grants::start(
+            registry.clone(),
+            metrics.clone(),
+            config.max_subscriptions,
+            tasks,
+        );
         Arc::new(Self {
             config: config.clone(),
+            tokens,
+            grants,
             registry,
             dispatcher,
             resolvers,

@@ -34,7 +34,7 @@ use crate::{
     websocket::protocol::{ErrorCode, FrameText, ProtocolError},
 };
 use close::closed_by;
-use read::{RateLimit, Work, on_text, reject};
+use read::{RateLimit, TokenChecks, Work, on_text, reject};
 use snapshots::{Snapshots, snapshot};
 use write::{within, write_batch};
 
@@ -75,6 +75,8 @@ pub(crate) fn serve(
             ctx.config.max_message_burst,
             last_seen,
         );
+        // Subscribe-token checks: boxed, made on the first token.
+        let mut token_checks: Option<Box<TokenChecks>> = None;
 
         let close: Option<(u16, &'static str)> = loop {
             tokio::select! {
@@ -136,7 +138,7 @@ pub(crate) fn serve(
                             );
                             reject(&ctx, &conn, ProtocolError::new(ErrorCode::RateLimited, message));
                         }
-                        Some(Ok(Message::Text(text))) => match on_text(&ctx, &conn, text, &mut limiter) {
+                        Some(Ok(Message::Text(text))) => match on_text(&ctx, &conn, text, &mut limiter, &mut token_checks) {
                             Work::Nothing => {}
                             Work::Forget(key) => {
                                 if let Some(waiting) = snapshots.as_mut() {
@@ -188,6 +190,7 @@ pub(crate) fn serve(
             .await;
         }
         drop(snapshots);
+        ctx.grants.connection_closed(conn.id);
         ctx.registry.connection_closed(&conn);
         tracing::debug!("connection closed");
     }
@@ -196,7 +199,7 @@ pub(crate) fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::WsConfig, resolving::Resolvers};
+    use crate::config::WsConfig;
 
     /// The size of the future `serve` returns over a real websocket.
     fn size_of_return<F, Fut>(_: F) -> usize
@@ -285,20 +288,7 @@ mod tests {
             idle_timeout: Duration::from_secs(3600),
             ..WsConfig::default()
         };
-        let pool = crate::resolving::pool::ResolverPool::new(
-            &crate::config::ResolveConfig::default(),
-            metrics.clone(),
-        );
-        let resolvers = Resolvers::new(pool, None, metrics.clone());
-        let ctx = SessionContext::start(
-            &config,
-            registry.clone(),
-            dispatcher,
-            resolvers,
-            metrics,
-            "n".into(),
-            &tasks,
-        );
+        let ctx = SessionContext::start(&config, dispatcher, metrics, "n".into(), None, &tasks);
         let written = Arc::new(std::sync::Mutex::new(Vec::new()));
         let peer = StalledPeer {
             room: 3,

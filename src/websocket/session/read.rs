@@ -13,8 +13,13 @@ use crate::websocket::session::snapshots::{Waiting, waiting};
 use crate::{
     dispatcher::registry::{AddPending, Connection},
     key::Key,
-    websocket::protocol::{
-        self, ClientMessage, ErrorCode, ProtocolError, error_frame, pong_frame, unsubscribed_frame,
+    ops::metrics::Metrics,
+    websocket::{
+        protocol::{
+            self, ClientMessage, ErrorCode, ProtocolError, error_frame, pong_frame,
+            subscribed_current_frame, unsubscribed_frame,
+        },
+        tokens::{Grant, Refused, Verified, unix_now},
     },
 };
 
@@ -62,6 +67,96 @@ impl RateLimit {
     }
 }
 
+/// Token verifications one connection may make per second on average, and
+/// at once (a page subscribing to all its keys when it loads). A token the
+/// connection verified last is not verified again (one token for many keys).
+const TOKEN_CHECKS_PER_SECOND: u32 = 64;
+const TOKEN_CHECKS_BURST: u32 = 512;
+
+/// A connection's subscribe-token state: its verification budget and the
+/// last token it verified, with the outcome. Created on its first token.
+pub(super) struct TokenChecks {
+    budget: RateLimit,
+    last: Option<Checked>,
+}
+
+/// A token, the keys' generation it was verified with, and the outcome.
+type Checked = (Box<str>, u64, Result<Arc<Verified>, Refused>);
+
+/// Verifies `token` for `key` on `conn` (or takes the outcome of the same
+/// token verified last). A refused token gets its error frame here (with
+/// the key) and is never logged; `None` then.
+fn check_token(
+    ctx: &SessionContext,
+    conn: &Connection,
+    key: &Key,
+    token: &str,
+    checks: &mut Option<Box<TokenChecks>>,
+) -> Option<Grant> {
+    let refuse = |code: ErrorCode, message: &str| {
+        ctx.metrics.client_error(code);
+        conn.outbox
+            .control(Some(key), error_frame(code, message, Some(key)));
+    };
+    let Some(tokens) = &ctx.tokens else {
+        Metrics::inc(&ctx.metrics.tokens_invalid_total);
+        refuse(
+            ErrorCode::TokenInvalid,
+            "this node accepts no subscribe tokens (it has no --subscribe-token-jwks)",
+        );
+        return None;
+    };
+    let now = Instant::now();
+    let checks = checks.get_or_insert_with(|| {
+        Box::new(TokenChecks {
+            budget: RateLimit::new(TOKEN_CHECKS_PER_SECOND, TOKEN_CHECKS_BURST, now),
+            last: None,
+        })
+    });
+    let generation = tokens.generation();
+    let verified = match &checks.last {
+        Some((last, of, outcome)) if **last == *token && *of == generation => outcome.clone(),
+        _ => {
+            if !checks.budget.allow(now) {
+                refuse(
+                    ErrorCode::RateLimited,
+                    &format!(
+                        "subscribe dropped: over this connection's budget of \
+                         {TOKEN_CHECKS_PER_SECOND} token verifications per second; subscribe again later"
+                    ),
+                );
+                return None;
+            }
+            let outcome = tokens.verify(token).map(Arc::new);
+            if outcome
+                .as_ref()
+                .err()
+                .is_none_or(|refused| !refused.depends_on_time())
+            {
+                checks.last = Some((token.into(), generation, outcome.clone()));
+            }
+            outcome
+        }
+    };
+    match verified.and_then(|verified| verified.grant(key, unix_now())) {
+        Ok(grant) => {
+            Metrics::inc(&ctx.metrics.tokens_valid_total);
+            tracing::debug!(%key, sub = grant.sub.as_deref(), exp = grant.exp, "subscribe token accepted");
+            Some(grant)
+        }
+        Err(refused) => {
+            let (code, counter) = match refused {
+                Refused::Expired => (ErrorCode::TokenExpired, &ctx.metrics.tokens_expired_total),
+                Refused::Invalid(_) => (ErrorCode::TokenInvalid, &ctx.metrics.tokens_invalid_total),
+            };
+            Metrics::inc(counter);
+            tracing::debug!(%key, reason = refused.message(), "subscribe token refused");
+            refuse(code, refused.message());
+            None
+        }
+    }
+}
+
 /// What a client message asks of the session's snapshot resolves.
 pub(super) enum Work {
     Nothing,
@@ -89,6 +184,7 @@ pub(super) fn on_text(
     conn: &Arc<Connection>,
     text: Utf8Bytes,
     limiter: &mut RateLimit,
+    checks: &mut Option<Box<TokenChecks>>,
 ) -> Work {
     if text.len() > ctx.config.max_message_bytes {
         reject(
@@ -113,13 +209,37 @@ pub(super) fn on_text(
         }
     };
     match message {
-        ClientMessage::Subscribe { key, version } => {
+        ClientMessage::Subscribe {
+            key,
+            version,
+            token,
+        } => {
+            let grant = match token {
+                None => None,
+                Some(token) => match check_token(ctx, conn, &key, &token, checks) {
+                    Some(grant) => Some(grant),
+                    None => return Work::Nothing,
+                },
+            };
+            // A refresh: a key held and active, a newer token, the version
+            // the client holds. The subscription carries on; pushes after
+            // that version are queued or on their way, so nothing is
+            // resolved and nothing is pushed.
+            if let Some(grant) = &grant
+                && version.is_some()
+                && ctx.registry.is_active(&key, conn.id)
+            {
+                ctx.grants.grant(conn, &key, grant.exp);
+                Metrics::inc(&ctx.metrics.token_refreshes_total);
+                if !ctx.config.compat_bare_rows {
+                    conn.outbox
+                        .control(Some(&key), subscribed_current_frame(&key));
+                }
+                return Work::Nothing;
+            }
             let added = ctx
                 .registry
                 .add_pending(&key, conn, ctx.config.max_subscriptions);
-            if added == AddPending::InFlight {
-                return Work::Nothing;
-            }
             if added == AddPending::Full {
                 ctx.metrics.client_error(ErrorCode::TooManySubscriptions);
                 let message = format!(
@@ -132,14 +252,25 @@ pub(super) fn on_text(
                 );
                 return Work::Nothing;
             }
+            // Held on the token from now on (its expiry ends it), or on the
+            // secret again.
+            match &grant {
+                Some(grant) => ctx.grants.grant(conn, &key, grant.exp),
+                None => ctx.grants.forget(conn.id, &key),
+            }
+            if added == AddPending::InFlight {
+                return Work::Nothing;
+            }
             let mut waiting = waiting(conn, key);
             waiting.resume = version;
+            waiting.by_token = grant.is_some();
             Work::Snapshots {
                 keys: vec![waiting],
                 replace: false,
             }
         }
         ClientMessage::Unsubscribe(key) => {
+            ctx.grants.forget(conn.id, &key);
             if ctx.registry.remove(&key, conn) {
                 conn.outbox.forget(&key);
                 if !ctx.config.compat_bare_rows {
@@ -204,6 +335,7 @@ pub(super) fn on_text(
                 keys: keys
                     .into_iter()
                     .map(|key| Waiting {
+                        by_token: ctx.grants.holds(conn.id, &key),
                         key,
                         secret: secret.clone(),
                         epoch,

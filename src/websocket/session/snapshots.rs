@@ -24,6 +24,8 @@ pub(crate) struct Waiting {
     /// The version of the key the client said it holds (a subscribe's
     /// `version`): resumed without a snapshot if the key has not changed since.
     pub(super) resume: Option<u64>,
+    /// A valid subscribe token authorized it (see `Dispatcher::subscribe`).
+    pub(super) by_token: bool,
 }
 
 /// A connection's snapshot resolves: at most [`SNAPSHOTS_PER_CONNECTION`]
@@ -66,8 +68,13 @@ pub(super) fn snapshot(
         secret,
         epoch,
         resume,
+        by_token,
     } = waiting;
-    async move { dispatcher.subscribe(conn, key, secret, epoch, resume).await }
+    async move {
+        dispatcher
+            .subscribe(conn, key, secret, epoch, resume, by_token)
+            .await
+    }
 }
 
 /// `key` to resolve with the connection's secret as it is now.
@@ -78,5 +85,6 @@ pub(super) fn waiting(conn: &Connection, key: Key) -> Waiting {
         secret,
         epoch,
         resume: None,
+        by_token: false,
     }
 }

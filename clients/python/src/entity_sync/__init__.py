@@ -23,6 +23,9 @@ Layout:
   raised as a subclass per kind (:class:`ConfigError`,
   :class:`RejectedError`, :class:`UnavailableError`, ...) and per status
   code under them (:class:`UnauthenticatedError`, ...).
+- ``tokens``: :class:`SubscribeTokenSigner` mints subscribe tokens (HS256,
+  ES256, EdDSA) with which browsers subscribe without the node asking the
+  backend; :func:`jwks` writes the node's ``--subscribe-token-jwks`` file.
 - ``testing``: a node process (asyncio) and a websocket client (needs the
   ``test`` extra) for integration tests; ``pytest_plugin``: the
   ``entity_sync_node`` fixture, loaded by pytest once the package is
@@ -48,6 +51,7 @@ from .errors import (
 )
 from .notifier import Key, Notifier, Receipt
 from .request import Answer, Answers, FetchMode, PassThrough, Reason, ResolveRequest
+from .tokens import SubscribeTokenSigner, TokenError, jwks
 
 __all__ = [
     "Answer",
@@ -72,9 +76,12 @@ __all__ = [
     "RejectedError",
     "ResolveRequest",
     "StreamError",
+    "SubscribeTokenSigner",
     "Tls",
+    "TokenError",
     "UnauthenticatedError",
     "UnavailableError",
     "each_id",
+    "jwks",
     "serve",
 ]
