@@ -1276,6 +1276,9 @@ export class EntitySyncClient {
     sub.tokenRefreshAt = Date.now() + delayMs;
     sub.refreshTimer = setTimeout(() => {
       sub.refreshTimer = null;
+      // Due now, even if the timer fired a millisecond before the wall clock
+      // says so (timers run on a monotonic clock): else no refresh at all.
+      if (sub.token === token) sub.tokenRefreshAt = Math.min(sub.tokenRefreshAt, Date.now());
       this.#refreshIfDue(sub);
     }, delayMs);
   }

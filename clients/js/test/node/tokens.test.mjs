@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 
 import { EntitySyncClient } from '../../dist/entity-sync.js';
-import { NodeProcess, Resolver, recorder, until } from '../support/harness.mjs';
+import { NodeProcess, Resolver, metric, recorder, until } from '../support/harness.mjs';
 import { tokenKey } from '../support/tokens.mjs';
 
 let key;
@@ -94,6 +94,8 @@ test('a 3 s token is refreshed before it expires, with the version held: the pag
   c.subscribe('items', 't2', rec.listener, { onResumed: (meta) => resumed.push(meta) });
   await until(() => rec.of('items/t2').length === 1, 'the snapshot');
   const { version } = rec.of('items/t2')[0];
+  const askedBefore = (await resolver.requests()).filter((r) => r.ids.includes('t2')).length;
+  const metricsBefore = await node.metrics();
   const firstExp = JSON.parse(
     Buffer.from(subscribesOf(rec, 't2')[0].body.token.split('.')[1], 'base64url'),
   ).exp;
@@ -134,7 +136,26 @@ test('a 3 s token is refreshed before it expires, with the version held: the pag
     answers.slice(2),
     answers.slice(2).map(() => ['subscribed', true]),
   );
-  assert.equal((await resolver.requestsFor('subscribe', 'items', 't2')).length, 1);
+  assert.equal(
+    (await resolver.requests()).filter((r) => r.ids.includes('t2')).length,
+    askedBefore,
+    'no backend was asked for a refresh',
+  );
+  const metricsAfter = await node.metrics();
+  // Each refresh renewed the subscription on the node (one more may have
+  // gone out since the answers were counted).
+  const renewed =
+    metric(metricsAfter, 'entity_sync_token_refreshes_total') -
+    metric(metricsBefore, 'entity_sync_token_refreshes_total');
+  assert.ok(
+    renewed >= answers.length - 2 && renewed <= tokens.calls.length - 1,
+    `${renewed} renewals for ${answers.length - 2} answers`,
+  );
+  assert.equal(
+    metric(metricsAfter, 'entity_sync_token_expiries_total'),
+    metric(metricsBefore, 'entity_sync_token_expiries_total'),
+    'no subscription ended',
+  );
   assert.equal(rec.of('items/t2').length, 1, 'no rows callback');
   assert.deepEqual(resumed, [], 'no onResumed');
   assert.deepEqual(

@@ -492,3 +492,22 @@ test('browser events: online reconnects at once, visible again pings, offline pi
   assert.equal(FakeSocket.made.length, 2);
   assert.deepEqual(FakeSocket.made[1].sent, []);
 });
+
+test('the refresh happens even when its timer fires before the wall clock reaches the time it is due', async () => {
+  const source = tokenSource(() => token({ exp: Math.floor(nowS()) + 2 }));
+  const { client, socket } = makeClient({ getToken: source.getToken });
+  client.subscribe('items', 8, () => {});
+  socket().accept();
+  await until(() => subscribes(socket()).length === 1, 'the subscribe');
+  socket().push(subscribed('items', '8'));
+  socket().push(push('items', '8', 1, []));
+  // The wall clock now lags the timers' clock by 50 ms.
+  const realNow = Date.now;
+  Date.now = () => realNow() - 50;
+  try {
+    await until(() => subscribes(socket()).length === 2, 'the refresh', 3000);
+  } finally {
+    Date.now = realNow;
+  }
+  assert.equal(subscribes(socket())[1].body.version, 1);
+});
