@@ -91,7 +91,10 @@ export declare class EntitySyncError extends Error {
         retryable: boolean;
     };
 }
-/** Whether the node refused a key for a reason that may pass by itself. */
+/**
+ * Whether the node refused a key for a reason that may pass by itself, or
+ * the client met a problem it tries again by itself (`getToken` failing).
+ */
 export declare function isRetryable(code: string): boolean;
 /** The node's default websocket path (`--ws-path`). */
 export declare const DEFAULT_PATH = "/ws/entity-sync/";

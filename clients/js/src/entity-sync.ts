@@ -175,20 +175,30 @@ const SUBSCRIPTION_ENDED: ReadonlySet<string> = new Set<ErrorCode>([
  * backoff (`token_expired`: at once with a fresh token the first time). A
  * `forbidden`, `not_found` or `token_invalid` answer would come back the
  * same, so it waits for {@link EntitySyncClient.setSecret} or a reconnect
- * instead. And `client_token_unavailable` (`getToken` failed): the client
- * calls it again after a backoff.
+ * instead.
  */
-const RETRYABLE: ReadonlySet<string> = new Set<ErrorCode | ClientErrorCode>([
+const RETRYABLE: ReadonlySet<string> = new Set<ErrorCode>([
   'no_resolver',
   'resolver_error',
   'resolver_timeout',
   'token_expired',
+]);
+
+/**
+ * The client's own problems that it gets over by itself:
+ * `client_token_unavailable` (`getToken` failed), called again after a
+ * backoff.
+ */
+const CLIENT_RETRYABLE: ReadonlySet<string> = new Set<ClientErrorCode>([
   'client_token_unavailable',
 ]);
 
-/** Whether the node refused a key for a reason that may pass by itself. */
+/**
+ * Whether the node refused a key for a reason that may pass by itself, or
+ * the client met a problem it tries again by itself (`getToken` failing).
+ */
 export function isRetryable(code: string): boolean {
-  return RETRYABLE.has(code);
+  return RETRYABLE.has(code) || CLIENT_RETRYABLE.has(code);
 }
 
 /** `WebSocket.OPEN`, spelled out so that a passed-in constructor need not define it. */
