@@ -22,7 +22,7 @@ impl Secret {
         &self.0
     }
 
-    /// Whether the subscriber sent no secret (or this is a shared change resolve).
+    /// Whether the subscriber sent no secret (or this is a shared resolve).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -110,11 +110,13 @@ impl ResolveRequest {
         self.secret.expose()
     }
 
-    /// Whether this is a SHARED change resolve: reason CHANGE of an entity
-    /// registered with `FETCH_MODE_SHARED`, whose secret is empty and whose
-    /// rows go to every subscriber of the key on the node, each authorized
-    /// when it subscribed (`ResolveRequest.shared`). Never true when a
-    /// client subscribes.
+    /// Whether the rows go to subscribers the node authorized already
+    /// (`ResolveRequest.shared`), for an entity registered with
+    /// `FETCH_MODE_SHARED`; the secret is empty. Either reason CHANGE (a
+    /// change's rows for every subscriber of the key, each authorized when
+    /// it subscribed) or reason SUBSCRIBE (the snapshot for subscribers whose
+    /// signed subscribe token the node verified). Never true for a subscribe
+    /// the backend must authorize with its secret.
     pub fn is_shared(&self) -> bool {
         self.shared
     }

@@ -326,11 +326,31 @@ async fn no_secret_or_token_reaches_the_log_even_at_trace_level() {
     let path = dir.path().join("tokens");
     std::fs::write(&path, tokens_text()).unwrap();
     let log = dir.path().join("node.log");
+    // Subscribe tokens too: one that verifies, one that does not (signed
+    // with another secret under the same kid).
+    let signer = entity_sync_backend::SubscribeTokenSigner::hs256(
+        "k1",
+        b"jwks-secret-do-not-log-0123456789",
+    )
+    .unwrap();
+    let forger = entity_sync_backend::SubscribeTokenSigner::hs256(
+        "k1",
+        b"forged-secret-do-not-log-01234567",
+    )
+    .unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, entity_sync_backend::jwks(&[&signer])).unwrap();
+    let ttl = Duration::from_secs(60);
+    let (good, bad) = (
+        signer.sign("docs", &["1"], ttl).unwrap(),
+        forger.sign("docs", &["1"], ttl).unwrap(),
+    );
     let mut node = NodeProcess::spawn(
         Path::new(BIN),
         // A push per notify, rows changed or not (the test notifies unchanged rows).
         &[
             format!("--grpc-tokens-file={}", path.display()),
+            format!("--subscribe-token-jwks={}", jwks.display()),
             "--push-unchanged-rows".into(),
         ],
         Some(&log),
@@ -353,6 +373,24 @@ async fn no_secret_or_token_reaches_the_log_even_at_trace_level() {
     client.send_secret(SECRET).await;
     client.subscribe("docs", "1").await;
     client.send_json(json!({"say": "hello"})).await;
+    let mut with_tokens = WsClient::connect(&node.ws_url()).await;
+    with_tokens.send_secret(SECRET).await;
+    with_tokens
+        .send_json(
+            json!({"action": "subscribe", "body": {"entity": "docs", "id": "1", "token": bad}}),
+        )
+        .await;
+    with_tokens
+        .expect_error("token_invalid", Some(("docs", "1")))
+        .await;
+    with_tokens
+        .send_json(
+            json!({"action": "subscribe", "body": {"entity": "docs", "id": "1", "token": good}}),
+        )
+        .await;
+    with_tokens.expect_subscribed("docs", "1").await;
+    with_tokens.expect_push("docs", "1").await;
+    with_tokens.close().await;
     let seq = common::notify::notifier_with(&node.grpc_url(), Some(NOTIFIER))
         .await
         .notify([("docs", "1")])
@@ -371,9 +409,18 @@ async fn no_secret_or_token_reaches_the_log_even_at_trace_level() {
         text.lines().filter(|l| l.contains("DEBUG")).count() > 10,
         "the node logged (almost) nothing at debug level:\n{text}"
     );
-    for needle in [SECRET, NOTIFIER, ANY_RESOLVER] {
+    let jwk_secret = signer.jwk()["k"].as_str().unwrap().to_owned();
+    let signatures = [&good, &bad].map(|t| t.rsplit('.').next().unwrap().to_owned());
+    for needle in [SECRET, NOTIFIER, ANY_RESOLVER, &good, &bad, &jwk_secret]
+        .into_iter()
+        .chain(signatures.iter().map(String::as_str))
+    {
         assert!(!text.contains(needle), "{needle} is in the log");
     }
+    assert!(
+        text.contains("subscribe token refused") && text.contains("subscribe token accepted"),
+        "the token checks are logged (without the tokens)"
+    );
 }
 
 #[tokio::test]

@@ -600,3 +600,44 @@ async fn token_verifications_per_connection_are_bounded() {
     assert_eq!(verified + dropped, 600, "{frames:?}");
     assert!((511..=560).contains(&verified), "{verified} verified");
 }
+
+/// Tokens the backend SDK mints, with the JWKS it writes, verify on the
+/// node: HS256 and ES256 (a test key) side by side in one file.
+#[tokio::test]
+async fn tokens_minted_by_the_backend_sdk_verify_with_the_jwks_it_writes() {
+    use entity_sync_backend::{SubscribeTokenSigner, jwks};
+    let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("backend/tests/keys");
+    let hs = SubscribeTokenSigner::hs256("hs", b"a-32-byte-secret-for-hs256-tests")
+        .unwrap()
+        .audience("app");
+    let es = SubscribeTokenSigner::es256(
+        "es",
+        &std::fs::read(keys.join("es256-test-private.pem")).unwrap(),
+    )
+    .unwrap()
+    .audience("app");
+    let dir = TempDir::new("jwks");
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks(&[&hs, &es])).unwrap();
+    let (node, resolver, data) = node(&path, Some("app")).await;
+    data.set_rows("items", "1", &[r#"{"n":1}"#]);
+    for signer in [&hs, &es] {
+        let token = signer
+            .sign("items", &["1"], Duration::from_secs(60))
+            .unwrap();
+        let mut client = node.client().await;
+        client.send_json(subscribe("items", "1", &token)).await;
+        client.expect_subscribed("items", "1").await;
+        assert_eq!(client.expect_push("items", "1").await.1, [json!({"n": 1})]);
+        // Only for the ids it names.
+        client.send_json(subscribe("items", "2", &token)).await;
+        client
+            .expect_error("token_invalid", Some(("items", "2")))
+            .await;
+    }
+    assert_eq!(
+        resolver.requests().len(),
+        1,
+        "one shared resolve, then the cache"
+    );
+}

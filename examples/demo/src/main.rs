@@ -20,7 +20,10 @@
 //! The two entities show the two fetch modes:
 //!
 //! - `items/{id}`: one item row, `FETCH_MODE_SHARED`: one resolve per change,
-//!   fanned out to every subscriber; the secret is checked only at subscribe.
+//!   fanned out to every subscriber; access is checked only at subscribe: by
+//!   `/api/token`, which signs the page a subscribe token for the item that
+//!   the node verifies (no backend call), or by the resolver with the secret
+//!   (a node given with `--node`, which does not know the demo's key).
 //! - `lists/{id}`: the list row followed by its item rows,
 //!   `FETCH_MODE_PER_SUBSCRIBER`: resolved once per distinct secret, so a private
 //!   list is `FORBIDDEN` unless the subscriber's secret is `demo-secret`.
@@ -139,6 +142,14 @@ async fn main() -> anyhow::Result<()> {
     let http = bind(args.http_addr, "--http-addr").await?;
     let http_addr = http.local_addr()?;
 
+    // Subscribe tokens: the page asks `/api/token` for one per key it
+    // subscribes to, signed with a key made for this run, and the
+    // in-process node verifies them (no backend call to authorize a
+    // subscribe). A node given with --node does not know the key: the page
+    // then subscribes with its secret alone.
+    let token_keys = tokens::TokenKeys::new().context("making the subscribe-token key")?;
+    let signer = args.node.is_none().then(|| token_keys.signer());
+
     // The node: in-process unless --node names a running one. Its listeners are
     // bound here, before anything connects, so there is no readiness race.
     let (node, grpc_url, ws_addr) = match &args.node {
@@ -150,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
             config.ws.addr = ws.local_addr()?;
             config.ws.path = args.ws_path.clone();
             config.grpc.addr = grpc.local_addr()?;
+            config.ws.subscribe_token_jwks = Some(token_keys.path().to_owned());
             let node = Node::start(Listeners { ws, grpc }, config)
                 .await
                 .context("starting the entity-sync node")?;
@@ -204,6 +216,7 @@ async fn main() -> anyhow::Result<()> {
         ws_addr,
         ws_path: args.ws_path.clone(),
         ws_url: args.ws_url.clone(),
+        signer,
     });
     let page_shutdown = shutdown.clone();
     tasks.spawn(
@@ -300,6 +313,10 @@ fn print_instructions(
     } else {
         format!("a random item changes every {auto_edit:?} (--auto-edit 0 turns it off)")
     };
+    let tokens = match &args.node {
+        Some(_) => "off (the node given with --node does not know this run's key)",
+        None => "the page subscribes with tokens from /api/token, verified by the node",
+    };
     println!(
         "
   entity-sync demo is running.
@@ -311,6 +328,7 @@ fn print_instructions(
     gRPC         {grpc_url}   (Notify, Resolve)
     database     {database}
     auto-edit    {edits}
+    tokens       {tokens}
 
   The page shows the grocery list live. Edit a cell and press Enter, or change
   an item from a shell and watch the page follow:
@@ -609,7 +627,7 @@ mod backend {
 
     /// Who may read a list. Deliberately simple: public lists are open to
     /// everyone, private ones to whoever sent the demo secret.
-    fn may_read(list_public: bool, secret: &str) -> bool {
+    pub fn may_read(list_public: bool, secret: &str) -> bool {
         list_public || secret == DEMO_SECRET
     }
 
@@ -679,8 +697,12 @@ mod backend {
         let Some(found) = db::item_with_access(conn, id)? else {
             return Ok(Answer::not_found());
         };
-        let checked_at_subscribe = request.reason() != Reason::Subscribe;
-        if !checked_at_subscribe && !may_read(found.list_public, request.secret()) {
+        // On a change (the subscribers were checked when they subscribed) and
+        // on a shared subscribe (the node verified the page's subscribe
+        // token, which `/api/token` only signs for readers) there is no
+        // secret to check.
+        let checked_already = request.reason() != Reason::Subscribe || request.is_shared();
+        if !checked_already && !may_read(found.list_public, request.secret()) {
             return Ok(Answer::forbidden("this item is on a private list"));
         }
         // Version 0: let the node version pushes by its bus sequence, which
@@ -809,6 +831,71 @@ mod backend {
     }
 }
 
+/// The subscribe-token key of this run: an HS256 secret from the system's
+/// random source, the signer the page's tokens come from, and the JWKS file
+/// the in-process node verifies them with (owner-only, removed on exit).
+mod tokens {
+    use std::{
+        path::{Path, PathBuf},
+        sync::Arc,
+        time::Duration,
+    };
+
+    use entity_sync_backend::{SubscribeTokenSigner, jwks};
+
+    /// How long a page's token opens its key: short, so that the page's
+    /// client visibly refreshes it (with its version: no resolve, no push).
+    pub const TOKEN_TTL: Duration = Duration::from_secs(120);
+
+    pub struct TokenKeys {
+        signer: Arc<SubscribeTokenSigner>,
+        path: PathBuf,
+    }
+
+    impl TokenKeys {
+        pub fn new() -> anyhow::Result<Self> {
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret)
+                .map_err(|err| anyhow::anyhow!("no system random source: {err}"))?;
+            let signer = SubscribeTokenSigner::hs256("demo", &secret)?;
+            let path = std::env::temp_dir().join(format!(
+                "entity-sync-demo-jwks-{}-{:016x}.json",
+                std::process::id(),
+                fastrand::u64(..)
+            ));
+            write_private(&path, jwks(&[&signer]).as_bytes())?;
+            Ok(Self {
+                signer: Arc::new(signer),
+                path,
+            })
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.path
+        }
+
+        pub fn signer(&self) -> Arc<SubscribeTokenSigner> {
+            self.signer.clone()
+        }
+    }
+
+    impl Drop for TokenKeys {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Creates `path` readable by this user only (it holds the HS256 secret).
+    fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(path)?.write_all(contents)
+    }
+}
+
 /// The demo page, the JS client and the REST API the page edits through.
 mod web {
     use std::net::SocketAddr;
@@ -821,11 +908,14 @@ mod web {
         response::{Html, IntoResponse, Response},
         routing::{get, post},
     };
-    use entity_sync_backend::Notifier;
+    use std::sync::Arc;
+
+    use axum::extract::Query;
+    use entity_sync_backend::{Notifier, SubscribeTokenSigner};
     use serde::{Deserialize, Serialize};
     use serde_json::json;
 
-    use super::{DEMO_SECRET, backend, db};
+    use super::{DEMO_SECRET, backend, db, tokens::TOKEN_TTL};
 
     const INDEX_HTML: &str = include_str!("../index.html");
     /// The client package's committed build (`clients/js/dist`), so the demo
@@ -842,6 +932,9 @@ mod web {
         pub ws_path: String,
         /// `--ws-url`: the URL the page uses instead (a TLS proxy in front).
         pub ws_url: Option<String>,
+        /// Signs the page's subscribe tokens (`None`: the node does not
+        /// verify ours, the page uses its secret alone).
+        pub signer: Option<Arc<SubscribeTokenSigner>>,
     }
 
     pub fn router(state: AppState) -> Router {
@@ -849,6 +942,7 @@ mod web {
             .route("/", get(index))
             .route("/entity-sync.js", get(client_js))
             .route("/api/config", get(config))
+            .route("/api/token", get(token))
             .route("/api/items/{id}", post(edit_item))
             .with_state(state)
     }
@@ -875,6 +969,8 @@ mod web {
         ws_url: String,
         secret: &'static str,
         lists: Vec<db::List>,
+        /// Whether the page subscribes with tokens from `/api/token`.
+        tokens: bool,
     }
 
     async fn config(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -892,8 +988,84 @@ mod web {
             ws_url: ws_url(&state, &headers),
             secret: DEMO_SECRET,
             lists,
+            tokens: state.signer.is_some(),
         };
         json_response(StatusCode::OK, &config)
+    }
+
+    /// Query of `GET /api/token`.
+    #[derive(Deserialize)]
+    struct TokenQuery {
+        entity: String,
+        id: String,
+    }
+
+    /// `GET /api/token?entity=items&id=7`: a subscribe token for that one
+    /// key, for a reader of it. The page's secret comes in the
+    /// `x-demo-secret` header; for an item the rule is the resolver's
+    /// (public lists are open to all, private ones to the demo secret),
+    /// checked here once, when the token is asked for, instead of by a
+    /// resolve at every subscribe.
+    async fn token(
+        State(state): State<AppState>,
+        Query(query): Query<TokenQuery>,
+        headers: HeaderMap,
+    ) -> Response {
+        let error =
+            |status: StatusCode, message: &str| json_response(status, &json!({"error": message}));
+        let Some(signer) = state.signer.clone() else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "this demo issues no tokens (its node is --node)",
+            );
+        };
+        let Ok(id) = query.id.parse::<i64>() else {
+            return error(StatusCode::NOT_FOUND, "no such key");
+        };
+        let secret = headers
+            .get("x-demo-secret")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let entity = query.entity;
+        let public = match entity.as_str() {
+            backend::ITEMS => {
+                state
+                    .db
+                    .call(move |conn| {
+                        Ok(db::item_with_access(conn, id)?.map(|found| found.list_public))
+                    })
+                    .await
+            }
+            // A list's rows depend on the secret (PER_SUBSCRIBER): the node
+            // resolves them with it after checking the token, and the
+            // resolver refuses a private list to the wrong secret. The token
+            // only has to name an existing list.
+            backend::LISTS => {
+                state
+                    .db
+                    .call(move |conn| Ok(db::list_with_items(conn, id)?.map(|_| true)))
+                    .await
+            }
+            _ => return error(StatusCode::NOT_FOUND, "no such entity"),
+        };
+        match public {
+            Ok(Some(public)) if backend::may_read(public, &secret) => {
+                match signer.sign(&entity, &[id.to_string()], TOKEN_TTL) {
+                    Ok(token) => json_response(StatusCode::OK, &json!({"token": token})),
+                    Err(err) => {
+                        tracing::warn!(%err, "cannot sign a subscribe token");
+                        error(StatusCode::INTERNAL_SERVER_ERROR, "cannot sign")
+                    }
+                }
+            }
+            Ok(Some(_)) => error(StatusCode::FORBIDDEN, "this is on a private list"),
+            Ok(None) => error(StatusCode::NOT_FOUND, "no such key"),
+            Err(err) => {
+                tracing::warn!(%err, "cannot read access");
+                error(StatusCode::INTERNAL_SERVER_ERROR, "database error")
+            }
+        }
     }
 
     /// The node's websocket URL. A node listening on every interface

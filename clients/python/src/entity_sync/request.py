@@ -39,8 +39,9 @@ class ResolveRequest:
     """The node asks for the current rows of some ids of one entity.
 
     ``secret`` is the subscriber's: empty for a client that sent none, and
-    for a change resolve of a SHARED entity (``shared`` true), whose
-    subscribers were authorized when they subscribed. It is left out of
+    for a shared resolve of a SHARED entity (``shared`` true): a change,
+    whose subscribers were authorized when they subscribed, or a subscribe
+    whose signed subscribe token the node verified. It is left out of
     ``repr``, so a request can be logged whole.
     """
 
@@ -52,7 +53,8 @@ class ResolveRequest:
 
     @property
     def is_subscribe(self) -> bool:
-        """Whether a client is subscribing (authorize it now)."""
+        """Whether a client is subscribing (authorize it now, unless ``shared``:
+        the node verified its subscribe token)."""
         return self.reason is Reason.SUBSCRIBE
 
     @classmethod
