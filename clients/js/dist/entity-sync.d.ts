@@ -15,7 +15,13 @@
  *   fresh snapshot for the others;
  * - dropping a push whose `version` is lower than the one held for the key;
  * - retrying a subscribe refused for a passing reason (no resolver yet,
- *   resolver timeout or error), with the same backoff.
+ *   resolver timeout or error), with the same backoff;
+ * - with `getToken`, a signed subscribe token in every subscribe, refreshed
+ *   ahead of its expiry without the page noticing;
+ * - a heartbeat (`ping` when the connection has been quiet) that finds a
+ *   connection dead without a close, and reconnects;
+ * - in browsers, reconnecting at once when the network comes back and
+ *   checking the connection when the page becomes visible again.
  *
  * @example
  * import { EntitySyncClient } from '@entity-sync/client';
@@ -30,11 +36,11 @@
  * codes (`ErrorCode::ALL` in its `protocol` module; a test of the node checks
  * this list against it).
  */
-export declare const ERROR_CODES: readonly ["invalid_json", "unknown_action", "invalid_body", "message_too_large", "binary_unsupported", "too_many_subscriptions", "not_subscribed", "forbidden", "not_found", "no_resolver", "resolver_error", "resolver_timeout", "no_pass_through", "overloaded", "rate_limited", "secret_too_long"];
+export declare const ERROR_CODES: readonly ["invalid_json", "unknown_action", "invalid_body", "message_too_large", "binary_unsupported", "too_many_subscriptions", "not_subscribed", "forbidden", "not_found", "no_resolver", "resolver_error", "resolver_timeout", "no_pass_through", "overloaded", "rate_limited", "secret_too_long", "token_invalid", "token_expired"];
 /** A code of the node's error frames. */
 export type ErrorCode = (typeof ERROR_CODES)[number];
 /** Codes of problems the client finds itself (never sent by a node). */
-export declare const CLIENT_ERROR_CODES: readonly ["client_connect_failed", "client_invalid_frame", "client_listener_failed"];
+export declare const CLIENT_ERROR_CODES: readonly ["client_connect_failed", "client_invalid_frame", "client_listener_failed", "client_token_unavailable"];
 /** A code of a problem the client found itself. */
 export type ClientErrorCode = (typeof CLIENT_ERROR_CODES)[number];
 /** What an {@link EntitySyncError} carries besides its code and message. */
@@ -85,7 +91,10 @@ export declare class EntitySyncError extends Error {
         retryable: boolean;
     };
 }
-/** Whether the node refused a key for a reason that may pass by itself. */
+/**
+ * Whether the node refused a key for a reason that may pass by itself, or
+ * the client met a problem it tries again by itself (`getToken` failing).
+ */
 export declare function isRetryable(code: string): boolean;
 /** The node's default websocket path (`--ws-path`). */
 export declare const DEFAULT_PATH = "/ws/entity-sync/";
@@ -107,6 +116,12 @@ export interface StateInfo {
     readonly attempt?: number;
     /** With `reconnecting`: close code of the socket, when it closed with one (1001: node shutting down). */
     readonly closeCode?: number;
+    /**
+     * With `reconnecting`: `true` when the heartbeat found the connection dead
+     * (no frame at all within `heartbeatTimeoutMs` of a ping) and the client
+     * closed it.
+     */
+    readonly heartbeatTimeout?: boolean;
 }
 /** What comes with the rows of a push. */
 export interface PushMeta {
@@ -187,6 +202,34 @@ export interface ClientOptions {
      * asks for a snapshot.
      */
     readonly resume?: boolean;
+    /**
+     * Gives the signed subscribe token (a compact JWS the application issues)
+     * for a key. With it, every subscribe frame carries a token from it: the
+     * first subscribe, the resubscribes after a reconnect (still with the
+     * version held, so resume works), the retries. The client reads the
+     * token's `exp` (and `iat`) claims, without verifying anything, and gets a
+     * new token ahead of the expiry (see {@link tokenRefreshDelay}): it sends
+     * it in a subscribe with the version held, which the node answers
+     * `current` with no push, so no listener is called. One call at a time per
+     * key; a call that throws or rejects is reported as a
+     * `client_token_unavailable` error and made again after a jittered,
+     * capped backoff (`minDelayMs`, `maxDelayMs`). A token still fresh is used
+     * again for a resubscribe rather than asking for a new one.
+     */
+    readonly getToken?: (entity: string, id: string) => Promise<string> | string;
+    /**
+     * Sends a `ping` when no frame at all has come from the node for this long
+     * (default 15000; `0`: never).
+     */
+    readonly heartbeatIntervalMs?: number;
+    /**
+     * After a ping, how long to wait for any frame (the `pong` or anything
+     * else) before the connection counts as dead: the client closes it and
+     * reconnects, resuming by version (default 5000; `0`: pings are still sent
+     * but never wait for an answer). A connection that dies silently is found
+     * within `heartbeatIntervalMs + heartbeatTimeoutMs` of its last frame.
+     */
+    readonly heartbeatTimeoutMs?: number;
     /** Same as `client.on('error', …)` from the start. */
     readonly onError?: (error: EntitySyncError) => void;
     /** Same as `client.on('state', …)` from the start. */
@@ -242,7 +285,37 @@ export interface UpdatesOptions {
  * the node answers `subscribed` with `current: true` and no snapshot when
  * the key has not changed since.
  */
-export declare function encodeSubscribe(entity: string, id: string | number, version?: number | null): string;
+export declare function encodeSubscribe(entity: string, id: string | number, version?: number | null, token?: string | null): string;
+/** Text of a ping frame: the node answers `{"action":"pong"}`. */
+export declare function encodePing(): string;
+/**
+ * The claims of a compact JWS (`header.payload.signature`) that the client
+ * uses: `exp` and `iat`, in seconds since the epoch, when they are numbers.
+ * Nothing is verified (the node does that); `null` when the token is not a
+ * JWS with a JSON object payload.
+ */
+export declare function decodeTokenClaims(token: string): {
+    exp?: number;
+    iat?: number;
+} | null;
+/**
+ * How long a token obtained now stays valid, in ms, or `null` when it has no
+ * `exp`. The shorter of `exp` minus the local clock and, when it has one,
+ * `exp - iat` (its whole lifetime on the issuer's clock): a client clock
+ * behind the issuer's does not make it wait past the expiry, and a token
+ * issued a while ago is not taken for a fresh one.
+ */
+export declare function tokenLifetime(token: string, nowMs?: number): number | null;
+/** The shortest wait before a token is refreshed, whatever its lifetime. */
+export declare const MIN_TOKEN_REFRESH_MS = 1000;
+/**
+ * When to get a new token, in ms after obtaining one valid for `lifetimeMs`:
+ * 30 s before it expires or at 80% of its lifetime, whichever is earlier,
+ * but never before half of it (nor before {@link MIN_TOKEN_REFRESH_MS}).
+ * A 1 h token: after 48 min; a 2 min token: after 90 s; a 60 s token: after
+ * 30 s; a 3 s token: after 1.5 s.
+ */
+export declare function tokenRefreshDelay(lifetimeMs: number): number;
 /** Text of an unsubscribe frame. */
 export declare function encodeUnsubscribe(entity: string, id: string | number): string;
 /** Text of a secret frame. */

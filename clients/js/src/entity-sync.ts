@@ -15,7 +15,13 @@
  *   fresh snapshot for the others;
  * - dropping a push whose `version` is lower than the one held for the key;
  * - retrying a subscribe refused for a passing reason (no resolver yet,
- *   resolver timeout or error), with the same backoff.
+ *   resolver timeout or error), with the same backoff;
+ * - with `getToken`, a signed subscribe token in every subscribe, refreshed
+ *   ahead of its expiry without the page noticing;
+ * - a heartbeat (`ping` when the connection has been quiet) that finds a
+ *   connection dead without a close, and reconnects;
+ * - in browsers, reconnecting at once when the network comes back and
+ *   checking the connection when the page becomes visible again.
  *
  * @example
  * import { EntitySyncClient } from '@entity-sync/client';
@@ -48,6 +54,8 @@ export const ERROR_CODES = Object.freeze([
   'overloaded',
   'rate_limited',
   'secret_too_long',
+  'token_invalid',
+  'token_expired',
 ] as const);
 
 /** A code of the node's error frames. */
@@ -58,6 +66,7 @@ export const CLIENT_ERROR_CODES = Object.freeze([
   'client_connect_failed',
   'client_invalid_frame',
   'client_listener_failed',
+  'client_token_unavailable',
 ] as const);
 
 /** A code of a problem the client found itself. */
@@ -151,6 +160,8 @@ export class EntitySyncError extends Error {
  */
 const SUBSCRIPTION_ENDED: ReadonlySet<string> = new Set<ErrorCode>([
   'forbidden',
+  'token_invalid',
+  'token_expired',
   'not_found',
   'no_resolver',
   'resolver_error',
@@ -160,19 +171,34 @@ const SUBSCRIPTION_ENDED: ReadonlySet<string> = new Set<ErrorCode>([
 
 /**
  * Of those, the ones that may pass by themselves (a backend still starting or
- * restarting): the client subscribes again after a backoff. A `forbidden` or
- * `not_found` answer would come back the same, so it waits for
- * {@link EntitySyncClient.setSecret} or a reconnect instead.
+ * restarting, a token that expired): the client subscribes again, after a
+ * backoff (`token_expired`: at once with a fresh token the first time). A
+ * `forbidden`, `not_found` or `token_invalid` answer would come back the
+ * same, so it waits for {@link EntitySyncClient.setSecret} or a reconnect
+ * instead.
  */
 const RETRYABLE: ReadonlySet<string> = new Set<ErrorCode>([
   'no_resolver',
   'resolver_error',
   'resolver_timeout',
+  'token_expired',
 ]);
 
-/** Whether the node refused a key for a reason that may pass by itself. */
+/**
+ * The client's own problems that it gets over by itself:
+ * `client_token_unavailable` (`getToken` failed), called again after a
+ * backoff.
+ */
+const CLIENT_RETRYABLE: ReadonlySet<string> = new Set<ClientErrorCode>([
+  'client_token_unavailable',
+]);
+
+/**
+ * Whether the node refused a key for a reason that may pass by itself, or
+ * the client met a problem it tries again by itself (`getToken` failing).
+ */
 export function isRetryable(code: string): boolean {
-  return RETRYABLE.has(code);
+  return RETRYABLE.has(code) || CLIENT_RETRYABLE.has(code);
 }
 
 /** `WebSocket.OPEN`, spelled out so that a passed-in constructor need not define it. */
@@ -203,6 +229,12 @@ export interface StateInfo {
   readonly attempt?: number;
   /** With `reconnecting`: close code of the socket, when it closed with one (1001: node shutting down). */
   readonly closeCode?: number;
+  /**
+   * With `reconnecting`: `true` when the heartbeat found the connection dead
+   * (no frame at all within `heartbeatTimeoutMs` of a ping) and the client
+   * closed it.
+   */
+  readonly heartbeatTimeout?: boolean;
 }
 
 /** What comes with the rows of a push. */
@@ -287,6 +319,34 @@ export interface ClientOptions {
    * asks for a snapshot.
    */
   readonly resume?: boolean;
+  /**
+   * Gives the signed subscribe token (a compact JWS the application issues)
+   * for a key. With it, every subscribe frame carries a token from it: the
+   * first subscribe, the resubscribes after a reconnect (still with the
+   * version held, so resume works), the retries. The client reads the
+   * token's `exp` (and `iat`) claims, without verifying anything, and gets a
+   * new token ahead of the expiry (see {@link tokenRefreshDelay}): it sends
+   * it in a subscribe with the version held, which the node answers
+   * `current` with no push, so no listener is called. One call at a time per
+   * key; a call that throws or rejects is reported as a
+   * `client_token_unavailable` error and made again after a jittered,
+   * capped backoff (`minDelayMs`, `maxDelayMs`). A token still fresh is used
+   * again for a resubscribe rather than asking for a new one.
+   */
+  readonly getToken?: (entity: string, id: string) => Promise<string> | string;
+  /**
+   * Sends a `ping` when no frame at all has come from the node for this long
+   * (default 15000; `0`: never).
+   */
+  readonly heartbeatIntervalMs?: number;
+  /**
+   * After a ping, how long to wait for any frame (the `pong` or anything
+   * else) before the connection counts as dead: the client closes it and
+   * reconnects, resuming by version (default 5000; `0`: pings are still sent
+   * but never wait for an answer). A connection that dies silently is found
+   * within `heartbeatIntervalMs + heartbeatTimeoutMs` of its last frame.
+   */
+  readonly heartbeatTimeoutMs?: number;
   /** Same as `client.on('error', …)` from the start. */
   readonly onError?: (error: EntitySyncError) => void;
   /** Same as `client.on('state', …)` from the start. */
@@ -353,10 +413,77 @@ export function encodeSubscribe(
   entity: string,
   id: string | number,
   version?: number | null,
+  token?: string | null,
 ): string {
-  const body: { entity: string; id: string; version?: number } = { entity, id: String(id) };
+  const body: { entity: string; id: string; version?: number; token?: string } = {
+    entity,
+    id: String(id),
+  };
   if (isResumable(version)) body.version = version;
+  if (typeof token === 'string') body.token = token;
   return JSON.stringify({ action: 'subscribe', body });
+}
+
+/** Text of a ping frame: the node answers `{"action":"pong"}`. */
+export function encodePing(): string {
+  return JSON.stringify({ action: 'ping' });
+}
+
+/**
+ * The claims of a compact JWS (`header.payload.signature`) that the client
+ * uses: `exp` and `iat`, in seconds since the epoch, when they are numbers.
+ * Nothing is verified (the node does that); `null` when the token is not a
+ * JWS with a JSON object payload.
+ */
+export function decodeTokenClaims(token: string): { exp?: number; iat?: number } | null {
+  const parts = token.split('.');
+  if (parts.length !== 3) return null;
+  const payload = parts[1] ?? '';
+  if (!/^[A-Za-z0-9_-]*$/.test(payload)) return null;
+  let claims: unknown;
+  try {
+    const base64 = payload.replace(/-/g, '+').replace(/_/g, '/');
+    const binary = atob(base64.padEnd(base64.length + ((4 - (base64.length % 4)) % 4), '='));
+    const bytes = Uint8Array.from(binary, (c) => c.charCodeAt(0));
+    claims = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
+  } catch {
+    return null;
+  }
+  if (claims === null || typeof claims !== 'object' || Array.isArray(claims)) return null;
+  const { exp, iat } = claims as { exp?: unknown; iat?: unknown };
+  const out: { exp?: number; iat?: number } = {};
+  if (typeof exp === 'number' && Number.isFinite(exp)) out.exp = exp;
+  if (typeof iat === 'number' && Number.isFinite(iat)) out.iat = iat;
+  return out;
+}
+
+/**
+ * How long a token obtained now stays valid, in ms, or `null` when it has no
+ * `exp`. The shorter of `exp` minus the local clock and, when it has one,
+ * `exp - iat` (its whole lifetime on the issuer's clock): a client clock
+ * behind the issuer's does not make it wait past the expiry, and a token
+ * issued a while ago is not taken for a fresh one.
+ */
+export function tokenLifetime(token: string, nowMs: number = Date.now()): number | null {
+  const claims = decodeTokenClaims(token);
+  if (claims?.exp === undefined) return null;
+  const byClock = claims.exp * 1000 - nowMs;
+  return claims.iat === undefined ? byClock : Math.min(byClock, (claims.exp - claims.iat) * 1000);
+}
+
+/** The shortest wait before a token is refreshed, whatever its lifetime. */
+export const MIN_TOKEN_REFRESH_MS = 1000;
+
+/**
+ * When to get a new token, in ms after obtaining one valid for `lifetimeMs`:
+ * 30 s before it expires or at 80% of its lifetime, whichever is earlier,
+ * but never before half of it (nor before {@link MIN_TOKEN_REFRESH_MS}).
+ * A 1 h token: after 48 min; a 2 min token: after 90 s; a 60 s token: after
+ * 30 s; a 3 s token: after 1.5 s.
+ */
+export function tokenRefreshDelay(lifetimeMs: number): number {
+  const delay = Math.max(lifetimeMs / 2, Math.min(lifetimeMs * 0.8, lifetimeMs - 30_000));
+  return Math.max(MIN_TOKEN_REFRESH_MS, delay);
 }
 
 /** A version a node takes in a subscribe: an integer in 0..2^53-1. */
@@ -438,6 +565,25 @@ interface Subscription {
   /** Failed subscribe attempts in a row. */
   retries: number;
   retryTimer: ReturnType<typeof setTimeout> | null;
+  /** The last token `getToken` gave for the key. */
+  token: string | null;
+  /** When (`Date.now()`) {@link token} is due for a refresh; `Infinity` without `exp`. */
+  tokenRefreshAt: number;
+  refreshTimer: ReturnType<typeof setTimeout> | null;
+  /** A `getToken` call is under way (one at a time per key). */
+  tokenFetching: boolean;
+  /** `getToken` failures in a row (its backoff). */
+  tokenFailures: number;
+  /** The next `getToken` call after a failure. */
+  tokenRetryTimer: ReturnType<typeof setTimeout> | null;
+  /** A subscribe waits for a token. */
+  subscribeWanted: boolean;
+  /** A refresh (a resubscribe of a key the node holds) waits for a token. */
+  refreshWanted: boolean;
+  /** Refresh subscribes sent whose `subscribed` answer has not come yet. */
+  refreshesDue: number;
+  /** A `token_invalid` was answered by one retry with a fresh token. */
+  invalidTokenRetried: boolean;
 }
 
 interface Frame {
@@ -477,6 +623,9 @@ export class EntitySyncClient {
   readonly #maxDelayMs: number;
   readonly #random: () => number;
   readonly #resume: boolean;
+  readonly #getToken: ((entity: string, id: string) => Promise<string> | string) | null;
+  readonly #heartbeatIntervalMs: number;
+  readonly #heartbeatTimeoutMs: number;
   /** Each event's listeners; the value tells a `once` listener. */
   readonly #listeners: { [E in ClientEventName]: Map<ClientEvents[E], boolean> } = {
     state: new Map(),
@@ -493,6 +642,15 @@ export class EntitySyncClient {
   #active = false;
   #closed = false;
   #state: ConnectionState = 'disconnected';
+  #heartbeatTimer: ReturnType<typeof setTimeout> | null = null;
+  /** When the current socket last received a frame (or opened). */
+  #lastFrameAt = 0;
+  /** When the last ping was sent on the current socket. */
+  #lastPingAt = 0;
+  /** A ping waits for an answer (any frame) since then; `0`: none does. */
+  #pingOutstandingSince = 0;
+  /** Removes the browser's `online`/`offline`/`visibilitychange` listeners. */
+  #removeBrowserListeners: (() => void) | null = null;
 
   /**
    * Connects right away (unless `options.autoConnect` is `false`) and keeps
@@ -513,6 +671,9 @@ export class EntitySyncClient {
     this.#maxDelayMs = options.maxDelayMs ?? 15000;
     this.#random = options.random ?? Math.random;
     this.#resume = options.resume ?? true;
+    this.#getToken = options.getToken ?? null;
+    this.#heartbeatIntervalMs = options.heartbeatIntervalMs ?? 15000;
+    this.#heartbeatTimeoutMs = options.heartbeatTimeoutMs ?? 5000;
     if (options.onError) this.on('error', options.onError);
     if (options.onState) this.on('state', options.onState);
     if (options.autoConnect ?? true) this.connect();
@@ -546,6 +707,7 @@ export class EntitySyncClient {
     if (this.#active) return this;
     this.#active = true;
     this.#attempt = 0;
+    this.#addBrowserListeners();
     this.#open();
     return this;
   }
@@ -642,6 +804,16 @@ export class EntitySyncClient {
         answersDue: 0,
         retries: 0,
         retryTimer: null,
+        token: null,
+        tokenRefreshAt: 0,
+        refreshTimer: null,
+        tokenFetching: false,
+        tokenFailures: 0,
+        tokenRetryTimer: null,
+        subscribeWanted: false,
+        refreshWanted: false,
+        refreshesDue: 0,
+        invalidTokenRetried: false,
       };
       this.#subs.set(key, sub);
       this.#sendSubscribe(sub);
@@ -843,6 +1015,7 @@ export class EntitySyncClient {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    for (const sub of this.#subs.values()) clearTokenTimers(sub);
     if (this.#active) {
       this.#active = false;
       this.#stop('client closed');
@@ -852,13 +1025,18 @@ export class EntitySyncClient {
 
   /** Cancels every timer and closes the socket; the keys wait, pending. */
   #stop(reason: string): void {
+    this.#removeBrowserListeners?.();
+    this.#removeBrowserListeners = null;
     if (this.#reconnectTimer !== null) clearTimeout(this.#reconnectTimer);
     this.#reconnectTimer = null;
+    this.#stopHeartbeat();
     for (const sub of this.#subs.values()) {
       clearRetry(sub);
-      sub.state = 'pending';
-      sub.awaitingSnapshot = false;
-      sub.answersDue = 0;
+      resetKeyOnLoss(sub);
+      // Not called again before connect(): a token fetched meanwhile would be
+      // stale by then anyway.
+      if (sub.tokenRetryTimer !== null) clearTimeout(sub.tokenRetryTimer);
+      sub.tokenRetryTimer = null;
     }
     this.#attempt = 0;
     this.#openedAt = 0;
@@ -908,9 +1086,14 @@ export class EntitySyncClient {
 
   #drop(key: string, sub: Subscription): void {
     clearRetry(sub);
+    clearTokenTimers(sub);
     this.#subs.delete(key);
-    // A key whose subscribe failed is not held by the node: nothing to undo.
-    if (sub.state !== 'failed') this.#send(encodeUnsubscribe(sub.entity, sub.id));
+    // A key whose subscribe failed is not held by the node, nor one whose
+    // subscribe still waits for its token: nothing to undo.
+    const unsent = sub.subscribeWanted && sub.answersDue === 0 && sub.state !== 'subscribed';
+    if (sub.state !== 'failed' && !unsent) this.#send(encodeUnsubscribe(sub.entity, sub.id));
+    sub.subscribeWanted = false;
+    sub.refreshWanted = false;
   }
 
   #open(): void {
@@ -929,6 +1112,7 @@ export class EntitySyncClient {
     socket.onopen = () => {
       if (this.#socket !== socket) return;
       this.#openedAt = Date.now();
+      this.#startHeartbeat();
       this.#setState('open', {});
       // Order matters: the node applies the secret to the resolves that follow it.
       if (this.#secret !== null) this.#send(encodeSecret(this.#secret));
@@ -936,6 +1120,7 @@ export class EntitySyncClient {
     };
     socket.onmessage = (event) => {
       if (this.#socket !== socket) return;
+      this.#frameReceived();
       this.#handleFrame(event.data);
     };
     // Some libraries call onclose without an event.
@@ -952,31 +1137,35 @@ export class EntitySyncClient {
   }
 
   /** The socket is gone: forget it and schedule the next connection. */
-  #lost(socket: WebSocketLike, closeCode: number | undefined): void {
+  #lost(socket: WebSocketLike, closeCode: number | undefined, heartbeatTimeout = false): void {
     if (this.#socket !== socket) return;
     this.#socket = null;
-    if (socket.readyState === OPEN) socket.close();
+    this.#stopHeartbeat();
+    if (socket.readyState === OPEN) {
+      if (heartbeatTimeout) socket.close(4000, 'heartbeat timeout');
+      else socket.close();
+    }
     for (const sub of this.#subs.values()) {
       clearRetry(sub);
-      sub.state = 'pending';
-      sub.awaitingSnapshot = false;
-      sub.answersDue = 0;
+      resetKeyOnLoss(sub);
     }
     const stable = this.#openedAt > 0 && Date.now() - this.#openedAt >= STABLE_CONNECTION_MS;
     if (stable) this.#attempt = 0;
     this.#openedAt = 0;
-    this.#scheduleReconnect(closeCode);
+    this.#scheduleReconnect(closeCode, heartbeatTimeout);
   }
 
-  #scheduleReconnect(closeCode: number | undefined): void {
+  #scheduleReconnect(closeCode: number | undefined, heartbeatTimeout = false): void {
     if (!this.#active) return;
     const delayMs = backoffDelay(this.#attempt, this.#minDelayMs, this.#maxDelayMs, this.#random);
     this.#attempt += 1;
-    const info: { delayMs: number; attempt: number; closeCode?: number } = {
-      delayMs,
-      attempt: this.#attempt,
-    };
+    const info: { delayMs: number; attempt: number; closeCode?: number; heartbeatTimeout?: true } =
+      {
+        delayMs,
+        attempt: this.#attempt,
+      };
     if (closeCode !== undefined) info.closeCode = closeCode;
+    if (heartbeatTimeout) info.heartbeatTimeout = true;
     this.#setState('reconnecting', info);
     this.#reconnectTimer = setTimeout(() => {
       this.#reconnectTimer = null;
@@ -986,10 +1175,277 @@ export class EntitySyncClient {
 
   #sendSubscribe(sub: Subscription): void {
     clearRetry(sub);
+    if (this.#getToken === null) {
+      this.#sendSubscribeFrame(sub, null);
+      return;
+    }
+    if (!this.#isOpen()) return;
+    // Sent once a token is there: now if the one held is still fresh.
+    sub.subscribeWanted = true;
+    if (sub.token !== null && Date.now() < sub.tokenRefreshAt) this.#tokenReady(sub);
+    else this.#fetchToken(sub);
+  }
+
+  #sendSubscribeFrame(sub: Subscription, token: string | null): void {
     const version = this.#resume ? sub.resumeVersion : null;
-    if (this.#send(encodeSubscribe(sub.entity, sub.id, version))) {
+    if (this.#send(encodeSubscribe(sub.entity, sub.id, version, token))) {
       sub.state = 'pending';
       sub.answersDue += 1;
+    }
+  }
+
+  #isOpen(): boolean {
+    return this.#socket?.readyState === OPEN;
+  }
+
+  /** Whether the node holds the key with every answer in: a refresh can go now. */
+  #refreshable(sub: Subscription): boolean {
+    return (
+      this.#isOpen() && sub.state === 'subscribed' && !sub.awaitingSnapshot && sub.answersDue === 0
+    );
+  }
+
+  /** Refreshes the key's token if it is due and the key is held (else it waits for that). */
+  #refreshIfDue(sub: Subscription): void {
+    if (this.#getToken === null || sub.token === null) return;
+    if (Date.now() < sub.tokenRefreshAt || !this.#refreshable(sub)) return;
+    sub.refreshWanted = true;
+    this.#fetchToken(sub);
+  }
+
+  /**
+   * Calls `getToken` for the key, unless a call is under way or waits for its
+   * backoff: either ends in {@link #tokenReady}, which sends what waits.
+   */
+  #fetchToken(sub: Subscription): void {
+    const getToken = this.#getToken;
+    if (getToken === null || sub.tokenFetching || sub.tokenRetryTimer !== null) return;
+    sub.tokenFetching = true;
+    let pending: Promise<string>;
+    try {
+      pending = Promise.resolve(getToken(sub.entity, sub.id));
+    } catch (err) {
+      pending = Promise.reject(err instanceof Error ? err : new Error(String(err)));
+    }
+    const current = (): boolean =>
+      !this.#closed && this.#subs.get(keyOf(sub.entity, sub.id)) === sub;
+    pending
+      .then((token: unknown) => {
+        if (typeof token !== 'string' || token === '') {
+          throw new TypeError(`getToken gave ${token === '' ? 'an empty string' : typeof token}`);
+        }
+        return token;
+      })
+      .then(
+        (token) => {
+          sub.tokenFetching = false;
+          if (!current()) return;
+          sub.tokenFailures = 0;
+          this.#setToken(sub, token);
+          this.#tokenReady(sub);
+        },
+        (err: unknown) => {
+          sub.tokenFetching = false;
+          if (!current()) return;
+          const delayMs = backoffDelay(
+            sub.tokenFailures,
+            this.#minDelayMs,
+            this.#maxDelayMs,
+            this.#random,
+          );
+          sub.tokenFailures += 1;
+          sub.tokenRetryTimer = setTimeout(() => {
+            sub.tokenRetryTimer = null;
+            // Called again only if something still waits for a token.
+            if (current() && (sub.subscribeWanted || sub.refreshWanted)) this.#fetchToken(sub);
+          }, delayMs);
+          this.#keyError(
+            sub,
+            new EntitySyncError(
+              'client_token_unavailable',
+              `getToken failed (attempt ${String(sub.tokenFailures)}, next in ${String(Math.round(delayMs))} ms): ${errorText(err)}`,
+              { entity: sub.entity, id: sub.id, cause: err },
+            ),
+          );
+        },
+      );
+  }
+
+  /** Holds a new token and schedules its refresh. */
+  #setToken(sub: Subscription, token: string): void {
+    sub.token = token;
+    if (sub.refreshTimer !== null) clearTimeout(sub.refreshTimer);
+    sub.refreshTimer = null;
+    const lifetime = tokenLifetime(token);
+    if (lifetime === null) {
+      // No `exp`: kept until the node says it expired.
+      sub.tokenRefreshAt = Infinity;
+      return;
+    }
+    const delayMs = tokenRefreshDelay(lifetime);
+    sub.tokenRefreshAt = Date.now() + delayMs;
+    sub.refreshTimer = setTimeout(() => {
+      sub.refreshTimer = null;
+      // Due now, even if the timer fired a millisecond before the wall clock
+      // says so (timers run on a monotonic clock): else no refresh at all.
+      if (sub.token === token) sub.tokenRefreshAt = Math.min(sub.tokenRefreshAt, Date.now());
+      this.#refreshIfDue(sub);
+    }, delayMs);
+  }
+
+  /** A fresh token is held: send the subscribe or the refresh that waits for it. */
+  #tokenReady(sub: Subscription): void {
+    const token = sub.token;
+    if (token === null) return;
+    if (sub.subscribeWanted) {
+      sub.subscribeWanted = false;
+      sub.refreshWanted = false;
+      this.#sendSubscribeFrame(sub, token);
+    } else if (sub.refreshWanted) {
+      sub.refreshWanted = false;
+      if (!this.#refreshable(sub)) return;
+      // The version held, whatever `resume` says: the node holds the key on
+      // this connection and pushed us those rows, so it answers `current`.
+      if (this.#send(encodeSubscribe(sub.entity, sub.id, sub.resumeVersion, token))) {
+        sub.answersDue += 1;
+        sub.refreshesDue += 1;
+      }
+    }
+  }
+
+  /** An error of one key: to its `onError` listeners, then the client's. */
+  #keyError(sub: Subscription, error: EntitySyncError): void {
+    for (const listener of [...sub.listeners]) {
+      if (!listener.onError) continue;
+      try {
+        listener.onError(error);
+      } catch {
+        // A faulty listener must not keep the error from the others.
+      }
+    }
+    this.#emitError(error);
+  }
+
+  // --- heartbeat ---
+
+  #startHeartbeat(): void {
+    this.#lastFrameAt = Date.now();
+    this.#lastPingAt = 0;
+    this.#pingOutstandingSince = 0;
+    this.#armHeartbeat();
+  }
+
+  #stopHeartbeat(): void {
+    if (this.#heartbeatTimer !== null) clearTimeout(this.#heartbeatTimer);
+    this.#heartbeatTimer = null;
+    this.#pingOutstandingSince = 0;
+  }
+
+  /** Sets the one heartbeat timer: for the ping's answer, or for the next idle check. */
+  #armHeartbeat(): void {
+    if (this.#heartbeatTimer !== null) clearTimeout(this.#heartbeatTimer);
+    this.#heartbeatTimer = null;
+    if (!this.#isOpen()) return;
+    let due: number;
+    if (this.#pingOutstandingSince > 0) {
+      due = this.#pingOutstandingSince + this.#heartbeatTimeoutMs;
+    } else if (this.#heartbeatIntervalMs > 0) {
+      due = Math.max(this.#lastFrameAt, this.#lastPingAt) + this.#heartbeatIntervalMs;
+    } else {
+      return;
+    }
+    this.#heartbeatTimer = setTimeout(
+      () => {
+        this.#heartbeatTimer = null;
+        this.#heartbeatDue();
+      },
+      Math.max(0, due - Date.now()),
+    );
+  }
+
+  #heartbeatDue(): void {
+    const socket = this.#socket;
+    if (socket === null || !this.#isOpen()) return;
+    const now = Date.now();
+    if (this.#pingOutstandingSince > 0) {
+      if (now - this.#pingOutstandingSince >= this.#heartbeatTimeoutMs) {
+        // Nothing at all since the ping: the connection is dead even if the
+        // socket does not know it yet (a peer gone without a FIN, a network
+        // that drops everything). Forget it and reconnect.
+        this.#lost(socket, undefined, true);
+        return;
+      }
+    } else if (now - Math.max(this.#lastFrameAt, this.#lastPingAt) >= this.#heartbeatIntervalMs) {
+      this.#ping();
+      return;
+    }
+    this.#armHeartbeat();
+  }
+
+  /** Sends a ping now (unless one waits for its answer) and waits for any frame. */
+  #ping(): void {
+    if (this.#pingOutstandingSince > 0) return;
+    if (!this.#send(encodePing())) return;
+    this.#lastPingAt = Date.now();
+    if (this.#heartbeatTimeoutMs > 0) this.#pingOutstandingSince = this.#lastPingAt;
+    this.#armHeartbeat();
+  }
+
+  #frameReceived(): void {
+    this.#lastFrameAt = Date.now();
+    if (this.#pingOutstandingSince > 0) {
+      this.#pingOutstandingSince = 0;
+      this.#armHeartbeat();
+    }
+  }
+
+  // --- browser events ---
+
+  /**
+   * In a browser: `online` reconnects at once (skipping the backoff wait) or
+   * checks an open connection with a ping; `offline` checks the open
+   * connection with a ping; the page becoming visible again checks it too
+   * (after a sleep it may be dead) or reconnects at once. Nothing in Node.
+   */
+  #addBrowserListeners(): void {
+    if (this.#removeBrowserListeners !== null) return;
+    const scope = globalThis as {
+      window?: Pick<EventTarget, 'addEventListener' | 'removeEventListener'>;
+      document?: Pick<EventTarget, 'addEventListener' | 'removeEventListener'> & {
+        visibilityState?: string;
+      };
+    };
+    const win = scope.window;
+    if (typeof win?.addEventListener !== 'function') return;
+    const doc = scope.document;
+    const onOnline = (): void => {
+      this.#checkNow();
+    };
+    const onOffline = (): void => {
+      if (this.#isOpen()) this.#ping();
+    };
+    const onVisibility = (): void => {
+      if (doc?.visibilityState === 'visible') this.#checkNow();
+    };
+    win.addEventListener('online', onOnline);
+    win.addEventListener('offline', onOffline);
+    doc?.addEventListener('visibilitychange', onVisibility);
+    this.#removeBrowserListeners = () => {
+      win.removeEventListener('online', onOnline);
+      win.removeEventListener('offline', onOffline);
+      doc?.removeEventListener('visibilitychange', onVisibility);
+    };
+  }
+
+  /** Open: ping to check the connection. Waiting to reconnect: reconnect now. */
+  #checkNow(): void {
+    if (!this.#active) return;
+    if (this.#isOpen()) {
+      this.#ping();
+    } else if (this.#reconnectTimer !== null) {
+      clearTimeout(this.#reconnectTimer);
+      this.#reconnectTimer = null;
+      this.#open();
     }
   }
 
@@ -1021,12 +1477,21 @@ export class EntitySyncClient {
         sub.answersDue = Math.max(0, sub.answersDue - 1);
         // `current`: the version sent with the subscribe is still the
         // latest; no snapshot follows and the rows held stay as they are.
-        sub.awaitingSnapshot = (fields as { current?: unknown }).current !== true;
-        if (!sub.awaitingSnapshot) this.#resumed(sub);
+        const current = (fields as { current?: unknown }).current === true;
+        sub.awaitingSnapshot = !current;
+        sub.invalidTokenRetried = false;
+        // A token refresh answered `current` is nothing new for the page.
+        const refresh = sub.refreshesDue > 0;
+        if (refresh) sub.refreshesDue -= 1;
+        if (current && !refresh) this.#resumed(sub);
+        this.#refreshIfDue(sub);
         return;
       }
       case 'push':
         this.#handlePush(fields);
+        return;
+      case 'pong':
+        // Its only use is to have arrived (see #frameReceived).
         return;
       case 'error':
         this.#handleError(fields);
@@ -1064,6 +1529,7 @@ export class EntitySyncClient {
     sub.rows = rows;
     const meta: PushMeta = { entity: sub.entity, id: sub.id, version, snapshot };
     for (const listener of [...sub.listeners]) this.#deliver(listener, rows, meta);
+    if (snapshot) this.#refreshIfDue(sub);
   }
 
   #handleError(body: KeyBody): void {
@@ -1077,23 +1543,48 @@ export class EntitySyncClient {
     }
     const error = new EntitySyncError(code, message, key);
     const sub = this.#subs.get(keyOf(key.entity, key.id));
-    if (sub && SUBSCRIPTION_ENDED.has(code)) {
-      sub.answersDue = Math.max(0, sub.answersDue - 1);
+    if (!sub) {
+      this.#emitError(error);
+      return;
+    }
+    if (SUBSCRIPTION_ENDED.has(code)) {
+      // The node ended a held key (its token expired) without a subscribe
+      // owing an answer: only a refused subscribe takes one off.
+      if (sub.answersDue > 0) sub.answersDue -= 1;
+      if (sub.refreshesDue > 0) sub.refreshesDue -= 1;
       sub.state = 'failed';
       sub.awaitingSnapshot = false;
-      if (RETRYABLE.has(code)) this.#scheduleRetry(sub);
+      if (code === 'token_expired' || code === 'token_invalid') this.#tokenRefused(sub, code);
+      else if (RETRYABLE.has(code)) this.#scheduleRetry(sub);
     }
-    if (sub) {
-      for (const listener of [...sub.listeners]) {
-        if (!listener.onError) continue;
-        try {
-          listener.onError(error);
-        } catch {
-          // A faulty listener must not keep the error from the others.
-        }
-      }
+    this.#keyError(sub, error);
+  }
+
+  /**
+   * The node refused the key's token or ended the key when it expired: the
+   * token held is dropped. `token_expired`: subscribe again with a fresh
+   * token, at once the first time, after a backoff if it comes again before
+   * the key is subscribed. `token_invalid`: one retry with a fresh token
+   * (a key rotated since the token was issued), then the key waits, failed,
+   * for a reconnect.
+   */
+  #tokenRefused(sub: Subscription, code: 'token_expired' | 'token_invalid'): void {
+    sub.token = null;
+    sub.tokenRefreshAt = 0;
+    if (sub.refreshTimer !== null) clearTimeout(sub.refreshTimer);
+    sub.refreshTimer = null;
+    sub.refreshWanted = false;
+    if (this.#getToken === null) return;
+    if (code === 'token_invalid') {
+      if (sub.invalidTokenRetried) return;
+      sub.invalidTokenRetried = true;
+      this.#sendSubscribe(sub);
+    } else if (sub.retries === 0) {
+      sub.retries = 1;
+      this.#sendSubscribe(sub);
+    } else {
+      this.#scheduleRetry(sub);
     }
-    this.#emitError(error);
   }
 
   /** The node found the rows held current: tell the key's `onResumed` listeners. */
@@ -1159,6 +1650,23 @@ function keyFields(body: KeyBody): { entity: string; id: string } | undefined {
   if (typeof body.id === 'string') return { entity: body.entity, id: body.id };
   if (typeof body.id === 'number') return { entity: body.entity, id: String(body.id) };
   return undefined;
+}
+
+/** What a key forgets when its connection is gone. */
+function resetKeyOnLoss(sub: Subscription): void {
+  sub.state = 'pending';
+  sub.awaitingSnapshot = false;
+  sub.answersDue = 0;
+  sub.refreshesDue = 0;
+  sub.subscribeWanted = false;
+  sub.refreshWanted = false;
+}
+
+function clearTokenTimers(sub: Subscription): void {
+  if (sub.refreshTimer !== null) clearTimeout(sub.refreshTimer);
+  sub.refreshTimer = null;
+  if (sub.tokenRetryTimer !== null) clearTimeout(sub.tokenRetryTimer);
+  sub.tokenRetryTimer = null;
 }
 
 function clearRetry(sub: Subscription): void {

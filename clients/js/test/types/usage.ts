@@ -12,6 +12,8 @@ import {
   type KeyValue,
   type PushMeta,
   type ResumeMeta,
+  tokenLifetime,
+  tokenRefreshDelay,
 } from '../../dist/entity-sync.js';
 
 interface Item {
@@ -130,3 +132,26 @@ function describe(err: unknown): string {
 void describe(new EntitySyncError('forbidden', 'no', { entity: 'lists', id: '1' }));
 // @ts-expect-error the code is one of the known codes
 new EntitySyncError('nope', 'x');
+
+// Subscribe tokens and the heartbeat.
+const tokened = new EntitySyncClient('wss://sync.example.com', {
+  getToken: async (entity: string, id: string) => `${entity}.${id}.sig`,
+  heartbeatIntervalMs: 10_000,
+  heartbeatTimeoutMs: 3_000,
+});
+void new EntitySyncClient('wss://sync.example.com', { getToken: () => 'a.b.c' });
+// @ts-expect-error getToken gives a string (or a promise of one)
+void new EntitySyncClient('wss://sync.example.com', { getToken: () => 42 });
+// @ts-expect-error the heartbeat interval is a number of ms
+void new EntitySyncClient('wss://sync.example.com', { heartbeatIntervalMs: '15s' });
+tokened.on('state', (_state, info) => {
+  const dead: boolean | undefined = info.heartbeatTimeout;
+  void dead;
+});
+tokened.on('error', (error) => {
+  if (error.code === 'token_expired' || error.code === 'client_token_unavailable') return;
+});
+const refreshIn: number = tokenRefreshDelay(60_000);
+const lifetime: number | null = tokenLifetime('a.b.c');
+void refreshIn;
+void lifetime;

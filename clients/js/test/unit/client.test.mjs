@@ -457,14 +457,17 @@ test('the URL: http(s) becomes ws(s), a bare host gets the default path, a path 
 });
 
 test('the code lists: node codes and client codes are distinct, and only passing failures are retryable', () => {
-  assert.equal(ERROR_CODES.length, 16);
+  assert.equal(ERROR_CODES.length, 18);
+  assert.deepEqual(ERROR_CODES.slice(-2), ['token_invalid', 'token_expired']);
   assert.ok(CLIENT_ERROR_CODES.every((code) => code.startsWith('client_')));
   assert.ok(ERROR_CODES.every((code) => !code.startsWith('client_')));
   assert.deepEqual(ERROR_CODES.filter(isRetryable), [
     'no_resolver',
     'resolver_error',
     'resolver_timeout',
+    'token_expired',
   ]);
+  assert.deepEqual(CLIENT_ERROR_CODES.filter(isRetryable), ['client_token_unavailable']);
   assert.throws(() => ERROR_CODES.push('x'), TypeError, 'frozen');
 });
 
