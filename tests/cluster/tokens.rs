@@ -68,7 +68,9 @@ async fn a_node_without_a_resolver_takes_token_subscribes_through_the_cluster() 
     assert_eq!(rows, [json!({"n": 1})]);
     assert_eq!(seen(), [(Reason::Subscribe, String::new(), true)]);
     let mut second = bare.client().await;
-    second.send_json(subscribe("items", "1", &items, None)).await;
+    second
+        .send_json(subscribe("items", "1", &items, None))
+        .await;
     second.expect_subscribed("items", "1").await;
     assert_eq!(second.expect_push("items", "1").await.0, version);
     let mut third = bare.client().await;
@@ -87,7 +89,10 @@ async fn a_node_without_a_resolver_takes_token_subscribes_through_the_cluster() 
     reader.send_secret("alice").await;
     reader.send_json(subscribe("docs", "1", &docs, None)).await;
     reader.expect_subscribed("docs", "1").await;
-    assert_eq!(reader.expect_push("docs", "1").await.1, [json!({"mine": true})]);
+    assert_eq!(
+        reader.expect_push("docs", "1").await.1,
+        [json!({"mine": true})]
+    );
     assert_eq!(
         seen(),
         [

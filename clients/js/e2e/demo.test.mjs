@@ -1,6 +1,7 @@
 // The demo page in headless Chromium, with the real node binary and the demo
-// backend (its SQLite resolver, pointed at that node with --node): the page's
-// client is the package's committed build, served by the demo.
+// backend (its SQLite resolver, pointed at that node with --node, signing the
+// page's subscribe tokens with the node's key): the page's client is the
+// package's committed build, served by the demo.
 //
 // Needs /usr/bin/chromium (Debian's `chromium`; CHROMIUM_BIN overrides) and
 // the debug binaries. Screenshots and timings go to test-output/.
@@ -23,6 +24,7 @@ import {
   spawnChild,
   until,
 } from '../test/support/harness.mjs';
+import { tokenKey } from '../test/support/tokens.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -44,10 +46,18 @@ let pageUrl;
 
 before(async () => {
   mkdirSync(shots, { recursive: true });
-  node = await new NodeProcess({ name: 'e2e-node' }).start();
+  // The node verifies subscribe tokens; the demo signs the page's with the
+  // key of the same JWKS file.
+  const { jwksPath } = tokenKey({ kid: 'demo' });
+  node = await new NodeProcess({
+    name: 'e2e-node',
+    args: ['--subscribe-token-jwks', jwksPath],
+  }).start();
   demo = spawnChild('e2e-demo', demoBinary(), [
     '--node',
     node.grpcUrl,
+    '--subscribe-token-jwks',
+    jwksPath,
     '--ws-addr',
     `127.0.0.1:${node.wsPort}`,
     '--http-addr',
@@ -266,7 +276,13 @@ test("the page's client resumes by version after its connection drops: the uncha
   const second = connections[1];
   // The resubscribes carried the versions the page held.
   assert.deepEqual(
-    second.sent.filter((f) => f.action === 'subscribe').map((f) => f.body),
+    second.sent
+      .filter((f) => f.action === 'subscribe')
+      .map(({ body: { token, ...body } }) => {
+        // Each with a subscribe token from the demo's /api/token.
+        assert.equal(token?.split('.').length, 3, `no token in ${JSON.stringify(body)}`);
+        return body;
+      }),
     [
       { entity: 'lists', id: '1', version: held.list },
       { entity: 'items', id: '103', version: held.item },

@@ -107,6 +107,13 @@ struct Args {
     #[arg(long, env = "DEMO_NOTIFIER_TOKEN", hide_env_values = true)]
     notifier_token: Option<String>,
 
+    /// With `--node`: the JWKS file that node verifies subscribe tokens with
+    /// (its --subscribe-token-jwks); the page's tokens are signed with its
+    /// first HS256 (`oct`) key. Without it, a `--node` page subscribes with
+    /// its secret alone. (The in-process node gets a key made for the run.)
+    #[arg(long, value_name = "PATH", requires = "node")]
+    subscribe_token_jwks: Option<PathBuf>,
+
     /// Edit a random item every SECONDS so the page visibly changes; 0 turns it off.
     #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = parse_seconds)]
     auto_edit: Duration,
@@ -148,7 +155,14 @@ async fn main() -> anyhow::Result<()> {
     // subscribe). A node given with --node does not know the key: the page
     // then subscribes with its secret alone.
     let token_keys = tokens::TokenKeys::new().context("making the subscribe-token key")?;
-    let signer = args.node.is_none().then(|| token_keys.signer());
+    let signer = match (&args.node, &args.subscribe_token_jwks) {
+        (None, _) => Some(token_keys.signer()),
+        (Some(_), Some(path)) => Some(
+            tokens::signer_of_jwks(path)
+                .with_context(|| format!("--subscribe-token-jwks {}", path.display()))?,
+        ),
+        (Some(_), None) => None,
+    };
 
     // The node: in-process unless --node names a running one. Its listeners are
     // bound here, before anything connects, so there is no readiness race.
@@ -313,9 +327,9 @@ fn print_instructions(
     } else {
         format!("a random item changes every {auto_edit:?} (--auto-edit 0 turns it off)")
     };
-    let tokens = match &args.node {
-        Some(_) => "off (the node given with --node does not know this run's key)",
-        None => "the page subscribes with tokens from /api/token, verified by the node",
+    let tokens = match (&args.node, &args.subscribe_token_jwks) {
+        (Some(_), None) => "off (give --subscribe-token-jwks: the --node's JWKS file)",
+        _ => "the page subscribes with tokens from /api/token, verified by the node",
     };
     println!(
         "
@@ -883,6 +897,26 @@ mod tokens {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+
+    /// A signer with the first `oct` (HS256) key of the JWKS file at `path`:
+    /// the key a node given with `--node` verifies the page's tokens with.
+    pub fn signer_of_jwks(path: &Path) -> anyhow::Result<Arc<SubscribeTokenSigner>> {
+        use base64::Engine as _;
+        let text = std::fs::read(path)?;
+        let jwks: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|err| anyhow::anyhow!("not JSON (line {})", err.line()))?;
+        let key = jwks["keys"]
+            .as_array()
+            .and_then(|keys| keys.iter().find(|key| key["kty"] == "oct"))
+            .ok_or_else(|| anyhow::anyhow!("no oct (HS256) key"))?;
+        let (Some(kid), Some(k)) = (key["kid"].as_str(), key["k"].as_str()) else {
+            return Err(anyhow::anyhow!("its oct key has no kid or no k"));
+        };
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(k.trim_end_matches('='))
+            .map_err(|_| anyhow::anyhow!("its oct key's k is not base64url"))?;
+        Ok(Arc::new(SubscribeTokenSigner::hs256(kid, &secret)?))
     }
 
     /// Creates `path` readable by this user only (it holds the HS256 secret).
