@@ -257,8 +257,7 @@ async fn a_node_whose_nats_server_is_cut_off_says_so_and_catches_up_after_the_he
     let ready_for_good = edges
         .iter()
         .copied()
-        .filter(|edge| *edge <= current)
-        .next_back()
+        .rfind(|edge| *edge <= current)
         .unwrap_or(current);
     let current_after_leader = current.saturating_sub(leader_back);
     let current_after_ready = current.saturating_sub(ready_for_good);
