@@ -417,14 +417,16 @@ class ResolveRequest(_message.Message):
     request_id: _builtins.int
     entity: _builtins.str
     secret: _builtins.str
-    """The subscriber's secret; empty for a SHARED change resolve."""
+    """The subscriber's secret; empty for a shared resolve."""
     reason: Global___Reason.ValueType
     shared: _builtins.bool
-    """True on a SHARED change resolve (reason CHANGE of an entity served with
-    FETCH_MODE_SHARED): `secret` is empty and the rows go to every local
-    subscriber of the key, each authorized when it subscribed. Lets a backend
-    tell it from the request of a subscriber that sent no secret (which has
-    `shared` false). Never true on REASON_SUBSCRIBE.
+    """True on a shared resolve of an entity served with FETCH_MODE_SHARED:
+    `secret` is empty and the rows go to subscribers the node authorized
+    already. Reason CHANGE: every local subscriber of the key, each
+    authorized when it subscribed. Reason SUBSCRIBE: subscribers whose
+    signed subscribe token the node verified (`--subscribe-token-jwks`).
+    Lets a backend tell it from the request of a subscriber that sent no
+    secret (which has `shared` false and must be authorized as such).
     """
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
