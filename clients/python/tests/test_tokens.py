@@ -332,3 +332,30 @@ def test_repr_and_errors_redact_the_key(es256_pem: bytes, ed25519_pem: bytes) ->
 def test_exported_from_the_package() -> None:
     for name in ["SubscribeTokenSigner", "TokenError", "jwks"]:
         assert name in entity_sync.__all__
+
+
+async def test_a_node_verifies_the_tokens_it_signs_with_the_jwks_it_writes(
+    node_bin: Path, tmp_path: Path
+) -> None:
+    """The node binary, given the signer's JWKS, takes its tokens (the
+    subscribe then goes on: no resolver serves the entity here, so
+    ``no_resolver``) and refuses another signer's under the same kid."""
+    from entity_sync.testing import NodeProcess, WsClient
+
+    signer = SubscribeTokenSigner.hs256("k1", SECRET)
+    other = SubscribeTokenSigner.hs256("k1", b"another-secret-another-secret-xx")
+    path = tmp_path / "jwks.json"
+    path.write_text(jwks([signer]))
+    async with NodeProcess(node_bin, ["--subscribe-token-jwks", str(path)]) as node:
+        client = await WsClient.connect(node.ws_url)
+        codes = []
+        for who in (signer, other):
+            token = who.sign("items", ["7"], 60)
+            body = {"entity": "items", "id": "7", "token": token}
+            await client.send({"action": "subscribe", "body": body})
+            frame = await client.recv()
+            assert frame["action"] == "error", frame
+            assert (frame["body"]["entity"], frame["body"]["id"]) == ("items", "7")
+            codes.append(frame["body"]["code"])
+        await client.close()
+        assert codes == ["no_resolver", "token_invalid"]
