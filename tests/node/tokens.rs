@@ -510,14 +510,21 @@ async fn sighup_reloads_the_subscribe_token_keys_of_the_binary() {
 }
 
 #[tokio::test]
-async fn es256_and_eddsa_tokens_verify_with_their_public_keys() {
+async fn es256_eddsa_and_rs256_tokens_verify_with_their_public_keys() {
     use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ED25519};
     let ec = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let ed = KeyPair::generate_for(&PKCS_ED25519).unwrap();
     let point = ec.public_key_raw(); // 0x04 || x || y
+    // RSA keys cannot be generated here: a committed test key pair.
+    let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node/keys");
+    let rsa_public: Value =
+        serde_json::from_slice(&std::fs::read(keys.join("rs256-test-public.jwk.json")).unwrap())
+            .unwrap();
+    let rsa_private = std::fs::read(keys.join("rs256-test-private.pem")).unwrap();
     let jwks = Jwks::new(&[
         json!({"kty": "EC", "crv": "P-256", "kid": "ec", "x": b64(&point[1..33]), "y": b64(&point[33..65])}),
         json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": b64(ed.public_key_raw())}),
+        rsa_public,
     ]);
     let (node, _resolver, data) = node(&jwks.path, None).await;
     data.set_rows("items", "1", &[r#"{"n":1}"#]);
@@ -537,7 +544,12 @@ async fn es256_and_eddsa_tokens_verify_with_their_public_keys() {
         "ed",
         EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).unwrap(),
     );
-    for token in [&es256, &eddsa] {
+    let rs256 = sign(
+        Algorithm::RS256,
+        "rs",
+        EncodingKey::from_rsa_pem(&rsa_private).unwrap(),
+    );
+    for token in [&es256, &eddsa, &rs256] {
         let mut client = node.client().await;
         client.send_json(subscribe("items", "1", token)).await;
         client.expect_subscribed("items", "1").await;
