@@ -248,7 +248,9 @@ pub struct RestartReport {
     /// Resolved ids per warm resubscribe (goal with tokens ≤ 0.01) and per cold key (≤ 1).
     resolves_per_warm_resubscribe: Option<f64>,
     resolves_per_cold_key: Option<f64>,
-    /// The nodes' token verifications during the storm (null without the metric).
+    /// The nodes' token checks during the storm, by result (null without the
+    /// metric): one per subscribe carrying a token (a connection's token
+    /// verified last is not verified again, yet counted).
     tokens_valid: Option<u64>,
     tokens_invalid: Option<u64>,
     tokens_expired: Option<u64>,
@@ -1205,7 +1207,7 @@ fn print_table(reports: &[RestartReport]) {
         ("  unattributed resolved ids", |r| {
             r.storm_split.unattributed.to_string()
         }),
-        ("token verifications valid/invalid/expired", |r| {
+        ("token checks valid/invalid/expired", |r| {
             let n = |v: Option<u64>| v.map_or("null".into(), |v| v.to_string());
             format!(
                 "{}/{}/{}",
@@ -1268,7 +1270,7 @@ fn print_table(reports: &[RestartReport]) {
     }
     println!(
         "  (storm: first SIGTERM -> every client current; token verifications over the storm; \
-         resolves are the backends' own counts of ids; the machine is shared, figures are noisy)"
+         resolves are the backends' own counts of ids; token checks count every token subscribe; the machine is shared, figures are noisy)"
     );
     if let Some(err) = reports.iter().find_map(|r| r.first_error.as_ref()) {
         println!("  first error: {err}");
