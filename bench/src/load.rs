@@ -45,6 +45,12 @@ const RESOLVER_SLOTS: usize = 4;
 /// Slots in all after the versions: the counters and the resolver's state.
 const SHARED_EXTRA: usize = RESOLVER_SLOTS + 1;
 
+/// Slots in all for `keys` keys: the versions, the counters and the
+/// resolver's state, then the subscribe-resolved ids of each key.
+fn slot_count(keys: usize) -> usize {
+    2 * keys + SHARED_EXTRA
+}
+
 /// State shared by the notifier, the resolver and every client.
 pub struct Shared {
     base: std::time::Instant,
@@ -90,7 +96,7 @@ impl Shared {
         let id_len = keys.saturating_sub(1).to_string().len();
         let v_len = updates.len().to_string().len();
         let skeleton = r#"{"id":"","v":,"pad":""}"#.len() + id_len + v_len;
-        let slots = Slots::create(keys + SHARED_EXTRA)
+        let slots = Slots::create(slot_count(keys))
             .map_err(|err| anyhow!("cannot create the resolver's shared slots: {err}"))?;
         Ok(Shared {
             base: std::time::Instant::now(),
@@ -123,6 +129,14 @@ impl Shared {
     /// Ids those change requests carried.
     pub fn resolver_change_ids(&self) -> u64 {
         self.resolver_slot(SLOT_CHANGE_IDS)
+    }
+
+    /// Subscribe resolves of each key the resolver(s) answered (ids, by key).
+    pub fn resolver_subscribe_by_key(&self) -> Vec<u64> {
+        let base = self.keys + SHARED_EXTRA;
+        (0..self.keys)
+            .map(|k| self.slots[base + k].load(Acquire))
+            .collect()
     }
 
     /// Subscribe resolve requests the resolver(s) answered, and the ids they carried.
@@ -302,7 +316,7 @@ pub struct ResolverArgs {
 
 /// The resolver process: serves until SIGTERM (then drains), on one thread.
 pub async fn resolver_process(args: ResolverArgs) -> anyhow::Result<()> {
-    let slots = Arc::new(Slots::open(&args.slots, args.keys + SHARED_EXTRA)?);
+    let slots = Arc::new(Slots::open(&args.slots, slot_count(args.keys))?);
     let keys = args.keys;
     let pad: Arc<str> = Arc::from("x".repeat(args.pad));
     let handler = {
@@ -320,6 +334,12 @@ pub async fn resolver_process(args: ResolverArgs) -> anyhow::Result<()> {
                     Reason::Subscribe => {
                         counters[SLOT_SUBSCRIBE_REQUESTS].fetch_add(1, Relaxed);
                         counters[SLOT_SUBSCRIBE_IDS].fetch_add(ids, Relaxed);
+                        let per_key = &counters[SHARED_EXTRA..];
+                        for id in request.ids() {
+                            if let Some(k) = id.parse::<usize>().ok().filter(|&k| k < keys) {
+                                per_key[k].fetch_add(1, Relaxed);
+                            }
+                        }
                     }
                     _ => {}
                 }

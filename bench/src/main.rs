@@ -13,6 +13,8 @@
 //! target/release/entity-sync-bench cluster                # fanout over 2 nodes on NATS JetStream
 //! target/release/entity-sync-bench cluster --nodes 3 --rate 50   # + resolves per change, unheld keys
 //! target/release/entity-sync-bench restart                # rolling restart of 3 nodes, with and without resume
+//! target/release/entity-sync-bench restart --tokens       # ... and each mode again with subscribe tokens
+//! target/release/entity-sync-bench tokens                 # token verifications per CPU second (HS256, ES256, EdDSA)
 //! target/release/entity-sync-bench fanout --smoke         # seconds; exit code 1 if any client lost
 //! target/release/entity-sync-bench ceiling                # the bare server: the machine's paced ceiling
 //! target/release/entity-sync-bench fanout --rate 100 --ceiling --runs 5   # fraction of the ceiling, medians
@@ -22,7 +24,9 @@
 //! - `main.rs`: command line, the scenarios, the reports.
 //! - `load.rs`: the resolver (on `entity-sync-backend`, in a process of its own), the notifier
 //!   and the websocket clients.
-//! - `restart.rs`: the rolling restart (clients that reconnect and resubscribe).
+//! - `restart.rs`: the rolling restart (clients that reconnect and resubscribe), with
+//!   subscribe tokens or without.
+//! - `tokens.rs`: the node's cost of verifying subscribe tokens.
 //! - `slots.rs`: the `u64` atomics the bench shares with its resolver process (a mapped file).
 //! - `stats.rs`: distinct seeded draws, the push-frame scanner, percentiles (on the
 //!   testkit's `percentile`), medians.
@@ -41,6 +45,7 @@ mod load;
 mod restart;
 mod slots;
 mod stats;
+mod tokens;
 
 use std::{
     net::Ipv4Addr,
@@ -81,7 +86,7 @@ const CLIENTS_PER_SOURCE: usize = 20_000;
 /// How long one client may take to connect and subscribe.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "entity-sync-bench",
     about = "Benchmarks entity-sync nodes over real sockets on loopback."
@@ -187,6 +192,28 @@ struct Cli {
     /// restart: only the mode whose resubscribes carry `"version": <held>`.
     #[arg(long)]
     resume_only: bool,
+    /// restart: also run each mode with subscribe tokens (an HS256 JWKS with a random
+    /// secret given to every node with --subscribe-token-jwks; every subscribe carries a
+    /// token for the client's keys), next to the secret modes: resolves per reconnecting
+    /// subscription for warm and cold keys, token verifications.
+    #[arg(long)]
+    tokens: bool,
+
+    /// tokens: connections per phase, each sending --token-subs subscribes at once.
+    #[arg(long)]
+    token_conns: Option<usize>,
+    /// tokens: subscribes per connection, each with a token of its own (distinct keys; at
+    /// most 512, the node's burst of verifications per connection).
+    #[arg(long)]
+    token_subs: Option<usize>,
+    /// tokens: signing algorithms to measure, one node serving all.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "hs256,es256,eddsa"
+    )]
+    token_algs: Vec<tokens::Alg>,
 
     /// Source addresses 127.0.0.1..N for the websocket clients (default: one per 20,000 clients).
     #[arg(long)]
@@ -236,6 +263,8 @@ enum Scenario {
     Cluster,
     /// A rolling restart of 3 nodes while clients hold keys (with and without resume).
     Restart,
+    /// Subscribe token verifications per CPU second of a node (per core).
+    Tokens,
     Ceiling,
     /// The bench's resolver, in a process of its own (the bench starts it).
     #[value(hide = true)]
@@ -252,7 +281,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let Some(scenario) = cli.scenario.or(cli.smoke.then_some(Scenario::Fanout)) else {
         eprintln!(
-            "error: name a scenario (fanout, manykeys, idle, notify, cluster, restart, ceiling) or pass --smoke"
+            "error: name a scenario (fanout, manykeys, idle, notify, cluster, restart, tokens, ceiling) or pass --smoke"
         );
         return ExitCode::from(2);
     };
@@ -358,6 +387,7 @@ async fn run(cli: Cli, scenario: Scenario, nofile: u64) -> anyhow::Result<bool> 
         Scenario::Idle => idle_scenario(&cli, nofile, &log_dir, deadline).await,
         Scenario::Notify => notify_scenario(&cli, &log_dir, deadline).await,
         Scenario::Restart => restart::restart_scenario(&cli, &log_dir).await,
+        Scenario::Tokens => tokens::tokens_scenario(&cli, &log_dir).await,
         Scenario::ResolverProcess => unreachable!("handled in main"),
     };
     // Children are gone by now (their guards dropped inside the scenario).
@@ -1652,10 +1682,45 @@ mod tests {
         ])
         .expect("parses");
         assert_eq!(restart.scenario, Some(Scenario::Restart));
-        assert_eq!(restart::modes(&restart), [false]);
+        let no_resume = restart::Mode {
+            resume: false,
+            tokens: false,
+        };
+        assert_eq!(restart::modes(&restart), [no_resume]);
+        assert!(!restart.tokens);
+        let tokens = Cli::try_parse_from([
+            "entity-sync-bench",
+            "tokens",
+            "--token-conns",
+            "20",
+            "--token-subs=64",
+            "--token-algs",
+            "hs256,eddsa",
+        ])
+        .expect("parses");
+        assert_eq!(tokens.scenario, Some(Scenario::Tokens));
+        assert_eq!(
+            (tokens.token_conns, tokens.token_subs),
+            (Some(20), Some(64))
+        );
+        assert_eq!(tokens.token_algs, [tokens::Alg::Hs256, tokens::Alg::Eddsa]);
+        let default_algs = Cli::try_parse_from(["entity-sync-bench", "tokens"]).expect("parses");
+        assert_eq!(default_algs.token_algs.len(), 3);
+        assert!(
+            Cli::try_parse_from(["entity-sync-bench", "tokens", "--token-algs=rs256"]).is_err()
+        );
         assert_eq!(restart.node_args, ["--cluster-relay=false"]);
         let both = Cli::try_parse_from(["entity-sync-bench", "restart"]).expect("parses");
-        assert_eq!(restart::modes(&both), [false, true]);
+        assert_eq!(
+            restart::modes(&both),
+            [
+                no_resume,
+                restart::Mode {
+                    resume: true,
+                    tokens: false
+                }
+            ]
+        );
         assert!(
             Cli::try_parse_from([
                 "entity-sync-bench",

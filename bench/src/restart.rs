@@ -12,19 +12,40 @@
 //! away, `current: true` answers), the resolves the backends answered during
 //! the storm, the time until every client is current again, and the clients
 //! that ended stale or lost.
+//!
+//! With `--tokens` each mode also runs with subscribe tokens, side by side
+//! with the secret (no-token) modes: the bench writes a JWKS file with an
+//! HS256 key (a random secret per run, from the SDK's `SubscribeTokenSigner`),
+//! starts every node with `--subscribe-token-jwks`, and every subscribe of a
+//! client (the first and after each reconnect, with `"version"` in resume
+//! mode) carries a token for the client's keys. Reported for every mode:
+//! backend subscribe resolves per reconnecting subscription, split into warm
+//! keys (the node the client reconnected to already held the key: goal
+//! ≤ 0.01 with tokens) and cold keys (it did not: goal ≤ 1 per distinct cold
+//! key and node), and the nodes' token verifications by result.
+//!
+//! Warm and cold are classified by the bench: each (node, key) counts the
+//! sessions that subscribed it there; a resubscribe that finds none is the
+//! key's first on that node (a cold key; a restarted node comes back
+//! empty), any other a warm one. The storm is cut into one phase per
+//! restarted node (its SIGTERM to the next SIGTERM, the last until every
+//! client is current); a key's resolves in a phase (the resolver counts them
+//! by key) are charged to its cold keys in that phase if it had any, else to
+//! its warm resubscribes, else reported as unattributed.
 
 use std::{
+    io::Read,
     net::Ipv4Addr,
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::*},
     },
     time::Duration,
 };
 
-use anyhow::bail;
-use entity_sync_backend::{FetchMode, Notifier};
+use anyhow::{Context, bail};
+use entity_sync_backend::{FetchMode, Notifier, SubscribeTokenSigner};
 use entity_sync_testkit::{
     NodeProcess,
     procstat::cpu_seconds,
@@ -43,7 +64,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Cli, Env,
     load::{self, ENTITY, Shared},
-    round, source_addr, source_count,
+    round, source_count,
     stats::{distinct, push_version, scan_push, scan_subscribed},
 };
 
@@ -58,13 +79,126 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Subscribes of one key a session sends again after an error frame.
 const MAX_RESUBSCRIBES: u32 = 20;
+/// The nodes' token verifications, by result.
+pub const TOKENS_VALID: &str = "entity_sync_subscribe_tokens_total{result=\"valid\"}";
+pub const TOKENS_INVALID: &str = "entity_sync_subscribe_tokens_total{result=\"invalid\"}";
+pub const TOKENS_EXPIRED: &str = "entity_sync_subscribe_tokens_total{result=\"expired\"}";
+/// The counters summed over the storm: cache hits and misses, token verifications.
+const COUNTED: [&str; 5] = [
+    CACHE_HITS,
+    CACHE_MISSES,
+    TOKENS_VALID,
+    TOKENS_INVALID,
+    TOKENS_EXPIRED,
+];
+/// Lifetime of the clients' tokens: well beyond any run.
+const TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Goals of the token modes: backend resolves per warm resubscribe, per cold key.
+pub const GOAL_WARM: f64 = 0.01;
+pub const GOAL_COLD: f64 = 1.0;
+
+/// One run of the rolling restart: resubscribes with `"version"` or not,
+/// with subscribe tokens or not (the secret mode: the resolver authorizes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mode {
+    pub resume: bool,
+    pub tokens: bool,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match (self.resume, self.tokens) {
+            (false, false) => "no-resume",
+            (true, false) => "resume",
+            (false, true) => "no-resume+token",
+            (true, true) => "resume+token",
+        }
+    }
+}
+
+/// Backend subscribe resolves of the storm charged to warm and cold keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WarmCold {
+    /// Resubscribes to a node that already held the key, and the resolved ids charged to them.
+    pub warm_resubscribes: u64,
+    pub warm_resolves: u64,
+    /// Distinct (node, key) pairs whose first subscribe on the node was a
+    /// resubscribe of the storm, and the resolved ids charged to them.
+    pub cold_keys: u64,
+    pub cold_resolves: u64,
+    /// Resolved ids of keys with no resubscribe in their phase.
+    pub unattributed: u64,
+}
+
+impl WarmCold {
+    /// `resolves[p][k]`: subscribe-resolved ids of key `k` in phase `p`;
+    /// `warm` and `cold`: the resubscribes of each (phase, key) the bench
+    /// classified. A key with a cold key in a phase takes all its resolves of
+    /// the phase; else its warm resubscribes do.
+    pub fn split(resolves: &[Vec<u64>], warm: &[Vec<u64>], cold: &[Vec<u64>]) -> WarmCold {
+        let mut out = WarmCold::default();
+        for (p, by_key) in resolves.iter().enumerate() {
+            for (k, &r) in by_key.iter().enumerate() {
+                let (w, c) = (warm[p][k], cold[p][k]);
+                out.warm_resubscribes += w;
+                out.cold_keys += c;
+                if c > 0 {
+                    out.cold_resolves += r;
+                } else if w > 0 {
+                    out.warm_resolves += r;
+                } else {
+                    out.unattributed += r;
+                }
+            }
+        }
+        out
+    }
+
+    pub fn per_warm(&self) -> Option<f64> {
+        ratio(self.warm_resolves, self.warm_resubscribes)
+    }
+
+    pub fn per_cold(&self) -> Option<f64> {
+        ratio(self.cold_resolves, self.cold_keys)
+    }
+}
+
+/// Per-phase differences of cumulative per-key counts taken at the phases'
+/// boundaries (`snapshots.len() - 1` phases).
+pub fn phase_deltas(snapshots: &[Vec<u64>]) -> Vec<Vec<u64>> {
+    snapshots
+        .windows(2)
+        .map(|w| {
+            w[1].iter()
+                .zip(&w[0])
+                .map(|(b, a)| b.saturating_sub(*a))
+                .collect()
+        })
+        .collect()
+}
+
+/// `a / b` to 4 digits, `None` when `b` is 0.
+pub fn ratio(a: u64, b: u64) -> Option<f64> {
+    (b > 0).then(|| round(a as f64 / b as f64, 4))
+}
+
+/// "met" / "NOT met" / "-" of a figure against a goal (at most).
+pub fn goal_mark(value: Option<f64>, goal: f64) -> &'static str {
+    match value {
+        Some(v) if v <= goal => "met",
+        Some(_) => "NOT met",
+        None => "-",
+    }
+}
 
 /// What one mode of the rolling restart measured.
 #[derive(Serialize)]
 pub struct RestartReport {
     scenario: &'static str,
-    /// `resume` (subscribes carry `"version": <held>`) or `no-resume`.
+    /// `resume` (subscribes carry `"version": <held>`) or `no-resume`; `+token`
+    /// when every subscribe carries a subscribe token.
     mode: &'static str,
+    tokens: bool,
     nodes: usize,
     bus: &'static str,
     clients: usize,
@@ -79,6 +213,8 @@ pub struct RestartReport {
     restart_ms: Vec<f64>,
     /// First SIGTERM → the last node ready again.
     rolling_restart_ms: f64,
+    /// Starts of a restarted node tried again (its port was taken: `Address already in use`).
+    restart_retries: u32,
     /// (iii) First SIGTERM → every client current (connected, each key answered, and
     /// holding at least the version each key had at the last SIGTERM).
     current_after_ms: Option<f64>,
@@ -107,6 +243,19 @@ pub struct RestartReport {
     storm_resolve_ids_subscribe: u64,
     storm_resolves_change: u64,
     storm_resolve_ids_change: u64,
+    /// Subscribe resolve requests of the storm per resubscribe.
+    resolves_per_resubscribe: Option<f64>,
+    /// Those resolves (ids) split into warm and cold keys (see the module doc).
+    storm_split: WarmCold,
+    /// Resolved ids per warm resubscribe (goal with tokens ≤ 0.01) and per cold key (≤ 1).
+    resolves_per_warm_resubscribe: Option<f64>,
+    resolves_per_cold_key: Option<f64>,
+    /// The nodes' token checks during the storm, by result (null without the
+    /// metric): one per subscribe carrying a token (a connection's token
+    /// verified last is not verified again, yet counted).
+    tokens_valid: Option<u64>,
+    tokens_invalid: Option<u64>,
+    tokens_expired: Option<u64>,
     /// Changes notified during the storm, and change resolve requests per change.
     storm_changes: u64,
     storm_change_resolves_per_change: Option<f64>,
@@ -142,22 +291,28 @@ impl RestartReport {
     }
 }
 
-/// Which modes to run: both by default, side by side.
-pub fn modes(cli: &Cli) -> Vec<bool> {
-    match (cli.no_resume, cli.resume_only) {
+/// Which modes to run: both by default, side by side; with `--tokens` each
+/// also with subscribe tokens.
+pub fn modes(cli: &Cli) -> Vec<Mode> {
+    let resumes = match (cli.no_resume, cli.resume_only) {
         (true, false) => vec![false],
         (false, true) => vec![true],
         _ => vec![false, true],
-    }
+    };
+    let tokens: &[bool] = if cli.tokens { &[false, true] } else { &[false] };
+    tokens
+        .iter()
+        .flat_map(|&tokens| resumes.iter().map(move |&resume| Mode { resume, tokens }))
+        .collect()
 }
 
 /// Runs each mode on fresh processes, prints a JSON line per mode and the
 /// table of both; `Ok(false)` if a mode ended with stale or lost clients.
 pub async fn restart_scenario(cli: &Cli, log_dir: &Path) -> anyhow::Result<bool> {
     let mut reports = Vec::new();
-    for resume in modes(cli) {
+    for mode in modes(cli) {
         let deadline = Instant::now() + cli.timeout;
-        let report = restart_run(cli, resume, log_dir, deadline).await?;
+        let report = restart_run(cli, mode, log_dir, deadline).await?;
         println!("{}", serde_json::to_string(&report)?);
         reports.push(report);
     }
@@ -168,6 +323,8 @@ pub async fn restart_scenario(cli: &Cli, log_dir: &Path) -> anyhow::Result<bool>
 /// The clients' shared state: what each holds, read by the run's checks.
 struct Fleet {
     kpc: usize,
+    /// Distinct keys of the run.
+    nkeys: usize,
     /// Client `i`'s keys: `keys[i * kpc..][..kpc]`.
     keys: Vec<u32>,
     /// The row version (`"v"`) each client holds of each of its keys, plus one
@@ -181,6 +338,16 @@ struct Fleet {
     /// Nodes being restarted: clients and the notifier avoid them.
     down: Vec<AtomicBool>,
     resume: bool,
+    /// Client `i`'s subscribe token (token modes).
+    tokens: Option<Vec<String>>,
+    /// Sessions subscribed to each (node, key), at `node * nkeys + key`.
+    holders: Vec<AtomicU32>,
+    /// 0 outside the storm, else 1 + the node being restarted (its phase).
+    phase: AtomicUsize,
+    /// Resubscribes of each (phase, key), at `phase * nkeys + key`, to a node
+    /// that held the key (warm) and that did not (cold).
+    warm: Vec<AtomicU64>,
+    cold: Vec<AtomicU64>,
     setup: Semaphore,
     c: Counters,
     first_error: Mutex<Option<String>>,
@@ -203,6 +370,42 @@ struct Counters {
 impl Fleet {
     fn note_error(&self, err: String) {
         self.first_error.lock().expect("lock").get_or_insert(err);
+    }
+
+    /// A session on `node` subscribes `key`; a resubscribe of the storm is
+    /// counted warm or cold in the current phase.
+    fn hold(&self, node: usize, key: u32, resubscribe: bool) {
+        let before = self.holders[node * self.nkeys + key as usize].fetch_add(1, AcqRel);
+        let phase = self.phase.load(Acquire);
+        if resubscribe && phase > 0 {
+            let at = (phase - 1) * self.nkeys + key as usize;
+            let class = if before == 0 { &self.cold } else { &self.warm };
+            class[at].fetch_add(1, AcqRel);
+        }
+    }
+
+    /// A session on `node` that held `keys` ended.
+    fn release(&self, node: usize, keys: &[u32]) {
+        for &key in keys {
+            let _ =
+                self.holders[node * self.nkeys + key as usize]
+                    .fetch_update(AcqRel, Acquire, |n| n.checked_sub(1));
+        }
+    }
+
+    /// The storm's warm and cold resubscribes, by phase and key.
+    fn classified(&self, phases: usize) -> (Vec<Vec<u64>>, Vec<Vec<u64>>) {
+        let read = |v: &[AtomicU64]| -> Vec<Vec<u64>> {
+            (0..phases)
+                .map(|p| {
+                    v[p * self.nkeys..(p + 1) * self.nkeys]
+                        .iter()
+                        .map(|a| a.load(Acquire))
+                        .collect()
+                })
+                .collect()
+        };
+        (read(&self.warm), read(&self.cold))
     }
 
     /// A live node other than `from`, spread by client index.
@@ -254,6 +457,15 @@ impl Fleet {
     }
 }
 
+/// Source address of client `i` among `n`: 127.0.0.2..=127.0.0.(n+1), never
+/// 127.0.0.1, where the nodes listen. A client's ephemeral port on 127.0.0.1
+/// can be the very port a restarted node must bind again (`Address already in
+/// use`): with 3,000 clients that happened in most runs.
+fn client_source(i: usize, n: u8) -> Ipv4Addr {
+    let n = n.clamp(1, 250) as usize;
+    Ipv4Addr::new(127, 0, 0, 2 + (i % n) as u8)
+}
+
 fn loadavg() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()?
@@ -280,13 +492,35 @@ async fn wait_for(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// 32 random bytes for the run's HS256 secret.
+fn random_secret() -> Vec<u8> {
+    let mut secret = vec![0u8; 32];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut secret));
+    if read.is_err() {
+        let mut rng = fastrand::Rng::new();
+        secret.iter_mut().for_each(|b| *b = rng.u8(..));
+    }
+    secret
+}
+
+/// An HS256 signer with a random secret, its JWKS written to `dir`, and the
+/// node flag that loads it.
+pub fn token_setup(dir: &Path, kid: &str) -> anyhow::Result<(SubscribeTokenSigner, String)> {
+    let signer = SubscribeTokenSigner::hs256(kid, &random_secret())?;
+    let path = dir.join("subscribe-token-jwks.json");
+    std::fs::write(&path, entity_sync_backend::jwks(&[&signer]))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok((signer, format!("--subscribe-token-jwks={}", path.display())))
+}
+
 async fn restart_run(
     cli: &Cli,
-    resume: bool,
+    run_mode: Mode,
     log_dir: &Path,
     deadline: Instant,
 ) -> anyhow::Result<RestartReport> {
-    let mode = if resume { "resume" } else { "no-resume" };
+    let resume = run_mode.resume;
+    let mode = run_mode.name();
     let (def_clients, def_keys, def_kpc) = if cli.smoke {
         (30, 50, 5)
     } else {
@@ -305,7 +539,15 @@ async fn restart_run(
 
     let dir = log_dir.join(mode);
     std::fs::create_dir_all(&dir)?;
-    let mut env = Env::start(cli, nodes, true, &dir, deadline).await?;
+    let mut node_cli = cli.clone();
+    let signer = if run_mode.tokens {
+        let (signer, flag) = token_setup(&dir, "bench-restart")?;
+        node_cli.node_args.push(flag);
+        Some(signer)
+    } else {
+        None
+    };
+    let mut env = Env::start(&node_cli, nodes, true, &dir, deadline).await?;
     let shared = Arc::new(Shared::new(keys as usize, &[], false)?);
     let cancel = CancellationToken::new();
     // One resolver per node (a backend connected to each node): each keeps
@@ -327,8 +569,21 @@ async fn restart_run(
     let plan: Vec<u32> = (0..clients)
         .flat_map(|_| distinct(&mut rng, kpc, keys))
         .collect();
+    let tokens = match &signer {
+        Some(signer) => Some(
+            plan.chunks(kpc)
+                .map(|ids| {
+                    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                    signer.sign(ENTITY, &ids, TOKEN_TTL)
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        None => None,
+    };
+    let nkeys = keys as usize;
     let fleet = Arc::new(Fleet {
         kpc,
+        nkeys,
         held: (0..plan.len()).map(|_| AtomicU64::new(0)).collect(),
         keys: plan,
         settled: (0..clients).map(|_| AtomicBool::new(false)).collect(),
@@ -336,6 +591,11 @@ async fn restart_run(
         urls: env.nodes.iter().map(|n| Arc::from(n.ws_url())).collect(),
         down: (0..nodes).map(|_| AtomicBool::new(false)).collect(),
         resume,
+        tokens,
+        holders: (0..nodes * nkeys).map(|_| AtomicU32::new(0)).collect(),
+        phase: AtomicUsize::new(0),
+        warm: (0..nodes * nkeys).map(|_| AtomicU64::new(0)).collect(),
+        cold: (0..nodes * nkeys).map(|_| AtomicU64::new(0)).collect(),
         setup: Semaphore::new(cli.connect_concurrency.max(1)),
         c: Counters::default(),
         first_error: Mutex::new(None),
@@ -347,7 +607,7 @@ async fn restart_run(
         tasks.spawn(client(
             i,
             fleet.clone(),
-            source_addr(i, sources),
+            client_source(i, sources),
             cancel.clone(),
         ));
     }
@@ -388,19 +648,24 @@ async fn restart_run(
     let changes_before: u64 = versions(&shared).iter().sum();
     let cache_start = cache_counters(&env.nodes).await;
     let mut cache_at_stop = Vec::new();
+    // The resolver's subscribe resolves by key at each phase's start, and at the end.
+    let mut by_key = Vec::new();
     let first_term = Instant::now();
     let mut last_term = first_term;
     let mut targets = Vec::new();
     let mut restart_ms = Vec::new();
+    let mut restart_retries = 0;
     for i in 0..nodes {
         cache_at_stop.push(cache_counters(&env.nodes[i..=i]).await);
+        by_key.push(shared.resolver_subscribe_by_key());
+        fleet.phase.store(i + 1, Release);
         fleet.down[i].store(true, Release);
         let term = Instant::now();
         if i == nodes - 1 {
             last_term = term;
             targets = versions(&shared);
         }
-        restart_node(&mut env.nodes[i], deadline).await?;
+        restart_retries += restart_node(&mut env.nodes[i], deadline).await?;
         fleet.down[i].store(false, Release);
         restart_ms.push(ms(term.elapsed()));
         eprintln!(
@@ -412,6 +677,8 @@ async fn restart_run(
     let rolling = first_term.elapsed();
     let current = wait_for(deadline, || fleet.behind(&targets) == (0, 0)).await;
     let current_at = Instant::now();
+    by_key.push(shared.resolver_subscribe_by_key());
+    fleet.phase.store(0, Release);
     let sub_after = shared.resolver_subscribe();
     let chg_after = (
         shared.resolver_change_requests(),
@@ -441,21 +708,25 @@ async fn restart_run(
     // Counters of a restarted node start again from 0: the storm's count is
     // what each old process counted until its SIGTERM plus what the new one
     // counted until the end.
-    let cache = |k: usize| -> Option<u64> {
+    let storm = |k: usize| -> Option<u64> {
         let mut total = 0.0;
         for i in 0..nodes {
-            let before = cache_start.get(i).copied().flatten()?[k];
-            let stop = cache_at_stop.get(i)?.first().copied().flatten()?[k];
-            let end = cache_end.get(i).copied().flatten()?[k];
+            let before = cache_start.get(i)?[k]?;
+            let stop = cache_at_stop.get(i)?.first()?[k]?;
+            let end = cache_end.get(i)?[k]?;
             total += (stop - before).max(0.0) + end;
         }
         Some(total as u64)
     };
-    let (hits, misses) = (cache(0), cache(1));
+    let (hits, misses) = (storm(0), storm(1));
+    let (warm, cold) = fleet.classified(nodes);
+    let split = WarmCold::split(&phase_deltas(&by_key), &warm, &cold);
+    let resubscribes = fleet.c.resubscribes.load(Acquire);
     let c = &fleet.c;
     let report = RestartReport {
         scenario: "restart",
         mode,
+        tokens: run_mode.tokens,
         nodes,
         bus: "jetstream",
         clients,
@@ -466,6 +737,7 @@ async fn restart_run(
         setup_s,
         restart_ms,
         rolling_restart_ms: ms(rolling),
+        restart_retries,
         current_after_ms: current.then(|| ms(current_at - first_term)),
         current_after_last_sigterm_ms: current.then(|| ms(current_at - last_term)),
         closes_going_away: c.going_away.load(Acquire),
@@ -480,6 +752,13 @@ async fn restart_run(
         storm_resolve_ids_subscribe: sub_after.1 - sub_before.1,
         storm_resolves_change: chg_after.0 - chg_before.0,
         storm_resolve_ids_change: chg_after.1 - chg_before.1,
+        resolves_per_resubscribe: ratio(sub_after.0 - sub_before.0, resubscribes),
+        storm_split: split,
+        resolves_per_warm_resubscribe: split.per_warm(),
+        resolves_per_cold_key: split.per_cold(),
+        tokens_valid: storm(2),
+        tokens_invalid: storm(3),
+        tokens_expired: storm(4),
         storm_changes,
         storm_change_resolves_per_change: (storm_changes > 0).then(|| {
             round(
@@ -516,24 +795,49 @@ async fn restart_run(
     Ok(report)
 }
 
+/// Starts of a restarted node that may fail before one comes up (its port
+/// taken meanwhile by a loopback socket: `Address already in use`).
+const RESTART_ATTEMPTS: u32 = 5;
+
 /// SIGTERM, waits for the node to exit, starts it again on the same ports and
-/// flags, and waits until it is ready and a resolver registered on it.
-async fn restart_node(node: &mut NodeProcess, deadline: Instant) -> anyhow::Result<()> {
+/// flags, and waits until it is ready and a resolver registered on it. A start
+/// that exits at once (a port still taken) is tried again, up to
+/// [`RESTART_ATTEMPTS`] in all; the attempts made after the first are returned.
+async fn restart_node(node: &mut NodeProcess, deadline: Instant) -> anyhow::Result<u32> {
     node.guard().signal(libc::SIGTERM);
     if !wait_for(deadline, || node.guard().check_alive().is_err()).await {
         bail!("node at {} did not exit after SIGTERM", node.ws);
     }
-    node.restart()?;
-    node.wait_ready(deadline.saturating_duration_since(Instant::now()))
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let mut retries = 0;
+    loop {
+        node.restart()?;
+        let ready = node
+            .wait_ready(deadline.saturating_duration_since(Instant::now()))
+            .await;
+        match ready {
+            Ok(()) => break,
+            Err(err)
+                if retries + 1 < RESTART_ATTEMPTS
+                    && err.contains("already in use")
+                    && Instant::now() < deadline =>
+            {
+                retries += 1;
+                eprintln!(
+                    "restart: node at {} did not start ({retries}): port taken; again",
+                    node.ws
+                );
+                sleep(Duration::from_millis(250)).await;
+            }
+            Err(err) => bail!(err),
+        }
+    }
     loop {
         if node
             .metric("entity_sync_resolvers")
             .await
             .is_ok_and(|n| n >= 1.0)
         {
-            return Ok(());
+            return Ok(retries);
         }
         if Instant::now() >= deadline {
             bail!("no resolver registered again on the node at {}", node.ws);
@@ -542,13 +846,16 @@ async fn restart_node(node: &mut NodeProcess, deadline: Instant) -> anyhow::Resu
     }
 }
 
-/// Hits and misses of each node's cache, `None` where the node has no such metric.
-async fn cache_counters(nodes: &[NodeProcess]) -> Vec<Option<[f64; 2]>> {
+/// Each node's counters of [`COUNTED`] (cache hits and misses, token
+/// verifications), `None` where the node has no such metric.
+async fn cache_counters(nodes: &[NodeProcess]) -> Vec<[Option<f64>; 5]> {
     let mut out = Vec::with_capacity(nodes.len());
     for node in nodes {
-        let hits = node.metric(CACHE_HITS).await.ok();
-        let misses = node.metric(CACHE_MISSES).await.ok();
-        out.push(hits.zip(misses).map(|(h, m)| [h, m]));
+        let mut values = [None; 5];
+        for (value, name) in values.iter_mut().zip(COUNTED) {
+            *value = node.metric(name).await.ok();
+        }
+        out.push(values);
     }
     out
 }
@@ -697,13 +1004,25 @@ enum KeyState {
     Done,
 }
 
-fn subscribe_frame(key: u32, version: Option<u64>) -> Message {
-    Message::text(match version {
-        Some(v) => format!(
-            r#"{{"action":"subscribe","body":{{"entity":"{ENTITY}","id":"{key}","version":{v}}}}}"#
-        ),
-        None => format!(r#"{{"action":"subscribe","body":{{"entity":"{ENTITY}","id":"{key}"}}}}"#),
-    })
+fn subscribe_frame(key: u32, version: Option<u64>, token: Option<&str>) -> Message {
+    let version = version.map_or(String::new(), |v| format!(r#","version":{v}"#));
+    let token = token.map_or(String::new(), |t| format!(r#","token":"{t}""#));
+    Message::text(format!(
+        r#"{{"action":"subscribe","body":{{"entity":"{ENTITY}","id":"{key}"{version}{token}}}}}"#
+    ))
+}
+
+/// The keys a session subscribed on its node, released when it ends.
+struct Holding<'a> {
+    fleet: &'a Fleet,
+    node: usize,
+    keys: Vec<u32>,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.fleet.release(self.node, &self.keys);
+    }
 }
 
 async fn session(
@@ -742,11 +1061,22 @@ async fn session(
         .collect();
     let resume = fleet.resume;
     let version_of = |versions: &[Option<u64>], j: usize| versions[j].filter(|_| resume);
+    let token = fleet.tokens.as_ref().map(|t| t[i].as_str());
+    let mut holding = Holding {
+        fleet,
+        node,
+        keys: Vec::with_capacity(keys.len()),
+    };
     for (j, &key) in keys.iter().enumerate() {
         if held_before[j].is_some() {
             fleet.c.resubscribes.fetch_add(1, AcqRel);
         }
-        if let Err(err) = ws.feed(subscribe_frame(key, version_of(versions, j))).await {
+        fleet.hold(node, key, held_before[j].is_some());
+        holding.keys.push(key);
+        if let Err(err) = ws
+            .feed(subscribe_frame(key, version_of(versions, j), token))
+            .await
+        {
             return SessionEnd::Other(format!("subscribe: {err}"));
         }
     }
@@ -823,7 +1153,7 @@ async fn session(
             sleep(Duration::from_millis(50)).await;
             state[j] = KeyState::AwaitingAnswer;
             if let Err(err) = ws
-                .send(subscribe_frame(keys[j], version_of(versions, j)))
+                .send(subscribe_frame(keys[j], version_of(versions, j), token))
                 .await
             {
                 return SessionEnd::Other(format!("subscribe: {err}"));
@@ -837,6 +1167,15 @@ async fn session(
                 fleet.ever_settled.fetch_add(1, AcqRel);
             }
         }
+    }
+}
+
+/// `0.0012 (3/2500) met`: a split figure, its parts, and the goal's mark.
+fn split_cell(value: Option<f64>, resolves: u64, of: u64, goal: Option<f64>) -> String {
+    let v = value.map_or("-".into(), |v| v.to_string());
+    match goal {
+        Some(goal) => format!("{v} ({resolves}/{of}) {}", goal_mark(value, goal)),
+        None => format!("{v} ({resolves}/{of})"),
     }
 }
 
@@ -856,7 +1195,9 @@ fn print_table(reports: &[RestartReport]) {
         }),
         ("setup s", |r| r.setup_s.to_string()),
         ("restart ms per node", |r| format!("{:?}", r.restart_ms)),
-        ("rolling restart ms", |r| r.rolling_restart_ms.to_string()),
+        ("rolling restart ms (start retries)", |r| {
+            format!("{} ({})", r.rolling_restart_ms, r.restart_retries)
+        }),
         ("all current after ms (first SIGTERM)", |r| {
             r.current_after_ms
                 .map_or("not reached".into(), |v| v.to_string())
@@ -881,6 +1222,38 @@ fn print_table(reports: &[RestartReport]) {
             format!(
                 "{} ({})",
                 r.storm_resolves_subscribe, r.storm_resolve_ids_subscribe
+            )
+        }),
+        ("subscribe resolves per resubscribe", |r| {
+            r.resolves_per_resubscribe
+                .map_or("-".into(), |v| v.to_string())
+        }),
+        ("  warm keys: per resubscribe (tokens: goal <= 0.01)", |r| {
+            split_cell(
+                r.resolves_per_warm_resubscribe,
+                r.storm_split.warm_resolves,
+                r.storm_split.warm_resubscribes,
+                r.tokens.then_some(GOAL_WARM),
+            )
+        }),
+        ("  cold keys: per cold key (tokens: goal <= 1)", |r| {
+            split_cell(
+                r.resolves_per_cold_key,
+                r.storm_split.cold_resolves,
+                r.storm_split.cold_keys,
+                r.tokens.then_some(GOAL_COLD),
+            )
+        }),
+        ("  unattributed resolved ids", |r| {
+            r.storm_split.unattributed.to_string()
+        }),
+        ("token checks valid/invalid/expired", |r| {
+            let n = |v: Option<u64>| v.map_or("null".into(), |v| v.to_string());
+            format!(
+                "{}/{}/{}",
+                n(r.tokens_valid),
+                n(r.tokens_invalid),
+                n(r.tokens_expired)
             )
         }),
         ("storm resolves change (ids)", |r| {
@@ -925,16 +1298,20 @@ fn print_table(reports: &[RestartReport]) {
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     print!("  {:<width$}", "mode");
     for r in reports {
-        print!("  {:>22}", r.mode);
+        print!("  {:>26}", r.mode);
     }
     println!();
     for (name, cell) in &rows {
         print!("  {name:<width$}");
         for r in reports {
-            print!("  {:>22}", cell(r));
+            print!("  {:>26}", cell(r));
         }
         println!();
     }
+    println!(
+        "  (storm: first SIGTERM -> every client current; token verifications over the storm; \
+         resolves are the backends' own counts of ids; token checks count every token subscribe; the machine is shared, figures are noisy)"
+    );
     if let Some(err) = reports.iter().find_map(|r| r.first_error.as_ref()) {
         println!("  first error: {err}");
     }
@@ -946,20 +1323,103 @@ mod tests {
 
     #[test]
     fn subscribe_frames_carry_the_held_version_only_when_asked() {
-        let with = subscribe_frame(17, Some(42));
+        let with = subscribe_frame(17, Some(42), None);
         assert_eq!(
             with.to_text().unwrap(),
             r#"{"action":"subscribe","body":{"entity":"bench","id":"17","version":42}}"#
         );
-        let without = subscribe_frame(17, None);
+        let without = subscribe_frame(17, None, None);
         let value: serde_json::Value = serde_json::from_str(without.to_text().unwrap()).unwrap();
         assert!(value["body"].get("version").is_none());
+        assert!(value["body"].get("token").is_none());
+        let token = subscribe_frame(17, Some(3), Some("h.c.s"));
+        let value: serde_json::Value = serde_json::from_str(token.to_text().unwrap()).unwrap();
+        assert_eq!(value["body"]["version"], 3);
+        assert_eq!(value["body"]["token"], "h.c.s");
     }
 
     #[test]
-    fn reconnects_pick_a_live_node_other_than_the_one_left() {
-        let fleet = Fleet {
+    fn resolves_split_into_warm_and_cold_keys() {
+        // Cumulative resolves by key at 3 boundaries: 2 phases of 3 keys.
+        let snapshots = vec![vec![5, 0, 0], vec![5, 1, 2], vec![6, 3, 2]];
+        let resolves = phase_deltas(&snapshots);
+        assert_eq!(resolves, [vec![0, 1, 2], vec![1, 2, 0]]);
+        let warm = vec![vec![10, 4, 0], vec![0, 6, 0]];
+        let cold = vec![vec![0, 0, 0], vec![1, 2, 0]];
+        let split = WarmCold::split(&resolves, &warm, &cold);
+        assert_eq!(
+            split,
+            WarmCold {
+                warm_resubscribes: 20,
+                // Phase 0: key 1 (warm only) resolved once; key 2 had no resubscribe.
+                warm_resolves: 1,
+                cold_keys: 3,
+                // Phase 1: keys 0 and 1 had cold keys and take their 1 + 2 resolves.
+                cold_resolves: 3,
+                unattributed: 2,
+            }
+        );
+        assert_eq!(split.per_warm(), Some(0.05));
+        assert_eq!(split.per_cold(), Some(1.0));
+        assert_eq!(WarmCold::default().per_cold(), None);
+        assert_eq!(goal_mark(Some(0.01), GOAL_WARM), "met");
+        assert_eq!(goal_mark(Some(0.0101), GOAL_WARM), "NOT met");
+        assert_eq!(goal_mark(None, GOAL_COLD), "-");
+        assert_eq!(
+            split_cell(Some(0.05), 1, 20, Some(GOAL_WARM)),
+            "0.05 (1/20) NOT met"
+        );
+        assert_eq!(split_cell(None, 0, 0, None), "- (0/0)");
+    }
+
+    #[test]
+    fn clients_never_take_ports_of_the_nodes_address() {
+        assert_eq!(client_source(0, 1), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(client_source(5, 3), Ipv4Addr::new(127, 0, 0, 4));
+        assert!((0..1000).all(|i| client_source(i, 255).octets()[3] >= 2));
+    }
+
+    #[test]
+    fn modes_and_names() {
+        let names = |m: Vec<Mode>| m.into_iter().map(Mode::name).collect::<Vec<_>>();
+        let cli = |args: &[&str]| {
+            let mut all = vec!["entity-sync-bench", "restart"];
+            all.extend_from_slice(args);
+            <Cli as clap::Parser>::try_parse_from(all).expect("parses")
+        };
+        assert_eq!(names(modes(&cli(&[]))), ["no-resume", "resume"]);
+        assert_eq!(
+            names(modes(&cli(&["--tokens"]))),
+            ["no-resume", "resume", "no-resume+token", "resume+token"]
+        );
+        assert_eq!(
+            names(modes(&cli(&["--tokens", "--resume-only"]))),
+            ["resume", "resume+token"]
+        );
+    }
+
+    #[test]
+    fn holders_classify_resubscribes_by_phase() {
+        let fleet = test_fleet();
+        // Setup (no phase): not counted.
+        fleet.hold(0, 0, false);
+        fleet.phase.store(1, Release);
+        fleet.hold(1, 0, true); // first on node 1: cold
+        fleet.hold(1, 0, true); // warm
+        fleet.hold(0, 0, true); // node 0 holds it: warm
+        fleet.release(1, &[0, 0]);
+        fleet.phase.store(2, Release);
+        fleet.hold(1, 0, true); // node 1 empty again: cold
+        fleet.release(2, &[0]); // nothing held there: no underflow
+        let (warm, cold) = fleet.classified(2);
+        assert_eq!(warm, [vec![2], vec![0]]);
+        assert_eq!(cold, [vec![1], vec![1]]);
+    }
+
+    fn test_fleet() -> Fleet {
+        Fleet {
             kpc: 1,
+            nkeys: 1,
             keys: vec![0],
             held: vec![AtomicU64::new(0)],
             settled: vec![AtomicBool::new(false)],
@@ -967,10 +1427,20 @@ mod tests {
             urls: (0..3).map(|i| Arc::from(format!("ws://n{i}"))).collect(),
             down: (0..3).map(|_| AtomicBool::new(false)).collect(),
             resume: true,
+            tokens: None,
+            holders: (0..3).map(|_| AtomicU32::new(0)).collect(),
+            phase: AtomicUsize::new(0),
+            warm: (0..3).map(|_| AtomicU64::new(0)).collect(),
+            cold: (0..3).map(|_| AtomicU64::new(0)).collect(),
             setup: Semaphore::new(1),
             c: Counters::default(),
             first_error: Mutex::new(None),
-        };
+        }
+    }
+
+    #[test]
+    fn reconnects_pick_a_live_node_other_than_the_one_left() {
+        let fleet = test_fleet();
         fleet.down[1].store(true, Release);
         for attempt in 0..6 {
             assert_eq!(fleet.pick(0, 0, attempt), 2);
