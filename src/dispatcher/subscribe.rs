@@ -106,13 +106,17 @@ impl Dispatcher {
         // later changes are this subscription's missed ones, which the
         // registry notes.
         let mut may_join = self.applied() >= base;
+        // A shared request carries no secret.
+        let join_secret = if shared { "" } else { &*secret };
         if !may_join
             && self.may_wait_to_join()
-            && self.inner.resolvers.can_join(&key, &secret, shared)
+            && (resolvers.can_join(&key, join_secret, shared)
+                || (shared && resolvers.cache().holds(&key)))
         {
-            // A resolve of this key and secret is in flight: worth waiting
-            // a moment for this node to consume the changes up to `base`
-            // (it is usually a few milliseconds behind the bus's head), not
+            // A resolve of this key and secret is in flight (or, for a token
+            // subscribe, the node cache holds the key): worth waiting a
+            // moment for this node to consume the changes up to `base` (it
+            // is usually a few milliseconds behind the bus's head), not
             // longer than a resolve of its own would take.
             let mut applied = self.inner.applied_watch.subscribe();
             let caught_up = applied.wait_for(|applied| *applied >= base);

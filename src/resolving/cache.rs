@@ -189,6 +189,11 @@ impl NodeCache {
         frame
     }
 
+    /// Whether the cache has an entry for `key` (current or not).
+    pub(crate) fn holds(&self, key: &Key) -> bool {
+        self.inner.state.lock().unwrap().entries.contains_key(key)
+    }
+
     /// The version of the push cached for `key`, if any.
     #[cfg(test)]
     pub(crate) fn version(&self, key: &Key) -> Option<u64> {
