@@ -250,3 +250,26 @@ test('a key the backend does not have fails with not_found in status and error',
   assert.deepEqual(state.rows, []);
   assert.equal(state.version, null);
 });
+
+test('after a node restart the client reconnects and the component shows the rows changed meanwhile', async () => {
+  await resolver.set('items', '10', { rows: [{ id: 10, v: 'before' }] });
+  const c = client();
+  const view = render(h(EntitySyncProvider, { client: c }, h(Item, { id: '10' })));
+  await waitFor(() => {
+    assert.match(text(view), /^live\|\d+\|\[\{"id":10,"v":"before"\}\]/);
+  }, WAIT);
+  const oldNode = resolver.nodeId;
+
+  await node.kill();
+  await until(() => c.state === 'reconnecting', 'the client to notice');
+  // While the node is away the rows held stay on screen.
+  assert.match(text(view), /^live\|\d+\|\[\{"id":10,"v":"before"\}\]/);
+  await resolver.set('items', '10', { rows: [{ id: 10, v: 'after' }] });
+  await node.start();
+  await resolver.waitRegistered(oldNode);
+
+  await waitFor(() => {
+    assert.match(text(view), /^live\|\d+\|\[\{"id":10,"v":"after"\}\]\|-$/);
+  }, WAIT);
+  assert.equal(c.state, 'open');
+});
