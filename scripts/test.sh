@@ -148,3 +148,15 @@ fi
   fi
   npm test
 )
+# The React bindings (clients/react), on the client package's committed build:
+# against the node binary and the testkit's resolver, and a vite-built page in
+# headless Chromium.
+(
+  cd clients/react
+  if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund
+  fi
+  npm run lint
+  npm run typecheck
+  npm test
+)
