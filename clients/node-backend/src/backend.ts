@@ -102,8 +102,7 @@ export function eachId(
   f: (id: string, request: ResolveRequest) => Answer | Promise<Answer>,
 ): Handler {
   return async (request) => {
-    const answers = await Promise.all(request.ids.map((id) => f(id, request)));
-    return request.ids.map((id, i) => [id, answers[i] as Answer] as const);
+    return Promise.all(request.ids.map(async (id) => [id, await f(id, request)] as const));
   };
 }
 
@@ -249,7 +248,7 @@ export class Backend {
     try {
       // Registered first.
       const registerBy = Date.now() + REGISTER_TIMEOUT_MS;
-      while (inbox.items.length === 0 && !inbox.ended && !stop.aborted) {
+      while (inbox.items.length === 0 && !inbox.hasEnded() && !stop.aborted) {
         const left = registerBy - Date.now();
         if (left <= 0) {
           throw new EntitySyncError(
@@ -295,7 +294,7 @@ export class Backend {
           dispatch(message);
           continue;
         }
-        if (inbox.ended) throw this.#ended(inbox);
+        if (inbox.hasEnded()) throw this.#ended(inbox);
         if (stop.aborted) break;
         await Promise.race([inbox.changed(), stopped.done]);
       }
@@ -313,7 +312,7 @@ export class Backend {
           dispatch(message);
           continue;
         }
-        if (inbox.ended) break; // no answer can go out any more
+        if (inbox.hasEnded()) break; // no answer can go out any more
         const left = drainBy - Date.now();
         if (left <= 0) {
           this.#log.warn(

@@ -45,8 +45,13 @@ export class Outbox<T> implements AsyncIterable<T> {
  */
 export class Inbox<T> {
   readonly items: T[] = [];
-  ended = false;
+  #ended = false;
   error: unknown = undefined;
+
+  /** Whether the iterable ended (or failed: see `error`). */
+  hasEnded(): boolean {
+    return this.#ended;
+  }
   #waiters: (() => void)[] = [];
 
   /** Reads `source` to its end (never rejects: a failure is kept in `error`). */
@@ -59,13 +64,13 @@ export class Inbox<T> {
     } catch (err) {
       this.error = err;
     } finally {
-      this.ended = true;
+      this.#ended = true;
       this.#notify();
     }
   }
 
   changed(): Promise<void> {
-    if (this.items.length > 0 || this.ended) return Promise.resolve();
+    if (this.items.length > 0 || this.#ended) return Promise.resolve();
     return new Promise((done) => this.#waiters.push(done));
   }
 

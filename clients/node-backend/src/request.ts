@@ -139,7 +139,7 @@ export class Answer {
     status: AnswerStatus,
     rowsJson: readonly Uint8Array[] = [],
     message = '',
-    version: bigint = 0n,
+    version = 0n,
   ) {
     this.status = status;
     this.rowsJson = rowsJson;

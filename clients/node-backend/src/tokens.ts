@@ -272,16 +272,14 @@ export class SubscribeTokenSigner {
     const input = `${b64url(JSON.stringify(header))}.${b64url(JSON.stringify(normalize(claims)))}`;
     let signature: Buffer;
     if (this.alg === 'HS256') {
-      signature = createHmac('sha256', this.#key as Buffer)
-        .update(input)
-        .digest();
+      signature = createHmac('sha256', this.#key).update(input).digest();
     } else if (this.alg === 'ES256') {
       signature = cryptoSign('sha256', Buffer.from(input), {
         key: this.#key as KeyObject,
         dsaEncoding: 'ieee-p1363',
       });
     } else {
-      signature = cryptoSign(null, Buffer.from(input), this.#key as KeyObject);
+      signature = cryptoSign(null, Buffer.from(input), this.#key);
     }
     return `${input}.${b64url(signature)}`;
   }

@@ -3,11 +3,11 @@
 // that records every frame, and a logger that keeps what it is told.
 
 import { existsSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 
-export const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-export const repoRoot = resolve(packageRoot, '..', '..');
+import { repoRoot } from './paths.mjs';
+
+export { packageRoot, repoRoot } from './paths.mjs';
 
 // The harness finds the binaries by these variables, else in the
 // repository's target/debug; set them here so both agree.
@@ -78,14 +78,6 @@ export class WsClient {
   }
 }
 
-/** A logger that records what it gets (and prints nothing). */
-export function recordingLogger() {
-  const lines = [];
-  const at = (level) => (message) => lines.push({ level, message: String(message) });
-  return {
-    lines,
-    logger: { debug: at('debug'), info: at('info'), warn: at('warn'), error: at('error') },
-  };
-}
+export { recordingLogger } from './logger.mjs';
 
 export const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
