@@ -113,7 +113,7 @@ test('NOT_FOUND, FORBIDDEN and ERROR answers reach the client as error frames; a
   const body = async (id) => (await client.waitFor('error', 'things', id))[0].body;
   assert.deepEqual(await body('missing'), {
     code: 'not_found',
-    message: console.log(JSON.stringify(await body('missing'))),
+    message: 'no such key',
     entity: 'things',
     id: 'missing',
   });
@@ -222,7 +222,13 @@ test('aborting the signal drains: in-flight requests are answered, then the stre
   );
   // The node has no resolver of the entity any more: a new subscribe is not answered by us.
   client.subscribe('drained', 'c');
-  console.log(JSON.stringify((await client.waitFor('error', 'drained', 'c'))[0]));
+  const [refused] = await client.waitFor('error', 'drained', 'c');
+  assert.deepEqual(refused.body, {
+    code: 'no_resolver',
+    message: 'no resolver serves entity "drained"',
+    entity: 'drained',
+    id: 'c',
+  });
   assert.equal(calls, 2);
 });
 
