@@ -69,7 +69,11 @@ export class EntitySyncError extends Error {
   static from(err: unknown): EntitySyncError {
     if (err instanceof EntitySyncError) return err;
     const connect = ConnectError.from(err);
-    const status = connect.code;
+    let status = connect.code;
+    // A TLS handshake that failed (an untrusted or expired certificate, a
+    // name mismatch) is the connection's failure, as in gRPC's own clients:
+    // UNAVAILABLE, retried (the certificate may be replaced meanwhile).
+    if (isTlsFailure(connect.cause ?? err)) status = Code.Unavailable;
     const kind: ErrorKind = REJECTED.has(status)
       ? 'rejected'
       : UNAVAILABLE.has(status)
@@ -77,6 +81,11 @@ export class EntitySyncError extends Error {
         : 'stream';
     return new EntitySyncError(kind, connect.rawMessage, status);
   }
+}
+
+function isTlsFailure(cause: unknown): boolean {
+  const code = (cause as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && /CERT|TLS|SSL|SIGNATURE|ISSUER/.test(code);
 }
 
 /** A configuration error (never retryable). */
