@@ -62,7 +62,9 @@ function verify(jwksJson, token) {
     const expected = createHmac('sha256', Buffer.from(jwk.k, 'base64url')).update(input).digest();
     ok = expected.equals(signature);
   } else {
-    const { kid: _kid, alg: _alg, ...material } = jwk;
+    const material = { ...jwk };
+    delete material.kid;
+    delete material.alg;
     const key = createPublicKey({ key: material, format: 'jwk' });
     ok =
       jwk.kty === 'EC'
