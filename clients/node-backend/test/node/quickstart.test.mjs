@@ -3,6 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { after, before, test } from 'node:test';
@@ -59,4 +60,13 @@ test('the quickstart serves items and notifies', async () => {
   } finally {
     child.kill('SIGKILL');
   }
+});
+
+test('the README shows the quickstart as it is', () => {
+  const example = readFileSync(join(packageRoot, 'examples', 'quickstart.ts'), 'utf8');
+  const body = example.slice(example.indexOf('import '));
+  const readme = readFileSync(join(packageRoot, 'README.md'), 'utf8');
+  const shown = readme.match(/```ts\n(import [^`]*)```/);
+  assert.ok(shown, 'no ts block in the README');
+  assert.equal(shown[1], body);
 });
