@@ -66,7 +66,7 @@ test('the README shows the quickstart as it is', () => {
   const example = readFileSync(join(packageRoot, 'examples', 'quickstart.ts'), 'utf8');
   const body = example.slice(example.indexOf('import '));
   const readme = readFileSync(join(packageRoot, 'README.md'), 'utf8');
-  const shown = readme.match(/```ts\n(import [^`]*)```/);
+  const shown = readme.match(/```ts\n(import [\s\S]*?\n)```/);
   assert.ok(shown, 'no ts block in the README');
   assert.equal(shown[1], body);
 });
