@@ -250,3 +250,53 @@ test('a node restarted on the same ports: the backend registers again and serves
   const [push] = await client.waitFor('push', 'items', 'x');
   assert.deepEqual(push.body.rows, [{ id: 'x', from: 'backend' }]);
 });
+
+test('pass-through: client messages without an action reach the handler', async () => {
+  const received = [];
+  await start({
+    name: 'passer',
+    entities: {},
+    passThrough: (message) => {
+      received.push({ id: message.connectionId, json: message.json(), secret: message.secret });
+    },
+  });
+  const client = await ws();
+  client.send({ action: 'secret', body: 'pt-secret' });
+  client.send({ type: 'hello', n: 1 });
+  client.send({ type: 'hello', n: 2 });
+  await until(() => received.length === 2, 'two pass-through messages');
+  assert.deepEqual(
+    received.map((r) => [r.json, r.secret]),
+    [
+      [{ type: 'hello', n: 1 }, 'pt-secret'],
+      [{ type: 'hello', n: 2 }, 'pt-secret'],
+    ],
+  );
+  assert.ok(received[0].id);
+  assert.equal(received[0].id, received[1].id);
+});
+
+test('refreshEveryMs: the node re-resolves a subscribed key without a Notify', async () => {
+  const reasons = [];
+  await start({
+    name: 'refresher',
+    entities: {
+      clocks: {
+        fetchMode: FetchMode.SHARED,
+        refreshEveryMs: 1_000,
+        handler: (req) => {
+          reasons.push(req.reason);
+          return req.ids.map((id) => [id, Answer.row({ id, n: reasons.length })]);
+        },
+      },
+    },
+  });
+  const client = await ws();
+  client.subscribe('clocks', 'c1');
+  await client.waitFor('push', 'clocks', 'c1');
+  await until(() => reasons.includes('change'), 'a refresh', 5_000);
+  assert.equal(reasons[0], 'subscribe');
+  // The refresh's rows differ (n grew): they are pushed.
+  const pushes = await client.waitFor('push', 'clocks', 'c1', 2);
+  assert.notDeepEqual(pushes[1].body.rows, pushes[0].body.rows);
+});
