@@ -123,6 +123,7 @@ export class Backend {
   #state: BackendState = { phase: 'connecting', nodeId: '', resolverId: '' };
   #stateWaiters: (() => void)[] = [];
   #inFlight = 0;
+  #serving = false;
 
   constructor(node: string, options: BackendOptions) {
     if (!options.name.trim()) throw configError('a backend needs a name');
@@ -201,6 +202,8 @@ export class Backend {
    * registration for good (invalid, unauthenticated, not permitted).
    */
   async serve(signal?: AbortSignal): Promise<void> {
+    if (this.#serving) throw configError('this backend is serving already');
+    this.#serving = true;
     const stop = signal ?? new AbortController().signal;
     const backoff = new Backoff(this.#reconnect.initialMs, this.#reconnect.maxMs);
     try {
@@ -227,6 +230,7 @@ export class Backend {
         pause.cancel();
       }
     } finally {
+      this.#serving = false;
       this.#setState({ phase: 'stopped', nodeId: '', resolverId: '' });
     }
   }
@@ -282,11 +286,15 @@ export class Backend {
         if (work === undefined) return;
         active += 1;
         this.#inFlight += 1;
-        void work.finally(() => {
-          active -= 1;
-          this.#inFlight -= 1;
-          if (active === 0) idle();
-        });
+        void work
+          .catch((err: unknown) => {
+            this.#log.error(`answering a request failed: ${errorText(err)}`);
+          })
+          .finally(() => {
+            active -= 1;
+            this.#inFlight -= 1;
+            if (active === 0) idle();
+          });
       };
       for (;;) {
         const message = inbox.items.shift();

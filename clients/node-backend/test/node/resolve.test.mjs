@@ -240,6 +240,7 @@ test('a node restarted on the same ports: the backend registers again and serves
   });
   const before = backend.state.nodeId;
   assert.ok(before);
+  await assert.rejects(backend.serve(), (err) => err.kind === 'config');
   await node.stop();
   await until(() => backend.state.phase !== 'registered', 'the backend to see the node go');
   await node.start();
@@ -299,4 +300,20 @@ test('refreshEveryMs: the node re-resolves a subscribed key without a Notify', a
   // The refresh's rows differ (n grew): they are pushed.
   const pushes = await client.waitFor('push', 'clocks', 'c1', 2);
   assert.notDeepEqual(pushes[1].body.rows, pushes[0].body.rows);
+});
+
+test('a registration the node refuses for good rejects serve, without retrying', async () => {
+  const { logger, lines } = recordingLogger();
+  const backend = new Backend(node.grpcUrl, {
+    name: 'invalid',
+    logger,
+    entities: { 'not a valid entity name!': () => ({}) },
+  });
+  await assert.rejects(backend.serve(), (err) => {
+    assert.equal(err.kind, 'rejected');
+    assert.equal(err.code, 'INVALID_ARGUMENT');
+    return true;
+  });
+  assert.equal(backend.state.phase, 'stopped');
+  assert.equal(lines.filter((l) => l.level === 'warn').length, 0, 'retried');
 });
