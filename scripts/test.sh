@@ -148,6 +148,18 @@ fi
   fi
   npm test
 )
+# The Node.js backend package (clients/node-backend): its generated messages
+# checked, then against the node binary (restarts, drain, TLS and tokens, its
+# quickstart compiled and run).
+(
+  cd clients/node-backend
+  if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund
+  fi
+  npm run lint
+  npm run typecheck
+  npm test
+)
 # The React bindings (clients/react), on the client package's committed build:
 # against the node binary and the testkit's resolver, and a vite-built page in
 # headless Chromium.

@@ -110,13 +110,11 @@ impl Dispatcher {
         let join_secret = if shared { "" } else { &*secret };
         if !may_join
             && self.may_wait_to_join()
-            && (resolvers.can_join(&key, join_secret, shared)
-                || (shared && resolvers.cache().holds(&key)))
+            && resolvers.can_join(&key, join_secret, shared)
         {
-            // A resolve of this key and secret is in flight (or, for a token
-            // subscribe, the node cache holds the key): worth waiting a
-            // moment for this node to consume the changes up to `base` (it
-            // is usually a few milliseconds behind the bus's head), not
+            // A resolve of this key and secret is in flight: worth waiting
+            // a moment for this node to consume the changes up to `base`
+            // (it is usually a few milliseconds behind the bus's head), not
             // longer than a resolve of its own would take.
             let mut applied = self.inner.applied_watch.subscribe();
             let caught_up = applied.wait_for(|applied| *applied >= base);
@@ -248,8 +246,12 @@ impl Dispatcher {
                 held,
             )
         } else {
-            let caught_up = self.applied() >= base;
-            let Some(frame) = self.inner.resolvers.cache().current(key, caught_up) else {
+            // The newest rows this node has seen of the key: changes it has
+            // not consumed yet reach the subscription as pushes once it is
+            // active, and one consumed while it is pending makes the change
+            // flow resolve it again (`missed`). So, unlike a version to
+            // place, the snapshot needs no catching up to `base`.
+            let Some(frame) = self.inner.resolvers.cache().current(key, true) else {
                 return false;
             };
             if resume.is_some() {

@@ -168,8 +168,8 @@ impl NodeCache {
         placed
     }
 
-    /// The push cached for `key` if it is current (no change after it seen,
-    /// the node caught up on the bus: `caught_up`), as a subscribe's
+    /// The push cached for `key` if it is current (no change after it seen;
+    /// and `caught_up`, the caller's condition on the bus), as a subscribe's
     /// snapshot. Counts a hit or a miss.
     pub(crate) fn current(&self, key: &Key, caught_up: bool) -> Option<PushFrame> {
         let mut state = self.inner.state.lock().unwrap();
@@ -187,11 +187,6 @@ impl NodeCache {
             Metrics::inc(&metrics.cache_misses_total);
         }
         frame
-    }
-
-    /// Whether the cache has an entry for `key` (current or not).
-    pub(crate) fn holds(&self, key: &Key) -> bool {
-        self.inner.state.lock().unwrap().entries.contains_key(key)
     }
 
     /// The version of the push cached for `key`, if any.

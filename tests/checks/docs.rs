@@ -170,6 +170,17 @@ fn the_readme_shows_the_rust_quickstart_as_it_is() {
     );
 }
 
+#[test]
+fn the_readme_shows_the_node_quickstart_as_it_is() {
+    let code = read(&root().join("clients/node-backend/examples/quickstart.ts"));
+    let body = &code[code.find("import ").expect("an import line")..];
+    let readme = read(&root().join("README.md"));
+    assert!(
+        readme.contains(&format!("```ts\n{body}```")),
+        "README.md does not show clients/node-backend/examples/quickstart.ts (from its first `import`) as it is"
+    );
+}
+
 /// The Markdown files whose links must resolve.
 fn markdown_files() -> Vec<PathBuf> {
     let mut files = vec![root().join("README.md"), root().join("deploy/README.md")];
