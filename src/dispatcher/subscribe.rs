@@ -108,10 +108,7 @@ impl Dispatcher {
         let mut may_join = self.applied() >= base;
         // A shared request carries no secret.
         let join_secret = if shared { "" } else { &*secret };
-        if !may_join
-            && self.may_wait_to_join()
-            && resolvers.can_join(&key, join_secret, shared)
-        {
+        if !may_join && self.may_wait_to_join() && resolvers.can_join(&key, join_secret, shared) {
             // A resolve of this key and secret is in flight: worth waiting
             // a moment for this node to consume the changes up to `base`
             // (it is usually a few milliseconds behind the bus's head), not
