@@ -444,7 +444,18 @@ async def test_the_quickstart_serves_notifies_and_stops_on_sigint(node: NodeProc
         line = await asyncio.wait_for(process.stdout.readline(), timeout=DEADLINE)  # type: ignore[union-attr]
         assert line.startswith(b"notified, bus sequence "), line
         async with await WsClient.connect(node.ws_url) as client:
-            _, rows = await client.subscribe("items", "101")
+            # The notify can be answered before the serve task registered:
+            # until it has, the node has no resolver for items.
+            async with asyncio.timeout(DEADLINE):
+                while True:
+                    await client.send_subscribe("items", "101")
+                    frame = await client.recv()
+                    if frame["action"] != "error":
+                        break
+                    assert frame["body"]["code"] == "no_resolver", frame
+                    await asyncio.sleep(0.05)
+            assert frame == {"action": "subscribed", "body": {"entity": "items", "id": "101"}}
+            _, rows = await client.expect_push("items", "101")
             assert rows == [{"id": 101, "name": "milk", "qty": 2}]
             await client.send_subscribe("items", "102")
             assert await client.expect_error("not_found", "items", "102") == NOT_FOUND_MESSAGE

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { after, before, test } from 'node:test';
 
-import { NodeProcess, WsClient, packageRoot, until } from '../support/env.mjs';
+import { NodeProcess, WsClient, metric, packageRoot, until } from '../support/env.mjs';
 
 let node;
 before(async () => {
@@ -42,6 +42,11 @@ test('the quickstart serves items and notifies', async () => {
   try {
     await until(() => out.length > 0, 'the quickstart’s output');
     assert.match(out[0], /^notified, bus sequence \d+$/);
+    // The notify can be answered before the serve call registered.
+    await until(
+      async () => metric(await node.metrics(), 'entity_sync_resolvers') === 1,
+      'the quickstart registered',
+    );
     const client = await WsClient.open(node);
     client.subscribe('items', 101);
     client.subscribe('items', 7);

@@ -21,7 +21,13 @@ for (const [name, envVar] of [
   }
 }
 
-export { NodeProcess, makeCerts, until, DEADLINE_MS } from '../../../js/test/support/harness.mjs';
+export {
+  NodeProcess,
+  makeCerts,
+  metric,
+  until,
+  DEADLINE_MS,
+} from '../../../js/test/support/harness.mjs';
 
 /** A websocket client that records every frame it receives. */
 export class WsClient {
