@@ -248,7 +248,7 @@ impl Dispatcher {
             // active, and one consumed while it is pending makes the change
             // flow resolve it again (`missed`). So, unlike a version to
             // place, the snapshot needs no catching up to `base`.
-            let Some(frame) = self.inner.resolvers.cache().current(key, true) else {
+            let Some(frame) = self.inner.resolvers.cache().current(key) else {
                 return false;
             };
             if resume.is_some() {

@@ -146,39 +146,30 @@ impl NodeCache {
     /// holds a push at or before `version` and has seen no change after it.
     /// Counts a hit or a miss.
     pub(crate) fn place(&self, key: &Key, version: u64, caught_up: bool) -> Placed {
-        let mut state = self.inner.state.lock().unwrap();
-        let placed = match state.entries.get(key) {
-            Some(entry)
-                if caught_up
-                    && entry.bus_version
-                    && entry.seen <= entry.frame.version
-                    && entry.frame.version <= version =>
-            {
-                Placed::Current
-            }
-            _ => Placed::Unknown,
-        };
-        let metrics = &self.inner.metrics;
-        if placed == Placed::Current {
-            state.touch(key);
-            Metrics::inc(&metrics.cache_hits_total);
-        } else {
-            Metrics::inc(&metrics.cache_misses_total);
+        match self.current_where(key, |frame| caught_up && frame.version <= version) {
+            Some(_) => Placed::Current,
+            None => Placed::Unknown,
         }
-        placed
     }
 
-    /// The push cached for `key` if it is current (no change after it seen;
-    /// and `caught_up`, the caller's condition on the bus), as a subscribe's
-    /// snapshot. Counts a hit or a miss.
-    pub(crate) fn current(&self, key: &Key, caught_up: bool) -> Option<PushFrame> {
+    /// The push cached for `key` if it is current (no change after it
+    /// seen), as a subscribe's snapshot. Counts a hit or a miss.
+    pub(crate) fn current(&self, key: &Key) -> Option<PushFrame> {
+        self.current_where(key, |_| true)
+    }
+
+    /// The entry's push, when the entry is current (a bus version, no
+    /// change seen after it) and `accept` takes it: a hit (the key is used
+    /// now), else a miss.
+    fn current_where(&self, key: &Key, accept: impl Fn(&PushFrame) -> bool) -> Option<PushFrame> {
         let mut state = self.inner.state.lock().unwrap();
-        let frame = match state.entries.get(key) {
-            Some(entry) if caught_up && entry.bus_version && entry.seen <= entry.frame.version => {
-                Some(entry.frame.clone())
-            }
-            _ => None,
-        };
+        let frame = state
+            .entries
+            .get(key)
+            .filter(|entry| {
+                entry.bus_version && entry.seen <= entry.frame.version && accept(&entry.frame)
+            })
+            .map(|entry| entry.frame.clone());
         let metrics = &self.inner.metrics;
         if frame.is_some() {
             state.touch(key);
