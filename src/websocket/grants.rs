@@ -192,13 +192,7 @@ impl Grants {
                     break;
                 }
                 state.due.pop_first();
-                if let Some(held) = state.held.remove(&(conn, key.clone())) {
-                    if let Some(keys) = state.by_conn.get_mut(&conn) {
-                        keys.remove(&key);
-                        if keys.is_empty() {
-                            state.by_conn.remove(&conn);
-                        }
-                    }
+                if let Some(held) = state.forget(conn, &key) {
                     ended.push((held.conn, key));
                 }
             }
@@ -226,15 +220,16 @@ impl Grants {
 }
 
 impl State {
-    fn forget(&mut self, conn: ConnId, key: &Key) {
-        if let Some(held) = self.held.remove(&(conn, key.clone())) {
-            self.due.remove(&(held.exp, conn, key.clone()));
-            if let Some(keys) = self.by_conn.get_mut(&conn) {
-                keys.remove(key);
-                if keys.is_empty() {
-                    self.by_conn.remove(&conn);
-                }
+    /// Drops `conn`'s entry of `key` from every index; the entry, if any.
+    fn forget(&mut self, conn: ConnId, key: &Key) -> Option<Held> {
+        let held = self.held.remove(&(conn, key.clone()))?;
+        self.due.remove(&(held.exp, conn, key.clone()));
+        if let Some(keys) = self.by_conn.get_mut(&conn) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_conn.remove(&conn);
             }
         }
+        Some(held)
     }
 }
