@@ -112,14 +112,16 @@ export class Notifier {
     );
     const giveUp = Date.now() + this.#retryForMs;
     const backoff = new Backoff(RETRY_MIN_MS, RETRY_MAX_MS);
+    let earlier: EntitySyncError | undefined;
     for (let attempts = 1; ; attempts++) {
       const client = this.#connect();
       let answeredTraceId = '';
       let error: EntitySyncError;
+      const timeoutMs = Math.max(1, Math.min(this.#callTimeoutMs, giveUp - Date.now()));
       try {
         const callOptions = {
           headers,
-          timeoutMs: Math.max(1, Math.min(this.#callTimeoutMs, giveUp - Date.now())),
+          timeoutMs,
           onHeader: (h: Headers) => {
             answeredTraceId = h.get(TRACE_ID_HEADER) ?? '';
           },
@@ -140,6 +142,17 @@ export class Notifier {
       // CANCELLED: the call ended before an answer, its outcome unknown;
       // safe to repeat under the same idempotency key.
       if (error.kind !== 'unavailable' && error.status !== Code.Canceled) throw error;
+      // An attempt cut short by what was left of the budget says only that
+      // time ran out; the attempt before it says why (e.g. an untrusted
+      // certificate), so that is the error a caller gets.
+      if (
+        error.status === Code.DeadlineExceeded &&
+        timeoutMs < this.#callTimeoutMs &&
+        earlier !== undefined
+      ) {
+        error = earlier;
+      }
+      earlier = error;
       const wait = backoff.nextDelay();
       if (Date.now() + wait >= giveUp) {
         this.#log.warn(`notify failed after ${String(attempts)} attempts: ${error.message}`);
