@@ -34,7 +34,7 @@ use crate::{
 pub const MAX_REFUSAL_MESSAGE_BYTES: usize = 1024;
 
 fn text(frame: FrameText) -> String {
-    frame.into_utf8().as_str().to_owned()
+    frame.text().to_owned()
 }
 
 fn parse(frame: &str) -> Value {

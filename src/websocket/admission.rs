@@ -217,7 +217,7 @@ impl ConnState {
 
     /// Counts `n` bytes just read; false when the connection must be closed
     /// to keep the node within its read budget.
-    fn read(&self, n: usize) -> bool {
+    pub(crate) fn read(&self, n: usize) -> bool {
         if n == 0 {
             return true;
         }
@@ -305,6 +305,11 @@ pub(crate) struct Deadlined<IO> {
 impl<IO> Deadlined<IO> {
     pub(crate) fn state(&self) -> &Arc<ConnState> {
         &self.state
+    }
+
+    /// The connection itself (a websocket's session charges its reads).
+    pub(crate) fn into_inner(self) -> IO {
+        self.io
     }
 
     /// An error once the deadline passed while not a websocket; registers

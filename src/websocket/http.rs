@@ -10,7 +10,7 @@ use std::{
 
 use axum::{
     Router,
-    extract::{ConnectInfo, Request, State, WebSocketUpgrade, connect_info::Connected},
+    extract::{ConnectInfo, Request, State, connect_info::Connected},
     http::{HeaderMap, HeaderValue, StatusCode, Version, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -18,7 +18,8 @@ use axum::{
     serve::{IncomingStream, Listener, ListenerExt},
 };
 use futures_util::FutureExt;
-use tokio::net::TcpListener;
+use hyper_util::{rt::TokioIo, server::conn::auto::upgrade::downcast};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
@@ -29,24 +30,9 @@ use crate::{
     ops::metrics::{self, Live, Stats},
     ops::tasks::Tasks,
     ops::tls::TlsListener,
-    websocket::admission::{self, Admission, Admitting, ConnInfo},
-    websocket::session,
+    websocket::admission::{self, Admission, Admitting, ConnInfo, Deadlined},
+    websocket::session::{self, TlsIo, Upgraded},
 };
-
-/// Read buffer of each websocket, in bytes. tungstenite allocates it up front
-/// and zero-fills it on every read, so it is small on purpose: client messages
-/// are small (a subscribe is about 70 bytes with its frame header), and idle
-/// connections should cost little memory (512 bytes cost 0.36 kB more per
-/// idle connection). Larger messages still arrive (the buffer grows to the
-/// frame's length once its header is read).
-const WS_READ_BUFFER_BYTES: usize = 128;
-/// Bytes of queued frames after which a write goes out before the batch ends.
-const WS_WRITE_BUFFER_BYTES: usize = 4096;
-/// Hard cap on one client frame, as a multiple of `max_message_bytes`; above
-/// it the connection is closed with 1009 instead of getting an error frame
-/// (tungstenite holds a frame whole while it arrives: this is what one
-/// connection can make the node buffer).
-const HARD_CAP_FACTOR: usize = 2;
 
 /// State of the HTTP router: a cheap-clone handle.
 #[derive(Clone)]
@@ -217,13 +203,24 @@ where
     });
 }
 
+/// Answers a websocket upgrade (RFC 6455 section 4.2) and, once hyper hands
+/// the connection over, serves it as a session.
 async fn upgrade(
-    ws: WebSocketUpgrade,
     ConnectInfo(info): ConnectInfo<ConnInfo>,
     State(state): State<HttpState>,
-    headers: HeaderMap,
+    mut request: Request,
 ) -> Response {
     let peer = info.peer;
+    let headers = request.headers();
+    if let Err(refusal) = check_upgrade(headers) {
+        return refusal.into_response();
+    }
+    let Some(accept) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|key| tungstenite::handshake::derive_accept_key(key.as_bytes()))
+    else {
+        return (StatusCode::BAD_REQUEST, "Sec-WebSocket-Key missing\n").into_response();
+    };
     if !state.ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
@@ -242,6 +239,16 @@ async fn upgrade(
             .note_refusal("websocket upgrades refused: origin not allowed (--allowed-origins)");
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded\n",
+        )
+            .into_response();
+    };
     let ctx = state.sessions.clone();
     // Decided when the connection was accepted (see `admission`): sockets
     // still handshaking count too, and concurrent upgrades cannot pass the
@@ -258,7 +265,6 @@ async fn upgrade(
             .into_response();
     }
     let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let hard_cap = ctx.config.max_message_bytes.saturating_mul(HARD_CAP_FACTOR);
     // Tracked from the moment the upgrade is answered (not when the session
     // starts), so a shutdown right after it still waits for the 1001 close.
     let token = ctx.tasks.tracker().token();
@@ -266,20 +272,81 @@ async fn upgrade(
     // timeouts (idle, write) take over.
     info.state.upgraded();
     let admitted = info.state;
-    ws.read_buffer_size(WS_READ_BUFFER_BYTES)
-        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
-        .max_message_size(hard_cap)
-        .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| {
-            let span = tracing::info_span!("conn", conn.id = id, peer = %peer);
-            // `map` holds the token beside the session future; an async
-            // block would store the session's arguments and its future both,
-            // ~0.5 kB more per connection. Opened in the span, so its log
-            // lines carry the connection's id too.
-            span.in_scope(|| session::serve(socket, ctx, id, peer, admitted))
-                .map(move |()| drop(token))
-                .instrument(span)
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                tracing::debug!(%peer, %err, "websocket upgrade failed");
+                return;
+            }
+        };
+        let Some(upgraded) = take_over(upgraded) else {
+            tracing::error!(%peer, "websocket upgrade: the connection is of an unknown kind");
+            return;
+        };
+        let span = tracing::info_span!("conn", conn.id = id, peer = %peer);
+        // `map` holds the token beside the session future; an async block
+        // would store the session's arguments and its future both. Opened
+        // in the span, so its log lines carry the connection's id too.
+        span.in_scope(|| session::serve(upgraded, ctx, id, peer, admitted))
+            .map(move |()| drop(token))
+            .instrument(span)
+            .await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, HeaderValue::from_static("upgrade"))
+        .header(header::UPGRADE, HeaderValue::from_static("websocket"))
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(axum::body::Body::empty())
+        .expect("a valid response")
+}
+
+/// A websocket upgrade request, or why it is not one.
+fn check_upgrade(headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|value| {
+                value
+                    .split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
         })
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err((
+            StatusCode::UPGRADE_REQUIRED,
+            "this is a websocket endpoint: send Connection: Upgrade and Upgrade: websocket\n",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|version| version.as_bytes() != b"13")
+    {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Version must be 13\n",
+        ));
+    }
+    Ok(())
+}
+
+/// The connection hyper served, as the session takes it over.
+fn take_over(upgraded: hyper::upgrade::Upgraded) -> Option<Upgraded> {
+    let upgraded = match downcast::<TokioIo<Deadlined<TcpStream>>>(upgraded) {
+        Ok(parts) => {
+            return Some(Upgraded::Tcp {
+                socket: parts.io.into_inner().into_inner(),
+                read_ahead: parts.read_buf,
+            });
+        }
+        Err(upgraded) => upgraded,
+    };
+    let parts = downcast::<TokioIo<TlsIo>>(upgraded).ok()?;
+    Some(Upgraded::Tls {
+        stream: Box::new(parts.io.into_inner()),
+        read_ahead: parts.read_buf,
+    })
 }
 
 /// 200 `ready`, or 503 `not ready: REASON` (`draining`, `bus down`, `bus

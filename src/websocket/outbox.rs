@@ -2,9 +2,16 @@
 //!
 //! Producers (the dispatcher, subscribe completions, the session itself) put
 //! frames in; the connection's session takes everything queued in one go and
-//! writes it with a single flush. A newer push for a key replaces the queued
-//! one in place, so a slow reader never sees intermediate states pile up; a
-//! reader so slow that the queue still passes its byte bound is closed.
+//! writes it in one vectored write. A newer push for a key replaces the
+//! queued one in place, so a slow reader never sees intermediate states pile
+//! up; a reader so slow that the queue still passes its byte bound is closed.
+//!
+//! A frame for a connection with nothing queued and no write under way is
+//! written by its producer straight to the socket (plain TCP only: a TLS
+//! session's state belongs to its task), without waking the session: the
+//! usual case of a push to a reader that keeps up costs one `send` and no
+//! task switch. Only a socket that takes part of it, or none, hands the
+//! rest to the queue and the session.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -16,7 +23,9 @@ use std::{
     task::Poll,
 };
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use tokio::net::TcpStream;
 
 use crate::{
     key::Key,
@@ -52,6 +61,9 @@ pub(crate) enum Queued {
     Overflow,
     /// The queue was already closed.
     Closed,
+    /// Written to the socket at once (all of it, or its start with the rest
+    /// queued first in line).
+    Written,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +73,9 @@ enum Kind {
     /// A control frame; its key (if any) fences earlier pushes of that key
     /// from being replaced by later ones.
     Control,
+    /// The rest of a frame the socket took only part of: first in line,
+    /// and kept when the queue closes (the close frame must follow it).
+    Rest,
 }
 
 struct Entry {
@@ -88,6 +103,11 @@ struct State {
     index: Option<Box<HashMap<Key, u64>>>,
     bytes: usize,
     closed: Option<CloseReason>,
+    /// The socket, while producers may write to it themselves.
+    direct: Option<Arc<TcpStream>>,
+    /// The session took frames and writes them: nothing may be written
+    /// directly until it is done.
+    writing: bool,
 }
 
 fn same_key(a: &Key, b: &Key) -> bool {
@@ -111,13 +131,39 @@ impl State {
         None
     }
 
+    /// Writes `frame` straight to the socket if nothing is queued or being
+    /// written (so order holds). `None`: it must be queued.
+    fn write_direct(&mut self, frame: &FrameText) -> Option<()> {
+        if self.writing || !self.queue.is_empty() {
+            return None;
+        }
+        let socket = self.direct.as_ref()?;
+        let wire = frame.wire();
+        match socket.try_write(wire) {
+            Ok(n) if n == wire.len() => Some(()),
+            Ok(n) if n > 0 => {
+                let rest = wire.slice(n..);
+                self.bytes += rest.len();
+                self.queue.push_back(Entry {
+                    key: None,
+                    kind: Kind::Rest,
+                    version: 0,
+                    payload: Payload::One(FrameText::raw(rest)),
+                });
+                Some(())
+            }
+            // Full (or broken: the session's write finds out).
+            _ => None,
+        }
+    }
+
     fn build_index(&mut self) {
         let mut index = HashMap::with_capacity(self.queue.len());
         for (i, entry) in self.queue.iter().enumerate() {
             if let Some(key) = &entry.key {
                 match entry.kind {
                     Kind::Push => index.insert(key.clone(), self.head + i as u64),
-                    Kind::Control => index.remove(key),
+                    Kind::Control | Kind::Rest => index.remove(key),
                 };
             }
         }
@@ -164,6 +210,15 @@ impl Outbox {
         }
     }
 
+    /// Lets producers write to `socket` themselves while the session is
+    /// not writing (see the module's docs).
+    pub(crate) fn write_directly_to(&self, socket: Arc<TcpStream>) {
+        let mut state = self.state.lock().unwrap();
+        if state.closed.is_none() {
+            state.direct = Some(socket);
+        }
+    }
+
     /// Tells the session that something is queued. A signal it has not
     /// taken yet needs no second wake: it sees the flag before it waits.
     fn signal(&self) {
@@ -193,6 +248,17 @@ impl Outbox {
         let mut state = self.state.lock().unwrap();
         if state.closed.is_some() {
             return Queued::Closed;
+        }
+        if let Payload::One(one) = &frame.payload
+            && let Some(()) = state.write_direct(one)
+        {
+            if state.queue.is_empty() {
+                return Queued::Written;
+            }
+            // The socket took part: the session writes the rest.
+            let result = self.check_bound(state, Queued::Written);
+            self.signal();
+            return result;
         }
         let new_len = frame.payload.len();
         if let Some(i) = state.replaceable(key) {
@@ -231,6 +297,14 @@ impl Outbox {
         let mut state = self.state.lock().unwrap();
         if state.closed.is_some() {
             return Queued::Closed;
+        }
+        if let Some(()) = state.write_direct(&frame) {
+            if state.queue.is_empty() {
+                return Queued::Written;
+            }
+            let result = self.check_bound(state, Queued::Written);
+            self.signal();
+            return result;
         }
         if let (Some(key), Some(index)) = (key, &mut state.index) {
             index.remove(key);
@@ -290,20 +364,28 @@ impl Outbox {
     }
 
     fn close(&self, mut state: std::sync::MutexGuard<'_, State>, reason: CloseReason) {
-        // Free the memory now; the session sends the close frame.
+        // Free the memory now; the session sends the close frame, after the
+        // rest of a frame the socket took part of.
+        let rest = state
+            .queue
+            .pop_front()
+            .filter(|entry| entry.kind == Kind::Rest);
         *state = State {
             closed: Some(reason),
+            writing: state.writing,
             ..State::default()
         };
+        state.queue.extend(rest);
         drop(state);
         self.signal();
         self.closing.store(true, Ordering::Release);
         self.closing_wake.wake();
     }
 
-    /// Moves every queued frame into `out` (in order). Returns the close
-    /// reason once the queue is closed.
-    pub(crate) fn take_queued(&self, out: &mut Vec<FrameText>) -> Option<CloseReason> {
+    /// Moves every queued frame's wire bytes into `out` (in order); until
+    /// [`Self::written`], nothing is written to the socket directly.
+    /// Returns the close reason once the queue is closed.
+    pub(crate) fn take_queued(&self, out: &mut Vec<Bytes>) -> Option<CloseReason> {
         let mut state = self.state.lock().unwrap();
         if let Some(reason) = state.closed {
             return Some(reason);
@@ -314,14 +396,40 @@ impl Outbox {
         state.bytes = 0;
         // Taken, not cleared: an idle connection keeps no queue memory.
         let queue = std::mem::take(&mut state.queue);
+        state.writing = !queue.is_empty();
         drop(state);
         for entry in queue {
             match entry.payload {
-                Payload::One(frame) => out.push(frame),
-                Payload::Many(frames) => out.extend(frames.iter().cloned()),
+                Payload::One(frame) => out.push(frame.into_wire()),
+                Payload::Many(frames) => out.extend(frames.iter().map(|f| f.wire().clone())),
             }
         }
         None
+    }
+
+    /// The session wrote all it took: producers may write directly again.
+    pub(crate) fn written(&self) {
+        self.state.lock().unwrap().writing = false;
+    }
+
+    /// The session ends: nothing is written or queued any more. Returns
+    /// the rest of a frame the socket took part of, which must go out
+    /// before a close frame.
+    pub(crate) fn end(&self) -> Option<Bytes> {
+        let mut state = self.state.lock().unwrap();
+        let rest = state
+            .queue
+            .pop_front()
+            .filter(|entry| entry.kind == Kind::Rest);
+        *state = State {
+            closed: Some(state.closed.unwrap_or(CloseReason::Shutdown)),
+            writing: true,
+            ..State::default()
+        };
+        rest.map(|entry| match entry.payload {
+            Payload::One(frame) => frame.into_wire(),
+            Payload::Many(_) => Bytes::new(),
+        })
     }
 
     /// Waits until something was queued, the queue closed or the ping timer
@@ -383,7 +491,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use crate::websocket::protocol::text_of_wire;
 
     fn key(id: &str) -> Key {
         Key::new("items", id).unwrap()
@@ -449,7 +557,7 @@ mod tests {
     fn taken(outbox: &Outbox) -> Vec<String> {
         let mut out = Vec::new();
         assert_eq!(outbox.take_queued(&mut out), None);
-        out.iter().map(|f| f.as_str().to_string()).collect()
+        out.iter().map(|wire| text_of_wire(wire)).collect()
     }
 
     #[test]

@@ -7,47 +7,142 @@
 
 use std::{fmt, sync::Arc};
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use serde_json::Value;
 
 use crate::key::{Key, KeyError, validate_part};
 
-/// The text of one outbound frame: UTF-8 (JSON) over [`Bytes`], so a clone
-/// is a reference count, and a frame built once is shared by every
-/// subscriber it goes to. Every constructor guarantees UTF-8.
+/// One outbound websocket frame as it goes on the wire: its header (final
+/// fragment, opcode, unmasked length) and then its payload, in one
+/// [`Bytes`]. A clone is a reference count: a push frame is framed once and
+/// the same bytes go to every subscriber, written as they are.
 ///
-/// It holds the websocket layer's own UTF-8 type: the session hands a frame
-/// to the socket as a text message as it is, where turning plain bytes into
-/// one would check the UTF-8 again for every subscriber (axum offers no
-/// unchecked conversion).
+/// Every constructor but the session's own control frames
+/// ([`FrameText::ping`], [`FrameText::raw`]) makes a text frame whose
+/// payload is UTF-8 (JSON).
 #[derive(Clone, PartialEq, Eq)]
-pub(crate) struct FrameText(Utf8Bytes);
+pub(crate) struct FrameText {
+    wire: Bytes,
+    /// Bytes of `wire` before the payload.
+    header: u8,
+}
+
+/// The longest server frame header: two bytes and a 64-bit length.
+pub(crate) const MAX_HEADER: usize = 10;
+const OP_TEXT: u8 = 0x1;
+const OP_PING: u8 = 0x9;
+const OP_CLOSE: u8 = 0x8;
+
+/// The header of an unmasked final frame of `len` payload bytes, and its length.
+fn header(opcode: u8, len: usize) -> ([u8; MAX_HEADER], usize) {
+    let mut head = [0u8; MAX_HEADER];
+    head[0] = 0x80 | opcode;
+    if len < 126 {
+        head[1] = len as u8;
+        (head, 2)
+    } else if let Ok(short) = u16::try_from(len) {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&short.to_be_bytes());
+        (head, 4)
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (head, 10)
+    }
+}
 
 impl FrameText {
-    pub(crate) const fn from_static(text: &'static str) -> Self {
-        Self(Utf8Bytes::from_static(text))
+    /// A frame of `opcode` carrying a copy of `payload`.
+    fn framed(opcode: u8, payload: &[u8]) -> Self {
+        let (head, n) = header(opcode, payload.len());
+        let mut wire = Vec::with_capacity(n + payload.len());
+        wire.extend_from_slice(&head[..n]);
+        wire.extend_from_slice(payload);
+        Self {
+            wire: Bytes::from(wire),
+            header: n as u8,
+        }
     }
 
+    /// The text frame of `buf[MAX_HEADER..]`: the header goes into the
+    /// room left at the front, so the payload is not copied.
+    pub(crate) fn from_reserved(mut buf: Vec<u8>) -> Self {
+        debug_assert!(std::str::from_utf8(&buf[MAX_HEADER..]).is_ok());
+        let (head, n) = header(OP_TEXT, buf.len() - MAX_HEADER);
+        let start = MAX_HEADER - n;
+        buf[start..MAX_HEADER].copy_from_slice(&head[..n]);
+        let mut wire = Bytes::from(buf);
+        bytes::Buf::advance(&mut wire, start);
+        Self {
+            wire,
+            header: n as u8,
+        }
+    }
+
+    pub(crate) fn from_static(text: &'static str) -> Self {
+        Self::framed(OP_TEXT, text.as_bytes())
+    }
+
+    /// A websocket ping with no payload.
+    pub(crate) fn ping() -> Self {
+        Self::framed(OP_PING, &[])
+    }
+
+    /// A close frame with `code` and `reason` (at most 123 bytes).
+    pub(crate) fn close(code: u16, reason: &str) -> Self {
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+        Self::framed(OP_CLOSE, &payload)
+    }
+
+    /// Bytes framed already (the websocket layer's replies: pongs, the
+    /// close echo), written as they are.
+    pub(crate) fn raw(wire: Bytes) -> Self {
+        Self { wire, header: 0 }
+    }
+
+    /// Bytes of the payload.
     pub(crate) fn len(&self) -> usize {
-        self.0.len()
+        self.wire.len() - usize::from(self.header)
     }
 
-    /// The text message's payload, without a copy or a check.
-    pub(crate) fn into_utf8(self) -> Utf8Bytes {
-        self.0
+    /// What goes on the wire.
+    pub(crate) fn wire(&self) -> &Bytes {
+        &self.wire
+    }
+
+    /// What goes on the wire.
+    pub(crate) fn into_wire(self) -> Bytes {
+        self.wire
+    }
+
+    /// The payload of a text frame.
+    pub(crate) fn text(&self) -> &str {
+        std::str::from_utf8(&self.wire[usize::from(self.header)..]).unwrap_or("")
     }
 
     #[cfg(test)]
     pub(crate) fn as_str(&self) -> &str {
-        self.0.as_str()
+        self.text()
     }
 }
 
+/// The payload of a final text frame's wire bytes.
+#[cfg(test)]
+pub(crate) fn text_of_wire(wire: &[u8]) -> String {
+    let header = match wire[1] & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    assert_eq!(wire[0], 0x81, "a final text frame");
+    String::from_utf8(wire[header..].to_vec()).unwrap()
+}
+
 impl From<String> for FrameText {
-    /// Takes the string's buffer over; no copy, no check.
     fn from(text: String) -> Self {
-        Self(Utf8Bytes::from(text))
+        Self::framed(OP_TEXT, text.as_bytes())
     }
 }
 
@@ -55,13 +150,14 @@ impl TryFrom<Bytes> for FrameText {
     type Error = std::str::Utf8Error;
 
     fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
-        Ok(Self(Utf8Bytes::try_from(bytes)?))
+        std::str::from_utf8(&bytes)?;
+        Ok(Self::framed(OP_TEXT, &bytes))
     }
 }
 
 impl fmt::Debug for FrameText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.0.as_str(), f)
+        fmt::Debug::fmt(self.text(), f)
     }
 }
 
@@ -367,7 +463,10 @@ impl PushFrame {
             Payload::Many(frames.into())
         } else {
             let rows_len: usize = rows.iter().map(|r| r.len() + 1).sum();
-            let mut out = Vec::with_capacity(64 + key.entity.len() + key.id.len() + rows_len);
+            let mut out =
+                Vec::with_capacity(MAX_HEADER + 64 + key.entity.len() + key.id.len() + rows_len);
+            // Room for the websocket header, written once the length is known.
+            out.resize(MAX_HEADER, 0);
             out.extend_from_slice(b"{\"action\":\"push\",\"body\":{");
             write_key_fields(&mut out, key);
             out.extend_from_slice(b",\"version\":");
@@ -380,7 +479,7 @@ impl PushFrame {
                 out.extend_from_slice(row);
             }
             out.extend_from_slice(b"]}}");
-            Payload::One(utf8(out))
+            Payload::One(FrameText::from_reserved(out))
         };
         Self {
             version,
@@ -429,9 +528,16 @@ fn row_frame(row: &Bytes) -> FrameText {
     FrameText::try_from(row.clone()).unwrap_or_else(|_| FrameText::from_static("null"))
 }
 
-fn utf8(bytes: Vec<u8>) -> FrameText {
+/// A buffer for a text frame's payload, with room for its header.
+fn text_buf(payload_capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAX_HEADER + payload_capacity);
+    out.resize(MAX_HEADER, 0);
+    out
+}
+
+fn utf8(out: Vec<u8>) -> FrameText {
     // Every part written is UTF-8 (JSON-escaped strings, digits, validated rows).
-    FrameText::from(String::from_utf8(bytes).expect("frame is built from UTF-8 parts"))
+    FrameText::from_reserved(out)
 }
 
 /// Deepest nesting of arrays and objects a row may have. A push frame puts
@@ -553,7 +659,7 @@ fn write_key_fields(out: &mut Vec<u8>, key: &Key) {
 }
 
 fn key_envelope(action: &str, key: &Key) -> FrameText {
-    let mut out = Vec::with_capacity(48 + key.entity.len() + key.id.len());
+    let mut out = text_buf(48 + key.entity.len() + key.id.len());
     out.extend_from_slice(b"{\"action\":\"");
     out.extend_from_slice(action.as_bytes());
     out.extend_from_slice(b"\",\"body\":{");
@@ -571,7 +677,7 @@ pub(crate) fn subscribed_frame(key: &Key) -> FrameText {
 /// answer to a subscribe whose `version` is still the key's latest; no
 /// snapshot follows.
 pub(crate) fn subscribed_current_frame(key: &Key) -> FrameText {
-    let mut out = Vec::with_capacity(64 + key.entity.len() + key.id.len());
+    let mut out = text_buf(64 + key.entity.len() + key.id.len());
     out.extend_from_slice(b"{\"action\":\"subscribed\",\"body\":{");
     write_key_fields(&mut out, key);
     out.extend_from_slice(b",\"current\":true}}");
@@ -590,7 +696,7 @@ pub(crate) fn unsubscribed_frame(key: &Key) -> FrameText {
 
 /// `{"action":"error","body":{"code":…,"message":…[,"entity":…,"id":…]}}`
 pub(crate) fn error_frame(code: ErrorCode, message: &str, key: Option<&Key>) -> FrameText {
-    let mut out = Vec::with_capacity(64 + message.len());
+    let mut out = text_buf(64 + message.len());
     out.extend_from_slice(b"{\"action\":\"error\",\"body\":{\"code\":\"");
     out.extend_from_slice(code.as_str().as_bytes());
     out.extend_from_slice(b"\",\"message\":");

@@ -490,6 +490,9 @@ async fn disconnecting_clients_leave_the_registry_empty() {
 
 /// A client that never reads is closed with 1008 once its queue passes
 /// outbound_max_bytes; another client keeps getting its pushes meanwhile.
+/// (Pushes go straight into the socket while it takes them: the queue
+/// fills only once the kernel's buffers are full, so the close frame waits
+/// behind them until the client reads.)
 #[tokio::test]
 async fn slow_client_is_closed_with_1008_and_others_keep_their_pushes() {
     let (node, _resolver, data) = TestNode::start_with_resolver(
@@ -517,11 +520,11 @@ async fn slow_client_is_closed_with_1008_and_others_keep_their_pushes() {
     // Each round changes every key; the fast client's push proves the round
     // was dispatched. The slow client never reads.
     let mut rounds = 0;
-    while node.stats().connections != 1 {
+    while node.metric("entity_sync_slow_client_closes_total").await < 1.0 {
         rounds += 1;
         assert!(
-            rounds <= 30,
-            "slow client still connected after 30 rounds: {:?}",
+            rounds <= 100,
+            "slow client not closed after 100 rounds: {:?}",
             node.stats()
         );
         let refs: Vec<(&str, &str)> = keys.iter().map(|id| ("blob", id.as_str())).collect();

@@ -88,7 +88,7 @@ impl Registry {
             }
             sub.rows_digest = frame.rows_digest;
             match sub.conn.outbox.push(key, frame) {
-                Queued::Appended => result.delivered += 1,
+                Queued::Appended | Queued::Written => result.delivered += 1,
                 Queued::Replaced => {
                     result.delivered += 1;
                     result.replaced += 1;

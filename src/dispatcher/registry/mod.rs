@@ -256,7 +256,7 @@ mod tests {
         subscribers::{Groups, State, WORK},
         *,
     };
-    use crate::websocket::protocol::{FrameText, PushFrame};
+    use crate::websocket::protocol::{FrameText, PushFrame, text_of_wire};
 
     fn key(id: &str) -> Key {
         Key::new("items", id).unwrap()
@@ -279,7 +279,7 @@ mod tests {
     fn queued(conn: &Connection) -> Vec<String> {
         let mut out = Vec::new();
         conn.outbox.take_queued(&mut out);
-        out.iter().map(|f| f.as_str().to_string()).collect()
+        out.iter().map(|wire| text_of_wire(wire)).collect()
     }
 
     #[test]

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use tokio::time::Instant;
+use tungstenite::Utf8Bytes;
 
 use crate::websocket::session::context::SessionContext;
 use crate::websocket::session::snapshots::{Waiting, waiting};
