@@ -337,7 +337,7 @@ fn take_over(upgraded: hyper::upgrade::Upgraded) -> Option<Upgraded> {
         Ok(parts) => {
             return Some(Upgraded::Tcp {
                 socket: parts.io.into_inner().into_inner(),
-                read_ahead: parts.read_buf,
+                read_ahead: session::own_read_ahead(&parts.read_buf),
             });
         }
         Err(upgraded) => upgraded,
@@ -345,7 +345,7 @@ fn take_over(upgraded: hyper::upgrade::Upgraded) -> Option<Upgraded> {
     let parts = downcast::<TokioIo<TlsIo>>(upgraded).ok()?;
     Some(Upgraded::Tls {
         stream: Box::new(parts.io.into_inner()),
-        read_ahead: parts.read_buf,
+        read_ahead: session::own_read_ahead(&parts.read_buf),
     })
 }
 

@@ -132,15 +132,19 @@ impl State {
     }
 
     /// Writes `frame` straight to the socket if nothing is queued or being
-    /// written (so order holds). `None`: it must be queued.
-    fn write_direct(&mut self, frame: &FrameText) -> Option<()> {
+    /// written (so order holds); the rest of it, if the socket took only
+    /// part, is queued first in line. `false`: nothing was written, it must
+    /// be queued.
+    fn write_direct(&mut self, frame: &FrameText) -> bool {
         if self.writing || !self.queue.is_empty() {
-            return None;
+            return false;
         }
-        let socket = self.direct.as_ref()?;
+        let Some(socket) = self.direct.as_ref() else {
+            return false;
+        };
         let wire = frame.wire();
         match socket.try_write(wire) {
-            Ok(n) if n == wire.len() => Some(()),
+            Ok(n) if n == wire.len() => true,
             Ok(n) if n > 0 => {
                 let rest = wire.slice(n..);
                 self.bytes += rest.len();
@@ -150,10 +154,10 @@ impl State {
                     version: 0,
                     payload: Payload::One(FrameText::raw(rest)),
                 });
-                Some(())
+                true
             }
             // Full (or broken: the session's write finds out).
-            _ => None,
+            _ => false,
         }
     }
 
@@ -245,12 +249,20 @@ impl Outbox {
 
     /// Queues a push for `key`, replacing a queued older push of that key.
     pub(crate) fn push(&self, key: &Key, frame: &PushFrame) -> Queued {
+        self.push_as(key, frame, true)
+    }
+
+    /// [`Self::push`]; with `direct` false, never written to the socket by
+    /// this call (the session writes it: a fan-out leaves some of its sends
+    /// to the sessions, which other cores run).
+    pub(crate) fn push_as(&self, key: &Key, frame: &PushFrame, direct: bool) -> Queued {
         let mut state = self.state.lock().unwrap();
         if state.closed.is_some() {
             return Queued::Closed;
         }
-        if let Payload::One(one) = &frame.payload
-            && let Some(()) = state.write_direct(one)
+        if direct
+            && let Payload::One(one) = &frame.payload
+            && state.write_direct(one)
         {
             if state.queue.is_empty() {
                 return Queued::Written;
@@ -298,7 +310,7 @@ impl Outbox {
         if state.closed.is_some() {
             return Queued::Closed;
         }
-        if let Some(()) = state.write_direct(&frame) {
+        if state.write_direct(&frame) {
             if state.queue.is_empty() {
                 return Queued::Written;
             }
@@ -667,5 +679,82 @@ mod tests {
             assert_ne!(outbox.push(&key("1"), &push("1", v)), Queued::Overflow);
         }
         assert_eq!(taken(&outbox).len(), 1);
+    }
+
+    /// A connected loopback pair: the node's side and the client's.
+    async fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (Arc::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    /// With nothing queued and no write under way, a push goes straight to
+    /// the socket, whole, and the session is not woken; while the session
+    /// writes, pushes queue behind it, in order.
+    #[tokio::test]
+    async fn an_idle_connection_gets_its_push_written_at_once() {
+        use tokio::io::AsyncReadExt;
+        let (socket, mut client) = socket_pair().await;
+        let outbox = Outbox::new(1 << 20);
+        outbox.write_directly_to(socket);
+        let first = push("1", 1);
+        assert_eq!(outbox.push(&key("1"), &first), Queued::Written);
+        assert!(ready_now(outbox.ready()).is_none(), "no wake-up");
+        let Payload::One(frame) = &first.payload else {
+            panic!("one frame")
+        };
+        let mut got = vec![0; frame.wire().len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], &frame.wire()[..]);
+
+        // The session takes a control frame and writes it: a push meanwhile
+        // is queued, and goes direct again once the session is done.
+        outbox.control(None, FrameText::from_static("{}"));
+        let mut out = Vec::new();
+        // Written directly too (nothing queued, no write under way).
+        assert_eq!(outbox.take_queued(&mut out), None);
+        assert!(out.is_empty());
+        outbox.state.lock().unwrap().writing = true;
+        assert_eq!(outbox.push(&key("2"), &push("2", 1)), Queued::Appended);
+        outbox.written();
+        assert_eq!(
+            outbox.push(&key("3"), &push("3", 1)),
+            Queued::Appended,
+            "2 is still queued"
+        );
+        assert_eq!(taken(&outbox).len(), 2);
+        outbox.written();
+        assert_eq!(outbox.push(&key("4"), &push("4", 1)), Queued::Written);
+    }
+
+    /// A socket that takes part of a frame: the rest is first in line for
+    /// the session, and it survives the queue's close (it must go out
+    /// before the close frame); a socket that takes nothing queues.
+    #[tokio::test]
+    async fn the_rest_of_a_frame_the_socket_took_part_of_goes_first() {
+        let (socket, client) = socket_pair().await;
+        let outbox = Outbox::new(64 << 20);
+        outbox.write_directly_to(socket);
+        let big = Bytes::from(format!("\"{}\"", "x".repeat(32 << 20)));
+        let frame = PushFrame::build(&key("1"), 1, &[big], false);
+        assert_eq!(outbox.push(&key("1"), &frame), Queued::Written);
+        let rest = outbox.queued_bytes();
+        assert!(rest > 0, "32 MB do not fit a loopback socket's buffers");
+        assert!(
+            ready_now(outbox.ready()).is_some(),
+            "the session is woken for the rest"
+        );
+        // The socket is full: the next push is queued behind the rest.
+        assert_eq!(outbox.push(&key("2"), &push("2", 1)), Queued::Appended);
+        outbox.shut_down();
+        let end = outbox.end().expect("the rest is kept");
+        assert_eq!(end.len(), rest);
+        let Payload::One(whole) = &frame.payload else {
+            panic!("one frame")
+        };
+        assert!(whole.wire().ends_with(&end));
+        assert_eq!(outbox.push(&key("3"), &push("3", 1)), Queued::Closed);
+        drop(client);
     }
 }

@@ -717,6 +717,49 @@ mod tests {
         Key::new(entity, id).unwrap()
     }
 
+    /// Frames the node makes are read back whole by a websocket client's
+    /// own parser (tungstenite's), at each header length's edges.
+    #[test]
+    fn frames_are_framed_as_rfc_6455_says() {
+        use tungstenite::protocol::frame::{FrameHeader, coding::OpCode};
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let text = "x".repeat(len);
+            for frame in [
+                FrameText::from(text.clone()),
+                FrameText::from_reserved({
+                    let mut buf = text_buf(len);
+                    buf.extend_from_slice(text.as_bytes());
+                    buf
+                }),
+            ] {
+                let wire = frame.wire().clone();
+                let mut cursor = std::io::Cursor::new(&wire[..]);
+                let (header, length) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+                assert!(header.is_final);
+                assert_eq!(
+                    header.opcode,
+                    OpCode::Data(tungstenite::protocol::frame::coding::Data::Text)
+                );
+                assert!(header.mask.is_none(), "server frames are not masked");
+                assert_eq!(length, len as u64);
+                assert_eq!(cursor.position() as usize + len, wire.len());
+                assert_eq!(frame.len(), len);
+                assert_eq!(frame.text(), text);
+            }
+        }
+        let close = FrameText::close(1008, "outbound queue full: client too slow").into_wire();
+        let mut cursor = std::io::Cursor::new(&close[..]);
+        let (header, length) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+        assert_eq!(
+            header.opcode,
+            OpCode::Control(tungstenite::protocol::frame::coding::Control::Close)
+        );
+        assert_eq!(&close[2..4], &1008u16.to_be_bytes());
+        assert_eq!(&close[4..], b"outbound queue full: client too slow");
+        assert_eq!(length as usize, close.len() - 2);
+        assert_eq!(&FrameText::ping().into_wire()[..], &[0x89, 0x00]);
+    }
+
     fn code(text: &str) -> ErrorCode {
         decode(text).unwrap_err().code
     }

@@ -37,6 +37,63 @@ async fn upgrade_status_from(node: &TestNode, origin: Option<&str>) -> u16 {
         .unwrap_or_else(|| panic!("bad response {head:?}"))
 }
 
+/// Sends `request` as it is; returns the response's status line and body.
+async fn raw_response(node: &TestNode, request: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(node.ws_addr()).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    // Every answer but a 101 closes the connection.
+    tokio::time::timeout(common::DEADLINE, stream.read_to_end(&mut got))
+        .await
+        .expect("the node answers and closes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got).to_string();
+    let status = text.lines().next().unwrap_or_default().to_string();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+/// The websocket path answers what is not a websocket upgrade with a
+/// status and a line that say what is missing.
+#[tokio::test]
+async fn a_request_that_is_not_a_websocket_upgrade_is_refused_clearly() {
+    let mut node = TestNode::start(|_| {}).await;
+    let (status, body) = raw_response(
+        &node,
+        "GET /ws/entity-sync/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 426 Upgrade Required");
+    assert_eq!(
+        body,
+        "this is a websocket endpoint: send Connection: Upgrade and Upgrade: websocket\n"
+    );
+    let (status, body) = raw_response(
+        &node,
+        "GET /ws/entity-sync/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 8\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    assert_eq!(body, "Sec-WebSocket-Version must be 13\n");
+    let (status, body) = raw_response(
+        &node,
+        "GET /ws/entity-sync/ HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    assert_eq!(body, "Sec-WebSocket-Key missing\n");
+    // A well-formed upgrade still works.
+    assert_eq!(upgrade_status(&node).await, 101);
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn upgrades_beyond_max_connections_get_503() {
     let mut node = TestNode::start(|config| config.ws.max_connections = 1).await;
@@ -423,6 +480,82 @@ mod frame_costs {
         );
         drop(stalled);
         node.shutdown().await;
+    }
+
+    /// The same stalled client, and a node shutting down: its session,
+    /// blocked on the full socket (the write timeout is an hour), still
+    /// ends. The client then reads every frame the node began, whole, and
+    /// the 1001 close after them.
+    #[tokio::test]
+    async fn a_shutdown_ends_a_session_blocked_on_a_client_that_stopped_reading() {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+
+        const KEYS: usize = 6;
+        let (mut node, resolver, data) = TestNode::start_with_resolver(
+            |c| {
+                c.ws.write_timeout = Duration::from_secs(3600);
+                c.ws.outbound_max_bytes = 64 << 20;
+            },
+            ResolverOptions::new("backend").entity("docs", FetchMode::Shared),
+        )
+        .await;
+        let big = format!(r#""{}""#, "x".repeat(1 << 20));
+        let options = entity_sync_testkit::ws::ConnectOptions {
+            recv_buffer: Some(4096),
+            ..Default::default()
+        };
+        let mut stalled = entity_sync_testkit::connect(node.ws_url(), &options)
+            .await
+            .unwrap();
+        for i in 0..KEYS {
+            data.set_rows("docs", &i.to_string(), &[&big]);
+            let subscribe =
+                json!({"action": "subscribe", "body": {"entity": "docs", "id": i.to_string()}});
+            futures_util::SinkExt::send(&mut stalled, subscribe.to_string().into())
+                .await
+                .unwrap();
+        }
+        entity_sync_testkit::wait_until("every snapshot resolved", || {
+            resolver.requests().len() >= KEYS
+        })
+        .await;
+        // More than the `subscribed` frames arrived: a push has begun.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut peeked = [0u8; 2048];
+        while stalled.get_ref().peek(&mut peeked).await.unwrap() < peeked.len() {
+            assert!(tokio::time::Instant::now() < deadline, "no push began");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let drained = async {
+            // The node has begun closing by now; the client reads again.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut texts = Vec::new();
+            let mut close = None;
+            while let Ok(Some(message)) =
+                tokio::time::timeout(Duration::from_secs(20), stalled.next()).await
+            {
+                match message {
+                    Ok(Message::Text(text)) => texts.push(text.to_string()),
+                    Ok(Message::Close(frame)) => {
+                        close = frame.map(|f| u16::from(f.code));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(err) => panic!("the stream broke after {} frames: {err}", texts.len()),
+                }
+            }
+            (texts, close)
+        };
+        let ((), (texts, close)) = tokio::join!(node.shutdown(), drained);
+        assert_eq!(close, Some(1001), "after {} frames", texts.len());
+        let pushes = texts
+            .iter()
+            .map(|text| serde_json::from_str::<Value>(text).expect("whole JSON frames"))
+            .filter(|frame| frame["action"] == "push")
+            .count();
+        assert!((1..=KEYS).contains(&pushes), "{pushes} pushes");
     }
 
     #[tokio::test]

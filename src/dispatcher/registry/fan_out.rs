@@ -76,6 +76,13 @@ impl Registry {
             return result;
         };
         let push_unchanged = self.inner.push_unchanged_rows;
+        // The fan-out writes every `share`-th idle subscriber's socket
+        // itself and leaves the others to their sessions, which the other
+        // worker threads run meanwhile: on W cores the sends of a large
+        // fan-out are spread over all of them, not made one after another
+        // on the core that fans out (see `outbox`).
+        let share = self.inner.direct_share;
+        let mut i = 0usize;
         subs.for_each_in(audience, |_, sub| {
             if frame.version < sub.delivered || (catch_up && frame.version == sub.delivered) {
                 result.stale += 1;
@@ -87,7 +94,9 @@ impl Registry {
                 return;
             }
             sub.rows_digest = frame.rows_digest;
-            match sub.conn.outbox.push(key, frame) {
+            let direct = i.is_multiple_of(share);
+            i += 1;
+            match sub.conn.outbox.push_as(key, frame, direct) {
                 Queued::Appended | Queued::Written => result.delivered += 1,
                 Queued::Replaced => {
                     result.delivered += 1;

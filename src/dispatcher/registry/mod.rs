@@ -104,6 +104,9 @@ struct Inner {
     /// `--push-unchanged-rows`: send a change push even when its rows are
     /// the ones the subscriber got last.
     push_unchanged_rows: bool,
+    /// A fan-out writes to every this-many-th idle subscriber's socket
+    /// itself: the cores the node runs on (see `fan_out`).
+    direct_share: usize,
     /// Where keys that got their first subscriber are announced (the
     /// refresh schedule's, see `dispatcher::refresh`); set once.
     key_feed: OnceLock<Arc<KeyFeed>>,
@@ -126,6 +129,7 @@ impl Registry {
         Self {
             inner: Arc::new(Inner {
                 push_unchanged_rows: push,
+                direct_share: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 hasher: RandomState::new(),
                 live: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),

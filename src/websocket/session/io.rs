@@ -70,6 +70,17 @@ pub(crate) enum Upgraded {
     },
 }
 
+/// The bytes read past the request, in a buffer of their own: the one
+/// they came in is the HTTP layer's (8 kB or more), which a slice would
+/// keep alive for the whole connection.
+pub(crate) fn own_read_ahead(read_buf: &Bytes) -> Bytes {
+    if read_buf.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(read_buf)
+    }
+}
+
 impl Upgraded {
     /// The connection's two sides; over plain TCP, producers may write to
     /// the socket through `outbox`.
@@ -138,6 +149,9 @@ impl AsyncRead for ReadSide {
             let n = this.read_ahead.len().min(buf.remaining());
             buf.put_slice(&this.read_ahead[..n]);
             this.read_ahead.advance(n);
+            if this.read_ahead.is_empty() {
+                this.read_ahead = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         match &mut this.from {

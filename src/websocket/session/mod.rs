@@ -28,7 +28,7 @@ use tungstenite::{Message, protocol::Role};
 
 pub use close::{CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_SLOW_CLIENT, CLOSE_TOO_BIG};
 pub(crate) use context::SessionContext;
-pub(crate) use io::{TlsIo, Upgraded};
+pub(crate) use io::{TlsIo, Upgraded, own_read_ahead};
 
 use crate::{
     dispatcher::registry::{ConnId, Connection},
