@@ -13,6 +13,14 @@ use crate::{
     },
 };
 
+/// Subscribers a fan-out writes to itself (those whose socket is idle),
+/// one `send` each; the rest are queued for their sessions, which every
+/// worker thread runs. A fan-out to a key's few subscribers wakes no task;
+/// one to a thousand is not held up by a thousand sends on one thread: the
+/// next change of the key waits for the fan-out to end, and the sessions
+/// spread the sends over the cores (measured: see docs/performance.md).
+const DIRECT_PER_FAN_OUT: usize = 32;
+
 impl Registry {
     /// Records a change of `key`: pending subscribers are marked as having
     /// missed it. Returns whether the key has active subscribers to resolve for.
@@ -76,12 +84,6 @@ impl Registry {
             return result;
         };
         let push_unchanged = self.inner.push_unchanged_rows;
-        // The fan-out writes every `share`-th idle subscriber's socket
-        // itself and leaves the others to their sessions, which the other
-        // worker threads run meanwhile: on W cores the sends of a large
-        // fan-out are spread over all of them, not made one after another
-        // on the core that fans out (see `outbox`).
-        let share = self.inner.direct_share;
         let mut i = 0usize;
         subs.for_each_in(audience, |_, sub| {
             if frame.version < sub.delivered || (catch_up && frame.version == sub.delivered) {
@@ -94,7 +96,7 @@ impl Registry {
                 return;
             }
             sub.rows_digest = frame.rows_digest;
-            let direct = i.is_multiple_of(share);
+            let direct = i < DIRECT_PER_FAN_OUT;
             i += 1;
             match sub.conn.outbox.push_as(key, frame, direct) {
                 Queued::Appended | Queued::Written => result.delivered += 1,

@@ -2,9 +2,10 @@
 //!
 //! Each key lives in one of [`SHARDS`] shards chosen by its hash; a shard is a
 //! std `Mutex<HashMap>` held only for in-memory work (never across `.await`).
-//! Fan-out queues a shared frame into each subscriber's `Outbox` while the
-//! shard is locked: that is a few pointer moves per subscriber, and it keeps
-//! "who is subscribed" and "who got the frame" consistent.
+//! Fan-out hands a shared frame to each subscriber's `Outbox` while the
+//! shard is locked: a few pointer moves per subscriber (and, for the first
+//! few idle ones, a `send`: see `fan_out`), and it keeps "who is subscribed"
+//! and "who got the frame" consistent.
 //!
 //! A key's active subscribers are also grouped by the secret they were
 //! activated with (`Groups`): a PER_SUBSCRIBER change is resolved once per
@@ -104,9 +105,6 @@ struct Inner {
     /// `--push-unchanged-rows`: send a change push even when its rows are
     /// the ones the subscriber got last.
     push_unchanged_rows: bool,
-    /// A fan-out writes to every this-many-th idle subscriber's socket
-    /// itself: the cores the node runs on (see `fan_out`).
-    direct_share: usize,
     /// Where keys that got their first subscriber are announced (the
     /// refresh schedule's, see `dispatcher::refresh`); set once.
     key_feed: OnceLock<Arc<KeyFeed>>,
@@ -129,7 +127,6 @@ impl Registry {
         Self {
             inner: Arc::new(Inner {
                 push_unchanged_rows: push,
-                direct_share: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 hasher: RandomState::new(),
                 live: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),

@@ -15,12 +15,14 @@ use std::{
 };
 
 use bytes::{Buf, Bytes};
+use futures_util::StreamExt;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf},
     net::TcpStream,
 };
 use tokio_rustls::server::TlsStream;
-use tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::{Message, protocol::WebSocketConfig};
 
 use crate::websocket::{
     admission::{ConnState, Deadlined},
@@ -43,7 +45,7 @@ const READ_BUFFER_BYTES: usize = 128;
 /// connection can make the node buffer).
 const HARD_CAP_FACTOR: usize = 2;
 /// Frames one vectored write takes at most.
-const MAX_IOVECS: usize = 64;
+const MAX_IOVECS: usize = 16;
 
 /// The websocket layer's settings for reading a connection's frames.
 pub(crate) fn read_config(max_message_bytes: usize) -> WebSocketConfig {
@@ -132,6 +134,14 @@ pub(crate) struct ReadSide {
 }
 
 impl ReadSide {
+    /// The socket, over plain TCP.
+    fn tcp(&self) -> Option<&TcpStream> {
+        match &self.from {
+            ReadFrom::Tcp { socket, .. } => Some(socket),
+            ReadFrom::Tls(_) => None,
+        }
+    }
+
     /// What the websocket layer wrote since the last call.
     pub(crate) fn take_replies(&mut self) -> Option<Bytes> {
         (!self.replies.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.replies)))
@@ -193,6 +203,28 @@ impl AsyncWrite for ReadSide {
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+}
+
+/// The connection's next client message. `more`: the last call found one
+/// (more may be buffered already). Otherwise, over plain TCP, the websocket
+/// layer is asked only once the socket has bytes to read: a session woken
+/// to write makes no read attempt (one was a third of the instructions of a
+/// push to a woken session).
+pub(crate) fn next_message<'a>(
+    ws: &'a mut WebSocketStream<ReadSide>,
+    more: &'a mut bool,
+) -> impl Future<Output = Option<Result<Message, tungstenite::Error>>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if !*more
+            && let Some(socket) = ws.get_ref().tcp()
+            && socket.poll_read_ready(cx).is_pending()
+        {
+            return Poll::Pending;
+        }
+        let polled = ws.poll_next_unpin(cx);
+        *more = polled.is_ready();
+        polled
+    })
 }
 
 /// The session's side of the socket.

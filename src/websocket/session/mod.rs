@@ -37,7 +37,7 @@ use crate::{
     websocket::protocol::{ErrorCode, FrameText, ProtocolError},
 };
 use close::closed_by;
-use io::{Out, read_config};
+use io::{Out, next_message, read_config};
 use read::{RateLimit, TokenChecks, Work, on_text, reject};
 use snapshots::{Snapshots, snapshot};
 use write::within;
@@ -88,6 +88,8 @@ pub(crate) fn serve(
         );
         // Subscribe-token checks: boxed, made on the first token.
         let mut token_checks: Option<Box<TokenChecks>> = None;
+        // The websocket layer may hold a message already (see `next_message`).
+        let mut more_to_read = true;
 
         // What ends the session: a close frame to send last (the node's
         // own, or the echo of the client's), or none (the socket failed).
@@ -126,7 +128,7 @@ pub(crate) fn serve(
                         snapshots = None;
                     }
                 }
-                message = ws.next() => {
+                message = next_message(&mut ws, &mut more_to_read) => {
                     last_seen = Instant::now();
                     // What was read is a message now, no longer a partly
                     // read one (the node's read budget, see `admission`).
