@@ -242,7 +242,13 @@ impl WriteTo {
         match self {
             WriteTo::Tcp(socket) => loop {
                 ready!(socket.poll_write_ready(cx))?;
-                match socket.try_write_vectored(bufs) {
+                // One frame (the usual case): a plain `send`, cheaper in
+                // the kernel than a one-buffer `writev`.
+                let written = match bufs {
+                    [one] => socket.try_write(one),
+                    _ => socket.try_write_vectored(bufs),
+                };
+                match written {
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     done => return Poll::Ready(done),
                 }
