@@ -64,7 +64,7 @@ use entity_sync_backend::{FetchMode, Notifier};
 use entity_sync_testkit::{
     NodeProcess,
     nats::{NatsCluster, NatsServer},
-    procstat::{cpu_seconds, cpu_split, raise_nofile, rss_kib},
+    procstat::{cpu_seconds, cpu_split, raise_nofile, rss_kib, threads_cpu_seconds},
 };
 use serde::Serialize;
 use tokio::{
@@ -585,6 +585,12 @@ struct PushReport {
     skipped: u64,
     /// deliveries_per_s / the ceiling run's, with --ceiling.
     ceiling_fraction: Option<f64>,
+    /// Node CPU (every node's, from the first notify to the last delivery)
+    /// per delivery, in µs.
+    node_cpu_us_per_delivery: Option<f64>,
+    /// The bare server's CPU per delivery in the ceiling run before this
+    /// one, in µs (with --ceiling).
+    ceiling_cpu_us_per_delivery: Option<f64>,
     /// First notify → every client holds the final version of each of its keys.
     convergence_ms: Option<f64>,
     /// Time to send every notify.
@@ -684,7 +690,9 @@ async fn push_runs(
             let deadline = Instant::now() + cli.timeout;
             let c = ceiling_run(cli, scenario, deadline).await?;
             ok &= c.lost == 0;
-            Some(c.deliveries_per_s)
+            let cpu_per_delivery =
+                (c.deliveries > 0).then(|| round(c.server_cpu_s * 1e6 / c.deliveries as f64, 2));
+            Some((c.deliveries_per_s, cpu_per_delivery))
         } else {
             None
         };
@@ -693,8 +701,10 @@ async fn push_runs(
             let mut r = push_scenario(cli, scenario, nofile, log_dir, deadline).await?;
             ok &= r.lost == 0 && r.notify_errors == 0 && r.failed_setup == 0;
             r.ceiling_fraction = ceiling
+                .map(|(c, _)| c)
                 .filter(|&c| c > 0.0)
                 .map(|c| round(r.deliveries_per_s / c, 3));
+            r.ceiling_cpu_us_per_delivery = ceiling.and_then(|(_, cpu)| cpu);
             println!("{}", serde_json::to_string(&r)?);
             print_push_table(&r);
             if let Some(u) = &r.unheld {
@@ -712,17 +722,21 @@ async fn push_runs(
                     ),
                 )]);
             }
-            if let Some(c) = ceiling {
+            if let Some((c, _)) = ceiling {
                 println!(
-                    "  run {run}: {:.0} deliveries/s = {} of the ceiling's {c:.0}/s",
+                    "  run {run}: {:.0} deliveries/s = {} of the ceiling's {c:.0}/s; CPU per delivery: node {} us, bare server {} us",
                     r.deliveries_per_s,
                     r.ceiling_fraction
-                        .map_or("-".into(), |f| format!("{:.1}%", f * 100.0))
+                        .map_or("-".into(), |f| format!("{:.1}%", f * 100.0)),
+                    r.node_cpu_us_per_delivery
+                        .map_or("-".into(), |v| v.to_string()),
+                    r.ceiling_cpu_us_per_delivery
+                        .map_or("-".into(), |v| v.to_string()),
                 );
             }
             reports.push(r);
         }
-        ceilings.extend(ceiling);
+        ceilings.extend(ceiling.map(|(c, _)| c));
     }
     if cli.runs > 1 {
         print_medians(scenario, &ceilings, &reports)?;
@@ -752,6 +766,8 @@ fn print_medians(
         "latency_p99_us": of(&|r| r.latency_us.map(|p| p.p99 as f64)),
         "lost": of(&|r| Some(r.lost as f64)),
         "node_cpu_s": of(&|r| Some(r.node_cpu_s)),
+        "node_cpu_us_per_delivery": of(&|r| r.node_cpu_us_per_delivery),
+        "ceiling_cpu_us_per_delivery": of(&|r| r.ceiling_cpu_us_per_delivery),
     });
     println!("{summary}");
     println!("  medians of {} runs:", ceilings.len().max(reports.len()));
@@ -939,6 +955,9 @@ async fn push_scenario(
         },
         skipped: deliveries_without_coalescing.saturating_sub(deliveries),
         ceiling_fraction: None,
+        node_cpu_us_per_delivery: (deliveries > 0)
+            .then(|| round(node_cpu * 1e6 / deliveries as f64, 2)),
+        ceiling_cpu_us_per_delivery: None,
         convergence_ms: shared
             .converged_ns()
             .map(|ns| round(ns.saturating_sub(drive.first_ns) as f64 / 1e6, 2)),
@@ -1086,9 +1105,15 @@ struct CeilingReport {
     deliveries_per_s: f64,
     latency_us: Option<Percentiles>,
     generator_cpu_s: f64,
+    /// CPU of the bare server's threads from the first update to the last
+    /// delivery.
+    server_cpu_s: f64,
     lost: usize,
     first_error: Option<String>,
 }
+
+/// Name of the bare server's threads.
+const CEILING_THREADS: &str = "ceiling-server";
 
 /// The bare server's paced fan-out with the scenario's clients and keys:
 /// `--ceiling-offered` deliveries/s for `--ceiling-secs`.
@@ -1112,8 +1137,23 @@ async fn ceiling_run(
     let seq: Vec<u32> = (0..updates).map(|_| rng.u32(..keys)).collect();
     let shared = Arc::new(Shared::new(keys as usize, &seq, true)?);
     let cancel = CancellationToken::new();
-    let server =
-        ceiling::CeilingServer::start(keys as usize, shared.clone(), cancel.clone()).await?;
+    // The bare server (its connections and its paced fan-out) runs on
+    // threads of its own, as many as a node's, so its CPU is told apart
+    // from the clients'.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .thread_name(CEILING_THREADS)
+        .enable_all()
+        .build()?;
+    let server = Arc::new(
+        server_rt
+            .spawn(ceiling::CeilingServer::start(
+                keys as usize,
+                shared.clone(),
+                cancel.clone(),
+            ))
+            .await??,
+    );
     let url: Arc<str> = Arc::from(server.url.as_str());
     let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
     let stop = Arc::new(AtomicBool::new(false));
@@ -1141,18 +1181,28 @@ async fn ceiling_run(
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let gen_before = cpu_seconds(None);
-    let drive = server.drive(&shared, &seq, rate).await;
+    let server_before = threads_cpu_seconds(CEILING_THREADS);
+    let gen_before = cpu_seconds(None) - server_before;
+    let drive = server_rt
+        .spawn({
+            let (server, shared) = (server.clone(), shared.clone());
+            async move { server.drive(&shared, &seq, rate).await }
+        })
+        .await?;
     if shared.pending() > 0 {
         let _ = timeout_at(deadline, shared.converged.notified()).await;
     }
-    let gen_cpu = cpu_seconds(None) - gen_before;
+    let server_cpu = threads_cpu_seconds(CEILING_THREADS) - server_before;
+    let gen_cpu = cpu_seconds(None) - server_cpu - server_before - gen_before;
     cancel.cancel();
     let mut outcomes = Vec::with_capacity(clients);
     while let Some(done) = tasks.join_next().await {
         outcomes.push(done?);
     }
-    server.stop().await;
+    if let Ok(server) = Arc::try_unwrap(server) {
+        server.stop().await;
+    }
+    server_rt.shutdown_background();
     let (deliveries, span_s, mut latencies) = load::delivery_totals(&mut outcomes, drive.first_ns);
     let report = CeilingReport {
         scenario: "ceiling",
@@ -1174,6 +1224,7 @@ async fn ceiling_run(
         },
         latency_us: percentiles(&mut latencies),
         generator_cpu_s: round(gen_cpu, 2),
+        server_cpu_s: round(server_cpu, 2),
         lost: outcomes
             .iter()
             .filter(|o| !o.subscribed || !o.reached_all)
@@ -1206,6 +1257,19 @@ async fn ceiling_run(
             report
                 .latency_us
                 .map_or("-".into(), |p| format!("{} / {} us", p.p50, p.p99)),
+        ),
+        (
+            "cpu",
+            format!(
+                "bare server {:.2} s ({} us per delivery), clients {:.2} s",
+                report.server_cpu_s,
+                if deliveries > 0 {
+                    format!("{:.2}", report.server_cpu_s * 1e6 / deliveries as f64)
+                } else {
+                    "-".into()
+                },
+                report.generator_cpu_s
+            ),
         ),
         ("lost", report.lost.to_string()),
     ]);

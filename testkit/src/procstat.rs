@@ -24,6 +24,29 @@ pub fn cpu_split(pid: Option<u32>) -> (f64, f64) {
         Some(pid) => format!("/proc/{pid}/stat"),
         None => "/proc/self/stat".to_owned(),
     };
+    stat_cpu(&path)
+}
+
+/// User + system CPU seconds of this process's threads named `name` (as
+/// `/proc/self/task/*/comm` has it: at most 15 bytes).
+pub fn threads_cpu_seconds(name: &str) -> f64 {
+    let Ok(tasks) = fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .map(|task| {
+            let (user, sys) = stat_cpu(&task.path().join("stat").to_string_lossy());
+            user + sys
+        })
+        .sum()
+}
+
+/// User and system CPU seconds from a `stat` file of `/proc`.
+fn stat_cpu(path: &str) -> (f64, f64) {
     let Ok(stat) = fs::read_to_string(path) else {
         return (0.0, 0.0);
     };

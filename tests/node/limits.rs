@@ -432,22 +432,23 @@ mod frame_costs {
         node.shutdown().await;
     }
 
-    /// A client that subscribes and then never reads: the snapshots fill
-    /// the socket's buffers and the node's write blocks. The node closes it
-    /// after --write-timeout (1008), though the queue is under its bound and
-    /// the key is quiet (nothing else would ever end it).
-    #[tokio::test]
-    async fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
-        const KEYS: usize = 6;
-        let (mut node, _resolver, data) = TestNode::start_with_resolver(
+    /// Keys of 1 MB each a stalled client subscribes to: 6 MB in all, more
+    /// than loopback socket buffers hold.
+    const BIG_KEYS: usize = 6;
+
+    /// A node (with `write_timeout`) and a client with a 4 kB receive
+    /// buffer that subscribed to [`BIG_KEYS`] keys of 1 MB and reads nothing.
+    async fn stalled_on_big_snapshots(
+        write_timeout: Duration,
+    ) -> (TestNode, TestResolver, entity_sync_testkit::ws::Ws) {
+        let (node, resolver, data) = TestNode::start_with_resolver(
             |c| {
-                c.ws.write_timeout = Duration::from_secs(1);
+                c.ws.write_timeout = write_timeout;
                 c.ws.outbound_max_bytes = 64 << 20;
             },
             ResolverOptions::new("backend").entity("docs", FetchMode::Shared),
         )
         .await;
-        // 1 MB a key, 6 MB in all: more than loopback socket buffers hold.
         let big = format!(r#""{}""#, "x".repeat(1 << 20));
         let options = entity_sync_testkit::ws::ConnectOptions {
             recv_buffer: Some(4096),
@@ -456,7 +457,7 @@ mod frame_costs {
         let mut stalled = entity_sync_testkit::connect(node.ws_url(), &options)
             .await
             .unwrap();
-        for i in 0..KEYS {
+        for i in 0..BIG_KEYS {
             data.set_rows("docs", &i.to_string(), &[&big]);
             let subscribe =
                 json!({"action": "subscribe", "body": {"entity": "docs", "id": i.to_string()}});
@@ -464,6 +465,18 @@ mod frame_costs {
                 .await
                 .unwrap();
         }
+        // The resolver's data is shared with it: nothing else needs `data`.
+        drop(data);
+        (node, resolver, stalled)
+    }
+
+    /// A client that subscribes and then never reads: the snapshots fill
+    /// the socket's buffers and the node's write blocks. The node closes it
+    /// after --write-timeout (1008), though the queue is under its bound and
+    /// the key is quiet (nothing else would ever end it).
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
+        let (mut node, _resolver, stalled) = stalled_on_big_snapshots(Duration::from_secs(1)).await;
         // Resolving and framing 6 MB takes a few seconds in a debug build.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while node.stats().connections > 0 {
@@ -491,33 +504,10 @@ mod frame_costs {
         use futures_util::StreamExt;
         use tokio_tungstenite::tungstenite::Message;
 
-        const KEYS: usize = 6;
-        let (mut node, resolver, data) = TestNode::start_with_resolver(
-            |c| {
-                c.ws.write_timeout = Duration::from_secs(3600);
-                c.ws.outbound_max_bytes = 64 << 20;
-            },
-            ResolverOptions::new("backend").entity("docs", FetchMode::Shared),
-        )
-        .await;
-        let big = format!(r#""{}""#, "x".repeat(1 << 20));
-        let options = entity_sync_testkit::ws::ConnectOptions {
-            recv_buffer: Some(4096),
-            ..Default::default()
-        };
-        let mut stalled = entity_sync_testkit::connect(node.ws_url(), &options)
-            .await
-            .unwrap();
-        for i in 0..KEYS {
-            data.set_rows("docs", &i.to_string(), &[&big]);
-            let subscribe =
-                json!({"action": "subscribe", "body": {"entity": "docs", "id": i.to_string()}});
-            futures_util::SinkExt::send(&mut stalled, subscribe.to_string().into())
-                .await
-                .unwrap();
-        }
+        let (mut node, resolver, mut stalled) =
+            stalled_on_big_snapshots(Duration::from_secs(3600)).await;
         entity_sync_testkit::wait_until("every snapshot resolved", || {
-            resolver.requests().len() >= KEYS
+            resolver.requests().len() >= BIG_KEYS
         })
         .await;
         // More than the `subscribed` frames arrived: a push has begun.
@@ -555,7 +545,7 @@ mod frame_costs {
             .map(|text| serde_json::from_str::<Value>(text).expect("whole JSON frames"))
             .filter(|frame| frame["action"] == "push")
             .count();
-        assert!((1..=KEYS).contains(&pushes), "{pushes} pushes");
+        assert!((1..=BIG_KEYS).contains(&pushes), "{pushes} pushes");
     }
 
     #[tokio::test]

@@ -193,8 +193,21 @@ pub(crate) fn serve(
             out.keep_begun();
             out.frames().extend(rest);
             out.frames().push(last.into_wire());
-            // Boxed: once per connection, and out of every idle session's future.
-            let _ = Box::pin(timeout(CLOSE_WRITE_TIMEOUT, out.write())).await;
+            // Then the client's close reply, and whatever it sent before it,
+            // is read: a socket closed with unread input is reset, and a
+            // reset makes the client drop what it has not read yet, the
+            // close frame too. Boxed: once per connection, and out of every
+            // idle session's future.
+            let _ = Box::pin(timeout(CLOSE_WRITE_TIMEOUT, async {
+                out.write().await?;
+                while let Some(Ok(message)) = ws.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+                Ok::<(), std::io::Error>(())
+            }))
+            .await;
         }
         drop(snapshots);
         ctx.grants.connection_closed(conn.id);
