@@ -44,6 +44,15 @@ const READ_BUFFER_BYTES: usize = 128;
 /// (tungstenite holds a frame whole while it arrives: this is what one
 /// connection can make the node buffer).
 const HARD_CAP_FACTOR: usize = 2;
+/// Whether producers write frames to an idle plain-TCP socket themselves
+/// (see `outbox`). Off: with it, pushes fill the kernel's send buffer before
+/// the outbox, so a client that stops reading is closed only once megabytes
+/// wait in the kernel, and the fault suite's slow client then lost its 1008
+/// close frame (the stream ended after its first frames) instead of reading
+/// it after what was queued. Until that close is made whole, every frame
+/// goes through the session.
+const DIRECT_WRITES: bool = false;
+
 /// Frames one vectored write takes at most.
 const MAX_IOVECS: usize = 16;
 
@@ -90,7 +99,9 @@ impl Upgraded {
         match self {
             Upgraded::Tcp { socket, read_ahead } => {
                 let socket = Arc::new(socket);
-                outbox.write_directly_to(socket.clone());
+                if DIRECT_WRITES {
+                    outbox.write_directly_to(socket.clone());
+                }
                 let read = ReadSide {
                     read_ahead,
                     from: ReadFrom::Tcp {
