@@ -410,6 +410,33 @@ struct Env {
     _nats_cluster: Option<NatsCluster>,
 }
 
+/// One node (with `cli`'s flags) and the bench's resolver on it, serving
+/// `keys` SHARED keys that no update bumps: what the idle and tokens
+/// scenarios hold. The token cancels the resolver.
+async fn one_node_with_resolver(
+    cli: &Cli,
+    keys: u32,
+    log_dir: &Path,
+    deadline: Instant,
+) -> anyhow::Result<(
+    Env,
+    Arc<Shared>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+)> {
+    let env = Env::start(cli, 1, cli.nats, log_dir, deadline).await?;
+    let shared = Arc::new(Shared::new(keys as usize, &[], false)?);
+    let cancel = CancellationToken::new();
+    let resolver = load::start_resolver(
+        &env.nodes[0].grpc_url(),
+        shared.clone(),
+        FetchMode::Shared,
+        cancel.clone(),
+    )
+    .await?;
+    Ok((env, shared, cancel, resolver))
+}
+
 impl Env {
     async fn start(
         cli: &Cli,
@@ -1406,16 +1433,8 @@ async fn idle_scenario(
     let keys = cli.keys.unwrap_or(1_000).max(1);
     // Each connection holds `per_conn` distinct keys (of `keys`).
     let per_conn = cli.keys_per_client.unwrap_or(1).clamp(1, keys as usize);
-    let mut env = Env::start(cli, 1, cli.nats, log_dir, deadline).await?;
-    let shared = Arc::new(Shared::new(keys as usize, &[], false)?);
-    let cancel = CancellationToken::new();
-    let resolver = load::start_resolver(
-        &env.nodes[0].grpc_url(),
-        shared.clone(),
-        FetchMode::Shared,
-        cancel.clone(),
-    )
-    .await?;
+    let (mut env, shared, cancel, resolver) =
+        one_node_with_resolver(cli, keys, log_dir, deadline).await?;
     let base = rss_kib(env.nodes[0].pid()).unwrap_or(0);
     let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
     let stop = Arc::new(AtomicBool::new(false));

@@ -48,7 +48,7 @@ use anyhow::{Context, bail};
 use entity_sync_backend::{FetchMode, Notifier, SubscribeTokenSigner};
 use entity_sync_testkit::{
     NodeProcess,
-    procstat::cpu_seconds,
+    procstat::{cpu_seconds, loadavg},
     ws::{ConnectOptions, connect},
 };
 use futures_util::{SinkExt, StreamExt};
@@ -464,15 +464,6 @@ impl Fleet {
 fn client_source(i: usize, n: u8) -> Ipv4Addr {
     let n = n.clamp(1, 250) as usize;
     Ipv4Addr::new(127, 0, 0, 2 + (i % n) as u8)
-}
-
-fn loadavg() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn ms(d: Duration) -> f64 {

@@ -22,12 +22,12 @@
 //! counters) over the node's CPU seconds in the phase (`/proc`), and over the
 //! wall-clock seconds. Tokens are signed before each phase, outside it.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{path::Path, time::Duration};
 
 use anyhow::{Context, bail};
-use entity_sync_backend::{FetchMode, SubscribeTokenSigner};
+use entity_sync_backend::SubscribeTokenSigner;
 use entity_sync_testkit::{
-    procstat::cpu_seconds,
+    procstat::{cpu_seconds, loadavg},
     ws::{ConnectOptions, Ws, connect},
 };
 use futures_util::{SinkExt, StreamExt};
@@ -37,11 +37,10 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     Cli, Env,
-    load::{self, ENTITY, Shared},
+    load::ENTITY,
     restart::{TOKENS_EXPIRED, TOKENS_INVALID, TOKENS_VALID, token_setup},
     round, source_addr, source_count,
     stats::scan_push,
@@ -233,15 +232,6 @@ async fn token_counters(env: &Env) -> anyhow::Result<[u64; 3]> {
     Ok(out)
 }
 
-fn loadavg() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 pub async fn tokens_scenario(cli: &Cli, log_dir: &Path) -> anyhow::Result<bool> {
     let deadline = Instant::now() + cli.timeout;
     let (def_conns, def_subs, def_keys) = if cli.smoke {
@@ -269,16 +259,8 @@ pub async fn tokens_scenario(cli: &Cli, log_dir: &Path) -> anyhow::Result<bool> 
     node_cli
         .node_args
         .push(format!("--subscribe-token-jwks={}", jwks_path.display()));
-    let mut env = Env::start(&node_cli, 1, cli.nats, log_dir, deadline).await?;
-    let shared = Arc::new(Shared::new(keys as usize, &[], false)?);
-    let cancel = CancellationToken::new();
-    let resolver = load::start_resolver(
-        &env.nodes[0].grpc_url(),
-        shared.clone(),
-        FetchMode::Shared,
-        cancel.clone(),
-    )
-    .await?;
+    let (mut env, shared, cancel, resolver) =
+        crate::one_node_with_resolver(&node_cli, keys, log_dir, deadline).await?;
     let url = env.nodes[0].ws_url();
     let pid = env.nodes[0].pid();
     let sources = source_count(cli, conns);

@@ -74,6 +74,16 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
     user + sys
 }
 
+/// The machine's 1-minute load average (`None` if `/proc` cannot tell).
+pub fn loadavg() -> Option<f64> {
+    fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// How many file descriptors process `pid` has open (`None` once it is gone).
 pub fn fd_count(pid: u32) -> Option<usize> {
     Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
