@@ -13,6 +13,7 @@ import { join } from 'node:path';
 
 import { chromium } from 'playwright-core';
 
+import { launchChromium } from '../test/support/browser.mjs';
 import {
   DEADLINE_MS,
   NodeProcess,
@@ -26,17 +27,6 @@ import {
 } from '../test/support/harness.mjs';
 import { tokenKey } from '../test/support/tokens.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 const shots = join(outputDir, 'screenshots');
 
 let node;
@@ -76,11 +66,7 @@ before(async () => {
   }, 'the demo page server');
   // A fresh profile per launch (playwright makes a temp user-data-dir and
   // removes it on close).
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: CHROMIUM_ARGS,
-  });
+  browser = await launchChromium(chromium);
 });
 
 after(async () => {

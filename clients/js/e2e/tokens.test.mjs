@@ -13,6 +13,7 @@ import { join } from 'node:path';
 
 import { chromium } from 'playwright-core';
 
+import { launchChromium } from '../test/support/browser.mjs';
 import {
   DEADLINE_MS,
   NodeProcess,
@@ -24,19 +25,8 @@ import {
 import { StallProxy } from '../test/support/stall-proxy.mjs';
 import { tokenKey } from '../test/support/tokens.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
 /** Polled, not on animation frames (which a headless page may not run). */
 const POLL = { polling: 50 };
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 // The page: one client, one key, everything it sees logged in window.__log.
 const PAGE = `<!doctype html>
@@ -109,11 +99,7 @@ before(async () => {
   });
   await new Promise((done) => server.listen(0, '127.0.0.1', done));
   pageBase = `http://127.0.0.1:${server.address().port}/`;
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: CHROMIUM_ARGS,
-  });
+  browser = await launchChromium(chromium);
 });
 
 after(async () => {
