@@ -300,7 +300,7 @@ mod tests {
             &PushFrame::build(&key(), 1, &[], false),
         );
         // The snapshot is written; what follows waits unwritten.
-        assert_eq!(conn.outbox.take_queued(&mut Vec::new()), None);
+        assert!(conn.outbox.take_queued(&mut Vec::new()).is_ok());
         let meta = ChangeMeta::accepted_now(TraceId::generate());
         for version in [2, 3, 4] {
             // Rows that change: unchanged rows would not be sent.
@@ -356,7 +356,7 @@ mod tests {
         );
         assert_eq!(
             conn.outbox.take_queued(&mut Vec::new()),
-            Some(CloseReason::Overflow)
+            Err(CloseReason::Overflow)
         );
         assert_eq!(metrics.slow_client_closes_total.load(Relaxed), 0);
         assert_eq!(metrics.pushes_total.load(Relaxed), 0);

@@ -138,10 +138,16 @@ pub(crate) fn serve(
     let app = app
         .layer(middleware::from_fn(http1_once))
         .with_state(state.clone());
-    // Pushes are small and latency matters: no Nagle delay.
-    let listener = listener.tap_io(|stream| {
+    // Pushes are small and latency matters: no Nagle delay. What a client
+    // that stops reading holds in the kernel is bounded too (see
+    // `send_buffer_bytes`), not left to the kernel's autotuning (4 MiB).
+    let send_buffer = send_buffer_bytes(config.outbound_max_bytes);
+    let listener = listener.tap_io(move |stream| {
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(%err, "cannot set TCP_NODELAY");
+        }
+        if let Err(err) = socket2::SockRef::from(&*stream).set_send_buffer_size(send_buffer) {
+            tracing::debug!(%err, "cannot set SO_SNDBUF");
         }
     });
     // Every connection is counted, capped and deadlined from its accept
@@ -156,6 +162,16 @@ pub(crate) fn serve(
         ),
     }
     state
+}
+
+/// The kernel send buffer asked for each connection: half the outbound
+/// queue's bound, which Linux doubles (for its own bookkeeping) and caps at
+/// `net.core.wmem_max`. A client that stops reading then holds at most
+/// about `--outbound-max-bytes` in the kernel beside as much in its queue,
+/// and what waits for it waits in the queue, where a newer push of a key
+/// replaces an older one.
+fn send_buffer_bytes(outbound_max_bytes: usize) -> usize {
+    outbound_max_bytes / 2
 }
 
 /// The port's connection limits from `config`.

@@ -6,7 +6,7 @@
 //! queued one in place, so a slow reader never sees intermediate states pile
 //! up; a reader so slow that the queue still passes its byte bound is closed.
 //!
-//! When the session allows it (`write_directly_to`; off for now, see
+//! When the session allows it (`write_directly_to`, see
 //! `session::io::DIRECT_WRITES`), a frame for a connection with nothing
 //! queued and no write under way is written by its producer straight to the
 //! socket (plain TCP only: a TLS
@@ -48,6 +48,15 @@ pub(crate) enum CloseReason {
 pub(crate) struct Woken {
     /// The node's ping timer ticked since the session last looked.
     pub(crate) ping: bool,
+}
+
+/// What [`Outbox::take_queued`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Taken {
+    /// The first frame taken is the rest of one a producer began writing
+    /// to the socket: the peer has its start, so it must go out whole,
+    /// even when the session then ends with a close frame.
+    pub(crate) begun: bool,
 }
 
 /// Result of queueing a push.
@@ -399,11 +408,14 @@ impl Outbox {
     /// Moves every queued frame's wire bytes into `out` (in order); until
     /// [`Self::written`], nothing is written to the socket directly.
     /// Returns the close reason once the queue is closed.
-    pub(crate) fn take_queued(&self, out: &mut Vec<Bytes>) -> Option<CloseReason> {
+    pub(crate) fn take_queued(&self, out: &mut Vec<Bytes>) -> Result<Taken, CloseReason> {
         let mut state = self.state.lock().unwrap();
         if let Some(reason) = state.closed {
-            return Some(reason);
+            return Err(reason);
         }
+        let taken = Taken {
+            begun: state.queue.front().is_some_and(|e| e.kind == Kind::Rest),
+        };
         let queued = state.queue.len() as u64;
         state.head += queued;
         state.index = None;
@@ -418,7 +430,7 @@ impl Outbox {
                 Payload::Many(frames) => out.extend(frames.iter().map(|f| f.wire().clone())),
             }
         }
-        None
+        Ok(taken)
     }
 
     /// The session wrote all it took: producers may write directly again.
@@ -570,7 +582,7 @@ mod tests {
 
     fn taken(outbox: &Outbox) -> Vec<String> {
         let mut out = Vec::new();
-        assert_eq!(outbox.take_queued(&mut out), None);
+        assert!(outbox.take_queued(&mut out).is_ok());
         out.iter().map(|wire| text_of_wire(wire)).collect()
     }
 
@@ -649,7 +661,7 @@ mod tests {
         assert_eq!(outbox.queued_bytes(), 0);
         assert_eq!(outbox.push(&key("4"), &push("4", 1)), Queued::Closed);
         let mut out = Vec::new();
-        assert_eq!(outbox.take_queued(&mut out), Some(CloseReason::Overflow));
+        assert_eq!(outbox.take_queued(&mut out), Err(CloseReason::Overflow));
     }
 
     #[test]
@@ -715,7 +727,7 @@ mod tests {
         outbox.control(None, FrameText::from_static("{}"));
         let mut out = Vec::new();
         // Written directly too (nothing queued, no write under way).
-        assert_eq!(outbox.take_queued(&mut out), None);
+        assert_eq!(outbox.take_queued(&mut out), Ok(Taken { begun: false }));
         assert!(out.is_empty());
         outbox.state.lock().unwrap().writing = true;
         assert_eq!(outbox.push(&key("2"), &push("2", 1)), Queued::Appended);

@@ -279,7 +279,7 @@ mod tests {
 
     fn queued(conn: &Connection) -> Vec<String> {
         let mut out = Vec::new();
-        conn.outbox.take_queued(&mut out);
+        conn.outbox.take_queued(&mut out).expect("open");
         out.iter().map(|wire| text_of_wire(wire)).collect()
     }
 

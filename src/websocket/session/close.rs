@@ -84,7 +84,7 @@ mod tests {
         assert_eq!(metrics.slow_client_closes_total.load(Relaxed), 0);
         // What the session's loop does when it finds the queue closed.
         let reason = conn.outbox.take_queued(&mut Vec::new());
-        assert_eq!(reason, Some(CloseReason::Overflow));
+        assert_eq!(reason, Err(CloseReason::Overflow));
         assert_eq!(slow_client(&metrics, &conn).0, CLOSE_SLOW_CLIENT);
         assert_eq!(metrics.slow_client_closes_total.load(Relaxed), 1);
     }

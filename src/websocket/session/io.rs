@@ -26,7 +26,7 @@ use tungstenite::{Message, protocol::WebSocketConfig};
 
 use crate::websocket::{
     admission::{ConnState, Deadlined},
-    outbox::Outbox,
+    outbox::{CloseReason, Outbox},
 };
 
 /// A TLS connection of the websocket port.
@@ -45,13 +45,9 @@ const READ_BUFFER_BYTES: usize = 128;
 /// connection can make the node buffer).
 const HARD_CAP_FACTOR: usize = 2;
 /// Whether producers write frames to an idle plain-TCP socket themselves
-/// (see `outbox`). Off: with it, pushes fill the kernel's send buffer before
-/// the outbox, so a client that stops reading is closed only once megabytes
-/// wait in the kernel, and the fault suite's slow client then lost its 1008
-/// close frame (the stream ended after its first frames) instead of reading
-/// it after what was queued. Until that close is made whole, every frame
-/// goes through the session.
-const DIRECT_WRITES: bool = false;
+/// (see `outbox`). What a slow client holds in the kernel meanwhile is
+/// bounded by its socket's send buffer (see `http::send_buffer_bytes`).
+const DIRECT_WRITES: bool = true;
 
 /// Frames one vectored write takes at most.
 const MAX_IOVECS: usize = 16;
@@ -284,6 +280,9 @@ pub(crate) struct Out {
     /// The first frame not wholly written, and how much of it was.
     next: usize,
     offset: usize,
+    /// `frames[0]` is the rest of a frame a producer began writing: the
+    /// peer has its start already.
+    continues: bool,
 }
 
 impl Out {
@@ -293,7 +292,16 @@ impl Out {
             frames: Vec::new(),
             next: 0,
             offset: 0,
+            continues: false,
         }
+    }
+
+    /// Takes what `outbox` holds, to write it (`Err`: it is closed).
+    pub(crate) fn take_from(&mut self, outbox: &Outbox) -> Result<(), CloseReason> {
+        let taken = outbox.take_queued(&mut self.frames)?;
+        // Taken only when nothing is left to write: a taken rest is first.
+        self.continues = taken.begun;
+        Ok(())
     }
 
     /// Where frames to write go.
@@ -308,11 +316,8 @@ impl Out {
     /// Before a close frame: keeps the rest of the frame under way (the
     /// peer must get it whole) and drops the frames not begun.
     pub(crate) fn keep_begun(&mut self) {
-        let keep = if self.offset > 0 {
-            self.next + 1
-        } else {
-            self.next
-        };
+        let begun = self.offset > 0 || (self.next == 0 && self.continues);
+        let keep = if begun { self.next + 1 } else { self.next };
         self.frames.truncate(keep);
     }
 
@@ -348,8 +353,68 @@ impl Out {
         }
         ready!(self.to.poll_flush(cx))?;
         self.next = 0;
+        self.continues = false;
         // An idle connection keeps no frame list.
         self.frames = Vec::new();
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::{
+        key::Key,
+        websocket::protocol::{FrameText, Payload, PushFrame},
+    };
+
+    /// A session that took the rest of a frame a producer began writing,
+    /// and ends before it wrote any of that rest, still sends it before its
+    /// close frame: the client gets the frame whole, then the close.
+    #[tokio::test]
+    async fn a_rest_taken_but_not_yet_written_goes_out_before_the_close_frame() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (mut client, socket) = (client.unwrap(), Arc::new(accepted.unwrap().0));
+        let outbox = Outbox::new(64 << 20);
+        outbox.write_directly_to(socket.clone());
+        let key = Key::new("items", "1").unwrap();
+        let big = Bytes::from(format!("\"{}\"", "x".repeat(32 << 20)));
+        let frame = PushFrame::build(&key, 1, &[big], false);
+        outbox.push(&key, &frame);
+        assert!(
+            outbox.queued_bytes() > 0,
+            "32 MB do not fit a loopback socket's buffers"
+        );
+
+        let mut out = Out::new(WriteTo::Tcp(socket));
+        out.take_from(&outbox).unwrap();
+        // The queue closes before the session wrote anything: it ends.
+        outbox.shut_down();
+        out.keep_begun();
+        out.frames().extend(outbox.end());
+        let close = FrameText::close(1001, "bye");
+        out.frames().push(close.wire().clone());
+
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        out.write().await.unwrap();
+        drop(out);
+        let got = reader.await.unwrap();
+        let Payload::One(whole) = &frame.payload else {
+            panic!("one frame")
+        };
+        let mut want = whole.wire().to_vec();
+        want.extend_from_slice(close.wire());
+        assert_eq!(got.len(), want.len(), "the frame whole, then the close");
+        assert!(got == want);
     }
 }

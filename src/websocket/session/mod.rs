@@ -103,7 +103,7 @@ pub(crate) fn serve(
                         }
                         conn.outbox.control(None, FrameText::ping());
                     }
-                    if let Some(reason) = conn.outbox.take_queued(out.frames()) {
+                    if let Err(reason) = out.take_from(&conn.outbox) {
                         let (code, reason) = closed_by(reason, &ctx.metrics, &conn);
                         break Some(close_frame(code, reason));
                     }
