@@ -102,7 +102,9 @@ pub struct WsConfig {
     pub max_snapshot_resolves: usize,
 
     /// Bytes a connection's outbound queue may hold before the client is
-    /// closed as too slow (close code 1008).
+    /// closed as too slow (close code 1008). Each connection's kernel send
+    /// buffer is set to half of it (Linux doubles that, and caps it at
+    /// net.core.wmem_max).
     #[arg(long, env = "ENTITY_SYNC_OUTBOUND_MAX_BYTES", default_value_t = 1024 * 1024)]
     pub outbound_max_bytes: usize,
 

@@ -29,6 +29,16 @@ pub(crate) struct Connection {
 }
 
 /// A connection's secret and the epoch it belongs to.
+/// The secret every connection starts with: one shared `Arc`, not an
+/// allocation per connection (32 bytes of every idle one). Sharing it is
+/// safe for the epoch rule (a subscriber's group secret is the very `Arc`
+/// its connection held): a connection's first new secret is a new `Arc`,
+/// and so is every later one, "" included.
+fn no_secret() -> Arc<str> {
+    static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    NONE.clone()
+}
+
 pub(super) struct SecretState {
     secret: Arc<str>,
     epoch: u64,
@@ -40,7 +50,7 @@ impl Connection {
             id,
             outbox: Outbox::new(outbox_max_bytes),
             secret: Mutex::new(SecretState {
-                secret: Arc::from(""),
+                secret: no_secret(),
                 epoch: 0,
             }),
             keys: Mutex::new(Vec::new()),
