@@ -410,11 +410,12 @@ struct Env {
     _nats_cluster: Option<NatsCluster>,
 }
 
-/// One node (with `cli`'s flags) and the bench's resolver on it, serving
-/// `keys` SHARED keys that no update bumps: what the idle and tokens
-/// scenarios hold. The token cancels the resolver.
+/// One node (with `cli`'s flags; on JetStream when `nats`) and the bench's
+/// resolver on it, serving `keys` SHARED keys that no update bumps: what the
+/// idle, tokens and notify scenarios hold. The token cancels the resolver.
 async fn one_node_with_resolver(
     cli: &Cli,
+    nats: bool,
     keys: u32,
     log_dir: &Path,
     deadline: Instant,
@@ -424,7 +425,7 @@ async fn one_node_with_resolver(
     CancellationToken,
     tokio::task::JoinHandle<()>,
 )> {
-    let env = Env::start(cli, 1, cli.nats, log_dir, deadline).await?;
+    let env = Env::start(cli, 1, nats, log_dir, deadline).await?;
     let shared = Arc::new(Shared::new(keys as usize, &[], false)?);
     let cancel = CancellationToken::new();
     let resolver = load::start_resolver(
@@ -1434,7 +1435,7 @@ async fn idle_scenario(
     // Each connection holds `per_conn` distinct keys (of `keys`).
     let per_conn = cli.keys_per_client.unwrap_or(1).clamp(1, keys as usize);
     let (mut env, shared, cancel, resolver) =
-        one_node_with_resolver(cli, keys, log_dir, deadline).await?;
+        one_node_with_resolver(cli, cli.nats, keys, log_dir, deadline).await?;
     let base = rss_kib(env.nodes[0].pid()).unwrap_or(0);
     let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
     let stop = Arc::new(AtomicBool::new(false));
@@ -1580,23 +1581,15 @@ struct NotifyReport {
 
 async fn notify_scenario(cli: &Cli, log_dir: &Path, deadline: Instant) -> anyhow::Result<bool> {
     let nats = cli.nats || cli.nats_servers > 1;
-    let mut env = Env::start(cli, 1, nats, log_dir, deadline).await?;
     let keys = cli.keys.unwrap_or(1_000).max(1);
+    let (mut env, shared, cancel, resolver) =
+        one_node_with_resolver(cli, nats, keys, log_dir, deadline).await?;
     // Subscribers, so the node pushes while the calls run.
     let subscribers = if cli.smoke {
         cli.subscribers.min(20)
     } else {
         cli.subscribers
     };
-    let shared = Arc::new(Shared::new(keys as usize, &[], false)?);
-    let cancel = CancellationToken::new();
-    let resolver = load::start_resolver(
-        &env.nodes[0].grpc_url(),
-        shared.clone(),
-        FetchMode::Shared,
-        cancel.clone(),
-    )
-    .await?;
     let setup = Arc::new(Semaphore::new(cli.connect_concurrency.max(1)));
     let stop = Arc::new(AtomicBool::new(false));
     let url: Arc<str> = Arc::from(env.nodes[0].ws_url());

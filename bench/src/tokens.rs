@@ -260,7 +260,7 @@ pub async fn tokens_scenario(cli: &Cli, log_dir: &Path) -> anyhow::Result<bool> 
         .node_args
         .push(format!("--subscribe-token-jwks={}", jwks_path.display()));
     let (mut env, shared, cancel, resolver) =
-        crate::one_node_with_resolver(&node_cli, keys, log_dir, deadline).await?;
+        crate::one_node_with_resolver(&node_cli, node_cli.nats, keys, log_dir, deadline).await?;
     let url = env.nodes[0].ws_url();
     let pid = env.nodes[0].pid();
     let sources = source_count(cli, conns);
