@@ -6,11 +6,10 @@
 //! queued one in place, so a slow reader never sees intermediate states pile
 //! up; a reader so slow that the queue still passes its byte bound is closed.
 //!
-//! When the session allows it (`write_directly_to`, see
-//! `session::io::DIRECT_WRITES`), a frame for a connection with nothing
-//! queued and no write under way is written by its producer straight to the
-//! socket (plain TCP only: a TLS
-//! session's state belongs to its task), without waking the session: the
+//! When the session allows it (`write_directly_to`: plain TCP only, a TLS
+//! session's state belongs to its task), a frame for a connection with
+//! nothing queued and no write under way is written by its producer straight
+//! to the socket, without waking the session: the
 //! usual case of a push to a reader that keeps up costs one `send` and no
 //! task switch. Only a socket that takes part of it, or none, hands the
 //! rest to the queue and the session.

@@ -28,7 +28,6 @@ pub(crate) struct Connection {
     secret_changed: Notify,
 }
 
-/// A connection's secret and the epoch it belongs to.
 /// The secret every connection starts with: one shared `Arc`, not an
 /// allocation per connection (32 bytes of every idle one). Sharing it is
 /// safe for the epoch rule (a subscriber's group secret is the very `Arc`
@@ -39,6 +38,7 @@ fn no_secret() -> Arc<str> {
     NONE.clone()
 }
 
+/// A connection's secret and the epoch it belongs to.
 pub(super) struct SecretState {
     secret: Arc<str>,
     epoch: u64,

@@ -44,11 +44,6 @@ const READ_BUFFER_BYTES: usize = 128;
 /// (tungstenite holds a frame whole while it arrives: this is what one
 /// connection can make the node buffer).
 const HARD_CAP_FACTOR: usize = 2;
-/// Whether producers write frames to an idle plain-TCP socket themselves
-/// (see `outbox`). What a slow client holds in the kernel meanwhile is
-/// bounded by its socket's send buffer (see `http::send_buffer_bytes`).
-const DIRECT_WRITES: bool = true;
-
 /// Frames one vectored write takes at most.
 const MAX_IOVECS: usize = 16;
 
@@ -95,9 +90,11 @@ impl Upgraded {
         match self {
             Upgraded::Tcp { socket, read_ahead } => {
                 let socket = Arc::new(socket);
-                if DIRECT_WRITES {
-                    outbox.write_directly_to(socket.clone());
-                }
+                // Producers write to it while the session does not (see
+                // `outbox`); what a client that stops reading holds in the
+                // kernel meanwhile is bounded by the socket's send buffer
+                // (see `http::send_buffer_bytes`).
+                outbox.write_directly_to(socket.clone());
                 let read = ReadSide {
                     read_ahead,
                     from: ReadFrom::Tcp {
